@@ -189,12 +189,12 @@ Tensor Tensor::to_f32() const {
   return t;
 }
 
-void Tensor::fill(float v) {
+void Tensor::fill(float v) const {
   float* p = f32();
   for (int64_t i = 0, n = numel(); i < n; ++i) p[i] = v;
 }
 
-void Tensor::copy_from(const Tensor& other) {
+void Tensor::copy_from(const Tensor& other) const {
   SAV_CHECK(other.numel() == numel(), "copy of " << shape_str(other.shape()) << " into " << shape_str(shape_));
   std::memcpy(f32(), other.f32(), nbytes());
 }

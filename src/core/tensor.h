@@ -76,8 +76,8 @@ class Tensor {
 
   Tensor clone() const;
   Tensor to_f32() const;  // converts f16/bf16 to f32 (copy); f32 returns a copy
-  void fill(float v);
-  void copy_from(const Tensor& other);  // same numel, f32
+  void fill(float v) const;  // writes the data (the handle is const, the buffer is not)
+  void copy_from(const Tensor& other) const;  // same numel, f32
   std::vector<float> to_vector() const;
 
  private:

@@ -1,0 +1,309 @@
+// shiftaddvit: the command-line program. The only place in the project that exits.
+//
+//   shiftaddvit train --out runs/teacher                 # dense ViT on Fashion-MNIST
+//   shiftaddvit eval --weights runs/teacher/model.safetensors
+//   shiftaddvit infer --arch deit_tiny_patch16_224 --weights W.safetensors --input IN.safetensors --output OUT.safetensors
+//   shiftaddvit bench --arch vit_fmnist --batch 1,64 --train
+#include <CLI/CLI.hpp>
+
+#include <cstdio>
+#include <iostream>
+#include <memory>
+#include <sstream>
+
+#include "core/blas.h"
+#include "core/cpu_features.h"
+#include "core/error.h"
+#include "core/progress.h"
+#include "io/dataset.h"
+#include "io/safetensors.h"
+#include "models/registry.h"
+#include "models/vit.h"
+#include "train/bench.h"
+#include "train/trainer.h"
+
+namespace {
+
+using namespace sav;
+
+const char* kFmnistDir = "/usr/share/datasets/fashion-mnist";
+
+struct DataArgs {
+  std::string data = kFmnistDir;
+  std::string format = "auto";  // fmnist | folder | auto
+};
+
+void add_data_flags(CLI::App* app, DataArgs& d) {
+  app->add_option("--data", d.data,
+                  "Data set folder: Fashion-MNIST IDX files (train-images-idx3-ubyte.gz, ...), or an ImageNet-style "
+                  "folder with train/ and val/ subfolders of class folders of JPEG/PNG images")
+      ->capture_default_str();
+  app->add_option("--data-format", d.format, "fmnist, folder, or auto (look at the files)")
+      ->check(CLI::IsMember({"auto", "fmnist", "folder"}))
+      ->capture_default_str();
+}
+
+bool is_idx_folder(const std::string& dir) {
+  std::FILE* f = std::fopen((dir + "/t10k-labels-idx1-ubyte.gz").c_str(), "rb");
+  if (!f) f = std::fopen((dir + "/t10k-labels-idx1-ubyte").c_str(), "rb");
+  if (f) std::fclose(f);
+  return f != nullptr;
+}
+
+Dataset load_split(const DataArgs& d, bool train, int img_size, int channels) {
+  std::string fmt = d.format;
+  if (fmt == "auto") fmt = is_idx_folder(d.data) ? "fmnist" : "folder";
+  if (fmt == "fmnist") return load_fashion_mnist(d.data, train);
+  return load_image_folder(d.data + (train ? "/train" : "/val"), img_size, channels);
+}
+
+Normalize normalize_for(const DataArgs& d, int channels) {
+  return channels == 1 ? Normalize::fashion_mnist() : Normalize::imagenet();
+}
+
+struct ModelArgs {
+  std::string arch;
+  std::string weights;
+  int img_size = 0, patch = 0, in_chans = 0, classes = 0, dim = 0, depth = 0, heads = 0, mlp_hidden = 0;
+};
+
+void add_model_flags(CLI::App* app, ModelArgs& m, bool weights_required, const std::string& default_arch) {
+  m.arch = default_arch;
+  std::string archs;
+  for (auto& a : known_archs()) archs += (archs.empty() ? "" : ", ") + a;
+  auto* a = app->add_option("--arch", m.arch, "Model preset: " + archs +
+                                                  (default_arch.empty() ? " (read from the checkpoint if omitted)" : ""));
+  if (!default_arch.empty()) a->capture_default_str();
+  auto* w = app->add_option("--weights", m.weights,
+                            "Checkpoint: a .safetensors file (timm names), a model.safetensors.index.json of shards, "
+                            "or a folder holding either");
+  if (weights_required) w->required();
+}
+
+void add_shape_flags(CLI::App* app, ModelArgs& m) {
+  app->add_option("--img-size", m.img_size, "Override the preset's image side (pixels)");
+  app->add_option("--patch", m.patch, "Override the preset's patch side");
+  app->add_option("--in-chans", m.in_chans, "Override the preset's image channels");
+  app->add_option("--classes", m.classes, "Override the preset's class count");
+  app->add_option("--dim", m.dim, "Override the preset's width");
+  app->add_option("--depth", m.depth, "Override the preset's block count");
+  app->add_option("--heads", m.heads, "Override the preset's head count");
+  app->add_option("--mlp-hidden", m.mlp_hidden, "Override the preset's MLP hidden width");
+}
+
+std::unique_ptr<ImageClassifier> build_model(const ModelArgs& m) {
+  if (!m.weights.empty()) return load_model(m.weights, m.arch);
+  return create_model(m.arch, {{"img_size", m.img_size},
+                               {"patch", m.patch},
+                               {"in_chans", m.in_chans},
+                               {"num_classes", m.classes},
+                               {"dim", m.dim},
+                               {"depth", m.depth},
+                               {"heads", m.heads},
+                               {"mlp_hidden", m.mlp_hidden}});
+}
+
+std::vector<int> parse_int_list(const std::string& s, const char* what) {
+  std::vector<int> v;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    try {
+      size_t pos = 0;
+      int x = std::stoi(item, &pos);
+      SAV_CHECK(pos == item.size() && x > 0, "");
+      v.push_back(x);
+    } catch (const std::exception&) {
+      SAV_THROW(what << " must be a comma-separated list of positive integers, got '" << s << "'");
+    }
+  }
+  SAV_CHECK(!v.empty(), what << " is empty");
+  return v;
+}
+
+void print_env() {
+  std::cerr << "shiftaddvit: " << num_threads() << " threads, cpu " << cpu_features_str() << "\n";
+}
+
+int cmd_train(const ModelArgs& m, const DataArgs& d, TrainOptions opt) {
+  print_env();
+  auto model = build_model(m);
+  if (m.weights.empty()) {
+    Rng rng(opt.seed);
+    static_cast<Vit*>(model.get())->init_random(rng);
+  }
+  Dataset train = load_split(d, true, model->img_size(), model->in_chans());
+  Dataset test = load_split(d, false, model->img_size(), model->in_chans());
+  opt.normalize = normalize_for(d, model->in_chans());
+  std::cerr << "model " << model->arch() << " (" << model->params().numel() << " parameters); data " << train.source
+            << ": " << train.n << " train / " << test.n << " test images\n";
+  Trainer trainer(*model, train, test, opt);
+  TrainSummary s = trainer.run();
+  Table t({"epoch", "train loss", "train acc %", "test top-1 %", "test loss", "img/s", "time"});
+  for (auto& e : s.epochs)
+    t.add({std::to_string(e.epoch), fmt(e.train_loss, 4), fmt(100 * e.train_acc, 2), fmt(100 * e.test_top1, 2),
+           fmt(e.test_loss, 4), fmt(e.images_per_s, 0), fmt_duration(e.seconds)});
+  std::cout << "\n";
+  t.print(std::cout);
+  if (!s.finished) {
+    std::cout << "stopped after " << s.steps << " steps (--max-steps); resume with --resume\n";
+    return 0;
+  }
+  std::cout << "final: test top-1 " << fmt(100 * s.final_eval.top1, 2) << "% on " << s.final_eval.n << " images, "
+            << s.steps << " steps in " << fmt_duration(s.seconds);
+  if (!opt.out_dir.empty()) std::cout << "; model written to " << opt.out_dir << "/model.safetensors";
+  std::cout << "\n";
+  return 0;
+}
+
+int cmd_eval(const ModelArgs& m, const DataArgs& d, int batch, int64_t limit) {
+  auto model = build_model(m);
+  Dataset test = load_split(d, false, model->img_size(), model->in_chans());
+  EvalResult r = evaluate(*model, test, normalize_for(d, model->in_chans()), batch, limit, true);
+  Table t({"model", "images", "top-1 %", "top-5 %", "loss", "img/s"});
+  t.add({model->arch(), std::to_string(r.n), fmt(100 * r.top1, 2), fmt(100 * r.top5, 2), fmt(r.loss, 4),
+         fmt(r.images_per_s, 0)});
+  t.print(std::cout);
+  return 0;
+}
+
+int cmd_infer(const ModelArgs& m, const std::string& input, const std::string& output, int batch) {
+  auto model = build_model(m);
+  Checkpoint in = Checkpoint::open(input);
+  SAV_CHECK(in.contains("input"), "input file " << input << " has no tensor named 'input'");
+  Tensor x = in.get("input");
+  const int S = model->img_size(), Cin = model->in_chans(), V = model->num_classes();
+  SAV_CHECK(x.ndim() == 4 && x.dim(1) == Cin && x.dim(2) == S && x.dim(3) == S,
+            "input tensor has shape " << shape_str(x.shape()) << " but " << model->arch() << " expects (B, " << Cin
+                                      << ", " << S << ", " << S << ")");
+  const int64_t B = x.dim(0);
+  Tensor logits = Tensor::empty({B, V});
+  for (int64_t s = 0; s < B; s += batch) {
+    const int b = static_cast<int>(std::min<int64_t>(batch, B - s));
+    model->forward(x.f32() + s * Cin * S * S, b, false);
+    std::copy(model->logits(), model->logits() + int64_t(b) * V, logits.f32() + s * V);
+  }
+  save_safetensors(output, {{"logits", logits}}, {{"sav.arch", model->arch()}});
+  std::cerr << "wrote logits " << shape_str(logits.shape()) << " to " << output << "\n";
+  return 0;
+}
+
+int cmd_bench(const ModelArgs& m, const std::string& batches, int iters, int warmup, bool train) {
+  print_env();
+  std::vector<std::string> archs;
+  std::stringstream ss(m.arch);
+  std::string a;
+  while (std::getline(ss, a, ',')) archs.push_back(a);
+  const auto bs = parse_int_list(batches, "--batch");
+  Table t({"model", "batch", "forward ms", "forward img/s", "train step ms", "train img/s"});
+  for (const auto& arch : archs) {
+    ModelArgs mm = m;
+    mm.arch = arch;
+    auto model = build_model(mm);
+    if (m.weights.empty()) {
+      Rng rng(0);
+      static_cast<Vit*>(model.get())->init_random(rng);
+    }
+    for (int b : bs) {
+      BenchResult r = bench_model(*model, b, iters, warmup, train);
+      t.add({model->arch(), std::to_string(b), fmt(r.forward_ms, 3), fmt(1000.0 * b / r.forward_ms, 1),
+             train ? fmt(r.train_step_ms, 3) : "-", train ? fmt(1000.0 * b / r.train_step_ms, 1) : "-"});
+      std::cerr << "  " << arch << " batch " << b << " done\n";
+    }
+  }
+  t.print(std::cout);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"shiftaddvit: turn pre-trained vision transformers into ShiftAddViT models and run them fast.\n"
+               "Dense ViT/DeiT training, evaluation, inference and benchmarks on the CPU."};
+  app.require_subcommand(1);
+  int threads = 0;
+  app.add_option("--threads", threads, "CPU threads for OpenMP and BLAS (default: all cores)");
+
+  ModelArgs tm, em, im, bm;
+  DataArgs td, ed;
+  TrainOptions topt;
+  int eval_batch = 256;
+  int64_t eval_limit = 0;
+  std::string in_path, out_path;
+  int infer_batch = 64;
+  std::string bench_batches = "1,64";
+  int bench_iters = 10, bench_warmup = 2;
+  bool bench_train = false;
+
+  auto* train = app.add_subcommand("train", "Train a model (from scratch, or from --weights) and evaluate it");
+  add_model_flags(train, tm, false, "vit_fmnist");
+  add_shape_flags(train, tm);
+  add_data_flags(train, td);
+  train->add_option("--epochs", topt.epochs, "Passes over the training set")->capture_default_str()->check(CLI::PositiveNumber);
+  train->add_option("--batch", topt.batch, "Images per step")->capture_default_str()->check(CLI::PositiveNumber);
+  train->add_option("--lr", topt.lr, "Peak learning rate (AdamW)")->capture_default_str()->check(CLI::PositiveNumber);
+  train->add_option("--min-lr", topt.min_lr, "Learning rate at the end of the cosine decay")->capture_default_str();
+  train->add_option("--warmup-epochs", topt.warmup_epochs, "Linear warm-up length in epochs")->capture_default_str();
+  train->add_option("--wd", topt.weight_decay, "AdamW weight decay (matrices only)")->capture_default_str();
+  train->add_option("--clip", topt.clip, "Clip the global gradient norm to this (0: off)")->capture_default_str();
+  train->add_option("--smoothing", topt.smoothing, "Label smoothing of the cross-entropy")->capture_default_str();
+  train->add_option("--seed", topt.seed, "Seed of init, shuffling and augmentation")->capture_default_str();
+  train->add_option("--pad-crop", topt.augment.pad_crop, "Augmentation: random crop after padding by this many pixels")
+      ->capture_default_str();
+  train->add_flag("--hflip", topt.augment.hflip, "Augmentation: random horizontal flips");
+  train->add_option("--train-limit", topt.train_limit, "Use only the first N training images (0: all)");
+  train->add_option("--eval-limit", topt.eval_limit, "Evaluate on only the first N test images (0: all)");
+  train->add_option("--out", topt.out_dir, "Folder for checkpoints (last.safetensors, model.safetensors)");
+  train->add_option("--save-every", topt.save_every, "Also checkpoint every N steps (0: at epoch ends only)");
+  train->add_flag("--resume", topt.resume, "Continue from OUT/last.safetensors if it exists");
+  train->add_option("--max-steps", topt.max_steps, "Stop (with a checkpoint) after N steps of this run (0: no limit)");
+  bool no_progress = false;
+  train->add_flag("--no-progress", no_progress, "No progress bar");
+
+  auto* eval = app.add_subcommand("eval", "Top-1/top-5 accuracy of a checkpoint on the test split");
+  add_model_flags(eval, em, true, "");
+  add_data_flags(eval, ed);
+  eval->add_option("--batch", eval_batch, "Images per forward pass")->capture_default_str()->check(CLI::PositiveNumber);
+  eval->add_option("--limit", eval_limit, "Evaluate only the first N images (0: all)");
+
+  auto* infer = app.add_subcommand("infer", "Logits for a batch of images stored as a safetensors tensor");
+  add_model_flags(infer, im, true, "");
+  infer->add_option("--input", in_path, "safetensors file with a float32 tensor 'input' (B,C,S,S), normalised")->required();
+  infer->add_option("--output", out_path, "safetensors file to write the float32 tensor 'logits' (B,classes) to")
+      ->required();
+  infer->add_option("--batch", infer_batch, "Images per forward pass")->capture_default_str()->check(CLI::PositiveNumber);
+
+  auto* bench = app.add_subcommand("bench", "Time the engine's forward pass (and training step) and print a table");
+  add_model_flags(bench, bm, false, "vit_fmnist");
+  bench->add_option("--batch", bench_batches, "Comma-separated batch sizes")->capture_default_str();
+  bench->add_option("--iters", bench_iters, "Timed iterations (the median is reported)")->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  bench->add_option("--warmup", bench_warmup, "Untimed iterations first")->capture_default_str();
+  bench->add_flag("--train", bench_train, "Also time a full training step (forward, backward, AdamW)");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::cerr << "error: " << e.what() << " (see --help)\n";
+    return e.get_exit_code() ? e.get_exit_code() : 2;
+  }
+  try {
+    if (threads > 0) set_num_threads(threads);
+    topt.progress = !no_progress;
+    if (*train) return cmd_train(tm, td, topt);
+    if (*eval) return cmd_eval(em, ed, eval_batch, eval_limit);
+    if (*infer) return cmd_infer(im, in_path, out_path, infer_batch);
+    if (*bench) return cmd_bench(bm, bench_batches, bench_iters, bench_warmup, bench_train);
+  } catch (const sav::Error& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return 1;
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return 1;
+  }
+  return 0;
+}
