@@ -127,30 +127,46 @@ void normalise_rows_backward(float* dx, int ldx, const float* dq, const float* q
 constexpr int kTile = 16;
 typedef float vtile __attribute__((vector_size(kTile * sizeof(float))));  // one float per token of a tile
 
+// Four independent accumulators (anchors j..j+3 or bits r..r+3) per pass keep the adds from waiting on
+// each other; results go through an aligned buffer (indexing a vector value would keep it in memory).
 __attribute__((target_clones("avx512f", "avx2", "default"))) void ksh_head_forward(
     float* dist, float* sigma, float* y, uint64_t* codes, const float* q, const float* anchors, const float* mu,
     const float* A, int N, int d, int nbits, int m) {
-  // q tile (d) / centred kernel tile (m), tokens across lanes; aligned by hand (a std::vector of a vector
-  // type would drop its alignment attribute)
-  std::vector<float> tile_buf(static_cast<size_t>(std::max(d, m) + 1) * kTile);
+  // q tile (d) / centred kernel tile (m), tokens across lanes, plus 4 output rows; aligned by hand (a
+  // std::vector of a vector type would drop its alignment attribute)
+  const int rows = std::max(d, m);
+  std::vector<float> tile_buf(static_cast<size_t>(rows + 4 + 1) * kTile);
   vtile* tile = reinterpret_cast<vtile*>(
       (reinterpret_cast<uintptr_t>(tile_buf.data()) + sizeof(vtile) - 1) / sizeof(vtile) * sizeof(vtile));
+  vtile* res = tile + rows;
+  const float* res_f = reinterpret_cast<const float*>(res);
   // distances D_nj = sum_i (q_ni - a_ji)^2
   for (int n0 = 0; n0 < N; n0 += kTile) {
     const int nt = std::min(kTile, N - n0);
-    for (int i = 0; i < d; ++i) {
-      vtile t = {};
-      for (int u = 0; u < nt; ++u) t[u] = q[i64(n0 + u) * d + i];
-      tile[i] = t;
-    }
-    for (int j = 0; j < m; ++j) {
-      const float* aj = anchors + i64(j) * d;
-      vtile acc = {};
+    float* tf = reinterpret_cast<float*>(tile);
+    for (int i = 0; i < d; ++i)
+      for (int u = 0; u < kTile; ++u) tf[i64(i) * kTile + u] = u < nt ? q[i64(n0 + u) * d + i] : 0.0f;
+    for (int j0 = 0; j0 < m; j0 += 4) {
+      const int nj = std::min(4, m - j0);
+      const float* a0 = anchors + i64(j0) * d;
+      const float* a1 = anchors + i64(j0 + (nj > 1 ? 1 : 0)) * d;
+      const float* a2 = anchors + i64(j0 + (nj > 2 ? 2 : 0)) * d;
+      const float* a3 = anchors + i64(j0 + (nj > 3 ? 3 : 0)) * d;
+      vtile c0 = {}, c1 = {}, c2 = {}, c3 = {};
       for (int i = 0; i < d; ++i) {
-        const vtile t = tile[i] - aj[i];
-        acc += t * t;
+        const vtile qi = tile[i];
+        const vtile t0 = qi - a0[i], t1 = qi - a1[i], t2 = qi - a2[i], t3 = qi - a3[i];
+        c0 += t0 * t0;
+        c1 += t1 * t1;
+        c2 += t2 * t2;
+        c3 += t3 * t3;
       }
-      for (int u = 0; u < nt; ++u) dist[i64(n0 + u) * m + j] = acc[u];
+      res[0] = c0;
+      res[1] = c1;
+      res[2] = c2;
+      res[3] = c3;
+      for (int k = 0; k < nj; ++k)
+        for (int u = 0; u < nt; ++u) dist[i64(n0 + u) * m + j0 + k] = res_f[k * kTile + u];
     }
   }
   double total = 0.0;
@@ -161,20 +177,35 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void ksh_head_forwa
   // y_nr = sum_j A_rj (exp(-D_nj / (2 sigma)) - mu_j), code bit r = 1[y_nr > 0]
   for (int n0 = 0; n0 < N; n0 += kTile) {
     const int nt = std::min(kTile, N - n0);
-    for (int j = 0; j < m; ++j) {
-      vtile t = {};
-      for (int u = 0; u < nt; ++u) t[u] = std::exp(-dist[i64(n0 + u) * m + j] / two_sigma) - mu[j];
-      tile[j] = t;
-    }
+    float* tf = reinterpret_cast<float*>(tile);
+    for (int j = 0; j < m; ++j)
+      for (int u = 0; u < kTile; ++u)
+        tf[i64(j) * kTile + u] = u < nt ? std::exp(-dist[i64(n0 + u) * m + j] / two_sigma) - mu[j] : 0.0f;
     uint64_t c[kTile] = {};
-    for (int r = 0; r < nbits; ++r) {
-      const float* Ar = A + i64(r) * m;
-      vtile acc = {};
-      for (int j = 0; j < m; ++j) acc += Ar[j] * tile[j];
-      for (int u = 0; u < nt; ++u) {
-        y[i64(n0 + u) * nbits + r] = acc[u];
-        c[u] |= static_cast<uint64_t>(acc[u] > 0.0f) << r;
+    for (int r0 = 0; r0 < nbits; r0 += 4) {
+      const int nr = std::min(4, nbits - r0);
+      const float* A0 = A + i64(r0) * m;
+      const float* A1 = A + i64(r0 + (nr > 1 ? 1 : 0)) * m;
+      const float* A2 = A + i64(r0 + (nr > 2 ? 2 : 0)) * m;
+      const float* A3 = A + i64(r0 + (nr > 3 ? 3 : 0)) * m;
+      vtile c0 = {}, c1 = {}, c2 = {}, c3 = {};
+      for (int j = 0; j < m; ++j) {
+        const vtile kj = tile[j];
+        c0 += A0[j] * kj;
+        c1 += A1[j] * kj;
+        c2 += A2[j] * kj;
+        c3 += A3[j] * kj;
       }
+      res[0] = c0;
+      res[1] = c1;
+      res[2] = c2;
+      res[3] = c3;
+      for (int k = 0; k < nr; ++k)
+        for (int u = 0; u < nt; ++u) {
+          const float v = res_f[k * kTile + u];
+          y[i64(n0 + u) * nbits + r0 + k] = v;
+          c[u] |= static_cast<uint64_t>(v > 0.0f) << (r0 + k);
+        }
     }
     if (codes)
       for (int u = 0; u < nt; ++u) codes[n0 + u] = c[u];
