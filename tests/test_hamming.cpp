@@ -17,8 +17,8 @@
 
 #include "core/error.h"
 #include "core/rng.h"
-#include "ops/cpu/hamming.h"
 #include "op_harness.h"
+#include "ops/cpu/hamming.h"
 #include "reparam/ksh_fit.h"
 
 namespace {
@@ -82,11 +82,11 @@ size_t count_code_mismatches(const std::vector<uint64_t>& a, const std::vector<u
 // The shapes every fast-vs-reference test runs (odd sizes; N = 1 and N < 9 exercise the conv borders).
 std::vector<HammingDims> test_shapes() {
   return {
-      {1, 1, 3, 1, 8, 5},     // single token
-      {2, 7, 12, 3, 13, 6},   // d = 4, odd bits
-      {3, 13, 10, 2, 16, 25}, // d = 5, default b and m
-      {1, 37, 21, 3, 16, 25}, // d = 7
-      {2, 9, 8, 1, 64, 7},    // all 64 bits
+      {1, 1, 3, 1, 8, 5},      // single token
+      {2, 7, 12, 3, 13, 6},    // d = 4, odd bits
+      {3, 13, 10, 2, 16, 25},  // d = 5, default b and m
+      {1, 37, 21, 3, 16, 25},  // d = 7
+      {2, 9, 8, 1, 64, 7},     // all 64 bits
   };
 }
 
@@ -95,7 +95,9 @@ std::vector<HammingDims> test_shapes() {
 // ---- packed MatAdd kernels vs float reference ----
 
 TEST(HammingMatAdd, PackedKernelsMatchFloatReference) {
-  struct Case { int N, d, b, ld; };
+  struct Case {
+    int N, d, b, ld;
+  };
   const Case cases[] = {{1, 1, 8, 1}, {7, 3, 13, 5}, {37, 13, 16, 13}, {13, 17, 8, 20}, {29, 5, 64, 9}};
   uint64_t seed = 100;
   for (const Case& c : cases) {
@@ -145,8 +147,8 @@ TEST(KshHash, FastMatchesReference) {
     std::vector<uint64_t> c(B * H * N), c_ref(B * H * N);
     sav::cpu::ksh_hash_forward(y.data(), c.data(), D.data(), sg.data(), q.data(), w.anchors.data(), w.mu.data(),
                                w.A.data(), B, H, N, d, nbits, m);
-    sav::cpu::ksh_hash_forward_ref(y_ref.data(), c_ref.data(), D_ref.data(), sg_ref.data(), q.data(),
-                                   w.anchors.data(), w.mu.data(), w.A.data(), B, H, N, d, nbits, m);
+    sav::cpu::ksh_hash_forward_ref(y_ref.data(), c_ref.data(), D_ref.data(), sg_ref.data(), q.data(), w.anchors.data(),
+                                   w.mu.data(), w.A.data(), B, H, N, d, nbits, m);
     EXPECT_LT(norm_err(D, D_ref), 1e-6);
     EXPECT_LT(norm_err(sg, sg_ref), 1e-6);
     EXPECT_LT(norm_err(y, y_ref), 1e-5);
@@ -163,8 +165,8 @@ TEST(KshHash, FastMatchesReference) {
     auto dq = sav::test::uniform(q.size(), 6), dq_ref = dq;
     sav::cpu::ksh_hash_backward(dq.data(), dy.data(), q.data(), D.data(), sg.data(), w.anchors.data(), w.mu.data(),
                                 w.A.data(), B, H, N, d, nbits, m);
-    sav::cpu::ksh_hash_backward_ref(dq_ref.data(), dy.data(), q.data(), D_ref.data(), sg_ref.data(),
-                                    w.anchors.data(), w.mu.data(), w.A.data(), B, H, N, d, nbits, m);
+    sav::cpu::ksh_hash_backward_ref(dq_ref.data(), dy.data(), q.data(), D_ref.data(), sg_ref.data(), w.anchors.data(),
+                                    w.mu.data(), w.A.data(), B, H, N, d, nbits, m);
     EXPECT_LT(norm_err(dq, dq_ref), 1e-5) << "nbits " << nbits;
   }
 }
@@ -185,14 +187,14 @@ TEST(KshHash, BackwardFiniteDifferencesThroughRelaxedY) {
   };
   loss();
   std::vector<float> dq(q.size(), 0.0f);
-  sav::cpu::ksh_hash_backward_ref(dq.data(), R.data(), q.data(), D.data(), sg.data(), w.anchors.data(),
-                                  w.mu.data(), w.A.data(), B, H, N, d, nbits, m);
+  sav::cpu::ksh_hash_backward_ref(dq.data(), R.data(), q.data(), D.data(), sg.data(), w.anchors.data(), w.mu.data(),
+                                  w.A.data(), B, H, N, d, nbits, m);
   const auto fd = sav::test::fd_check(q.data(), q.size(), dq.data(), loss, 1e-3f, 60);
   EXPECT_LT(fd.err, 5e-3) << fd;
   // Dropping the sigma term must be visible to this check (the test can fail).
   std::vector<float> dq_fast(q.size(), 0.0f);
-  sav::cpu::ksh_hash_backward(dq_fast.data(), R.data(), q.data(), D.data(), sg.data(), w.anchors.data(),
-                              w.mu.data(), w.A.data(), B, H, N, d, nbits, m);
+  sav::cpu::ksh_hash_backward(dq_fast.data(), R.data(), q.data(), D.data(), sg.data(), w.anchors.data(), w.mu.data(),
+                              w.A.data(), B, H, N, d, nbits, m);
   const auto fd_fast = sav::test::fd_check(q.data(), q.size(), dq_fast.data(), loss, 1e-3f, 60);
   EXPECT_LT(fd_fast.err, 5e-3) << fd_fast;
 }
@@ -224,9 +226,11 @@ TEST(HammingAttention, ForwardFastMatchesReference) {
       const std::string where = "B=" + std::to_string(B) + " N=" + std::to_string(N) + " C=" + std::to_string(C) +
                                 " H=" + std::to_string(dims.H) + " b=" + std::to_string(dims.nbits) +
                                 " m=" + std::to_string(dims.m) + (bias ? " bias" : "");
-      // Precondition of an exact comparison: the same codes (else the fixture data is unlucky).
+      // The fast hash sums every distance and y in the reference's order, so the codes are identical (a
+      // change that breaks this, e.g. an approximate exp, must turn this into a tolerance on |y| ~ 0).
+      const size_t ny = static_cast<size_t>(B) * dims.H * N * dims.nbits;
       ASSERT_EQ(count_code_mismatches(s.c, s_ref.c), 0u)
-          << where << ": codes differ; min |y|/max |y| = " << min_rel_abs(s_ref.s.y, static_cast<size_t>(B) * dims.H * N * dims.nbits);
+          << where << ": codes differ; min |y|/max |y| = " << min_rel_abs(s_ref.s.y, ny);
       EXPECT_LT(norm_err(out, out_ref), 2e-6) << where;
       EXPECT_EQ(out, out_inf) << where << ": inference mode (no saved) must give the same output";
       EXPECT_LT(norm_err(s.f, s_ref.f), 2e-6) << where << ": saved intermediates";
@@ -270,13 +274,13 @@ TEST(HammingAttention, BackwardFastMatchesReference) {
       auto dv = sav::test::uniform(qk.size(), 2), dv_ref = dv;
       auto dw = sav::test::uniform(static_cast<size_t>(H) * 9, 3), dw_ref = dw;
       auto db = sav::test::uniform(H, 4), db_ref = db;
-      sav::cpu::hamming_attention_backward(dqk.data(), dv.data(), dw.data(), bias ? db.data() : nullptr,
-                                           dout.data(), v.data(), s.s, w.view(bias), dims);
+      sav::cpu::hamming_attention_backward(dqk.data(), dv.data(), dw.data(), bias ? db.data() : nullptr, dout.data(),
+                                           v.data(), s.s, w.view(bias), dims);
       sav::cpu::hamming_attention_backward_ref(dqk_ref.data(), dv_ref.data(), dw_ref.data(),
-                                               bias ? db_ref.data() : nullptr, dout.data(), v.data(), s.s,
-                                               w.view(bias), dims);
-      const std::string where = "N=" + std::to_string(N) + " C=" + std::to_string(C) + " b=" +
-                                std::to_string(dims.nbits) + (bias ? " bias" : "");
+                                               bias ? db_ref.data() : nullptr, dout.data(), v.data(), s.s, w.view(bias),
+                                               dims);
+      const std::string where = "N=" + std::to_string(N) + " C=" + std::to_string(C) +
+                                " b=" + std::to_string(dims.nbits) + (bias ? " bias" : "");
       EXPECT_LT(norm_err(dqk, dqk_ref), 1e-5) << where;
       EXPECT_LT(norm_err(dv, dv_ref), 1e-5) << where;
       EXPECT_LT(norm_err(dw, dw_ref), 1e-5) << where;
@@ -304,8 +308,8 @@ TEST(HammingAttention, BackwardSteMatters) {
   for (size_t i = 0; i < ny; ++i) in_band += s.s.y[i] > 0.0f && s.s.y[i] < 1.0f;
   ASSERT_GT(in_band, 0u) << "fixture: some y must lie in (0, 1) for the STE to pass gradient";
   std::vector<float> dqk(qk.size(), 0.0f);
-  sav::cpu::hamming_attention_backward(dqk.data(), nullptr, nullptr, nullptr, dout.data(), v.data(), s.s,
-                                       w.view(false), dims);
+  sav::cpu::hamming_attention_backward(dqk.data(), nullptr, nullptr, nullptr, dout.data(), v.data(), s.s, w.view(false),
+                                       dims);
   EXPECT_GT(sav::test::max_abs(dqk.data(), dqk.size()), 1e-4);
   std::vector<float> zero(qk.size(), 0.0f), dqk0(qk.size(), 0.0f);
   sav::cpu::hamming_attention_backward(dqk0.data(), nullptr, nullptr, nullptr, zero.data(), v.data(), s.s,
@@ -370,6 +374,32 @@ TEST(HammingAttention, FiniteDifferencesRelaxedCodes) {
   }
 }
 
+TEST(HammingAttention, DegenerateInputsStayFinite) {
+  // Image 0: every token equal to every anchor (sigma clamps to its minimum); image 1: an all-zero qk row
+  // (its norm clamps).
+  HammingDims dims{2, 5, 4, 1, 8, 3};
+  LayerWeights w = make_weights(dims, 71);
+  for (int j = 0; j < dims.m; ++j)
+    for (int i = 0; i < 4; ++i) w.anchors[j * 4 + i] = 0.5f;
+  std::vector<float> qk(static_cast<size_t>(dims.B) * dims.N * dims.C, 1.0f);
+  for (int i = 0; i < 4; ++i) qk[dims.N * 4 + i] = 0.0f;  // image 1, token 0: zero vector
+  const auto v = sav::test::normal(qk.size(), 72);
+  const auto dout = sav::test::uniform(qk.size(), 73);
+  std::vector<float> out(qk.size()), out_ref(qk.size()), dqk(qk.size(), 0.0f), dv(qk.size(), 0.0f);
+  SavedBuf s(dims), s_ref(dims);
+  sav::cpu::hamming_attention_forward(out.data(), &s.s, qk.data(), v.data(), w.view(true), dims);
+  sav::cpu::hamming_attention_forward_ref(out_ref.data(), &s_ref.s, qk.data(), v.data(), w.view(true), dims);
+  sav::cpu::hamming_attention_backward(dqk.data(), dv.data(), nullptr, nullptr, dout.data(), v.data(), s.s,
+                                       w.view(true), dims);
+  for (size_t i = 0; i < out.size(); ++i) {
+    ASSERT_TRUE(std::isfinite(out[i]) && std::isfinite(out_ref[i])) << i;
+    ASSERT_TRUE(std::isfinite(dqk[i]) && std::isfinite(dv[i])) << i;
+  }
+  EXPECT_LT(norm_err(out, out_ref), 2e-6);
+  EXPECT_EQ(s.s.sigma[0], sav::cpu::kHammingSigmaMin);
+  EXPECT_EQ(s.s.qnorm[dims.N], sav::cpu::kHammingNormEps);
+}
+
 TEST(HammingAttention, RejectsBadDims) {
   EXPECT_THROW(sav::cpu::hamming_check_dims(HammingDims{1, 4, 10, 3, 16, 25}), sav::Error);  // C % H
   EXPECT_THROW(sav::cpu::hamming_check_dims(HammingDims{1, 4, 12, 3, 65, 25}), sav::Error);  // > 64 bits
@@ -384,8 +414,8 @@ TEST(HammingAttention, RejectsBadDims) {
 namespace {
 
 // T tokens around `clusters` random unit centres in d dims (noise std `noise` per coordinate), with labels.
-void clustered_tokens(std::vector<float>& q, std::vector<int>& label, int clusters, int per_cluster, int d,
-                      float noise, uint64_t seed) {
+void clustered_tokens(std::vector<float>& q, std::vector<int>& label, int clusters, int per_cluster, int d, float noise,
+                      uint64_t seed) {
   sav::Rng rng(seed);
   std::vector<float> centres(static_cast<size_t>(clusters) * d);
   for (auto& x : centres) x = rng.normal();
@@ -473,8 +503,8 @@ TEST(KshFit, ImprovesObjectiveOverRandomProjection) {
       for (uint8_t o : p.bit_optimised) optimised += o;
       // Measured: fitted 0.068-0.075 vs random A 0.12-0.16 (ratio 0.46-0.58).
       EXPECT_LT(obj_fit, 0.75 * obj_rnd) << (spectral ? "spectral" : "random") << " init, clusters of " << per
-                                         << ": fitted " << obj_fit << " vs random A " << obj_rnd << " ("
-                                         << optimised << " bits optimised)";
+                                         << ": fitted " << obj_fit << " vs random A " << obj_rnd << " (" << optimised
+                                         << " bits optimised)";
     }
   }
 }

@@ -68,6 +68,12 @@ TEST(ShiftLinear, MaterialiseRoundsSignsAndClamps) {
   shift_linear_weights(W.data(), p.data(), s.data(), 2, 5, -6, -2);
   EXPECT_EQ(W[0], 0.25f);     // p = 0 -> pmax = -2
   EXPECT_EQ(W[4], 0.015625f);  // p = -20 -> pmin = -6
+  // Positive exponents (a range above 0) round half to even too: 0.5 -> 0, 1.5 -> 2, 2.5 -> 2, 3.5 -> 4.
+  const std::vector<float> pp = {0.5f, 1.5f, 2.5f, 3.5f, -0.5f, -1.5f}, sp(6, 1.0f);
+  std::vector<float> Wp(6);
+  shift_linear_weights(Wp.data(), pp.data(), sp.data(), 1, 6, -6, 5);
+  const float want_p[] = {1.f, 4.f, 4.f, 16.f, 1.f, 0.25f};
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(Wp[i], want_p[i]) << "p = " << pp[i];
 }
 
 TEST(ShiftLinear, FromDenseExactPowersSignsZeroAndClamping) {
@@ -245,6 +251,35 @@ TEST(ShiftLinearInt, SimdScalarAndRefBitExactOnOddShapes) {
   EXPECT_EQ(cases, 80);
 }
 
+TEST(ShiftLinearInt, CustomRangesLargeShiftsAndZeroWeights) {
+  // Ranges whose smallest shift is not 0 (the kernel's plane offset), shifts up to 31 (x >> 31 is 0 or
+  // -1), and a weight set with no nonzero entry at all (y = b).
+  const int M = 37, K = 70, F = 21;
+  auto x = sav::test::normal(static_cast<size_t>(M) * K, 1001, 4.0f);
+  auto b = sav::test::uniform(F, 1002);
+  for (auto [pmin, pmax] : {std::pair{-9, -3}, std::pair{-31, -17}, std::pair{-14, 0}}) {
+    std::vector<float> p, s;
+    random_shift_params(p, s, static_cast<size_t>(F) * K, 1003 - pmin, pmin, pmax);
+    const bool all_zero = pmax == 0;
+    if (all_zero) std::fill(s.begin(), s.end(), 0.3f);
+    const ShiftKernelWeights kw = shift_kernel_prepare(p.data(), s.data(), F, K, pmin, pmax);
+    std::vector<float> yr(static_cast<size_t>(M) * F);
+    shift_linear_forward_int_ref(yr.data(), x.data(), p.data(), s.data(), b.data(), M, K, F, pmin, pmax);
+    if (all_zero) {
+      EXPECT_TRUE(kw.entry.empty());
+      for (int i = 0; i < M; ++i) EXPECT_EQ(yr[static_cast<size_t>(i) * F + 3], b[3]);
+    } else {
+      EXPECT_EQ(kw.shift_lo, -pmax);
+      EXPECT_EQ(kw.shift_hi, -pmin);
+    }
+    for (ShiftIntIsa isa : available_isas()) {
+      std::vector<float> y(yr.size(), NAN);
+      shift_linear_forward_int(y.data(), x.data(), kw, b.data(), M, K, F, 16, isa);
+      EXPECT_TRUE(bit_equal(y, yr)) << shift_int_isa_name(isa) << " range [" << pmin << ", " << pmax << "]";
+    }
+  }
+}
+
 TEST(ShiftLinearInt, AgreesWithFloatRefWithinTruncationBound) {
   // |y_int - y| <= 1.5 K 2^-f (input rounding + floor of the shift) + |y| 2^-22 (int->float, bias add, and
   // the float reference's own final rounding).
@@ -274,7 +309,9 @@ TEST(ShiftLinearInt, AgreesWithFloatRefWithinTruncationBound) {
     printf("[ int vs float, Q.%d: max abs err %.3g, max rel err %.3g (|y|>=1e-3 floor), worst err/bound %.3f ]\n", f,
            max_abs, max_rel, worst_ratio);
     // The bound is not vacuous: truncation is visible at 10 fractional bits.
-    if (f == 10) EXPECT_GT(worst_ratio, 0.05);
+    if (f == 10) {
+      EXPECT_GT(worst_ratio, 0.05);
+    }
   }
 }
 

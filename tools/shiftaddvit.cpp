@@ -19,6 +19,7 @@
 #include "io/safetensors.h"
 #include "models/registry.h"
 #include "models/vit.h"
+#include "reparam/convert.h"
 #include "train/bench.h"
 #include "train/trainer.h"
 
@@ -59,6 +60,12 @@ Dataset load_split(const DataArgs& d, bool train, int img_size, int channels) {
 
 Normalize normalize_for(const DataArgs& d, int channels) {
   return channels == 1 ? Normalize::fashion_mnist() : Normalize::imagenet();
+}
+
+Vit& as_vit(ImageClassifier& m) {
+  auto* v = dynamic_cast<Vit*>(&m);
+  SAV_CHECK(v != nullptr, "model " << m.arch() << " is not a ViT");
+  return *v;
 }
 
 struct ModelArgs {
@@ -130,7 +137,7 @@ int cmd_train(const ModelArgs& m, const DataArgs& d, TrainOptions opt) {
   auto model = build_model(m);
   if (m.weights.empty()) {
     Rng rng(opt.seed);
-    static_cast<Vit*>(model.get())->init_random(rng);
+    as_vit(*model).init_random(rng);
   }
   Dataset train = load_split(d, true, model->img_size(), model->in_chans());
   Dataset test = load_split(d, false, model->img_size(), model->in_chans());
@@ -202,7 +209,7 @@ int cmd_bench(const ModelArgs& m, const std::string& batches, int iters, int war
     auto model = build_model(mm);
     if (m.weights.empty()) {
       Rng rng(0);
-      static_cast<Vit*>(model.get())->init_random(rng);
+      as_vit(*model).init_random(rng);
     }
     for (int b : bs) {
       BenchResult r = bench_model(*model, b, iters, warmup, train);
@@ -212,6 +219,134 @@ int cmd_bench(const ModelArgs& m, const std::string& batches, int iters, int war
     }
   }
   t.print(std::cout);
+  return 0;
+}
+
+// First n images of the training split, normalised, for KSH fitting.
+std::vector<float> calibration_images(const DataArgs& d, const ImageClassifier& m, int n) {
+  Dataset train = load_split(d, true, m.img_size(), m.in_chans());
+  n = std::min(n, train.n);
+  std::vector<float> x(size_t(n) * train.image_size());
+  std::vector<int> idx(n), labels(n);
+  for (int i = 0; i < n; ++i) idx[i] = i;
+  make_batch(train, idx.data(), n, normalize_for(d, m.in_chans()), Augment{}, nullptr, x.data(), labels.data());
+  return x;
+}
+
+struct ReparamArgs {
+  ConvertOptions conv;
+  std::string gate = "st";
+  std::string alpha = "1,1";
+  int calib = 64;
+};
+
+void add_reparam_flags(CLI::App* app, ReparamArgs& r) {
+  app->add_option("--attn", r.conv.attn, "Attention per block: softmax, hamming, or one letter per block (s/h)")
+      ->capture_default_str();
+  app->add_option("--mlp", r.conv.mlp, "MLP linears (fc1, fc2): dense, shift, moe, or one letter per block (d/s/m)")
+      ->capture_default_str();
+  app->add_option("--attn-linear", r.conv.attn_linear, "Attention linears (qkv or to_qk/to_v, proj): dense, shift, moe, "
+                                                       "or one letter per block")
+      ->capture_default_str();
+  app->add_option("--hash-bits", r.conv.hash_bits, "KSH hash bits b (1..64)")->capture_default_str();
+  app->add_option("--anchors", r.conv.anchors, "KSH anchors m")->capture_default_str();
+  app->add_option("--calib", r.calib, "Training images used to fit the KSH hash")->capture_default_str();
+  app->add_option("--gate", r.gate, "MoE gate: st (p/stop_grad(p): keeps the dense model's outputs at conversion) "
+                                    "or prob (outputs scaled by the router probability)")
+      ->check(CLI::IsMember({"st", "prob"}))
+      ->capture_default_str();
+  app->add_option("--alpha", r.alpha, "Latency factors of the mult and shift experts for the load-balancing loss "
+                                      "(as written by `shiftaddvit profile`)")
+      ->capture_default_str();
+  app->add_option("--lb-coef", r.conv.reparam.lb_coef, "Coefficient of the latency-aware load-balancing loss")
+      ->capture_default_str();
+  app->add_option("--router-noise", r.conv.reparam.noise_std, "Std of the router's gate noise while training")
+      ->capture_default_str();
+}
+
+ReparamOptions reparam_options(const ReparamArgs& r) {
+  ReparamOptions o = r.conv.reparam;
+  o.gate = r.gate == "prob" ? cpu::moe_gate_prob : cpu::moe_gate_straight_through;
+  std::vector<float> a;
+  std::stringstream ss(r.alpha);
+  std::string item;
+  while (std::getline(ss, item, ',')) a.push_back(std::stof(item));
+  SAV_CHECK(a.size() == 2 && a[0] > 0 && a[1] > 0, "--alpha needs two positive numbers, got '" << r.alpha << "'");
+  o.alpha[0] = a[0], o.alpha[1] = a[1];
+  return o;
+}
+
+std::unique_ptr<Vit> convert_model(ImageClassifier& dense, const ReparamArgs& r, const DataArgs& d, uint64_t seed) {
+  ConvertOptions c = r.conv;
+  c.reparam = reparam_options(r);
+  c.seed = seed;
+  std::vector<float> calib;
+  if (c.attn != "softmax") calib = calibration_images(d, dense, r.calib);
+  return convert_vit(as_vit(dense), c, calib.data(), static_cast<int>(calib.size() / std::max<size_t>(
+                                                         1, size_t(dense.in_chans()) * dense.img_size() * dense.img_size())));
+}
+
+int cmd_convert(const ModelArgs& m, const DataArgs& d, const ReparamArgs& r, const std::string& out) {
+  auto dense = build_model(m);
+  auto sa = convert_model(*dense, r, d, 0);
+  save_model(*sa, out);
+  std::cout << "converted " << dense->arch() << " -> " << sa->config().describe() << "\nwrote " << out << "\n";
+  return 0;
+}
+
+// Staged fine-tuning: stage 1 converts the attention only, stage 2 also the linears (METHOD.md section 4).
+int cmd_finetune(const ModelArgs& m, const DataArgs& d, const ReparamArgs& r, TrainOptions opt, int epochs1,
+                 int epochs2, bool distill) {
+  print_env();
+  SAV_CHECK(!opt.out_dir.empty(), "finetune needs --out");
+  auto teacher = build_model(m);
+  Dataset train = load_split(d, true, teacher->img_size(), teacher->in_chans());
+  Dataset test = load_split(d, false, teacher->img_size(), teacher->in_chans());
+  opt.normalize = normalize_for(d, teacher->in_chans());
+  EvalResult t_eval = evaluate(*teacher, test, opt.normalize, opt.eval_batch, opt.eval_limit);
+  std::cerr << "teacher " << teacher->arch() << ": test top-1 " << fmt(100 * t_eval.top1, 2) << "%\n";
+  if (distill) opt.teacher = teacher.get();
+  Table t({"stage", "model", "epochs", "test top-1 %", "teacher top-1 %", "delta", "time"});
+  std::unique_ptr<Vit> cur;
+  struct Stage { std::string name; ReparamArgs args; int epochs; };
+  ReparamArgs s1 = r;
+  s1.conv.mlp = "dense";
+  s1.conv.attn_linear = "dense";
+  std::vector<Stage> stages;
+  if (epochs1 > 0 && r.conv.attn != "softmax") stages.push_back({"stage1", s1, epochs1});
+  stages.push_back({"stage2", r, epochs2});
+  ImageClassifier* src = teacher.get();
+  for (auto& st : stages) {
+    const std::string dir = opt.out_dir + "/" + st.name;
+    std::unique_ptr<Vit> next;
+    std::FILE* done = std::fopen((dir + "/model.safetensors").c_str(), "rb");
+    if (done && opt.resume) {
+      std::fclose(done);
+      std::unique_ptr<ImageClassifier> loaded = load_model(dir + "/model.safetensors");
+      next.reset(static_cast<Vit*>(loaded.release()));
+      std::cerr << st.name << ": already finished, loaded " << dir << "/model.safetensors\n";
+    } else {
+      if (done) std::fclose(done);
+      next = convert_model(*src, st.args, d, opt.seed);
+      std::cerr << st.name << ": " << next->config().describe() << "\n";
+      TrainOptions o = opt;
+      o.out_dir = dir;
+      o.epochs = st.epochs;
+      Trainer trainer(*next, train, test, o);
+      TrainSummary s = trainer.run();
+      if (!s.finished) return 0;
+    }
+    EvalResult e = evaluate(*next, test, opt.normalize, opt.eval_batch, opt.eval_limit);
+    t.add({st.name, next->config().describe(), std::to_string(st.epochs), fmt(100 * e.top1, 2),
+           fmt(100 * t_eval.top1, 2), fmt(100 * (e.top1 - t_eval.top1), 2), ""});
+    cur = std::move(next);
+    src = cur.get();
+    // keep the previous stage alive only as long as it is the source
+  }
+  std::cout << "\n";
+  t.print(std::cout);
+  save_model(*cur, opt.out_dir + "/model.safetensors");
+  std::cout << "final model: " << opt.out_dir << "/model.safetensors\n";
   return 0;
 }
 
@@ -281,6 +416,55 @@ int main(int argc, char** argv) {
   bench->add_option("--warmup", bench_warmup, "Untimed iterations first")->capture_default_str();
   bench->add_flag("--train", bench_train, "Also time a full training step (forward, backward, AdamW)");
 
+  ModelArgs cm, fm;
+  DataArgs cd, fd;
+  ReparamArgs cr, fr;
+  std::string convert_out;
+  auto* convert = app.add_subcommand("convert", "Dense checkpoint -> ShiftAddViT checkpoint (KSH fitted on real data)");
+  add_model_flags(convert, cm, true, "");
+  add_data_flags(convert, cd);
+  add_reparam_flags(convert, cr);
+  convert->add_option("--out", convert_out, "Output .safetensors file")->required();
+
+  TrainOptions fopt;
+  fopt.epochs = 2;
+  fopt.lr = 5e-4f;
+  fopt.warmup_epochs = 0.2f;
+  int epochs1 = 1, epochs2 = 2;
+  bool distill = false, f_no_progress = false;
+  auto* finetune = app.add_subcommand("finetune", "Convert a dense model and fine-tune it in stages (attention, then "
+                                                  "linears), optionally distilling from the dense model");
+  add_model_flags(finetune, fm, true, "");
+  add_data_flags(finetune, fd);
+  add_reparam_flags(finetune, fr);
+  finetune->add_option("--stage1-epochs", epochs1, "Epochs with only the attention converted (0: skip)")
+      ->capture_default_str();
+  finetune->add_option("--stage2-epochs", epochs2, "Epochs with attention and linears converted")->capture_default_str();
+  finetune->add_flag("--distill", distill, "Distil from the dense model given by --weights");
+  finetune->add_option("--distill-weight", fopt.distill, "Weight of the distillation term (vs cross-entropy)")
+      ->capture_default_str();
+  finetune->add_option("--distill-temp", fopt.distill_temp, "Distillation temperature")->capture_default_str();
+  finetune->add_option("--batch", fopt.batch, "Images per step")->capture_default_str()->check(CLI::PositiveNumber);
+  finetune->add_option("--lr", fopt.lr, "Peak learning rate (AdamW)")->capture_default_str();
+  finetune->add_option("--min-lr", fopt.min_lr, "Learning rate at the end of each stage's cosine decay")
+      ->capture_default_str();
+  finetune->add_option("--warmup-epochs", fopt.warmup_epochs, "Linear warm-up per stage, in epochs")->capture_default_str();
+  finetune->add_option("--wd", fopt.weight_decay, "AdamW weight decay (matrices only)")->capture_default_str();
+  finetune->add_option("--clip", fopt.clip, "Clip the global gradient norm (0: off)")->capture_default_str();
+  finetune->add_option("--smoothing", fopt.smoothing, "Label smoothing")->capture_default_str();
+  finetune->add_option("--seed", fopt.seed, "Seed of shuffling, augmentation, router noise, KSH fitting")
+      ->capture_default_str();
+  finetune->add_option("--pad-crop", fopt.augment.pad_crop, "Augmentation: random crop after padding")->capture_default_str();
+  finetune->add_flag("--hflip", fopt.augment.hflip, "Augmentation: random horizontal flips");
+  finetune->add_option("--train-limit", fopt.train_limit, "Use only the first N training images (0: all)");
+  finetune->add_option("--eval-limit", fopt.eval_limit, "Evaluate on only the first N test images (0: all)");
+  finetune->add_option("--out", fopt.out_dir, "Folder: stage1/, stage2/ checkpoints and the final model.safetensors")
+      ->required();
+  finetune->add_option("--save-every", fopt.save_every, "Also checkpoint every N steps");
+  finetune->add_flag("--resume", fopt.resume, "Continue finished stages and OUT/stageK/last.safetensors");
+  finetune->add_option("--max-steps", fopt.max_steps, "Stop (with a checkpoint) after N steps of a stage");
+  finetune->add_flag("--no-progress", f_no_progress, "No progress bar");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -298,6 +482,11 @@ int main(int argc, char** argv) {
     if (*eval) return cmd_eval(em, ed, eval_batch, eval_limit);
     if (*infer) return cmd_infer(im, in_path, out_path, infer_batch);
     if (*bench) return cmd_bench(bm, bench_batches, bench_iters, bench_warmup, bench_train);
+    if (*convert) return cmd_convert(cm, cd, cr, convert_out);
+    if (*finetune) {
+      fopt.progress = !f_no_progress;
+      return cmd_finetune(fm, fd, fr, fopt, epochs1, epochs2, distill);
+    }
   } catch (const sav::Error& e) {
     std::cerr << "error: " << e.what() << "\n";
     return 1;

@@ -2,6 +2,7 @@
 // ShiftAddViT and PVTv2 next), so the trainer, evaluator, benchmarks and CLI work with any of them.
 #pragma once
 
+#include <cstdint>
 #include <map>
 #include <string>
 
@@ -25,6 +26,10 @@ class ImageClassifier {
   virtual float aux_loss() const { return 0.0f; }
   virtual ParamSet& params() = 0;
   virtual ParamSet& grads() = 0;
+  // Frozen tensors saved with the model but never trained (e.g. KSH hash parameters); may be empty.
+  virtual ParamSet* buffers() { return nullptr; }
+  // Seeds the randomness of training forwards (router noise) so a step is a function of its seed.
+  virtual void set_noise_seed(uint64_t seed) {}
   // Everything needed to rebuild the model from a checkpoint, stored in its __metadata__.
   virtual std::map<std::string, std::string> metadata() const = 0;
 };

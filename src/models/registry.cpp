@@ -36,7 +36,10 @@ std::unique_ptr<ImageClassifier> load_model(const std::string& weights, const st
     VitConfig cfg = vit_config_from_metadata(md);
     SAV_CHECK(arch.empty() || arch == cfg.name,
               "checkpoint " << weights << " holds arch '" << cfg.name << "' but --arch says '" << arch << "'");
-    model = std::make_unique<Vit>(cfg);
+    ReparamOptions ro;
+    if (md.count("sav.reparam.pmin")) ro.pmin = std::stoi(md.at("sav.reparam.pmin"));
+    if (md.count("sav.reparam.pmax")) ro.pmax = std::stoi(md.at("sav.reparam.pmax"));
+    model = std::make_unique<Vit>(cfg, ro);
   } else {
     SAV_CHECK(!arch.empty(), "checkpoint " << weights << " does not name its arch (no shiftaddvit metadata); pass --arch");
     model = std::make_unique<Vit>(vit_preset(arch));

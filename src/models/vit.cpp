@@ -1,14 +1,34 @@
 #include "models/vit.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <sstream>
 
 #include "core/error.h"
 #include "io/safetensors.h"
+#include "ops/cpu/hamming.h"
 #include "ops/cpu/ops.h"
 
 namespace sav {
+
+namespace {
+LinearKind kind_of(char c) {
+  switch (c) {
+    case 'd': return LinearKind::dense;
+    case 's': return LinearKind::shift;
+    case 'm': return LinearKind::moe;
+  }
+  SAV_THROW("unknown linear kind '" << c << "' (use d, s or m)");
+}
+std::string blk(int l) { return "blocks." + std::to_string(l) + "."; }
+}  // namespace
+
+bool VitConfig::is_dense() const {
+  for (int l = 0; l < depth; ++l)
+    if (attn_kind(l) != 's' || mlp_kind(l) != 'd' || attn_linear_kind(l) != 'd') return false;
+  return true;
+}
 
 void VitConfig::validate() const {
   SAV_CHECK(img_size > 0 && patch > 0 && img_size % patch == 0,
@@ -16,13 +36,35 @@ void VitConfig::validate() const {
   SAV_CHECK(in_chans > 0 && num_classes > 0 && depth >= 0 && mlp_hidden > 0, "impossible ViT sizes: " << describe());
   SAV_CHECK(dim > 0 && heads > 0 && dim % heads == 0,
             "width " << dim << " is not divisible by the head count " << heads);
+  auto check = [&](const std::string& s, const char* what, const std::string& allowed) {
+    SAV_CHECK(s.empty() || static_cast<int>(s.size()) == depth,
+              what << " kinds '" << s << "' must have one character per block (" << depth << ")");
+    for (char c : s) SAV_CHECK(allowed.find(c) != std::string::npos, what << " kind '" << c << "' not in " << allowed);
+  };
+  check(attn, "attention", "sh");
+  check(mlp, "mlp", "dsm");
+  check(attn_linear, "attention linear", "dsm");
+  SAV_CHECK(hash_bits >= 1 && hash_bits <= 64 && anchors >= 1, "hash bits must be 1..64 and anchors >= 1");
 }
 
 std::string VitConfig::describe() const {
   std::ostringstream os;
   os << name << ": " << img_size << "x" << img_size << "x" << in_chans << ", patch " << patch << ", width " << dim
      << ", depth " << depth << ", heads " << heads << ", mlp " << mlp_hidden << ", classes " << num_classes;
+  if (!is_dense())
+    os << ", attn " << (attn.empty() ? "dense" : attn) << ", mlp linears " << (mlp.empty() ? "dense" : mlp)
+       << ", attn linears " << (attn_linear.empty() ? "dense" : attn_linear);
   return os.str();
+}
+
+std::string expand_kinds(const std::string& spec, int depth, const std::string& what) {
+  static const std::map<std::string, char> words = {{"softmax", 's'}, {"hamming", 'h'}, {"dense", 'd'},
+                                                    {"shift", 's'},   {"moe", 'm'}};
+  auto it = words.find(spec);
+  if (it != words.end()) return std::string(depth, it->second);
+  SAV_CHECK(static_cast<int>(spec.size()) == depth,
+            what << " '" << spec << "' is neither a kind name nor one character per block (" << depth << " blocks)");
+  return spec;
 }
 
 VitConfig vit_preset(const std::string& name) {
@@ -50,37 +92,66 @@ std::vector<std::string> vit_preset_names() {
   return {"deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224", "vit_fmnist"};
 }
 
-Vit::Vit(const VitConfig& cfg) : cfg_(cfg) {
+Vit::Vit(const VitConfig& cfg, const ReparamOptions& ropt) : cfg_(cfg), ropt_(ropt) {
   cfg_.validate();
-  const int C = cfg.dim, F = cfg.mlp_hidden;
+  const int C = cfg_.dim, F = cfg_.mlp_hidden, H = cfg_.heads, d = C / H;
   params_.declare("cls_token", {1, 1, C}, false);
-  params_.declare("pos_embed", {1, cfg.tokens(), C}, false);
-  params_.declare("patch_embed.proj.weight", {C, cfg.in_chans, cfg.patch, cfg.patch});
+  params_.declare("pos_embed", {1, cfg_.tokens(), C}, false);
+  params_.declare("patch_embed.proj.weight", {C, cfg_.in_chans, cfg_.patch, cfg_.patch});
   params_.declare("patch_embed.proj.bias", {C}, false);
-  for (int l = 0; l < cfg.depth; ++l) {
-    std::string p = "blocks." + std::to_string(l) + ".";
+  blocks_.resize(cfg_.depth);
+  for (int l = 0; l < cfg_.depth; ++l) {
+    Block& b = blocks_[l];
+    const std::string p = blk(l);
+    b.attn = cfg_.attn_kind(l);
+    const LinearKind ak = kind_of(cfg_.attn_linear_kind(l)), mk = kind_of(cfg_.mlp_kind(l));
     params_.declare(p + "norm1.weight", {C}, false);
     params_.declare(p + "norm1.bias", {C}, false);
-    params_.declare(p + "attn.qkv.weight", {3 * C, C});
-    params_.declare(p + "attn.qkv.bias", {3 * C}, false);
-    params_.declare(p + "attn.proj.weight", {C, C});
-    params_.declare(p + "attn.proj.bias", {C}, false);
+    if (b.attn == 's') {
+      b.qkv = std::make_unique<LinearLayer>(p + "attn.qkv", C, 3 * C, ak, &ropt_);
+      b.qkv->declare(params_);
+    } else {
+      b.to_qk = std::make_unique<LinearLayer>(p + "attn.to_qk", C, C, ak, &ropt_);
+      b.to_v = std::make_unique<LinearLayer>(p + "attn.to_v", C, C, ak, &ropt_);
+      b.to_qk->declare(params_);
+      b.to_v->declare(params_);
+      params_.declare(p + "attn.dwconv.weight", {H, cpu::kHammingConvTaps}, false);
+      buffers_.declare(p + "attn.ksh.anchors", {H, cfg_.anchors, d});
+      buffers_.declare(p + "attn.ksh.mu", {H, cfg_.anchors});
+      buffers_.declare(p + "attn.ksh.A", {H, cfg_.hash_bits, cfg_.anchors});
+    }
+    b.proj = std::make_unique<LinearLayer>(p + "attn.proj", C, C, ak, &ropt_);
+    b.proj->declare(params_);
     params_.declare(p + "norm2.weight", {C}, false);
     params_.declare(p + "norm2.bias", {C}, false);
-    params_.declare(p + "mlp.fc1.weight", {F, C});
-    params_.declare(p + "mlp.fc1.bias", {F}, false);
-    params_.declare(p + "mlp.fc2.weight", {C, F});
-    params_.declare(p + "mlp.fc2.bias", {C}, false);
+    b.fc1 = std::make_unique<LinearLayer>(p + "mlp.fc1", C, F, mk, &ropt_);
+    b.fc2 = std::make_unique<LinearLayer>(p + "mlp.fc2", F, C, mk, &ropt_);
+    b.fc1->declare(params_);
+    b.fc2->declare(params_);
   }
   params_.declare("norm.weight", {C}, false);
   params_.declare("norm.bias", {C}, false);
-  params_.declare("head.weight", {cfg.num_classes, C});
-  params_.declare("head.bias", {cfg.num_classes}, false);
+  params_.declare("head.weight", {cfg_.num_classes, C});
+  params_.declare("head.bias", {cfg_.num_classes}, false);
   params_.allocate();
   grads_ = params_.like();
+  buffers_.allocate();
+  for (int l = 0; l < cfg_.depth; ++l) {
+    Block& b = blocks_[l];
+    const std::string p = blk(l);
+    for (auto* lin : {b.qkv.get(), b.to_qk.get(), b.to_v.get(), b.proj.get(), b.fc1.get(), b.fc2.get()})
+      if (lin) lin->bind(params_, grads_);
+    if (b.attn == 'h') {
+      b.dwconv = params_.get(p + "attn.dwconv.weight").f32();
+      b.ddwconv = grads_.get(p + "attn.dwconv.weight").f32();
+      b.anchors = buffers_.get(p + "attn.ksh.anchors").f32();
+      b.mu = buffers_.get(p + "attn.ksh.mu").f32();
+      b.A = buffers_.get(p + "attn.ksh.A").f32();
+    }
+  }
   for (size_t i = 0; i < params_.size(); ++i) {
     const std::string& n = params_.name(i);
-    if (n.size() > 7 && n.compare(n.size() - 7, 7, ".weight") == 0 && params_.tensor(i).ndim() == 1)
+    if (n.find("norm") != std::string::npos && n.size() > 7 && n.compare(n.size() - 7, 7, ".weight") == 0)
       params_.tensor(i).fill(1.0f);  // LayerNorm weights
   }
 }
@@ -102,22 +173,19 @@ void Vit::init_random(Rng& rng) {
 }
 
 void Vit::load(const Checkpoint& ck) {
-  std::vector<std::string> missing, misshaped, unexpected;
-  for (size_t i = 0; i < params_.size(); ++i) {
-    const std::string& n = params_.name(i);
-    if (!ck.contains(n)) {
-      missing.push_back(n);
-      continue;
+  std::vector<std::string> missing, misshaped;
+  auto scan = [&](const ParamSet& ps) {
+    for (size_t i = 0; i < ps.size(); ++i) {
+      const std::string& n = ps.name(i);
+      if (!ck.contains(n)) {
+        missing.push_back(n);
+      } else if (ck.shape(n) != ps.tensor(i).shape()) {
+        misshaped.push_back(n + " " + shape_str(ck.shape(n)) + " (expected " + shape_str(ps.tensor(i).shape()) + ")");
+      }
     }
-    if (ck.shape(n) != params_.tensor(i).shape()) {
-      misshaped.push_back(n + " " + shape_str(ck.shape(n)) + " (expected " + shape_str(params_.tensor(i).shape()) +
-                          ")");
-      continue;
-    }
-  }
-  for (const std::string& n : ck.names())
-    if (!params_.contains(n) && n != "head_dist.weight" && n != "head_dist.bias" && n != "dist_token")
-      unexpected.push_back(n);
+  };
+  scan(params_);
+  scan(buffers_);
   if (!missing.empty() || !misshaped.empty()) {
     auto join = [](const std::vector<std::string>& v) {
       std::string s;
@@ -129,15 +197,35 @@ void Vit::load(const Checkpoint& ck) {
     os << "checkpoint " << ck.path() << " does not fit arch " << cfg_.name << ":";
     if (!missing.empty()) os << " missing " << join(missing) << ";";
     if (!misshaped.empty()) os << " mis-shaped " << join(misshaped) << ";";
-    if (!unexpected.empty()) os << " unexpected " << join(unexpected) << ";";
-    SAV_THROW(os.str() << " check --arch (and --img-size / --classes) against the checkpoint");
+    SAV_THROW(os.str() << " check --arch (and the size flags) against the checkpoint");
   }
   for (size_t i = 0; i < params_.size(); ++i) params_.tensor(i).copy_from(ck.get(params_.name(i)));
+  for (size_t i = 0; i < buffers_.size(); ++i) buffers_.tensor(i).copy_from(ck.get(buffers_.name(i)));
+  for (auto& b : blocks_)
+    for (auto* lin : {b.qkv.get(), b.to_qk.get(), b.to_v.get(), b.proj.get(), b.fc1.get(), b.fc2.get()})
+      if (lin) lin->params_changed();
 }
 
-std::vector<std::pair<std::string, Tensor>> Vit::named_tensors() const {
-  std::vector<std::pair<std::string, Tensor>> v;
-  for (size_t i = 0; i < params_.size(); ++i) v.emplace_back(params_.name(i), params_.tensor(i));
+float Vit::aux_loss() const {
+  float s = 0.0f;
+  for (const auto& b : blocks_)
+    for (auto* lin : {b.qkv.get(), b.to_qk.get(), b.to_v.get(), b.proj.get(), b.fc1.get(), b.fc2.get()})
+      if (lin) s += lin->aux_loss();
+  return s;
+}
+
+LinearLayer* Vit::find_linear(const std::string& prefix) {
+  for (auto& b : blocks_)
+    for (auto* lin : {b.qkv.get(), b.to_qk.get(), b.to_v.get(), b.proj.get(), b.fc1.get(), b.fc2.get()})
+      if (lin && lin->prefix() == prefix) return lin;
+  return nullptr;
+}
+
+std::vector<std::pair<std::string, const LinearLayer*>> Vit::moe_layers() const {
+  std::vector<std::pair<std::string, const LinearLayer*>> v;
+  for (const auto& b : blocks_)
+    for (auto* lin : {b.qkv.get(), b.to_qk.get(), b.to_v.get(), b.proj.get(), b.fc1.get(), b.fc2.get()})
+      if (lin && lin->kind() == LinearKind::moe) v.emplace_back(lin->prefix(), lin);
   return v;
 }
 
@@ -153,15 +241,31 @@ void Vit::ensure_buffers(int B, bool train) {
   cls_rstd_ = Tensor::empty({B});
   logits_ = Tensor::empty({B, cfg_.num_classes});
   tmp_ = Tensor::empty({M, C});
-  // In inference all blocks share one set of activation buffers (x ping-pongs between x0_ and xout).
+  // In inference all blocks share one set of activation buffers (the residual stream stays in x0_).
   const int nacts = train ? cfg_.depth : std::min(cfg_.depth, 1);
   acts_.assign(nacts, {});
-  for (auto& a : acts_) {
+  bool any_softmax = false, any_hamming = false;
+  for (const auto& b : blocks_) (b.attn == 's' ? any_softmax : any_hamming) = true;
+  const cpu::HammingDims hd{B, static_cast<int>(N), static_cast<int>(C), static_cast<int>(H), cfg_.hash_bits,
+                            cfg_.anchors};
+  for (int i = 0; i < nacts; ++i) {
+    BlockActs& a = acts_[i];
+    const char kind = train ? blocks_[i].attn : 0;  // inference: buffers for both kinds
     a.ln1 = Tensor::empty({M, C});
     a.mean1 = Tensor::empty({M});
     a.rstd1 = Tensor::empty({M});
-    a.qkv = Tensor::empty({M, 3 * C});
-    a.att = Tensor::empty({B * H * N * N});
+    if (kind == 's' || (kind == 0 && any_softmax)) {
+      a.qkv = Tensor::empty({M, 3 * C});
+      a.att = Tensor::empty({B * H * N * N});
+    }
+    if (kind == 'h' || (kind == 0 && any_hamming)) {
+      a.qk = Tensor::empty({M, C});
+      a.v = Tensor::empty({M, C});
+      if (train) {
+        a.hsaved = Tensor::empty({static_cast<int64_t>(cpu::hamming_saved_floats(hd))});
+        a.codes.resize(cpu::hamming_saved_codes(hd));
+      }
+    }
     a.ao = Tensor::empty({M, C});
     a.xmid = Tensor::empty({M, C});
     a.ln2 = Tensor::empty({M, C});
@@ -175,7 +279,8 @@ void Vit::ensure_buffers(int B, bool train) {
     dx_ = Tensor::empty({M, C});
     dtmp_ = Tensor::empty({M, C});
     dbig_ = Tensor::empty({M, std::max(3 * C, F)});
-    scratch_ = Tensor::empty({B * H * N * N});
+    dbig2_ = Tensor::empty({M, std::max(C, F)});
+    scratch_ = Tensor::empty({any_softmax ? B * H * N * N : 1});
   }
   B_ = B;
   train_buffers_ = train;
@@ -187,6 +292,7 @@ void Vit::forward(const float* images, int B, bool train) {
   const int N = cfg_.tokens(), C = cfg_.dim, F = cfg_.mlp_hidden, H = cfg_.heads, P = cfg_.num_patches();
   const int M = B * N;
   const ParamSet& ps = params_;
+  Rng* rng = train ? &noise_rng_ : nullptr;
   cpu::patch_embed_forward(pe_.f32(), cols_.f32(), images, ps.get("patch_embed.proj.weight").f32(),
                            ps.get("patch_embed.proj.bias").f32(), B, cfg_.in_chans, cfg_.img_size, cfg_.patch, C);
   const float* cls = ps.get("cls_token").f32();
@@ -200,35 +306,41 @@ void Vit::forward(const float* images, int B, bool train) {
     for (int64_t i = 0; i < int64_t(P) * C; ++i) xb[C + i] = pb[i] + pos[C + i];
   }
   const float* x = x0;
+  float* t = tmp_.f32();
   for (int l = 0; l < cfg_.depth; ++l) {
     BlockActs& a = acts_[train ? l : 0];
-    const std::string p = "blocks." + std::to_string(l) + ".";
+    Block& bk = blocks_[l];
+    const std::string p = blk(l);
     cpu::layernorm_forward(a.ln1.f32(), a.mean1.f32(), a.rstd1.f32(), x, ps.get(p + "norm1.weight").f32(),
                            ps.get(p + "norm1.bias").f32(), M, C, cfg_.ln_eps);
-    cpu::linear_forward(a.qkv.f32(), a.ln1.f32(), ps.get(p + "attn.qkv.weight").f32(),
-                        ps.get(p + "attn.qkv.bias").f32(), M, C, 3 * C);
-    cpu::attention_forward(a.ao.f32(), a.att.f32(), a.qkv.f32(), B, N, C, H);
-    cpu::linear_forward(tmp_.f32(), a.ao.f32(), ps.get(p + "attn.proj.weight").f32(),
-                        ps.get(p + "attn.proj.bias").f32(), M, C, C);
+    if (bk.attn == 's') {
+      bk.qkv->forward(a.qkv.f32(), a.ln1.f32(), M, train, rng);
+      cpu::attention_forward(a.ao.f32(), a.att.f32(), a.qkv.f32(), B, N, C, H);
+    } else {
+      bk.to_qk->forward(a.qk.f32(), a.ln1.f32(), M, train, rng);
+      bk.to_v->forward(a.v.f32(), a.ln1.f32(), M, train, rng);
+      const cpu::HammingDims hd{B, N, C, H, cfg_.hash_bits, cfg_.anchors};
+      const cpu::HammingWeights hw{bk.anchors, bk.mu, bk.A, bk.dwconv, nullptr};
+      cpu::HammingSaved saved;
+      if (train) saved = cpu::hamming_saved_bind(hd, a.hsaved.f32(), a.codes.data());
+      cpu::hamming_attention_forward(a.ao.f32(), train ? &saved : nullptr, a.qk.f32(), a.v.f32(), hw, hd);
+    }
+    bk.proj->forward(t, a.ao.f32(), M, train, rng);
     float* xmid = a.xmid.f32();
-    const float* t = tmp_.f32();
 #pragma omp parallel for
     for (int64_t i = 0; i < int64_t(M) * C; ++i) xmid[i] = x[i] + t[i];
     cpu::layernorm_forward(a.ln2.f32(), a.mean2.f32(), a.rstd2.f32(), xmid, ps.get(p + "norm2.weight").f32(),
                            ps.get(p + "norm2.bias").f32(), M, C, cfg_.ln_eps);
-    cpu::linear_forward(a.fc1.f32(), a.ln2.f32(), ps.get(p + "mlp.fc1.weight").f32(), ps.get(p + "mlp.fc1.bias").f32(),
-                        M, C, F);
+    bk.fc1->forward(a.fc1.f32(), a.ln2.f32(), M, train, rng);
     cpu::gelu_forward(a.gelu.f32(), a.fc1.f32(), int64_t(M) * F);
-    // In inference x may alias a.xout of the previous block (shared buffers): write fc2 into tmp first.
-    cpu::linear_forward(tmp_.f32(), a.gelu.f32(), ps.get(p + "mlp.fc2.weight").f32(),
-                        ps.get(p + "mlp.fc2.bias").f32(), M, F, C);
+    bk.fc2->forward(t, a.gelu.f32(), M, train, rng);
     float* xout = train ? a.xout.f32() : x0;  // inference: x0_ holds the residual stream
 #pragma omp parallel for
     for (int64_t i = 0; i < int64_t(M) * C; ++i) xout[i] = xmid[i] + t[i];
     x = xout;
   }
   // Final norm and head on the class token only (timm norms all tokens; only the class token is used).
-  float* cls_in = dtmp_.defined() && train ? dtmp_.f32() : tmp_.f32();
+  float* cls_in = train ? dtmp_.f32() : t;
   for (int b = 0; b < B; ++b) std::memcpy(cls_in + int64_t(b) * C, x + int64_t(b) * N * C, sizeof(float) * C);
   cpu::layernorm_forward(cls_ln_.f32(), cls_mean_.f32(), cls_rstd_.f32(), cls_in, ps.get("norm.weight").f32(),
                          ps.get("norm.bias").f32(), B, C, cfg_.ln_eps);
@@ -261,32 +373,42 @@ void Vit::backward(const float* dlogits) {
   for (int b = 0; b < B; ++b) std::memcpy(dx + int64_t(b) * N * C, dcls.f32() + int64_t(b) * C, sizeof(float) * C);
 
   float* dbig = dbig_.f32();
+  float* dbig2 = dbig2_.f32();
   float* dt = dtmp_.f32();
   for (int l = cfg_.depth - 1; l >= 0; --l) {
     BlockActs& a = acts_[l];
-    const std::string p = "blocks." + std::to_string(l) + ".";
+    Block& bk = blocks_[l];
+    const std::string p = blk(l);
     const float* xin = l > 0 ? acts_[l - 1].xout.f32() : x0_.f32();
     // MLP branch: xout = xmid + fc2(gelu(fc1(ln2(xmid))))
     std::memset(dbig, 0, sizeof(float) * M * F);
-    cpu::linear_backward(dbig, G(p + "mlp.fc2.weight"), G(p + "mlp.fc2.bias"), dx, a.gelu.f32(), W(p + "mlp.fc2.weight"),
-                         M, F, C);
-    // dgelu -> dfc1 in place is not allowed (accumulating API): use the tail of dbig? keep a clean copy.
-    Tensor dfc1 = Tensor::zeros({M, F});
-    cpu::gelu_backward(dfc1.f32(), dbig, a.fc1.f32(), int64_t(M) * F);
+    bk.fc2->backward(dbig, dx);
+    std::memset(dbig2, 0, sizeof(float) * M * F);
+    cpu::gelu_backward(dbig2, dbig, a.fc1.f32(), int64_t(M) * F);
     std::memset(dt, 0, sizeof(float) * M * C);
-    cpu::linear_backward(dt, G(p + "mlp.fc1.weight"), G(p + "mlp.fc1.bias"), dfc1.f32(), a.ln2.f32(),
-                         W(p + "mlp.fc1.weight"), M, C, F);
+    bk.fc1->backward(dt, dbig2);
     cpu::layernorm_backward(dx, G(p + "norm2.weight"), G(p + "norm2.bias"), dt, a.xmid.f32(), W(p + "norm2.weight"),
                             a.mean2.f32(), a.rstd2.f32(), M, C);  // dx now holds d xmid
-    // attention branch: xmid = xin + proj(attn(qkv(ln1(xin))))
+    // attention branch: xmid = xin + proj(attn(ln1(xin)))
     std::memset(dt, 0, sizeof(float) * M * C);
-    cpu::linear_backward(dt, G(p + "attn.proj.weight"), G(p + "attn.proj.bias"), dx, a.ao.f32(),
-                         W(p + "attn.proj.weight"), M, C, C);
-    std::memset(dbig, 0, sizeof(float) * M * 3 * C);
-    cpu::attention_backward(dbig, scratch_.f32(), dt, a.qkv.f32(), a.att.f32(), B, N, C, H);
-    std::memset(dt, 0, sizeof(float) * M * C);
-    cpu::linear_backward(dt, G(p + "attn.qkv.weight"), G(p + "attn.qkv.bias"), dbig, a.ln1.f32(),
-                         W(p + "attn.qkv.weight"), M, C, 3 * C);
+    bk.proj->backward(dt, dx);  // dt = d ao
+    if (bk.attn == 's') {
+      std::memset(dbig, 0, sizeof(float) * M * 3 * C);
+      cpu::attention_backward(dbig, scratch_.f32(), dt, a.qkv.f32(), a.att.f32(), B, N, C, H);
+      std::memset(dt, 0, sizeof(float) * M * C);
+      bk.qkv->backward(dt, dbig);
+    } else {
+      const cpu::HammingDims hd{B, N, C, H, cfg_.hash_bits, cfg_.anchors};
+      const cpu::HammingWeights hw{bk.anchors, bk.mu, bk.A, bk.dwconv, nullptr};
+      const cpu::HammingSaved saved = cpu::hamming_saved_bind(hd, a.hsaved.f32(), a.codes.data());
+      float* dqk = dbig;        // (M,C)
+      float* dv = dbig + int64_t(M) * C;  // (M,C); dbig holds >= 3C columns of M rows
+      std::memset(dbig, 0, sizeof(float) * M * 2 * C);
+      cpu::hamming_attention_backward(dqk, dv, bk.ddwconv, nullptr, dt, a.v.f32(), saved, hw, hd);
+      std::memset(dt, 0, sizeof(float) * M * C);
+      bk.to_qk->backward(dt, dqk);
+      bk.to_v->backward(dt, dv);
+    }
     cpu::layernorm_backward(dx, G(p + "norm1.weight"), G(p + "norm1.bias"), dt, xin, W(p + "norm1.weight"),
                             a.mean1.f32(), a.rstd1.f32(), M, C);  // dx now holds d xin
   }
@@ -305,23 +427,42 @@ void Vit::backward(const float* dlogits) {
                             W("patch_embed.proj.weight"), B, cfg_.in_chans, cfg_.img_size, cfg_.patch, C);
 }
 
-}  // namespace sav
-
-namespace sav {
+Tensor Vit::activation(int block, const std::string& what) const {
+  SAV_CHECK(train_buffers_ && block >= 0 && block < static_cast<int>(acts_.size()),
+            "activations are kept only after a training forward; block " << block);
+  const BlockActs& a = acts_[block];
+  const std::map<std::string, const Tensor*> m = {{"ln1", &a.ln1},   {"qkv", &a.qkv},   {"qk", &a.qk},
+                                                  {"v", &a.v},       {"ao", &a.ao},     {"xmid", &a.xmid},
+                                                  {"ln2", &a.ln2},   {"fc1", &a.fc1},   {"gelu", &a.gelu},
+                                                  {"xout", &a.xout}};
+  auto it = m.find(what);
+  SAV_CHECK(it != m.end() && it->second->defined(), "no activation '" << what << "' in block " << block);
+  return *it->second;
+}
 
 std::map<std::string, std::string> Vit::metadata() const {
   const VitConfig& c = cfg_;
-  return {{"sav.model", "vit"},
-          {"sav.vit.name", c.name},
-          {"sav.vit.img_size", std::to_string(c.img_size)},
-          {"sav.vit.patch", std::to_string(c.patch)},
-          {"sav.vit.in_chans", std::to_string(c.in_chans)},
-          {"sav.vit.num_classes", std::to_string(c.num_classes)},
-          {"sav.vit.dim", std::to_string(c.dim)},
-          {"sav.vit.depth", std::to_string(c.depth)},
-          {"sav.vit.heads", std::to_string(c.heads)},
-          {"sav.vit.mlp_hidden", std::to_string(c.mlp_hidden)},
-          {"sav.vit.ln_eps", std::to_string(c.ln_eps)}};
+  std::map<std::string, std::string> md = {{"sav.model", "vit"},
+                                           {"sav.vit.name", c.name},
+                                           {"sav.vit.img_size", std::to_string(c.img_size)},
+                                           {"sav.vit.patch", std::to_string(c.patch)},
+                                           {"sav.vit.in_chans", std::to_string(c.in_chans)},
+                                           {"sav.vit.num_classes", std::to_string(c.num_classes)},
+                                           {"sav.vit.dim", std::to_string(c.dim)},
+                                           {"sav.vit.depth", std::to_string(c.depth)},
+                                           {"sav.vit.heads", std::to_string(c.heads)},
+                                           {"sav.vit.mlp_hidden", std::to_string(c.mlp_hidden)},
+                                           {"sav.vit.ln_eps", std::to_string(c.ln_eps)}};
+  if (!c.is_dense()) {
+    md["sav.vit.attn"] = c.attn.empty() ? std::string(c.depth, 's') : c.attn;
+    md["sav.vit.mlp"] = c.mlp.empty() ? std::string(c.depth, 'd') : c.mlp;
+    md["sav.vit.attn_linear"] = c.attn_linear.empty() ? std::string(c.depth, 'd') : c.attn_linear;
+    md["sav.vit.hash_bits"] = std::to_string(c.hash_bits);
+    md["sav.vit.anchors"] = std::to_string(c.anchors);
+    md["sav.reparam.pmin"] = std::to_string(ropt_.pmin);
+    md["sav.reparam.pmax"] = std::to_string(ropt_.pmax);
+  }
+  return md;
 }
 
 VitConfig vit_config_from_metadata(const std::map<std::string, std::string>& md) {
@@ -348,6 +489,13 @@ VitConfig vit_config_from_metadata(const std::map<std::string, std::string>& md)
   c.heads = geti("heads");
   c.mlp_hidden = geti("mlp_hidden");
   c.ln_eps = std::stof(get("ln_eps"));
+  if (md.count("sav.vit.attn")) {
+    c.attn = get("attn");
+    c.mlp = get("mlp");
+    c.attn_linear = get("attn_linear");
+    c.hash_bits = geti("hash_bits");
+    c.anchors = geti("anchors");
+  }
   c.validate();
   return c;
 }

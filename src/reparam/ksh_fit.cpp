@@ -19,11 +19,12 @@ namespace {
 
 inline int64_t i64(int v) { return static_cast<int64_t>(v); }
 
-// Copies q (T,d) -> out (T,d) with rows L2-normalised (max(norm, 1e-6) as the hash forward).
-void normalise_tokens(std::vector<float>& out, const float* q, const std::vector<int>& rows, int d) {
+// Copies the given rows of q (rows of d floats, row stride ldq) -> out (rows.size(), d), L2-normalised
+// (max(norm, 1e-6) as the hash forward).
+void normalise_tokens(std::vector<float>& out, const float* q, int64_t ldq, const std::vector<int>& rows, int d) {
   out.resize(rows.size() * static_cast<size_t>(d));
   for (size_t t = 0; t < rows.size(); ++t) {
-    const float* x = q + i64(rows[t]) * d;
+    const float* x = q + rows[t] * ldq;
     double ss = 0.0;
     for (int i = 0; i < d; ++i) ss += static_cast<double>(x[i]) * x[i];
     const float nrm = std::max(static_cast<float>(std::sqrt(ss)), 1e-6f);
@@ -364,22 +365,15 @@ double kernel_features(std::vector<float>& K, const std::vector<float>& Q, const
       K[i64(t) * m + j] = s;
       acc += s;
     }
-  const double sigma = acc / (static_cast<double>(T) * m);
+  const double sigma = std::max(acc / (static_cast<double>(T) * m), 1e-12);  // as kHammingSigmaMin
   const float two_sigma = static_cast<float>(2.0 * sigma);
   for (float& v : K) v = std::exp(-v / two_sigma);
   return sigma;
 }
 
-}  // namespace
-
-KshParams ksh_fit(const float* q, int T, int d, int b, int m, Rng& rng, int steps) {
-  KshFitOptions opt;
-  opt.steps = steps;
-  return ksh_fit(q, T, d, b, m, rng, opt);
-}
-
-KshParams ksh_fit(const float* q, int T, int d, int b, int m, Rng& rng, const KshFitOptions& opt) {
-  SAV_CHECK(q != nullptr, "ksh_fit: q must not be null");
+// q (T,d) with row stride ldq (>= d).
+KshParams ksh_fit_strided(const float* q, int64_t ldq, int T, int d, int b, int m, Rng& rng, const KshFitOptions& opt) {
+  SAV_CHECK(q != nullptr && ldq >= d, "ksh_fit: q must not be null and its row stride " << ldq << " >= d");
   SAV_CHECK(d > 0 && m > 0, "ksh_fit: d and m must be positive, got d=" << d << " m=" << m);
   SAV_CHECK(b >= 1 && b <= 64, "ksh_fit: b (hash bits) must be in 1..64, got " << b);
   SAV_CHECK(T >= m && T >= 2, "ksh_fit: need at least m=" << m << " (and 2) tokens, got T=" << T);
@@ -397,7 +391,7 @@ KshParams ksh_fit(const float* q, int T, int d, int b, int m, Rng& rng, const Ks
   }
   const int Tf = static_cast<int>(rows.size());
   std::vector<float> Q;
-  normalise_tokens(Q, q, rows, d);
+  normalise_tokens(Q, q, ldq, rows, d);
 
   // 2. anchors, kernel features, centring
   KshParams p;
@@ -406,8 +400,7 @@ KshParams ksh_fit(const float* q, int T, int d, int b, int m, Rng& rng, const Ks
   p.m = m;
   p.anchors.resize(static_cast<size_t>(m) * d);
   const std::vector<int> anchor_rows = sample_without_replacement(Tf, m, rng);
-  for (int j = 0; j < m; ++j)
-    std::copy_n(Q.data() + i64(anchor_rows[j]) * d, d, p.anchors.data() + i64(j) * d);
+  for (int j = 0; j < m; ++j) std::copy_n(Q.data() + i64(anchor_rows[j]) * d, d, p.anchors.data() + i64(j) * d);
   std::vector<float> K;
   kernel_features(K, Q, p.anchors.data(), Tf, d, m);
   p.mu.assign(m, 0.0f);
@@ -457,6 +450,18 @@ KshParams ksh_fit(const float* q, int T, int d, int b, int m, Rng& rng, const Ks
   return p;
 }
 
+}  // namespace
+
+KshParams ksh_fit(const float* q, int T, int d, int b, int m, Rng& rng, const KshFitOptions& opt) {
+  return ksh_fit_strided(q, d, T, d, b, m, rng, opt);
+}
+
+KshParams ksh_fit(const float* q, int T, int d, int b, int m, Rng& rng, int steps) {
+  KshFitOptions opt;
+  opt.steps = steps;
+  return ksh_fit(q, T, d, b, m, rng, opt);
+}
+
 void ksh_fit_layer(float* anchors, float* mu, float* A, const float* qk_lin, int B, int N, int C, int H, int b, int m,
                    Rng& rng, const KshFitOptions& opt) {
   SAV_CHECK(anchors && mu && A && qk_lin, "ksh_fit_layer: null pointer");
@@ -472,35 +477,30 @@ void ksh_fit_layer(float* anchors, float* mu, float* A, const float* qk_lin, int
   std::vector<uint64_t> seeds(H);
   for (auto& s : seeds) s = rng.next_u64();
   std::exception_ptr error;
-#pragma omp parallel
-  {
-    std::vector<float> tokens(static_cast<size_t>(T) * d);
-#pragma omp for schedule(dynamic, 1)
-    for (int h = 0; h < H; ++h) {
-      try {
-        for (int64_t t = 0; t < T; ++t) std::copy_n(qk_lin + t * C + i64(h) * d, d, tokens.data() + t * d);
-        Rng head_rng(seeds[h]);
-        const KshParams p = ksh_fit(tokens.data(), static_cast<int>(T), d, b, m, head_rng, opt);
-        std::copy(p.anchors.begin(), p.anchors.end(), anchors + i64(h) * m * d);
-        std::copy(p.mu.begin(), p.mu.end(), mu + i64(h) * m);
-        std::copy(p.A.begin(), p.A.end(), A + i64(h) * b * m);
-      } catch (...) {
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int h = 0; h < H; ++h) {
+    try {
+      Rng head_rng(seeds[h]);
+      const KshParams p = ksh_fit_strided(qk_lin + i64(h) * d, C, static_cast<int>(T), d, b, m, head_rng, opt);
+      std::copy(p.anchors.begin(), p.anchors.end(), anchors + i64(h) * m * d);
+      std::copy(p.mu.begin(), p.mu.end(), mu + i64(h) * m);
+      std::copy(p.A.begin(), p.A.end(), A + i64(h) * b * m);
+    } catch (...) {
 #pragma omp critical(sav_ksh_fit_layer_error)
-        if (!error) error = std::current_exception();
-      }
+      if (!error) error = std::current_exception();
     }
   }
   if (error) std::rethrow_exception(error);
 }
 
 double ksh_objective(const float* q, int T, int d, const KshParams& p, int topk) {
-  SAV_CHECK(q != nullptr && T >= 2 && d == p.d, "ksh_objective: bad input (T=" << T << ", d=" << d
-                                                                              << " vs params d=" << p.d << ")");
+  SAV_CHECK(q != nullptr && T >= 2 && d == p.d,
+            "ksh_objective: bad input (T=" << T << ", d=" << d << " vs params d=" << p.d << ")");
   const int m = p.m, b = p.nbits;
   std::vector<int> rows(T);
   std::iota(rows.begin(), rows.end(), 0);
   std::vector<float> Q, K;
-  normalise_tokens(Q, q, rows, d);
+  normalise_tokens(Q, q, d, rows, d);
   kernel_features(K, Q, p.anchors.data(), T, d, m);
   for (int t = 0; t < T; ++t)
     for (int j = 0; j < m; ++j) K[i64(t) * m + j] -= p.mu[j];

@@ -38,18 +38,18 @@ namespace sav {
 
 struct KshParams {
   int d = 0, nbits = 0, m = 0;
-  std::vector<float> anchors;   // (m,d)  attn.qk_quant.ksh.anchor[0, h]
-  std::vector<float> mu;        // (m)    attn.qk_quant.ksh.mvec[0, h, 0]
-  std::vector<float> A;         // (b,m)  attn.qk_quant.ksh.A[h]
-  std::vector<float> bit_loss;  // (b) diagnostics: hard-sign loss of each chosen bit on the residual target
+  std::vector<float> anchors;          // (m,d)  attn.qk_quant.ksh.anchor[0, h]
+  std::vector<float> mu;               // (m)    attn.qk_quant.ksh.mvec[0, h, 0]
+  std::vector<float> A;                // (b,m)  attn.qk_quant.ksh.A[h]
+  std::vector<float> bit_loss;         // (b) diagnostics: hard-sign loss of each chosen bit on the residual target
   std::vector<uint8_t> bit_optimised;  // (b) 1 where the optimised a_r beat its init
 };
 
 struct KshFitOptions {
-  int steps = 100;          // Adam steps per bit
-  float lr = 0.1f;          // Adam step size, relative to the rms of the initial a_r
-  int topk = 10;            // similar / dissimilar neighbours per token in the target
-  int max_tokens = 2000;    // subsample above this many tokens
+  int steps = 100;            // Adam steps per bit
+  float lr = 0.1f;            // Adam step size, relative to the rms of the initial a_r
+  int topk = 10;              // similar / dissimilar neighbours per token in the target
+  int max_tokens = 2000;      // subsample above this many tokens
   bool spectral_init = true;  // false: random normal init (what the release does)
 };
 

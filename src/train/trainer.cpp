@@ -55,6 +55,29 @@ void top_k(const float* logits, int V, int label, int& top1, int& top5) {
 
 }  // namespace
 
+float distill_loss(float* dstudent, const float* student, const float* teacher, int B, int V, float T, float weight) {
+  double total = 0;
+  std::vector<double> ps(V), pt(V);
+  for (int b = 0; b < B; ++b) {
+    const float* s = student + size_t(b) * V;
+    const float* t = teacher + size_t(b) * V;
+    auto softmax = [&](const float* z, std::vector<double>& p) {
+      double mx = z[0];
+      for (int v = 1; v < V; ++v) mx = std::max(mx, double(z[v]));
+      double sum = 0;
+      for (int v = 0; v < V; ++v) sum += (p[v] = std::exp((z[v] - mx) / T));
+      for (int v = 0; v < V; ++v) p[v] /= sum;
+    };
+    softmax(s, ps);
+    softmax(t, pt);
+    for (int v = 0; v < V; ++v)
+      if (pt[v] > 0) total += pt[v] * (std::log(pt[v]) - std::log(std::max(ps[v], 1e-300)));
+    // d/ds_v of T^2 * KL / B = T * (ps_v - pt_v) / B
+    for (int v = 0; v < V; ++v) dstudent[size_t(b) * V + v] += weight * float(T * (ps[v] - pt[v]) / B);
+  }
+  return static_cast<float>(T * T * total / B);
+}
+
 EvalResult evaluate(ImageClassifier& model, const Dataset& ds, const Normalize& norm, int batch, int64_t limit,
                     bool progress) {
   SAV_CHECK(ds.channels == model.in_chans() && ds.height == model.img_size() && ds.width == model.img_size(),
@@ -107,13 +130,19 @@ Trainer::Trainer(ImageClassifier& model, const Dataset& train, const Dataset& te
                                    << model.img_size());
 }
 
-void save_model(ImageClassifier& model, const std::string& path, const std::map<std::string, std::string>& extra) {
-  auto md = model.metadata();
-  for (auto& [k, v] : extra) md[k] = v;
+std::vector<std::pair<std::string, Tensor>> model_tensors(ImageClassifier& model) {
   std::vector<std::pair<std::string, Tensor>> ts;
   const ParamSet& ps = model.params();
   for (size_t i = 0; i < ps.size(); ++i) ts.emplace_back(ps.name(i), ps.tensor(i));
-  save_safetensors(path, ts, md);
+  if (const ParamSet* bs = model.buffers())
+    for (size_t i = 0; i < bs->size(); ++i) ts.emplace_back(bs->name(i), bs->tensor(i));
+  return ts;
+}
+
+void save_model(ImageClassifier& model, const std::string& path, const std::map<std::string, std::string>& extra) {
+  auto md = model.metadata();
+  for (auto& [k, v] : extra) md[k] = v;
+  save_safetensors(path, model_tensors(model), md);
 }
 
 void Trainer::save_state(const std::string& path, int64_t step) const {
@@ -123,10 +152,9 @@ void Trainer::save_state(const std::string& path, int64_t step) const {
   md["sav.train.batch"] = std::to_string(opt_.batch);
   md["sav.train.epochs"] = std::to_string(opt_.epochs);
   md["sav.train.adam_steps"] = std::to_string(optim_.steps());
-  std::vector<std::pair<std::string, Tensor>> ts;
+  std::vector<std::pair<std::string, Tensor>> ts = model_tensors(model_);
   const ParamSet& ps = model_.params();
   AdamW& o = const_cast<AdamW&>(optim_);
-  for (size_t i = 0; i < ps.size(); ++i) ts.emplace_back(ps.name(i), ps.tensor(i));
   for (size_t i = 0; i < ps.size(); ++i) ts.emplace_back("optim.m." + ps.name(i), o.m().tensor(i));
   for (size_t i = 0; i < ps.size(); ++i) ts.emplace_back("optim.v." + ps.name(i), o.v().tensor(i));
   save_safetensors(path, ts, md);
@@ -159,6 +187,11 @@ int64_t Trainer::load_state(const std::string& path) {
     optim_.m().tensor(i).copy_from(ck.get("optim.m." + n));
     optim_.v().tensor(i).copy_from(ck.get("optim.v." + n));
   }
+  if (ParamSet* bs = model_.buffers())
+    for (size_t i = 0; i < bs->size(); ++i) {
+      SAV_CHECK(ck.contains(bs->name(i)), "training state " << path << " lacks buffer '" << bs->name(i) << "'");
+      bs->tensor(i).copy_from(ck.get(bs->name(i)));
+    }
   optim_.set_steps(std::stoll(get("sav.train.adam_steps")));
   return std::stoll(get("sav.train.step"));
 }
@@ -209,6 +242,7 @@ TrainSummary Trainer::run() {
       Rng aug_rng(opt_.seed ^ (0x5bd1e995ull * static_cast<uint64_t>(step + 1)));
       make_batch(train_, order.data() + s * B, B, opt_.normalize, opt_.augment, &aug_rng, images.data(),
                  labels.data());
+      model_.set_noise_seed(opt_.seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(step) + 1);
       model_.forward(images.data(), B, true);
       const float loss = cpu::cross_entropy_forward(probs.data(), model_.logits(), labels.data(), B, V, opt_.smoothing);
       const float aux = model_.aux_loss();
@@ -216,7 +250,14 @@ TrainSummary Trainer::run() {
                 "loss is not finite at step " << step << " (loss " << loss << ", aux " << aux
                                               << "); the last good checkpoint is kept; try a lower --lr");
       std::fill(dlogits.begin(), dlogits.end(), 0.0f);
-      cpu::cross_entropy_backward(dlogits.data(), probs.data(), labels.data(), B, V, opt_.smoothing, 1.0f);
+      const float ce_weight = opt_.teacher ? 1.0f - opt_.distill : 1.0f;
+      cpu::cross_entropy_backward(dlogits.data(), probs.data(), labels.data(), B, V, opt_.smoothing, ce_weight);
+      float kd = 0.0f;
+      if (opt_.teacher) {
+        const std::vector<float> student(model_.logits(), model_.logits() + size_t(B) * V);
+        opt_.teacher->forward(images.data(), B, false);
+        kd = distill_loss(dlogits.data(), student.data(), opt_.teacher->logits(), B, V, opt_.distill_temp, opt_.distill);
+      }
       model_.grads().zero();
       model_.backward(dlogits.data());
       const int bad = first_nonfinite(model_.grads());
@@ -225,7 +266,7 @@ TrainSummary Trainer::run() {
       clip_grad_norm(model_.grads(), opt_.clip);
       optim_.step(model_.params(), model_.grads(), cosine_lr(step, total, warmup, opt_.lr, opt_.min_lr));
       ++steps_this_run;
-      loss_sum += loss;
+      loss_sum += ce_weight * loss + (opt_.teacher ? opt_.distill * kd : 0.0f) + aux;
       for (int b = 0; b < B; ++b) {
         const float* l = model_.logits() + size_t(b) * V;
         correct += std::max_element(l, l + V) - l == labels[b];

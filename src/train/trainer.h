@@ -40,7 +40,14 @@ struct TrainOptions {
   bool resume = false;
   bool progress = true;
   int64_t max_steps = 0;    // stop after this many steps in this invocation (testing kill/resume); 0: no limit
+  // Knowledge distillation: loss = (1 - distill) * CE(labels) + distill * T^2 * KL(teacher_T || student_T).
+  ImageClassifier* teacher = nullptr;
+  float distill = 0.5f, distill_temp = 2.0f;
 };
+
+// Soft distillation on logits (B,V): returns T^2 * mean_b KL(softmax(t/T) || softmax(s/T)) and adds
+// weight * d/ds of it into dstudent (B,V).
+float distill_loss(float* dstudent, const float* student, const float* teacher, int B, int V, float T, float weight);
 
 struct EvalResult {
   int64_t n = 0;
@@ -81,6 +88,8 @@ class Trainer {
   AdamW optim_;
 };
 
+// Parameters then buffers, by checkpoint name (views, no copies).
+std::vector<std::pair<std::string, Tensor>> model_tensors(ImageClassifier& model);
 // Writes the model's parameters and metadata (no optimizer state) atomically.
 void save_model(ImageClassifier& model, const std::string& path,
                 const std::map<std::string, std::string>& extra_metadata = {});

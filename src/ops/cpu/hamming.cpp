@@ -4,8 +4,9 @@
 //
 // Fast path layout: everything runs per (image, head) — one OpenMP task each — on head-major buffers:
 //   q (N,d) normalised  ->  dist (N,m)  ->  y (N,b), codes (N)  ->  kv (b,d)  ->  z (N,d)  ->  out rows.
-// The hash loops are reordered so that the inner loop runs over anchors / bits (vectorisable) while each
-// value is still summed in the same order as the reference (so codes agree bit for bit in practice).
+// The hash runs on tiles of 16 tokens spread across SIMD lanes (GCC vector types, compiled for
+// AVX-512 / AVX2 / baseline by target_clones), while every distance and every y is still summed in the
+// reference's order, so the codes agree with the reference bit for bit.
 // The two code products are the addition-only MatAdd kernels over set bits (no multiply by 0/1).
 // Backward: the conv and normalisation by loops, the code products by the same MatAdd kernels, the dense
 // d(code) = dz KV^T / pi + V dKV^T by sgemm, then the hash backward (exact, sigma included).
@@ -19,6 +20,9 @@
 
 #include "core/blas.h"
 #include "core/error.h"
+
+// Hot kernels are compiled for AVX-512, AVX2 and the baseline; the loader picks one at run time.
+#define SAV_HAMMING_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 
 namespace sav::cpu {
 
@@ -38,10 +42,9 @@ bool worth_threads(int B, int H, int N, int d, int nbits, int m) {
 
 void check_hash_dims(int B, int H, int N, int d, int nbits, int m) {
   SAV_CHECK(B > 0 && H > 0 && N > 0 && d > 0 && m > 0,
-            "ksh hash: sizes must be positive, got B=" << B << " H=" << H << " N=" << N << " d=" << d
-                                                      << " m=" << m);
-  SAV_CHECK(nbits >= 1 && nbits <= 64, "ksh hash: nbits must be in 1..64 (codes are packed in a uint64), got "
-                                           << nbits);
+            "ksh hash: sizes must be positive, got B=" << B << " H=" << H << " N=" << N << " d=" << d << " m=" << m);
+  SAV_CHECK(nbits >= 1 && nbits <= 64,
+            "ksh hash: nbits must be in 1..64 (codes are packed in a uint64), got " << nbits);
 }
 
 void check_saved(const HammingSaved& s) {
@@ -60,8 +63,8 @@ inline int lowest_bit(uint64_t c) { return __builtin_ctzll(c); }
 // ---- MatAdd kernels (addition only) ----
 
 // kv (b,d) += sum over tokens n and set bits r of code n of v[n]  (kv not cleared here)
-__attribute__((target_clones("avx512f", "avx2", "default"))) void matadd1_accumulate(
-    float* __restrict kv, const uint64_t* __restrict codes, const float* __restrict v, int N, int d, int ldv) {
+SAV_HAMMING_CLONES void matadd1_accumulate(float* __restrict kv, const uint64_t* __restrict codes,
+                                           const float* __restrict v, int N, int d, int ldv) {
   for (int n = 0; n < N; ++n) {
     const float* vn = v + i64(n) * ldv;
     for (uint64_t c = codes[n]; c; c &= c - 1) {
@@ -73,8 +76,8 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void matadd1_accumu
 
 // out[n] (row stride ldo) = (accumulate ? out[n] : 0) + sum over set bits r of code n of kv[r]
 template <bool kAccumulate>
-__attribute__((target_clones("avx512f", "avx2", "default"))) void matadd2_rows(
-    float* __restrict out, int ldo, const uint64_t* __restrict codes, const float* __restrict kv, int N, int d) {
+SAV_HAMMING_CLONES void matadd2_rows(float* __restrict out, int ldo, const uint64_t* __restrict codes,
+                                     const float* __restrict kv, int N, int d) {
   for (int n = 0; n < N; ++n) {
     float* __restrict on = out + i64(n) * ldo;
     if (!kAccumulate)
@@ -129,15 +132,15 @@ typedef float vtile __attribute__((vector_size(kTile * sizeof(float))));  // one
 
 // Four independent accumulators (anchors j..j+3 or bits r..r+3) per pass keep the adds from waiting on
 // each other; results go through an aligned buffer (indexing a vector value would keep it in memory).
-__attribute__((target_clones("avx512f", "avx2", "default"))) void ksh_head_forward(
-    float* dist, float* sigma, float* y, uint64_t* codes, const float* q, const float* anchors, const float* mu,
-    const float* A, int N, int d, int nbits, int m) {
+SAV_HAMMING_CLONES void ksh_head_forward(float* dist, float* sigma, float* y, uint64_t* codes, const float* q,
+                                         const float* anchors, const float* mu, const float* A, int N, int d, int nbits,
+                                         int m) {
   // q tile (d) / centred kernel tile (m), tokens across lanes, plus 4 output rows; aligned by hand (a
   // std::vector of a vector type would drop its alignment attribute)
   const int rows = std::max(d, m);
   std::vector<float> tile_buf(static_cast<size_t>(rows + 4 + 1) * kTile);
-  vtile* tile = reinterpret_cast<vtile*>(
-      (reinterpret_cast<uintptr_t>(tile_buf.data()) + sizeof(vtile) - 1) / sizeof(vtile) * sizeof(vtile));
+  vtile* tile = reinterpret_cast<vtile*>((reinterpret_cast<uintptr_t>(tile_buf.data()) + sizeof(vtile) - 1) /
+                                         sizeof(vtile) * sizeof(vtile));
   vtile* res = tile + rows;
   const float* res_f = reinterpret_cast<const float*>(res);
   // distances D_nj = sum_i (q_ni - a_ji)^2
@@ -171,7 +174,7 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void ksh_head_forwa
   }
   double total = 0.0;
   for (int64_t e = 0; e < i64(N) * m; ++e) total += dist[e];
-  const float sg = static_cast<float>(total / (static_cast<double>(N) * m));
+  const float sg = std::max(static_cast<float>(total / (static_cast<double>(N) * m)), kHammingSigmaMin);
   *sigma = sg;
   const float two_sigma = 2.0f * sg;
   // y_nr = sum_j A_rj (exp(-D_nj / (2 sigma)) - mu_j), code bit r = 1[y_nr > 0]
@@ -214,8 +217,9 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void ksh_head_forwa
 
 // Hash backward of one head: dq (N,d) += ; dy (N,b); q (N,d); dist (N,m); sigma; anchors (m,d); A (b,m).
 // dD (N,m) is scratch.
-void ksh_head_backward(float* dq, const float* dy, const float* q, const float* dist, float sigma,
-                       const float* anchors, const float* A, int N, int d, int nbits, int m, float* dD) {
+SAV_HAMMING_CLONES void ksh_head_backward(float* dq, const float* dy, const float* q, const float* dist, float sigma,
+                                          const float* anchors, const float* A, int N, int d, int nbits, int m,
+                                          float* dD) {
   const float two_sigma = 2.0f * sigma;
   double dsig = 0.0;
   for (int n = 0; n < N; ++n) {
@@ -237,7 +241,9 @@ void ksh_head_backward(float* dq, const float* dy, const float* q, const float* 
   }
   // sigma = mean D: every D_nj gets dsigma / (N m); dsigma = sum t D / (2 sigma^2)
   const float dD_sigma =
-      static_cast<float>(dsig / (2.0 * static_cast<double>(sigma) * sigma) / (static_cast<double>(N) * m));
+      sigma > kHammingSigmaMin  // clamped sigma: constant, no gradient
+          ? static_cast<float>(dsig / (2.0 * static_cast<double>(sigma) * sigma) / (static_cast<double>(N) * m))
+          : 0.0f;
   for (int n = 0; n < N; ++n) {
     float* dDn = dD + i64(n) * m;
     const float* qr = q + i64(n) * d;
@@ -259,7 +265,8 @@ void ksh_head_backward(float* dq, const float* dy, const float* q, const float* 
 
 // Depthwise 9-tap conv over token rows, accumulated: out[n] (stride ldo) += bias + sum_t w[t] v[n+t-4]
 // (v rows with stride ldv, zero outside 0..N-1).
-void dwconv9_accumulate(float* out, int ldo, const float* v, int ldv, const float* w, float bias, int N, int d) {
+SAV_HAMMING_CLONES void dwconv9_accumulate(float* out, int ldo, const float* v, int ldv, const float* w, float bias,
+                                           int N, int d) {
   for (int n = 0; n < N; ++n) {
     float* __restrict on = out + i64(n) * ldo;
     if (bias != 0.0f)
@@ -279,8 +286,7 @@ struct OwnedSaved {
   std::vector<float> buf;
   std::vector<uint64_t> codes;
   HammingSaved view;
-  explicit OwnedSaved(const HammingDims& dims)
-      : buf(hamming_saved_floats(dims)), codes(hamming_saved_codes(dims)) {
+  explicit OwnedSaved(const HammingDims& dims) : buf(hamming_saved_floats(dims)), codes(hamming_saved_codes(dims)) {
     view = hamming_saved_bind(dims, buf.data(), codes.data());
   }
 };
@@ -291,8 +297,8 @@ struct OwnedSaved {
 
 void hamming_check_dims(const HammingDims& dims) {
   SAV_CHECK(dims.B > 0 && dims.N > 0 && dims.C > 0 && dims.H > 0,
-            "hamming attention: B, N, C, H must be positive, got B=" << dims.B << " N=" << dims.N
-                                                                    << " C=" << dims.C << " H=" << dims.H);
+            "hamming attention: B, N, C, H must be positive, got B=" << dims.B << " N=" << dims.N << " C=" << dims.C
+                                                                     << " H=" << dims.H);
   SAV_CHECK(dims.C % dims.H == 0, "hamming attention: C=" << dims.C << " is not divisible by H=" << dims.H);
   SAV_CHECK(dims.nbits >= 1 && dims.nbits <= 64,
             "hamming attention: nbits must be in 1..64 (packed uint64 codes), got " << dims.nbits);
@@ -316,14 +322,22 @@ HammingSaved hamming_saved_bind(const HammingDims& dims, float* buf, uint64_t* c
   const size_t BH = static_cast<size_t>(dims.B) * dims.H, N = dims.N, d = dims.d(), b = dims.nbits, m = dims.m;
   HammingSaved s;
   float* p = buf;
-  s.q = p;      p += BH * N * d;
-  s.qnorm = p;  p += BH * N;
-  s.dist = p;   p += BH * N * m;
-  s.sigma = p;  p += BH;
-  s.y = p;      p += BH * N * b;
-  s.kv = p;     p += BH * b * d;
-  s.z = p;      p += BH * N * d;
-  s.znorm = p;  p += BH * N;
+  s.q = p;
+  p += BH * N * d;
+  s.qnorm = p;
+  p += BH * N;
+  s.dist = p;
+  p += BH * N * m;
+  s.sigma = p;
+  p += BH;
+  s.y = p;
+  p += BH * N * b;
+  s.kv = p;
+  p += BH * b * d;
+  s.z = p;
+  p += BH * N * d;
+  s.znorm = p;
+  p += BH * N;
   s.codes = codes;
   return s;
 }
@@ -378,9 +392,8 @@ void matadd_codes_kv_ref(float* out, int ldo, const float* h, const float* kv, i
 
 // ---- KSH hash ----
 
-void ksh_hash_forward_ref(float* y, uint64_t* codes, float* dist, float* sigma, const float* q,
-                          const float* anchors, const float* mu, const float* A, int B, int H, int N, int d,
-                          int nbits, int m) {
+void ksh_hash_forward_ref(float* y, uint64_t* codes, float* dist, float* sigma, const float* q, const float* anchors,
+                          const float* mu, const float* A, int B, int H, int N, int d, int nbits, int m) {
   check_hash_dims(B, H, N, d, nbits, m);
   for (int bi = 0; bi < B; ++bi)
     for (int h = 0; h < H; ++h) {
@@ -399,7 +412,7 @@ void ksh_hash_forward_ref(float* y, uint64_t* codes, float* dist, float* sigma, 
           Dh[i64(n) * m + j] = s;
           acc += s;
         }
-      const float sg = static_cast<float>(acc / (static_cast<double>(N) * m));
+      const float sg = std::max(static_cast<float>(acc / (static_cast<double>(N) * m)), kHammingSigmaMin);
       sigma[bh] = sg;
       for (int n = 0; n < N; ++n) {
         uint64_t c = 0;
@@ -426,14 +439,14 @@ void ksh_hash_forward(float* y, uint64_t* codes, float* dist, float* sigma, cons
     for (int h = 0; h < H; ++h) {
       const int64_t bh = i64(bi) * H + h;
       ksh_head_forward(dist + bh * N * m, sigma + bh, y + bh * N * nbits, codes ? codes + bh * N : nullptr,
-                       q + bh * N * d, anchors + i64(h) * m * d, mu + i64(h) * m, A + i64(h) * nbits * m, N, d,
-                       nbits, m);
+                       q + bh * N * d, anchors + i64(h) * m * d, mu + i64(h) * m, A + i64(h) * nbits * m, N, d, nbits,
+                       m);
     }
 }
 
 void ksh_hash_backward_ref(float* dq, const float* dy, const float* q, const float* dist, const float* sigma,
-                           const float* anchors, const float* mu, const float* A, int B, int H, int N, int d,
-                           int nbits, int m) {
+                           const float* anchors, const float* mu, const float* A, int B, int H, int N, int d, int nbits,
+                           int m) {
   check_hash_dims(B, H, N, d, nbits, m);
   std::vector<double> dD(static_cast<size_t>(N) * m);
   for (int bi = 0; bi < B; ++bi)
@@ -450,12 +463,13 @@ void ksh_hash_backward_ref(float* dq, const float* dy, const float* q, const flo
             dk += static_cast<double>(dy[(bh * N + n) * nbits + r]) * A[(i64(h) * nbits + r) * m + j];
           const double D = Dh[i64(n) * m + j];
           const double E = std::exp(-D / (2.0 * sg));
-          dD[i64(n) * m + j] = dk * E * (-1.0 / (2.0 * sg));      // through D directly
-          dsig += dk * E * D / (2.0 * sg * sg);                    // through sigma
+          dD[i64(n) * m + j] = dk * E * (-1.0 / (2.0 * sg));  // through D directly
+          dsig += dk * E * D / (2.0 * sg * sg);               // through sigma
         }
       for (int n = 0; n < N; ++n)
         for (int j = 0; j < m; ++j) {
-          const double g = dD[i64(n) * m + j] + dsig / (static_cast<double>(N) * m);  // sigma = mean D
+          // sigma = mean D (unless clamped at kHammingSigmaMin)
+          const double g = dD[i64(n) * m + j] + (sg > kHammingSigmaMin ? dsig / (static_cast<double>(N) * m) : 0.0);
           for (int i = 0; i < d; ++i) {
             const double diff = q[(bh * N + n) * d + i] - anchors[(i64(h) * m + j) * d + i];
             dq[(bh * N + n) * d + i] += static_cast<float>(2.0 * g * diff);
@@ -524,7 +538,7 @@ void hamming_attention_forward_ref(float* out, const HammingSaved* saved_in, con
         codes_unpack(hm.data(), s.codes + bh * N, N, nb);
       const float* vh = v + i64(bi) * N * C + i64(h) * d;  // rows with stride C
       float* kv = s.kv + bh * nb * d;
-      matadd_codes_t_v_ref(kv, hm.data(), vh, N, d, C, nb);   // KV = h^T V
+      matadd_codes_t_v_ref(kv, hm.data(), vh, N, d, C, nb);         // KV = h^T V
       matadd_codes_kv_ref(hkv.data(), d, hm.data(), kv, N, d, nb);  // h KV
       for (int n = 0; n < N; ++n) {
         float* z = s.z + (bh * N + n) * d;
@@ -584,8 +598,7 @@ void hamming_attention_backward_ref(float* dqk_lin, float* dv, float* dconv_w, f
         for (int i = 0; i < d; ++i) dot += (z[i] / zn) * gh[i64(n) * C + i];
         for (int i = 0; i < d; ++i) {
           const double g = gh[i64(n) * C + i];
-          dz[i64(n) * d + i] =
-              static_cast<float>(zn > kHammingNormEps ? (g - (z[i] / zn) * dot) / zn : g / zn);
+          dz[i64(n) * d + i] = static_cast<float>(zn > kHammingNormEps ? (g - (z[i] / zn) * dot) / zn : g / zn);
         }
       }
       // z = 0.5 V + (1/pi) h KV,  KV = h^T V
@@ -683,8 +696,8 @@ void hamming_attention_forward(float* out, const HammingSaved* saved, const floa
         float* oh = out + i64(bi) * N * C + i64(h) * d;
 
         normalise_rows(q, qn, xh, N, d, C);
-        ksh_head_forward(dist, sigma, y, codes, q, w.anchors + i64(h) * m * d, w.mu + i64(h) * m,
-                         w.A + i64(h) * nb * m, N, d, nb, m);
+        ksh_head_forward(dist, sigma, y, codes, q, w.anchors + i64(h) * m * d, w.mu + i64(h) * m, w.A + i64(h) * nb * m,
+                         N, d, nb, m);
         // MatAdd #1: KV = code^T V
         std::fill(kv, kv + i64(nb) * d, 0.0f);
         matadd1_accumulate(kv, codes, vh, N, d, C);
@@ -704,8 +717,7 @@ void hamming_attention_forward(float* out, const HammingSaved* saved, const floa
           float* orow = oh + i64(n) * C;
           for (int i = 0; i < d; ++i) orow[i] = zr[i] / nrm;
         }
-        dwconv9_accumulate(oh, C, vh, C, w.conv_w + i64(h) * kHammingConvTaps, w.conv_b ? w.conv_b[h] : 0.0f, N,
-                           d);
+        dwconv9_accumulate(oh, C, vh, C, w.conv_w + i64(h) * kHammingConvTaps, w.conv_b ? w.conv_b[h] : 0.0f, N, d);
       }
   }
 }
@@ -824,3 +836,5 @@ void hamming_attention_backward(float* dqk_lin, float* dv, float* dconv_w, float
 }
 
 }  // namespace sav::cpu
+
+#undef SAV_HAMMING_CLONES

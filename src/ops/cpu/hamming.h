@@ -4,7 +4,8 @@
 // is the core between them:
 //
 //   q    = qk_lin / max(||qk_lin||_2, eps)              per (b, n, h) over d           (eps = 1e-6)
-//   D_nj = ||q_n - a_j||^2,  sigma = mean_{n,j} D_nj     per image b and head h (from the current input)
+//   D_nj = ||q_n - a_j||^2,  sigma = mean_{n,j} D_nj     per image b and head h (from the current input;
+//                                                        clamped at kHammingSigmaMin = 1e-12)
 //   y_nr = sum_j A_rj (exp(-D_nj / (2 sigma)) - mu_j),  code_nr = 1[y_nr > 0]           (KSH hash)
 //   KV   = code^T V                                      (b,d)  MatAdd #1: sum of V rows whose bit r is set
 //   z    = 0.5 V + (1/pi) code KV                        (N,d)  MatAdd #2: sum of KV rows whose bit is set
@@ -51,8 +52,9 @@
 
 namespace sav::cpu {
 
-constexpr int kHammingConvTaps = 9;     // DWConv kernel length over the token index (padding 4)
-constexpr float kHammingNormEps = 1e-6f;  // q and z normalisation: x / max(||x||, eps)
+constexpr int kHammingConvTaps = 9;         // DWConv kernel length over the token index (padding 4)
+constexpr float kHammingNormEps = 1e-6f;    // q and z normalisation: x / max(||x||, eps)
+constexpr float kHammingSigmaMin = 1e-12f;  // sigma = max(mean D, this): all tokens on the anchors gives no NaN
 
 struct HammingDims {
   int B = 0, N = 0, C = 0, H = 0;
@@ -74,14 +76,14 @@ struct HammingWeights {
 
 // What forward saves for backward (all head-major). Bind it onto caller memory with hamming_saved_bind.
 struct HammingSaved {
-  float* q = nullptr;      // (B,H,N,d) normalised qk
-  float* qnorm = nullptr;  // (B,H,N)   max(||qk_lin||, eps)
-  float* dist = nullptr;   // (B,H,N,m) D_nj = ||q_n - a_j||^2
-  float* sigma = nullptr;  // (B,H)     mean of D over n, j
-  float* y = nullptr;      // (B,H,N,b) relaxed hash values (the STE mask reads them)
-  float* kv = nullptr;     // (B,H,b,d) KV = code^T V
-  float* z = nullptr;      // (B,H,N,d) 0.5 V + (1/pi) code KV, before normalisation
-  float* znorm = nullptr;  // (B,H,N)   max(||z||, eps)
+  float* q = nullptr;         // (B,H,N,d) normalised qk
+  float* qnorm = nullptr;     // (B,H,N)   max(||qk_lin||, eps)
+  float* dist = nullptr;      // (B,H,N,m) D_nj = ||q_n - a_j||^2
+  float* sigma = nullptr;     // (B,H)     mean of D over n, j
+  float* y = nullptr;         // (B,H,N,b) relaxed hash values (the STE mask reads them)
+  float* kv = nullptr;        // (B,H,b,d) KV = code^T V
+  float* z = nullptr;         // (B,H,N,d) 0.5 V + (1/pi) code KV, before normalisation
+  float* znorm = nullptr;     // (B,H,N)   max(||z||, eps)
   uint64_t* codes = nullptr;  // (B,H,N) packed codes
 };
 // Floats needed for the float part of HammingSaved: B*H*(N*(2d + m + b + 2) + b*d + 1).
@@ -92,7 +94,7 @@ size_t hamming_saved_codes(const HammingDims& dims);
 HammingSaved hamming_saved_bind(const HammingDims& dims, float* buf, uint64_t* codes);
 
 // ---- full Hamming attention core ----
-// out (B,N,C) overwritten; qk_lin (B,N,C) = to_qk(x); v (B,N,C) = to_v(x).
+// out (B,N,C) overwritten (must not alias qk_lin or v); qk_lin (B,N,C) = to_qk(x); v (B,N,C) = to_v(x).
 // saved: filled when non-null (training); nullptr at inference (the fast path then uses per-thread scratch;
 // the ref allocates its own).
 void hamming_attention_forward(float* out, const HammingSaved* saved, const float* qk_lin, const float* v,
@@ -117,17 +119,16 @@ void hamming_attention_backward_ref(float* dqk_lin, float* dv, float* dconv_w, f
 // dist (B,H,N,m) D_nj saved for backward; sigma (B,H); anchors (H,m,d); mu (H,m); A (H,b,m).
 void ksh_hash_forward(float* y, uint64_t* codes, float* dist, float* sigma, const float* q, const float* anchors,
                       const float* mu, const float* A, int B, int H, int N, int d, int nbits, int m);
-void ksh_hash_forward_ref(float* y, uint64_t* codes, float* dist, float* sigma, const float* q,
-                          const float* anchors, const float* mu, const float* A, int B, int H, int N, int d,
-                          int nbits, int m);
+void ksh_hash_forward_ref(float* y, uint64_t* codes, float* dist, float* sigma, const float* q, const float* anchors,
+                          const float* mu, const float* A, int B, int H, int N, int d, int nbits, int m);
 // dq (B,H,N,d) += d(sum dy * y)/dq, exact (sigma's dependence on q included); dy (B,H,N,b) is the
 // gradient w.r.t. the relaxed y (apply ksh_ste_backward first to go from dcode to dy).
 void ksh_hash_backward(float* dq, const float* dy, const float* q, const float* dist, const float* sigma,
                        const float* anchors, const float* mu, const float* A, int B, int H, int N, int d, int nbits,
                        int m);
 void ksh_hash_backward_ref(float* dq, const float* dy, const float* q, const float* dist, const float* sigma,
-                           const float* anchors, const float* mu, const float* A, int B, int H, int N, int d,
-                           int nbits, int m);
+                           const float* anchors, const float* mu, const float* A, int B, int H, int N, int d, int nbits,
+                           int m);
 // Straight-through estimator: dy (n) += dcode where 0 < y < 1; dcode (n), y (n).
 void ksh_ste_backward(float* dy, const float* dcode, const float* y, int64_t n);
 

@@ -2,11 +2,17 @@
 //
 // Shapes: x (M,K)  p, s, W (F,K)  b (F)  y (M,F).
 // Float path: materialise W = s_r 2^p_r once per call, then sgemm (OpenBLAS threads it).
-// Integer path: x is converted to fixed point in a blocked, transposed buffer (kRowBlock rows per block,
-// layout [block][k][row]) so that one weight (k, shift) applies one broadcast shift count to a whole
-// vector of rows: per weight and 8 rows one load, one shift, one add/sub. No multiplication anywhere in
-// the inner loop; the only multiplications are the float<->fixed conversions (one per input, one per
-// output element).
+// Integer path, per task (a block of kRowBlock = 32 rows x a range of outputs):
+//   1. convert the rows to fixed point, transposed [k][row] (AVX2: 8x8 tiles), and check the row L1
+//      bound that makes int32 overflow impossible;
+//   2. per k-block of 32 inputs, build the shift planes x_int >> s for every shift s the weights use
+//      (one arithmetic shift per activation and exponent);
+//   3. per output j, add or subtract one plane row (32 rows = 4 AVX2 vectors) per nonzero weight, with
+//      the accumulators carried across k-blocks in a small buffer;
+//   4. convert back (x 2^-f, exact) and add the bias.
+// The inner loop of 3 is load + add/sub only: no shift, no multiplication. Each term is still the
+// spec's floor(x_int / 2^s), so the result is bit-exact to shift_linear_forward_int_ref; this is about
+// twice as fast on Zen 4 as a variable shift per weight (vpsravd/vpsrad issue one per cycle there).
 #include "ops/cpu/shift_linear.h"
 
 #include <algorithm>
@@ -60,15 +66,13 @@ void check_frac_bits(const char* op, int frac_bits) {
 // clamped to [pmin-1, pmax+1], which does not change the result since rounding is monotonic.
 inline int round_exponent(float p, int pmin, int pmax) {
   const float lo = static_cast<float>(pmin - 1), hi = static_cast<float>(pmax + 1);
-  float v = p >= lo ? p : lo;  // NaN -> lo
-  v = v <= hi ? v : hi;
-  int q = static_cast<int>(v);  // toward zero
+  const float v = std::min(std::max(lo, p), hi);  // std::max(lo, NaN) = lo
+  const int q = static_cast<int>(v);              // toward zero
   const float d = v - static_cast<float>(q);
   const int odd = q & 1;
-  q += static_cast<int>(d > 0.5f) | (static_cast<int>(d == 0.5f) & odd);
-  q -= static_cast<int>(d < -0.5f) | (static_cast<int>(d == -0.5f) & odd);
-  q = q < pmin ? pmin : q;
-  return q > pmax ? pmax : q;
+  const int up = static_cast<int>(d > 0.5f) | (static_cast<int>(d == 0.5f) & odd);
+  const int down = static_cast<int>(d < -0.5f) | (static_cast<int>(d == -0.5f) & odd);
+  return std::min(std::max(q + up - down, pmin), pmax);
 }
 
 // 2^e as a float, exact, for e in [-126, 127] (the ranges here are within [-100, 100]); no libm call.
@@ -188,7 +192,7 @@ __attribute__((target("avx2"))) int64_t convert_block_avx2(int32_t* xt, const fl
     bool live[8];
     for (int r = 0; r < 8; ++r) {
       live[r] = 8 * g + r < rows;
-      xr[r] = x + (i0 + 8 * g + r) * K;
+      xr[r] = live[r] ? x + (i0 + 8 * g + r) * K : x;
     }
     for (int k0 = 0; k0 < K8; k0 += 8) {
       __m256 v[8];

@@ -4,7 +4,8 @@
 // sign in {-1, 0, +1}: a 5-bit weight. Training keeps two float tensors p (F,K) and s (F,K); the forward
 // pass uses their rounded values
 //     p_r = clamp(round(p), pmin, pmax),  s_r = sign(round(s)),  W = s_r * 2^p_r
-// where round() is round-half-to-even as torch.round (so s_r = 0 exactly when |s| <= 0.5).
+// where round() is round-half-to-even as torch.round (so s_r = 0 exactly when |s| <= 0.5). A NaN p
+// counts as pmin and a NaN s as 0.
 //
 // Usage (training, float path):
 //   shift_from_dense(p, s, w_dense, F, K, -14, 0);                 // conversion from a dense linear
@@ -43,9 +44,10 @@
 // checks, exactly in int64, that this L1 norm is <= 2^31 - 1 for every row (and that x is finite) and
 // throws sav::Error otherwise; it never wraps. shift_linear_int_frac_bits() picks the largest f that
 // fits, for callers who prefer fewer fractional bits to an error.
+// On a throw, y is left partially written.
 // Error against the exact product: rounding x costs <= 0.5 * 2^p_r Q-units per term and the floor of
-// the shift < 1 Q-unit (0 when p_r = 0), so |y_int - y_exact| <= 1.5 * K * 2^-f + |y| * 2^-24 (the
-// final int -> float rounding).
+// the shift < 1 Q-unit (0 when p_r = 0), so |y_int - y_exact| <= 1.5 * K * 2^-f, plus the final float
+// roundings (int -> float, + bias: about |y| * 2^-23). The floor makes the error one-sided per term.
 //
 // Packed 5-bit code (checkpoints), relative to pmax so any window of 15 exponents works
 // (requires pmax - pmin <= 14; [-14, 0] uses them all):
