@@ -20,6 +20,10 @@
 #include "models/registry.h"
 #include "models/vit.h"
 #include "reparam/convert.h"
+#include "reparam/routing.h"
+#include "energy/energy.h"
+#include "io/image.h"
+#include <fstream>
 #include "train/bench.h"
 #include "train/trainer.h"
 
@@ -72,6 +76,7 @@ struct ModelArgs {
   std::string arch;
   std::string weights;
   int img_size = 0, patch = 0, in_chans = 0, classes = 0, dim = 0, depth = 0, heads = 0, mlp_hidden = 0;
+  std::string shift_kernel = "float";
 };
 
 void add_model_flags(CLI::App* app, ModelArgs& m, bool weights_required, const std::string& default_arch) {
@@ -85,6 +90,10 @@ void add_model_flags(CLI::App* app, ModelArgs& m, bool weights_required, const s
                             "Checkpoint: a .safetensors file (timm names), a model.safetensors.index.json of shards, "
                             "or a folder holding either");
   if (weights_required) w->required();
+  app->add_option("--shift-kernel", m.shift_kernel, "Inference path of shift layers: float (decode the 5-bit weights, "
+                                                    "BLAS) or int (multiplier-free MatShift on Q16.16 activations)")
+      ->check(CLI::IsMember({"float", "int"}))
+      ->capture_default_str();
 }
 
 void add_shape_flags(CLI::App* app, ModelArgs& m) {
@@ -99,7 +108,11 @@ void add_shape_flags(CLI::App* app, ModelArgs& m) {
 }
 
 std::unique_ptr<ImageClassifier> build_model(const ModelArgs& m) {
-  if (!m.weights.empty()) return load_model(m.weights, m.arch);
+  if (!m.weights.empty()) {
+    auto model = load_model(m.weights, m.arch);
+    as_vit(*model).reparam().int_kernel = m.shift_kernel == "int";
+    return model;
+  }
   return create_model(m.arch, {{"img_size", m.img_size},
                                {"patch", m.patch},
                                {"in_chans", m.in_chans},
@@ -306,7 +319,7 @@ int cmd_finetune(const ModelArgs& m, const DataArgs& d, const ReparamArgs& r, Tr
   EvalResult t_eval = evaluate(*teacher, test, opt.normalize, opt.eval_batch, opt.eval_limit);
   std::cerr << "teacher " << teacher->arch() << ": test top-1 " << fmt(100 * t_eval.top1, 2) << "%\n";
   if (distill) opt.teacher = teacher.get();
-  Table t({"stage", "model", "epochs", "test top-1 %", "teacher top-1 %", "delta", "time"});
+  Table t({"stage", "attention", "mlp linears", "attn linears", "epochs", "test top-1 %", "teacher top-1 %", "delta"});
   std::unique_ptr<Vit> cur;
   struct Stage { std::string name; ReparamArgs args; int epochs; };
   ReparamArgs s1 = r;
@@ -337,8 +350,9 @@ int cmd_finetune(const ModelArgs& m, const DataArgs& d, const ReparamArgs& r, Tr
       if (!s.finished) return 0;
     }
     EvalResult e = evaluate(*next, test, opt.normalize, opt.eval_batch, opt.eval_limit);
-    t.add({st.name, next->config().describe(), std::to_string(st.epochs), fmt(100 * e.top1, 2),
-           fmt(100 * t_eval.top1, 2), fmt(100 * (e.top1 - t_eval.top1), 2), ""});
+    const VitConfig& nc = next->config();
+    t.add({st.name, nc.attn, nc.mlp, nc.attn_linear, std::to_string(st.epochs), fmt(100 * e.top1, 2),
+           fmt(100 * t_eval.top1, 2), fmt(100 * (e.top1 - t_eval.top1), 2)});
     cur = std::move(next);
     src = cur.get();
     // keep the previous stage alive only as long as it is the source
@@ -347,6 +361,127 @@ int cmd_finetune(const ModelArgs& m, const DataArgs& d, const ReparamArgs& r, Tr
   t.print(std::cout);
   save_model(*cur, opt.out_dir + "/model.safetensors");
   std::cout << "final model: " << opt.out_dir << "/model.safetensors\n";
+  return 0;
+}
+
+int cmd_energy(const ModelArgs& m, const DataArgs& d, const std::string& attn, const std::string& mlp,
+               const std::string& attn_linear, double share, int64_t limit, const std::string& csv,
+               const std::string& json) {
+  VitConfig cfg;
+  std::unique_ptr<ImageClassifier> model;
+  std::vector<LayerShares> measured;
+  if (!m.weights.empty()) {
+    model = build_model(m);
+    cfg = as_vit(*model).config();
+    if (!as_vit(*model).moe_layers().empty() && limit >= 0) {
+      Dataset test = load_split(d, false, cfg.img_size, cfg.in_chans);
+      measured = routing_shares(as_vit(*model), test, normalize_for(d, cfg.in_chans), limit);
+    }
+  } else {
+    cfg = vit_preset(m.arch);
+  }
+  auto dense = vit_dense_layers(cfg.img_size, cfg.patch, cfg.in_chans, cfg.dim, cfg.depth, cfg.heads, cfg.mlp_hidden,
+                                cfg.num_classes);
+  std::vector<LayerDesc> conv;
+  std::string what;
+  if (model && !cfg.is_dense()) {
+    std::vector<BlockChoice> blocks(cfg.depth);
+    auto lin = [&](char k, const std::string& name) {
+      LinearChoice c;
+      c.kind = k == 'd' ? LayerKind::linear_dense : k == 's' ? LayerKind::linear_shift : LayerKind::linear_moe;
+      c.shift_share = share;
+      for (auto& ms : measured)
+        if (ms.name == name) c.shift_share = ms.shift_share();
+      return c;
+    };
+    for (int l = 0; l < cfg.depth; ++l) {
+      const std::string p = "blocks." + std::to_string(l) + ".";
+      blocks[l].attn = cfg.attn_kind(l) == 'h' ? LayerKind::attn_hamming : LayerKind::attn_softmax;
+      blocks[l].qkv = lin(cfg.attn_linear_kind(l), p + (cfg.attn_kind(l) == 'h' ? "attn.to_qk" : "attn.qkv"));
+      blocks[l].proj = lin(cfg.attn_linear_kind(l), p + "attn.proj");
+      blocks[l].fc1 = lin(cfg.mlp_kind(l), p + "mlp.fc1");
+      blocks[l].fc2 = lin(cfg.mlp_kind(l), p + "mlp.fc2");
+      blocks[l].hash_bits = cfg.hash_bits;
+      blocks[l].anchors = cfg.anchors;
+    }
+    conv = vit_convert_layers(dense, blocks);
+    what = cfg.describe() + (measured.empty() ? ", MoE shift share " + fmt(share, 2) + " (assumed)"
+                                              : ", MoE shift shares measured on " + d.data);
+  } else {
+    conv = vit_converted_layers(dense, attn, mlp, share, attn_linear);
+    what = cfg.name + " geometry: attention " + attn + ", MLP " + mlp + ", attention linears " + attn_linear +
+           (mlp == "moe" || attn_linear == "moe" ? ", shift share " + fmt(share, 2) : "");
+  }
+  EnergyReport rd = energy_report(dense), rc = energy_report(conv);
+  std::cout << "energy per image, 45 nm unit energies (METHOD.md section 5): dense vs " << what << "\n";
+  for (auto& ms : measured)
+    std::cout << "  " << ms.name << ": " << fmt(100 * ms.shift_share(), 1) << "% of tokens to the shift expert\n";
+  print_energy_table(std::cout, rd, rc);
+  auto write = [](const std::string& path, const std::string& text) {
+    std::ofstream f(path);
+    SAV_CHECK(f.good(), "cannot write " << path);
+    f << text;
+  };
+  if (!csv.empty()) write(csv, "# dense\n" + energy_csv(rd) + "# converted\n" + energy_csv(rc));
+  if (!json.empty()) write(json, "{\"dense\": " + energy_json(rd) + ", \"converted\": " + energy_json(rc) + "}\n");
+  return 0;
+}
+
+int cmd_profile(const ModelArgs& m, int tokens, bool int_kernel, const std::string& out) {
+  print_env();
+  VitConfig cfg = m.weights.empty() ? vit_preset(m.arch) : as_vit(*build_model(m)).config();
+  Table t({"layer", "K", "F", "tokens", "mult us/token", "shift us/token", "shift kernel", "alpha mult", "alpha shift"});
+  double am = 0, ash = 0;
+  for (auto [K, F, name] : {std::tuple{cfg.dim, cfg.mlp_hidden, "fc1"}, std::tuple{cfg.mlp_hidden, cfg.dim, "fc2"}}) {
+    ExpertProfile p = profile_experts(K, F, tokens, int_kernel);
+    t.add({name, std::to_string(K), std::to_string(F), std::to_string(tokens), fmt(p.mult_us_per_token, 4),
+           fmt(p.shift_us_per_token, 4), p.shift_isa, fmt(p.alpha_mult(), 3), fmt(p.alpha_shift(), 3)});
+    am += p.mult_us_per_token, ash += p.shift_us_per_token;
+  }
+  const double lo = std::min(am, ash);
+  t.print(std::cout);
+  std::ostringstream alpha;
+  alpha << fmt(am / lo, 3) << "," << fmt(ash / lo, 3);
+  std::cout << "latency factors for the load-balancing loss on this machine: --alpha " << alpha.str() << "\n";
+  if (!out.empty()) {
+    std::ofstream f(out);
+    SAV_CHECK(f.good(), "cannot write " << out);
+    f << "{\"arch\": \"" << cfg.name << "\", \"tokens\": " << tokens << ", \"int_kernel\": "
+      << (int_kernel ? "true" : "false") << ", \"mult_us\": " << am << ", \"shift_us\": " << ash
+      << ", \"alpha\": [" << alpha.str() << "]}\n";
+    std::cout << "wrote " << out << "\n";
+  }
+  return 0;
+}
+
+int cmd_route(const ModelArgs& m, const DataArgs& d, const std::string& image_path, int index,
+              const std::string& out) {
+  auto model = build_model(m);
+  Vit& vit = as_vit(*model);
+  const VitConfig& c = vit.config();
+  Image img;
+  if (!image_path.empty()) {
+    img = load_image(image_path, c.in_chans);
+    img = center_crop(resize_shorter_side(img, c.img_size), c.img_size, c.img_size);
+  } else {
+    Dataset test = load_split(d, false, c.img_size, c.in_chans);
+    SAV_CHECK(index >= 0 && index < test.n, "--index " << index << " outside the test set (" << test.n << " images)");
+    img = dataset_image(test, index);
+    std::cout << "test image " << index << " (" << test.class_names[test.labels[index]] << ")\n";
+  }
+  Dataset one;
+  one.n = 1, one.channels = c.in_chans, one.height = c.img_size, one.width = c.img_size, one.num_classes = 1;
+  one.pixels = img.data;
+  one.labels = {0};
+  std::vector<float> x(one.image_size());
+  int label = 0, idx = 0;
+  make_batch(one, &idx, 1, normalize_for(d, c.in_chans), Augment{}, nullptr, x.data(), &label);
+  auto shares = route_picture(vit, x.data(), img.data.data(), out);
+  Table t({"MoE layer", "mult tokens", "shift tokens", "shift share %"});
+  for (auto& s : shares)
+    t.add({s.name, std::to_string(s.tokens[0]), std::to_string(s.tokens[1]), fmt(100 * s.shift_share(), 1)});
+  t.print(std::cout);
+  std::cout << "wrote " << out << " (blue: mult expert, orange: shift expert; one panel per MoE layer)\n";
   return 0;
 }
 
@@ -465,6 +600,47 @@ int main(int argc, char** argv) {
   finetune->add_option("--max-steps", fopt.max_steps, "Stop (with a checkpoint) after N steps of a stage");
   finetune->add_flag("--no-progress", f_no_progress, "No progress bar");
 
+  ModelArgs nm, pm, rm;
+  DataArgs nd, rd;
+  std::string e_attn = "hamming", e_mlp = "moe", e_attn_lin = "dense", e_csv, e_json;
+  double e_share = 0.5;
+  int64_t e_limit = 2000;
+  auto* energy = app.add_subcommand("energy", "Per-layer multiplications, additions, shifts and bytes, priced with 45 nm "
+                                              "unit energies: dense vs converted");
+  add_model_flags(energy, nm, false, "deit_tiny_patch16_224");
+  add_data_flags(energy, nd);
+  energy->add_option("--attn", e_attn, "Without --weights: attention of the converted geometry (softmax, hamming)")
+      ->capture_default_str();
+  energy->add_option("--mlp", e_mlp, "Without --weights: MLP linears (dense, shift, moe)")->capture_default_str();
+  energy->add_option("--attn-linear", e_attn_lin, "Without --weights: attention linears (dense, shift, moe)")
+      ->capture_default_str();
+  energy->add_option("--share", e_share, "MoE share of tokens sent to the shift expert (assumed when not measured)")
+      ->capture_default_str();
+  energy->add_option("--limit", e_limit, "With --weights of a MoE model: test images used to measure the shares "
+                                         "(-1: don't measure)")
+      ->capture_default_str();
+  energy->add_option("--csv", e_csv, "Also write per-layer rows as CSV to this file");
+  energy->add_option("--json", e_json, "Also write the reports as JSON to this file");
+
+  int p_tokens = 3200;
+  bool p_int = false;
+  std::string p_out;
+  auto* profile = app.add_subcommand("profile", "Measure each MoE expert's per-token latency on this machine and print "
+                                                "the latency factors (--alpha) for the load-balancing loss");
+  add_model_flags(profile, pm, false, "vit_fmnist");
+  profile->add_option("--tokens", p_tokens, "Tokens per timed call")->capture_default_str()->check(CLI::PositiveNumber);
+  profile->add_flag("--int-kernel", p_int, "Time the integer MatShift kernel for the shift expert (else the float path)");
+  profile->add_option("--out", p_out, "Write the factors as JSON to this file");
+
+  std::string r_image, r_out = "route.png";
+  int r_index = 0;
+  auto* route = app.add_subcommand("route", "Picture of which tokens each MoE layer sent to which expert");
+  add_model_flags(route, rm, true, "");
+  add_data_flags(route, rd);
+  route->add_option("image", r_image, "Image file (PNG/JPEG); without it, --index picks a test image");
+  route->add_option("--index", r_index, "Test-set image to use when no image file is given")->capture_default_str();
+  route->add_option("--out", r_out, "PNG to write")->capture_default_str();
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -483,6 +659,9 @@ int main(int argc, char** argv) {
     if (*infer) return cmd_infer(im, in_path, out_path, infer_batch);
     if (*bench) return cmd_bench(bm, bench_batches, bench_iters, bench_warmup, bench_train);
     if (*convert) return cmd_convert(cm, cd, cr, convert_out);
+    if (*energy) return cmd_energy(nm, nd, e_attn, e_mlp, e_attn_lin, e_share, e_limit, e_csv, e_json);
+    if (*profile) return cmd_profile(pm, p_tokens, p_int, p_out);
+    if (*route) return cmd_route(rm, rd, r_image, r_index, r_out);
     if (*finetune) {
       fopt.progress = !f_no_progress;
       return cmd_finetune(fm, fd, fr, fopt, epochs1, epochs2, distill);

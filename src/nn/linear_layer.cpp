@@ -103,6 +103,15 @@ void LinearLayer::expert_forward(int e, float* y, const float* x, int M, bool tr
     cpu::shift_linear_forward_int(y, x, kernel_, sb_, M, K_, F_, f);
     return;
   }
+  if (!train) {  // inference, float path: decode the 5-bit weights once, then a BLAS product
+    if (!kernel_ready_) {
+      wdec_.resize(size_t(F_) * K_);
+      cpu::shift_linear_weights(wdec_.data(), p_, s_, F_, K_, opt_->pmin, opt_->pmax);
+      kernel_ready_ = true;
+    }
+    cpu::linear_forward(y, x, wdec_.data(), sb_, M, K_, F_);
+    return;
+  }
   scratch_.resize(size_t(2) * F_ * K_);
   cpu::shift_linear_forward(y, x, p_, s_, sb_, M, K_, F_, opt_->pmin, opt_->pmax, scratch_.data());
 }

@@ -83,8 +83,9 @@ class LinearLayer {
   std::vector<float> scratch_, logits_, noisy_, probs_, scale_, xg_[2], yg_[2];
   std::vector<int> choice_, counts_, offsets_, idx_;
   float aux_loss_ = 0.0f;
-  cpu::ShiftKernelWeights kernel_;
-  bool kernel_ready_ = false;
+  cpu::ShiftKernelWeights kernel_;  // integer kernel weights (inference, int_kernel)
+  std::vector<float> wdec_;          // decoded float weights (inference, float path)
+  bool kernel_ready_ = false;        // kernel_ / wdec_ match the current p, s
 };
 
 }  // namespace sav

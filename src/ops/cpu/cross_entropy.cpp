@@ -27,7 +27,7 @@ void check_cross_entropy(const int* targets, int B, int V, float smoothing) {
 }
 
 // Softmax of one row into probs; returns the row's smoothed loss.
-__attribute__((target_clones("avx512f", "avx2", "default"))) float ce_row(float* probs, const float* logits, int target,
+SAV_SIMD_CLONES float ce_row(float* probs, const float* logits, int target,
                                                                           int V, float smoothing) {
   float mx = logits[0];
 #pragma omp simd reduction(max : mx)

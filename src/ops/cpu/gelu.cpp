@@ -16,7 +16,7 @@ namespace {
 constexpr double kInvSqrt2 = 0.70710678118654752440;
 constexpr double kInvSqrt2Pi = 0.39894228040143267794;
 
-__attribute__((target_clones("avx512f", "avx2", "default"))) void gelu_forward_kernel(float* y, const float* x,
+SAV_SIMD_CLONES void gelu_forward_kernel(float* y, const float* x,
                                                                                       int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
@@ -26,7 +26,7 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void gelu_forward_k
   }
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default"))) void gelu_backward_kernel(float* dx, const float* dy,
+SAV_SIMD_CLONES void gelu_backward_kernel(float* dx, const float* dy,
                                                                                        const float* x, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {

@@ -127,8 +127,9 @@ enum ShiftIntIsa { shift_isa_auto = 0, shift_isa_scalar, shift_isa_avx2 };
 // Which kernel shift_isa_auto runs on this CPU ("avx2" or "scalar").
 const char* shift_int_isa_name(ShiftIntIsa isa = shift_isa_auto);
 
-// Largest f in [0, max_frac_bits] for which every row of x fits (sum_k |round(x*2^f)| <= 2^31-1).
-// x (M,K). Throws if x has a non-finite value or does not fit even with f = 0.
+// Largest f in [0, max_frac_bits] for which every row of x surely fits: max_i sum_k |x| * 2^f + K/2
+// <= 2^31-1 (a sufficient bound; the kernel's own check is the exact one). x (M,K). Throws if x has a
+// non-finite value or does not fit even with f = 0.
 int shift_linear_int_frac_bits(const float* x, int M, int K, int max_frac_bits = shift_default_frac_bits);
 // y (M,F)  x (M,K)  b (F) or nullptr; frac_bits in [0, 30]. Throws (never wraps) when a row of x does
 // not fit at frac_bits. isa forces a kernel (tests); shift_isa_avx2 throws on a CPU without AVX2.

@@ -1,24 +1,63 @@
 // shiftaddvit: private helpers of the CPU ops (not a public header).
 //
 // Branch-free float approximations of exp and erf written so that GCC vectorises loops that call them
-// (the libm calls are not vectorised without -ffast-math), plus argument checks and the OpenMP grain
-// sizes shared by the op files.
+// (the libm calls are not vectorised without -ffast-math), AVX2+FMA versions of them and a small
+// register-blocked matrix product for the attention core, argument checks, and the OpenMP grain sizes
+// shared by the op files.
 //
 //   #pragma omp simd
 //   for (int i = 0; i < n; ++i) y[i] = sav::cpu::detail::exp_approx(x[i]);
 //
+//   if (detail::use_avx2()) my_kernel_avx2(...);   // a SAV_AVX2 function
+//   else my_kernel_portable(...);
+//
 // Accuracy: exp_approx relative error ~2 ulp on [-87, 88] (inputs outside are clamped: exp(-inf) gives
 // ~1e-38 rather than 0, harmless for softmax); erf_approx absolute error < 1.5e-7 (Abramowitz & Stegun
-// 7.1.26).
+// 7.1.26). The AVX2 versions evaluate the same polynomials with fused multiply-adds.
+//
+// Instruction sets: the library is compiled for baseline x86-64. Loops that GCC vectorises well are
+// marked SAV_SIMD_CLONES (one clone per instruction set, picked by the loader); hand-blocked kernels are
+// SAV_AVX2 functions called only when use_avx2() says the CPU has AVX2 and FMA.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define SAV_HAVE_AVX2_KERNELS 1
+#else
+#define SAV_HAVE_AVX2_KERNELS 0
+#endif
+
+#include "core/cpu_features.h"
 #include "core/error.h"
 
 namespace sav::cpu::detail {
+
+// Clones a hot function for AVX-512 (x86-64-v4), AVX2+FMA (x86-64-v3) and baseline x86-64; the loader
+// picks one at run time (ifunc), so the library stays portable while its loops use the widest vectors.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SAV_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SAV_SIMD_CLONES
+#endif
+
+#define SAV_AVX2 __attribute__((target("avx2,fma")))
+
+// Test hook: when true, the ops take their portable paths even on AVX2 machines (so tests can check both).
+inline bool force_portable_kernels = false;
+
+// True when the hand-written AVX2+FMA kernels may run.
+inline bool use_avx2() {
+#if SAV_HAVE_AVX2_KERNELS
+  const CpuFeatures& f = cpu_features();
+  return f.avx2 && f.fma && !force_portable_kernels;
+#else
+  return false;
+#endif
+}
 
 // Below these many elements (or rows) an OpenMP region costs more than it saves.
 constexpr int64_t kParallelElems = 1 << 15;
@@ -77,6 +116,146 @@ __attribute__((always_inline)) inline float erf_approx(float x, float* exp_mx2) 
   *exp_mx2 = e;
   return std::copysign(1.0f - poly * e, x);
 }
+
+#if SAV_HAVE_AVX2_KERNELS
+namespace avx2 {
+
+// Lanes [0, n) set, n in [0, 8]: for _mm256_maskload_ps / _mm256_maskstore_ps and blends.
+SAV_AVX2 inline __m256i lane_mask(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+SAV_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+SAV_AVX2 inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// e^x as exp_approx (same reduction and polynomial) with FMAs; NaN propagates.
+SAV_AVX2 inline __m256 exp(__m256 x) {
+  x = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-87.0f), x));  // NaN stays NaN
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// erf(x) as erf_approx, and e^{-x^2} in *exp_mx2.
+SAV_AVX2 inline __m256 erf(__m256 x, __m256* exp_mx2) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 ax = _mm256_andnot_ps(sign, x);
+  const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), ax,
+                                                                        _mm256_set1_ps(1.0f)));
+  __m256 p = _mm256_set1_ps(1.061405429f);
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.453152027f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421413741f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.284496736f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.254829592f));
+  p = _mm256_mul_ps(p, t);
+  const __m256 e = exp(_mm256_mul_ps(_mm256_xor_ps(x, sign), x));
+  *exp_mx2 = e;
+  const __m256 y = _mm256_fnmadd_ps(p, e, _mm256_set1_ps(1.0f));  // erf(|x|)
+  return _mm256_or_ps(y, _mm256_and_ps(x, sign));
+}
+
+// One register tile of a small product: C (R, 8*NV) = alpha * A B (+ C if accumulate), summed over k < K.
+// A (R,K) element (r,k) at a[r*a_rs + k*a_ks] (row-major: a_ks = 1; transposed: a_rs = 1);
+// B (K, 8*NV) rows at b + k*ldb; C rows at c + r*ldc. With MASK the last 8-column vector of B and C
+// touches only the lanes in `mask` (loads stay in bounds).
+template <int R, int NV, bool MASK>
+SAV_AVX2 inline void gemm_tile(int K, const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t ldb,
+                               float* c, int64_t ldc, float alpha, bool accumulate, __m256i mask) {
+  __m256 acc[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
+  for (int k = 0; k < K; ++k) {
+    __m256 bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      bv[v] = (MASK && v == NV - 1) ? _mm256_maskload_ps(b + 8 * v, mask) : _mm256_loadu_ps(b + 8 * v);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m256 ar = _mm256_broadcast_ss(a + r * a_rs);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(ar, bv[v], acc[r][v]);
+    }
+    a += a_ks;
+    b += ldb;
+  }
+  const __m256 va = _mm256_set1_ps(alpha);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    float* cr = c + r * ldc;
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const bool masked = MASK && v == NV - 1;
+      __m256 out = _mm256_mul_ps(acc[r][v], va);
+      if (accumulate)
+        out = _mm256_add_ps(out, masked ? _mm256_maskload_ps(cr + 8 * v, mask) : _mm256_loadu_ps(cr + 8 * v));
+      if (masked)
+        _mm256_maskstore_ps(cr + 8 * v, mask, out);
+      else
+        _mm256_storeu_ps(cr + 8 * v, out);
+    }
+  }
+}
+
+template <int NV, bool MASK>
+SAV_AVX2 inline void gemm_rows(int rows, int K, const float* a, int64_t a_rs, int64_t a_ks, const float* b,
+                               int64_t ldb, float* c, int64_t ldc, float alpha, bool accumulate, __m256i mask) {
+  int r = 0;
+  for (; r + 6 <= rows; r += 6)
+    gemm_tile<6, NV, MASK>(K, a + r * a_rs, a_rs, a_ks, b, ldb, c + r * ldc, ldc, alpha, accumulate, mask);
+  const float* ar = a + r * a_rs;
+  float* cr = c + r * ldc;
+  switch (rows - r) {
+    case 5: gemm_tile<5, NV, MASK>(K, ar, a_rs, a_ks, b, ldb, cr, ldc, alpha, accumulate, mask); break;
+    case 4: gemm_tile<4, NV, MASK>(K, ar, a_rs, a_ks, b, ldb, cr, ldc, alpha, accumulate, mask); break;
+    case 3: gemm_tile<3, NV, MASK>(K, ar, a_rs, a_ks, b, ldb, cr, ldc, alpha, accumulate, mask); break;
+    case 2: gemm_tile<2, NV, MASK>(K, ar, a_rs, a_ks, b, ldb, cr, ldc, alpha, accumulate, mask); break;
+    case 1: gemm_tile<1, NV, MASK>(K, ar, a_rs, a_ks, b, ldb, cr, ldc, alpha, accumulate, mask); break;
+    default: break;
+  }
+}
+
+// C (M, Nc) = alpha * A (M,K) B (K,Nc) (+ C if accumulate), for the small products of one attention head
+// (everything in L1/L2). A addressed as in gemm_tile; B and C row-major with row strides ldb, ldc.
+// Columns go in blocks of 16 (6x16 register tiles), the remainder in one block of 8 or fewer (masked).
+SAV_AVX2 inline void small_gemm(int M, int Nc, int K, const float* a, int64_t a_rs, int64_t a_ks, const float* b,
+                                int64_t ldb, float* c, int64_t ldc, float alpha, bool accumulate) {
+  const __m256i all = _mm256_set1_epi32(-1);
+  int j = 0;
+  for (; j + 16 <= Nc; j += 16) gemm_rows<2, false>(M, K, a, a_rs, a_ks, b + j, ldb, c + j, ldc, alpha, accumulate, all);
+  const int rem = Nc - j;
+  if (rem > 8)
+    gemm_rows<2, true>(M, K, a, a_rs, a_ks, b + j, ldb, c + j, ldc, alpha, accumulate, lane_mask(rem - 8));
+  else if (rem == 8)
+    gemm_rows<1, false>(M, K, a, a_rs, a_ks, b + j, ldb, c + j, ldc, alpha, accumulate, all);
+  else if (rem > 0)
+    gemm_rows<1, true>(M, K, a, a_rs, a_ks, b + j, ldb, c + j, ldc, alpha, accumulate, lane_mask(rem));
+}
+
+}  // namespace avx2
+#endif  // SAV_HAVE_AVX2_KERNELS
 
 }  // namespace sav::cpu::detail
 
