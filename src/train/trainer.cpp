@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -33,6 +34,17 @@ void make_dirs(const std::string& dir) {
         SAV_THROW("cannot create folder '" << cur << "': " << std::strerror(errno));
     }
     if (i < dir.size()) cur += dir[i];
+  }
+}
+
+// A run killed during a checkpoint write leaves "<name>.tmp.<pid>" beside the intact checkpoint; the next
+// run in that folder removes them.
+void remove_stale_temporaries(const std::string& dir) {
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
+    const std::string name = e.path().filename().string();
+    for (const char* base : {"last.safetensors.tmp.", "model.safetensors.tmp."})
+      if (name.rfind(base, 0) == 0) std::filesystem::remove(e.path(), ec);
   }
 }
 
@@ -205,7 +217,10 @@ TrainSummary Trainer::run() {
   const int64_t warmup = static_cast<int64_t>(opt_.warmup_epochs * steps_per_epoch);
   const int V = model_.num_classes();
   const std::string last = opt_.out_dir.empty() ? "" : opt_.out_dir + "/last.safetensors";
-  if (!opt_.out_dir.empty()) make_dirs(opt_.out_dir);
+  if (!opt_.out_dir.empty()) {
+    make_dirs(opt_.out_dir);
+    remove_stale_temporaries(opt_.out_dir);
+  }
 
   int64_t step = 0;
   if (opt_.resume) {

@@ -137,65 +137,29 @@ SAV_AVX2 void pack_transposed(float* dst, const float* src, int N, int d, int64_
   }
 }
 
-// Row-wise softmax of s (rows, N valid entries at row stride Np, a multiple of 8, padding finite): the
-// probabilities overwrite s (padding lanes become 0) and are copied to p (rows, N). Done in three passes
-// over all rows (max, exp and sum, scale) so that consecutive rows are independent and their reductions
-// overlap; row by row, the max -> exp -> sum -> divide chain would be latency bound.
-SAV_AVX2 void softmax_rows_avx2(float* s, float* p, int rows, int N, int64_t Np, float* row_max, float* row_inv) {
+SAV_AVX2 void softmax_row_avx2(float* s, float* p, int N) {
   const int full = N / 8 * 8, rem = N - full;
-  const __m256 tail = _mm256_castsi256_ps(detail::avx2::lane_mask(rem));
+  const __m256i tail = detail::avx2::lane_mask(rem);
   const __m256 ninf = _mm256_set1_ps(-INFINITY);
-  for (int i = 0; i < rows; ++i) {
-    const float* si = s + i * Np;
-    __m256 m0 = ninf, m1 = ninf;
-    int j = 0;
-    for (; j + 16 <= full; j += 16) {
-      m0 = _mm256_max_ps(m0, _mm256_loadu_ps(si + j));
-      m1 = _mm256_max_ps(m1, _mm256_loadu_ps(si + j + 8));
-    }
-    if (j < full) m0 = _mm256_max_ps(m0, _mm256_loadu_ps(si + j));
-    if (rem) m1 = _mm256_max_ps(m1, _mm256_blendv_ps(ninf, _mm256_loadu_ps(si + full), tail));
-    row_max[i] = detail::avx2::hmax(_mm256_max_ps(m0, m1));
+  __m256 vmax = ninf;
+  for (int j = 0; j < full; j += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(s + j));
+  if (rem) vmax = _mm256_max_ps(vmax, _mm256_blendv_ps(ninf, _mm256_loadu_ps(s + full), _mm256_castsi256_ps(tail)));
+  const __m256 mx = _mm256_set1_ps(detail::avx2::hmax(vmax));
+  __m256 vsum = _mm256_setzero_ps();
+  for (int j = 0; j < full; j += 8) {
+    const __m256 e = detail::avx2::exp(_mm256_sub_ps(_mm256_loadu_ps(s + j), mx));
+    _mm256_storeu_ps(s + j, e);
+    vsum = _mm256_add_ps(vsum, e);
   }
-  for (int i = 0; i < rows; ++i) {
-    float* si = s + i * Np;
-    const __m256 mx = _mm256_set1_ps(row_max[i]);
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    int j = 0;
-    for (; j + 16 <= full; j += 16) {
-      const __m256 e0 = detail::avx2::exp(_mm256_sub_ps(_mm256_loadu_ps(si + j), mx));
-      const __m256 e1 = detail::avx2::exp(_mm256_sub_ps(_mm256_loadu_ps(si + j + 8), mx));
-      _mm256_storeu_ps(si + j, e0);
-      _mm256_storeu_ps(si + j + 8, e1);
-      s0 = _mm256_add_ps(s0, e0);
-      s1 = _mm256_add_ps(s1, e1);
-    }
-    if (j < full) {
-      const __m256 e = detail::avx2::exp(_mm256_sub_ps(_mm256_loadu_ps(si + j), mx));
-      _mm256_storeu_ps(si + j, e);
-      s0 = _mm256_add_ps(s0, e);
-    }
-    if (rem) {
-      const __m256 e = _mm256_and_ps(detail::avx2::exp(_mm256_sub_ps(_mm256_loadu_ps(si + full), mx)), tail);
-      _mm256_storeu_ps(si + full, e);
-      s1 = _mm256_add_ps(s1, e);
-    }
-    row_inv[i] = 1.0f / detail::avx2::hsum(_mm256_add_ps(s0, s1));
+  if (rem) {
+    const __m256 e = _mm256_and_ps(detail::avx2::exp(_mm256_sub_ps(_mm256_loadu_ps(s + full), mx)),
+                                   _mm256_castsi256_ps(tail));
+    _mm256_storeu_ps(s + full, e);
+    vsum = _mm256_add_ps(vsum, e);
   }
-  for (int i = 0; i < rows; ++i) {
-    float* si = s + i * Np;
-    float* pi = p + static_cast<int64_t>(i) * N;
-    const __m256 inv = _mm256_set1_ps(row_inv[i]);
-    for (int j = 0; j < full; j += 8) {
-      const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(si + j), inv);
-      _mm256_storeu_ps(si + j, v);
-      _mm256_storeu_ps(pi + j, v);
-    }
-    if (rem) {
-      _mm256_storeu_ps(si + full, _mm256_mul_ps(_mm256_loadu_ps(si + full), inv));
-      for (int j = full; j < N; ++j) pi[j] = si[j];
-    }
-  }
+  const __m256 inv = _mm256_set1_ps(1.0f / detail::avx2::hsum(vsum));
+  for (int j = 0; j < full + (rem ? 8 : 0); j += 8) _mm256_storeu_ps(s + j, _mm256_mul_ps(_mm256_loadu_ps(s + j), inv));
+  std::copy(s, s + N, p);
 }
 
 // g = p * (g - dot(g, p)) over the N valid entries; g padded to a multiple of 8, p (N) unpadded.
@@ -222,8 +186,7 @@ SAV_AVX2 void attention_pair_forward_avx2(float* out, float* att, const float* q
   float* s = work + d * Np;         // (N, Np)
   pack_transposed(kt, k, N, d, ld, Np);
   detail::avx2::small_gemm(N, static_cast<int>(Np), d, q, ld, 1, kt, Np, s, Np, scale, false);  // s = q k^T scale
-  float* row_max = s + N * Np;
-  softmax_rows_avx2(s, att, N, N, Np, row_max, row_max + N);
+  for (int i = 0; i < N; ++i) softmax_row_avx2(s + i * Np, att + static_cast<int64_t>(i) * N, N);
   detail::avx2::small_gemm(N, d, N, s, Np, 1, v, ld, out, ldo, 1.0f, false);  // out = p v
 }
 

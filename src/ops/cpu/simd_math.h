@@ -139,11 +139,13 @@ SAV_AVX2 inline float hmax(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// e^x as exp_approx (same reduction and polynomial) with FMAs; NaN propagates.
+// e^x as exp_approx (same reduction and polynomial) with FMAs; NaN propagates. n = round(x / ln2) comes
+// from adding 1.5 * 2^23, which also leaves n in the low mantissa bits for building 2^n.
 SAV_AVX2 inline __m256 exp(__m256 x) {
   x = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-87.0f), x));  // NaN stays NaN
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 magic = _mm256_set1_ps(12582912.0f);
+  const __m256 nm = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic);
+  const __m256 n = _mm256_sub_ps(nm, magic);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
   r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
   __m256 p = _mm256_set1_ps(1.9875691500e-4f);
@@ -152,8 +154,9 @@ SAV_AVX2 inline __m256 exp(__m256 x) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  // bits(nm) = bits(magic) + n; (n + 127) << 23 is 2^n.
+  const __m256i e = _mm256_slli_epi32(_mm256_sub_epi32(_mm256_castps_si256(nm), _mm256_set1_epi32(0x4B400000 - 127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
@@ -219,17 +222,20 @@ SAV_AVX2 inline void gemm_tile(int K, const float* a, int64_t a_rs, int64_t a_ks
   }
 }
 
+// All rows of one column block: register tiles of 6 rows (4 rows for 24-column blocks, 12 accumulators
+// either way), then the leftover rows.
 template <int NV, bool MASK>
 SAV_AVX2 inline void gemm_rows(int rows, int K, const float* a, int64_t a_rs, int64_t a_ks, const float* b,
                                int64_t ldb, float* c, int64_t ldc, float alpha, bool accumulate, __m256i mask) {
+  constexpr int RB = NV >= 3 ? 4 : 6;
   int r = 0;
-  for (; r + 6 <= rows; r += 6)
-    gemm_tile<6, NV, MASK>(K, a + r * a_rs, a_rs, a_ks, b, ldb, c + r * ldc, ldc, alpha, accumulate, mask);
+  for (; r + RB <= rows; r += RB)
+    gemm_tile<RB, NV, MASK>(K, a + r * a_rs, a_rs, a_ks, b, ldb, c + r * ldc, ldc, alpha, accumulate, mask);
   const float* ar = a + r * a_rs;
   float* cr = c + r * ldc;
   switch (rows - r) {
-    case 5: gemm_tile<5, NV, MASK>(K, ar, a_rs, a_ks, b, ldb, cr, ldc, alpha, accumulate, mask); break;
-    case 4: gemm_tile<4, NV, MASK>(K, ar, a_rs, a_ks, b, ldb, cr, ldc, alpha, accumulate, mask); break;
+    case 5: gemm_tile<RB >= 6 ? 5 : 1, NV, MASK>(K, ar, a_rs, a_ks, b, ldb, cr, ldc, alpha, accumulate, mask); break;
+    case 4: gemm_tile<RB >= 6 ? 4 : 1, NV, MASK>(K, ar, a_rs, a_ks, b, ldb, cr, ldc, alpha, accumulate, mask); break;
     case 3: gemm_tile<3, NV, MASK>(K, ar, a_rs, a_ks, b, ldb, cr, ldc, alpha, accumulate, mask); break;
     case 2: gemm_tile<2, NV, MASK>(K, ar, a_rs, a_ks, b, ldb, cr, ldc, alpha, accumulate, mask); break;
     case 1: gemm_tile<1, NV, MASK>(K, ar, a_rs, a_ks, b, ldb, cr, ldc, alpha, accumulate, mask); break;
@@ -239,19 +245,33 @@ SAV_AVX2 inline void gemm_rows(int rows, int K, const float* a, int64_t a_rs, in
 
 // C (M, Nc) = alpha * A (M,K) B (K,Nc) (+ C if accumulate), for the small products of one attention head
 // (everything in L1/L2). A addressed as in gemm_tile; B and C row-major with row strides ldb, ldc.
-// Columns go in blocks of 16 (6x16 register tiles), the remainder in one block of 8 or fewer (masked).
+// Columns go in blocks of 16; a remainder of at most 8 joins the last block (a 24-column block), so that
+// narrow 8-column tiles (one B load per broadcast: load bound) only occur when Nc <= 8. Only the last
+// 8-lane vector of a row may be partial (masked).
 SAV_AVX2 inline void small_gemm(int M, int Nc, int K, const float* a, int64_t a_rs, int64_t a_ks, const float* b,
                                 int64_t ldb, float* c, int64_t ldc, float alpha, bool accumulate) {
   const __m256i all = _mm256_set1_epi32(-1);
-  int j = 0;
-  for (; j + 16 <= Nc; j += 16) gemm_rows<2, false>(M, K, a, a_rs, a_ks, b + j, ldb, c + j, ldc, alpha, accumulate, all);
-  const int rem = Nc - j;
-  if (rem > 8)
-    gemm_rows<2, true>(M, K, a, a_rs, a_ks, b + j, ldb, c + j, ldc, alpha, accumulate, lane_mask(rem - 8));
-  else if (rem == 8)
+  const int n16 = Nc / 16, rem = Nc % 16;
+  const int plain16 = rem != 0 && rem <= 8 && n16 > 0 ? n16 - 1 : n16;  // 16-blocks before the last block
+  for (int blk = 0; blk < plain16; ++blk)
+    gemm_rows<2, false>(M, K, a, a_rs, a_ks, b + 16 * blk, ldb, c + 16 * blk, ldc, alpha, accumulate, all);
+  const int j = 16 * plain16, last = Nc - j;  // columns left: 0, 1..16 (n16 == 0), 9..15, or 17..24
+  if (last == 0) return;
+  if (last > 16) {
+    if (last == 24)
+      gemm_rows<3, false>(M, K, a, a_rs, a_ks, b + j, ldb, c + j, ldc, alpha, accumulate, all);
+    else
+      gemm_rows<3, true>(M, K, a, a_rs, a_ks, b + j, ldb, c + j, ldc, alpha, accumulate, lane_mask(last - 16));
+  } else if (last > 8) {
+    if (last == 16)
+      gemm_rows<2, false>(M, K, a, a_rs, a_ks, b + j, ldb, c + j, ldc, alpha, accumulate, all);
+    else
+      gemm_rows<2, true>(M, K, a, a_rs, a_ks, b + j, ldb, c + j, ldc, alpha, accumulate, lane_mask(last - 8));
+  } else if (last == 8) {
     gemm_rows<1, false>(M, K, a, a_rs, a_ks, b + j, ldb, c + j, ldc, alpha, accumulate, all);
-  else if (rem > 0)
-    gemm_rows<1, true>(M, K, a, a_rs, a_ks, b + j, ldb, c + j, ldc, alpha, accumulate, lane_mask(rem));
+  } else {
+    gemm_rows<1, true>(M, K, a, a_rs, a_ks, b + j, ldb, c + j, ldc, alpha, accumulate, lane_mask(last));
+  }
 }
 
 }  // namespace avx2

@@ -1,0 +1,62 @@
+# shiftaddvit: the CUDA backend (included at the end of CMakeLists.txt).
+#
+# Enabled when a CUDA compiler is found (SAV_CUDA, default ON then). Builds:
+#   shiftadd_cuda    static library: src/ops/cuda/*.cu + src/models/vit_cuda.cu, sm_90 (H100/H200) by default
+#   sav_cuda_tests   GoogleTest suite tests/cuda/test_*.cpp, registered in ctest; every GPU test skips
+#                    ("no CUDA device") on machines with nvcc but no GPU, so it builds and passes there
+#   sav_cuda_bench   tools/sav_cuda_bench.cpp: engine latency of the DeiT presets (scripts/h200_bench.sh)
+# Other architectures: -DCMAKE_CUDA_ARCHITECTURES=80;90 (each one adds compile time).
+include(CheckLanguage)
+check_language(CUDA)
+if(CMAKE_CUDA_COMPILER)
+  option(SAV_CUDA "Build the CUDA backend (shiftadd_cuda, sav_cuda_tests, sav_cuda_bench)" ON)
+else()
+  option(SAV_CUDA "Build the CUDA backend (shiftadd_cuda, sav_cuda_tests, sav_cuda_bench)" OFF)
+endif()
+
+if(SAV_CUDA)
+  if(NOT CMAKE_CUDA_COMPILER)
+    message(FATAL_ERROR "SAV_CUDA=ON but no CUDA compiler was found (set CMAKE_CUDA_COMPILER or -DSAV_CUDA=OFF)")
+  endif()
+  if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES OR CMAKE_CUDA_ARCHITECTURES STREQUAL "")
+    set(CMAKE_CUDA_ARCHITECTURES 90)
+  endif()
+  if(NOT DEFINED CMAKE_CUDA_HOST_COMPILER AND CMAKE_CXX_COMPILER)
+    set(CMAKE_CUDA_HOST_COMPILER ${CMAKE_CXX_COMPILER})
+  endif()
+  enable_language(CUDA)
+  find_package(CUDAToolkit REQUIRED)
+  message(STATUS "shiftaddvit: CUDA backend ON (nvcc ${CMAKE_CUDA_COMPILER_VERSION}, archs ${CMAKE_CUDA_ARCHITECTURES})")
+
+  set(CMAKE_CUDA_STANDARD 20)
+  set(CMAKE_CUDA_STANDARD_REQUIRED ON)
+  set(CMAKE_CUDA_FLAGS_RELEASE "-O3 -DNDEBUG")
+
+  file(GLOB SAV_CUDA_SOURCES CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/src/ops/cuda/*.cu)
+  add_library(shiftadd_cuda STATIC ${SAV_CUDA_SOURCES} ${CMAKE_SOURCE_DIR}/src/models/vit_cuda.cu)
+  # The directory's add_compile_options (-Wall ...) are host-compiler flags: hand them to nvcc through
+  # -Xcompiler for .cu files, keep them as they are for C++ files.
+  get_target_property(_sav_dir_opts shiftadd_cuda COMPILE_OPTIONS)
+  set(_sav_cuda_opts "")
+  if(_sav_dir_opts)
+    foreach(_o ${_sav_dir_opts})
+      list(APPEND _sav_cuda_opts "$<$<COMPILE_LANGUAGE:CUDA>:SHELL:-Xcompiler ${_o}>" "$<$<COMPILE_LANGUAGE:CXX>:${_o}>")
+    endforeach()
+  endif()
+  set_target_properties(shiftadd_cuda PROPERTIES COMPILE_OPTIONS "${_sav_cuda_opts}"
+                                                 CUDA_SEPARABLE_COMPILATION OFF POSITION_INDEPENDENT_CODE ON)
+  target_link_libraries(shiftadd_cuda PUBLIC shiftadd CUDA::cudart CUDA::cublasLt)
+
+  if(SAV_BUILD_TESTS)
+    file(GLOB SAV_CUDA_TEST_SOURCES CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/tests/cuda/test_*.cpp
+         ${CMAKE_SOURCE_DIR}/tests/cuda/test_*.cu)
+    add_executable(sav_cuda_tests ${SAV_CUDA_TEST_SOURCES})
+    target_link_libraries(sav_cuda_tests PRIVATE shiftadd_cuda GTest::gtest_main)
+    target_include_directories(sav_cuda_tests PRIVATE ${CMAKE_SOURCE_DIR}/tests)
+    target_compile_definitions(sav_cuda_tests PRIVATE SAV_TEST_DATA="${CMAKE_SOURCE_DIR}/tests")
+    gtest_discover_tests(sav_cuda_tests DISCOVERY_TIMEOUT 60 PROPERTIES TIMEOUT 900)
+  endif()
+
+  add_executable(sav_cuda_bench ${CMAKE_SOURCE_DIR}/tools/sav_cuda_bench.cpp)
+  target_link_libraries(sav_cuda_bench PRIVATE shiftadd_cuda)
+endif()

@@ -1,0 +1,78 @@
+// Device queries, host bf16 conversions and the f32 -> bf16 conversion kernel.
+#include <cstring>
+#include <mutex>
+
+#include "core/tensor.h"
+#include "ops/cuda/common.h"
+#include "ops/cuda/ops.h"
+
+namespace sav::cuda {
+
+bool device_available() {
+  int n = 0;
+  const cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky "no device / no driver" error
+    return false;
+  }
+  return n > 0;
+}
+
+namespace {
+struct DeviceInfo {
+  int sms = 0, smem_optin = 0;
+};
+DeviceInfo device_info() {
+  static std::mutex mu;
+  static DeviceInfo cache[64];
+  int dev = 0;
+  SAV_CUDA_CHECK(cudaGetDevice(&dev));
+  SAV_CHECK(dev >= 0 && dev < 64, "CUDA device index " << dev << " out of range");
+  std::lock_guard<std::mutex> lock(mu);
+  DeviceInfo& d = cache[dev];
+  if (d.sms == 0) {
+    SAV_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev));
+    SAV_CUDA_CHECK(cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  }
+  return d;
+}
+}  // namespace
+
+int sm_count() { return device_info().sms; }
+int max_smem_per_block() { return device_info().smem_optin; }
+
+std::vector<bf16> to_bf16(const float* x, size_t n) {
+  std::vector<bf16> y(n);
+  for (size_t i = 0; i < n; ++i) {
+    const uint16_t h = float_to_bf16(x[i]);
+    std::memcpy(&y[i], &h, 2);
+  }
+  return y;
+}
+
+std::vector<float> from_bf16(const std::vector<bf16>& x) {
+  std::vector<float> y(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    uint16_t h;
+    std::memcpy(&h, &x[i], 2);
+    y[i] = bf16_to_float(h);
+  }
+  return y;
+}
+
+namespace {
+__global__ void f32_to_bf16_kernel(bf16* y, const float* x, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    y[i] = __float2bfloat16_rn(x[i]);
+}
+}  // namespace
+
+void f32_to_bf16(bf16* y, const float* x, int64_t n, cudaStream_t stream) {
+  SAV_CHECK(n >= 0 && (n == 0 || (y && x)), "f32_to_bf16: bad arguments");
+  if (n == 0) return;
+  const int64_t blocks = std::min<int64_t>((n + 255) / 256, 65535);
+  f32_to_bf16_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(y, x, n);
+  SAV_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace sav::cuda

@@ -1,0 +1,137 @@
+// shiftaddvit CUDA backend: error checks, RAII device memory, small helpers. Host code only (includable
+// from .cpp files compiled by the host compiler and from .cu files).
+//
+//   SAV_CUDA_CHECK(cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, stream));   // throws sav::Error
+//   sav::cuda::DeviceBuffer<float> x(M * C);                                         // cudaMalloc / cudaFree
+//   x.upload(host_vector);  std::vector<float> h = x.download();
+//   if (!sav::cuda::device_available()) { /* no GPU: skip or fall back to the CPU engine */ }
+//
+// Every CUDA runtime and cuBLAS call of the backend goes through a check macro, so a failure surfaces as a
+// sav::Error carrying file:line, the failed call and the error's name; nothing exits or aborts.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "core/error.h"
+
+#define SAV_CUDA_CHECK(expr)                                                                          \
+  do {                                                                                                \
+    const cudaError_t sav_e_ = (expr);                                                                \
+    if (sav_e_ != cudaSuccess)                                                                        \
+      SAV_THROW("CUDA call failed: " #expr " -> " << cudaGetErrorName(sav_e_) << " ("                 \
+                                                  << cudaGetErrorString(sav_e_)                       \
+                                                  << "); check the device, the driver and the sizes"); \
+  } while (0)
+
+// After a kernel launch: reports launch-configuration errors (grid, block, shared memory) at the launcher.
+#define SAV_CUDA_CHECK_LAUNCH() SAV_CUDA_CHECK(cudaGetLastError())
+
+namespace sav::cuda {
+
+using bf16 = __nv_bfloat16;
+
+// True when at least one CUDA device is usable (false on machines with nvcc but no GPU or driver).
+bool device_available();
+// Multiprocessor count of the current device (cached per device).
+int sm_count();
+// Opt-in shared memory per block of the current device, in bytes.
+int max_smem_per_block();
+
+// Owning device allocation of n elements of T; move-only. Memory is not initialised.
+template <class T>
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  explicit DeviceBuffer(size_t n) { resize(n); }
+  ~DeviceBuffer() { release(); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  DeviceBuffer(DeviceBuffer&& o) noexcept : p_(std::exchange(o.p_, nullptr)), n_(std::exchange(o.n_, 0)) {}
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+    if (this != &o) {
+      release();
+      p_ = std::exchange(o.p_, nullptr);
+      n_ = std::exchange(o.n_, 0);
+    }
+    return *this;
+  }
+  // Reallocates (contents lost) when n differs from the current size.
+  void resize(size_t n) {
+    if (n == n_) return;
+    release();
+    if (n > 0) {
+      void* p = nullptr;
+      SAV_CUDA_CHECK(cudaMalloc(&p, n * sizeof(T)));
+      p_ = static_cast<T*>(p);
+      n_ = n;
+    }
+  }
+  T* get() const { return p_; }
+  size_t size() const { return n_; }
+  size_t bytes() const { return n_ * sizeof(T); }
+  void upload(const T* host, size_t n) {
+    SAV_CHECK(n <= n_, "upload of " << n << " elements into a device buffer of " << n_);
+    SAV_CUDA_CHECK(cudaMemcpy(p_, host, n * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  void upload(const std::vector<T>& v) { upload(v.data(), v.size()); }
+  std::vector<T> download() const {
+    std::vector<T> v(n_);
+    if (n_) SAV_CUDA_CHECK(cudaMemcpy(v.data(), p_, n_ * sizeof(T), cudaMemcpyDeviceToHost));
+    return v;
+  }
+  // Sets every byte to `byte` (0xFF makes float NaN and bf16 NaN: a poison that a test can detect).
+  void fill_bytes(int byte) {
+    if (n_) SAV_CUDA_CHECK(cudaMemset(p_, byte, n_ * sizeof(T)));
+  }
+
+ private:
+  void release() noexcept {
+    if (p_) cudaFree(p_);  // never throws from a destructor
+    p_ = nullptr;
+    n_ = 0;
+  }
+  T* p_ = nullptr;
+  size_t n_ = 0;
+};
+
+// RAII CUDA stream / event / graph-exec handles.
+class Stream {
+ public:
+  Stream() { SAV_CUDA_CHECK(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking)); }
+  ~Stream() {
+    if (s_) cudaStreamDestroy(s_);
+  }
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+  cudaStream_t get() const { return s_; }
+  void sync() const { SAV_CUDA_CHECK(cudaStreamSynchronize(s_)); }
+
+ private:
+  cudaStream_t s_ = nullptr;
+};
+
+class Event {
+ public:
+  Event() { SAV_CUDA_CHECK(cudaEventCreate(&e_)); }
+  ~Event() {
+    if (e_) cudaEventDestroy(e_);
+  }
+  Event(const Event&) = delete;
+  Event& operator=(const Event&) = delete;
+  cudaEvent_t get() const { return e_; }
+
+ private:
+  cudaEvent_t e_ = nullptr;
+};
+
+// Host-side conversions (round to nearest even), for uploads of weights and test data.
+std::vector<bf16> to_bf16(const float* x, size_t n);
+std::vector<float> from_bf16(const std::vector<bf16>& x);
+
+}  // namespace sav::cuda

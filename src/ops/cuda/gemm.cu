@@ -1,0 +1,147 @@
+// cuBLASLt linear layers. Row-major y (M,F) = x (M,K) W^T is, in cuBLASLt's column-major terms,
+// D (F x M, ld F) = op_T(A) B with A = W stored (K x F, ld K) and B = x stored (K x M, ld K): the "TN" case,
+// the one every bf16 tensor-core kernel supports. The bias runs along D's rows (length F).
+#include "ops/cuda/gemm.h"
+
+#include <cublasLt.h>
+
+#include <map>
+#include <tuple>
+
+namespace sav::cuda {
+
+namespace {
+
+const char* lt_status_name(cublasStatus_t s) {
+  switch (s) {
+    case CUBLAS_STATUS_SUCCESS: return "CUBLAS_STATUS_SUCCESS";
+    case CUBLAS_STATUS_NOT_INITIALIZED: return "CUBLAS_STATUS_NOT_INITIALIZED";
+    case CUBLAS_STATUS_ALLOC_FAILED: return "CUBLAS_STATUS_ALLOC_FAILED";
+    case CUBLAS_STATUS_INVALID_VALUE: return "CUBLAS_STATUS_INVALID_VALUE";
+    case CUBLAS_STATUS_ARCH_MISMATCH: return "CUBLAS_STATUS_ARCH_MISMATCH";
+    case CUBLAS_STATUS_MAPPING_ERROR: return "CUBLAS_STATUS_MAPPING_ERROR";
+    case CUBLAS_STATUS_EXECUTION_FAILED: return "CUBLAS_STATUS_EXECUTION_FAILED";
+    case CUBLAS_STATUS_INTERNAL_ERROR: return "CUBLAS_STATUS_INTERNAL_ERROR";
+    case CUBLAS_STATUS_NOT_SUPPORTED: return "CUBLAS_STATUS_NOT_SUPPORTED";
+    default: return "CUBLAS_STATUS_(other)";
+  }
+}
+
+}  // namespace
+
+#define SAV_CUBLAS_CHECK(expr)                                                                         \
+  do {                                                                                                 \
+    const cublasStatus_t sav_s_ = (expr);                                                              \
+    if (sav_s_ != CUBLAS_STATUS_SUCCESS)                                                               \
+      SAV_THROW("cuBLASLt call failed: " #expr " -> " << lt_status_name(sav_s_) << " (" << int(sav_s_) \
+                                                      << "); check the sizes, types and alignment");   \
+  } while (0)
+
+namespace {
+
+enum class Out { bf16, bf16_gelu, f32, f32_acc };
+
+struct Plan {
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+  cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_DEFAULT;
+  ~Plan() {
+    if (a) cublasLtMatrixLayoutDestroy(a);
+    if (b) cublasLtMatrixLayoutDestroy(b);
+    if (d) cublasLtMatrixLayoutDestroy(d);
+    if (desc) cublasLtMatmulDescDestroy(desc);
+  }
+};
+
+}  // namespace
+
+struct Gemm::Impl {
+  cublasLtHandle_t handle = nullptr;
+  DeviceBuffer<unsigned char> workspace;
+  // (M, K, F, output kind, has bias) -> plan
+  std::map<std::tuple<int, int, int, int, bool>, std::unique_ptr<Plan>> plans;
+
+  Plan& plan(int M, int K, int F, Out out, bool has_bias, const void* bias) {
+    auto key = std::make_tuple(M, K, F, int(out), has_bias);
+    auto it = plans.find(key);
+    if (it != plans.end()) return *it->second;
+    auto p = std::make_unique<Plan>();
+    const bool f32 = out == Out::f32 || out == Out::f32_acc;
+    const cudaDataType_t dtype = f32 ? CUDA_R_32F : CUDA_R_16BF;
+    SAV_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    SAV_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
+    SAV_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
+    if (out == Out::bf16_gelu) {
+      p->epilogue = has_bias ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_GELU;
+    } else {
+      p->epilogue = has_bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
+    }
+    SAV_CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &p->epilogue, sizeof(p->epilogue)));
+    if (has_bias) {
+      const cudaDataType_t bt = dtype;  // the bias has the output's type
+      SAV_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt, sizeof(bt)));
+      SAV_CUBLAS_CHECK(
+          cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
+    }
+    SAV_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->a, CUDA_R_16BF, K, F, K));
+    SAV_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->b, CUDA_R_16BF, K, M, K));
+    SAV_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->d, dtype, F, M, F));
+
+    cublasLtMatmulPreference_t pref = nullptr;
+    SAV_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+    const size_t ws = workspace.bytes();
+    cublasStatus_t st =
+        cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
+    cublasLtMatmulHeuristicResult_t res{};
+    int found = 0;
+    if (st == CUBLAS_STATUS_SUCCESS)
+      st = cublasLtMatmulAlgoGetHeuristic(handle, p->desc, p->a, p->b, p->d, p->d, pref, 1, &res, &found);
+    cublasLtMatmulPreferenceDestroy(pref);
+    SAV_CUBLAS_CHECK(st);
+    SAV_CHECK(found > 0, "cuBLASLt has no algorithm for the linear M=" << M << " K=" << K << " F=" << F
+                                                                        << " output " << (f32 ? "f32" : "bf16")
+                                                                        << " epilogue " << int(p->epilogue));
+    p->algo = res.algo;
+    return *plans.emplace(key, std::move(p)).first->second;
+  }
+
+  void run(void* y, const bf16* x, const bf16* w, const void* bias, int M, int K, int F, Out out,
+           cudaStream_t stream) {
+    SAV_CHECK(y && x && w, "linear: null pointer");
+    SAV_CHECK(M >= 0 && K >= 1 && F >= 1, "linear: bad sizes M=" << M << " K=" << K << " F=" << F);
+    if (M == 0) return;
+    Plan& p = plan(M, K, F, out, bias != nullptr, bias);
+    if (bias)
+      SAV_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
+    const float alpha = 1.0f, beta = out == Out::f32_acc ? 1.0f : 0.0f;
+    SAV_CUBLAS_CHECK(cublasLtMatmul(handle, p.desc, &alpha, w, p.a, x, p.b, &beta, y, p.d, y, p.d, &p.algo,
+                                    workspace.get(), workspace.bytes(), stream));
+  }
+};
+
+Gemm::Gemm(size_t workspace_bytes) : impl_(std::make_unique<Impl>()) {
+  SAV_CUBLAS_CHECK(cublasLtCreate(&impl_->handle));
+  impl_->workspace.resize(workspace_bytes);
+}
+
+Gemm::~Gemm() {
+  if (impl_ && impl_->handle) {
+    impl_->plans.clear();
+    cublasLtDestroy(impl_->handle);
+  }
+}
+
+void Gemm::linear_bf16(bf16* y, const bf16* x, const bf16* w, const bf16* b, int M, int K, int F, bool gelu,
+                       cudaStream_t stream) {
+  impl_->run(y, x, w, b, M, K, F, gelu ? Out::bf16_gelu : Out::bf16, stream);
+}
+
+void Gemm::linear_f32(float* y, const bf16* x, const bf16* w, const float* b, int M, int K, int F, bool accumulate,
+                      cudaStream_t stream) {
+  impl_->run(y, x, w, b, M, K, F, accumulate ? Out::f32_acc : Out::f32, stream);
+}
+
+}  // namespace sav::cuda
