@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "core/rng.h"
+#include "core/error.h"
 #include "io/safetensors.h"
 
 using namespace sav;
@@ -124,4 +125,38 @@ TEST_F(ResumeTest, SigkillAtAnyMomentLeavesALoadableCheckpointAndResumes) {
   EXPECT_EQ(0, std::memcmp(got.data(), ref.data(), got.size() * sizeof(float))) << "resumed run diverged";
   for (auto& e : fs::directory_iterator(out))
     EXPECT_EQ(e.path().string().find(".tmp."), std::string::npos) << "stray temp file " << e.path();
+}
+
+#include "io/dataset.h"
+#include "models/registry.h"
+#include "models/vit.h"
+#include "train/trainer.h"
+
+// A NaN in training stops the step with a report naming what and when, and the last good checkpoint stays.
+TEST(NumericFaults, NanLossStopsTrainingAndKeepsTheLastCheckpoint) {
+  Dataset ds;
+  ds.n = 64, ds.channels = 1, ds.height = 28, ds.width = 28, ds.num_classes = 10;
+  ds.pixels.resize(size_t(64) * 784);
+  Rng rng(3);
+  for (auto& p : ds.pixels) p = static_cast<uint8_t>(rng.below(256));
+  for (int i = 0; i < 64; ++i) ds.labels.push_back(i % 10);
+  auto model = create_model("vit_fmnist", {{"dim", 16}, {"depth", 1}, {"heads", 2}, {"mlp_hidden", 16}});
+  Rng init(1);
+  static_cast<Vit*>(model.get())->init_random(init);
+  const fs::path dir = fs::temp_directory_path() / ("sav_nan_" + std::to_string(::getpid()));
+  TrainOptions opt;
+  opt.epochs = 1, opt.batch = 16, opt.out_dir = dir.string(), opt.progress = false;
+  Trainer(*model, ds, ds, opt).run();
+  const auto good = final_params((dir / "last.safetensors").string());
+  model->params().get("head.weight").f32()[3] = std::nanf("");
+  opt.epochs = 2;
+  opt.resume = false;
+  try {
+    Trainer(*model, ds, ds, opt).run();
+    FAIL() << "training on a NaN parameter did not stop";
+  } catch (const sav::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("not finite at step"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(final_params((dir / "last.safetensors").string()), good) << "the last good checkpoint was overwritten";
+  fs::remove_all(dir);
 }

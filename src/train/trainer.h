@@ -31,7 +31,7 @@ struct TrainOptions {
   float smoothing = 0.1f;
   uint64_t seed = 0;
   Augment augment;
-  Normalize normalize;
+  Normalize normalize = Normalize::none();  // the CLI sets the data set's own
   int64_t train_limit = 0;  // use only the first N training images (0: all)
   int64_t eval_limit = 0;
   int eval_batch = 256;
