@@ -44,8 +44,9 @@ int max_smem_per_block() { return device_info().smem_optin; }
 std::vector<bf16> to_bf16(const float* x, size_t n) {
   std::vector<bf16> y(n);
   for (size_t i = 0; i < n; ++i) {
-    const uint16_t h = float_to_bf16(x[i]);
-    std::memcpy(&y[i], &h, 2);
+    __nv_bfloat16_raw r;
+    r.x = float_to_bf16(x[i]);
+    y[i] = bf16(r);
   }
   return y;
 }
@@ -53,9 +54,8 @@ std::vector<bf16> to_bf16(const float* x, size_t n) {
 std::vector<float> from_bf16(const std::vector<bf16>& x) {
   std::vector<float> y(x.size());
   for (size_t i = 0; i < x.size(); ++i) {
-    uint16_t h;
-    std::memcpy(&h, &x[i], 2);
-    y[i] = bf16_to_float(h);
+    const __nv_bfloat16_raw r(x[i]);
+    y[i] = bf16_to_float(r.x);
   }
   return y;
 }

@@ -75,19 +75,24 @@ class DeviceBuffer {
   T* get() const { return p_; }
   size_t size() const { return n_; }
   size_t bytes() const { return n_ * sizeof(T); }
+  // Synchronous copies (the device is synchronised, so work on any stream sees or has finished with the
+  // data): for set-up and tests, not for hot paths.
   void upload(const T* host, size_t n) {
     SAV_CHECK(n <= n_, "upload of " << n << " elements into a device buffer of " << n_);
     SAV_CUDA_CHECK(cudaMemcpy(p_, host, n * sizeof(T), cudaMemcpyHostToDevice));
+    SAV_CUDA_CHECK(cudaDeviceSynchronize());
   }
   void upload(const std::vector<T>& v) { upload(v.data(), v.size()); }
   std::vector<T> download() const {
     std::vector<T> v(n_);
+    SAV_CUDA_CHECK(cudaDeviceSynchronize());
     if (n_) SAV_CUDA_CHECK(cudaMemcpy(v.data(), p_, n_ * sizeof(T), cudaMemcpyDeviceToHost));
     return v;
   }
   // Sets every byte to `byte` (0xFF makes float NaN and bf16 NaN: a poison that a test can detect).
   void fill_bytes(int byte) {
     if (n_) SAV_CUDA_CHECK(cudaMemset(p_, byte, n_ * sizeof(T)));
+    SAV_CUDA_CHECK(cudaDeviceSynchronize());
   }
 
  private:

@@ -5,6 +5,7 @@
 
 #include <cublasLt.h>
 
+#include <cmath>
 #include <map>
 #include <tuple>
 
@@ -62,7 +63,40 @@ struct Gemm::Impl {
   // (M, K, F, output kind, has bias) -> plan
   std::map<std::tuple<int, int, int, int, bool>, std::unique_ptr<Plan>> plans;
 
-  Plan& plan(int M, int K, int F, Out out, bool has_bias, const void* bias) {
+  // Times the heuristic's candidates on the call's operands (output to a scratch buffer) and returns the
+  // index of the fastest; 0 (the heuristic's first choice) while the stream is being captured.
+  int fastest(const Plan& p, const cublasLtMatmulHeuristicResult_t* res, int found, int M, int F, bool f32,
+              const bf16* x, const bf16* w, cudaStream_t stream) {
+    cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+    SAV_CUDA_CHECK(cudaStreamIsCapturing(stream, &cap));
+    if (cap != cudaStreamCaptureStatusNone) return 0;
+    DeviceBuffer<unsigned char> scratch(size_t(M) * F * (f32 ? 4 : 2));
+    SAV_CUDA_CHECK(cudaMemsetAsync(scratch.get(), 0, scratch.bytes(), stream));
+    Event e0, e1;
+    const float alpha = 1.0f, beta = 0.0f;
+    int best = 0;
+    float best_ms = INFINITY;
+    for (int i = 0; i < found; ++i) {
+      if (res[i].state != CUBLAS_STATUS_SUCCESS) continue;
+      auto launch = [&] {
+        return cublasLtMatmul(handle, p.desc, &alpha, w, p.a, x, p.b, &beta, scratch.get(), p.d, scratch.get(), p.d,
+                              &res[i].algo, workspace.get(), workspace.bytes(), stream);
+      };
+      if (launch() != CUBLAS_STATUS_SUCCESS) continue;  // a candidate that refuses these operands
+      constexpr int kReps = 5;
+      SAV_CUDA_CHECK(cudaEventRecord(e0.get(), stream));
+      for (int r = 0; r < kReps; ++r) SAV_CUBLAS_CHECK(launch());
+      SAV_CUDA_CHECK(cudaEventRecord(e1.get(), stream));
+      SAV_CUDA_CHECK(cudaEventSynchronize(e1.get()));
+      float ms = 0.0f;
+      SAV_CUDA_CHECK(cudaEventElapsedTime(&ms, e0.get(), e1.get()));
+      if (ms < best_ms) best = i, best_ms = ms;
+    }
+    return best;
+  }
+
+  Plan& plan(int M, int K, int F, Out out, bool has_bias, const void* bias, const bf16* x, const bf16* w,
+             cudaStream_t stream) {
     auto key = std::make_tuple(M, K, F, int(out), has_bias);
     auto it = plans.find(key);
     if (it != plans.end()) return *it->second;
@@ -95,16 +129,18 @@ struct Gemm::Impl {
     const size_t ws = workspace.bytes();
     cublasStatus_t st =
         cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
-    cublasLtMatmulHeuristicResult_t res{};
+    constexpr int kCandidates = 8;
+    cublasLtMatmulHeuristicResult_t res[kCandidates] = {};
     int found = 0;
     if (st == CUBLAS_STATUS_SUCCESS)
-      st = cublasLtMatmulAlgoGetHeuristic(handle, p->desc, p->a, p->b, p->d, p->d, pref, 1, &res, &found);
+      st = cublasLtMatmulAlgoGetHeuristic(handle, p->desc, p->a, p->b, p->d, p->d, pref, kCandidates, res, &found);
     cublasLtMatmulPreferenceDestroy(pref);
     SAV_CUBLAS_CHECK(st);
     SAV_CHECK(found > 0, "cuBLASLt has no algorithm for the linear M=" << M << " K=" << K << " F=" << F
                                                                         << " output " << (f32 ? "f32" : "bf16")
                                                                         << " epilogue " << int(p->epilogue));
-    p->algo = res.algo;
+    p->algo = res[0].algo;
+    if (found > 1) p->algo = res[fastest(*p, res, found, M, F, f32, x, w, stream)].algo;
     return *plans.emplace(key, std::move(p)).first->second;
   }
 
@@ -113,7 +149,7 @@ struct Gemm::Impl {
     SAV_CHECK(y && x && w, "linear: null pointer");
     SAV_CHECK(M >= 0 && K >= 1 && F >= 1, "linear: bad sizes M=" << M << " K=" << K << " F=" << F);
     if (M == 0) return;
-    Plan& p = plan(M, K, F, out, bias != nullptr, bias);
+    Plan& p = plan(M, K, F, out, bias != nullptr, bias, x, w, stream);
     if (bias)
       SAV_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
     const float alpha = 1.0f, beta = out == Out::f32_acc ? 1.0f : 0.0f;

@@ -10,8 +10,11 @@
 // the algorithm is chosen for that alignment). GELU is cuBLASLt's tanh approximation: at most 4.7e-4 from
 // the exact erf form (torch.nn.GELU()), well under bf16's rounding of the output.
 //
-// Algorithms are chosen once per shape by cuBLASLt's heuristic and cached; a call allocates nothing, so the
-// calls can be captured in a CUDA graph. Not thread-safe: one Gemm per thread.
+// Algorithms are chosen once per shape and cached: cuBLASLt's heuristic proposes up to 8, the first call of a
+// shape times each on its operands (into a scratch output) and keeps the fastest (the heuristic's first
+// choice when that call is being captured into a graph). Later calls allocate nothing, so they can be
+// captured. Results are bit-identical from call to call with one Gemm; another Gemm may pick another
+// algorithm (summation order). Not thread-safe: one Gemm per thread.
 #pragma once
 
 #include <memory>

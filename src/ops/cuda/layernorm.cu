@@ -25,13 +25,81 @@ struct LnParams {
   const float* b;
   int M, C;
   float eps;
+  bool vec4;  // float4 loads, 4-bf16 stores
 };
 
+__device__ __forceinline__ float4 f4_add(float4 a, float4 b) {
+  return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+}
+
+// Vector path (C % 4 == 0, aligned rows): lane holds float4 number lane + 32 k. Scalar path: element
+// lane + 32 k. Both keep the row in 32 registers.
 __global__ void layernorm_kernel(const LnParams p) {
   const int lane = threadIdx.x & 31;
   const int row = blockIdx.x * kLnWarps + (threadIdx.x >> 5);
   if (row >= p.M) return;
   const int C = p.C;
+  float s = 0.0f;
+  if (p.vec4) {
+    constexpr int kPer4 = kLnPerLane / 4;
+    const int C4 = C / 4;
+    float4 v[kPer4];
+    if (p.pe) {
+      const int n = row % p.N, b = row / p.N;
+      const float4* src = reinterpret_cast<const float4*>(
+          n == 0 ? p.cls : p.pe + (int64_t(b) * (p.N - 1) + (n - 1)) * C);
+      const float4* pos = reinterpret_cast<const float4*>(p.pos + int64_t(n) * C);
+      float4* xo = reinterpret_cast<float4*>(p.xout + int64_t(row) * C);
+#pragma unroll
+      for (int k = 0; k < kPer4; ++k) {
+        const int c = lane + 32 * k;
+        v[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (c < C4) {
+          v[k] = f4_add(src[c], pos[c]);
+          xo[c] = v[k];
+        }
+      }
+    } else {
+      const float4* xr = reinterpret_cast<const float4*>(p.x + int64_t(row) * p.ldx);
+#pragma unroll
+      for (int k = 0; k < kPer4; ++k) {
+        const int c = lane + 32 * k;
+        v[k] = c < C4 ? xr[c] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      }
+    }
+    if (!p.y) return;
+#pragma unroll
+    for (int k = 0; k < kPer4; ++k) s += (v[k].x + v[k].y) + (v[k].z + v[k].w);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    const float mean = s / C;
+    float q = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kPer4; ++k) {
+      if (lane + 32 * k < C4) {
+        const float a = v[k].x - mean, b = v[k].y - mean, c = v[k].z - mean, d = v[k].w - mean;
+        q += (a * a + b * b) + (c * c + d * d);
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
+    const float rstd = rsqrtf(q / C + p.eps);
+    const float4* w4 = reinterpret_cast<const float4*>(p.w);
+    const float4* b4 = reinterpret_cast<const float4*>(p.b);
+    uint2* yr = reinterpret_cast<uint2*>(p.y + int64_t(row) * p.ldy);
+#pragma unroll
+    for (int k = 0; k < kPer4; ++k) {
+      const int c = lane + 32 * k;
+      if (c < C4) {
+        const float4 w = w4[c], b = b4[c];
+        __align__(8) __nv_bfloat162 h[2] = {
+            __floats2bfloat162_rn((v[k].x - mean) * rstd * w.x + b.x, (v[k].y - mean) * rstd * w.y + b.y),
+            __floats2bfloat162_rn((v[k].z - mean) * rstd * w.z + b.z, (v[k].w - mean) * rstd * w.w + b.w)};
+        yr[c] = *reinterpret_cast<const uint2*>(h);
+      }
+    }
+    return;
+  }
   float v[kLnPerLane];
   if (p.pe) {
     const int n = row % p.N, b = row / p.N;
@@ -56,7 +124,6 @@ __global__ void layernorm_kernel(const LnParams p) {
     }
   }
   if (!p.y) return;
-  float s = 0.0f;
 #pragma unroll
   for (int k = 0; k < kLnPerLane; ++k) s += v[k];
 #pragma unroll
@@ -80,10 +147,13 @@ __global__ void layernorm_kernel(const LnParams p) {
   }
 }
 
-void launch(const LnParams& p, cudaStream_t stream) {
+void launch(LnParams p, cudaStream_t stream) {
   SAV_CHECK(layernorm_supports(p.C), "layernorm: width " << p.C << " not supported (1..." << kLnMaxC << ")");
   SAV_CHECK(p.M >= 0, "layernorm: negative row count " << p.M);
   if (p.M == 0) return;
+  auto a16 = [](const void* q) { return q == nullptr || reinterpret_cast<uintptr_t>(q) % 16 == 0; };
+  p.vec4 = p.C % 4 == 0 && p.ldx % 4 == 0 && p.ldy % 4 == 0 && a16(p.x) && a16(p.xout) && a16(p.pe) &&
+           a16(p.cls) && a16(p.pos) && a16(p.w) && a16(p.b) && reinterpret_cast<uintptr_t>(p.y) % 8 == 0;
   const int blocks = (p.M + kLnWarps - 1) / kLnWarps;
   layernorm_kernel<<<blocks, kLnWarps * 32, 0, stream>>>(p);
   SAV_CUDA_CHECK_LAUNCH();

@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# On the lent H200 machine (one device run): builds shiftaddvit (Release, CUDA on, tests on), runs the CUDA
+# tests, times the engine on the DeiT presets and the timm/PyTorch baseline in the same run, and prints the
+# ratio table. Logs go to $OUT (the device run's output folder; /tmp/sav_h200 elsewhere).
+#
+#   bash scripts/h200_bench.sh                                  # everything
+#   SAV_H200_STEPS="build tests sanitize" bash scripts/h200_bench.sh
+#
+# Steps: build tests bench timm table profile sanitize (default: build tests bench timm table). profile
+# runs ncu on one eager forward (SAV_PROFILE_MODELS); sanitize runs compute-sanitizer on the tests.
+# That machine has no network and lacks OpenBLAS, GTest, stb (and maybe the CMake files of CLI11 and
+# nlohmann-json): the Debian packages are carried in .devrun/debs (git-ignored; fetch them here with
+#   mkdir -p .devrun/debs && cd .devrun/debs && apt-get download libopenblas0-openmp libopenblas-openmp-dev \
+#     libopenblas-dev libgfortran5 libquadmath0 libgtest-dev libstb-dev libcli11-dev nlohmann-json3-dev \
+#     zlib1g-dev zlib1g
+# ) and unpacked under /tmp/deps; the timm baseline script is carried as .devrun/timm_baseline.py (a copy of
+# shared/bench/timm_baseline.py). Name ".devrun" in the run tool's carry.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/sav_h200}
+mkdir -p "$OUT"
+STEPS=" ${SAV_H200_STEPS:-build tests bench timm table} "
+DEPS=${SAV_DEPS:-/tmp/deps}
+BUILD=${SAV_BUILD_DIR:-build-h200}
+MODELS=${SAV_MODELS:-deit_tiny_patch16_224,deit_small_patch16_224,deit_base_patch16_224}
+BATCHES=${SAV_BATCHES:-1,64}
+has() { [[ "$STEPS" == *" $1 "* ]]; }
+status=0
+
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader 2>&1
+
+if has build; then
+  mkdir -p "$DEPS"
+  if compgen -G ".devrun/debs/*.deb" >/dev/null; then
+    for f in .devrun/debs/*.deb; do dpkg -x "$f" "$DEPS"; done
+  fi
+  ML=$DEPS/usr/lib/x86_64-linux-gnu
+  ZLIB_LIB=""
+  for z in /usr/lib/x86_64-linux-gnu/libz.so /usr/lib/x86_64-linux-gnu/libz.so.1 /lib/x86_64-linux-gnu/libz.so.1 \
+           "$DEPS/lib/x86_64-linux-gnu/libz.so.1"; do
+    if [ -e "$z" ]; then ZLIB_LIB=$z; break; fi
+  done
+  ZLIB_INC=/usr/include
+  [ -f /usr/include/zlib.h ] || ZLIB_INC=$DEPS/usr/include
+  NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+  GEN=""
+  command -v ninja >/dev/null && GEN="-G Ninja"
+  {
+    echo "== configure"
+    cmake -S . -B "$BUILD" $GEN -DCMAKE_BUILD_TYPE=Release -DSAV_CUDA=ON -DSAV_BUILD_TESTS=ON \
+      -DCMAKE_CUDA_COMPILER="$NVCC" -DCMAKE_CUDA_ARCHITECTURES=90 \
+      -DCMAKE_PREFIX_PATH="$DEPS/usr" -DCMAKE_POLICY_VERSION_MINIMUM=3.5 \
+      -DOPENBLAS_INCLUDE="$DEPS/usr/include/x86_64-linux-gnu/openblas-openmp" \
+      -DOPENBLAS_LIB="$ML/openblas-openmp/libopenblas.so" \
+      -DSTB_INCLUDE="$DEPS/usr/include/stb" \
+      -DZLIB_LIBRARY="$ZLIB_LIB" -DZLIB_INCLUDE_DIR="$ZLIB_INC" \
+      -DCMAKE_EXE_LINKER_FLAGS="-Wl,-rpath-link,$ML -Wl,-rpath,$ML/openblas-openmp:$ML" &&
+    echo "== build" &&
+    cmake --build "$BUILD" -j"$(nproc)" --target sav_cuda_tests sav_cuda_bench
+  } >"$OUT/build.log" 2>&1
+  rc=$?
+  echo "[h200] build rc=$rc (log: build.log)"
+  if [ $rc -ne 0 ]; then
+    grep -E "error|Error|ERROR" "$OUT/build.log" | head -40
+    tail -30 "$OUT/build.log"
+    exit 1
+  fi
+fi
+
+if has tests; then
+  echo "[h200] sav_cuda_tests"
+  "$BUILD/sav_cuda_tests" 2>&1 | tee "$OUT/tests.log"
+  rc=${PIPESTATUS[0]}
+  echo "[h200] tests rc=$rc"
+  [ $rc -eq 0 ] || status=1
+fi
+
+if has bench; then
+  echo "[h200] sav_cuda_bench"
+  rm -f "$OUT/engine.jsonl"
+  "$BUILD/sav_cuda_bench" --models "$MODELS" --batches "$BATCHES" --iters 100 --json "$OUT/engine.jsonl" 2>&1 |
+    tee "$OUT/bench.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+if has timm; then
+  echo "[h200] timm baseline"
+  TB=.devrun/timm_baseline.py
+  [ -f "$TB" ] || TB=shared/bench/timm_baseline.py
+  rm -f "$OUT/timm.jsonl"
+  PYTHONUNBUFFERED=1 python3 "$TB" --models "$MODELS" --batches "$BATCHES" --json "$OUT/timm.jsonl" 2>&1 |
+    grep -v Warning
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+if has table && [ -f "$OUT/engine.jsonl" ] && [ -f "$OUT/timm.jsonl" ]; then
+  python3 - "$OUT/engine.jsonl" "$OUT/timm.jsonl" <<'EOF' | tee "$OUT/table.txt"
+import json, sys
+eng = {(r["model"], r["batch"]): r for r in map(json.loads, open(sys.argv[1]))}
+base = {(r["model"], r["batch"]): r for r in map(json.loads, open(sys.argv[2]))}
+print(f"{'model':26} {'batch':>5} {'engine_ms':>10} {'timm_graph16':>12} {'timm_best16':>11} {'speedup':>8}")
+for key in sorted(eng, key=lambda k: (k[0], k[1])):
+    e, b = eng[key]["engine_ms"], base.get(key)
+    if b is None:
+        print(f"{key[0]:26} {key[1]:>5} {e:10.4f} {'-':>12} {'-':>11} {'-':>8}")
+        continue
+    print(f"{key[0]:26} {key[1]:>5} {e:10.4f} {b['graph_fp16_ms']:12.4f} {b['best_fp16_ms']:11.4f} "
+          f"{b['best_fp16_ms'] / e:7.2f}x")
+print("speedup = timm best fp16 ms / engine ms (same run; > 1: the engine is faster)")
+EOF
+fi
+if has profile; then
+  echo "[h200] ncu: kernel times of one eager forward (${SAV_PROFILE_MODELS:-deit_tiny_patch16_224} at $BATCHES)"
+  NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+  timeout 300 "$NCU" --profile-from-start off --clock-control none --cache-control none --print-units base \
+    --metrics gpu__time_duration.sum --csv "$BUILD/sav_cuda_bench" --profile \
+    --models "${SAV_PROFILE_MODELS:-deit_tiny_patch16_224}" --batches "$BATCHES" >/tmp/sav_ncu.csv 2>&1
+  python3 - /tmp/sav_ncu.csv <<'EOF' | tee "$OUT/profile.txt"
+import csv, sys, collections
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
+if not rows:
+    print("no ncu rows"); sys.exit()
+h = rows[0]
+ki, gi, vi = h.index("Kernel Name"), h.index("Grid Size"), h.index("Metric Value")
+launches = [(r[ki], r[gi], float(r[vi].replace(",", "")) / 1000.0) for r in rows[1:]]
+runs = []
+for k in launches:  # each forward starts with the im2col kernel
+    if "im2col" in k[0]:
+        runs.append([])
+    if runs:
+        runs[-1].append(k)
+for n, run in enumerate(runs):
+    print(f"== forward {n}: {len(run)} kernels, {sum(k[2] for k in run):.1f} us of kernel time")
+    agg = {}
+    for name, grid, us in run:
+        key = name[:80] + "  grid" + grid
+        c, t = agg.get(key, (0, 0.0))
+        agg[key] = (c + 1, t + us)
+    for key, (c, t) in sorted(agg.items(), key=lambda kv: -kv[1][1])[:14]:
+        print(f"  {t:9.1f} us {c:4d}x {t / c:8.2f} us  {key}")
+EOF
+fi
+if has sanitize; then
+  echo "[h200] compute-sanitizer memcheck + racecheck on the op tests and the tiny model"
+  CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  {
+    timeout 150 "$CS" --tool memcheck --leak-check no "$BUILD/sav_cuda_tests" \
+      --gtest_filter='CudaOps.*:VitCuda.GoldenTiny*' 2>&1 | tail -40
+    timeout 60 "$CS" --tool racecheck "$BUILD/sav_cuda_tests" --gtest_filter='CudaOps.Attention*' 2>&1 | tail -20
+  } | tee "$OUT/sanitize.log"
+fi
+
+exit $status
