@@ -3,7 +3,7 @@
 # Starts from the shipped dense teacher; every run writes under runs/exp/. Takes about 40 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=./build/shiftaddvit
+BIN=${BIN:-./build/shiftaddvit}
 T=models/fmnist_teacher.safetensors
 E=runs/exp
 mkdir -p $E
