@@ -658,4 +658,198 @@ TEST(OpsSimdMath, ExpAndErfAccuracy) {
   EXPECT_TRUE(std::isfinite(cpu::detail::exp_approx(1e30f)));
 }
 
+
+// =====================================================================================================
+// instruction-set paths: the AVX2+FMA kernels (taken on CPUs that have them) and the portable loops,
+// each against the reference, on shapes that reach every tile shape, mask and tail of the kernels
+// (rows not a multiple of 6, columns not a multiple of 16 or 8, heads of d = 8, 20, 24, 64, N not a
+// multiple of 8) and the OpenMP paths.
+
+#if SAV_HAVE_AVX2_KERNELS
+// e^x and erf(x) through the AVX2 versions, 8 lanes at a time (n a multiple of 8).
+SAV_AVX2 void avx2_exp_erf(float* e, float* erf, float* emx2, const float* x, const float* z, int n) {
+  for (int i = 0; i < n; i += 8) {
+    _mm256_storeu_ps(e + i, cpu::detail::avx2::exp(_mm256_loadu_ps(x + i)));
+    __m256 em;
+    _mm256_storeu_ps(erf + i, cpu::detail::avx2::erf(_mm256_loadu_ps(z + i), &em));
+    _mm256_storeu_ps(emx2 + i, em);
+  }
+}
+#endif
+
+// Sets detail::force_portable_kernels for the scope.
+struct PortableScope {
+  explicit PortableScope(bool on) : saved(cpu::detail::force_portable_kernels) {
+    cpu::detail::force_portable_kernels = on;
+  }
+  ~PortableScope() { cpu::detail::force_portable_kernels = saved; }
+  bool saved;
+};
+
+std::string path_name(bool portable) { return portable ? "portable" : (cpu::detail::use_avx2() ? "avx2" : "portable"); }
+
+TEST(OpsKernelPaths, Avx2ExpAndErfAccuracy) {
+#if SAV_HAVE_AVX2_KERNELS
+  if (!cpu::detail::use_avx2()) GTEST_SKIP() << "no AVX2+FMA on this CPU";
+  const int n = 200008;
+  vector<float> x(n), z(n), e(n), erf(n), emx2(n);
+  for (int i = 0; i < n; ++i) {
+    x[i] = -87.0f + 175.0f * float(i) / float(n - 8);
+    z[i] = -6.0f + 12.0f * float(i) / float(n - 8);
+  }
+  x[n - 2] = -1e30f, x[n - 1] = 1e30f;
+  avx2_exp_erf(e.data(), erf.data(), emx2.data(), x.data(), z.data(), n);
+  double worst_exp = 0.0, worst_erf = 0.0, worst_emz2 = 0.0;
+  for (int i = 0; i < n - 8; ++i) {
+    const double ex = std::exp(double(x[i]));
+    worst_exp = std::max(worst_exp, std::fabs(e[i] - ex) / ex);
+    worst_erf = std::max(worst_erf, std::fabs(erf[i] - std::erf(double(z[i]))));
+    const double e2 = std::exp(-double(z[i] * z[i]));
+    worst_emz2 = std::max(worst_emz2, std::fabs(emx2[i] - e2) / e2);
+  }
+  EXPECT_LT(worst_exp, 3e-7);
+  EXPECT_LT(worst_emz2, 3e-7);
+  EXPECT_LT(worst_erf, 1e-6);
+  EXPECT_GT(e[n - 2], 0.0f);  // clamped like exp_approx
+  EXPECT_LT(e[n - 2], 1e-37f);
+  EXPECT_TRUE(std::isfinite(e[n - 1]));
+#else
+  GTEST_SKIP() << "not an x86-64 GCC build";
+#endif
+}
+
+TEST(OpsKernelPaths, LinearMatchesRef) {
+  const LinearShape shapes[] = {{1, 1, 1},   {5, 7, 40},    {6, 16, 8},   {7, 24, 9},    {13, 37, 67},
+                                {3, 96, 10}, {50, 96, 288}, {50, 192, 96}, {400, 96, 96}, {97, 5, 17}};
+  for (bool portable : {false, true}) {
+    PortableScope scope(portable);
+    for (const auto& s : shapes) {
+      SCOPED_TRACE(path_name(portable) + " M=" + std::to_string(s.M) + " K=" + std::to_string(s.K) +
+                   " F=" + std::to_string(s.F));
+      auto x = t::uniform(size_t(s.M) * s.K, 301), w = t::uniform(size_t(s.F) * s.K, 302), b = t::uniform(s.F, 303);
+      vector<float> y(size_t(s.M) * s.F, 7.0f), y_ref(y.size());
+      cpu::linear_forward(y.data(), x.data(), w.data(), b.data(), s.M, s.K, s.F);
+      cpu::linear_forward_ref(y_ref.data(), x.data(), w.data(), b.data(), s.M, s.K, s.F);
+      EXPECT_LT(t::norm_err(y, y_ref), 1e-5) << "y";
+      cpu::linear_forward(y.data(), x.data(), w.data(), nullptr, s.M, s.K, s.F);
+      cpu::linear_forward_ref(y_ref.data(), x.data(), w.data(), nullptr, s.M, s.K, s.F);
+      EXPECT_LT(t::norm_err(y, y_ref), 1e-5) << "y without bias";
+      auto dy = t::uniform(y.size(), 304);
+      auto dx = t::uniform(x.size(), 305), dw = t::uniform(w.size(), 306), db = t::uniform(b.size(), 307);
+      auto dx_ref = dx, dw_ref = dw, db_ref = db;
+      cpu::linear_backward(dx.data(), dw.data(), db.data(), dy.data(), x.data(), w.data(), s.M, s.K, s.F);
+      cpu::linear_backward_ref(dx_ref.data(), dw_ref.data(), db_ref.data(), dy.data(), x.data(), w.data(), s.M, s.K,
+                               s.F);
+      EXPECT_LT(t::norm_err(dx, dx_ref), 1e-5) << "dx";
+      EXPECT_LT(t::norm_err(dw, dw_ref), 1e-5) << "dw";
+      EXPECT_LT(t::norm_err(db, db_ref), 1e-5) << "db";
+    }
+  }
+}
+
+TEST(OpsKernelPaths, LayerNormMatchesRef) {
+  const LnShape shapes[] = {{1, 8}, {7, 24}, {65, 96}, {400, 96}, {3, 192}, {5, 40}};
+  const float eps = 1e-6f;
+  for (bool portable : {false, true}) {
+    PortableScope scope(portable);
+    for (const auto& s : shapes) {
+      SCOPED_TRACE(path_name(portable) + " M=" + std::to_string(s.M) + " C=" + std::to_string(s.C));
+      auto x = ln_input(s.M, s.C, 311), w = t::uniform(s.C, 313, 0.5f, 1.5f), b = t::uniform(s.C, 314);
+      vector<float> y(x.size(), 9.0f), mean(s.M), rstd(s.M), y_ref(x.size()), mean_ref(s.M), rstd_ref(s.M);
+      cpu::layernorm_forward(y.data(), mean.data(), rstd.data(), x.data(), w.data(), b.data(), s.M, s.C, eps);
+      cpu::layernorm_forward_ref(y_ref.data(), mean_ref.data(), rstd_ref.data(), x.data(), w.data(), b.data(), s.M,
+                                 s.C, eps);
+      EXPECT_LT(t::norm_err(y, y_ref), 2e-5) << "y";
+      EXPECT_LT(t::norm_err(mean, mean_ref), 1e-6) << "mean";
+      EXPECT_LT(t::norm_err(rstd, rstd_ref), 2e-5) << "rstd";
+      auto dy = t::uniform(x.size(), 315);
+      auto dx = t::uniform(x.size(), 316), dw = t::uniform(s.C, 317), db = t::uniform(s.C, 318);
+      auto dx_ref = dx, dw_ref = dw, db_ref = db;
+      cpu::layernorm_backward(dx.data(), dw.data(), db.data(), dy.data(), x.data(), w.data(), mean_ref.data(),
+                              rstd_ref.data(), s.M, s.C);
+      cpu::layernorm_backward_ref(dx_ref.data(), dw_ref.data(), db_ref.data(), dy.data(), x.data(), w.data(),
+                                  mean_ref.data(), rstd_ref.data(), s.M, s.C);
+      EXPECT_LT(t::norm_err(dx, dx_ref), 2e-5) << "dx";
+      EXPECT_LT(t::norm_err(dw, dw_ref), 2e-5) << "dw";
+      EXPECT_LT(t::norm_err(db, db_ref), 1e-5) << "db";
+    }
+  }
+}
+
+TEST(OpsKernelPaths, GeluMatchesRef) {
+  for (bool portable : {false, true}) {
+    PortableScope scope(portable);
+    for (int64_t n : {1, 7, 8, 9, 37, 40000}) {
+      SCOPED_TRACE(path_name(portable) + " n=" + std::to_string(n));
+      auto x = t::normal(n, 321, 3.0f);
+      if (n > 2) x[0] = 30.0f, x[1] = -30.0f, x[2] = 0.0f;
+      vector<float> y(n, 5.0f), y_ref(n);
+      cpu::gelu_forward(y.data(), x.data(), n);
+      cpu::gelu_forward_ref(y_ref.data(), x.data(), n);
+      EXPECT_LT(t::norm_err(y, y_ref), 2e-6) << "y";
+      auto dy = t::uniform(n, 322), dx = t::uniform(n, 323);
+      auto dx_ref = dx;
+      cpu::gelu_backward(dx.data(), dy.data(), x.data(), n);
+      cpu::gelu_backward_ref(dx_ref.data(), dy.data(), x.data(), n);
+      EXPECT_LT(t::norm_err(dx, dx_ref), 2e-6) << "dx";
+    }
+  }
+}
+
+TEST(OpsKernelPaths, AttentionMatchesRef) {
+  // d = 24 (vit_fmnist), 20 (masked 24-column tiles), 8, 64, 4, 3; N = 50, 17, 9, 8, 197, 1; the last
+  // shape runs OpenMP over (batch, head) pairs.
+  const AttShape shapes[] = {{3, 50, 96, 4}, {2, 17, 40, 2}, {1, 9, 16, 2}, {1, 8, 8, 1},
+                             {1, 197, 64, 1}, {2, 1, 12, 3}, {2, 13, 9, 3}, {16, 50, 96, 4}};
+  for (bool portable : {false, true}) {
+    PortableScope scope(portable);
+    for (const auto& s : shapes) {
+      SCOPED_TRACE(path_name(portable) + " " + att_name(s));
+      const size_t nqkv = size_t(s.B) * s.N * 3 * s.C, nout = size_t(s.B) * s.N * s.C,
+                   natt = size_t(s.B) * s.H * s.N * s.N;
+      auto qkv = t::uniform(nqkv, 331, -2.0f, 2.0f);
+      vector<float> out(nout, 3.0f), att(natt, 3.0f), out_ref(nout), att_ref(natt);
+      cpu::attention_forward(out.data(), att.data(), qkv.data(), s.B, s.N, s.C, s.H);
+      cpu::attention_forward_ref(out_ref.data(), att_ref.data(), qkv.data(), s.B, s.N, s.C, s.H);
+      EXPECT_LT(t::norm_err(out, out_ref), 1e-5) << "out";
+      EXPECT_LT(t::norm_err(att, att_ref), 1e-5) << "att";
+      auto dout = t::uniform(nout, 332), dqkv = t::uniform(nqkv, 333);
+      auto dqkv_ref = dqkv;
+      vector<float> scratch(natt);
+      cpu::attention_backward(dqkv.data(), scratch.data(), dout.data(), qkv.data(), att_ref.data(), s.B, s.N, s.C,
+                              s.H);
+      cpu::attention_backward_ref(dqkv_ref.data(), nullptr, dout.data(), qkv.data(), att_ref.data(), s.B, s.N, s.C,
+                                  s.H);
+      EXPECT_LT(t::norm_err(dqkv, dqkv_ref), 1e-5) << "dqkv";
+    }
+  }
+}
+
+TEST(OpsKernelPaths, IndependentOfThreadCount) {
+  // In the AVX2 kernels every output element is computed by one thread in a fixed order: results are
+  // bitwise the same for any number of threads (threaded OpenBLAS, the portable path, does not promise it).
+  if (!cpu::detail::use_avx2()) GTEST_SKIP() << "no AVX2+FMA on this CPU";
+  const int M = 400, K = 96, F = 192, B = 16, N = 50, C = 96, H = 4;
+  auto x = t::uniform(size_t(M) * K, 341), w = t::uniform(size_t(F) * K, 342), b = t::uniform(F, 343);
+  auto dy = t::uniform(size_t(M) * F, 344), qkv = t::uniform(size_t(B) * N * 3 * C, 345);
+  auto dout = t::uniform(size_t(B) * N * C, 346);
+  const int saved = omp_get_max_threads();
+  vector<vector<float>> runs;
+  for (int threads : {1, 2, 3}) {
+    omp_set_num_threads(threads);
+    vector<float> y(size_t(M) * F), dx = zeros(x.size()), att(size_t(B) * H * N * N), out(size_t(B) * N * C);
+    vector<float> dqkv = zeros(qkv.size()), scratch(att.size());
+    cpu::linear_forward(y.data(), x.data(), w.data(), b.data(), M, K, F);
+    cpu::linear_backward(dx.data(), nullptr, nullptr, dy.data(), x.data(), w.data(), M, K, F);
+    cpu::attention_forward(out.data(), att.data(), qkv.data(), B, N, C, H);
+    cpu::attention_backward(dqkv.data(), scratch.data(), dout.data(), qkv.data(), att.data(), B, N, C, H);
+    vector<float> all;
+    for (const auto* v : {&y, &dx, &att, &out, &dqkv}) all.insert(all.end(), v->begin(), v->end());
+    runs.push_back(all);
+  }
+  omp_set_num_threads(saved);
+  EXPECT_EQ(runs[0], runs[1]);  // bitwise
+  EXPECT_EQ(runs[0], runs[2]);
+}
+
 }  // namespace

@@ -298,7 +298,7 @@ void Vit::forward(const float* images, int B, bool train) {
   const float* cls = ps.get("cls_token").f32();
   const float* pos = ps.get("pos_embed").f32();
   float* x0 = x0_.f32();
-#pragma omp parallel for
+#pragma omp parallel for if (int64_t(M) * C >= 32768)
   for (int b = 0; b < B; ++b) {
     float* xb = x0 + int64_t(b) * N * C;
     for (int c = 0; c < C; ++c) xb[c] = cls[c] + pos[c];
@@ -327,7 +327,7 @@ void Vit::forward(const float* images, int B, bool train) {
     }
     bk.proj->forward(t, a.ao.f32(), M, train, rng);
     float* xmid = a.xmid.f32();
-#pragma omp parallel for
+#pragma omp parallel for if (int64_t(M) * C >= 32768)
     for (int64_t i = 0; i < int64_t(M) * C; ++i) xmid[i] = x[i] + t[i];
     cpu::layernorm_forward(a.ln2.f32(), a.mean2.f32(), a.rstd2.f32(), xmid, ps.get(p + "norm2.weight").f32(),
                            ps.get(p + "norm2.bias").f32(), M, C, cfg_.ln_eps);
@@ -335,7 +335,7 @@ void Vit::forward(const float* images, int B, bool train) {
     cpu::gelu_forward(a.gelu.f32(), a.fc1.f32(), int64_t(M) * F);
     bk.fc2->forward(t, a.gelu.f32(), M, train, rng);
     float* xout = train ? a.xout.f32() : x0;  // inference: x0_ holds the residual stream
-#pragma omp parallel for
+#pragma omp parallel for if (int64_t(M) * C >= 32768)
     for (int64_t i = 0; i < int64_t(M) * C; ++i) xout[i] = xmid[i] + t[i];
     x = xout;
   }

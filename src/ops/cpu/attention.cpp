@@ -54,8 +54,7 @@ SAV_SIMD_CLONES void softmax_rows(float* a, int rows, int n) {
 }
 
 // ds = att * (datt - rowsum(datt * att)), in place over datt: (rows, n).
-SAV_SIMD_CLONES void softmax_backward_rows(float* datt, const float* att,
-                                                                                        int rows, int n) {
+SAV_SIMD_CLONES void softmax_backward_rows(float* datt, const float* att, int rows, int n) {
   for (int r = 0; r < rows; ++r) {
     float* g = datt + static_cast<int64_t>(r) * n;
     const float* p = att + static_cast<int64_t>(r) * n;
@@ -72,17 +71,16 @@ void gather_head(float* dst, const float* src, int N, int d, int64_t ld) {
   for (int n = 0; n < N; ++n) std::copy(src + n * ld, src + n * ld + d, dst + static_cast<int64_t>(n) * d);
 }
 
-// Per-pair work space of the AVX2 path, in floats: kt or vt (d, Np), s (N, Np) and two (N) row vectors,
-// Np = N rounded up to 8.
-int64_t pad8(int n) { return (n + 7) / 8 * 8; }
-int64_t pair_work_floats(int N, int d) { return pad8(N) * (d + N) + 2 * static_cast<int64_t>(N); }
-
-// A per-thread buffer of at least n floats, kept between calls (no allocation in the steady state).
-float* thread_work(int64_t n) {
-  thread_local std::vector<float> buf;
-  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
-  return buf.data();
+// OpenMP only where the pairs carry enough work to pay for waking the other threads: ~1M multiply-adds
+// (about 0.1 ms on one core). Batch-1 vit_fmnist (4 pairs of N=50, d=24: 24 us in all) stays serial.
+bool parallel_pairs(int pairs, int N, int d) {
+  return pairs > 1 && static_cast<int64_t>(pairs) * N * N * d >= 32 * detail::kParallelElems;
 }
+
+#if SAV_HAVE_AVX2_KERNELS
+// Per-pair work space of the AVX2 path, in floats: kt or vt (d, Np) and s (N, Np), Np = N rounded up to 8.
+int64_t pad8(int n) { return (n + 7) / 8 * 8; }
+int64_t pair_work_floats(int N, int d) { return pad8(N) * (d + N); }
 
 // Asks for the cache lines of rows (rows, width) at row stride ld ahead of their use (the next batch
 // element's rows of a head are cold: qkv is several MB).
@@ -94,12 +92,6 @@ void prefetch_rows(const float* p, int rows, int64_t ld, int width) {
   }
 }
 
-// OpenMP only where the pairs carry enough work to pay for waking the other threads.
-bool parallel_pairs(int pairs, int N, int d) {
-  return pairs > 1 && static_cast<int64_t>(pairs) * N * N * d >= 4 * detail::kParallelElems;
-}
-
-#if SAV_HAVE_AVX2_KERNELS
 // dst (d, Np) = src (N, d)^T with src rows at stride ld; columns N..Np-1 are zero. 8x8 blocks are
 // transposed in registers (a scalar transpose stalls on store-to-load address aliasing).
 SAV_AVX2 void pack_transposed(float* dst, const float* src, int N, int d, int64_t ld, int64_t Np) {
@@ -137,6 +129,8 @@ SAV_AVX2 void pack_transposed(float* dst, const float* src, int N, int d, int64_
   }
 }
 
+// Softmax of the N valid entries of row s (padded to a multiple of 8 with finite values): the
+// probabilities overwrite s (padding lanes become 0) and are copied to p (N floats).
 SAV_AVX2 void softmax_row_avx2(float* s, float* p, int N) {
   const int full = N / 8 * 8, rem = N - full;
   const __m256i tail = detail::avx2::lane_mask(rem);
@@ -152,8 +146,8 @@ SAV_AVX2 void softmax_row_avx2(float* s, float* p, int N) {
     vsum = _mm256_add_ps(vsum, e);
   }
   if (rem) {
-    const __m256 e = _mm256_and_ps(detail::avx2::exp(_mm256_sub_ps(_mm256_loadu_ps(s + full), mx)),
-                                   _mm256_castsi256_ps(tail));
+    const __m256 e =
+        _mm256_and_ps(detail::avx2::exp(_mm256_sub_ps(_mm256_loadu_ps(s + full), mx)), _mm256_castsi256_ps(tail));
     _mm256_storeu_ps(s + full, e);
     vsum = _mm256_add_ps(vsum, e);
   }
@@ -179,11 +173,11 @@ SAV_AVX2 void softmax_backward_row_avx2(float* g, const float* p, int N) {
 
 // One (batch, head) pair forward. q, k, v: (N, d) at row stride ld (= 3C); out (N, d) at row stride ldo;
 // att (N, N); work: pair_work_floats(N, d).
-SAV_AVX2 void attention_pair_forward_avx2(float* out, float* att, const float* q, const float* k, const float* v,
-                                          int N, int d, int64_t ld, int64_t ldo, float scale, float* work) {
+SAV_AVX2 void attention_pair_forward_avx2(float* out, float* att, const float* q, const float* k, const float* v, int N,
+                                          int d, int64_t ld, int64_t ldo, float scale, float* work) {
   const int64_t Np = pad8(N);
-  float* kt = work;                 // (d, Np)
-  float* s = work + d * Np;         // (N, Np)
+  float* kt = work;          // (d, Np)
+  float* s = work + d * Np;  // (N, Np)
   pack_transposed(kt, k, N, d, ld, Np);
   detail::avx2::small_gemm(N, static_cast<int>(Np), d, q, ld, 1, kt, Np, s, Np, scale, false);  // s = q k^T scale
   for (int i = 0; i < N; ++i) softmax_row_avx2(s + i * Np, att + static_cast<int64_t>(i) * N, N);
@@ -195,7 +189,7 @@ SAV_AVX2 void attention_pair_backward_avx2(float* dq, float* dk, float* dv, cons
                                            const float* v, const float* att, const float* dout, int N, int d,
                                            int64_t ld, int64_t ldo, float scale, float* work) {
   const int64_t Np = pad8(N);
-  float* vt = work;          // (d, Np)
+  float* vt = work;           // (d, Np)
   float* ds = work + d * Np;  // (N, Np)
   // dv += att^T dout: A(j, i) = att[i*N + j]
   detail::avx2::small_gemm(N, d, N, att, 1, N, dout, ldo, dv, ld, 1.0f, true);
@@ -316,7 +310,7 @@ void attention_forward(float* out, float* att, const float* qkv, int B, int N, i
   if (detail::use_avx2()) {
 #pragma omp parallel if (parallel)
     {
-      float* work = thread_work(pair_work_floats(N, d));
+      float* work = detail::thread_buffer<2>(pair_work_floats(N, d));
 #pragma omp for schedule(static)
       for (int bh = 0; bh < pairs; ++bh) {
         const int b = bh / H, h = bh % H;
@@ -325,8 +319,9 @@ void attention_forward(float* out, float* att, const float* qkv, int B, int N, i
           const float* next = base + static_cast<int64_t>(N) * C3;
           for (int part = 0; part < 3; ++part) prefetch_rows(next + part * C, N, C3, d);
         }
-        attention_pair_forward_avx2(out + static_cast<int64_t>(b) * N * C + h * d, att + static_cast<int64_t>(bh) * N * N,
-                                    base, base + C, base + 2 * C, N, d, C3, C, scale, work);
+        attention_pair_forward_avx2(out + static_cast<int64_t>(b) * N * C + h * d,
+                                    att + static_cast<int64_t>(bh) * N * N, base, base + C, base + 2 * C, N, d, C3, C,
+                                    scale, work);
       }
     }
     return;
@@ -368,7 +363,7 @@ void attention_backward(float* dqkv, float* scratch, const float* dout, const fl
   if (detail::use_avx2()) {
 #pragma omp parallel if (parallel)
     {
-      float* work = thread_work(pair_work_floats(N, d));
+      float* work = detail::thread_buffer<2>(pair_work_floats(N, d));
 #pragma omp for schedule(static)
       for (int bh = 0; bh < pairs; ++bh) {
         const int b = bh / H, h = bh % H;
@@ -383,7 +378,8 @@ void attention_backward(float* dqkv, float* scratch, const float* dout, const fl
           }
           prefetch_rows(dout + static_cast<int64_t>(b + 1) * N * C + h * d, N, C, d);
         }
-        attention_pair_backward_avx2(dq, dq + C, dq + 2 * C, q, q + C, q + 2 * C, att + static_cast<int64_t>(bh) * N * N,
+        attention_pair_backward_avx2(dq, dq + C, dq + 2 * C, q, q + C, q + 2 * C,
+                                     att + static_cast<int64_t>(bh) * N * N,
                                      dout + static_cast<int64_t>(b) * N * C + h * d, N, d, C3, C, scale, work);
       }
     }

@@ -17,8 +17,7 @@ namespace {
 constexpr double kInvSqrt2 = 0.70710678118654752440;
 constexpr double kInvSqrt2Pi = 0.39894228040143267794;
 
-SAV_SIMD_CLONES void gelu_forward_kernel(float* y, const float* x,
-                                                                                      int64_t n) {
+SAV_SIMD_CLONES void gelu_forward_kernel(float* y, const float* x, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     float e;
@@ -27,8 +26,7 @@ SAV_SIMD_CLONES void gelu_forward_kernel(float* y, const float* x,
   }
 }
 
-SAV_SIMD_CLONES void gelu_backward_kernel(float* dx, const float* dy,
-                                                                                       const float* x, int64_t n) {
+SAV_SIMD_CLONES void gelu_backward_kernel(float* dx, const float* dy, const float* x, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     float e;  // exp(-x^2 / 2)

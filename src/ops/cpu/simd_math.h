@@ -22,6 +22,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -57,6 +58,27 @@ inline bool use_avx2() {
 #else
   return false;
 #endif
+}
+
+// A per-thread work buffer of at least n floats, 64-byte aligned (packed panels then never straddle cache
+// lines), kept between calls so the steady state does not allocate. Each Slot is a separate buffer; a
+// pointer stays valid until the same thread asks the same slot for more.
+template <int Slot>
+float* thread_buffer(int64_t n) {
+  struct Buffer {
+    float* p = nullptr;
+    int64_t n = 0;
+    ~Buffer() { std::free(p); }
+  };
+  thread_local Buffer buf;
+  if (buf.n < n) {
+    std::free(buf.p);
+    const size_t bytes = (static_cast<size_t>(n) * sizeof(float) + 63) / 64 * 64;
+    buf.p = static_cast<float*>(std::aligned_alloc(64, bytes));
+    buf.n = buf.p ? n : 0;
+    SAV_CHECK(buf.p != nullptr, "out of memory for " << bytes << " bytes of kernel work space");
+  }
+  return buf.p;
 }
 
 // Below these many elements (or rows) an OpenMP region costs more than it saves.
@@ -156,7 +178,8 @@ SAV_AVX2 inline __m256 exp(__m256 x) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
   // bits(nm) = bits(magic) + n; (n + 127) << 23 is 2^n.
-  const __m256i e = _mm256_slli_epi32(_mm256_sub_epi32(_mm256_castps_si256(nm), _mm256_set1_epi32(0x4B400000 - 127)), 23);
+  const __m256i e =
+      _mm256_slli_epi32(_mm256_sub_epi32(_mm256_castps_si256(nm), _mm256_set1_epi32(0x4B400000 - 127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
@@ -164,8 +187,8 @@ SAV_AVX2 inline __m256 exp(__m256 x) {
 SAV_AVX2 inline __m256 erf(__m256 x, __m256* exp_mx2) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   const __m256 ax = _mm256_andnot_ps(sign, x);
-  const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), ax,
-                                                                        _mm256_set1_ps(1.0f)));
+  const __m256 t =
+      _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), ax, _mm256_set1_ps(1.0f)));
   __m256 p = _mm256_set1_ps(1.061405429f);
   p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.453152027f));
   p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421413741f));
@@ -178,13 +201,14 @@ SAV_AVX2 inline __m256 erf(__m256 x, __m256* exp_mx2) {
   return _mm256_or_ps(y, _mm256_and_ps(x, sign));
 }
 
-// One register tile of a small product: C (R, 8*NV) = alpha * A B (+ C if accumulate), summed over k < K.
-// A (R,K) element (r,k) at a[r*a_rs + k*a_ks] (row-major: a_ks = 1; transposed: a_rs = 1);
-// B (K, 8*NV) rows at b + k*ldb; C rows at c + r*ldc. With MASK the last 8-column vector of B and C
-// touches only the lanes in `mask` (loads stay in bounds).
+// One register tile of a small product: C (R, 8*NV) = alpha * A B (+ C if accumulate) (+ bias if not
+// null), summed over k < K. A (R,K) element (r,k) at a[r*a_rs + k*a_ks] (row-major: a_ks = 1;
+// transposed: a_rs = 1); B (K, 8*NV) rows at b + k*ldb; C rows at c + r*ldc; bias (8*NV) added to every
+// row. With MASK the last 8-column vector of B, C and bias touches only the lanes in `mask` (loads stay
+// in bounds).
 template <int R, int NV, bool MASK>
-SAV_AVX2 inline void gemm_tile(int K, const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t ldb,
-                               float* c, int64_t ldc, float alpha, bool accumulate, __m256i mask) {
+SAV_AVX2 inline void gemm_tile(int K, const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t ldb, float* c,
+                               int64_t ldc, float alpha, bool accumulate, const float* bias, __m256i mask) {
   __m256 acc[R][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
@@ -205,13 +229,19 @@ SAV_AVX2 inline void gemm_tile(int K, const float* a, int64_t a_rs, int64_t a_ks
     b += ldb;
   }
   const __m256 va = _mm256_set1_ps(alpha);
+  __m256 vb[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v)
+    vb[v] = !bias                   ? _mm256_setzero_ps()
+            : (MASK && v == NV - 1) ? _mm256_maskload_ps(bias + 8 * v, mask)
+                                    : _mm256_loadu_ps(bias + 8 * v);
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     float* cr = c + r * ldc;
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
       const bool masked = MASK && v == NV - 1;
-      __m256 out = _mm256_mul_ps(acc[r][v], va);
+      __m256 out = _mm256_fmadd_ps(acc[r][v], va, vb[v]);
       if (accumulate)
         out = _mm256_add_ps(out, masked ? _mm256_maskload_ps(cr + 8 * v, mask) : _mm256_loadu_ps(cr + 8 * v));
       if (masked)
@@ -225,53 +255,66 @@ SAV_AVX2 inline void gemm_tile(int K, const float* a, int64_t a_rs, int64_t a_ks
 // All rows of one column block: register tiles of 6 rows (4 rows for 24-column blocks, 12 accumulators
 // either way), then the leftover rows.
 template <int NV, bool MASK>
-SAV_AVX2 inline void gemm_rows(int rows, int K, const float* a, int64_t a_rs, int64_t a_ks, const float* b,
-                               int64_t ldb, float* c, int64_t ldc, float alpha, bool accumulate, __m256i mask) {
+SAV_AVX2 inline void gemm_rows(int rows, int K, const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t ldb,
+                               float* c, int64_t ldc, float alpha, bool accumulate, const float* bias, __m256i mask) {
   constexpr int RB = NV >= 3 ? 4 : 6;
   int r = 0;
   for (; r + RB <= rows; r += RB)
-    gemm_tile<RB, NV, MASK>(K, a + r * a_rs, a_rs, a_ks, b, ldb, c + r * ldc, ldc, alpha, accumulate, mask);
-  const float* ar = a + r * a_rs;
-  float* cr = c + r * ldc;
+    gemm_tile<RB, NV, MASK>(K, a + r * a_rs, a_rs, a_ks, b, ldb, c + r * ldc, ldc, alpha, accumulate, bias, mask);
+  a += r * a_rs;
+  c += r * ldc;
   switch (rows - r) {
-    case 5: gemm_tile<RB >= 6 ? 5 : 1, NV, MASK>(K, ar, a_rs, a_ks, b, ldb, cr, ldc, alpha, accumulate, mask); break;
-    case 4: gemm_tile<RB >= 6 ? 4 : 1, NV, MASK>(K, ar, a_rs, a_ks, b, ldb, cr, ldc, alpha, accumulate, mask); break;
-    case 3: gemm_tile<3, NV, MASK>(K, ar, a_rs, a_ks, b, ldb, cr, ldc, alpha, accumulate, mask); break;
-    case 2: gemm_tile<2, NV, MASK>(K, ar, a_rs, a_ks, b, ldb, cr, ldc, alpha, accumulate, mask); break;
-    case 1: gemm_tile<1, NV, MASK>(K, ar, a_rs, a_ks, b, ldb, cr, ldc, alpha, accumulate, mask); break;
-    default: break;
+    case 5:  // only when RB == 6
+      gemm_tile<RB == 6 ? 5 : 1, NV, MASK>(K, a, a_rs, a_ks, b, ldb, c, ldc, alpha, accumulate, bias, mask);
+      break;
+    case 4:
+      gemm_tile<RB == 6 ? 4 : 1, NV, MASK>(K, a, a_rs, a_ks, b, ldb, c, ldc, alpha, accumulate, bias, mask);
+      break;
+    case 3:
+      gemm_tile<3, NV, MASK>(K, a, a_rs, a_ks, b, ldb, c, ldc, alpha, accumulate, bias, mask);
+      break;
+    case 2:
+      gemm_tile<2, NV, MASK>(K, a, a_rs, a_ks, b, ldb, c, ldc, alpha, accumulate, bias, mask);
+      break;
+    case 1:
+      gemm_tile<1, NV, MASK>(K, a, a_rs, a_ks, b, ldb, c, ldc, alpha, accumulate, bias, mask);
+      break;
+    default:
+      break;
   }
 }
 
-// C (M, Nc) = alpha * A (M,K) B (K,Nc) (+ C if accumulate), for the small products of one attention head
-// (everything in L1/L2). A addressed as in gemm_tile; B and C row-major with row strides ldb, ldc.
-// Columns go in blocks of 16; a remainder of at most 8 joins the last block (a 24-column block), so that
-// narrow 8-column tiles (one B load per broadcast: load bound) only occur when Nc <= 8. Only the last
-// 8-lane vector of a row may be partial (masked).
+// All rows of one block of `cols` columns, 8*(NV-1) < cols <= 8*NV (the last vector masked if partial).
+template <int NV>
+SAV_AVX2 inline void gemm_block(int rows, int cols, int K, const float* a, int64_t a_rs, int64_t a_ks, const float* b,
+                                int64_t ldb, float* c, int64_t ldc, float alpha, bool accumulate, const float* bias) {
+  if (cols == 8 * NV)
+    gemm_rows<NV, false>(rows, K, a, a_rs, a_ks, b, ldb, c, ldc, alpha, accumulate, bias, _mm256_set1_epi32(-1));
+  else
+    gemm_rows<NV, true>(rows, K, a, a_rs, a_ks, b, ldb, c, ldc, alpha, accumulate, bias,
+                        lane_mask(cols - 8 * (NV - 1)));
+}
+
+// C (M, Nc) = alpha * A (M,K) B (K,Nc) (+ C if accumulate) (+ bias if not null), for products whose B
+// sits in L1/L2 (one attention head). A addressed as in gemm_tile; B and C row-major with row strides
+// ldb, ldc; bias (Nc). Columns go in blocks of 16; a remainder of at most 8 joins the last block (a
+// 24-column block), so that narrow 8-column tiles (one B load per broadcast: load bound) only occur
+// when Nc <= 8.
 SAV_AVX2 inline void small_gemm(int M, int Nc, int K, const float* a, int64_t a_rs, int64_t a_ks, const float* b,
-                                int64_t ldb, float* c, int64_t ldc, float alpha, bool accumulate) {
-  const __m256i all = _mm256_set1_epi32(-1);
+                                int64_t ldb, float* c, int64_t ldc, float alpha, bool accumulate,
+                                const float* bias = nullptr) {
   const int n16 = Nc / 16, rem = Nc % 16;
   const int plain16 = rem != 0 && rem <= 8 && n16 > 0 ? n16 - 1 : n16;  // 16-blocks before the last block
-  for (int blk = 0; blk < plain16; ++blk)
-    gemm_rows<2, false>(M, K, a, a_rs, a_ks, b + 16 * blk, ldb, c + 16 * blk, ldc, alpha, accumulate, all);
-  const int j = 16 * plain16, last = Nc - j;  // columns left: 0, 1..16 (n16 == 0), 9..15, or 17..24
-  if (last == 0) return;
-  if (last > 16) {
-    if (last == 24)
-      gemm_rows<3, false>(M, K, a, a_rs, a_ks, b + j, ldb, c + j, ldc, alpha, accumulate, all);
-    else
-      gemm_rows<3, true>(M, K, a, a_rs, a_ks, b + j, ldb, c + j, ldc, alpha, accumulate, lane_mask(last - 16));
-  } else if (last > 8) {
-    if (last == 16)
-      gemm_rows<2, false>(M, K, a, a_rs, a_ks, b + j, ldb, c + j, ldc, alpha, accumulate, all);
-    else
-      gemm_rows<2, true>(M, K, a, a_rs, a_ks, b + j, ldb, c + j, ldc, alpha, accumulate, lane_mask(last - 8));
-  } else if (last == 8) {
-    gemm_rows<1, false>(M, K, a, a_rs, a_ks, b + j, ldb, c + j, ldc, alpha, accumulate, all);
-  } else {
-    gemm_rows<1, true>(M, K, a, a_rs, a_ks, b + j, ldb, c + j, ldc, alpha, accumulate, lane_mask(last));
-  }
+  for (int j = 0; j < 16 * plain16; j += 16)
+    gemm_block<2>(M, 16, K, a, a_rs, a_ks, b + j, ldb, c + j, ldc, alpha, accumulate, bias ? bias + j : nullptr);
+  const int j = 16 * plain16, last = Nc - j;  // 0, 1..16 (Nc <= 16), 9..15, or 17..24
+  const float* bj = bias ? bias + j : nullptr;
+  if (last > 16)
+    gemm_block<3>(M, last, K, a, a_rs, a_ks, b + j, ldb, c + j, ldc, alpha, accumulate, bj);
+  else if (last > 8)
+    gemm_block<2>(M, last, K, a, a_rs, a_ks, b + j, ldb, c + j, ldc, alpha, accumulate, bj);
+  else if (last > 0)
+    gemm_block<1>(M, last, K, a, a_rs, a_ks, b + j, ldb, c + j, ldc, alpha, accumulate, bj);
 }
 
 }  // namespace avx2
