@@ -116,8 +116,12 @@ TEST_F(ResumeTest, SigkillAtAnyMomentLeavesALoadableCheckpointAndResumes) {
     int status = 0;
     waitpid(pid, &status, 0);
     // whatever is on disk must load: never a half-written checkpoint under the real name
-    if (fs::exists(out + "/last.safetensors")) EXPECT_NO_THROW(Checkpoint::open(out + "/last.safetensors"));
-    if (attempt == 0) EXPECT_FALSE(fs::exists(out + "/model.safetensors")) << "the first kill came too late to test";
+    if (fs::exists(out + "/last.safetensors")) {
+      EXPECT_NO_THROW(Checkpoint::open(out + "/last.safetensors"));
+    }
+    if (attempt == 0) {
+      EXPECT_FALSE(fs::exists(out + "/model.safetensors")) << "the first kill came too late to test";
+    }
   }
   ASSERT_EQ(run(train + "--out " + out + " --resume"), 0);
   const auto got = final_params(out + "/model.safetensors");
