@@ -77,13 +77,14 @@ struct ModelArgs {
   std::string weights;
   int img_size = 0, patch = 0, in_chans = 0, classes = 0, dim = 0, depth = 0, heads = 0, mlp_hidden = 0;
   std::string shift_kernel = "float";
+  CLI::Option* arch_opt = nullptr;  // to tell a default --arch from one the user gave
 };
 
 void add_model_flags(CLI::App* app, ModelArgs& m, bool weights_required, const std::string& default_arch) {
   m.arch = default_arch;
   std::string archs;
   for (auto& a : known_archs()) archs += (archs.empty() ? "" : ", ") + a;
-  auto* a = app->add_option("--arch", m.arch, "Model preset: " + archs +
+  auto* a = m.arch_opt = app->add_option("--arch", m.arch, "Model preset: " + archs +
                                                   (default_arch.empty() ? " (read from the checkpoint if omitted)" : ""));
   if (!default_arch.empty()) a->capture_default_str();
   auto* w = app->add_option("--weights", m.weights,
@@ -109,7 +110,9 @@ void add_shape_flags(CLI::App* app, ModelArgs& m) {
 
 std::unique_ptr<ImageClassifier> build_model(const ModelArgs& m) {
   if (!m.weights.empty()) {
-    auto model = load_model(m.weights, m.arch);
+    // a checkpoint written by the engine names its arch; a subcommand's default --arch must not contradict it
+    const bool given = m.arch_opt == nullptr || m.arch_opt->count() > 0;
+    auto model = load_model(m.weights, given ? m.arch : "");
     as_vit(*model).reparam().int_kernel = m.shift_kernel == "int";
     return model;
   }
