@@ -139,7 +139,7 @@ Vit::Vit(const VitConfig& cfg, const ReparamOptions& ropt) : cfg_(cfg), ropt_(ro
   for (int l = 0; l < cfg_.depth; ++l) {
     Block& b = blocks_[l];
     const std::string p = blk(l);
-    for (auto* lin : {b.qkv.get(), b.to_qk.get(), b.to_v.get(), b.proj.get(), b.fc1.get(), b.fc2.get()})
+    for (auto* lin : b.linears())
       if (lin) lin->bind(params_, grads_);
     if (b.attn == 'h') {
       b.dwconv = params_.get(p + "attn.dwconv.weight").f32();
@@ -202,21 +202,21 @@ void Vit::load(const Checkpoint& ck) {
   for (size_t i = 0; i < params_.size(); ++i) params_.tensor(i).copy_from(ck.get(params_.name(i)));
   for (size_t i = 0; i < buffers_.size(); ++i) buffers_.tensor(i).copy_from(ck.get(buffers_.name(i)));
   for (auto& b : blocks_)
-    for (auto* lin : {b.qkv.get(), b.to_qk.get(), b.to_v.get(), b.proj.get(), b.fc1.get(), b.fc2.get()})
+    for (auto* lin : b.linears())
       if (lin) lin->params_changed();
 }
 
 float Vit::aux_loss() const {
   float s = 0.0f;
   for (const auto& b : blocks_)
-    for (auto* lin : {b.qkv.get(), b.to_qk.get(), b.to_v.get(), b.proj.get(), b.fc1.get(), b.fc2.get()})
+    for (auto* lin : b.linears())
       if (lin) s += lin->aux_loss();
   return s;
 }
 
 LinearLayer* Vit::find_linear(const std::string& prefix) {
   for (auto& b : blocks_)
-    for (auto* lin : {b.qkv.get(), b.to_qk.get(), b.to_v.get(), b.proj.get(), b.fc1.get(), b.fc2.get()})
+    for (auto* lin : b.linears())
       if (lin && lin->prefix() == prefix) return lin;
   return nullptr;
 }
@@ -224,7 +224,7 @@ LinearLayer* Vit::find_linear(const std::string& prefix) {
 std::vector<std::pair<std::string, const LinearLayer*>> Vit::moe_layers() const {
   std::vector<std::pair<std::string, const LinearLayer*>> v;
   for (const auto& b : blocks_)
-    for (auto* lin : {b.qkv.get(), b.to_qk.get(), b.to_v.get(), b.proj.get(), b.fc1.get(), b.fc2.get()})
+    for (auto* lin : b.linears())
       if (lin && lin->kind() == LinearKind::moe) v.emplace_back(lin->prefix(), lin);
   return v;
 }

@@ -18,6 +18,7 @@
 // Cin image channels, S image side, p patch side, M = B*N rows, b hash bits, m anchors.
 #pragma once
 
+#include <array>
 #include <map>
 #include <memory>
 #include <string>
@@ -107,6 +108,10 @@ class Vit : public ImageClassifier {
     char attn = 's';
     std::unique_ptr<LinearLayer> qkv, to_qk, to_v, proj, fc1, fc2;
     float *dwconv = nullptr, *ddwconv = nullptr, *anchors = nullptr, *mu = nullptr, *A = nullptr;
+    // Every linear of the block (absent ones are nullptr).
+    std::array<LinearLayer*, 6> linears() const {
+      return {qkv.get(), to_qk.get(), to_v.get(), proj.get(), fc1.get(), fc2.get()};
+    }
   };
   struct BlockActs {
     Tensor ln1, mean1, rstd1, qkv, att, qk, v, hsaved, ao, xmid, ln2, mean2, rstd2, fc1, gelu, xout;
