@@ -59,21 +59,27 @@ ExpertProfile profile_experts(int K, int F, int tokens, bool int_kernel, int ite
   for (float& v : x) v = rng.normal();
   dense.init_from_dense(w.data(), b.data());
   shift.init_from_dense(w.data(), b.data());
-  auto time_us = [&](LinearLayer& l) {
-    for (int i = 0; i < 3; ++i) l.forward(y.data(), x.data(), tokens, false, nullptr);
-    std::vector<double> t;
-    for (int i = 0; i < iters; ++i) {
-      auto a = std::chrono::steady_clock::now();
-      l.forward(y.data(), x.data(), tokens, false, nullptr);
-      t.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - a).count());
-    }
-    std::sort(t.begin(), t.end());
-    return t[t.size() / 2] / tokens;
+  // Interleaved timing (dense, shift, dense, ...) so that load from other processes hits both alike.
+  for (int i = 0; i < 3; ++i) {
+    dense.forward(y.data(), x.data(), tokens, false, nullptr);
+    shift.forward(y.data(), x.data(), tokens, false, nullptr);
+  }
+  std::vector<double> td, ts;
+  auto once = [&](LinearLayer& l) {
+    auto a = std::chrono::steady_clock::now();
+    l.forward(y.data(), x.data(), tokens, false, nullptr);
+    return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - a).count() / tokens;
   };
+  for (int i = 0; i < iters; ++i) {
+    td.push_back(once(dense));
+    ts.push_back(once(shift));
+  }
+  std::sort(td.begin(), td.end());
+  std::sort(ts.begin(), ts.end());
   ExpertProfile p;
   p.K = K, p.F = F, p.tokens = tokens, p.int_kernel = int_kernel;
-  p.mult_us_per_token = time_us(dense);
-  p.shift_us_per_token = time_us(shift);
+  p.mult_us_per_token = td[td.size() / 2];
+  p.shift_us_per_token = ts[ts.size() / 2];
   p.shift_isa = int_kernel ? cpu::shift_int_isa_name() : "float (BLAS on decoded weights)";
   return p;
 }
