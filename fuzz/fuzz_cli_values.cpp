@@ -1,0 +1,9 @@
+// libFuzzer entry of the cli_values target (fuzz/targets.h). Built by fuzz/build.sh; run as in fuzz/README.md.
+#include <cstddef>
+#include <cstdint>
+
+#include "targets.h"
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  return sav::fuzz::fuzz_cli_values_one(data, size);
+}
