@@ -17,17 +17,14 @@
 #include <map>
 #include <set>
 
-#include "cli_values.h"
+#include "../tools/cli_checks.h"
 #include "core/error.h"
+#include "core/parse.h"
 #include "core/rng.h"
 #include "core/tensor.h"
 #include "io/dataset.h"
 #include "io/image.h"
 #include "io/safetensors.h"
-
-// Declarations only (the implementation is compiled once, in src/io/image.cpp): the harness asks
-// stb_image for an image's header size before decoding it, to skip the huge ones (see k_fuzz_max_pixels).
-#include <stb/stb_image.h>
 
 namespace sav::fuzz {
 
@@ -212,120 +209,6 @@ void check_dataset(const Dataset& ds, uint64_t seed) {
   for (float v : x) FUZZ_REQUIRE(v >= lo && v <= hi, "augmented value " << v << " outside [" << lo << ", " << hi << "]");
 }
 
-// Known issue K3 (fuzz/README.md): stb_image 2.27 does not check that a JPEG DHT table's 16 code counts
-// sum to at most 256, and stbi__build_huffman then writes past stbi__huffman::size[257] (into the rest of
-// the decoder state, function pointers included). True if any "FF C4" in the bytes starts a DHT segment
-// with such a table. Conservative: it looks at every FF C4, not only real markers.
-bool jpeg_has_oversized_dht(const uint8_t* p, size_t n) {
-  for (size_t i = 0; i + 4 <= n; ++i) {
-    if (p[i] != 0xFF || p[i + 1] != 0xC4) continue;
-    const size_t len = (size_t(p[i + 2]) << 8) | p[i + 3];  // includes its own 2 bytes
-    size_t at = i + 4;
-    const size_t end = std::min(n, i + 2 + len);
-    while (at < end) {  // stb reads past the segment end as zeros / garbage: follow the same tables
-      int sum = 0;
-      for (size_t k = 0; k < 16; ++k) sum += at + 1 + k < n ? p[at + 1 + k] : 0;
-      if (sum > 256) return true;
-      at += 17 + size_t(sum);
-    }
-  }
-  return false;
-}
-
-// Known issue K8 (fuzz/README.md): stb_image 2.27 decodes a JPEG scan with a Huffman table that no DHT
-// defined: the decoder state is malloc'ed without clearing, so the table is uninitialised memory, the
-// symbol index computed from it is unchecked, and stbi__jpeg_huff_decode either fails its STBI_ASSERT
-// (abort) or, built with NDEBUG as in Release, reads h->values[c] out of bounds. True if a scan (SOS)
-// uses a table (DC: baseline, or first progressive DC pass; AC: baseline, or progressive AC scan) not
-// defined by an earlier DHT. Every "FF DA" / "FF C4" counts, as stb also takes markers found inside
-// entropy-coded data.
-bool jpeg_uses_undefined_huffman(const uint8_t* p, size_t n) {
-  auto at = [&](size_t i) -> unsigned { return i < n ? p[i] : 0u; };  // stb reads 0 past the end
-  bool defined[2][4] = {};
-  bool seen_sof = false, progressive = false;
-  for (size_t i = 0; i + 1 < n; ++i) {
-    if (p[i] != 0xFF) continue;
-    const unsigned m = p[i + 1];
-    if (!seen_sof && (m == 0xC0 || m == 0xC1 || m == 0xC2)) {
-      seen_sof = true;
-      progressive = m == 0xC2;
-    } else if (m == 0xC4) {
-      const size_t end = i + 2 + ((size_t(at(i + 2)) << 8) | at(i + 3));
-      for (size_t t = i + 4; t < end && t < n;) {
-        const unsigned q = at(t);
-        unsigned sum = 0;
-        for (size_t k = 0; k < 16; ++k) sum += at(t + 1 + k);
-        if ((q >> 4) <= 1 && (q & 15) <= 3 && sum <= 256) defined[q >> 4][q & 15] = true;
-        t += 17 + sum;
-      }
-    } else if (m == 0xDA) {
-      const unsigned ns = at(i + 4);
-      if (ns < 1 || ns > 4) continue;
-      const unsigned ss = at(i + 5 + 2 * ns), ah = at(i + 7 + 2 * ns) >> 4;
-      const bool need_dc = !progressive || (ss == 0 && ah == 0), need_ac = !progressive || ss > 0;
-      for (unsigned c = 0; c < ns; ++c) {
-        const unsigned q = at(i + 6 + 2 * c), td = q >> 4, ta = q & 15;
-        if (td > 3 || ta > 3) continue;  // stb refuses the scan
-        if ((need_dc && !defined[0][td]) || (need_ac && !defined[1][ta])) return true;
-      }
-    }
-  }
-  return false;
-}
-
-// Known issue K4 (fuzz/README.md): stb_image 2.27 calls memcpy(NULL, p, 0) when a PNG's first IDAT chunk
-// is empty (harmless in practice, undefined behaviour by the letter, and fatal under UBSan). True for such
-// a PNG: the chunks are walked as stb walks them, up to the first IDAT.
-bool png_first_idat_empty(const uint8_t* p, size_t n) {
-  static const uint8_t sig[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
-  if (n < 8 || std::memcmp(p, sig, 8) != 0) return false;
-  size_t at = 8;
-  while (at + 8 <= n) {
-    const uint64_t len = (uint64_t(p[at]) << 24) | (uint64_t(p[at + 1]) << 16) | (uint64_t(p[at + 2]) << 8) | p[at + 3];
-    if (std::memcmp(p + at + 4, "IDAT", 4) == 0) return len == 0;
-    at += 12 + len;
-  }
-  return false;
-}
-
-// Known issues K6 and K7 (fuzz/README.md), both in stb_image 2.27's PNM ("P5"/"P6") reader: a maxval over
-// 255 (16-bit samples) with a channel conversion reads past the heap buffer (K6: stbi__pnm_load converts
-// 16-bit data with the 8-bit stbi__convert_format, then stbi__convert_16_to_8 overruns it), and a
-// header number past INT_MAX overflows a signed int (K7: stbi__pnm_getinteger). True for such a file;
-// the header is read as stb reads it (0 past the end, '#' comments).
-bool pnm_header_unsafe(const uint8_t* p, size_t n) {
-  if (n < 2 || p[0] != 'P' || (p[1] != '5' && p[1] != '6')) return false;
-  size_t at = 2;
-  auto get = [&]() -> char { return at < n ? char(p[at++]) : char(0); };
-  auto eof = [&] { return at >= n; };
-  auto space = [](char ch) { return ch == ' ' || (ch >= '\t' && ch <= '\r'); };
-  char c = get();
-  auto skip_white = [&] {
-    for (;;) {
-      while (!eof() && space(c)) c = get();
-      if (eof() || c != '#') break;
-      while (!eof() && c != '\n' && c != '\r') c = get();
-    }
-  };
-  bool overflow = false;
-  auto integer = [&] {
-    int64_t v = 0;
-    while (!eof() && c >= '0' && c <= '9') {
-      v = v * 10 + (c - '0');
-      if (v > std::numeric_limits<int>::max()) overflow = true, v = 0;
-      c = get();
-    }
-    return v;
-  };
-  skip_white();
-  integer();  // width
-  skip_white();
-  integer();  // height
-  skip_white();
-  const int64_t maxv = integer();
-  return overflow || maxv > 255;
-}
-
 // Shorter side -> s as resize_shorter_side computes it, in 64 bits (to skip outputs over the limit).
 void shorter_side_dims(const Image& im, int s, int64_t* h, int64_t* w) {
   if (im.height <= im.width) {
@@ -345,9 +228,11 @@ void check_image(const Image& im, int channels, uint8_t b0) {
   const int s = 1 + b0 % 48;
   int64_t rh, rw;
   shorter_side_dims(im, s, &rh, &rw);
-#ifndef SAV_FUZZ_NO_GUARDS
-  if (uint64_t(rh) * uint64_t(rw) > k_fuzz_max_resize_pixels) return;  // K5 (fuzz/README.md)
-#endif
+  if (rh * rw > kMaxImagePixels) {  // a thin strip (K5 in fuzz/README.md): refused, not wrapped around
+    require_error([&] { resize_shorter_side(im, s); }, "resize_shorter_side past kMaxImagePixels");
+    return;
+  }
+  if (rh * rw > k_fuzz_max_resize_pixels) return;  // valid but slow: keep the fuzzer fast
   const Image r = resize_shorter_side(im, s);
   FUZZ_REQUIRE(r.channels == channels && r.height == rh && r.width == rw,
                "resize_shorter_side(" << s << ") gave " << r.height << " x " << r.width << ", expected " << rh
@@ -380,18 +265,7 @@ void check_image(const Image& im, int channels, uint8_t b0) {
   }
 }
 
-// The CLI11 definitions of tools/shiftaddvit.cpp's value options (a subset, same types and checks), with
-// the fix for float options (see fuzz/README.md): PositiveNumber passes "nan" and checks the double
-// before it is narrowed to float ("1e-60" -> 0.0f).
-const CLI::Validator k_positive_float(
-    [](std::string& in) -> std::string {
-      float v = 0;
-      if (!CLI::detail::lexical_cast(in, v) || !std::isfinite(v) || !(v > 0))
-        return "must be a positive finite number, got '" + in + "'";
-      return {};
-    },
-    "POSITIVE");
-
+// The CLI11 definitions of tools/shiftaddvit.cpp's value options (a subset, same types and checks).
 struct CliValues {
   int threads = 0;
   int epochs = 1, batch = 128, pad_crop = 0, iters = 10, warmup = 2, hash_bits = 8;
@@ -410,11 +284,7 @@ void run_cli(const std::vector<std::string>& args) {
   auto* train = app.add_subcommand("train");
   train->add_option("--epochs", v.epochs)->check(CLI::PositiveNumber);
   train->add_option("--batch", v.batch)->check(CLI::PositiveNumber);
-#ifdef SAV_FUZZ_CLI_AS_IS
-  train->add_option("--lr", v.lr)->check(CLI::PositiveNumber);  // as tools/shiftaddvit.cpp
-#else
-  train->add_option("--lr", v.lr)->check(k_positive_float);
-#endif
+  train->add_option("--lr", v.lr)->check(cli_float(FloatRule::positive));
   train->add_option("--seed", v.seed);
   train->add_option("--pad-crop", v.pad_crop);
   train->add_option("--train-limit", v.train_limit);
@@ -429,7 +299,7 @@ void run_cli(const std::vector<std::string>& args) {
   convert->add_option("--alpha", v.alpha);
   convert->add_option("--hash-bits", v.hash_bits);
   convert->add_option("--gate", v.gate)->check(CLI::IsMember({"st", "prob"}));
-  convert->add_option("--lb-coef", v.lb_coef);
+  convert->add_option("--lb-coef", v.lb_coef)->check(cli_float(FloatRule::non_negative));
 
   std::vector<const char*> argv;
   for (const std::string& a : args) argv.push_back(a.c_str());
@@ -554,20 +424,6 @@ int fuzz_image_one(const uint8_t* data, size_t size) {
   const uint8_t b0 = data[0];
   const uint8_t* bytes = data + 1;
   const size_t n = size - 1;
-#ifndef SAV_FUZZ_NO_GUARDS
-  // Known issues (fuzz/README.md). K3, K4, K6, K7 first: stbi_info runs the same header code.
-  if (jpeg_has_oversized_dht(bytes, n)) return 0;  // K3
-  if (png_first_idat_empty(bytes, n)) return 0;     // K4
-  if (pnm_header_unsafe(bytes, n)) return 0;        // K6, K7
-  if (jpeg_uses_undefined_huffman(bytes, n)) return 0;  // K8
-  // K1: a few header bytes can claim a huge image, which stb_image then allocates and decodes
-  // (BMP/TGA/PNM/JPEG fill what is missing).
-  int w = 0, h = 0, c = 0;
-  if (n > 0 && n <= size_t(std::numeric_limits<int>::max()) &&
-      stbi_info_from_memory(bytes, static_cast<int>(n), &w, &h, &c) &&
-      uint64_t(std::max(w, 0)) * uint64_t(std::max(h, 0)) > k_fuzz_max_pixels)
-    return 0;  // K1
-#endif
   int dims[2][2] = {{-1, -1}, {-1, -1}};
   const int channels[2] = {1, 3};
   for (int k = 0; k < 2; ++k) {
@@ -575,9 +431,6 @@ int fuzz_image_one(const uint8_t* data, size_t size) {
       const Image im = decode_image(bytes, n, channels[k], "fuzz input");
       dims[k][0] = im.height;
       dims[k][1] = im.width;
-#ifndef SAV_FUZZ_NO_GUARDS
-      if (im.height == 0 || im.width == 0) continue;  // K2: decode_image returns 0 x 0 images
-#endif
       check_image(im, channels[k], b0);
     } catch (const sav::Error&) {
     }

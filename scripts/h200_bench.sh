@@ -8,11 +8,11 @@
 #
 # Steps: build tests bench timm table profile sanitize (default: build tests bench timm table). profile
 # runs ncu on one eager forward (SAV_PROFILE_MODELS); sanitize runs compute-sanitizer on the tests.
-# That machine has no network and lacks OpenBLAS, GTest, stb (and maybe the CMake files of CLI11 and
+# That machine has no network and lacks OpenBLAS, GTest, libjpeg/libpng headers (and maybe the CMake files of CLI11 and
 # nlohmann-json): the Debian packages are carried in .devrun/debs (git-ignored; fetch them here with
 #   mkdir -p .devrun/debs && cd .devrun/debs && apt-get download libopenblas0-openmp libopenblas-openmp-dev \
-#     libopenblas-dev libgfortran5 libquadmath0 libgtest-dev libstb-dev libcli11-dev nlohmann-json3-dev \
-#     zlib1g-dev zlib1g
+#     libopenblas-dev libgfortran5 libquadmath0 libgtest-dev libcli11-dev nlohmann-json3-dev \
+#     zlib1g-dev zlib1g libjpeg62-turbo-dev libjpeg62-turbo libpng-dev libpng16-16
 # ) and unpacked under /tmp/deps; the timm baseline script is carried as .devrun/timm_baseline.py (a copy of
 # shared/bench/timm_baseline.py). Name ".devrun" in the run tool's carry.
 set -uo pipefail
@@ -52,7 +52,9 @@ if has build; then
       -DCMAKE_PREFIX_PATH="$DEPS/usr" -DCMAKE_POLICY_VERSION_MINIMUM=3.5 \
       -DOPENBLAS_INCLUDE="$DEPS/usr/include/x86_64-linux-gnu/openblas-openmp" \
       -DOPENBLAS_LIB="$ML/openblas-openmp/libopenblas.so" \
-      -DSTB_INCLUDE="$DEPS/usr/include/stb" \
+      -DJPEG_INCLUDE_DIR="$DEPS/usr/include" -DJPEG_LIBRARY="$ML/libjpeg.so" \
+      -DPNG_PNG_INCLUDE_DIR="$DEPS/usr/include/libpng16" -DPNG_LIBRARY="$ML/libpng16.so" \
+      -DCMAKE_CXX_FLAGS="-isystem $DEPS/usr/include/x86_64-linux-gnu" \
       -DZLIB_LIBRARY="$ZLIB_LIB" -DZLIB_INCLUDE_DIR="$ZLIB_INC" \
       -DCMAKE_EXE_LINKER_FLAGS="-Wl,-rpath-link,$ML -Wl,-rpath,$ML/openblas-openmp:$ML" &&
     echo "== build" &&

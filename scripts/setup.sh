@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PKGS="build-essential cmake ninja-build libopenblas-openmp-dev nlohmann-json3-dev libcli11-dev zlib1g-dev \
-libgtest-dev libbenchmark-dev libstb-dev dataset-fashion-mnist"
+libgtest-dev libbenchmark-dev libjpeg62-turbo-dev libpng-dev dataset-fashion-mnist"
 if [ -z "${SAV_NO_APT:-}" ]; then
   missing=""
   for p in $PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done

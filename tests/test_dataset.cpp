@@ -10,6 +10,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -326,6 +327,63 @@ TEST(Image, CorruptAndMissingFiles) {
   write_bytes(tmp / "empty.jpg", {}, false);
   msg = error_of([&] { sav::load_image(tmp / "empty.jpg", 3); });
   EXPECT_HAS(msg, "empty");
+}
+
+// Decoding against Pillow (python/make_image_refs.py wrote the files and Pillow's convert("RGB") / ("L")):
+// baseline 4:2:0, progressive 4:4:4, gray and Adobe CMYK JPEGs, a palette PNG with a transparent index,
+// an RGBA PNG. Both use libjpeg-turbo's default (islow IDCT, fancy upsampling): the pixels are identical.
+TEST(Image, DecodeMatchesPillow) {
+  const fs::path dir = fs::path(SAV_TEST_DATA) / "data" / "image";
+  int n = 0;
+  for (const char* name : {"color420.jpg", "progressive444.jpg", "gray.jpg", "cmyk.jpg", "palette_trns.png", "rgba.png"}) {
+    for (int c : {3, 1}) {
+      SCOPED_TRACE(std::string(name) + (c == 3 ? " RGB" : " L"));
+      const Image im = sav::load_image((dir / name).string(), c);
+      std::ifstream f(dir / (std::string(name) + (c == 3 ? ".rgb" : ".l")), std::ios::binary);
+      ASSERT_TRUE(f) << "missing reference for " << name;
+      const std::vector<uint8_t> want((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+      ASSERT_EQ(im.data.size(), want.size());
+      int worst = 0;
+      for (size_t i = 0; i < want.size(); ++i) worst = std::max(worst, std::abs(int(im.data[i]) - int(want[i])));
+      EXPECT_EQ(worst, 0) << im.height << "x" << im.width;
+      ++n;
+    }
+  }
+  EXPECT_EQ(n, 12);
+}
+
+// Files the decoders must refuse with a message naming the file and the problem, before allocating pixels.
+TEST(Image, RefusesHugeEmptyAndForeignFiles) {
+  TempDir tmp;
+  // A PNG whose IHDR claims 65535 x 65535 (4.3 G pixels): refused from the header alone.
+  std::vector<uint8_t> png = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1A, '\n'};
+  auto chunk = [&png](const char* type, std::vector<uint8_t> data) {
+    for (int k = 3; k >= 0; --k) png.push_back(uint8_t(data.size() >> (8 * k)));
+    const size_t at = png.size();
+    png.insert(png.end(), type, type + 4);
+    png.insert(png.end(), data.begin(), data.end());
+    const uint32_t crc = crc32(0, png.data() + at, static_cast<uInt>(png.size() - at));
+    for (int k = 3; k >= 0; --k) png.push_back(uint8_t(crc >> (8 * k)));
+  };
+  chunk("IHDR", {0, 0, 0xFF, 0xFF, 0, 0, 0xFF, 0xFF, 8, 2, 0, 0, 0});
+  chunk("IDAT", {0x78, 0x9C, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01});
+  chunk("IEND", {});
+  std::string msg = error_of([&] { sav::decode_image(png.data(), png.size(), 3, "huge.png"); });
+  EXPECT_HAS(msg, "huge.png");
+  EXPECT_HAS(msg, "65535x65535") << msg;
+  EXPECT_HAS(msg, "limit");
+  // Not a JPEG or PNG (a GIF header), and a JPEG cut after its first bytes.
+  const uint8_t gif[] = {'G', 'I', 'F', '8', '9', 'a', 1, 0, 1, 0, 0, 0, 0};
+  msg = error_of([&] { sav::decode_image(gif, sizeof gif, 3, "x.gif"); });
+  EXPECT_HAS(msg, "not a JPEG or PNG");
+  const uint8_t jpg[] = {0xFF, 0xD8, 0xFF, 0xE0, 0, 16, 'J', 'F', 'I', 'F'};
+  msg = error_of([&] { sav::decode_image(jpg, sizeof jpg, 3, "cut.jpg"); });
+  EXPECT_HAS(msg, "cut.jpg");
+  // Resizing a thin strip: the long side would pass the pixel limit; refused, no int wrap-around.
+  const Image strip(1, 1, 100000, 7);
+  msg = error_of([&] { sav::resize_shorter_side(strip, 2048); });
+  EXPECT_HAS(msg, "thin strip");
+  EXPECT_EQ(sav::resize_shorter_side(strip, 2).width, 200000);
 }
 
 // Fast separable resize vs the direct 2-D reference, odd sizes, up and down. The fast path rounds twice

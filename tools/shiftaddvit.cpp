@@ -5,15 +5,19 @@
 //   shiftaddvit infer --arch deit_tiny_patch16_224 --weights W.safetensors --input IN.safetensors --output OUT.safetensors
 //   shiftaddvit bench --arch vit_fmnist --batch 1,64 --train
 #include <CLI/CLI.hpp>
-
+#include <array>
 #include <cstdio>
+#include <fstream>
 #include <iostream>
 #include <memory>
 #include <sstream>
 
+#include "cli_checks.h"
+
 #include "core/blas.h"
 #include "core/cpu_features.h"
 #include "core/error.h"
+#include "core/parse.h"
 #include "core/progress.h"
 #include "io/dataset.h"
 #include "io/safetensors.h"
@@ -23,7 +27,6 @@
 #include "reparam/routing.h"
 #include "energy/energy.h"
 #include "io/image.h"
-#include <fstream>
 #include "train/bench.h"
 #include "train/trainer.h"
 
@@ -124,24 +127,6 @@ std::unique_ptr<ImageClassifier> build_model(const ModelArgs& m) {
                                {"depth", m.depth},
                                {"heads", m.heads},
                                {"mlp_hidden", m.mlp_hidden}});
-}
-
-std::vector<int> parse_int_list(const std::string& s, const char* what) {
-  std::vector<int> v;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
-    try {
-      size_t pos = 0;
-      int x = std::stoi(item, &pos);
-      SAV_CHECK(pos == item.size() && x > 0, "");
-      v.push_back(x);
-    } catch (const std::exception&) {
-      SAV_THROW(what << " must be a comma-separated list of positive integers, got '" << s << "'");
-    }
-  }
-  SAV_CHECK(!v.empty(), what << " is empty");
-  return v;
 }
 
 void print_env() {
@@ -275,19 +260,17 @@ void add_reparam_flags(CLI::App* app, ReparamArgs& r) {
                                       "(as written by `shiftaddvit profile`)")
       ->capture_default_str();
   app->add_option("--lb-coef", r.conv.reparam.lb_coef, "Coefficient of the latency-aware load-balancing loss")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(cli_float(FloatRule::non_negative));
   app->add_option("--router-noise", r.conv.reparam.noise_std, "Std of the router's gate noise while training")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(cli_float(FloatRule::non_negative));
 }
 
 ReparamOptions reparam_options(const ReparamArgs& r) {
   ReparamOptions o = r.conv.reparam;
   o.gate = r.gate == "prob" ? cpu::moe_gate_prob : cpu::moe_gate_straight_through;
-  std::vector<float> a;
-  std::stringstream ss(r.alpha);
-  std::string item;
-  while (std::getline(ss, item, ',')) a.push_back(std::stof(item));
-  SAV_CHECK(a.size() == 2 && a[0] > 0 && a[1] > 0, "--alpha needs two positive numbers, got '" << r.alpha << "'");
+  const std::array<float, 2> a = parse_alpha(r.alpha);
   o.alpha[0] = a[0], o.alpha[1] = a[1];
   return o;
 }
@@ -514,12 +497,18 @@ int main(int argc, char** argv) {
   add_data_flags(train, td);
   train->add_option("--epochs", topt.epochs, "Passes over the training set")->capture_default_str()->check(CLI::PositiveNumber);
   train->add_option("--batch", topt.batch, "Images per step")->capture_default_str()->check(CLI::PositiveNumber);
-  train->add_option("--lr", topt.lr, "Peak learning rate (AdamW)")->capture_default_str()->check(CLI::PositiveNumber);
-  train->add_option("--min-lr", topt.min_lr, "Learning rate at the end of the cosine decay")->capture_default_str();
-  train->add_option("--warmup-epochs", topt.warmup_epochs, "Linear warm-up length in epochs")->capture_default_str();
-  train->add_option("--wd", topt.weight_decay, "AdamW weight decay (matrices only)")->capture_default_str();
-  train->add_option("--clip", topt.clip, "Clip the global gradient norm to this (0: off)")->capture_default_str();
-  train->add_option("--smoothing", topt.smoothing, "Label smoothing of the cross-entropy")->capture_default_str();
+  train->add_option("--lr", topt.lr, "Peak learning rate (AdamW)")->capture_default_str()
+      ->check(cli_float(FloatRule::positive));
+  train->add_option("--min-lr", topt.min_lr, "Learning rate at the end of the cosine decay")->capture_default_str()
+      ->check(cli_float(FloatRule::non_negative));
+  train->add_option("--warmup-epochs", topt.warmup_epochs, "Linear warm-up length in epochs")->capture_default_str()
+      ->check(cli_float(FloatRule::non_negative));
+  train->add_option("--wd", topt.weight_decay, "AdamW weight decay (matrices only)")->capture_default_str()
+      ->check(cli_float(FloatRule::non_negative));
+  train->add_option("--clip", topt.clip, "Clip the global gradient norm to this (0: off)")->capture_default_str()
+      ->check(cli_float(FloatRule::non_negative));
+  train->add_option("--smoothing", topt.smoothing, "Label smoothing of the cross-entropy")->capture_default_str()
+      ->check(cli_float(FloatRule::fraction));
   train->add_option("--seed", topt.seed, "Seed of init, shuffling and augmentation")->capture_default_str();
   train->add_option("--pad-crop", topt.augment.pad_crop, "Augmentation: random crop after padding by this many pixels")
       ->capture_default_str();
@@ -580,16 +569,24 @@ int main(int argc, char** argv) {
   finetune->add_option("--stage2-epochs", epochs2, "Epochs with attention and linears converted")->capture_default_str();
   finetune->add_flag("--distill", distill, "Distil from the dense model given by --weights");
   finetune->add_option("--distill-weight", fopt.distill, "Weight of the distillation term (vs cross-entropy)")
-      ->capture_default_str();
-  finetune->add_option("--distill-temp", fopt.distill_temp, "Distillation temperature")->capture_default_str();
+      ->capture_default_str()
+      ->check(cli_float(FloatRule::non_negative));
+  finetune->add_option("--distill-temp", fopt.distill_temp, "Distillation temperature")->capture_default_str()
+      ->check(cli_float(FloatRule::positive));
   finetune->add_option("--batch", fopt.batch, "Images per step")->capture_default_str()->check(CLI::PositiveNumber);
-  finetune->add_option("--lr", fopt.lr, "Peak learning rate (AdamW)")->capture_default_str();
+  finetune->add_option("--lr", fopt.lr, "Peak learning rate (AdamW)")->capture_default_str()
+      ->check(cli_float(FloatRule::positive));
   finetune->add_option("--min-lr", fopt.min_lr, "Learning rate at the end of each stage's cosine decay")
-      ->capture_default_str();
-  finetune->add_option("--warmup-epochs", fopt.warmup_epochs, "Linear warm-up per stage, in epochs")->capture_default_str();
-  finetune->add_option("--wd", fopt.weight_decay, "AdamW weight decay (matrices only)")->capture_default_str();
-  finetune->add_option("--clip", fopt.clip, "Clip the global gradient norm (0: off)")->capture_default_str();
-  finetune->add_option("--smoothing", fopt.smoothing, "Label smoothing")->capture_default_str();
+      ->capture_default_str()
+      ->check(cli_float(FloatRule::non_negative));
+  finetune->add_option("--warmup-epochs", fopt.warmup_epochs, "Linear warm-up per stage, in epochs")->capture_default_str()
+      ->check(cli_float(FloatRule::non_negative));
+  finetune->add_option("--wd", fopt.weight_decay, "AdamW weight decay (matrices only)")->capture_default_str()
+      ->check(cli_float(FloatRule::non_negative));
+  finetune->add_option("--clip", fopt.clip, "Clip the global gradient norm (0: off)")->capture_default_str()
+      ->check(cli_float(FloatRule::non_negative));
+  finetune->add_option("--smoothing", fopt.smoothing, "Label smoothing")->capture_default_str()
+      ->check(cli_float(FloatRule::fraction));
   finetune->add_option("--seed", fopt.seed, "Seed of shuffling, augmentation, router noise, KSH fitting")
       ->capture_default_str();
   finetune->add_option("--pad-crop", fopt.augment.pad_crop, "Augmentation: random crop after padding")->capture_default_str();

@@ -4,25 +4,17 @@
 #include <algorithm>
 #include <cmath>
 #include <fstream>
+#include <cstring>
 #include <limits>
+#include <new>
 
 #include "core/error.h"
 
-// The one place stb_image / stb_image_write are compiled. Their code is not ours: silence -Wall/-Wextra.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wsign-compare"
-#pragma GCC diagnostic ignored "-Wunused-function"
-#pragma GCC diagnostic ignored "-Wunused-but-set-variable"
-#pragma GCC diagnostic ignored "-Wmissing-field-initializers"
-#pragma GCC diagnostic ignored "-Wimplicit-fallthrough"
-#pragma GCC diagnostic ignored "-Wtype-limits"
-#pragma GCC diagnostic ignored "-Wdouble-promotion"
-#define STB_IMAGE_IMPLEMENTATION
-#define STBI_FAILURE_USERMSG
-#include <stb_image.h>
-#define STB_IMAGE_WRITE_IMPLEMENTATION
-#include <stb_image_write.h>
-#pragma GCC diagnostic pop
+#include <csetjmp>
+#include <cstdio>
+
+#include <jpeglib.h>
+#include <png.h>
 
 namespace sav {
 
@@ -41,31 +33,160 @@ static void check_image(const Image& im, const char* what) {
 
 // ------------------------------------------------------------------------------------------------ decode
 
+namespace {
+
+// Pixels of interleaved 8-bit samples as the decoder produced them, before the channel conversion.
+struct Raw {
+  int w = 0, h = 0, c = 0;
+  std::vector<uint8_t> px;
+};
+
+void check_dims(int64_t w, int64_t h, const std::string& name) {
+  SAV_CHECK(w >= 1 && h >= 1, "cannot decode image '" << name << "': it claims a size of " << w << "x" << h);
+  SAV_CHECK(w * h <= kMaxImagePixels, "cannot decode image '" << name << "': " << w << "x" << h << " is "
+                                                              << w * h << " pixels, above the limit of "
+                                                              << kMaxImagePixels);
+}
+
+// libjpeg reports fatal errors through error_exit, which must not return: jump back to the setjmp in
+// jpeg_decode_into. Warnings (corrupt data it can skip) are not printed.
+struct JpegError {
+  jpeg_error_mgr mgr;
+  std::jmp_buf jump;
+  char message[JMSG_LENGTH_MAX];
+};
+
+void jpeg_on_error(j_common_ptr cinfo) {
+  JpegError* e = reinterpret_cast<JpegError*>(cinfo->err);
+  (*cinfo->err->format_message)(cinfo, e->message);
+  std::longjmp(e->jump, 1);
+}
+
+void jpeg_silent(j_common_ptr) {}
+
+// Plain C control flow only between setjmp and longjmp: no object with a destructor is created in this
+// frame, `raw` lives in the caller's. Returns an empty string or the reason of the failure.
+std::string jpeg_decode_into(const uint8_t* bytes, size_t size, Raw& raw, const std::string& name) {
+  jpeg_decompress_struct cinfo;
+  JpegError err;
+  cinfo.err = jpeg_std_error(&err.mgr);
+  err.mgr.error_exit = jpeg_on_error;
+  err.mgr.output_message = jpeg_silent;
+  err.message[0] = '\0';
+  if (setjmp(err.jump)) {
+    jpeg_destroy_decompress(&cinfo);
+    return err.message[0] ? err.message : "unknown libjpeg error";
+  }
+  jpeg_create_decompress(&cinfo);
+  jpeg_mem_src(&cinfo, bytes, static_cast<unsigned long>(size));
+  jpeg_read_header(&cinfo, TRUE);
+  const int64_t w = cinfo.image_width, h = cinfo.image_height;
+  if (w < 1 || h < 1 || w * h > kMaxImagePixels) {
+    jpeg_destroy_decompress(&cinfo);
+    check_dims(w, h, name);  // throws
+  }
+  // Gray files stay gray; everything else (YCbCr, RGB, CMYK) comes out as RGB, as Pillow's convert().
+  cinfo.out_color_space = cinfo.jpeg_color_space == JCS_GRAYSCALE ? JCS_GRAYSCALE : JCS_RGB;
+  if (cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK) cinfo.out_color_space = JCS_CMYK;
+  jpeg_start_decompress(&cinfo);
+  raw.w = static_cast<int>(cinfo.output_width);
+  raw.h = static_cast<int>(cinfo.output_height);
+  raw.c = cinfo.output_components;
+  raw.px.resize(static_cast<size_t>(raw.w) * raw.h * raw.c);  // within kMaxImagePixels * 4 bytes
+  while (cinfo.output_scanline < cinfo.output_height) {
+    JSAMPROW row = raw.px.data() + static_cast<size_t>(cinfo.output_scanline) * raw.w * raw.c;
+    jpeg_read_scanlines(&cinfo, &row, 1);
+  }
+  const bool cmyk = cinfo.out_color_space == JCS_CMYK;
+  const bool adobe_inverted = cinfo.saw_Adobe_marker;
+  jpeg_finish_decompress(&cinfo);
+  jpeg_destroy_decompress(&cinfo);
+  if (cmyk) {  // CMYK -> RGB as Pillow: Adobe files store inverted CMYK, R = 255 - min(255, C + K) etc.
+    std::vector<uint8_t> rgb(static_cast<size_t>(raw.w) * raw.h * 3);
+    for (size_t i = 0; i < rgb.size() / 3; ++i) {
+      int v[4];
+      for (int k = 0; k < 4; ++k) v[k] = adobe_inverted ? 255 - raw.px[i * 4 + k] : raw.px[i * 4 + k];
+      for (int k = 0; k < 3; ++k) rgb[i * 3 + k] = static_cast<uint8_t>(255 - std::min(255, v[k] + v[3]));
+    }
+    raw.px.swap(rgb);
+    raw.c = 3;
+  }
+  return {};
+}
+
+Raw decode_jpeg(const uint8_t* bytes, size_t size, const std::string& name) {
+  Raw raw;
+  std::string why;
+  try {
+    why = jpeg_decode_into(bytes, size, raw, name);
+  } catch (const std::bad_alloc&) {
+    SAV_THROW("cannot decode image '" << name << "': out of memory");
+  }
+  SAV_CHECK(why.empty(), "cannot decode image '" << name << "': " << why << " (is it a valid JPEG file?)");
+  return raw;
+}
+
+// libpng's simplified API: no setjmp here, it expands palettes, reduces 16 bits to 8 and adds or keeps
+// alpha by itself. Always read as RGBA (or GA for gray files) and convert below.
+Raw decode_png(const uint8_t* bytes, size_t size, const std::string& name) {
+  png_image im;
+  std::memset(&im, 0, sizeof im);
+  im.version = PNG_IMAGE_VERSION;
+  if (!png_image_begin_read_from_memory(&im, bytes, size))
+    SAV_THROW("cannot decode image '" << name << "': " << im.message << " (is it a valid PNG file?)");
+  const int64_t w = im.width, h = im.height;
+  if (w < 1 || h < 1 || w * h > kMaxImagePixels) {
+    png_image_free(&im);
+    check_dims(w, h, name);
+  }
+  const bool gray = (im.format & PNG_FORMAT_FLAG_COLOR) == 0;
+  im.format = gray ? PNG_FORMAT_GA : PNG_FORMAT_RGBA;
+  Raw raw;
+  raw.w = static_cast<int>(w), raw.h = static_cast<int>(h), raw.c = gray ? 2 : 4;
+  try {
+    raw.px.resize(PNG_IMAGE_SIZE(im));
+  } catch (...) {
+    png_image_free(&im);
+    throw;
+  }
+  if (!png_image_finish_read(&im, nullptr, raw.px.data(), 0, nullptr))
+    SAV_THROW("cannot decode image '" << name << "': " << im.message << " (is it a valid PNG file?)");
+  return raw;
+}
+
+// Pillow's convert("L"): L = (299 R + 587 G + 114 B) / 1000, rounded.
+inline uint8_t luma(int r, int g, int b) { return static_cast<uint8_t>((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16); }
+
+}  // namespace
+
 Image decode_image(const uint8_t* bytes, size_t size, int channels, const std::string& name) {
   SAV_CHECK(channels >= 1 && channels <= 4, "load_image: channels must be 1..4, got " << channels);
   SAV_CHECK(size > 0, "cannot decode image '" << name << "': the file is empty");
-  SAV_CHECK(size <= static_cast<size_t>(std::numeric_limits<int>::max()),
-            "cannot decode image '" << name << "': file of " << size << " bytes is too large");
-  int w = 0, h = 0, file_channels = 0;
-  uint8_t* pix = stbi_load_from_memory(bytes, static_cast<int>(size), &w, &h, &file_channels, channels);
-  if (!pix) {
-    const char* why = stbi_failure_reason();
-    SAV_THROW("cannot decode image '" << name << "': " << (why ? why : "unknown error")
-                                      << " (is it a valid JPEG/PNG file?)");
+  static const uint8_t kJpeg[3] = {0xFF, 0xD8, 0xFF}, kPng[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1A, '\n'};
+  Raw raw;
+  if (size >= 3 && std::memcmp(bytes, kJpeg, 3) == 0)
+    raw = decode_jpeg(bytes, size, name);
+  else if (size >= 8 && std::memcmp(bytes, kPng, 8) == 0)
+    raw = decode_png(bytes, size, name);
+  else
+    SAV_THROW("cannot decode image '" << name << "': not a JPEG or PNG file (its first bytes are neither)");
+  // Interleaved raw.c (1 gray, 2 gray+alpha, 3 RGB, 4 RGBA) -> planar `channels`.
+  Image im(channels, raw.h, raw.w);
+  const size_t hw = static_cast<size_t>(raw.h) * raw.w;
+  const bool src_color = raw.c >= 3, src_alpha = raw.c == 2 || raw.c == 4;
+  for (size_t i = 0; i < hw; ++i) {
+    const uint8_t* p = &raw.px[i * raw.c];
+    const uint8_t r = p[0], g = src_color ? p[1] : p[0], b = src_color ? p[2] : p[0];
+    const uint8_t a = src_alpha ? p[raw.c - 1] : 255;
+    const uint8_t y = src_color ? luma(r, g, b) : r;
+    switch (channels) {
+      case 1: im.data[i] = y; break;
+      case 2: im.data[i] = y, im.data[hw + i] = a; break;
+      default:
+        im.data[i] = r, im.data[hw + i] = g, im.data[2 * hw + i] = b;
+        if (channels == 4) im.data[3 * hw + i] = a;
+    }
   }
-  Image im;
-  try {
-    im = Image(channels, h, w);
-  } catch (...) {
-    stbi_image_free(pix);
-    throw;
-  }
-  const size_t hw = static_cast<size_t>(h) * w;
-  for (int c = 0; c < channels; ++c) {
-    uint8_t* dst = im.data.data() + c * hw;
-    for (size_t i = 0; i < hw; ++i) dst[i] = pix[i * channels + c];
-  }
-  stbi_image_free(pix);
   return im;
 }
 
@@ -217,16 +338,20 @@ Image resize_bilinear_ref(const Image& src, int h, int w) {
 Image resize_shorter_side(const Image& src, int size) {
   check_image(src, "resize_shorter_side");
   SAV_CHECK(size >= 1, "resize_shorter_side: size must be positive, got " << size);
-  int h, w;
+  int64_t h, w;
   if (src.height <= src.width) {
     h = size;
-    w = static_cast<int>(static_cast<int64_t>(size) * src.width / src.height);
+    w = static_cast<int64_t>(size) * src.width / src.height;
   } else {
     w = size;
-    h = static_cast<int>(static_cast<int64_t>(size) * src.height / src.width);
+    h = static_cast<int64_t>(size) * src.height / src.width;
   }
+  SAV_CHECK(h * w <= kMaxImagePixels,
+            "resize_shorter_side: a " << src.width << "x" << src.height << " image with its shorter side at " << size
+                                      << " would be " << w << "x" << h << ", above the limit of " << kMaxImagePixels
+                                      << " pixels (is it a thin strip?)");
   if (h == src.height && w == src.width) return src;
-  return resize_bilinear(src, h, w);
+  return resize_bilinear(src, static_cast<int>(h), static_cast<int>(w));
 }
 
 // ------------------------------------------------------------------------------------------------ crop
@@ -260,8 +385,15 @@ void save_png(const std::string& path, const Image& img) {
   std::vector<uint8_t> interleaved(hw * C);
   for (int c = 0; c < C; ++c)
     for (size_t i = 0; i < hw; ++i) interleaved[i * C + c] = img.data[c * hw + i];
-  const int ok = stbi_write_png(path.c_str(), img.width, img.height, C, interleaved.data(), img.width * C);
-  SAV_CHECK(ok, "cannot write PNG '" << path << "' (does the folder exist and is it writable?)");
+  png_image out;
+  std::memset(&out, 0, sizeof out);
+  out.version = PNG_IMAGE_VERSION;
+  out.width = static_cast<png_uint_32>(img.width);
+  out.height = static_cast<png_uint_32>(img.height);
+  static const png_uint_32 kFormat[4] = {PNG_FORMAT_GRAY, PNG_FORMAT_GA, PNG_FORMAT_RGB, PNG_FORMAT_RGBA};
+  out.format = kFormat[C - 1];
+  const int ok = png_image_write_to_file(&out, path.c_str(), 0, interleaved.data(), 0, nullptr);
+  SAV_CHECK(ok, "cannot write PNG '" << path << "': " << out.message << " (does the folder exist and is it writable?)");
 }
 
 }  // namespace sav

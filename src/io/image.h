@@ -1,6 +1,6 @@
 // shiftaddvit: 8-bit images (decode, resize, crop, PNG out).
 //
-//   sav::Image im = sav::load_image("cat.jpg", 3);          // (3, H, W) uint8, any JPEG/PNG/BMP/...
+//   sav::Image im = sav::load_image("cat.jpg", 3);          // (3, H, W) uint8, from a JPEG or PNG file
 //   im = sav::resize_shorter_side(im, 256);                  // shorter side -> 256, bilinear, antialiased
 //   im = sav::center_crop(im, 224, 224);                     // (3, 224, 224)
 //   sav::save_png("out.png", im);
@@ -14,10 +14,13 @@
 // Weights falling outside the image are dropped and the rest renormalised, so a solid colour stays exact.
 // The fast path uses Pillow's arithmetic (22-bit fixed-point weights, horizontal pass first, rounded to
 // uint8 between passes): checked against Pillow 13 it is bit-exact when one axis changes, and within 1
-// level otherwise (Pillow sometimes runs the vertical pass first). JPEG decoding (stb_image) itself
-// differs from libjpeg-turbo by up to ~3 levels, so end-to-end pixels match timm only approximately.
-// Decoding uses stb_image (the implementation lives in image.cpp); colour conversion on load is
-// stb_image's: gray -> RGB replicates, RGB -> gray is luma (77 R + 150 G + 29 B) / 256, alpha dropped.
+// level otherwise (Pillow sometimes runs the vertical pass first).
+//
+// Decoding: JPEG through libjpeg-turbo, PNG through libpng (the decoders Pillow itself uses), chosen by the
+// file's first bytes, not its name; anything else is refused. A header claiming more than kMaxImagePixels
+// pixels is refused before any pixel memory is allocated. Colour conversion on load follows Pillow's
+// convert(): gray -> RGB replicates, RGB -> gray is ITU-R 601 luma (299 R + 587 G + 114 B) / 1000, alpha is
+// dropped (or 255 when asked for and absent), palettes are expanded, 16-bit PNGs are reduced to 8 bits.
 #pragma once
 
 #include <cstdint>
@@ -25,6 +28,9 @@
 #include <vector>
 
 namespace sav {
+
+// Largest image (width x height) the decoders and resize accept: 2^27 = 134 M pixels, e.g. 11585 x 11585.
+inline constexpr int64_t kMaxImagePixels = int64_t{1} << 27;
 
 struct Image {
   int channels = 0, height = 0, width = 0;
@@ -36,8 +42,8 @@ struct Image {
   uint8_t at(int c, int y, int x) const { return data[(static_cast<size_t>(c) * height + y) * width + x]; }
 };
 
-// Decodes a JPEG/PNG/BMP/GIF/TGA/PSD/PNM file into `channels` (1..4) planar channels. 16-bit PNGs are
-// reduced to 8 bits. Throws sav::Error naming the file if it cannot be read or decoded.
+// Decodes a JPEG or PNG file into `channels` (1..4) planar channels. Throws sav::Error naming the file if
+// it cannot be read or decoded, is empty (0 x 0) or larger than kMaxImagePixels.
 Image load_image(const std::string& path, int channels);
 // Same, from bytes already in memory; `name` is only used in error messages.
 Image decode_image(const uint8_t* bytes, size_t size, int channels, const std::string& name);
@@ -49,6 +55,7 @@ Image resize_bilinear(const Image& src, int h, int w);
 // recomputed per pixel, rounded once. Differs from the fast path by at most 1 level (its two roundings).
 Image resize_bilinear_ref(const Image& src, int h, int w);
 // Shorter side -> `size`, longer side scaled by the same factor and truncated (torchvision's Resize(int)).
+// Throws if the result would exceed kMaxImagePixels (a thin strip of an image).
 Image resize_shorter_side(const Image& src, int size);
 
 // Crop the centre (h, w) window; offsets are round((H - h) / 2) with ties to even, as torchvision's

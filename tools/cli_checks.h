@@ -1,0 +1,33 @@
+// shiftaddvit: CLI11 validators for float options, on top of sav::parse_float (src/core/parse.h).
+// CLI11's own PositiveNumber/NonNegativeNumber pass "nan" and check the double before it is narrowed to
+// float ("1e-60" becomes 0.0f); these check what the option will hold. Used by tools/shiftaddvit.cpp and
+// by the cli_values fuzz target.
+//
+//   app.add_option("--lr", lr, "...")->check(sav::cli_float(sav::FloatRule::positive));
+#pragma once
+
+#include <CLI/CLI.hpp>
+#include <string>
+
+#include "core/error.h"
+#include "core/parse.h"
+
+namespace sav {
+
+inline CLI::Validator cli_float(FloatRule rule) {
+  return CLI::Validator(
+      [rule](std::string& in) -> std::string {
+        try {
+          parse_float(in, "the value", rule);
+        } catch (const Error&) {
+          return std::string("must be ") + float_rule_text(rule) + ", got '" + in + "'";
+        }
+        return {};
+      },
+      rule == FloatRule::positive       ? "POSITIVE"
+      : rule == FloatRule::non_negative ? "NONNEGATIVE"
+      : rule == FloatRule::fraction     ? "[0,1)"
+                                        : "FLOAT");
+}
+
+}  // namespace sav
