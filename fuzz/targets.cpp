@@ -282,8 +282,8 @@ void run_cli(const std::vector<std::string>& args) {
   app.require_subcommand(1);
   app.add_option("--threads", v.threads);
   auto* train = app.add_subcommand("train");
-  train->add_option("--epochs", v.epochs)->check(CLI::PositiveNumber);
-  train->add_option("--batch", v.batch)->check(CLI::PositiveNumber);
+  train->add_option("--epochs", v.epochs)->check(cli_positive_int());
+  train->add_option("--batch", v.batch)->check(cli_positive_int());
   train->add_option("--lr", v.lr)->check(cli_float(FloatRule::positive));
   train->add_option("--seed", v.seed);
   train->add_option("--pad-crop", v.pad_crop);
@@ -292,7 +292,7 @@ void run_cli(const std::vector<std::string>& args) {
   train->add_option("--data-format", v.data_format)->check(CLI::IsMember({"auto", "fmnist", "folder"}));
   auto* bench = app.add_subcommand("bench");
   bench->add_option("--batch", v.bench_batches);
-  bench->add_option("--iters", v.iters)->check(CLI::PositiveNumber);
+  bench->add_option("--iters", v.iters)->check(cli_positive_int());
   bench->add_option("--warmup", v.warmup);
   bench->add_flag("--train", v.bench_train);
   auto* convert = app.add_subcommand("convert");

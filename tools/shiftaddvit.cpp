@@ -11,6 +11,7 @@
 #include <iostream>
 #include <memory>
 #include <sstream>
+#include <utility>
 
 #include "cli_checks.h"
 
@@ -475,7 +476,8 @@ int cmd_route(const ModelArgs& m, const DataArgs& d, const std::string& image_pa
 
 int main(int argc, char** argv) {
   CLI::App app{"shiftaddvit: turn pre-trained vision transformers into ShiftAddViT models and run them fast.\n"
-               "Dense ViT/DeiT training, evaluation, inference and benchmarks on the CPU."};
+               "ViT/DeiT training, evaluation, inference and benchmarks; ShiftAddViT conversion, fine-tuning, "
+               "energy and routing pictures."};
   app.require_subcommand(1);
   int threads = 0;
   app.add_option("--threads", threads, "CPU threads for OpenMP and BLAS (default: all cores)");
@@ -495,8 +497,8 @@ int main(int argc, char** argv) {
   add_model_flags(train, tm, false, "vit_fmnist");
   add_shape_flags(train, tm);
   add_data_flags(train, td);
-  train->add_option("--epochs", topt.epochs, "Passes over the training set")->capture_default_str()->check(CLI::PositiveNumber);
-  train->add_option("--batch", topt.batch, "Images per step")->capture_default_str()->check(CLI::PositiveNumber);
+  train->add_option("--epochs", topt.epochs, "Passes over the training set")->capture_default_str()->check(cli_positive_int());
+  train->add_option("--batch", topt.batch, "Images per step")->capture_default_str()->check(cli_positive_int());
   train->add_option("--lr", topt.lr, "Peak learning rate (AdamW)")->capture_default_str()
       ->check(cli_float(FloatRule::positive));
   train->add_option("--min-lr", topt.min_lr, "Learning rate at the end of the cosine decay")->capture_default_str()
@@ -525,7 +527,7 @@ int main(int argc, char** argv) {
   auto* eval = app.add_subcommand("eval", "Top-1/top-5 accuracy of a checkpoint on the test split");
   add_model_flags(eval, em, true, "");
   add_data_flags(eval, ed);
-  eval->add_option("--batch", eval_batch, "Images per forward pass")->capture_default_str()->check(CLI::PositiveNumber);
+  eval->add_option("--batch", eval_batch, "Images per forward pass")->capture_default_str()->check(cli_positive_int());
   eval->add_option("--limit", eval_limit, "Evaluate only the first N images (0: all)");
 
   auto* infer = app.add_subcommand("infer", "Logits for a batch of images stored as a safetensors tensor");
@@ -533,13 +535,13 @@ int main(int argc, char** argv) {
   infer->add_option("--input", in_path, "safetensors file with a float32 tensor 'input' (B,C,S,S), normalised")->required();
   infer->add_option("--output", out_path, "safetensors file to write the float32 tensor 'logits' (B,classes) to")
       ->required();
-  infer->add_option("--batch", infer_batch, "Images per forward pass")->capture_default_str()->check(CLI::PositiveNumber);
+  infer->add_option("--batch", infer_batch, "Images per forward pass")->capture_default_str()->check(cli_positive_int());
 
   auto* bench = app.add_subcommand("bench", "Time the engine's forward pass (and training step) and print a table");
   add_model_flags(bench, bm, false, "vit_fmnist");
   bench->add_option("--batch", bench_batches, "Comma-separated batch sizes")->capture_default_str();
   bench->add_option("--iters", bench_iters, "Timed iterations (the median is reported)")->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(cli_positive_int());
   bench->add_option("--warmup", bench_warmup, "Untimed iterations first")->capture_default_str();
   bench->add_flag("--train", bench_train, "Also time a full training step (forward, backward, AdamW)");
 
@@ -573,7 +575,7 @@ int main(int argc, char** argv) {
       ->check(cli_float(FloatRule::non_negative));
   finetune->add_option("--distill-temp", fopt.distill_temp, "Distillation temperature")->capture_default_str()
       ->check(cli_float(FloatRule::positive));
-  finetune->add_option("--batch", fopt.batch, "Images per step")->capture_default_str()->check(CLI::PositiveNumber);
+  finetune->add_option("--batch", fopt.batch, "Images per step")->capture_default_str()->check(cli_positive_int());
   finetune->add_option("--lr", fopt.lr, "Peak learning rate (AdamW)")->capture_default_str()
       ->check(cli_float(FloatRule::positive));
   finetune->add_option("--min-lr", fopt.min_lr, "Learning rate at the end of each stage's cosine decay")
@@ -628,7 +630,7 @@ int main(int argc, char** argv) {
   auto* profile = app.add_subcommand("profile", "Measure each MoE expert's per-token latency on this machine and print "
                                                 "the latency factors (--alpha) for the load-balancing loss");
   add_model_flags(profile, pm, false, "vit_fmnist");
-  profile->add_option("--tokens", p_tokens, "Tokens per timed call")->capture_default_str()->check(CLI::PositiveNumber);
+  profile->add_option("--tokens", p_tokens, "Tokens per timed call")->capture_default_str()->check(cli_positive_int());
   profile->add_flag("--int-kernel", p_int, "Time the integer MatShift kernel for the shift expert (else the float path)");
   profile->add_option("--out", p_out, "Write the factors as JSON to this file");
 
@@ -648,6 +650,17 @@ int main(int argc, char** argv) {
   } catch (const CLI::CallForAllHelp& e) {
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
+    // "shiftaddvit trian": CLI11 says only that a subcommand is required; name the word it did not know.
+    if (app.get_subcommands().empty()) {
+      for (int i = 1; i < argc; ++i) {
+        const std::string a = argv[i];
+        if (a.empty() || a[0] == '-') continue;
+        std::string known;
+        for (const CLI::App* sc : std::as_const(app).get_subcommands([](const CLI::App*) { return true; })) known += (known.empty() ? "" : ", ") + sc->get_name();
+        std::cerr << "error: unknown subcommand '" << a << "'; known: " << known << " (see --help)\n";
+        return 2;
+      }
+    }
     std::cerr << "error: " << e.what() << " (see --help)\n";
     return e.get_exit_code() ? e.get_exit_code() : 2;
   }

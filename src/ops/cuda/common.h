@@ -67,7 +67,16 @@ class DeviceBuffer {
     release();
     if (n > 0) {
       void* p = nullptr;
-      SAV_CUDA_CHECK(cudaMalloc(&p, n * sizeof(T)));
+      const cudaError_t e = cudaMalloc(&p, n * sizeof(T));
+      if (e == cudaErrorMemoryAllocation) {
+        (void)cudaGetLastError();  // clear the sticky-free error so the caller can go on
+        size_t free_b = 0, total_b = 0;
+        (void)cudaMemGetInfo(&free_b, &total_b);
+        SAV_THROW("out of GPU memory: allocating " << (n * sizeof(T) >> 20) << " MiB with " << (free_b >> 20)
+                                                   << " MiB free of " << (total_b >> 20)
+                                                   << " MiB; try a smaller --batch or a smaller model");
+      }
+      SAV_CUDA_CHECK(e);
       p_ = static_cast<T*>(p);
       n_ = n;
     }
