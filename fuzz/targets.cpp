@@ -291,7 +291,7 @@ void run_cli(const std::vector<std::string>& args) {
   train->add_flag("--hflip", v.hflip);
   train->add_option("--data-format", v.data_format)->check(CLI::IsMember({"auto", "fmnist", "folder"}));
   auto* bench = app.add_subcommand("bench");
-  bench->add_option("--batch", v.bench_batches);
+  bench->add_option("--batch", v.bench_batches)->check(cli_int_list());
   bench->add_option("--iters", v.iters)->check(cli_positive_int());
   bench->add_option("--warmup", v.warmup);
   bench->add_flag("--train", v.bench_train);

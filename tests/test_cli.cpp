@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <utility>
 
 #include "core/rng.h"
 #include "io/safetensors.h"
@@ -67,6 +68,24 @@ TEST_F(CliTest, UnknownFlagIsOneLineErrorAndNonZeroExit) {
   EXPECT_NE(r.code, 0);
   EXPECT_NE(r.out.find("no-such-flag"), std::string::npos) << r.out;
   EXPECT_EQ(count_lines(r.out), 1) << r.out;
+}
+
+// Impossible values and a mistyped subcommand: one line naming the flag (or word) and the value.
+TEST_F(CliTest, BadValuesAndUnknownSubcommandAreNamed) {
+  const std::pair<const char*, const char*> cases[] = {
+      {"train --batch 0", "--batch: must be a positive integer, got '0'"},
+      {"train --lr nan", "--lr: must be a positive finite number, got 'nan'"},
+      {"train --lr 1e-60", "--lr: must be a positive finite number, got '1e-60'"},
+      {"finetune --smoothing 1", "--smoothing: must be a number in [0, 1), got '1'"},
+      {"bench --batch 1,x", "--batch: must be a comma-separated list of positive integers, got '1,x'"},
+      {"trian --epochs 1", "unknown subcommand 'trian'; known: train, eval"},
+  };
+  for (const auto& [args, want] : cases) {
+    RunResult r = run_cli(args);
+    EXPECT_NE(r.code, 0) << args;
+    EXPECT_NE(r.out.find(want), std::string::npos) << args << ": " << r.out;
+    EXPECT_EQ(count_lines(r.out), 1) << args << ": " << r.out;
+  }
 }
 
 TEST_F(CliTest, TruncatedCheckpointIsOneLineError) {

@@ -44,4 +44,18 @@ inline CLI::Validator cli_positive_int() {
       "POSITIVE");
 }
 
+// Comma-separated lists of positive integers (bench --batch 1,64).
+inline CLI::Validator cli_int_list() {
+  return CLI::Validator(
+      [](std::string& in) -> std::string {
+        try {
+          parse_int_list(in, "the value");
+        } catch (const Error&) {
+          return "must be a comma-separated list of positive integers, got '" + in + "'";
+        }
+        return {};
+      },
+      "LIST");
+}
+
 }  // namespace sav

@@ -539,7 +539,7 @@ int main(int argc, char** argv) {
 
   auto* bench = app.add_subcommand("bench", "Time the engine's forward pass (and training step) and print a table");
   add_model_flags(bench, bm, false, "vit_fmnist");
-  bench->add_option("--batch", bench_batches, "Comma-separated batch sizes")->capture_default_str();
+  bench->add_option("--batch", bench_batches, "Comma-separated batch sizes")->check(cli_int_list())->capture_default_str();
   bench->add_option("--iters", bench_iters, "Timed iterations (the median is reported)")->capture_default_str()
       ->check(cli_positive_int());
   bench->add_option("--warmup", bench_warmup, "Untimed iterations first")->capture_default_str();
