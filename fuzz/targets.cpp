@@ -428,7 +428,7 @@ int fuzz_image_one(const uint8_t* data, size_t size) {
   const int channels[2] = {1, 3};
   for (int k = 0; k < 2; ++k) {
     try {
-      const Image im = decode_image(bytes, n, channels[k], "fuzz input");
+      const Image im = decode_image(bytes, n, channels[k], "fuzz input", k_fuzz_max_decode_pixels);
       dims[k][0] = im.height;
       dims[k][1] = im.width;
       check_image(im, channels[k], b0);

@@ -6,6 +6,7 @@
 #   bash scripts/h200_bench.sh                                  # everything
 #   SAV_H200_STEPS="build tests sanitize" bash scripts/h200_bench.sh
 #
+# SAV_H200_TARGETS overrides what the build step builds (default: sav_cuda_tests sav_cuda_bench).
 # Steps: build tests bench timm table profile sanitize (default: build tests bench timm table). profile
 # runs ncu on one eager forward (SAV_PROFILE_MODELS); sanitize runs compute-sanitizer on the tests.
 # That machine has no network and lacks OpenBLAS, GTest, libjpeg/libpng headers (and maybe the CMake files of CLI11 and
@@ -58,7 +59,7 @@ if has build; then
       -DZLIB_LIBRARY="$ZLIB_LIB" -DZLIB_INCLUDE_DIR="$ZLIB_INC" \
       -DCMAKE_EXE_LINKER_FLAGS="-Wl,-rpath-link,$ML -Wl,-rpath,$ML/openblas-openmp:$ML" &&
     echo "== build" &&
-    cmake --build "$BUILD" -j"$(nproc)" --target sav_cuda_tests sav_cuda_bench
+    cmake --build "$BUILD" -j"$(nproc)" --target ${SAV_H200_TARGETS:-sav_cuda_tests sav_cuda_bench}
   } >"$OUT/build.log" 2>&1
   rc=$?
   echo "[h200] build rc=$rc (log: build.log)"

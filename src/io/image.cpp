@@ -41,11 +41,10 @@ struct Raw {
   std::vector<uint8_t> px;
 };
 
-void check_dims(int64_t w, int64_t h, const std::string& name) {
+void check_dims(int64_t w, int64_t h, int64_t max_pixels, const std::string& name) {
   SAV_CHECK(w >= 1 && h >= 1, "cannot decode image '" << name << "': it claims a size of " << w << "x" << h);
-  SAV_CHECK(w * h <= kMaxImagePixels, "cannot decode image '" << name << "': " << w << "x" << h << " is "
-                                                              << w * h << " pixels, above the limit of "
-                                                              << kMaxImagePixels);
+  SAV_CHECK(w * h <= max_pixels, "cannot decode image '" << name << "': " << w << "x" << h << " is " << w * h
+                                                         << " pixels, above the limit of " << max_pixels);
 }
 
 // libjpeg reports fatal errors through error_exit, which must not return: jump back to the setjmp in
@@ -66,7 +65,8 @@ void jpeg_silent(j_common_ptr) {}
 
 // Plain C control flow only between setjmp and longjmp: no object with a destructor is created in this
 // frame, `raw` lives in the caller's. Returns an empty string or the reason of the failure.
-std::string jpeg_decode_into(const uint8_t* bytes, size_t size, Raw& raw, const std::string& name) {
+std::string jpeg_decode_into(const uint8_t* bytes, size_t size, int64_t max_pixels, Raw& raw,
+                             const std::string& name) {
   jpeg_decompress_struct cinfo;
   JpegError err;
   cinfo.err = jpeg_std_error(&err.mgr);
@@ -81,9 +81,9 @@ std::string jpeg_decode_into(const uint8_t* bytes, size_t size, Raw& raw, const 
   jpeg_mem_src(&cinfo, bytes, static_cast<unsigned long>(size));
   jpeg_read_header(&cinfo, TRUE);
   const int64_t w = cinfo.image_width, h = cinfo.image_height;
-  if (w < 1 || h < 1 || w * h > kMaxImagePixels) {
+  if (w < 1 || h < 1 || w * h > max_pixels) {
     jpeg_destroy_decompress(&cinfo);
-    check_dims(w, h, name);  // throws
+    check_dims(w, h, max_pixels, name);  // throws
   }
   // Gray files stay gray; everything else (YCbCr, RGB, CMYK) comes out as RGB, as Pillow's convert().
   cinfo.out_color_space = cinfo.jpeg_color_space == JCS_GRAYSCALE ? JCS_GRAYSCALE : JCS_RGB;
@@ -92,7 +92,7 @@ std::string jpeg_decode_into(const uint8_t* bytes, size_t size, Raw& raw, const 
   raw.w = static_cast<int>(cinfo.output_width);
   raw.h = static_cast<int>(cinfo.output_height);
   raw.c = cinfo.output_components;
-  raw.px.resize(static_cast<size_t>(raw.w) * raw.h * raw.c);  // within kMaxImagePixels * 4 bytes
+  raw.px.resize(static_cast<size_t>(raw.w) * raw.h * raw.c);  // within max_pixels * 4 bytes
   while (cinfo.output_scanline < cinfo.output_height) {
     JSAMPROW row = raw.px.data() + static_cast<size_t>(cinfo.output_scanline) * raw.w * raw.c;
     jpeg_read_scanlines(&cinfo, &row, 1);
@@ -114,11 +114,11 @@ std::string jpeg_decode_into(const uint8_t* bytes, size_t size, Raw& raw, const 
   return {};
 }
 
-Raw decode_jpeg(const uint8_t* bytes, size_t size, const std::string& name) {
+Raw decode_jpeg(const uint8_t* bytes, size_t size, int64_t max_pixels, const std::string& name) {
   Raw raw;
   std::string why;
   try {
-    why = jpeg_decode_into(bytes, size, raw, name);
+    why = jpeg_decode_into(bytes, size, max_pixels, raw, name);
   } catch (const std::bad_alloc&) {
     SAV_THROW("cannot decode image '" << name << "': out of memory");
   }
@@ -128,16 +128,16 @@ Raw decode_jpeg(const uint8_t* bytes, size_t size, const std::string& name) {
 
 // libpng's simplified API: no setjmp here, it expands palettes, reduces 16 bits to 8 and adds or keeps
 // alpha by itself. Always read as RGBA (or GA for gray files) and convert below.
-Raw decode_png(const uint8_t* bytes, size_t size, const std::string& name) {
+Raw decode_png(const uint8_t* bytes, size_t size, int64_t max_pixels, const std::string& name) {
   png_image im;
   std::memset(&im, 0, sizeof im);
   im.version = PNG_IMAGE_VERSION;
   if (!png_image_begin_read_from_memory(&im, bytes, size))
     SAV_THROW("cannot decode image '" << name << "': " << im.message << " (is it a valid PNG file?)");
   const int64_t w = im.width, h = im.height;
-  if (w < 1 || h < 1 || w * h > kMaxImagePixels) {
+  if (w < 1 || h < 1 || w * h > max_pixels) {
     png_image_free(&im);
-    check_dims(w, h, name);
+    check_dims(w, h, max_pixels, name);
   }
   const bool gray = (im.format & PNG_FORMAT_FLAG_COLOR) == 0;
   im.format = gray ? PNG_FORMAT_GA : PNG_FORMAT_RGBA;
@@ -159,15 +159,15 @@ inline uint8_t luma(int r, int g, int b) { return static_cast<uint8_t>((r * 1959
 
 }  // namespace
 
-Image decode_image(const uint8_t* bytes, size_t size, int channels, const std::string& name) {
+Image decode_image(const uint8_t* bytes, size_t size, int channels, const std::string& name, int64_t max_pixels) {
   SAV_CHECK(channels >= 1 && channels <= 4, "load_image: channels must be 1..4, got " << channels);
   SAV_CHECK(size > 0, "cannot decode image '" << name << "': the file is empty");
   static const uint8_t kJpeg[3] = {0xFF, 0xD8, 0xFF}, kPng[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1A, '\n'};
   Raw raw;
   if (size >= 3 && std::memcmp(bytes, kJpeg, 3) == 0)
-    raw = decode_jpeg(bytes, size, name);
+    raw = decode_jpeg(bytes, size, max_pixels, name);
   else if (size >= 8 && std::memcmp(bytes, kPng, 8) == 0)
-    raw = decode_png(bytes, size, name);
+    raw = decode_png(bytes, size, max_pixels, name);
   else
     SAV_THROW("cannot decode image '" << name << "': not a JPEG or PNG file (its first bytes are neither)");
   // Interleaved raw.c (1 gray, 2 gray+alpha, 3 RGB, 4 RGBA) -> planar `channels`.

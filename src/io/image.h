@@ -45,8 +45,10 @@ struct Image {
 // Decodes a JPEG or PNG file into `channels` (1..4) planar channels. Throws sav::Error naming the file if
 // it cannot be read or decoded, is empty (0 x 0) or larger than kMaxImagePixels.
 Image load_image(const std::string& path, int channels);
-// Same, from bytes already in memory; `name` is only used in error messages.
-Image decode_image(const uint8_t* bytes, size_t size, int channels, const std::string& name);
+// Same, from bytes already in memory; `name` is only used in error messages. `max_pixels` lowers the
+// limit (the fuzz harness uses 2^22 to stay fast).
+Image decode_image(const uint8_t* bytes, size_t size, int channels, const std::string& name,
+                   int64_t max_pixels = kMaxImagePixels);
 
 // Resize to (h, w), Pillow-style antialiased bilinear (see top). Separable, precomputed fixed-point
 // weights, OpenMP over rows.
