@@ -474,6 +474,33 @@ int cmd_route(const ModelArgs& m, const DataArgs& d, const std::string& image_pa
 
 }  // namespace
 
+// The optimisation, augmentation and data-limit flags that train and finetune share.
+void add_optim_flags(CLI::App* app, TrainOptions& o, const char* seed_help) {
+  app->add_option("--batch", o.batch, "Images per step")->capture_default_str()->check(cli_positive_int());
+  app->add_option("--lr", o.lr, "Peak learning rate (AdamW)")->capture_default_str()->check(cli_float(FloatRule::positive));
+  app->add_option("--min-lr", o.min_lr, "Learning rate at the end of the cosine decay (of each stage)")
+      ->capture_default_str()
+      ->check(cli_float(FloatRule::non_negative));
+  app->add_option("--warmup-epochs", o.warmup_epochs, "Linear warm-up length in epochs (of each stage)")
+      ->capture_default_str()
+      ->check(cli_float(FloatRule::non_negative));
+  app->add_option("--wd", o.weight_decay, "AdamW weight decay (matrices only)")
+      ->capture_default_str()
+      ->check(cli_float(FloatRule::non_negative));
+  app->add_option("--clip", o.clip, "Clip the global gradient norm to this (0: off)")
+      ->capture_default_str()
+      ->check(cli_float(FloatRule::non_negative));
+  app->add_option("--smoothing", o.smoothing, "Label smoothing of the cross-entropy")
+      ->capture_default_str()
+      ->check(cli_float(FloatRule::fraction));
+  app->add_option("--seed", o.seed, seed_help)->capture_default_str();
+  app->add_option("--pad-crop", o.augment.pad_crop, "Augmentation: random crop after padding by this many pixels")
+      ->capture_default_str();
+  app->add_flag("--hflip", o.augment.hflip, "Augmentation: random horizontal flips");
+  app->add_option("--train-limit", o.train_limit, "Use only the first N training images (0: all)");
+  app->add_option("--eval-limit", o.eval_limit, "Evaluate on only the first N test images (0: all)");
+}
+
 int main(int argc, char** argv) {
   CLI::App app{"shiftaddvit: turn pre-trained vision transformers into ShiftAddViT models and run them fast.\n"
                "ViT/DeiT training, evaluation, inference and benchmarks; ShiftAddViT conversion, fine-tuning, "
@@ -498,25 +525,7 @@ int main(int argc, char** argv) {
   add_shape_flags(train, tm);
   add_data_flags(train, td);
   train->add_option("--epochs", topt.epochs, "Passes over the training set")->capture_default_str()->check(cli_positive_int());
-  train->add_option("--batch", topt.batch, "Images per step")->capture_default_str()->check(cli_positive_int());
-  train->add_option("--lr", topt.lr, "Peak learning rate (AdamW)")->capture_default_str()
-      ->check(cli_float(FloatRule::positive));
-  train->add_option("--min-lr", topt.min_lr, "Learning rate at the end of the cosine decay")->capture_default_str()
-      ->check(cli_float(FloatRule::non_negative));
-  train->add_option("--warmup-epochs", topt.warmup_epochs, "Linear warm-up length in epochs")->capture_default_str()
-      ->check(cli_float(FloatRule::non_negative));
-  train->add_option("--wd", topt.weight_decay, "AdamW weight decay (matrices only)")->capture_default_str()
-      ->check(cli_float(FloatRule::non_negative));
-  train->add_option("--clip", topt.clip, "Clip the global gradient norm to this (0: off)")->capture_default_str()
-      ->check(cli_float(FloatRule::non_negative));
-  train->add_option("--smoothing", topt.smoothing, "Label smoothing of the cross-entropy")->capture_default_str()
-      ->check(cli_float(FloatRule::fraction));
-  train->add_option("--seed", topt.seed, "Seed of init, shuffling and augmentation")->capture_default_str();
-  train->add_option("--pad-crop", topt.augment.pad_crop, "Augmentation: random crop after padding by this many pixels")
-      ->capture_default_str();
-  train->add_flag("--hflip", topt.augment.hflip, "Augmentation: random horizontal flips");
-  train->add_option("--train-limit", topt.train_limit, "Use only the first N training images (0: all)");
-  train->add_option("--eval-limit", topt.eval_limit, "Evaluate on only the first N test images (0: all)");
+  add_optim_flags(train, topt, "Seed of init, shuffling and augmentation");
   train->add_option("--out", topt.out_dir, "Folder for checkpoints (last.safetensors, model.safetensors)");
   train->add_option("--save-every", topt.save_every, "Also checkpoint every N steps (0: at epoch ends only)");
   train->add_flag("--resume", topt.resume, "Continue from OUT/last.safetensors if it exists");
@@ -575,26 +584,7 @@ int main(int argc, char** argv) {
       ->check(cli_float(FloatRule::non_negative));
   finetune->add_option("--distill-temp", fopt.distill_temp, "Distillation temperature")->capture_default_str()
       ->check(cli_float(FloatRule::positive));
-  finetune->add_option("--batch", fopt.batch, "Images per step")->capture_default_str()->check(cli_positive_int());
-  finetune->add_option("--lr", fopt.lr, "Peak learning rate (AdamW)")->capture_default_str()
-      ->check(cli_float(FloatRule::positive));
-  finetune->add_option("--min-lr", fopt.min_lr, "Learning rate at the end of each stage's cosine decay")
-      ->capture_default_str()
-      ->check(cli_float(FloatRule::non_negative));
-  finetune->add_option("--warmup-epochs", fopt.warmup_epochs, "Linear warm-up per stage, in epochs")->capture_default_str()
-      ->check(cli_float(FloatRule::non_negative));
-  finetune->add_option("--wd", fopt.weight_decay, "AdamW weight decay (matrices only)")->capture_default_str()
-      ->check(cli_float(FloatRule::non_negative));
-  finetune->add_option("--clip", fopt.clip, "Clip the global gradient norm (0: off)")->capture_default_str()
-      ->check(cli_float(FloatRule::non_negative));
-  finetune->add_option("--smoothing", fopt.smoothing, "Label smoothing")->capture_default_str()
-      ->check(cli_float(FloatRule::fraction));
-  finetune->add_option("--seed", fopt.seed, "Seed of shuffling, augmentation, router noise, KSH fitting")
-      ->capture_default_str();
-  finetune->add_option("--pad-crop", fopt.augment.pad_crop, "Augmentation: random crop after padding")->capture_default_str();
-  finetune->add_flag("--hflip", fopt.augment.hflip, "Augmentation: random horizontal flips");
-  finetune->add_option("--train-limit", fopt.train_limit, "Use only the first N training images (0: all)");
-  finetune->add_option("--eval-limit", fopt.eval_limit, "Evaluate on only the first N test images (0: all)");
+  add_optim_flags(finetune, fopt, "Seed of shuffling, augmentation, router noise, KSH fitting");
   finetune->add_option("--out", fopt.out_dir, "Folder: stage1/, stage2/ checkpoints and the final model.safetensors")
       ->required();
   finetune->add_option("--save-every", fopt.save_every, "Also checkpoint every N steps");
