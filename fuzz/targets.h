@@ -19,7 +19,7 @@
 // Files are written into one scratch folder per process (under $TMPDIR, else /dev/shm, else /tmp),
 // removed at exit. Not thread-safe (libFuzzer and the replay test run one input at a time).
 //
-// The image target decodes with a 2^22-pixel limit instead of kMaxImagePixels (the same check, reached
+// The image target decodes with a 2^20-pixel limit instead of kMaxImagePixels (the same check, reached
 // more often, and no multi-second decodes of headers that promise 100 M pixels of missing data), and skips
 // resizes whose output would exceed k_fuzz_max_resize_pixels (valid but slow);
 // outputs past kMaxImagePixels must be refused with sav::Error. There are no other guards: the problems
@@ -37,7 +37,7 @@ namespace sav::fuzz {
 
 inline constexpr std::string_view k_fuzz_split = "#SAVSPLIT#";
 inline constexpr int64_t k_fuzz_max_resize_pixels = int64_t(1) << 22;  // resize output, h * w
-inline constexpr int64_t k_fuzz_max_decode_pixels = int64_t(1) << 22;  // decode_image's limit in the harness
+inline constexpr int64_t k_fuzz_max_decode_pixels = int64_t(1) << 20;  // decode_image's limit in the harness
 
 // An invariant of a reader's result that does not hold (a bug, not bad input).
 class InvariantError : public std::logic_error {

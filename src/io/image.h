@@ -46,7 +46,7 @@ struct Image {
 // it cannot be read or decoded, is empty (0 x 0) or larger than kMaxImagePixels.
 Image load_image(const std::string& path, int channels);
 // Same, from bytes already in memory; `name` is only used in error messages. `max_pixels` lowers the
-// limit (the fuzz harness uses 2^22 to stay fast).
+// limit (the fuzz harness uses 2^20 to stay fast).
 Image decode_image(const uint8_t* bytes, size_t size, int channels, const std::string& name,
                    int64_t max_pixels = kMaxImagePixels);
 

@@ -21,8 +21,13 @@
 #include "core/blas.h"
 #include "core/error.h"
 
-// Hot kernels are compiled for AVX-512, AVX2 and the baseline; the loader picks one at run time.
+// Hot kernels are compiled for AVX-512, AVX2 and the baseline; the loader picks one at run time. Clang 14
+// cannot clone function templates: there (the ThreadSanitizer build) the baseline alone is compiled.
+#if defined(__clang__) && __clang_major__ < 15
+#define SAV_HAMMING_CLONES
+#else
 #define SAV_HAMMING_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
 
 namespace sav::cpu {
 
