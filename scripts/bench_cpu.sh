@@ -10,7 +10,7 @@ ARCHS=${2:-vit_fmnist,deit_tiny_patch16_224}
 ITERS=${ITERS:-10}
 OUT=${OUT:-runs/bench}
 mkdir -p "$OUT"
-export OMP_WAIT_POLICY=passive
+# Both sides run with their OpenMP runtimes' defaults (OMP_WAIT_POLICY=passive slows PyTorch's small ops 2x).
 rm -f "$OUT/torch.jsonl" "$OUT/engine.txt"
 for a in ${ARCHS//,/ }; do
   ./build/shiftaddvit --threads "$T" bench --arch "$a" --batch 1,64 --train --iters "$ITERS" | tee -a "$OUT/engine.txt"
