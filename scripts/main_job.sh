@@ -9,6 +9,8 @@ bash scripts/setup.sh
 BIN=./build/shiftaddvit
 TEACHER=models/fmnist_teacher.safetensors
 OUT=runs/main
+# A fresh run each time: stage checkpoints left by an earlier run (maybe of another teacher) are not reused.
+rm -rf $OUT
 mkdir -p $OUT
 echo "== 1/6 the shipped dense teacher on the Fashion-MNIST test set"
 $BIN eval --weights $TEACHER
@@ -17,7 +19,7 @@ $BIN profile --weights $TEACHER --out $OUT/alpha.json | tee $OUT/profile.txt
 ALPHA=$(sed -n 's/.*--alpha \([0-9.,]*\).*/\1/p' $OUT/profile.txt)
 echo "== 3/6 convert + fine-tune (stage 1: attention; stage 2: attention + MoE linears), distilling from the teacher"
 $BIN finetune --weights $TEACHER --attn hamming --mlp moe --alpha "$ALPHA" --stage1-epochs 1 --stage2-epochs 1 \
-  --train-limit 15360 --batch 128 --lr 5e-4 --distill --pad-crop 1 --smoothing 0 --out $OUT/finetune --resume
+  --batch 128 --lr 5e-4 --distill --pad-crop 1 --smoothing 0 --out $OUT/finetune
 echo "== 4/6 speed: dense teacher vs converted model (engine, CPU)"
 $BIN bench --weights $TEACHER --batch 1,64 --iters 10
 $BIN bench --weights $OUT/finetune/model.safetensors --batch 1,64 --iters 10
