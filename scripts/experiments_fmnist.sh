@@ -10,6 +10,7 @@
 #       full  stage 1 Hamming attention, stage 2 + MoE (mult, shift) in every MLP linear (the shipped model)
 #       shift stage 1 Hamming attention, stage 2 + shift linears in every MLP
 #       alpha_1_4, alpha_4_1: short full runs with opposite latency factors (the router's shares follow them)
+# (ham_b32 in RESULTS is the ham run with --hash-bits 32 added, run by hand.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-./build/shiftaddvit}
