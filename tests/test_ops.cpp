@@ -145,29 +145,33 @@ vector<float> ln_input(int M, int C, uint64_t seed, float offset = 20.0f) {
   return x;
 }
 
+// The fast LayerNorm forward and backward against the references on one shape; seeds from `seed` up.
+void check_layernorm_fast_vs_ref(const LnShape& s, float eps, uint64_t seed) {
+  auto x = ln_input(s.M, s.C, seed), w = t::uniform(s.C, seed + 2, 0.5f, 1.5f), b = t::uniform(s.C, seed + 3);
+  vector<float> y(x.size(), 9.0f), mean(s.M), rstd(s.M), y_ref(x.size()), mean_ref(s.M), rstd_ref(s.M);
+  cpu::layernorm_forward(y.data(), mean.data(), rstd.data(), x.data(), w.data(), b.data(), s.M, s.C, eps);
+  cpu::layernorm_forward_ref(y_ref.data(), mean_ref.data(), rstd_ref.data(), x.data(), w.data(), b.data(), s.M, s.C,
+                             eps);
+  EXPECT_LT(t::norm_err(y, y_ref), 2e-5) << "y";
+  EXPECT_LT(t::norm_err(mean, mean_ref), 1e-6) << "mean";
+  EXPECT_LT(t::norm_err(rstd, rstd_ref), 2e-5) << "rstd";
+
+  auto dy = t::uniform(x.size(), seed + 4);
+  auto dx = t::uniform(x.size(), seed + 5), dw = t::uniform(s.C, seed + 6), db = t::uniform(s.C, seed + 7);
+  auto dx_ref = dx, dw_ref = dw, db_ref = db;
+  cpu::layernorm_backward(dx.data(), dw.data(), db.data(), dy.data(), x.data(), w.data(), mean_ref.data(),
+                          rstd_ref.data(), s.M, s.C);
+  cpu::layernorm_backward_ref(dx_ref.data(), dw_ref.data(), db_ref.data(), dy.data(), x.data(), w.data(),
+                              mean_ref.data(), rstd_ref.data(), s.M, s.C);
+  EXPECT_LT(t::norm_err(dx, dx_ref), 2e-5) << "dx";
+  EXPECT_LT(t::norm_err(dw, dw_ref), 2e-5) << "dw";
+  EXPECT_LT(t::norm_err(db, db_ref), 1e-5) << "db";
+}
+
 TEST(OpsLayerNorm, FastMatchesRef) {
-  const float eps = 1e-6f;
   for (const auto& s : kLnShapes) {
     SCOPED_TRACE("M=" + std::to_string(s.M) + " C=" + std::to_string(s.C));
-    auto x = ln_input(s.M, s.C, 31), w = t::uniform(s.C, 33, 0.5f, 1.5f), b = t::uniform(s.C, 34);
-    vector<float> y(x.size(), 9.0f), mean(s.M), rstd(s.M), y_ref(x.size()), mean_ref(s.M), rstd_ref(s.M);
-    cpu::layernorm_forward(y.data(), mean.data(), rstd.data(), x.data(), w.data(), b.data(), s.M, s.C, eps);
-    cpu::layernorm_forward_ref(y_ref.data(), mean_ref.data(), rstd_ref.data(), x.data(), w.data(), b.data(), s.M, s.C,
-                               eps);
-    EXPECT_LT(t::norm_err(y, y_ref), 2e-5) << "y";
-    EXPECT_LT(t::norm_err(mean, mean_ref), 1e-6) << "mean";
-    EXPECT_LT(t::norm_err(rstd, rstd_ref), 2e-5) << "rstd";
-
-    auto dy = t::uniform(x.size(), 35);
-    auto dx = t::uniform(x.size(), 36), dw = t::uniform(s.C, 37), db = t::uniform(s.C, 38);
-    auto dx_ref = dx, dw_ref = dw, db_ref = db;
-    cpu::layernorm_backward(dx.data(), dw.data(), db.data(), dy.data(), x.data(), w.data(), mean_ref.data(),
-                            rstd_ref.data(), s.M, s.C);
-    cpu::layernorm_backward_ref(dx_ref.data(), dw_ref.data(), db_ref.data(), dy.data(), x.data(), w.data(),
-                                mean_ref.data(), rstd_ref.data(), s.M, s.C);
-    EXPECT_LT(t::norm_err(dx, dx_ref), 2e-5) << "dx";
-    EXPECT_LT(t::norm_err(dw, dw_ref), 2e-5) << "dw";
-    EXPECT_LT(t::norm_err(db, db_ref), 1e-5) << "db";
+    check_layernorm_fast_vs_ref(s, 1e-6f, 31);
   }
 }
 
@@ -749,29 +753,11 @@ TEST(OpsKernelPaths, LinearMatchesRef) {
 
 TEST(OpsKernelPaths, LayerNormMatchesRef) {
   const LnShape shapes[] = {{1, 8}, {7, 24}, {65, 96}, {400, 96}, {3, 192}, {5, 40}};
-  const float eps = 1e-6f;
   for (bool portable : {false, true}) {
     PortableScope scope(portable);
     for (const auto& s : shapes) {
       SCOPED_TRACE(path_name(portable) + " M=" + std::to_string(s.M) + " C=" + std::to_string(s.C));
-      auto x = ln_input(s.M, s.C, 311), w = t::uniform(s.C, 313, 0.5f, 1.5f), b = t::uniform(s.C, 314);
-      vector<float> y(x.size(), 9.0f), mean(s.M), rstd(s.M), y_ref(x.size()), mean_ref(s.M), rstd_ref(s.M);
-      cpu::layernorm_forward(y.data(), mean.data(), rstd.data(), x.data(), w.data(), b.data(), s.M, s.C, eps);
-      cpu::layernorm_forward_ref(y_ref.data(), mean_ref.data(), rstd_ref.data(), x.data(), w.data(), b.data(), s.M,
-                                 s.C, eps);
-      EXPECT_LT(t::norm_err(y, y_ref), 2e-5) << "y";
-      EXPECT_LT(t::norm_err(mean, mean_ref), 1e-6) << "mean";
-      EXPECT_LT(t::norm_err(rstd, rstd_ref), 2e-5) << "rstd";
-      auto dy = t::uniform(x.size(), 315);
-      auto dx = t::uniform(x.size(), 316), dw = t::uniform(s.C, 317), db = t::uniform(s.C, 318);
-      auto dx_ref = dx, dw_ref = dw, db_ref = db;
-      cpu::layernorm_backward(dx.data(), dw.data(), db.data(), dy.data(), x.data(), w.data(), mean_ref.data(),
-                              rstd_ref.data(), s.M, s.C);
-      cpu::layernorm_backward_ref(dx_ref.data(), dw_ref.data(), db_ref.data(), dy.data(), x.data(), w.data(),
-                                  mean_ref.data(), rstd_ref.data(), s.M, s.C);
-      EXPECT_LT(t::norm_err(dx, dx_ref), 2e-5) << "dx";
-      EXPECT_LT(t::norm_err(dw, dw_ref), 2e-5) << "dw";
-      EXPECT_LT(t::norm_err(db, db_ref), 1e-5) << "db";
+      check_layernorm_fast_vs_ref(s, 1e-6f, 311);
     }
   }
 }
