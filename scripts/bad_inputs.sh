@@ -25,9 +25,9 @@ PY
 row() {  # row "what the user did" args...
   local what=$1; shift
   local err rc
-  err=$("$BIN" "$@" 2>&1 >/dev/null | grep -v '^shiftaddvit: [0-9]* threads' | tail -1)
-  rc=${PIPESTATUS[0]}
-  "$BIN" "$@" >/dev/null 2>&1; rc=$?
+  err=$("$BIN" "$@" 2>&1 >/dev/null)
+  rc=$?
+  err=$(printf '%s\n' "$err" | grep -v '^shiftaddvit: [0-9]* threads' | tail -1)
   err=${err//$T/\$TMP}
   err=${err//|/\\|}
   printf '| %s | `%s` | %s | %s |\n' "$what" "shiftaddvit ${*//$T/\$TMP}" "$rc" "$err"
