@@ -12,6 +12,12 @@ Writes
                          the state_dict; the input is named "input", shape (2,3,224,224)); the C++ test rebuilds
                          the same weights and input bit-exactly, so the 22 MB checkpoint is never committed.
   deit_tiny_timm.safetensors (only with --full): the timm state_dict itself and the input, for the CLI check.
+  pvt_tiny.safetensors   a tiny timm PyramidVisionTransformerV2 (64x64x3, widths 8/16/24/32, heads 1/2/3/4,
+                         depths 1/2/1/1, sr 8/4/2/1, mlp ratios 2, 7 classes): weights, input, targets, float64
+                         logits, the cross-entropy (smoothing 0.1) and every parameter gradient.
+  pvt_v2_b0_logits.safetensors   float64 logits (hi + lo halves) of timm's pvt_v2_b0 with python/synth.py
+                         weights and input, like deit_tiny_logits.
+  pvt_v2_b0_timm.safetensors (only with --full): that timm state_dict and input, for the CLI check.
 """
 import argparse
 import os
@@ -88,6 +94,67 @@ def golden_deit_tiny(out, full):
         save_file({k: v.contiguous() for k, v in new.items()}, os.path.join(out, "deit_tiny_timm.safetensors"))
 
 
+def randomize(m, seed):
+    """Random weights with non-trivial norms and biases (1-D weights 1 + 0.2 n, biases 0.1 n, matrices and
+    convolutions n / sqrt(fan_in))."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.ndim == 1 and name.endswith(".weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            elif p.ndim == 1:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_((1.0 / p[0].numel()) ** 0.5 * torch.randn(p.shape, generator=g))
+
+
+def golden_pvt_tiny(out):
+    torch.manual_seed(0)
+    m = timm.models.pvt_v2.PyramidVisionTransformerV2(
+        in_chans=3, num_classes=7, depths=(1, 2, 1, 1), embed_dims=(8, 16, 24, 32), num_heads=(1, 2, 3, 4),
+        sr_ratios=(8, 4, 2, 1), mlp_ratios=(2, 2, 2, 2))
+    randomize(m, 1)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 64, 64, generator=g)
+    y = torch.tensor([4, 1])
+    tensors = {k: v.detach().clone().contiguous() for k, v in m.state_dict().items()}
+    md = m.double()
+    logits = md(x.double())
+    loss = timm.loss.LabelSmoothingCrossEntropy(smoothing=0.1)(logits, y)
+    loss.backward()
+    tensors["input"] = x.contiguous()
+    tensors["target"] = y.to(torch.int32)
+    tensors["logits"] = logits.detach().float().contiguous()
+    tensors["loss"] = loss.detach().float().reshape(1)
+    for k, p in md.named_parameters():
+        tensors["grad." + k] = p.grad.detach().float().contiguous()
+    save_file(tensors, os.path.join(out, "pvt_tiny.safetensors"),
+              metadata={"timm": timm.__version__, "torch": torch.__version__, "config":
+                        "img 64 in 3 classes 7 dims 8,16,24,32 heads 1,2,3,4 depths 1,2,1,1 sr 8,4,2,1 mlp 2 "
+                        "smoothing 0.1 float64"})
+    print("pvt_tiny: loss", float(loss.detach()), "logits", tuple(logits.shape))
+
+
+def golden_pvt_b0(out, full):
+    m = timm.create_model("pvt_v2_b0", pretrained=False)
+    sd = m.state_dict()
+    new = {k: torch.from_numpy(synth_tensor(k, tuple(v.shape))) for k, v in sd.items()}
+    m.load_state_dict(new)
+    m.eval()
+    x = torch.from_numpy(synth_tensor("input", (2, 3, 224, 224)))
+    with torch.no_grad():
+        logits = m.double()(x.double())
+    hi = logits.float()
+    lo = (logits - hi.double()).float()
+    save_file({"logits": hi.contiguous(), "logits_lo": lo.contiguous()},
+              os.path.join(out, "pvt_v2_b0_logits.safetensors"),
+              metadata={"timm": timm.__version__, "torch": torch.__version__, "precision": "float64"})
+    print("pvt_v2_b0: max |logit|", float(logits.abs().max()))
+    if full:
+        new["input"] = x
+        save_file({k: v.contiguous() for k, v in new.items()}, os.path.join(out, "pvt_v2_b0_timm.safetensors"))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="tests/golden")
@@ -96,6 +163,8 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     golden_tiny(args.out)
     golden_deit_tiny(args.out, args.full)
+    golden_pvt_tiny(args.out)
+    golden_pvt_b0(args.out, args.full)
 
 
 if __name__ == "__main__":

@@ -117,7 +117,7 @@ std::unique_ptr<ImageClassifier> build_model(const ModelArgs& m) {
     // a checkpoint written by the engine names its arch; a subcommand's default --arch must not contradict it
     const bool given = m.arch_opt == nullptr || m.arch_opt->count() > 0;
     auto model = load_model(m.weights, given ? m.arch : "");
-    as_vit(*model).reparam().int_kernel = m.shift_kernel == "int";
+    if (ReparamOptions* ro = model->reparam_options()) ro->int_kernel = m.shift_kernel == "int";
     return model;
   }
   return create_model(m.arch, {{"img_size", m.img_size},
@@ -139,7 +139,7 @@ int cmd_train(const ModelArgs& m, const DataArgs& d, TrainOptions opt) {
   auto model = build_model(m);
   if (m.weights.empty()) {
     Rng rng(opt.seed);
-    as_vit(*model).init_random(rng);
+    model->init_random(rng);
   }
   Dataset train = load_split(d, true, model->img_size(), model->in_chans());
   Dataset test = load_split(d, false, model->img_size(), model->in_chans());
@@ -211,7 +211,7 @@ int cmd_bench(const ModelArgs& m, const std::string& batches, int iters, int war
     auto model = build_model(mm);
     if (m.weights.empty()) {
       Rng rng(0);
-      as_vit(*model).init_random(rng);
+      model->init_random(rng);
     }
     for (int b : bs) {
       BenchResult r = bench_model(*model, b, iters, warmup, train);
@@ -276,21 +276,24 @@ ReparamOptions reparam_options(const ReparamArgs& r) {
   return o;
 }
 
-std::unique_ptr<Vit> convert_model(ImageClassifier& dense, const ReparamArgs& r, const DataArgs& d, uint64_t seed) {
+std::unique_ptr<ImageClassifier> convert_model(ImageClassifier& dense, const ReparamArgs& r, const DataArgs& d,
+                                               uint64_t seed) {
   ConvertOptions c = r.conv;
   c.reparam = reparam_options(r);
   c.seed = seed;
   std::vector<float> calib;
   if (c.attn != "softmax") calib = calibration_images(d, dense, r.calib);
-  return convert_vit(as_vit(dense), c, calib.data(), static_cast<int>(calib.size() / std::max<size_t>(
-                                                         1, size_t(dense.in_chans()) * dense.img_size() * dense.img_size())));
+  const int n = static_cast<int>(calib.size() /
+                                 std::max<size_t>(1, size_t(dense.in_chans()) * dense.img_size() * dense.img_size()));
+  if (auto* pvt = dynamic_cast<Pvt*>(&dense)) return convert_pvt(*pvt, c, calib.data(), n);
+  return convert_vit(as_vit(dense), c, calib.data(), n);
 }
 
 int cmd_convert(const ModelArgs& m, const DataArgs& d, const ReparamArgs& r, const std::string& out) {
   auto dense = build_model(m);
   auto sa = convert_model(*dense, r, d, 0);
   save_model(*sa, out);
-  std::cout << "converted " << dense->arch() << " -> " << sa->config().describe() << "\nwrote " << out << "\n";
+  std::cout << "converted " << dense->arch() << " -> " << sa->describe() << "\nwrote " << out << "\n";
   return 0;
 }
 
@@ -307,7 +310,7 @@ int cmd_finetune(const ModelArgs& m, const DataArgs& d, const ReparamArgs& r, Tr
   std::cerr << "teacher " << teacher->arch() << ": test top-1 " << fmt(100 * t_eval.top1, 2) << "%\n";
   if (distill) opt.teacher = teacher.get();
   Table t({"stage", "attention", "mlp linears", "attn linears", "epochs", "test top-1 %", "teacher top-1 %", "delta"});
-  std::unique_ptr<Vit> cur;
+  std::unique_ptr<ImageClassifier> cur;
   struct Stage { std::string name; ReparamArgs args; int epochs; };
   ReparamArgs s1 = r;
   s1.conv.mlp = "dense";
@@ -318,17 +321,16 @@ int cmd_finetune(const ModelArgs& m, const DataArgs& d, const ReparamArgs& r, Tr
   ImageClassifier* src = teacher.get();
   for (auto& st : stages) {
     const std::string dir = opt.out_dir + "/" + st.name;
-    std::unique_ptr<Vit> next;
+    std::unique_ptr<ImageClassifier> next;
     std::FILE* done = std::fopen((dir + "/model.safetensors").c_str(), "rb");
     if (done && opt.resume) {
       std::fclose(done);
-      std::unique_ptr<ImageClassifier> loaded = load_model(dir + "/model.safetensors");
-      next.reset(static_cast<Vit*>(loaded.release()));
+      next = load_model(dir + "/model.safetensors");
       std::cerr << st.name << ": already finished, loaded " << dir << "/model.safetensors\n";
     } else {
       if (done) std::fclose(done);
       next = convert_model(*src, st.args, d, opt.seed);
-      std::cerr << st.name << ": " << next->config().describe() << "\n";
+      std::cerr << st.name << ": " << next->describe() << "\n";
       TrainOptions o = opt;
       o.out_dir = dir;
       o.epochs = st.epochs;
@@ -337,7 +339,7 @@ int cmd_finetune(const ModelArgs& m, const DataArgs& d, const ReparamArgs& r, Tr
       if (!s.finished) return 0;
     }
     EvalResult e = evaluate(*next, test, opt.normalize, opt.eval_batch, opt.eval_limit);
-    const VitConfig& nc = next->config();
+    const LayerKinds nc = next->kinds();
     t.add({st.name, nc.attn, nc.mlp, nc.attn_linear, std::to_string(st.epochs), fmt(100 * e.top1, 2),
            fmt(100 * t_eval.top1, 2), fmt(100 * (e.top1 - t_eval.top1), 2)});
     cur = std::move(next);
@@ -497,6 +499,8 @@ void add_optim_flags(CLI::App* app, TrainOptions& o, const char* seed_help) {
   app->add_option("--pad-crop", o.augment.pad_crop, "Augmentation: random crop after padding by this many pixels")
       ->capture_default_str();
   app->add_flag("--hflip", o.augment.hflip, "Augmentation: random horizontal flips");
+  app->add_flag("--crop-per-batch", o.augment.crop_per_batch,
+                "Augmentation: draw one crop offset per batch instead of one per image");
   app->add_option("--train-limit", o.train_limit, "Use only the first N training images (0: all)");
   app->add_option("--eval-limit", o.eval_limit, "Evaluate on only the first N test images (0: all)");
 }

@@ -363,9 +363,12 @@ void make_batch(const Dataset& ds, const int* indices, int B, const Normalize& n
   std::vector<uint8_t> flip(B, 0);
   if (rng) {
     for (int b = 0; b < B; ++b) {
-      if (P > 0) {
+      if (P > 0 && (b == 0 || !aug.crop_per_batch)) {
         dy[b] = static_cast<int>(rng->below(2 * P + 1));
         dx[b] = static_cast<int>(rng->below(2 * P + 1));
+      } else if (P > 0) {
+        dy[b] = dy[0];
+        dx[b] = dx[0];
       }
       if (aug.hflip) flip[b] = static_cast<uint8_t>(rng->below(2));
     }

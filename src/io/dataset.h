@@ -74,6 +74,7 @@ struct Normalize {
 struct Augment {
   int pad_crop = 0;    // pad each side with pixel value 0 by this many pixels, then a random h x w crop
   bool hflip = false;  // horizontal flip with probability 1/2
+  bool crop_per_batch = false;  // one crop offset for the whole batch (as a batched GPU pipeline does)
 };
 
 // Fills a batch: images[b] = normalised (and, if rng, augmented) ds image indices[b]; labels[b] its label.

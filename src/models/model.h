@@ -10,6 +10,14 @@
 
 namespace sav {
 
+class Rng;
+struct ReparamOptions;
+
+// What a model's layers are (one character per block or stage; empty strings: all dense / softmax).
+struct LayerKinds {
+  std::string attn, mlp, attn_linear;
+};
+
 class ImageClassifier {
  public:
   virtual ~ImageClassifier() = default;
@@ -30,6 +38,13 @@ class ImageClassifier {
   virtual ParamSet* buffers() { return nullptr; }
   // Seeds the randomness of training forwards (router noise) so a step is a function of its seed.
   virtual void set_noise_seed(uint64_t seed) {}
+  // Fresh random parameters as timm initialises the architecture (training from scratch).
+  virtual void init_random(Rng& rng) = 0;
+  // One line: arch, geometry and, for ShiftAddViT models, the layer kinds.
+  virtual std::string describe() const { return arch(); }
+  virtual LayerKinds kinds() const { return {}; }
+  // Reparameterisation options (shift kernel, MoE gate, ...) shared by the model's layers.
+  virtual ReparamOptions* reparam_options() { return nullptr; }
   // Everything needed to rebuild the model from a checkpoint, stored in its __metadata__.
   virtual std::map<std::string, std::string> metadata() const = 0;
 };

@@ -1,8 +1,10 @@
 #include "models/params.h"
 
 #include <cstring>
+#include <sstream>
 
 #include "core/error.h"
+#include "io/safetensors.h"
 
 namespace sav {
 
@@ -44,6 +46,37 @@ const Tensor& ParamSet::get(const std::string& name) const {
 
 void ParamSet::zero() {
   if (flat_.defined()) std::memset(flat_.data(), 0, flat_.nbytes());
+}
+
+void load_params_strict(const Checkpoint& ck, ParamSet& params, ParamSet& buffers, const std::string& arch) {
+  std::vector<std::string> missing, misshaped;
+  auto scan = [&](const ParamSet& ps) {
+    for (size_t i = 0; i < ps.size(); ++i) {
+      const std::string& n = ps.name(i);
+      if (!ck.contains(n)) {
+        missing.push_back(n);
+      } else if (ck.shape(n) != ps.tensor(i).shape()) {
+        misshaped.push_back(n + " " + shape_str(ck.shape(n)) + " (expected " + shape_str(ps.tensor(i).shape()) + ")");
+      }
+    }
+  };
+  scan(params);
+  scan(buffers);
+  if (!missing.empty() || !misshaped.empty()) {
+    auto join = [](const std::vector<std::string>& v) {
+      std::string s;
+      for (size_t i = 0; i < v.size() && i < 6; ++i) s += (i ? ", " : "") + v[i];
+      if (v.size() > 6) s += ", ... (" + std::to_string(v.size()) + " in all)";
+      return s;
+    };
+    std::ostringstream os;
+    os << "checkpoint " << ck.path() << " does not fit arch " << arch << ":";
+    if (!missing.empty()) os << " missing " << join(missing) << ";";
+    if (!misshaped.empty()) os << " mis-shaped " << join(misshaped) << ";";
+    SAV_THROW(os.str() << " check --arch (and the size flags) against the checkpoint");
+  }
+  for (size_t i = 0; i < params.size(); ++i) params.tensor(i).copy_from(ck.get(params.name(i)));
+  for (size_t i = 0; i < buffers.size(); ++i) buffers.tensor(i).copy_from(ck.get(buffers.name(i)));
 }
 
 }  // namespace sav

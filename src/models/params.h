@@ -42,4 +42,9 @@ class ParamSet {
   Tensor flat_;
 };
 
+class Checkpoint;
+// Copies every tensor of `params` and `buffers` from the checkpoint by name; throws naming the missing
+// and mis-shaped tensors (up to six of each) and the arch, before anything is copied.
+void load_params_strict(const Checkpoint& ck, ParamSet& params, ParamSet& buffers, const std::string& arch);
+
 }  // namespace sav

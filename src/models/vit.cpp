@@ -13,14 +13,6 @@
 namespace sav {
 
 namespace {
-LinearKind kind_of(char c) {
-  switch (c) {
-    case 'd': return LinearKind::dense;
-    case 's': return LinearKind::shift;
-    case 'm': return LinearKind::moe;
-  }
-  SAV_THROW("unknown linear kind '" << c << "' (use d, s or m)");
-}
 std::string blk(int l) { return "blocks." + std::to_string(l) + "."; }
 }  // namespace
 
@@ -104,7 +96,7 @@ Vit::Vit(const VitConfig& cfg, const ReparamOptions& ropt) : cfg_(cfg), ropt_(ro
     Block& b = blocks_[l];
     const std::string p = blk(l);
     b.attn = cfg_.attn_kind(l);
-    const LinearKind ak = kind_of(cfg_.attn_linear_kind(l)), mk = kind_of(cfg_.mlp_kind(l));
+    const LinearKind ak = linear_kind_from_char(cfg_.attn_linear_kind(l)), mk = linear_kind_from_char(cfg_.mlp_kind(l));
     params_.declare(p + "norm1.weight", {C}, false);
     params_.declare(p + "norm1.bias", {C}, false);
     if (b.attn == 's') {
@@ -166,41 +158,23 @@ void Vit::init_random(Rng& rng) {
       t.fill(ln_w ? 1.0f : 0.0f);
     } else if (n == "cls_token") {
       for (int64_t j = 0; j < t.numel(); ++j) p[j] = 1e-6f * rng.normal();
+    } else if (n == "patch_embed.proj.weight") {
+      // timm leaves the patch convolution at PyTorch's Conv2d default: kaiming_uniform(a = sqrt 5), i.e.
+      // U(-1/sqrt(fan_in), 1/sqrt(fan_in)), and the same bound for its bias (below).
+      const float bound = 1.0f / std::sqrt(float(t.numel() / t.shape()[0]));
+      for (int64_t j = 0; j < t.numel(); ++j) p[j] = rng.uniform(-bound, bound);
     } else {
       for (int64_t j = 0; j < t.numel(); ++j) p[j] = rng.trunc_normal(0.02f);
     }
   }
+  const Tensor& w = params_.get("patch_embed.proj.weight");
+  const Tensor& b = params_.get("patch_embed.proj.bias");
+  const float bound = 1.0f / std::sqrt(float(w.numel() / w.shape()[0]));
+  for (int64_t j = 0; j < b.numel(); ++j) b.f32()[j] = rng.uniform(-bound, bound);
 }
 
 void Vit::load(const Checkpoint& ck) {
-  std::vector<std::string> missing, misshaped;
-  auto scan = [&](const ParamSet& ps) {
-    for (size_t i = 0; i < ps.size(); ++i) {
-      const std::string& n = ps.name(i);
-      if (!ck.contains(n)) {
-        missing.push_back(n);
-      } else if (ck.shape(n) != ps.tensor(i).shape()) {
-        misshaped.push_back(n + " " + shape_str(ck.shape(n)) + " (expected " + shape_str(ps.tensor(i).shape()) + ")");
-      }
-    }
-  };
-  scan(params_);
-  scan(buffers_);
-  if (!missing.empty() || !misshaped.empty()) {
-    auto join = [](const std::vector<std::string>& v) {
-      std::string s;
-      for (size_t i = 0; i < v.size() && i < 6; ++i) s += (i ? ", " : "") + v[i];
-      if (v.size() > 6) s += ", ... (" + std::to_string(v.size()) + " in all)";
-      return s;
-    };
-    std::ostringstream os;
-    os << "checkpoint " << ck.path() << " does not fit arch " << cfg_.name << ":";
-    if (!missing.empty()) os << " missing " << join(missing) << ";";
-    if (!misshaped.empty()) os << " mis-shaped " << join(misshaped) << ";";
-    SAV_THROW(os.str() << " check --arch (and the size flags) against the checkpoint");
-  }
-  for (size_t i = 0; i < params_.size(); ++i) params_.tensor(i).copy_from(ck.get(params_.name(i)));
-  for (size_t i = 0; i < buffers_.size(); ++i) buffers_.tensor(i).copy_from(ck.get(buffers_.name(i)));
+  load_params_strict(ck, params_, buffers_, cfg_.name);
   for (auto& b : blocks_)
     for (auto* lin : b.linears())
       if (lin) lin->params_changed();

@@ -85,7 +85,10 @@ class Vit : public ImageClassifier {
   void set_noise_seed(uint64_t seed) override { noise_rng_.seed_with(seed); }
   float aux_loss() const override;
 
-  void init_random(Rng& rng);  // timm-style init for training from scratch
+  void init_random(Rng& rng) override;
+  std::string describe() const override { return cfg_.describe(); }
+  LayerKinds kinds() const override { return {cfg_.attn, cfg_.mlp, cfg_.attn_linear}; }
+  ReparamOptions* reparam_options() override { return &ropt_; }  // timm-style init for training from scratch
   // Copies every parameter and buffer from the checkpoint; throws listing missing / mis-shaped tensors.
   void load(const Checkpoint& ck);
 

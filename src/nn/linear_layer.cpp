@@ -15,6 +15,15 @@ LinearKind linear_kind_from_string(const std::string& s) {
   SAV_THROW("unknown linear kind '" << s << "'; use dense, shift or moe");
 }
 
+LinearKind linear_kind_from_char(char c) {
+  switch (c) {
+    case 'd': return LinearKind::dense;
+    case 's': return LinearKind::shift;
+    case 'm': return LinearKind::moe;
+  }
+  SAV_THROW("unknown linear kind '" << c << "' (use d, s or m)");
+}
+
 const char* linear_kind_name(LinearKind k) {
   switch (k) {
     case LinearKind::dense: return "dense";

@@ -29,6 +29,7 @@ namespace sav {
 
 enum class LinearKind { dense, shift, moe };
 LinearKind linear_kind_from_string(const std::string& s);  // "dense" | "shift" | "moe"
+LinearKind linear_kind_from_char(char c);                  // 'd' | 's' | 'm' (per-block kind strings)
 const char* linear_kind_name(LinearKind k);
 
 struct ReparamOptions {

@@ -1,23 +1,30 @@
-// shiftaddvit: multi-head softmax attention core on the CPU (timm Attention between qkv and proj).
+// shiftaddvit: multi-head softmax attention core on the CPU (timm Attention between qkv and proj), and the
+// PVTv2 variant whose keys/values come from a separate (spatially reduced) token set (ops/cpu/conv.h).
 //
-// Shapes: B batch, N tokens, C channels, H heads, d = C / H.
+// Shapes: B batch, N query tokens, Nk key/value tokens (Nk = N for self-attention), C channels, H heads,
+// d = C / H.
 //   qkv (B,N,3C): element [b, n, s*C + h*d + i] is q (s=0), k (s=1) or v (s=2) of head h, as timm's
 //                 qkv.reshape(B, N, 3, H, d)
-//   att (B,H,N,N): softmax over keys of  q k^T * d^-0.5   (saved for backward)
+//   q (B,N,C), kv (B,Nk,2C): the attention_q_kv_* layout, as timm's PVTv2 q and kv.reshape(B, Nk, 2, H, d)
+//   att (B,H,N,Nk): softmax over keys of  q k^T * d^-0.5   (saved for backward)
 //   out (B,N,C):  att v with head h in columns h*d .. h*d+d-1
 // Backward per (b, h):  dv = att^T dout,  datt = dout v^T,  ds = att * (datt - rowsum(datt * att)),
 //   dq = ds k * scale,  dk = ds^T q * scale.
+// Both layouts run one implementation (attention_core_forward / _backward) on strided views: q, k and v
+// of head 0 of batch element 0 and their row strides (3C, 3C, 3C for qkv; C, 2C, 2C for q and kv); the
+// gradients have the layout of their inputs.
 // Fast path: OpenMP over the B*H (batch, head) pairs. With AVX2+FMA each pair runs hand-blocked 6x16
-// register tiles (detail::avx2::small_gemm) straight on the strided q, k, v rows of qkv (only k^T, v^T are
+// register tiles (detail::avx2::small_gemm) straight on the strided q, k, v rows (only k^T, v^T are
 // packed, zero-padded to a multiple of 8 columns), with an AVX2 softmax in between; these products are
 // far too small for BLAS (its packing and dispatch cost more than the arithmetic at N=50, d=24).
 // Otherwise each pair gathers q, k, v into contiguous buffers and runs single-threaded sgemm.
-// Gradients are accumulated straight into dqkv (row stride 3C).
+// Gradients are accumulated straight into the strided dq, dk, dv.
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
 #include "core/blas.h"
+#include "ops/cpu/conv.h"
 #include "ops/cpu/ops.h"
 #include "ops/cpu/simd_math.h"
 
@@ -31,6 +38,15 @@ void check_attention(int B, int N, int C, int H) {
   SAV_CHECK_DIM(C);
   SAV_CHECK_DIM(H);
   SAV_CHECK(C % H == 0, "attention: channels C=" << C << " must be divisible by heads H=" << H);
+}
+
+void check_attention_q_kv(int B, int N, int Nk, int C, int H) {
+  SAV_CHECK_DIM(B);
+  SAV_CHECK_DIM(N);
+  SAV_CHECK_DIM(Nk);
+  SAV_CHECK_DIM(C);
+  SAV_CHECK_DIM(H);
+  SAV_CHECK(C % H == 0, "attention_q_kv: channels C=" << C << " must be divisible by heads H=" << H);
 }
 
 // Row-wise softmax in place: a (rows, n).
@@ -73,14 +89,24 @@ void gather_head(float* dst, const float* src, int N, int d, int64_t ld) {
 
 // OpenMP only where the pairs carry enough work to pay for waking the other threads: ~1M multiply-adds
 // (about 0.1 ms on one core). Batch-1 vit_fmnist (4 pairs of N=50, d=24: 24 us in all) stays serial.
-bool parallel_pairs(int pairs, int N, int d) {
-  return pairs > 1 && static_cast<int64_t>(pairs) * N * N * d >= 32 * detail::kParallelElems;
+bool parallel_pairs(int pairs, int N, int Nk, int d) {
+  return pairs > 1 && static_cast<int64_t>(pairs) * N * Nk * d >= 32 * detail::kParallelElems;
 }
 
+// One attention problem as strided views: q, k, v point at head 0 of batch element 0; rows of q, k, v
+// are ldq, ldk, ldv floats apart; batch element b starts N*ldq (q) and Nk*ldk, Nk*ldv (k, v) further.
+// Head h is the d columns from h*d. out and dout are (B,N,C); att (B,H,N,Nk).
+struct AttView {
+  const float *q, *k, *v;
+  int64_t ldq, ldk, ldv;
+  int B, N, Nk, C, H;
+};
+
 #if SAV_HAVE_AVX2_KERNELS
-// Per-pair work space of the AVX2 path, in floats: kt or vt (d, Np) and s (N, Np), Np = N rounded up to 8.
+// Per-pair work space of the AVX2 path, in floats: kt or vt (d, Nkp) and s (N, Nkp), Nkp = Nk rounded up
+// to 8.
 int64_t pad8(int n) { return (n + 7) / 8 * 8; }
-int64_t pair_work_floats(int N, int d) { return pad8(N) * (d + N); }
+int64_t pair_work_floats(int N, int Nk, int d) { return pad8(Nk) * (d + N); }
 
 // Asks for the cache lines of rows (rows, width) at row stride ld ahead of their use (the next batch
 // element's rows of a head are cold: qkv is several MB).
@@ -171,37 +197,155 @@ SAV_AVX2 void softmax_backward_row_avx2(float* g, const float* p, int N) {
                      _mm256_mul_ps(_mm256_maskload_ps(p + full, tail), _mm256_sub_ps(_mm256_loadu_ps(g + full), dot)));
 }
 
-// One (batch, head) pair forward. q, k, v: (N, d) at row stride ld (= 3C); out (N, d) at row stride ldo;
-// att (N, N); work: pair_work_floats(N, d).
+// One (batch, head) pair forward. q (N, d), k and v (Nk, d) at row strides ldq, ldk, ldv; out (N, d) at row
+// stride ldo; att (N, Nk); work: pair_work_floats(N, Nk, d).
 SAV_AVX2 void attention_pair_forward_avx2(float* out, float* att, const float* q, const float* k, const float* v, int N,
-                                          int d, int64_t ld, int64_t ldo, float scale, float* work) {
-  const int64_t Np = pad8(N);
-  float* kt = work;          // (d, Np)
-  float* s = work + d * Np;  // (N, Np)
-  pack_transposed(kt, k, N, d, ld, Np);
-  detail::avx2::small_gemm(N, static_cast<int>(Np), d, q, ld, 1, kt, Np, s, Np, scale, false);  // s = q k^T scale
-  for (int i = 0; i < N; ++i) softmax_row_avx2(s + i * Np, att + static_cast<int64_t>(i) * N, N);
-  detail::avx2::small_gemm(N, d, N, s, Np, 1, v, ld, out, ldo, 1.0f, false);  // out = p v
+                                          int Nk, int d, int64_t ldq, int64_t ldk, int64_t ldv, int64_t ldo,
+                                          float scale, float* work) {
+  const int64_t Nkp = pad8(Nk);
+  float* kt = work;           // (d, Nkp)
+  float* s = work + d * Nkp;  // (N, Nkp)
+  pack_transposed(kt, k, Nk, d, ldk, Nkp);
+  detail::avx2::small_gemm(N, static_cast<int>(Nkp), d, q, ldq, 1, kt, Nkp, s, Nkp, scale, false);  // s = q k^T scale
+  for (int i = 0; i < N; ++i) softmax_row_avx2(s + i * Nkp, att + static_cast<int64_t>(i) * Nk, Nk);
+  detail::avx2::small_gemm(N, d, Nk, s, Nkp, 1, v, ldv, out, ldo, 1.0f, false);  // out = p v
 }
 
-// One pair backward: dq, dk, dv (N, d) at row stride ld accumulate; dout (N, d) at row stride ldo.
+// One pair backward: dq (N, d), dk and dv (Nk, d) accumulate at the row strides of q, k, v (each may be
+// nullptr); dout (N, d) at row stride ldo.
 SAV_AVX2 void attention_pair_backward_avx2(float* dq, float* dk, float* dv, const float* q, const float* k,
-                                           const float* v, const float* att, const float* dout, int N, int d,
-                                           int64_t ld, int64_t ldo, float scale, float* work) {
-  const int64_t Np = pad8(N);
-  float* vt = work;           // (d, Np)
-  float* ds = work + d * Np;  // (N, Np)
-  // dv += att^T dout: A(j, i) = att[i*N + j]
-  detail::avx2::small_gemm(N, d, N, att, 1, N, dout, ldo, dv, ld, 1.0f, true);
+                                           const float* v, const float* att, const float* dout, int N, int Nk, int d,
+                                           int64_t ldq, int64_t ldk, int64_t ldv, int64_t ldo, float scale,
+                                           float* work) {
+  const int64_t Nkp = pad8(Nk);
+  float* vt = work;            // (d, Nkp)
+  float* ds = work + d * Nkp;  // (N, Nkp)
+  // dv += att^T dout: A(j, i) = att[i*Nk + j]
+  if (dv) detail::avx2::small_gemm(Nk, d, N, att, 1, Nk, dout, ldo, dv, ldv, 1.0f, true);
+  if (!dq && !dk) return;
   // datt = dout v^T, then the softmax backward row by row
-  pack_transposed(vt, v, N, d, ld, Np);
-  detail::avx2::small_gemm(N, static_cast<int>(Np), d, dout, ldo, 1, vt, Np, ds, Np, 1.0f, false);
-  for (int i = 0; i < N; ++i) softmax_backward_row_avx2(ds + i * Np, att + static_cast<int64_t>(i) * N, N);
+  pack_transposed(vt, v, Nk, d, ldv, Nkp);
+  detail::avx2::small_gemm(N, static_cast<int>(Nkp), d, dout, ldo, 1, vt, Nkp, ds, Nkp, 1.0f, false);
+  for (int i = 0; i < N; ++i) softmax_backward_row_avx2(ds + i * Nkp, att + static_cast<int64_t>(i) * Nk, Nk);
   // dq += ds k scale ; dk += ds^T q scale
-  detail::avx2::small_gemm(N, d, N, ds, Np, 1, k, ld, dq, ld, scale, true);
-  detail::avx2::small_gemm(N, d, N, ds, 1, Np, q, ld, dk, ld, scale, true);
+  if (dq) detail::avx2::small_gemm(N, d, Nk, ds, Nkp, 1, k, ldk, dq, ldq, scale, true);
+  if (dk) detail::avx2::small_gemm(Nk, d, N, ds, 1, Nkp, q, ldq, dk, ldk, scale, true);
 }
 #endif  // SAV_HAVE_AVX2_KERNELS
+
+// ---- the shared fast implementation (attention_forward / attention_q_kv_forward and their backward) ----
+
+void attention_core_forward(float* out, float* att, const AttView& a) {
+  const int N = a.N, Nk = a.Nk, C = a.C, H = a.H, d = C / H;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  const int64_t bq = N * a.ldq, bk = Nk * a.ldk, bv = Nk * a.ldv;  // batch strides
+  const int pairs = a.B * H;
+  const bool parallel = parallel_pairs(pairs, N, Nk, d);
+#if SAV_HAVE_AVX2_KERNELS
+  if (detail::use_avx2()) {
+#pragma omp parallel if (parallel)
+    {
+      float* work = detail::thread_buffer<2>(pair_work_floats(N, Nk, d));
+#pragma omp for schedule(static)
+      for (int bh = 0; bh < pairs; ++bh) {
+        const int b = bh / H, h = bh % H;
+        const float* q = a.q + b * bq + h * d;
+        const float* k = a.k + b * bk + h * d;
+        const float* v = a.v + b * bv + h * d;
+        if (b + 1 < a.B) {  // the next batch element's rows of this head
+          prefetch_rows(q + bq, N, a.ldq, d);
+          prefetch_rows(k + bk, Nk, a.ldk, d);
+          prefetch_rows(v + bv, Nk, a.ldv, d);
+        }
+        attention_pair_forward_avx2(out + static_cast<int64_t>(b) * N * C + h * d,
+                                    att + static_cast<int64_t>(bh) * N * Nk, q, k, v, N, Nk, d, a.ldq, a.ldk, a.ldv, C,
+                                    scale, work);
+      }
+    }
+    return;
+  }
+#endif
+#pragma omp parallel if (parallel)
+  {
+    std::vector<float> buf((static_cast<size_t>(N) + 2 * static_cast<size_t>(Nk)) * d);
+    float *q = buf.data(), *k = q + static_cast<size_t>(N) * d, *v = k + static_cast<size_t>(Nk) * d;
+#pragma omp for schedule(dynamic, 1)
+    for (int bh = 0; bh < pairs; ++bh) {
+      const int b = bh / H, h = bh % H;
+      gather_head(q, a.q + b * bq + h * d, N, d, a.ldq);
+      gather_head(k, a.k + b * bk + h * d, Nk, d, a.ldk);
+      gather_head(v, a.v + b * bv + h * d, Nk, d, a.ldv);
+      float* p = att + static_cast<int64_t>(bh) * N * Nk;
+      sgemm(false, true, N, Nk, d, scale, q, d, k, d, 0.0f, p, Nk);
+      softmax_rows(p, N, Nk);
+      sgemm(false, false, N, d, Nk, 1.0f, p, Nk, v, d, 0.0f, out + static_cast<int64_t>(b) * N * C + h * d, C);
+    }
+  }
+}
+
+// dq, dk, dv (each may be nullptr) have the layouts of a.q, a.k, a.v and accumulate. scratch: B*H*N*Nk
+// floats (portable path).
+void attention_core_backward(float* dq, float* dk, float* dv, float* scratch, const float* dout, const float* att,
+                             const AttView& a) {
+  const int N = a.N, Nk = a.Nk, C = a.C, H = a.H, d = C / H;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  const int64_t bq = N * a.ldq, bk = Nk * a.ldk, bv = Nk * a.ldv;  // batch strides
+  const int pairs = a.B * H;
+  const bool parallel = parallel_pairs(pairs, N, Nk, d);
+#if SAV_HAVE_AVX2_KERNELS
+  if (detail::use_avx2()) {
+#pragma omp parallel if (parallel)
+    {
+      float* work = detail::thread_buffer<2>(pair_work_floats(N, Nk, d));
+#pragma omp for schedule(static)
+      for (int bh = 0; bh < pairs; ++bh) {
+        const int b = bh / H, h = bh % H;
+        const int64_t oq = b * bq + h * d, ok = b * bk + h * d, ov = b * bv + h * d;
+        const float* go = dout + static_cast<int64_t>(b) * N * C + h * d;
+        if (b + 1 < a.B) {  // the next batch element's rows of this head
+          prefetch_rows(a.q + oq + bq, N, a.ldq, d);
+          prefetch_rows(a.k + ok + bk, Nk, a.ldk, d);
+          prefetch_rows(a.v + ov + bv, Nk, a.ldv, d);
+          if (dq) prefetch_rows(dq + oq + bq, N, a.ldq, d);
+          if (dk) prefetch_rows(dk + ok + bk, Nk, a.ldk, d);
+          if (dv) prefetch_rows(dv + ov + bv, Nk, a.ldv, d);
+          prefetch_rows(go + static_cast<int64_t>(N) * C, N, C, d);
+        }
+        attention_pair_backward_avx2(dq ? dq + oq : nullptr, dk ? dk + ok : nullptr, dv ? dv + ov : nullptr, a.q + oq,
+                                     a.k + ok, a.v + ov, att + static_cast<int64_t>(bh) * N * Nk, go, N, Nk, d, a.ldq,
+                                     a.ldk, a.ldv, C, scale, work);
+      }
+    }
+    return;
+  }
+#endif
+#pragma omp parallel if (parallel)
+  {
+    std::vector<float> buf((2 * static_cast<size_t>(N) + 2 * static_cast<size_t>(Nk)) * d);
+    float *q = buf.data(), *k = q + static_cast<size_t>(N) * d, *v = k + static_cast<size_t>(Nk) * d,
+          *go = v + static_cast<size_t>(Nk) * d;
+#pragma omp for schedule(dynamic, 1)
+    for (int bh = 0; bh < pairs; ++bh) {
+      const int b = bh / H, h = bh % H;
+      const int64_t oq = b * bq + h * d, ok = b * bk + h * d, ov = b * bv + h * d;
+      gather_head(q, a.q + oq, N, d, a.ldq);
+      gather_head(k, a.k + ok, Nk, d, a.ldk);
+      gather_head(v, a.v + ov, Nk, d, a.ldv);
+      gather_head(go, dout + static_cast<int64_t>(b) * N * C + h * d, N, d, C);
+      const float* p = att + static_cast<int64_t>(bh) * N * Nk;
+      // dv += att^T dout
+      if (dv) sgemm(true, false, Nk, d, N, 1.0f, p, Nk, go, d, 1.0f, dv + ov, static_cast<int>(a.ldv));
+      if (!dq && !dk) continue;
+      // datt = dout v^T, then the softmax backward in place
+      float* ds = scratch + static_cast<int64_t>(bh) * N * Nk;
+      sgemm(false, true, N, Nk, d, 1.0f, go, d, v, d, 0.0f, ds, Nk);
+      softmax_backward_rows(ds, p, N, Nk);
+      // dq += ds k * scale ; dk += ds^T q * scale
+      if (dq) sgemm(false, false, N, d, Nk, scale, ds, Nk, k, d, 1.0f, dq + oq, static_cast<int>(a.ldq));
+      if (dk) sgemm(true, false, Nk, d, N, scale, ds, Nk, q, d, 1.0f, dk + ok, static_cast<int>(a.ldk));
+    }
+  }
+}
 
 }  // namespace
 
@@ -301,49 +445,8 @@ void attention_forward(float* out, float* att, const float* qkv, int B, int N, i
   SAV_CHECK_PTR(out);
   SAV_CHECK_PTR(att);
   SAV_CHECK_PTR(qkv);
-  const int d = C / H;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   const int64_t C3 = 3 * static_cast<int64_t>(C);
-  const int pairs = B * H;
-  const bool parallel = parallel_pairs(pairs, N, d);
-#if SAV_HAVE_AVX2_KERNELS
-  if (detail::use_avx2()) {
-#pragma omp parallel if (parallel)
-    {
-      float* work = detail::thread_buffer<2>(pair_work_floats(N, d));
-#pragma omp for schedule(static)
-      for (int bh = 0; bh < pairs; ++bh) {
-        const int b = bh / H, h = bh % H;
-        const float* base = qkv + static_cast<int64_t>(b) * N * C3 + h * d;
-        if (b + 1 < B) {
-          const float* next = base + static_cast<int64_t>(N) * C3;
-          for (int part = 0; part < 3; ++part) prefetch_rows(next + part * C, N, C3, d);
-        }
-        attention_pair_forward_avx2(out + static_cast<int64_t>(b) * N * C + h * d,
-                                    att + static_cast<int64_t>(bh) * N * N, base, base + C, base + 2 * C, N, d, C3, C,
-                                    scale, work);
-      }
-    }
-    return;
-  }
-#endif
-#pragma omp parallel if (parallel)
-  {
-    std::vector<float> buf(3 * static_cast<size_t>(N) * d);
-    float *q = buf.data(), *k = q + static_cast<size_t>(N) * d, *v = k + static_cast<size_t>(N) * d;
-#pragma omp for schedule(dynamic, 1)
-    for (int bh = 0; bh < pairs; ++bh) {
-      const int b = bh / H, h = bh % H;
-      const float* base = qkv + static_cast<int64_t>(b) * N * C3 + h * d;
-      gather_head(q, base, N, d, C3);
-      gather_head(k, base + C, N, d, C3);
-      gather_head(v, base + 2 * C, N, d, C3);
-      float* a = att + static_cast<int64_t>(bh) * N * N;
-      sgemm(false, true, N, N, d, scale, q, d, k, d, 0.0f, a, N);
-      softmax_rows(a, N, N);
-      sgemm(false, false, N, d, N, 1.0f, a, N, v, d, 0.0f, out + static_cast<int64_t>(b) * N * C + h * d, C);
-    }
-  }
+  attention_core_forward(out, att, {qkv, qkv + C, qkv + 2 * C, C3, C3, C3, B, N, N, C, H});
 }
 
 void attention_backward(float* dqkv, float* scratch, const float* dout, const float* qkv, const float* att, int B,
@@ -354,64 +457,131 @@ void attention_backward(float* dqkv, float* scratch, const float* dout, const fl
   SAV_CHECK_PTR(dout);
   SAV_CHECK_PTR(qkv);
   SAV_CHECK_PTR(att);
-  const int d = C / H;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   const int64_t C3 = 3 * static_cast<int64_t>(C);
-  const int pairs = B * H;
-  const bool parallel = parallel_pairs(pairs, N, d);
-#if SAV_HAVE_AVX2_KERNELS
-  if (detail::use_avx2()) {
-#pragma omp parallel if (parallel)
-    {
-      float* work = detail::thread_buffer<2>(pair_work_floats(N, d));
-#pragma omp for schedule(static)
-      for (int bh = 0; bh < pairs; ++bh) {
-        const int b = bh / H, h = bh % H;
-        const int64_t off = static_cast<int64_t>(b) * N * C3 + h * d;
-        float* dq = dqkv + off;
-        const float* q = qkv + off;
-        if (b + 1 < B) {
-          const int64_t next = off + static_cast<int64_t>(N) * C3;
-          for (int part = 0; part < 3; ++part) {
-            prefetch_rows(qkv + next + part * C, N, C3, d);
-            prefetch_rows(dqkv + next + part * C, N, C3, d);
-          }
-          prefetch_rows(dout + static_cast<int64_t>(b + 1) * N * C + h * d, N, C, d);
+  attention_core_backward(dqkv, dqkv + C, dqkv + 2 * C, scratch, dout, att,
+                          {qkv, qkv + C, qkv + 2 * C, C3, C3, C3, B, N, N, C, H});
+}
+
+// =====================================================================================================
+// attention with separate queries and keys/values (ops/cpu/conv.h): q (B,N,C), kv (B,Nk,2C)
+
+// ---- reference ----
+
+void attention_q_kv_forward_ref(float* out, float* att, const float* q, const float* kv, int B, int N, int Nk, int C,
+                                int H) {
+  check_attention_q_kv(B, N, Nk, C, H);
+  const int d = C / H;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  const int64_t C2 = 2 * static_cast<int64_t>(C);
+  std::vector<double> s(Nk);
+  for (int b = 0; b < B; ++b) {
+    const float* qb = q + static_cast<int64_t>(b) * N * C;
+    const float* kvb = kv + static_cast<int64_t>(b) * Nk * C2;
+    for (int h = 0; h < H; ++h) {
+      float* a = att + ((static_cast<int64_t>(b) * H + h) * N) * Nk;
+      for (int i = 0; i < N; ++i) {
+        double mx = -INFINITY;
+        for (int j = 0; j < Nk; ++j) {
+          double acc = 0.0;
+          for (int t = 0; t < d; ++t) acc += static_cast<double>(qb[i * C + h * d + t]) * kvb[j * C2 + h * d + t];
+          s[j] = acc * scale;
+          mx = std::max(mx, s[j]);
         }
-        attention_pair_backward_avx2(dq, dq + C, dq + 2 * C, q, q + C, q + 2 * C,
-                                     att + static_cast<int64_t>(bh) * N * N,
-                                     dout + static_cast<int64_t>(b) * N * C + h * d, N, d, C3, C, scale, work);
+        double sum = 0.0;
+        for (int j = 0; j < Nk; ++j) {
+          s[j] = std::exp(s[j] - mx);
+          sum += s[j];
+        }
+        for (int j = 0; j < Nk; ++j) a[static_cast<int64_t>(i) * Nk + j] = static_cast<float>(s[j] / sum);
+        for (int t = 0; t < d; ++t) {
+          double acc = 0.0;
+          for (int j = 0; j < Nk; ++j) acc += (s[j] / sum) * kvb[j * C2 + C + h * d + t];
+          out[(static_cast<int64_t>(b) * N + i) * C + h * d + t] = static_cast<float>(acc);
+        }
       }
     }
-    return;
   }
-#endif
-#pragma omp parallel if (parallel)
-  {
-    std::vector<float> buf(4 * static_cast<size_t>(N) * d);
-    float *q = buf.data(), *k = q + static_cast<size_t>(N) * d, *v = k + static_cast<size_t>(N) * d,
-          *go = v + static_cast<size_t>(N) * d;
-#pragma omp for schedule(dynamic, 1)
-    for (int bh = 0; bh < pairs; ++bh) {
-      const int b = bh / H, h = bh % H;
-      const int64_t off = static_cast<int64_t>(b) * N * C3 + h * d;
-      gather_head(q, qkv + off, N, d, C3);
-      gather_head(k, qkv + off + C, N, d, C3);
-      gather_head(v, qkv + off + 2 * C, N, d, C3);
-      gather_head(go, dout + static_cast<int64_t>(b) * N * C + h * d, N, d, C);
-      const float* a = att + static_cast<int64_t>(bh) * N * N;
-      float* ds = scratch + static_cast<int64_t>(bh) * N * N;
-      float* dq = dqkv + off;
-      // dv += att^T dout
-      sgemm(true, false, N, d, N, 1.0f, a, N, go, d, 1.0f, dq + 2 * C, static_cast<int>(C3));
-      // datt = dout v^T, then the softmax backward in place
-      sgemm(false, true, N, N, d, 1.0f, go, d, v, d, 0.0f, ds, N);
-      softmax_backward_rows(ds, a, N, N);
-      // dq += ds k * scale ; dk += ds^T q * scale
-      sgemm(false, false, N, d, N, scale, ds, N, k, d, 1.0f, dq, static_cast<int>(C3));
-      sgemm(true, false, N, d, N, scale, ds, N, q, d, 1.0f, dq + C, static_cast<int>(C3));
+}
+
+void attention_q_kv_backward_ref(float* dq, float* dkv, float* scratch, const float* dout, const float* q,
+                                 const float* kv, const float* att, int B, int N, int Nk, int C, int H) {
+  check_attention_q_kv(B, N, Nk, C, H);
+  if (!dq && !dkv) return;
+  const int d = C / H;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  const int64_t C2 = 2 * static_cast<int64_t>(C);
+  std::vector<double> ds(static_cast<size_t>(N) * Nk);
+  for (int b = 0; b < B; ++b) {
+    const float* qb = q + static_cast<int64_t>(b) * N * C;
+    const float* kvb = kv + static_cast<int64_t>(b) * Nk * C2;
+    const float* dob = dout + static_cast<int64_t>(b) * N * C;
+    for (int h = 0; h < H; ++h) {
+      const float* a = att + ((static_cast<int64_t>(b) * H + h) * N) * Nk;
+      // datt[i][j] = sum_t dout[i][t] v[j][t], then the softmax backward row by row.
+      for (int i = 0; i < N; ++i) {
+        double dot = 0.0;
+        for (int j = 0; j < Nk; ++j) {
+          double acc = 0.0;
+          for (int t = 0; t < d; ++t) acc += static_cast<double>(dob[i * C + h * d + t]) * kvb[j * C2 + C + h * d + t];
+          ds[static_cast<size_t>(i) * Nk + j] = acc;
+          dot += acc * a[static_cast<int64_t>(i) * Nk + j];
+        }
+        for (int j = 0; j < Nk; ++j) {
+          const size_t ij = static_cast<size_t>(i) * Nk + j;
+          ds[ij] = a[ij] * (ds[ij] - dot);
+        }
+      }
+      if (dkv) {
+        float* dkvb = dkv + static_cast<int64_t>(b) * Nk * C2;
+        for (int j = 0; j < Nk; ++j)
+          for (int t = 0; t < d; ++t) {
+            double dv = 0.0, dk = 0.0;
+            for (int i = 0; i < N; ++i) {
+              dv += static_cast<double>(a[static_cast<int64_t>(i) * Nk + j]) * dob[i * C + h * d + t];
+              dk += ds[static_cast<size_t>(i) * Nk + j] * qb[i * C + h * d + t];
+            }
+            dkvb[j * C2 + C + h * d + t] += static_cast<float>(dv);
+            dkvb[j * C2 + h * d + t] += static_cast<float>(dk * scale);
+          }
+      }
+      if (dq) {
+        float* dqb = dq + static_cast<int64_t>(b) * N * C;
+        for (int i = 0; i < N; ++i)
+          for (int t = 0; t < d; ++t) {
+            double acc = 0.0;
+            for (int j = 0; j < Nk; ++j) acc += ds[static_cast<size_t>(i) * Nk + j] * kvb[j * C2 + h * d + t];
+            dqb[i * C + h * d + t] += static_cast<float>(acc * scale);
+          }
+      }
     }
   }
+}
+
+// ---- fast path ----
+
+void attention_q_kv_forward(float* out, float* att, const float* q, const float* kv, int B, int N, int Nk, int C,
+                            int H) {
+  check_attention_q_kv(B, N, Nk, C, H);
+  SAV_CHECK_PTR(out);
+  SAV_CHECK_PTR(att);
+  SAV_CHECK_PTR(q);
+  SAV_CHECK_PTR(kv);
+  const int64_t C2 = 2 * static_cast<int64_t>(C);
+  attention_core_forward(out, att, {q, kv, kv + C, C, C2, C2, B, N, Nk, C, H});
+}
+
+void attention_q_kv_backward(float* dq, float* dkv, float* scratch, const float* dout, const float* q, const float* kv,
+                             const float* att, int B, int N, int Nk, int C, int H) {
+  check_attention_q_kv(B, N, Nk, C, H);
+  if (!dq && !dkv) return;
+  SAV_CHECK(scratch != nullptr, "attention_q_kv_backward: scratch (B*H*N*Nk floats of work space) must not be null");
+  SAV_CHECK_PTR(dout);
+  SAV_CHECK_PTR(q);
+  SAV_CHECK_PTR(kv);
+  SAV_CHECK_PTR(att);
+  const int64_t C2 = 2 * static_cast<int64_t>(C);
+  attention_core_backward(dq, dkv, dkv ? dkv + C : nullptr, scratch, dout, att,
+                          {q, kv, kv + C, C, C2, C2, B, N, Nk, C, H});
 }
 
 }  // namespace sav::cpu
