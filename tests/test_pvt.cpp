@@ -12,6 +12,7 @@
 #include "io/synth.h"
 #include "models/pvt.h"
 #include "models/registry.h"
+#include "reparam/convert.h"
 #include "ops/cpu/ops.h"
 
 using namespace sav;
@@ -224,4 +225,76 @@ TEST(PvtModel, BadConfigsAndCheckpointsThrow) {
   // a timm pvt checkpoint does not fit a ViT arch and vice versa: clear error, nothing loaded
   EXPECT_THROW(load_model(kGolden + "pvt_tiny.safetensors", "pvt_v2_b0"), Error);
   EXPECT_THROW(load_model(kGolden + "vit_tiny.safetensors", "pvt_v2_b0"), Error);
+}
+
+namespace {
+std::unique_ptr<Pvt> random_dense_pvt(uint64_t seed) {
+  auto m = std::make_unique<Pvt>(fd_config());
+  Rng rng(seed);
+  m->init_random(rng);
+  perturb(*m, seed + 1, 0.1f);
+  return m;
+}
+std::vector<float> random_images(const PvtConfig& c, int B, uint64_t seed) {
+  std::vector<float> x(size_t(B) * c.in_chans * c.img_size * c.img_size);
+  Rng rng(seed);
+  for (auto& v : x) v = rng.normal();
+  return x;
+}
+}  // namespace
+
+TEST(PvtConvert, MoeWithAZeroRouterKeepsTheDenseModel) {
+  auto dense = random_dense_pvt(11);
+  ConvertOptions opt;
+  opt.attn = "softmax", opt.mlp = "moe", opt.attn_linear = "moe";
+  auto sa = convert_pvt(*dense, opt, nullptr, 0);
+  const int B = 3, V = dense->num_classes();
+  auto x = random_images(dense->config(), B, 12);
+  dense->forward(x.data(), B, false);
+  std::vector<float> ref(dense->logits(), dense->logits() + B * V);
+  sa->forward(x.data(), B, false);  // eval: no noise, equal probabilities -> expert 0 (mult) everywhere
+  EXPECT_LT(rel_err(sa->logits(), ref.data(), B * V), 1e-6);
+  EXPECT_EQ(sa->moe_layers().size(), size_t(3 * 5));  // q, kv, proj, fc1, fc2 in each of 3 blocks
+  for (auto& [name, layer] : sa->moe_layers()) EXPECT_EQ(layer->expert_counts()[1], 0) << name;
+}
+
+TEST(PvtConvert, HammingStagesTakeQAndTheValueHalfOfKvAndFitTheHash) {
+  auto dense = random_dense_pvt(13);
+  ConvertOptions opt;
+  opt.attn = "hhs", opt.mlp = "dense", opt.hash_bits = 8, opt.anchors = 5;
+  const int n = 6;
+  auto calib = random_images(dense->config(), n, 14);
+  auto sa = convert_pvt(*dense, opt, calib.data(), n);
+  EXPECT_FALSE(sa->params().contains("stages.0.blocks.0.attn.sr.weight"));  // spatial reduction dropped
+  EXPECT_TRUE(sa->params().contains("stages.2.blocks.0.attn.kv.weight"));   // the last stage keeps softmax
+  for (int s : {0, 1}) {
+    const int C = dense->config().dims[s];
+    const std::string p = "stages." + std::to_string(s) + ".blocks.0.attn.";
+    const float* q = dense->params().get(p + "q.weight").f32();
+    const float* kv = dense->params().get(p + "kv.weight").f32();
+    const float* kvb = dense->params().get(p + "kv.bias").f32();
+    const float* to_qk = sa->params().get(p + "to_qk.weight").f32();
+    const float* to_v = sa->params().get(p + "to_v.weight").f32();
+    const float* to_vb = sa->params().get(p + "to_v.bias").f32();
+    for (int i = 0; i < C * C; ++i) {
+      ASSERT_EQ(to_qk[i], q[i]);
+      ASSERT_EQ(to_v[i], kv[C * C + i]);
+    }
+    for (int i = 0; i < C; ++i) ASSERT_EQ(to_vb[i], kvb[C + i]);
+    const Tensor A = sa->buffers()->get(p + "ksh.A");
+    double norm = 0;
+    for (int64_t i = 0; i < A.numel(); ++i) norm += std::fabs(A.f32()[i]);
+    EXPECT_GT(norm, 0.0) << "KSH projection of stage " << s << " was not fitted";
+  }
+  // everything else is copied: the last stage's attention and the MLPs
+  EXPECT_EQ(sa->params().get("stages.2.blocks.0.attn.q.weight").f32()[3],
+            dense->params().get("stages.2.blocks.0.attn.q.weight").f32()[3]);
+  EXPECT_EQ(sa->params().get("stages.0.blocks.0.mlp.dwconv.weight").f32()[5],
+            dense->params().get("stages.0.blocks.0.mlp.dwconv.weight").f32()[5]);
+  sa->forward(calib.data(), n, false);
+  for (int i = 0; i < n * sa->num_classes(); ++i) ASSERT_TRUE(std::isfinite(sa->logits()[i]));
+  // a converted stage cannot go back to softmax attention
+  ConvertOptions back;
+  back.attn = "softmax", back.mlp = "dense";
+  EXPECT_THROW(convert_pvt(*sa, back, calib.data(), n), Error);
 }
