@@ -328,3 +328,55 @@ TEST(EnergyErrors, InvalidInputsThrow) {
 }
 
 }  // namespace
+
+namespace {
+sav::PvtGeometry pvt_b0() {
+  sav::PvtGeometry g;
+  g.dims = {32, 64, 160, 256}, g.heads = {1, 2, 5, 8}, g.depths = {2, 2, 2, 2}, g.sr = {8, 4, 2, 1};
+  g.mlp_ratios = {8, 8, 4, 4};
+  return g;
+}
+}  // namespace
+
+TEST(EnergyPvt, DenseB0HasTimmsMacCountAndStructure) {
+  const auto dense = sav::pvt_dense_layers(pvt_b0());
+  const EnergyRow t = sav::energy_report(dense).total;
+  // timm / fvcore report 0.57 GMACs for pvt_v2_b0 at 224 (convs, linears, attention products)
+  EXPECT_NEAR(t.macs / 1e9, 0.57, 0.01);
+  int sr = 0, dw = 0;
+  for (const LayerDesc& L : dense) {
+    if (L.name.find("attn.sr") != std::string::npos) ++sr;
+    if (L.kind == LayerKind::dwconv) {
+      ++dw;
+      EXPECT_EQ(L.out, 9);
+    }
+    if (L.name == "stages.0.blocks.0.attn.core") {
+      EXPECT_EQ(L.tokens, 3136);
+      EXPECT_EQ(L.kv_tokens, 49);  // 56x56 grid reduced by 8
+    }
+  }
+  EXPECT_EQ(sr, 6);  // stages 0-2, two blocks each (stage 3 has sr 1)
+  EXPECT_EQ(dw, 8);
+}
+
+TEST(EnergyPvt, HammingStagesDropTheSpatialReductionAndSave) {
+  const auto dense = sav::pvt_dense_layers(pvt_b0());
+  std::vector<sav::BlockChoice> st(4);
+  for (int s = 0; s < 3; ++s) st[s].attn = LayerKind::attn_hamming;
+  for (auto& c : st) c.fc1.kind = c.fc2.kind = LayerKind::linear_shift;
+  const auto conv = sav::pvt_convert_layers(dense, st);
+  int ham = 0;
+  for (const LayerDesc& L : conv) {
+    EXPECT_EQ(L.name.find("stages.0.blocks.0.attn.sr"), std::string::npos);
+    if (L.kind == LayerKind::attn_hamming) ++ham;
+    if (L.name == "stages.1.blocks.0.attn.to_v") {
+      EXPECT_EQ(L.tokens, 784);  // all tokens, not the reduced ones
+      EXPECT_EQ(L.out, 64);
+    }
+    if (L.name.find("mlp.fc") != std::string::npos) EXPECT_EQ(L.kind, LayerKind::linear_shift) << L.name;
+  }
+  EXPECT_EQ(ham, 6);
+  const double d = sav::energy_report(dense).total.compute_pj, c = sav::energy_report(conv).total.compute_pj;
+  EXPECT_LT(c, 0.8 * d);
+  EXPECT_THROW(sav::pvt_convert_layers(dense, {}), sav::Error);
+}

@@ -23,6 +23,7 @@
 #include "io/dataset.h"
 #include "io/safetensors.h"
 #include "models/registry.h"
+#include "models/pvt.h"
 #include "models/vit.h"
 #include "reparam/convert.h"
 #include "reparam/routing.h"
@@ -353,14 +354,69 @@ int cmd_finetune(const ModelArgs& m, const DataArgs& d, const ReparamArgs& r, Tr
   return 0;
 }
 
+// The dense-vs-converted table (and CSV/JSON files on request) of cmd_energy.
+int print_energy(const std::vector<LayerDesc>& dense, const std::vector<LayerDesc>& conv, const std::string& csv,
+                 const std::string& json) {
+  EnergyReport rd = energy_report(dense), rc = energy_report(conv);
+  print_energy_table(std::cout, rd, rc);
+  auto write = [](const std::string& path, const std::string& text) {
+    std::ofstream f(path);
+    SAV_CHECK(f.good(), "cannot write " << path);
+    f << text;
+  };
+  if (!csv.empty()) write(csv, "# dense\n" + energy_csv(rd) + "# converted\n" + energy_csv(rc));
+  if (!json.empty()) write(json, "{\"dense\": " + energy_json(rd) + ", \"converted\": " + energy_json(rc) + "}\n");
+  return 0;
+}
+
+// PVTv2: per-stage kinds from the model, or (geometry only) the flags with the paper's rule: Hamming
+// attention in every stage but the last. MoE shares: `share` (routing of PVT models is not measured here).
+int energy_pvt(ImageClassifier* model, const std::string& arch, const std::string& attn, const std::string& mlp,
+               const std::string& attn_linear, double share, const std::string& csv, const std::string& json) {
+  const PvtConfig cfg = model ? dynamic_cast<Pvt&>(*model).config() : pvt_preset(arch);
+  PvtGeometry g{cfg.img_size, cfg.in_chans, cfg.num_classes, cfg.stem_patch, cfg.stem_stride, cfg.dims, cfg.heads,
+                cfg.depths, cfg.sr, cfg.mlp_ratios};
+  const int S = cfg.stages();
+  auto kind = [](char k) {
+    return k == 'd' ? LayerKind::linear_dense : k == 's' ? LayerKind::linear_shift : LayerKind::linear_moe;
+  };
+  std::string ak, mk, lk;
+  if (model && !cfg.is_dense()) {
+    ak = cfg.attn.empty() ? std::string(S, 's') : cfg.attn;
+    mk = cfg.mlp.empty() ? std::string(S, 'd') : cfg.mlp;
+    lk = cfg.attn_linear.empty() ? std::string(S, 'd') : cfg.attn_linear;
+  } else {
+    ak = attn == "hamming" ? std::string(S - 1, 'h') + "s" : expand_kinds(attn, S, "--attn");
+    mk = expand_kinds(mlp, S, "--mlp");
+    lk = expand_kinds(attn_linear, S, "--attn-linear");
+  }
+  std::vector<BlockChoice> stages(S);
+  for (int s = 0; s < S; ++s) {
+    stages[s].attn = ak[s] == 'h' ? LayerKind::attn_hamming : LayerKind::attn_softmax;
+    stages[s].qkv.kind = stages[s].proj.kind = kind(lk[s]);
+    stages[s].fc1.kind = stages[s].fc2.kind = kind(mk[s]);
+    for (LinearChoice* c : {&stages[s].qkv, &stages[s].proj, &stages[s].fc1, &stages[s].fc2}) c->shift_share = share;
+    stages[s].hash_bits = cfg.hash_bits, stages[s].anchors = cfg.anchors;
+  }
+  auto dense = pvt_dense_layers(g);
+  auto conv = pvt_convert_layers(dense, stages);
+  std::cout << "energy per image, 45 nm unit energies (METHOD.md section 5): dense vs " << cfg.name
+            << " with attention " << ak << ", MLP linears " << mk << ", attention linears " << lk
+            << " (per stage), MoE shift share " << fmt(share, 2) << " (assumed)\n";
+  return print_energy(dense, conv, csv, json);
+}
+
 int cmd_energy(const ModelArgs& m, const DataArgs& d, const std::string& attn, const std::string& mlp,
                const std::string& attn_linear, double share, int64_t limit, const std::string& csv,
                const std::string& json) {
-  VitConfig cfg;
+  const bool pvt = m.weights.empty() ? is_pvt_arch(m.arch) : false;
   std::unique_ptr<ImageClassifier> model;
+  if (!m.weights.empty()) model = build_model(m);
+  if (pvt || (model && dynamic_cast<Pvt*>(model.get()))) return energy_pvt(model.get(), m.arch, attn, mlp, attn_linear,
+                                                                           share, csv, json);
+  VitConfig cfg;
   std::vector<LayerShares> measured;
   if (!m.weights.empty()) {
-    model = build_model(m);
     cfg = as_vit(*model).config();
     if (!as_vit(*model).moe_layers().empty() && limit >= 0) {
       Dataset test = load_split(d, false, cfg.img_size, cfg.in_chans);
@@ -401,19 +457,10 @@ int cmd_energy(const ModelArgs& m, const DataArgs& d, const std::string& attn, c
     what = cfg.name + " geometry: attention " + attn + ", MLP " + mlp + ", attention linears " + attn_linear +
            (mlp == "moe" || attn_linear == "moe" ? ", shift share " + fmt(share, 2) : "");
   }
-  EnergyReport rd = energy_report(dense), rc = energy_report(conv);
   std::cout << "energy per image, 45 nm unit energies (METHOD.md section 5): dense vs " << what << "\n";
   for (auto& ms : measured)
     std::cout << "  " << ms.name << ": " << fmt(100 * ms.shift_share(), 1) << "% of tokens to the shift expert\n";
-  print_energy_table(std::cout, rd, rc);
-  auto write = [](const std::string& path, const std::string& text) {
-    std::ofstream f(path);
-    SAV_CHECK(f.good(), "cannot write " << path);
-    f << text;
-  };
-  if (!csv.empty()) write(csv, "# dense\n" + energy_csv(rd) + "# converted\n" + energy_csv(rc));
-  if (!json.empty()) write(json, "{\"dense\": " + energy_json(rd) + ", \"converted\": " + energy_json(rc) + "}\n");
-  return 0;
+  return print_energy(dense, conv, csv, json);
 }
 
 int cmd_profile(const ModelArgs& m, int tokens, bool int_kernel, const std::string& out) {

@@ -38,6 +38,7 @@ constexpr KindName kKindNames[] = {
     {LayerKind::attn_hamming, "attn_hamming"}, {LayerKind::layernorm, "layernorm"},
     {LayerKind::gelu, "gelu"},                 {LayerKind::residual_add, "residual_add"},
     {LayerKind::patch_embed, "patch_embed"},   {LayerKind::softmax_head, "softmax_head"},
+    {LayerKind::dwconv, "dwconv"},             {LayerKind::mean_pool, "mean_pool"},
 };
 
 bool is_linear(LayerKind k) {
@@ -154,7 +155,12 @@ void check_layer(const LayerDesc& L) {
     case LayerKind::gelu:
     case LayerKind::residual_add:
     case LayerKind::softmax_head:
+    case LayerKind::mean_pool:
       SAV_CHECK(L.in > 0, "layer '" << L.name << "': width (in) must be positive, got " << L.in);
+      break;
+    case LayerKind::dwconv:
+      SAV_CHECK(L.in > 0 && L.out > 0, "layer '" << L.name << "': channels and taps must be positive, got " << L.in
+                                                 << " x " << L.out);
       break;
   }
   if (L.kind == LayerKind::linear_moe)
@@ -215,14 +221,15 @@ void count_layer(const LayerDesc& L, const EnergyOptions& o, EnergyRow& row) {
 
     case LayerKind::attn_softmax: {
       // q, k, v (N,C) -> softmax(q k^T / sqrt(d)) v, per head.
-      const double N = M, H = L.heads, d = L.head_dim, C = H * d;
-      c.mult(H * N * d);                      // q * d^-0.5 (timm scales q): H*N*d mults
-      c.dot_fp32(H * N * N, d, 0, act, act);  // q k^T: H*N*N*d mults, H*N*N*(d-1) adds
-      c.softmax_rows(H * N, N);               // H*N rows of width N
-      c.dot_fp32(H * N * d, N, 0, act, act);  // P v: H*N*d*N mults, H*N*d*(N-1) adds
-      c.act_in(3 * N * C);
+      // Nk = kv_tokens keys/values (PVT's spatial reduction), else Nk = N.
+      const double N = M, H = L.heads, d = L.head_dim, C = H * d, Nk = L.kv_tokens > 0 ? double(L.kv_tokens) : M;
+      c.mult(H * N * d);                       // q * d^-0.5 (timm scales q): H*N*d mults
+      c.dot_fp32(H * N * Nk, d, 0, act, act);  // q k^T: H*N*Nk*d mults, H*N*Nk*(d-1) adds
+      c.softmax_rows(H * N, Nk);               // H*N rows of width Nk
+      c.dot_fp32(H * N * d, Nk, 0, act, act);  // P v: H*N*d*Nk mults, H*N*d*(Nk-1) adds
+      c.act_in(N * C + 2 * Nk * C);
       c.act_out(N * C);
-      c.inter(H * N * N, act);  // the probabilities P, written once and read back once
+      c.inter(H * N * Nk, act);  // the probabilities P, written once and read back once
       break;
     }
 
@@ -325,6 +332,23 @@ void count_layer(const LayerDesc& L, const EnergyOptions& o, EnergyRow& row) {
       c.softmax_rows(M, K);  // M rows of width K (classes)
       c.act_in(M * K);
       c.act_out(M * K);
+      break;
+
+    case LayerKind::dwconv:
+      // Depthwise k x k conv with bias (zero padding; padding taps counted): M*C dot products of length
+      // F = k*k -> M*C*F mults and adds. Weights C*k*k + C.
+      c.dot_fp32(M * K, F, 1, act, wd);
+      c.weights(K * F + K, wd);
+      c.act_in(M * K);
+      c.act_out(M * K);
+      break;
+
+    case LayerKind::mean_pool:
+      // mean over M rows of width C: (M-1)*C adds and C mults by 1/M.
+      c.add((M - 1) * K);
+      c.mult(K);
+      c.act_in(M * K);
+      c.act_out(K);
       break;
   }
 }
@@ -442,6 +466,31 @@ LayerDesc convert_linear(LayerDesc L, const LinearChoice& c) {
   return L;
 }
 
+LayerDesc lin(std::string name, int64_t M, int64_t K, int64_t F) {
+  LayerDesc L;
+  L.name = std::move(name);
+  L.kind = LayerKind::linear_dense;
+  L.tokens = M;
+  L.in = K;
+  L.out = F;
+  return L;
+}
+LayerDesc elem(std::string name, LayerKind kind, int64_t M, int64_t C) {
+  LayerDesc L;
+  L.name = std::move(name);
+  L.kind = kind;
+  L.tokens = M;
+  L.in = L.out = C;
+  return L;
+}
+LayerDesc attn_core(std::string name, int64_t N, int C, int heads) {
+  LayerDesc a = elem(std::move(name), LayerKind::attn_softmax, N, C);
+  a.heads = heads;
+  a.head_dim = C / heads;
+  return a;
+}
+int conv_out(int in, int k, int s, int pad) { return (in + 2 * pad - k) / s + 1; }
+
 // "blocks.{i}.rest" -> i and rest; false for other names.
 bool split_block_name(const std::string& name, int& index, std::string& rest) {
   const std::string pre = "blocks.";
@@ -485,10 +534,15 @@ std::string energy_group(const LayerDesc& L) {
     case LayerKind::residual_add:
       return "residual add";
     case LayerKind::softmax_head:
+    case LayerKind::mean_pool:
       return "head";
+    case LayerKind::dwconv:
+      return "mlp dwconv";
     default:
       break;
   }
+  if (L.name.find("patch_embed") != std::string::npos || L.name.find("downsample") != std::string::npos)
+    return "patch embed";
   if (L.name.find(".attn.") != std::string::npos) return "attn linears";
   if (L.name.find(".mlp.") != std::string::npos) return "mlp linears";
   if (L.name.find("head") != std::string::npos) return "head";
@@ -617,23 +671,6 @@ std::vector<LayerDesc> vit_dense_layers(int img, int patch, int in_chans, int di
                                                                   << mlp_hidden << ", classes " << classes << ")");
   SAV_CHECK(dim % heads == 0, "vit_dense_layers: dim " << dim << " is not a multiple of heads " << heads);
   const int64_t patches = int64_t(img / patch) * (img / patch), N = patches + 1;  // + class token
-  auto lin = [](std::string name, int64_t M, int64_t K, int64_t F) {
-    LayerDesc L;
-    L.name = std::move(name);
-    L.kind = LayerKind::linear_dense;
-    L.tokens = M;
-    L.in = K;
-    L.out = F;
-    return L;
-  };
-  auto elem = [](std::string name, LayerKind kind, int64_t M, int64_t C) {
-    LayerDesc L;
-    L.name = std::move(name);
-    L.kind = kind;
-    L.tokens = M;
-    L.in = L.out = C;
-    return L;
-  };
   std::vector<LayerDesc> v;
   LayerDesc pe = lin("patch_embed", patches, int64_t(in_chans) * patch * patch, dim);
   pe.kind = LayerKind::patch_embed;
@@ -642,14 +679,7 @@ std::vector<LayerDesc> vit_dense_layers(int img, int patch, int in_chans, int di
     const std::string p = "blocks." + std::to_string(i) + ".";
     v.push_back(elem(p + "norm1", LayerKind::layernorm, N, dim));
     v.push_back(lin(p + "attn.qkv", N, dim, 3 * int64_t(dim)));
-    LayerDesc a;
-    a.name = p + "attn.core";
-    a.kind = LayerKind::attn_softmax;
-    a.tokens = N;
-    a.in = a.out = dim;
-    a.heads = heads;
-    a.head_dim = dim / heads;
-    v.push_back(a);
+    v.push_back(attn_core(p + "attn.core", N, dim, heads));
     v.push_back(lin(p + "attn.proj", N, dim, dim));
     v.push_back(elem(p + "add1", LayerKind::residual_add, N, dim));
     v.push_back(elem(p + "norm2", LayerKind::layernorm, N, dim));
@@ -737,6 +767,124 @@ std::vector<LayerDesc> vit_converted_layers(const std::vector<LayerDesc>& dense,
   ch.fc1 = ch.fc2 = parse_linear_choice(mlp, shift_share, "mlp");
   ch.qkv = ch.proj = parse_linear_choice(attn_linears, shift_share, "attn_linears");
   return vit_convert_layers(dense, {ch});
+}
+
+std::vector<LayerDesc> pvt_dense_layers(const PvtGeometry& g) {
+  const size_t S = g.dims.size();
+  SAV_CHECK(S > 0 && g.heads.size() == S && g.depths.size() == S && g.sr.size() == S && g.mlp_ratios.size() == S,
+            "pvt_dense_layers: dims, heads, depths, sr and mlp_ratios need one entry per stage");
+  SAV_CHECK(g.img > 0 && g.in_chans > 0 && g.classes > 0 && g.stem_patch > 0 && g.stem_stride > 0,
+            "pvt_dense_layers: sizes must be positive");
+  std::vector<LayerDesc> v;
+  int side = g.img, cin = g.in_chans;
+  for (size_t s = 0; s < S; ++s) {
+    const int C = g.dims[s], k = s == 0 ? g.stem_patch : 3, st = s == 0 ? g.stem_stride : 2;
+    SAV_CHECK(C > 0 && g.heads[s] > 0 && C % g.heads[s] == 0 && g.sr[s] >= 1 && g.mlp_ratios[s] > 0,
+              "pvt_dense_layers: impossible stage " << s);
+    const int grid = conv_out(side, k, st, k / 2);
+    SAV_CHECK(grid >= 1, "pvt_dense_layers: image too small for stage " << s);
+    const int64_t N = int64_t(grid) * grid, F = int64_t(C) * g.mlp_ratios[s];
+    const std::string e = s == 0 ? "patch_embed." : "stages." + std::to_string(s) + ".downsample.";
+    v.push_back(lin(e + "proj", N, int64_t(cin) * k * k, C));  // overlapping conv == linear on im2col rows
+    v.push_back(elem(e + "norm", LayerKind::layernorm, N, C));
+    const int r = g.sr[s], kvg = r > 1 ? conv_out(grid, r, r, 0) : grid;
+    SAV_CHECK(kvg >= 1, "pvt_dense_layers: stage " << s << " grid " << grid << " is smaller than sr " << r);
+    const int64_t Nk = int64_t(kvg) * kvg;
+    for (int i = 0; i < g.depths[s]; ++i) {
+      const std::string p = "stages." + std::to_string(s) + ".blocks." + std::to_string(i) + ".";
+      v.push_back(elem(p + "norm1", LayerKind::layernorm, N, C));
+      v.push_back(lin(p + "attn.q", N, C, C));
+      if (r > 1) {
+        v.push_back(lin(p + "attn.sr", Nk, int64_t(C) * r * r, C));
+        v.push_back(elem(p + "attn.norm", LayerKind::layernorm, Nk, C));
+      }
+      v.push_back(lin(p + "attn.kv", Nk, C, 2 * int64_t(C)));
+      LayerDesc a = attn_core(p + "attn.core", N, C, g.heads[s]);
+      a.kv_tokens = Nk;
+      v.push_back(a);
+      v.push_back(lin(p + "attn.proj", N, C, C));
+      v.push_back(elem(p + "add1", LayerKind::residual_add, N, C));
+      v.push_back(elem(p + "norm2", LayerKind::layernorm, N, C));
+      v.push_back(lin(p + "mlp.fc1", N, C, F));
+      LayerDesc dw = elem(p + "mlp.dwconv", LayerKind::dwconv, N, F);
+      dw.out = 9;
+      v.push_back(dw);
+      v.push_back(elem(p + "mlp.act", LayerKind::gelu, N, F));
+      v.push_back(lin(p + "mlp.fc2", N, F, C));
+      v.push_back(elem(p + "add2", LayerKind::residual_add, N, C));
+    }
+    v.push_back(elem("stages." + std::to_string(s) + ".norm", LayerKind::layernorm, N, C));
+    if (s + 1 == S) {
+      v.push_back(elem("pool", LayerKind::mean_pool, N, C));
+      v.push_back(lin("head", 1, C, g.classes));
+    }
+    side = grid, cin = C;
+  }
+  return v;
+}
+
+std::vector<LayerDesc> pvt_convert_layers(const std::vector<LayerDesc>& dense, const std::vector<BlockChoice>& stages) {
+  SAV_CHECK(!stages.empty(), "pvt_convert_layers: give one BlockChoice per stage, or one for all stages");
+  std::vector<LayerDesc> out;
+  for (const LayerDesc& L : dense) {
+    // "stages.{s}.blocks.{i}.rest"
+    int s = -1;
+    std::string rest;
+    const std::string pre = "stages.";
+    if (L.name.rfind(pre, 0) == 0) {
+      const size_t dot = L.name.find('.', pre.size());
+      const size_t blk = L.name.find(".blocks.", pre.size());
+      if (dot != std::string::npos && blk == dot) {
+        s = std::stoi(L.name.substr(pre.size(), dot - pre.size()));
+        const size_t after = L.name.find('.', blk + 8);
+        rest = after == std::string::npos ? "" : L.name.substr(after + 1);
+      }
+    }
+    if (s < 0) {
+      out.push_back(L);
+      continue;
+    }
+    SAV_CHECK(stages.size() == 1 || size_t(s) < stages.size(),
+              "pvt_convert_layers: no choice for stage " << s << " (" << stages.size() << " given)");
+    const BlockChoice& ch = stages.size() == 1 ? stages[0] : stages[size_t(s)];
+    const bool ham = ch.attn == LayerKind::attn_hamming;
+    const std::string p = L.name.substr(0, L.name.size() - rest.size());
+    if (rest == "attn.q") {
+      LayerDesc q = L;
+      if (ham) q.name = p + "attn.to_qk";
+      out.push_back(convert_linear(q, ch.qkv));
+    } else if (rest == "attn.sr" || rest == "attn.norm") {
+      if (!ham) out.push_back(L);  // Hamming attention runs over all tokens: no spatial reduction
+    } else if (rest == "attn.kv") {
+      if (ham) {
+        LayerDesc vv = L;  // only the value half survives, on all N tokens
+        vv.name = p + "attn.to_v";
+        vv.out = L.in;
+        vv.tokens = out.back().tokens;  // the to_qk row count (N)
+        out.push_back(convert_linear(vv, ch.qkv));
+      } else {
+        out.push_back(convert_linear(L, ch.qkv));
+      }
+    } else if (rest == "attn.core") {
+      LayerDesc a = L;
+      if (ham) {
+        a.kind = LayerKind::attn_hamming;
+        a.kv_tokens = 0;
+        a.hash_bits = ch.hash_bits;
+        a.anchors = ch.anchors;
+      }
+      out.push_back(a);
+    } else if (rest == "attn.proj") {
+      out.push_back(convert_linear(L, ch.proj));
+    } else if (rest == "mlp.fc1") {
+      out.push_back(convert_linear(L, ch.fc1));
+    } else if (rest == "mlp.fc2") {
+      out.push_back(convert_linear(L, ch.fc2));
+    } else {
+      out.push_back(L);
+    }
+  }
+  return out;
 }
 
 }  // namespace sav

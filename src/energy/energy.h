@@ -63,6 +63,8 @@ enum class LayerKind {
   residual_add,   // (M,C) + (M,C) -> (M,C)
   patch_embed,    // conv p x p stride p == linear on patches: tokens = patches, in = in_chans*p*p, out = C
   softmax_head,   // optional: softmax over in (= out) classes for each of the M rows
+  dwconv,         // depthwise k x k conv with bias over a token grid: M tokens, in = channels, out = k*k taps
+  mean_pool,      // mean over the M tokens of width in -> one row (PVT's head input)
 };
 
 const char* layer_kind_name(LayerKind kind);  // "linear_dense", ...
@@ -74,6 +76,7 @@ struct LayerDesc {
   int64_t tokens = 0;       // rows M (tokens per image: the energy is per image)
   int64_t in = 0, out = 0;  // linear K, F; layernorm/gelu/add/softmax_head: width C (in; out ignored)
   int heads = 0, head_dim = 0, hash_bits = 16, anchors = 25;  // attention
+  int64_t kv_tokens = 0;    // attn_softmax: keys/values after a spatial reduction (0: = tokens)
   double shift_share = 0;   // linear_moe: fraction of tokens routed to the shift expert (0..1)
   bool router = false;      // linear_moe: count the router (K->2 linear + softmax + argmax + gate scale)
 };
@@ -122,7 +125,7 @@ EnergyReport energy_report(const std::vector<LayerDesc>& layers, const EnergyOpt
 EnergyRow energy_layer(const LayerDesc& layer, const EnergyOptions& opt = {});
 
 // Group used in the comparison table: "patch embed", "attn linears", "attention", "mlp linears",
-// "layernorm", "gelu", "residual add", "head".
+// "mlp dwconv", "layernorm", "gelu", "residual add", "head".
 std::string energy_group(const LayerDesc& layer);
 
 // Per-group and total comparison, compute-only and with memory, savings vs `dense` in %.
@@ -159,5 +162,19 @@ std::vector<LayerDesc> vit_convert_layers(const std::vector<LayerDesc>& dense,
 std::vector<LayerDesc> vit_converted_layers(const std::vector<LayerDesc>& dense, const std::string& attn,
                                             const std::string& mlp, double shift_share,
                                             const std::string& attn_linears = "dense");
+
+// Dense PVTv2 geometry, timm names: patch_embed.proj (conv k7 s4 as a linear on im2col rows, stage 0) or
+// stages.{s}.downsample.proj (k3 s2), .norm; stages.{s}.blocks.{i}.{norm1, attn.q, attn.sr (conv k=s=sr as
+// a linear), attn.norm, attn.kv, attn.core (softmax over the reduced tokens), attn.proj, add1, norm2,
+// mlp.fc1, mlp.dwconv, mlp.act, mlp.fc2, add2}; stages.{s}.norm; pool; head. Square images.
+struct PvtGeometry {
+  int img = 224, in_chans = 3, classes = 1000, stem_patch = 7, stem_stride = 4;
+  std::vector<int> dims, heads, depths, sr, mlp_ratios;
+};
+std::vector<LayerDesc> pvt_dense_layers(const PvtGeometry& g);
+// Per stage (one entry per stage, or one for all): Hamming attention takes to_qk (from q) and to_v (the
+// value half of kv) over all tokens and drops attn.sr, attn.norm and the key half; linears as for ViT
+// (BlockChoice::qkv applies to q/kv or to_qk/to_v).
+std::vector<LayerDesc> pvt_convert_layers(const std::vector<LayerDesc>& dense, const std::vector<BlockChoice>& stages);
 
 }  // namespace sav
