@@ -6,6 +6,7 @@
 //   shiftaddvit bench --arch vit_fmnist --batch 1,64 --train
 #include <CLI/CLI.hpp>
 #include <array>
+#include <tuple>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -82,6 +83,7 @@ struct ModelArgs {
   std::string weights;
   int img_size = 0, patch = 0, in_chans = 0, classes = 0, dim = 0, depth = 0, heads = 0, mlp_hidden = 0;
   std::string shift_kernel = "float";
+  std::string format = "auto";      // checkpoint names: auto | timm | shiftaddvit-release
   CLI::Option* arch_opt = nullptr;  // to tell a default --arch from one the user gave
 };
 
@@ -102,6 +104,15 @@ void add_model_flags(CLI::App* app, ModelArgs& m, bool weights_required, const s
       ->capture_default_str();
 }
 
+void add_format_flag(CLI::App* app, ModelArgs& m) {
+  app->add_option("--format", m.format,
+                  "Checkpoint names: auto (engine metadata, else the ShiftAddViT release's names when present, else "
+                  "timm), timm, or shiftaddvit-release (the public ShiftAddViT PVTv2 release, run in its "
+                  "compatibility mode)")
+      ->check(CLI::IsMember({"auto", "timm", "shiftaddvit-release"}))
+      ->capture_default_str();
+}
+
 void add_shape_flags(CLI::App* app, ModelArgs& m) {
   app->add_option("--img-size", m.img_size, "Override the preset's image side (pixels)");
   app->add_option("--patch", m.patch, "Override the preset's patch side");
@@ -117,7 +128,7 @@ std::unique_ptr<ImageClassifier> build_model(const ModelArgs& m) {
   if (!m.weights.empty()) {
     // a checkpoint written by the engine names its arch; a subcommand's default --arch must not contradict it
     const bool given = m.arch_opt == nullptr || m.arch_opt->count() > 0;
-    auto model = load_model(m.weights, given ? m.arch : "");
+    auto model = load_model(m.weights, given ? m.arch : "", m.format);
     if (ReparamOptions* ro = model->reparam_options()) ro->int_kernel = m.shift_kernel == "int";
     return model;
   }
@@ -290,8 +301,32 @@ std::unique_ptr<ImageClassifier> convert_model(ImageClassifier& dense, const Rep
   return convert_vit(as_vit(dense), c, calib.data(), n);
 }
 
-int cmd_convert(const ModelArgs& m, const DataArgs& d, const ReparamArgs& r, const std::string& out) {
+// A checkpoint of the ShiftAddViT release (release compatibility mode) is re-saved with the engine's names and
+// metadata, its layer kinds unchanged: that mode is inference-only, so there is nothing to convert or fit.
+int resave_release(ImageClassifier& model, const CLI::App& app, const ReparamArgs& r, const std::string& out) {
+  const LayerKinds k = model.kinds();
+  const int S = static_cast<int>(k.attn.size());
+  for (auto [flag, spec, have] : {std::tuple{"--attn", r.conv.attn, k.attn}, std::tuple{"--mlp", r.conv.mlp, k.mlp},
+                                  std::tuple{"--attn-linear", r.conv.attn_linear, k.attn_linear}}) {
+    if (app.get_option(flag)->count() == 0) continue;
+    std::string want = expand_kinds(spec, S, flag);
+    if (std::string(flag) == "--attn")
+      for (char& c : want) c = c == 'h' ? 'h' : 's';
+    SAV_CHECK(want == have, "the checkpoint is a ShiftAddViT release model (" << flag << " " << have
+                                << "): convert re-saves it with its layer kinds unchanged (its compatibility mode is "
+                                << "inference-only), so " << flag << " " << spec << " is not possible");
+  }
+  save_model(model, out);
+  std::cout << "re-saved " << model.describe() << " (ShiftAddViT release, compatibility mode) with the engine's "
+            << "names\nwrote " << out << "\n";
+  return 0;
+}
+
+int cmd_convert(const ModelArgs& m, const DataArgs& d, const ReparamArgs& r, const std::string& out,
+                const CLI::App& app) {
   auto dense = build_model(m);
+  if (const ReparamOptions* ro = dense->reparam_options(); ro && ro->release_compat)
+    return resave_release(*dense, app, r, out);
   auto sa = convert_model(*dense, r, d, 0);
   save_model(*sa, out);
   std::cout << "converted " << dense->arch() << " -> " << sa->describe() << "\nwrote " << out << "\n";
@@ -592,6 +627,7 @@ int main(int argc, char** argv) {
 
   auto* infer = app.add_subcommand("infer", "Logits for a batch of images stored as a safetensors tensor");
   add_model_flags(infer, im, true, "");
+  add_format_flag(infer, im);
   infer->add_option("--input", in_path, "safetensors file with a float32 tensor 'input' (B,C,S,S), normalised")->required();
   infer->add_option("--output", out_path, "safetensors file to write the float32 tensor 'logits' (B,classes) to")
       ->required();
@@ -609,8 +645,10 @@ int main(int argc, char** argv) {
   DataArgs cd, fd;
   ReparamArgs cr, fr;
   std::string convert_out;
-  auto* convert = app.add_subcommand("convert", "Dense checkpoint -> ShiftAddViT checkpoint (KSH fitted on real data)");
+  auto* convert = app.add_subcommand("convert", "Dense checkpoint -> ShiftAddViT checkpoint (KSH fitted on real data); a "
+                                              "ShiftAddViT release checkpoint is re-saved with the engine's names");
   add_model_flags(convert, cm, true, "");
+  add_format_flag(convert, cm);
   add_data_flags(convert, cd);
   add_reparam_flags(convert, cr);
   convert->add_option("--out", convert_out, "Output .safetensors file")->required();
@@ -712,7 +750,7 @@ int main(int argc, char** argv) {
     if (*eval) return cmd_eval(em, ed, eval_batch, eval_limit);
     if (*infer) return cmd_infer(im, in_path, out_path, infer_batch);
     if (*bench) return cmd_bench(bm, bench_batches, bench_iters, bench_warmup, bench_train);
-    if (*convert) return cmd_convert(cm, cd, cr, convert_out);
+    if (*convert) return cmd_convert(cm, cd, cr, convert_out, *convert);
     if (*energy) return cmd_energy(nm, nd, e_attn, e_mlp, e_attn_lin, e_share, e_limit, e_csv, e_json);
     if (*profile) return cmd_profile(pm, p_tokens, p_int, p_out);
     if (*route) return cmd_route(rm, rd, r_image, r_index, r_out);

@@ -374,6 +374,7 @@ void Pvt::forward(const float* images, int B, bool train) {
                         k, st, k / 2);
     cpu::layernorm_forward(sa.embed.f32(), sa.emean.f32(), sa.erstd.f32(), sa.conv.f32(), W(e + "norm.weight"),
                            W(e + "norm.bias"), M, C, cfg_.embed_ln_eps);
+    if (tap_) tap_(-1 - s, "embed", sa.embed.f32(), M, C);
     float* x = sa.embed.f32();  // residual stream (inference: updated in place)
     float* t = tmp_.f32();
     for (int l = first_block_[s]; l < first_block_[s] + cfg_.depths[s]; ++l) {
@@ -404,6 +405,7 @@ void Pvt::forward(const float* images, int B, bool train) {
         cpu::hamming_attention_forward(a.ao.f32(), train ? &saved : nullptr, a.qk.f32(), a.v.f32(), hw, hd);
       }
       bk.proj->forward(t, a.ao.f32(), M, train, rng);
+      if (tap_) tap_(l, "attn", t, M, C);
       float* xmid = a.xmid.f32();
 #pragma omp parallel for if (int64_t(M) * C >= 32768)
       for (int64_t i = 0; i < int64_t(M) * C; ++i) xmid[i] = x[i] + t[i];
@@ -418,10 +420,12 @@ void Pvt::forward(const float* images, int B, bool train) {
 #pragma omp parallel for if (int64_t(M) * C >= 32768)
       for (int64_t i = 0; i < int64_t(M) * C; ++i) xout[i] = xmid[i] + t[i];
       x = xout;
+      if (tap_) tap_(l, "xout", x, M, C);
     }
     const std::string sn = "stages." + std::to_string(s) + ".norm.";
     cpu::layernorm_forward(sa.out.f32(), sa.omean.f32(), sa.orstd.f32(), x, W(sn + "weight"), W(sn + "bias"), M, C,
                            cfg_.ln_eps);
+    if (tap_) tap_(-1 - s, "out", sa.out.f32(), M, C);
     xin = sa.out.f32();
     cin = C, gin = g;
   }
@@ -592,6 +596,7 @@ std::map<std::string, std::string> Pvt::metadata() const {
     md["sav.pvt.anchors"] = std::to_string(c.anchors);
     md["sav.reparam.pmin"] = std::to_string(ropt_.pmin);
     md["sav.reparam.pmax"] = std::to_string(ropt_.pmax);
+    if (ropt_.release_compat) md["sav.reparam.release_compat"] = "1";  // models/release_pvt.h
   }
   return md;
 }

@@ -28,6 +28,7 @@
 #pragma once
 
 #include <array>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -117,6 +118,12 @@ class Pvt : public ImageClassifier {
   // (Hamming), "ao", "xmid", "xout"; per stage (block = -1 - s) "embed" (after the patch-embedding norm)
   // and "out" (after the stage norm).
   Tensor activation(int block, const std::string& what) const;
+  // Optional observer of every forward (inference included): called with intermediate tensors of B*N rows
+  // and C columns, valid only during the call: per stage (block = -1 - s) "embed" (after the patch-embedding
+  // norm) and "out" (after the stage norm); per block "attn" (the attention branch after proj, before the
+  // residual add) and "xout" (the block output). For comparisons with other implementations.
+  using ActivationTap = std::function<void(int block, const char* what, const float* x, int64_t rows, int cols)>;
+  void set_activation_tap(ActivationTap tap) { tap_ = std::move(tap); }
   LinearLayer* find_linear(const std::string& prefix);
   std::vector<std::pair<std::string, const LinearLayer*>> moe_layers() const;
 
@@ -149,6 +156,7 @@ class Pvt : public ImageClassifier {
   std::vector<Block> blocks_;
   std::vector<int> first_block_;  // per stage
   Rng noise_rng_{0};
+  ActivationTap tap_;
   int B_ = 0;
   bool train_buffers_ = false;
   Tensor img_, pooled_, logits_, tmp_, dx_, dt_, dbig_, dbig2_, dstage_, scratch_;

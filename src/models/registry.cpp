@@ -3,6 +3,7 @@
 #include "core/error.h"
 #include "io/safetensors.h"
 #include "models/pvt.h"
+#include "models/release_pvt.h"
 #include "models/vit.h"
 
 namespace sav {
@@ -41,13 +42,23 @@ std::unique_ptr<ImageClassifier> create_model(const std::string& arch, const std
   return std::make_unique<Vit>(c);
 }
 
-std::unique_ptr<ImageClassifier> load_model(const std::string& weights, const std::string& arch) {
+std::unique_ptr<ImageClassifier> load_model(const std::string& weights, const std::string& arch,
+                                            const std::string& format) {
+  SAV_CHECK(format == "auto" || format == "timm" || format == "shiftaddvit-release",
+            "unknown checkpoint format '" << format << "'; use auto, timm or shiftaddvit-release");
   Checkpoint ck = Checkpoint::open(weights);
   const auto& md = ck.metadata();
   auto kind = md.find("sav.model");
+  // the public ShiftAddViT release's names (models/release_pvt.h): detected, or asked for
+  if (format == "shiftaddvit-release" || (format == "auto" && kind == md.end() && is_release_pvt_layout(ck))) {
+    SAV_CHECK(kind == md.end(), "checkpoint " << weights << " was written by the engine (sav.model = " << kind->second
+                                              << "), not by the ShiftAddViT release; drop --format");
+    return load_release_pvt(ck, arch);
+  }
   ReparamOptions ro;
   if (md.count("sav.reparam.pmin")) ro.pmin = std::stoi(md.at("sav.reparam.pmin"));
   if (md.count("sav.reparam.pmax")) ro.pmax = std::stoi(md.at("sav.reparam.pmax"));
+  if (md.count("sav.reparam.release_compat")) ro.release_compat = md.at("sav.reparam.release_compat") == "1";
   auto check_arch = [&](const std::string& name) {
     SAV_CHECK(arch.empty() || arch == name,
               "checkpoint " << weights << " holds arch '" << name << "' but --arch says '" << arch << "'");

@@ -1,6 +1,7 @@
 #include "nn/linear_layer.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "core/error.h"
@@ -31,6 +32,17 @@ const char* linear_kind_name(LinearKind k) {
     case LinearKind::moe: return "moe";
   }
   return "?";
+}
+
+float release_fixed_point(float v) {
+  // floor(v / 2^-16) * 2^-16: both scalings are exact in float32, so only the floor rounds
+  const float r = std::floor(v * 65536.0f) * (1.0f / 65536.0f);
+  return std::clamp(r, -32768.0f, 32767.0f);
+}
+
+float release_moe_combine(float y) {
+  // the release adds numpy's float64 machine epsilon to a float32 tensor: the sum is float32
+  return std::log(std::exp(y) + 2.220446049250313e-16f);
 }
 
 LinearLayer::LinearLayer(std::string prefix, int K, int F, LinearKind kind, const ReparamOptions* opt)
@@ -103,6 +115,21 @@ void LinearLayer::expert_forward(int e, float* y, const float* x, int M, bool tr
     cpu::linear_forward(y, x, w_, b_, M, K_, F_);
     return;
   }
+  if (opt_->release_compat) {  // inference only (forward checks): fixed-point input and bias, float product
+    if (!kernel_ready_ || wdec_.size() != size_t(F_) * K_ || bfix_.size() != size_t(F_)) {
+      wdec_.resize(size_t(F_) * K_);
+      cpu::shift_linear_weights(wdec_.data(), p_, s_, F_, K_, opt_->pmin, opt_->pmax);
+      bfix_.resize(F_);
+      for (int j = 0; j < F_; ++j) bfix_[j] = release_fixed_point(sb_[j]);
+      kernel_ready_ = true;
+    }
+    xfix_.resize(size_t(M) * K_);
+    const int64_t n = int64_t(M) * K_;
+#pragma omp parallel for if (n >= 32768)
+    for (int64_t i = 0; i < n; ++i) xfix_[i] = release_fixed_point(x[i]);
+    cpu::linear_forward(y, xfix_.data(), wdec_.data(), bfix_.data(), M, K_, F_);
+    return;
+  }
   if (!train && opt_->int_kernel) {
     if (!kernel_ready_) {
       kernel_ = cpu::shift_kernel_prepare(p_, s_, F_, K_, opt_->pmin, opt_->pmax);
@@ -142,6 +169,9 @@ void LinearLayer::forward(float* y, const float* x, int M, bool train, Rng* rng)
   aux_loss_ = 0.0f;
   if (train) kernel_ready_ = false;
   if (kind_ == LinearKind::dense) return expert_forward(0, y, x, M, train);
+  SAV_CHECK(!(train && opt_->release_compat),
+            prefix_ << ": the release compatibility mode (release_compat) is inference-only: it reproduces "
+                       "the outputs of a release checkpoint and cannot train");
   if (kind_ == LinearKind::shift) return expert_forward(1, y, x, M, train);
   const int E = 2;
   const float noise = train ? opt_->noise_std : 0.0f;
@@ -151,6 +181,8 @@ void LinearLayer::forward(float* y, const float* x, int M, bool train, Rng* rng)
                           rng);
   cpu::moe_route(counts_.data(), offsets_.data(), idx_.data(), choice_.data(), M, E);
   cpu::moe_gate_forward(scale_.data(), probs_.data(), choice_.data(), M, E, opt_->gate);
+  // release: gate 1.0 (the argmax of the noise-free logits is the choice already)
+  const float* scale = opt_->release_compat ? nullptr : scale_.data();
   for (int e = 0; e < E; ++e) {
     const int n = counts_[e];
     const int* idx = idx_.data() + offsets_[e];
@@ -158,7 +190,12 @@ void LinearLayer::forward(float* y, const float* x, int M, bool train, Rng* rng)
     yg_[e].resize(size_t(n) * F_);
     cpu::moe_gather(xg_[e].data(), x, idx, n, K_);
     expert_forward(e, yg_[e].data(), xg_[e].data(), n, train);
-    cpu::moe_scatter(y, yg_[e].data(), idx, scale_.data(), n, F_);
+    cpu::moe_scatter(y, yg_[e].data(), idx, scale, n, F_);
+  }
+  if (opt_->release_compat) {  // every row was written by exactly one expert
+    const int64_t n = int64_t(M) * F_;
+#pragma omp parallel for if (n >= 32768)
+    for (int64_t i = 0; i < n; ++i) y[i] = release_moe_combine(y[i]);
   }
   if (train && opt_->lb_coef > 0.0f)
     aux_loss_ = opt_->lb_coef * cpu::moe_lb_loss_forward(nullptr, nullptr, probs_.data(), logits_.data(), noisy_.data(),

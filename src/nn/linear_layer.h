@@ -14,6 +14,15 @@
 //   shift: .p (F,K) float exponents, .s (F,K) float signs, .bias (F)   (5-bit packed on export: .codes)
 //   moe:   .router.weight (2,K) .router.bias (2), .experts.0.weight (F,K) .experts.0.bias (F),
 //          .experts.1.p .experts.1.s (F,K) .experts.1.bias (F)          expert 0 = mult, 1 = shift
+//
+// Release compatibility (ReparamOptions::release_compat, inference only; models/release_pvt.h): what the
+// public ShiftAddViT release computes, where it differs from METHOD.md:
+//   moe:   the token goes to argmax of the router logits, the gate is the constant 1.0 (no probability
+//          scaling), and every expert output y is combined as log(exp(y) + 2.220446049250313e-16) in
+//          float32 (an approximate identity; it floors outputs near -36.04 and overflows above ~88.7);
+//   shift: input and bias go to fixed point first, v -> clamp(floor(v * 2^16) / 2^16, -32768, 32767),
+//          then y = x_fixed W^T + bias_fixed in float32 with W = sign(round(s)) * 2^round(clamp(p)) (the
+//          same W as the float path). The integer kernel (int_kernel) is not used in this mode.
 // Legend: M rows (tokens), K in-features, F out-features, E = 2 experts.
 #pragma once
 
@@ -40,7 +49,16 @@ struct ReparamOptions {
   float noise_std = 0.5f;   // router noise while training (1/E)
   float lb_coef = cpu::moe_lb_default_coef;
   float alpha[2] = {1.0f, 1.0f};  // per-expert latency factors (mult, shift)
+  // Reproduce the public release's outputs (see the header comment; inference only: a training forward
+  // of a shift or MoE layer throws). Set for checkpoints of the release; stored in checkpoint metadata
+  // as sav.reparam.release_compat = 1.
+  bool release_compat = false;
 };
+
+// The release's fixed-point rounding of shift-layer inputs and biases (Q16.16, floor, clamped).
+float release_fixed_point(float v);
+// The release's MoE combine of one expert output: log(exp(y) + 2.220446049250313e-16) in float32.
+float release_moe_combine(float y);
 
 class LinearLayer {
  public:
@@ -86,6 +104,7 @@ class LinearLayer {
   float aux_loss_ = 0.0f;
   cpu::ShiftKernelWeights kernel_;  // integer kernel weights (inference, int_kernel)
   std::vector<float> wdec_;          // decoded float weights (inference, float path)
+  std::vector<float> xfix_, bfix_;   // fixed-point input and bias (release_compat)
   bool kernel_ready_ = false;        // kernel_ / wdec_ match the current p, s
 };
 
