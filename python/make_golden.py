@@ -52,15 +52,12 @@ def tiny_vit():
     return m
 
 
-def golden_tiny(out):
-    m = tiny_vit()
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(3, 3, 32, 32, generator=g)
-    y = torch.tensor([1, 6, 3])
+def golden_training(out, m, x, y, fname, config):
+    """Weights, input, targets, float64 logits, the label-smoothed (0.1) cross-entropy and every parameter
+    gradient of model m on batch (x, y), written to out/fname."""
     tensors = {k: v.detach().clone().contiguous() for k, v in m.state_dict().items()}
     md = m.double()
-    xd = x.double()
-    logits = md(xd)
+    logits = md(x.double())
     loss = timm.loss.LabelSmoothingCrossEntropy(smoothing=0.1)(logits, y)
     loss.backward()
     tensors["input"] = x.contiguous()
@@ -69,29 +66,38 @@ def golden_tiny(out):
     tensors["loss"] = loss.detach().float().reshape(1)
     for k, p in md.named_parameters():
         tensors["grad." + k] = p.grad.detach().float().contiguous()
-    save_file(tensors, os.path.join(out, "vit_tiny.safetensors"),
-              metadata={"timm": timm.__version__, "torch": torch.__version__, "config":
-                        "img 32 patch 8 in 3 classes 7 dim 48 depth 2 heads 3 mlp 96 smoothing 0.1 float64"})
-    print("vit_tiny: loss", float(loss.detach()), "logits", tuple(logits.shape))
+    save_file(tensors, os.path.join(out, fname),
+              metadata={"timm": timm.__version__, "torch": torch.__version__, "config": config})
+    print(fname, "loss", float(loss.detach()), "logits", tuple(logits.shape))
 
 
-def golden_deit_tiny(out, full):
-    m = timm.create_model("deit_tiny_patch16_224", pretrained=False)
+def golden_tiny(out):
+    m = tiny_vit()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 3, 32, 32, generator=g)
+    golden_training(out, m, x, torch.tensor([1, 6, 3]), "vit_tiny.safetensors",
+                    "img 32 patch 8 in 3 classes 7 dim 48 depth 2 heads 3 mlp 96 smoothing 0.1 float64")
+
+
+def golden_synth_logits(out, arch, fname, full_name, full):
+    """float64 logits (hi + lo f32 halves) of timm's `arch` with python/synth.py weights and input; with
+    `full`, also the timm state_dict and the input (for the CLI check)."""
+    m = timm.create_model(arch, pretrained=False)
     sd = m.state_dict()
     new = {k: torch.from_numpy(synth_tensor(k, tuple(v.shape))) for k, v in sd.items()}
     m.load_state_dict(new)
+    m.eval()
     x = torch.from_numpy(synth_tensor("input", (2, 3, 224, 224)))
     with torch.no_grad():
         logits = m.double()(x.double())
     hi = logits.float()
     lo = (logits - hi.double()).float()
-    save_file({"logits": hi.contiguous(), "logits_lo": lo.contiguous()},
-              os.path.join(out, "deit_tiny_logits.safetensors"),
+    save_file({"logits": hi.contiguous(), "logits_lo": lo.contiguous()}, os.path.join(out, fname),
               metadata={"timm": timm.__version__, "torch": torch.__version__, "precision": "float64"})
-    print("deit_tiny: max |logit|", float(logits.abs().max()))
+    print(arch, ": max |logit|", float(logits.abs().max()))
     if full:
         new["input"] = x
-        save_file({k: v.contiguous() for k, v in new.items()}, os.path.join(out, "deit_tiny_timm.safetensors"))
+        save_file({k: v.contiguous() for k, v in new.items()}, os.path.join(out, full_name))
 
 
 def randomize(m, seed):
@@ -116,43 +122,9 @@ def golden_pvt_tiny(out):
     randomize(m, 1)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 3, 64, 64, generator=g)
-    y = torch.tensor([4, 1])
-    tensors = {k: v.detach().clone().contiguous() for k, v in m.state_dict().items()}
-    md = m.double()
-    logits = md(x.double())
-    loss = timm.loss.LabelSmoothingCrossEntropy(smoothing=0.1)(logits, y)
-    loss.backward()
-    tensors["input"] = x.contiguous()
-    tensors["target"] = y.to(torch.int32)
-    tensors["logits"] = logits.detach().float().contiguous()
-    tensors["loss"] = loss.detach().float().reshape(1)
-    for k, p in md.named_parameters():
-        tensors["grad." + k] = p.grad.detach().float().contiguous()
-    save_file(tensors, os.path.join(out, "pvt_tiny.safetensors"),
-              metadata={"timm": timm.__version__, "torch": torch.__version__, "config":
-                        "img 64 in 3 classes 7 dims 8,16,24,32 heads 1,2,3,4 depths 1,2,1,1 sr 8,4,2,1 mlp 2 "
-                        "smoothing 0.1 float64"})
-    print("pvt_tiny: loss", float(loss.detach()), "logits", tuple(logits.shape))
-
-
-def golden_pvt_b0(out, full):
-    m = timm.create_model("pvt_v2_b0", pretrained=False)
-    sd = m.state_dict()
-    new = {k: torch.from_numpy(synth_tensor(k, tuple(v.shape))) for k, v in sd.items()}
-    m.load_state_dict(new)
-    m.eval()
-    x = torch.from_numpy(synth_tensor("input", (2, 3, 224, 224)))
-    with torch.no_grad():
-        logits = m.double()(x.double())
-    hi = logits.float()
-    lo = (logits - hi.double()).float()
-    save_file({"logits": hi.contiguous(), "logits_lo": lo.contiguous()},
-              os.path.join(out, "pvt_v2_b0_logits.safetensors"),
-              metadata={"timm": timm.__version__, "torch": torch.__version__, "precision": "float64"})
-    print("pvt_v2_b0: max |logit|", float(logits.abs().max()))
-    if full:
-        new["input"] = x
-        save_file({k: v.contiguous() for k, v in new.items()}, os.path.join(out, "pvt_v2_b0_timm.safetensors"))
+    golden_training(out, m, x, torch.tensor([4, 1]), "pvt_tiny.safetensors",
+                    "img 64 in 3 classes 7 dims 8,16,24,32 heads 1,2,3,4 depths 1,2,1,1 sr 8,4,2,1 mlp 2 "
+                    "smoothing 0.1 float64")
 
 
 def main():
@@ -162,9 +134,11 @@ def main():
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     golden_tiny(args.out)
-    golden_deit_tiny(args.out, args.full)
+    golden_synth_logits(args.out, "deit_tiny_patch16_224", "deit_tiny_logits.safetensors",
+                        "deit_tiny_timm.safetensors", args.full)
     golden_pvt_tiny(args.out)
-    golden_pvt_b0(args.out, args.full)
+    golden_synth_logits(args.out, "pvt_v2_b0", "pvt_v2_b0_logits.safetensors", "pvt_v2_b0_timm.safetensors",
+                        args.full)
 
 
 if __name__ == "__main__":

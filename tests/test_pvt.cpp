@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "op_harness.h"
 #include "core/rng.h"
 #include "io/safetensors.h"
 #include "io/synth.h"
@@ -20,15 +21,6 @@ using namespace sav;
 namespace {
 
 const std::string kGolden = std::string(SAV_TEST_DATA) + "/golden/";
-
-double rel_err(const float* a, const float* ref, int64_t n) {
-  double m = 0, r = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    m = std::max(m, std::fabs(double(a[i]) - double(ref[i])));
-    r = std::max(r, std::fabs(double(ref[i])));
-  }
-  return r > 0 ? m / r : m;
-}
 
 PvtConfig tiny_config() {  // python/make_golden.py golden_pvt_tiny
   PvtConfig c;
@@ -66,7 +58,7 @@ TEST(PvtGolden, TinyPvtLogitsLossAndEveryGradientMatchTimm) {
   Tensor target = ck.get_raw("target");
   const int B = static_cast<int>(x.dim(0)), V = 7;
   model.forward(x.f32(), B, true);
-  EXPECT_LT(rel_err(model.logits(), ck.get("logits").f32(), B * V), 1e-5) << "logits";
+  EXPECT_LT(sav::test::norm_err(model.logits(), ck.get("logits").f32(), B * V), 1e-5) << "logits";
 
   std::vector<float> probs(B * V), dl(B * V, 0.0f);
   const float loss = cpu::cross_entropy_forward(probs.data(), model.logits(), target.as<int32_t>(), B, V, 0.1f);
@@ -82,7 +74,7 @@ TEST(PvtGolden, TinyPvtLogitsLossAndEveryGradientMatchTimm) {
     ASSERT_EQ(ref.shape(), model.grads().tensor(i).shape()) << n;
     // float32 engine vs float64 PyTorch; the patch embeddings and norms sum over every token of the batch
     const double tol = n.find("norm") != std::string::npos || n.find("proj") != std::string::npos ? 3e-4 : 1e-4;
-    EXPECT_LT(rel_err(model.grads().tensor(i).f32(), ref.f32(), ref.numel()), tol) << n;
+    EXPECT_LT(sav::test::norm_err(model.grads().tensor(i).f32(), ref.f32(), ref.numel()), tol) << n;
     ++checked;
   }
   EXPECT_EQ(checked, static_cast<int>(model.params().size()));
@@ -174,7 +166,7 @@ TEST(PvtModel, InferenceForwardEqualsTrainingForward) {
   model.forward(x.data(), B, true);
   std::vector<float> a(model.logits(), model.logits() + B * c.num_classes);
   model.forward(x.data(), B, false);
-  EXPECT_LT(rel_err(model.logits(), a.data(), B * c.num_classes), 1e-6);
+  EXPECT_LT(sav::test::norm_err(model.logits(), a.data(), B * c.num_classes), 1e-6);
 }
 
 TEST(PvtModel, ShiftAddStagesRunForwardAndBackward) {
@@ -253,7 +245,7 @@ TEST(PvtConvert, MoeWithAZeroRouterKeepsTheDenseModel) {
   dense->forward(x.data(), B, false);
   std::vector<float> ref(dense->logits(), dense->logits() + B * V);
   sa->forward(x.data(), B, false);  // eval: no noise, equal probabilities -> expert 0 (mult) everywhere
-  EXPECT_LT(rel_err(sa->logits(), ref.data(), B * V), 1e-6);
+  EXPECT_LT(sav::test::norm_err(sa->logits(), ref.data(), B * V), 1e-6);
   EXPECT_EQ(sa->moe_layers().size(), size_t(3 * 5));  // q, kv, proj, fc1, fc2 in each of 3 blocks
   for (auto& [name, layer] : sa->moe_layers()) EXPECT_EQ(layer->expert_counts()[1], 0) << name;
 }

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "op_harness.h"
 #include "core/rng.h"
 #include "io/safetensors.h"
 #include "models/pvt.h"
@@ -37,15 +38,6 @@ namespace fs = std::filesystem;
 namespace {
 
 // max |a - ref| / max |ref|
-double rel_err(const float* a, const float* ref, int64_t n) {
-  double m = 0, r = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    m = std::max(m, std::fabs(double(a[i]) - double(ref[i])));
-    r = std::max(r, std::fabs(double(ref[i])));
-  }
-  return r > 0 ? m / r : m;
-}
-
 std::string error_of(const std::function<void()>& f) {
   try {
     f();
@@ -338,9 +330,9 @@ TEST(ReleaseReference, LogitsMatchTheRelease) {
   Checkpoint io = Checkpoint::open(reference_dir() + "/" + kRefIo);
   const Tensor ref = io.get("logits");
   ASSERT_EQ(int64_t(run.logits.size()), ref.numel());
-  const double e = rel_err(run.logits.data(), ref.f32(), ref.numel());
+  const double e = sav::test::norm_err(run.logits.data(), ref.f32(), ref.numel());
   std::cout << "[ release ] logits: max rel err " << e << " (vs CPU), "
-            << rel_err(run.logits.data(), io.get("logits_gpu").f32(), ref.numel()) << " (vs H200)\n";
+            << sav::test::norm_err(run.logits.data(), io.get("logits_gpu").f32(), ref.numel()) << " (vs H200)\n";
   EXPECT_LT(e, 1e-4);
 }
 
@@ -358,7 +350,7 @@ TEST(ReleaseReference, EveryIntermediateMatchesTheRelease) {
     ASSERT_NE(it, run.acts.end()) << "the engine reports no intermediate for the release's " << n;
     const Tensor ref = io.get(n);
     ASSERT_EQ(int64_t(it->second.size()), ref.numel()) << n << " " << shape_str(ref.shape());
-    const double e = rel_err(it->second.data(), ref.f32(), ref.numel());
+    const double e = sav::test::norm_err(it->second.data(), ref.f32(), ref.numel());
     EXPECT_LT(e, 1e-4) << n;
     const std::string group = n.rfind("patch_embed", 0) == 0                             ? "patch_embed{s}"
                               : n.rfind("norm", 0) == 0                                  ? "norm{s}"
@@ -391,8 +383,8 @@ TEST(ReleaseReference, ConvertedCheckpointReloadsWithTheSameLogits) {
   const Tensor x = io.get("input");
   const int B = static_cast<int>(x.dim(0));
   back->forward(x.f32(), B, false);
-  EXPECT_EQ(rel_err(back->logits(), run.logits.data(), int64_t(run.logits.size())), 0.0);
-  EXPECT_LT(rel_err(back->logits(), io.get("logits").f32(), io.get("logits").numel()), 1e-4);
+  EXPECT_EQ(sav::test::norm_err(back->logits(), run.logits.data(), int64_t(run.logits.size())), 0.0);
+  EXPECT_LT(sav::test::norm_err(back->logits(), io.get("logits").f32(), io.get("logits").numel()), 1e-4);
   // the compatibility mode is inference-only
   EXPECT_HAS(error_of([&] { back->forward(x.f32(), 1, true); }), "inference-only");
 }
@@ -415,7 +407,7 @@ TEST(ReleaseReference, CommandLineInferAndConvert) {
   ASSERT_EQ(r.code, 0) << r.out;
   for (const std::string& o : {out1, out2, out3}) {
     Checkpoint ck = Checkpoint::open(o);
-    EXPECT_EQ(rel_err(ck.get("logits").f32(), run.logits.data(), int64_t(run.logits.size())), 0.0) << o;
+    EXPECT_EQ(sav::test::norm_err(ck.get("logits").f32(), run.logits.data(), int64_t(run.logits.size())), 0.0) << o;
   }
   // wrong arch, wrong format, a kind change: one-line errors
   r = run_cli("infer --arch pvt_v2_b1 --weights " + w + " --input " + io + " --output " + out1);
@@ -455,13 +447,13 @@ TEST(ReleaseLayout, TinyCheckpointRoundTrip) {
   const std::vector<float> x = random_images(1, c, 3);
   src.forward(x.data(), 1, false);
   got->forward(x.data(), 1, false);
-  EXPECT_EQ(rel_err(got->logits(), src.logits(), c.num_classes), 0.0);
+  EXPECT_EQ(sav::test::norm_err(got->logits(), src.logits(), c.num_classes), 0.0);
   // through load_model (detected) and the engine's own checkpoint
   const std::string engine = tmp / "engine.safetensors";
   save_model(*load_model(tmp / "rel.safetensors"), engine);
   auto back = load_model(engine);
   back->forward(x.data(), 1, false);
-  EXPECT_EQ(rel_err(back->logits(), src.logits(), c.num_classes), 0.0);
+  EXPECT_EQ(sav::test::norm_err(back->logits(), src.logits(), c.num_classes), 0.0);
 }
 
 // The other layouts the loader reads: plain shift linears (.shift/.sign), a softmax stage with spatial
@@ -486,7 +478,7 @@ TEST(ReleaseLayout, ShiftLinearsSpatialReductionAndMoeQkvRoundTrip) {
   const std::vector<float> x = random_images(1, c, 5);
   src.forward(x.data(), 1, false);
   got->forward(x.data(), 1, false);
-  EXPECT_EQ(rel_err(got->logits(), src.logits(), c.num_classes), 0.0);
+  EXPECT_EQ(sav::test::norm_err(got->logits(), src.logits(), c.num_classes), 0.0);
 }
 
 // A missing, mis-named, mis-shaped or extra tensor, a wrong --arch and an unknown geometry: errors that name

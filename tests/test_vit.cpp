@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "op_harness.h"
 #include "core/rng.h"
 #include "io/safetensors.h"
 #include "io/synth.h"
@@ -18,15 +19,6 @@ using namespace sav;
 namespace {
 
 const std::string kGolden = std::string(SAV_TEST_DATA) + "/golden/";
-
-double rel_err(const float* a, const float* ref, int64_t n) {
-  double m = 0, r = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    m = std::max(m, std::fabs(double(a[i]) - double(ref[i])));
-    r = std::max(r, std::fabs(double(ref[i])));
-  }
-  return r > 0 ? m / r : m;
-}
 
 VitConfig tiny_config() {
   VitConfig c;
@@ -55,7 +47,7 @@ TEST(VitGolden, TinyVitLogitsLossAndEveryGradientMatchTimm) {
   const int B = static_cast<int>(x.dim(0)), V = 7;
   model.forward(x.f32(), B, true);
   Tensor ref_logits = ck.get("logits");
-  EXPECT_LT(rel_err(model.logits(), ref_logits.f32(), B * V), 1e-5) << "logits";
+  EXPECT_LT(sav::test::norm_err(model.logits(), ref_logits.f32(), B * V), 1e-5) << "logits";
 
   std::vector<float> probs(B * V), dl(B * V, 0.0f);
   const float loss = cpu::cross_entropy_forward(probs.data(), model.logits(), target.as<int32_t>(), B, V, 0.1f);
@@ -69,7 +61,7 @@ TEST(VitGolden, TinyVitLogitsLossAndEveryGradientMatchTimm) {
     ASSERT_TRUE(ck.contains("grad." + n)) << n;
     Tensor ref = ck.get("grad." + n);
     ASSERT_EQ(ref.shape(), model.grads().tensor(i).shape()) << n;
-    EXPECT_LT(rel_err(model.grads().tensor(i).f32(), ref.f32(), ref.numel()), grad_tolerance(n)) << n;
+    EXPECT_LT(sav::test::norm_err(model.grads().tensor(i).f32(), ref.f32(), ref.numel()), grad_tolerance(n)) << n;
     ++checked;
   }
   EXPECT_EQ(checked, 4 + 12 * 2 + 4);
@@ -148,7 +140,7 @@ TEST(VitModel, InferenceAndTrainingForwardAgree) {
   model.forward(x.data(), 4, true);
   std::vector<float> a(model.logits(), model.logits() + 40);
   model.forward(x.data(), 4, false);
-  EXPECT_LT(rel_err(model.logits(), a.data(), 40), 1e-6);
+  EXPECT_LT(sav::test::norm_err(model.logits(), a.data(), 40), 1e-6);
 }
 
 TEST(VitModel, RejectsImpossibleSizes) {

@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "io/safetensors.h"
+#include "models/block_linears.h"
 #include "ops/cpu/hamming.h"
 #include "ops/cpu/ops.h"
 
@@ -175,33 +176,14 @@ void Vit::init_random(Rng& rng) {
 
 void Vit::load(const Checkpoint& ck) {
   load_params_strict(ck, params_, buffers_, cfg_.name);
-  for (auto& b : blocks_)
-    for (auto* lin : b.linears())
-      if (lin) lin->params_changed();
+  linears_params_changed(blocks_);
 }
 
-float Vit::aux_loss() const {
-  float s = 0.0f;
-  for (const auto& b : blocks_)
-    for (auto* lin : b.linears())
-      if (lin) s += lin->aux_loss();
-  return s;
-}
+float Vit::aux_loss() const { return linears_aux_loss(blocks_); }
 
-LinearLayer* Vit::find_linear(const std::string& prefix) {
-  for (auto& b : blocks_)
-    for (auto* lin : b.linears())
-      if (lin && lin->prefix() == prefix) return lin;
-  return nullptr;
-}
+LinearLayer* Vit::find_linear(const std::string& prefix) { return linears_find(blocks_, prefix); }
 
-std::vector<std::pair<std::string, const LinearLayer*>> Vit::moe_layers() const {
-  std::vector<std::pair<std::string, const LinearLayer*>> v;
-  for (const auto& b : blocks_)
-    for (auto* lin : b.linears())
-      if (lin && lin->kind() == LinearKind::moe) v.emplace_back(lin->prefix(), lin);
-  return v;
-}
+std::vector<std::pair<std::string, const LinearLayer*>> Vit::moe_layers() const { return linears_moe(blocks_); }
 
 void Vit::ensure_buffers(int B, bool train) {
   if (B == B_ && train == train_buffers_ && !acts_.empty()) return;
