@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the lent H200 machine (one device run): builds shiftaddvit (Release, CUDA on, tests on), runs the CUDA
-# tests, times the engine on the DeiT presets and the timm/PyTorch baseline in the same run, and prints the
-# ratio table. Logs go to $OUT (the device run's output folder; /tmp/sav_h200 elsewhere).
+# tests, times the engine on the DeiT presets (dense and converted to ShiftAddViT: SAV_VARIANTS, default
+# dense,shiftadd) and the timm/PyTorch baseline in the same run, and prints the ratio table (each engine
+# variant against dense timm, and shiftadd against the engine's dense). Logs go to $OUT (the device run's output folder; /tmp/sav_h200 elsewhere).
 #
 #   bash scripts/h200_bench.sh                                  # everything
 #   SAV_H200_STEPS="build tests sanitize" bash scripts/h200_bench.sh
@@ -25,6 +26,7 @@ DEPS=${SAV_DEPS:-/tmp/deps}
 BUILD=${SAV_BUILD_DIR:-build-h200}
 MODELS=${SAV_MODELS:-deit_tiny_patch16_224,deit_small_patch16_224,deit_base_patch16_224}
 BATCHES=${SAV_BATCHES:-1,64}
+VARIANTS=${SAV_VARIANTS:-dense,shiftadd}  # engine variants: dense, shiftadd (the converted DeiT; sav_cuda_bench)
 has() { [[ "$STEPS" == *" $1 "* ]]; }
 status=0
 
@@ -81,7 +83,8 @@ fi
 if has bench; then
   echo "[h200] sav_cuda_bench"
   rm -f "$OUT/engine.jsonl"
-  "$BUILD/sav_cuda_bench" --models "$MODELS" --batches "$BATCHES" --iters 100 --json "$OUT/engine.jsonl" 2>&1 |
+  "$BUILD/sav_cuda_bench" --models "$MODELS" --batches "$BATCHES" --variants "$VARIANTS" --iters 100 \
+    --json "$OUT/engine.jsonl" 2>&1 |
     tee "$OUT/bench.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
@@ -99,25 +102,33 @@ fi
 if has table && [ -f "$OUT/engine.jsonl" ] && [ -f "$OUT/timm.jsonl" ]; then
   python3 - "$OUT/engine.jsonl" "$OUT/timm.jsonl" <<'EOF' | tee "$OUT/table.txt"
 import json, sys
-eng = {(r["model"], r["batch"]): r for r in map(json.loads, open(sys.argv[1]))}
+# engine rows: (model, variant, batch); rows without a variant (older runs) are dense
+eng = {(r["model"], r.get("variant", "dense"), r["batch"]): r for r in map(json.loads, open(sys.argv[1]))}
 base = {(r["model"], r["batch"]): r for r in map(json.loads, open(sys.argv[2]))}
-print(f"{'model':26} {'batch':>5} {'engine_ms':>10} {'timm_graph16':>12} {'timm_best16':>11} {'speedup':>8}")
-for key in sorted(eng, key=lambda k: (k[0], k[1])):
-    e, b = eng[key]["engine_ms"], base.get(key)
+print(f"{'model':26} {'variant':9} {'batch':>5} {'engine_ms':>10} {'timm_graph16':>12} {'timm_best16':>11} "
+      f"{'speedup':>8} {'vs_dense':>8}")
+order = {"dense": 0, "shiftadd": 1}
+for key in sorted(eng, key=lambda k: (k[0], k[2], order.get(k[1], 9), k[1])):
+    model, variant, batch = key
+    e, b = eng[key]["engine_ms"], base.get((model, batch))
+    d = eng.get((model, "dense", batch))
+    vs_dense = f"{d['engine_ms'] / e:7.2f}x" if d is not None and variant != "dense" else f"{'-':>8}"
     if b is None:
-        print(f"{key[0]:26} {key[1]:>5} {e:10.4f} {'-':>12} {'-':>11} {'-':>8}")
+        print(f"{model:26} {variant:9} {batch:>5} {e:10.4f} {'-':>12} {'-':>11} {'-':>8} {vs_dense}")
         continue
-    print(f"{key[0]:26} {key[1]:>5} {e:10.4f} {b['graph_fp16_ms']:12.4f} {b['best_fp16_ms']:11.4f} "
-          f"{b['best_fp16_ms'] / e:7.2f}x")
-print("speedup = timm best fp16 ms / engine ms (same run; > 1: the engine is faster)")
+    print(f"{model:26} {variant:9} {batch:>5} {e:10.4f} {b['graph_fp16_ms']:12.4f} {b['best_fp16_ms']:11.4f} "
+          f"{b['best_fp16_ms'] / e:7.2f}x {vs_dense}")
+print("speedup = timm best fp16 ms (the dense model) / engine ms (same run; > 1: the engine is faster);")
+print("vs_dense = the engine's dense ms / this variant's ms. shiftadd = Hamming attention + MoE(mult, shift) MLPs")
 EOF
 fi
 if has profile; then
-  echo "[h200] ncu: kernel times of one eager forward (${SAV_PROFILE_MODELS:-deit_tiny_patch16_224} at $BATCHES)"
+  echo "[h200] ncu: kernel times of one eager forward (${SAV_PROFILE_MODELS:-deit_tiny_patch16_224} at $BATCHES, $VARIANTS)"
   NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
   timeout 300 "$NCU" --profile-from-start off --clock-control none --cache-control none --print-units base \
     --metrics gpu__time_duration.sum --csv "$BUILD/sav_cuda_bench" --profile \
-    --models "${SAV_PROFILE_MODELS:-deit_tiny_patch16_224}" --batches "$BATCHES" >/tmp/sav_ncu.csv 2>&1
+    --models "${SAV_PROFILE_MODELS:-deit_tiny_patch16_224}" --batches "$BATCHES" --variants "$VARIANTS" \
+    >/tmp/sav_ncu.csv 2>&1
   python3 - /tmp/sav_ncu.csv <<'EOF' | tee "$OUT/profile.txt"
 import csv, sys, collections
 rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
@@ -149,7 +160,8 @@ if has sanitize; then
   {
     timeout 150 "$CS" --tool memcheck --leak-check no "$BUILD/sav_cuda_tests" \
       --gtest_filter='CudaOps.*:VitCuda.GoldenTiny*' 2>&1 | tail -40
-    timeout 60 "$CS" --tool racecheck "$BUILD/sav_cuda_tests" --gtest_filter='CudaOps.Attention*' 2>&1 | tail -20
+    timeout 120 "$CS" --tool racecheck "$BUILD/sav_cuda_tests" --gtest_filter='CudaOps.Attention*:CudaOps.Hamming*' \
+      2>&1 | tail -20
   } | tee "$OUT/sanitize.log"
 fi
 

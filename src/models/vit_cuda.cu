@@ -1,9 +1,11 @@
-// Dense ViT inference on one GPU: weights uploaded once, activations sized for the largest batch seen, a
-// CUDA graph per batch size. See vit_cuda.h.
+// ViT / DeiT inference on one GPU, dense or ShiftAddViT: weights uploaded once (shift weights decoded, MoE
+// weights stacked), activations sized for the largest batch seen, a CUDA graph per batch size. See
+// vit_cuda.h.
 #include "models/vit_cuda.h"
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <random>
 #include <string>
@@ -13,6 +15,7 @@
 #include "ops/cuda/common.h"
 #include "ops/cuda/gemm.h"
 #include "ops/cuda/ops.h"
+#include "ops/cpu/shift_linear.h"
 
 namespace sav {
 
@@ -39,13 +42,96 @@ struct PoolBuilder {
   }
 };
 
+constexpr size_t kNone = std::numeric_limits<size_t>::max();
+
+// One linear layer on the device. dense / shift: w (F,K) bf16 (shift decoded, exact) with a bias in the
+// epilogue's type (b16 for bf16 outputs, b32 for f32 outputs). MoE: w the stacked (Fs,K) weight
+// (moe_stack_weights), f32 biases b0, b1 (F) and br (2), and its slot in the routing-choice buffer.
+struct LinOff {
+  LinearKind kind = LinearKind::dense;
+  int K = 0, F = 0, Fs = 0, moe_slot = -1;
+  size_t w = kNone, b16 = kNone, b32 = kNone, b0 = kNone, b1 = kNone, br = kNone;
+  std::string name;
+};
+struct Lin {
+  LinearKind kind = LinearKind::dense;
+  int K = 0, F = 0, Fs = 0, moe_slot = -1;
+  const bf16* w = nullptr;
+  const bf16* b16 = nullptr;
+  const float *b32 = nullptr, *b0 = nullptr, *b1 = nullptr, *br = nullptr;
+};
+
 struct BlockOffsets {
-  size_t ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b;
+  char attn = 's';
+  size_t ln1_w, ln1_b, ln2_w, ln2_b;
+  LinOff qkv;           // softmax: qkv (3C); Hamming with dense / shift linears: stacked [to_qk; to_v] (2C)
+  LinOff to_qk, to_v;   // Hamming with MoE linears
+  LinOff proj, fc1, fc2;
+  size_t anchors = kNone, mu = kNone, A = kNone, conv = kNone;  // Hamming: (H,m,d) (H,m) (H,b,m) (H,9)
 };
 struct BlockWeights {
-  const float *ln1_w, *ln1_b, *ln2_w, *ln2_b, *proj_b, *fc2_b;
-  const bf16 *qkv_w, *qkv_b, *proj_w, *fc1_w, *fc1_b, *fc2_w;
+  char attn = 's';
+  const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
+  Lin qkv, to_qk, to_v, proj, fc1, fc2;
+  const float *anchors = nullptr, *mu = nullptr, *A = nullptr, *conv = nullptr;
 };
+
+// Host f32 weight (F,K) and bias (F) of a dense or shift layer `prefix` (shift decoded: s * 2^p).
+void dense_or_shift(const ParamSet& ps, const std::string& prefix, LinearKind kind, int K, int F,
+                    const ReparamOptions& ro, std::vector<float>& w, std::vector<float>& b) {
+  const size_t n = size_t(F) * K;
+  w.resize(n);
+  if (kind == LinearKind::dense) {
+    const float* src = ps.get(prefix + ".weight").f32();
+    w.assign(src, src + n);
+  } else {
+    cpu::shift_linear_weights(w.data(), ps.get(prefix + ".p").f32(), ps.get(prefix + ".s").f32(), F, K, ro.pmin,
+                              ro.pmax);
+  }
+  const float* bs = ps.get(prefix + ".bias").f32();
+  b.assign(bs, bs + F);
+}
+
+// Adds the layers `prefixes` (same kind, same K; their outputs stacked: F = sum of theirs) to the pool.
+// MoE takes exactly one prefix. bias_bf16: the epilogue writes bf16 (bias in bf16), else f32.
+LinOff add_linear(PoolBuilder& pb, const ParamSet& ps, const std::vector<std::string>& prefixes, LinearKind kind,
+                  int K, int F1, bool bias_bf16, const ReparamOptions& ro, int* moe_count) {
+  LinOff o;
+  o.kind = kind, o.K = K, o.name = prefixes[0];
+  if (kind == LinearKind::moe) {
+    SAV_CHECK(prefixes.size() == 1, "internal: a stacked MoE linear");
+    const std::string& p = prefixes[0];
+    std::vector<float> w1(size_t(F1) * K);
+    cpu::shift_linear_weights(w1.data(), ps.get(p + ".experts.1.p").f32(), ps.get(p + ".experts.1.s").f32(), F1, K,
+                              ro.pmin, ro.pmax);
+    const std::vector<bf16> st =
+        cuda::moe_stack_weights(ps.get(p + ".experts.0.weight").f32(), w1.data(), ps.get(p + ".router.weight").f32(),
+                                F1, K);
+    o.F = F1, o.Fs = cuda::moe_stack_rows(F1);
+    o.w = pb.add(st.data(), st.size() * sizeof(bf16));
+    o.b0 = pb.add_f32(ps.get(p + ".experts.0.bias"));
+    o.b1 = pb.add_f32(ps.get(p + ".experts.1.bias"));
+    o.br = pb.add_f32(ps.get(p + ".router.bias"));
+    o.moe_slot = (*moe_count)++;
+    return o;
+  }
+  std::vector<float> w, b, wl, bl;
+  for (const std::string& p : prefixes) {
+    dense_or_shift(ps, p, kind, K, F1, ro, wl, bl);
+    w.insert(w.end(), wl.begin(), wl.end());
+    b.insert(b.end(), bl.begin(), bl.end());
+  }
+  o.F = F1 * static_cast<int>(prefixes.size());
+  const std::vector<bf16> wb = cuda::to_bf16(w.data(), w.size());
+  o.w = pb.add(wb.data(), wb.size() * sizeof(bf16));
+  if (bias_bf16) {
+    const std::vector<bf16> bb = cuda::to_bf16(b.data(), b.size());
+    o.b16 = pb.add(bb.data(), bb.size() * sizeof(bf16));
+  } else {
+    o.b32 = pb.add(b.data(), b.size() * sizeof(float));
+  }
+  return o;
+}
 
 struct GraphEntry {
   cudaGraphExec_t exec = nullptr;
@@ -57,18 +143,23 @@ struct GraphEntry {
 
 struct ViTCuda::Impl {
   VitConfig cfg;
+  cuda::MoeGate gate = cuda::moe_gate_straight_through;
   DeviceBuffer<unsigned char> pool;
   const bf16 *patch_w = nullptr, *head_w = nullptr;
   const float *patch_b = nullptr, *cls = nullptr, *pos = nullptr, *norm_w = nullptr, *norm_b = nullptr,
               *head_b = nullptr;
   std::vector<BlockWeights> blocks;
+  std::vector<std::string> moe_names;  // by slot, in forward order
+  int moe_fs = 0;                      // widest stacked MoE weight (scratch columns)
   cuda::Gemm gemm;
   cuda::Stream capture_stream;
 
   // activations, sized for `capacity` images
   int capacity = 0;
-  DeviceBuffer<float> x, pe;
+  int last_rows = 0;  // rows (B*N) of the last forward, for moe_choices()
+  DeviceBuffer<float> x, pe, moe_s;
   DeviceBuffer<bf16> xn, qkv, ao, hid, cols, clsn;
+  DeviceBuffer<int8_t> choices;  // (MoE layers, capacity*N) expert of each token
   std::map<int, GraphEntry> graphs;
 
   ~Impl() { drop_graphs(); }
@@ -88,18 +179,43 @@ struct ViTCuda::Impl {
     x.resize(M * C);
     pe.resize(size_t(B) * P * C);
     xn.resize(M * C);
-    qkv.resize(M * 3 * C);
+    qkv.resize(M * 3 * C);  // softmax blocks (M,3C); Hamming blocks use (M,2C) of it
     ao.resize(M * C);
     hid.resize(M * F);
     cols.resize(size_t(B) * P * K);
     clsn.resize(size_t(B) * C);
+    moe_s.resize(M * size_t(moe_fs));
+    choices.resize(M * moe_names.size());
     capacity = B;
+  }
+
+  enum class Epi { bf16, gelu, residual };
+
+  // out (M, ldo) = the layer applied to x (M, K) with the epilogue: bf16 | GELU -> bf16 | f32 residual add.
+  // dense / shift: one cuBLASLt product with a fused epilogue (contiguous outputs: ldo == F); MoE: the
+  // stacked product into the f32 scratch, then the routing epilogue kernel.
+  void linear(const Lin& L, const bf16* xin, int M, Epi epi, void* out, int ldo, cudaStream_t s) {
+    if (L.kind != LinearKind::moe) {
+      SAV_CHECK(ldo == L.F, "internal: strided output of a dense / shift linear");
+      if (epi == Epi::residual)
+        gemm.linear_f32(static_cast<float*>(out), xin, L.w, L.b32, M, L.K, L.F, true, s);
+      else
+        gemm.linear_bf16(static_cast<bf16*>(out), xin, L.w, L.b16, M, L.K, L.F, epi == Epi::gelu, s);
+      return;
+    }
+    gemm.linear_f32(moe_s.get(), xin, L.w, nullptr, M, L.K, L.Fs, false, s);
+    const cuda::MoeEpilogue me = epi == Epi::residual ? cuda::moe_epilogue_f32_residual
+                                 : epi == Epi::gelu   ? cuda::moe_epilogue_bf16_gelu
+                                                      : cuda::moe_epilogue_bf16;
+    int8_t* ch = choices.get() + size_t(L.moe_slot) * size_t(capacity) * cfg.tokens();
+    cuda::moe_epilogue_forward(out, ldo, ch, moe_s.get(), L.Fs, L.b0, L.b1, L.br, M, L.F, gate, me, s);
   }
 
   void enqueue(const float* images, float* logits, int B, cudaStream_t s) {
     const int N = cfg.tokens(), C = cfg.dim, F = cfg.mlp_hidden, H = cfg.heads, P = cfg.num_patches();
     const int K = cfg.in_chans * cfg.patch * cfg.patch, M = B * N;
     const float eps = cfg.ln_eps;
+    last_rows = M;
     cuda::im2col_forward(cols.get(), images, B, cfg.in_chans, cfg.img_size, cfg.patch, s);
     gemm.linear_f32(pe.get(), cols.get(), patch_w, patch_b, B * P, K, C, false, s);
     const bool has_blocks = !blocks.empty();
@@ -109,12 +225,24 @@ struct ViTCuda::Impl {
     for (size_t l = 0; l < blocks.size(); ++l) {
       const BlockWeights& w = blocks[l];
       if (l > 0) cuda::layernorm_forward(xn.get(), C, x.get(), C, w.ln1_w, w.ln1_b, M, C, eps, s);
-      gemm.linear_bf16(qkv.get(), xn.get(), w.qkv_w, w.qkv_b, M, C, 3 * C, false, s);
-      cuda::attention_forward(ao.get(), qkv.get(), B, N, C, H, s);
-      gemm.linear_f32(x.get(), ao.get(), w.proj_w, w.proj_b, M, C, C, true, s);
+      if (w.attn == 's') {
+        linear(w.qkv, xn.get(), M, Epi::bf16, qkv.get(), 3 * C, s);
+        cuda::attention_forward(ao.get(), qkv.get(), B, N, C, H, s);
+      } else {
+        // (M, 2C): qk in columns [0, C), v in [C, 2C)
+        if (w.to_qk.kind == LinearKind::moe) {
+          linear(w.to_qk, xn.get(), M, Epi::bf16, qkv.get(), 2 * C, s);
+          linear(w.to_v, xn.get(), M, Epi::bf16, qkv.get() + C, 2 * C, s);
+        } else {
+          linear(w.qkv, xn.get(), M, Epi::bf16, qkv.get(), 2 * C, s);
+        }
+        cuda::hamming_attention_forward_ld(ao.get(), C, qkv.get(), 2 * C, qkv.get() + C, 2 * C, w.anchors, w.mu, w.A,
+                                           w.conv, B, N, C, H, cfg.hash_bits, cfg.anchors, s);
+      }
+      linear(w.proj, ao.get(), M, Epi::residual, x.get(), C, s);
       cuda::layernorm_forward(xn.get(), C, x.get(), C, w.ln2_w, w.ln2_b, M, C, eps, s);
-      gemm.linear_bf16(hid.get(), xn.get(), w.fc1_w, w.fc1_b, M, C, F, true, s);
-      gemm.linear_f32(x.get(), hid.get(), w.fc2_w, w.fc2_b, M, F, C, true, s);
+      linear(w.fc1, xn.get(), M, Epi::gelu, hid.get(), F, s);
+      linear(w.fc2, hid.get(), M, Epi::residual, x.get(), C, s);
     }
     // final norm on the class tokens (rows b*N), then the head
     cuda::layernorm_forward(clsn.get(), C, x.get(), N * C, norm_w, norm_b, B, C, eps, s);
@@ -140,40 +268,70 @@ struct ViTCuda::Impl {
 
 ViTCuda::ViTCuda(const Vit& model) : impl_(nullptr) {
   const VitConfig& c = model.config();
-  SAV_CHECK(c.is_dense(), "ViTCuda runs dense ViT/DeiT models only; " << c.describe()
-                                                                      << " has ShiftAddViT layers (run it on the CPU)");
-  SAV_CHECK(cuda::attention_supports(c.tokens(), c.dim, c.heads),
-            "ViTCuda: " << c.tokens() << " tokens and head size " << c.dim / c.heads
-                        << " are beyond the CUDA attention kernel (N <= 256, head size <= 64)");
+  const int N = c.tokens(), C = c.dim, H = c.heads, F = c.mlp_hidden;
+  for (int l = 0; l < c.depth; ++l) {
+    if (c.attn_kind(l) == 's') {
+      SAV_CHECK(cuda::attention_supports(N, C, H),
+                "ViTCuda: " << N << " tokens and head size " << C / H
+                            << " are beyond the CUDA attention kernel (N <= 256, head size <= 64)");
+    } else {
+      SAV_CHECK(cuda::hamming_attention_supports(N, C, H, c.hash_bits, c.anchors),
+                "ViTCuda: Hamming attention with " << N << " tokens, head size " << C / H << ", " << c.hash_bits
+                                                   << " hash bits and " << c.anchors
+                                                   << " anchors is beyond the CUDA kernel (N <= 256, head size "
+                                                      "<= 64, bits <= 64, anchors <= 32)");
+    }
+  }
   SAV_CHECK(cuda::layernorm_supports(c.dim), "ViTCuda: width " << c.dim << " is beyond the CUDA LayerNorm (<= 1024)");
+  // Read-only access to the options and the KSH buffers (Vit offers them through non-const accessors only).
+  Vit& mv = const_cast<Vit&>(model);
+  const ReparamOptions& ro = mv.reparam();
+  SAV_CHECK(c.is_dense() || !ro.release_compat,
+            "ViTCuda computes METHOD.md's ShiftAddViT; the release compatibility mode (release_compat: log-exp "
+            "MoE combine, fixed-point shift inputs) runs on the CPU only");
   SAV_CHECK(cuda::device_available(), "ViTCuda: no CUDA device is available");
   impl_ = std::make_unique<Impl>();
   Impl& m = *impl_;
   m.cfg = c;
+  m.gate = ro.gate == cpu::moe_gate_prob ? cuda::moe_gate_prob : cuda::moe_gate_straight_through;
   const ParamSet& ps = model.params();
   auto T = [&](const std::string& n) -> const Tensor& { return ps.get(n); };
+  const ParamSet* bufs = mv.buffers();
 
   PoolBuilder pb;
   const size_t o_patch_w = pb.add_bf16(T("patch_embed.proj.weight"));  // (C, Cin*p*p) viewed as a matrix
   const size_t o_patch_b = pb.add_f32(T("patch_embed.proj.bias"));
   const size_t o_cls = pb.add_f32(T("cls_token"));
   const size_t o_pos = pb.add_f32(T("pos_embed"));
+  int moe_count = 0;
   std::vector<BlockOffsets> bo(c.depth);
   for (int l = 0; l < c.depth; ++l) {
     const std::string p = "blocks." + std::to_string(l) + ".";
     BlockOffsets& o = bo[l];
+    const LinearKind ak = linear_kind_from_char(c.attn_linear_kind(l)), mk = linear_kind_from_char(c.mlp_kind(l));
+    o.attn = c.attn_kind(l);
     o.ln1_w = pb.add_f32(T(p + "norm1.weight"));
     o.ln1_b = pb.add_f32(T(p + "norm1.bias"));
-    o.qkv_w = pb.add_bf16(T(p + "attn.qkv.weight"));
-    o.qkv_b = pb.add_bf16(T(p + "attn.qkv.bias"));
-    o.proj_w = pb.add_bf16(T(p + "attn.proj.weight"));
-    o.proj_b = pb.add_f32(T(p + "attn.proj.bias"));
+    if (o.attn == 's') {
+      o.qkv = add_linear(pb, ps, {p + "attn.qkv"}, ak, C, 3 * C, true, ro, &moe_count);
+    } else {
+      if (ak == LinearKind::moe) {
+        o.to_qk = add_linear(pb, ps, {p + "attn.to_qk"}, ak, C, C, true, ro, &moe_count);
+        o.to_v = add_linear(pb, ps, {p + "attn.to_v"}, ak, C, C, true, ro, &moe_count);
+      } else {
+        o.qkv = add_linear(pb, ps, {p + "attn.to_qk", p + "attn.to_v"}, ak, C, C, true, ro, &moe_count);
+      }
+      SAV_CHECK(bufs, "ViTCuda: the model has no KSH buffers");
+      o.anchors = pb.add_f32(bufs->get(p + "attn.ksh.anchors"));
+      o.mu = pb.add_f32(bufs->get(p + "attn.ksh.mu"));
+      o.A = pb.add_f32(bufs->get(p + "attn.ksh.A"));
+      o.conv = pb.add_f32(T(p + "attn.dwconv.weight"));
+    }
+    o.proj = add_linear(pb, ps, {p + "attn.proj"}, ak, C, C, false, ro, &moe_count);
     o.ln2_w = pb.add_f32(T(p + "norm2.weight"));
     o.ln2_b = pb.add_f32(T(p + "norm2.bias"));
-    o.fc1_w = pb.add_bf16(T(p + "mlp.fc1.weight"));
-    o.fc1_b = pb.add_bf16(T(p + "mlp.fc1.bias"));
-    o.fc2_w = pb.add_bf16(T(p + "mlp.fc2.weight"));
-    o.fc2_b = pb.add_f32(T(p + "mlp.fc2.bias"));
+    o.fc1 = add_linear(pb, ps, {p + "mlp.fc1"}, mk, C, F, true, ro, &moe_count);
+    o.fc2 = add_linear(pb, ps, {p + "mlp.fc2"}, mk, F, C, false, ro, &moe_count);
   }
   const size_t o_norm_w = pb.add_f32(T("norm.weight"));
   const size_t o_norm_b = pb.add_f32(T("norm.bias"));
@@ -183,13 +341,31 @@ ViTCuda::ViTCuda(const Vit& model) : impl_(nullptr) {
   m.pool.resize(pb.bytes.size());
   m.pool.upload(pb.bytes);
   const unsigned char* base = m.pool.get();
-  auto F32 = [&](size_t off) { return reinterpret_cast<const float*>(base + off); };
-  auto B16 = [&](size_t off) { return reinterpret_cast<const bf16*>(base + off); };
+  auto F32 = [&](size_t off) { return off == kNone ? nullptr : reinterpret_cast<const float*>(base + off); };
+  auto B16 = [&](size_t off) { return off == kNone ? nullptr : reinterpret_cast<const bf16*>(base + off); };
+  m.moe_names.resize(moe_count);
+  auto lin = [&](const LinOff& o) {
+    Lin L;
+    L.kind = o.kind, L.K = o.K, L.F = o.F, L.Fs = o.Fs, L.moe_slot = o.moe_slot;
+    L.w = B16(o.w), L.b16 = B16(o.b16), L.b32 = F32(o.b32), L.b0 = F32(o.b0), L.b1 = F32(o.b1), L.br = F32(o.br);
+    if (o.kind == LinearKind::moe) {
+      m.moe_names[o.moe_slot] = o.name;
+      m.moe_fs = std::max(m.moe_fs, o.Fs);
+    }
+    return L;
+  };
   m.patch_w = B16(o_patch_w), m.patch_b = F32(o_patch_b), m.cls = F32(o_cls), m.pos = F32(o_pos);
   m.norm_w = F32(o_norm_w), m.norm_b = F32(o_norm_b), m.head_w = B16(o_head_w), m.head_b = F32(o_head_b);
-  for (const BlockOffsets& o : bo)
-    m.blocks.push_back({F32(o.ln1_w), F32(o.ln1_b), F32(o.ln2_w), F32(o.ln2_b), F32(o.proj_b), F32(o.fc2_b),
-                        B16(o.qkv_w), B16(o.qkv_b), B16(o.proj_w), B16(o.fc1_w), B16(o.fc1_b), B16(o.fc2_w)});
+  for (const BlockOffsets& o : bo) {
+    BlockWeights w;
+    w.attn = o.attn;
+    w.ln1_w = F32(o.ln1_w), w.ln1_b = F32(o.ln1_b), w.ln2_w = F32(o.ln2_w), w.ln2_b = F32(o.ln2_b);
+    // forward order of the MoE slots: qkv | to_qk, to_v, proj, fc1, fc2 (add_linear numbered them so)
+    w.qkv = lin(o.qkv), w.to_qk = lin(o.to_qk), w.to_v = lin(o.to_v);
+    w.proj = lin(o.proj), w.fc1 = lin(o.fc1), w.fc2 = lin(o.fc2);
+    w.anchors = F32(o.anchors), w.mu = F32(o.mu), w.A = F32(o.A), w.conv = F32(o.conv);
+    m.blocks.push_back(w);
+  }
 }
 
 ViTCuda::~ViTCuda() = default;
@@ -197,6 +373,20 @@ ViTCuda::~ViTCuda() = default;
 const VitConfig& ViTCuda::config() const { return impl_->cfg; }
 size_t ViTCuda::weight_bytes() const { return impl_->pool.bytes(); }
 int ViTCuda::graph_count() const { return static_cast<int>(impl_->graphs.size()); }
+
+std::vector<std::pair<std::string, std::vector<int8_t>>> ViTCuda::moe_choices() const {
+  const Impl& m = *impl_;
+  std::vector<std::pair<std::string, std::vector<int8_t>>> out;
+  SAV_CUDA_CHECK(cudaDeviceSynchronize());
+  const size_t stride = size_t(m.capacity) * m.cfg.tokens();
+  for (size_t i = 0; i < m.moe_names.size(); ++i) {
+    std::vector<int8_t> ch(m.last_rows);
+    if (m.last_rows > 0)
+      SAV_CUDA_CHECK(cudaMemcpy(ch.data(), m.choices.get() + i * stride, ch.size(), cudaMemcpyDeviceToHost));
+    out.emplace_back(m.moe_names[i], std::move(ch));
+  }
+  return out;
+}
 
 void ViTCuda::forward_eager(const float* images, float* logits, int B, cudaStream_t stream) {
   SAV_CHECK(B >= 1, "ViTCuda: batch size must be positive, got " << B);
@@ -243,6 +433,7 @@ void ViTCuda::forward(const float* images, float* logits, int B, cudaStream_t st
     e.logits = logits;
     it = m.graphs.find(B);
   }
+  m.last_rows = B * m.cfg.tokens();
   SAV_CUDA_CHECK(cudaGraphLaunch(it->second.exec, stream));
 }
 

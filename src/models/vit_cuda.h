@@ -1,4 +1,4 @@
-// shiftaddvit CUDA backend: dense ViT / DeiT inference on one GPU, built from a CPU sav::Vit.
+// shiftaddvit CUDA backend: ViT / DeiT inference on one GPU, dense or ShiftAddViT, built from a CPU sav::Vit.
 //
 //   sav::Vit cpu(sav::vit_preset("deit_tiny_patch16_224"));
 //   cpu.load(sav::Checkpoint::open("deit_tiny.safetensors"));
@@ -8,20 +8,41 @@
 //   double ms = sav::vit_cuda_median_ms(net, 64, 50);       // graph replays timed with CUDA events
 //
 // Precision: matrices in bf16 (weights and the activations fed to products), f32 accumulation, the
-// residual stream, LayerNorm statistics and the softmax in f32; GELU is cuBLASLt's tanh form (gemm.h).
-// Logits agree with the f32 CPU engine to about 1e-2 of max|logit| (tests/cuda/test_vit_cuda.cpp).
+// residual stream, LayerNorm statistics and the softmax in f32; GELU is cuBLASLt's tanh form (gemm.h) in
+// dense and shift fc1 layers, the erf form (the CPU's) in MoE fc1 layers.
+// Logits agree with the f32 CPU engine to about 1e-2 of max|logit| for dense models
+// (tests/cuda/test_vit_cuda.cpp; converted models: see there).
 //
-// Per block: LN1 -> qkv (bias epilogue, bf16) -> attention -> proj (bias + residual epilogue, f32) -> LN2
+// Dense block: LN1 -> qkv (bias epilogue, bf16) -> attention -> proj (bias + residual epilogue, f32) -> LN2
 // -> fc1 (bias + GELU epilogue, bf16) -> fc2 (bias + residual epilogue, f32): 7 kernels. The embedding is
 // im2col + a product + one kernel that assembles the tokens and applies block 0's LN1; the head normalises
 // the class tokens only and runs one product.
 //
-// Legend: B batch, N tokens, C width, H heads, F mlp hidden, V classes, Cin channels, S image side.
+// ShiftAddViT blocks (VitConfig::attn, mlp, attn_linear; METHOD.md), the whole forward still one CUDA graph
+// with no host round trip:
+//   shift linear  W = s * 2^p decoded once, at construction, to an exact bf16 matrix (every +-2^p is a bf16
+//                 value) and run by the same cuBLASLt product and epilogue as a dense linear
+//                 ("decode-to-matrix-unit"; in-register decoding of packed 5-bit codes is later work;
+//                 ReparamOptions::int_kernel, a CPU path, is not used here);
+//   MoE linear    one product with the stacked weight [W0; W1; router] into an f32 scratch, then one kernel
+//                 that routes each token (top-1 argmax, ties -> mult expert), applies the gate
+//                 (ReparamOptions::gate: straight-through = 1, prob = p) and the layer's epilogue
+//                 (ops/cuda/ops.h moe_epilogue_forward); both experts are computed for every token;
+//   Hamming attn  to_qk and to_v as one product on the stacked [W_qk; W_v] (dense / shift) or two MoE
+//                 linears writing the two halves of one (M, 2C) buffer, then the fused Hamming kernel
+//                 (ops/cuda/hamming.cu), then proj.
+//
+// Legend: B batch, N tokens, C width, H heads, F mlp hidden, V classes, Cin channels, S image side,
+// M = B*N rows.
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <memory>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "models/vit.h"
 
@@ -29,9 +50,11 @@ namespace sav {
 
 class ViTCuda {
  public:
-  // Copies the dense parameters of `model` to the current CUDA device. Throws sav::Error for a ShiftAddViT
-  // (non-dense) configuration or sizes the kernels do not cover (N <= 256, head size <= 64, C <= 1024),
-  // before touching the device.
+  // Copies the parameters (and the KSH buffers) of `model` to the current CUDA device, decoding shift
+  // weights and stacking MoE weights, and reads the model's ReparamOptions (gate mode, shift exponent
+  // range). Throws sav::Error for sizes the kernels do not cover (N <= 256, head size <= 64, C <= 1024;
+  // Hamming blocks: hash bits <= 64, anchors <= 32) and for ReparamOptions::release_compat (a CPU-only
+  // mode), before touching the device.
   explicit ViTCuda(const Vit& model);
   ~ViTCuda();
   ViTCuda(const ViTCuda&) = delete;
@@ -49,6 +72,10 @@ class ViTCuda {
 
   size_t weight_bytes() const;  // device bytes of the parameters
   int graph_count() const;      // captured graphs (one per batch size)
+
+  // MoE layers in forward order, each with the expert (0 mult, 1 shift) of every token row (B*N, row
+  // b*N + n) of the last forward (eager or replay): for routing reports and tests. Synchronises the device.
+  std::vector<std::pair<std::string, std::vector<int8_t>>> moe_choices() const;
 
  private:
   struct Impl;

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "cuda_test_util.h"
+#include "ops/cpu/hamming.h"
 #include "ops/cpu/ops.h"
 #include "ops/cuda/gemm.h"
 #include "ops/cuda/ops.h"
@@ -211,6 +212,295 @@ TEST_F(CudaOps, PatchEmbedMatchesReference) {
   const std::vector<float> out = dout.download();
   EXPECT_EQ(count_nonfinite(out), 0u);
   EXPECT_LT(norm_err(out, ref), 1e-5);
+  }
+}
+
+// ---- Hamming attention core ----
+namespace {
+
+struct HamCase {
+  int B, N, C, H, nbits, m;
+  int ld_pad;  // > 0: qk and v interleaved in one (M, 2C + ld_pad) buffer, out rows C + ld_pad apart
+};
+
+// KSH buffers that look fitted: anchors = normalised qk rows of image 0 (sampled tokens, as the fit takes),
+// mu_j = the mean over image 0's tokens of exp(-D_nj / (2 sigma)) (so about half of the bits are set), A
+// random; conv taps random.
+struct HamWeights {
+  std::vector<float> anchors, mu, A, conv;
+};
+HamWeights ham_weights(const std::vector<float>& qk, const HamCase& cs, uint64_t seed) {
+  const int N = cs.N, C = cs.C, H = cs.H, d = C / H, m = cs.m;
+  HamWeights w;
+  w.anchors.resize(size_t(H) * m * d);
+  w.mu.resize(size_t(H) * m);
+  Rng rng(seed);
+  for (int h = 0; h < H; ++h) {
+    std::vector<float> q(size_t(N) * d);
+    for (int n = 0; n < N; ++n) {
+      double ss = 0.0;
+      for (int i = 0; i < d; ++i) ss += double(qk[size_t(n) * C + h * d + i]) * qk[size_t(n) * C + h * d + i];
+      const float nrm = std::max(float(std::sqrt(ss)), 1e-6f);
+      for (int i = 0; i < d; ++i) q[size_t(n) * d + i] = qk[size_t(n) * C + h * d + i] / nrm;
+    }
+    for (int j = 0; j < m; ++j) {
+      const int n = static_cast<int>(rng.below(N));
+      for (int i = 0; i < d; ++i) w.anchors[(size_t(h) * m + j) * d + i] = q[size_t(n) * d + i];
+    }
+    std::vector<double> D(size_t(N) * m);
+    double tot = 0.0;
+    for (int n = 0; n < N; ++n)
+      for (int j = 0; j < m; ++j) {
+        double s = 0.0;
+        for (int i = 0; i < d; ++i) {
+          const double t = q[size_t(n) * d + i] - w.anchors[(size_t(h) * m + j) * d + i];
+          s += t * t;
+        }
+        D[size_t(n) * m + j] = s;
+        tot += s;
+      }
+    const double sigma = std::max(tot / (double(N) * m), 1e-12);
+    for (int j = 0; j < m; ++j) {
+      double s = 0.0;
+      for (int n = 0; n < N; ++n) s += std::exp(-D[size_t(n) * m + j] / (2 * sigma));
+      w.mu[size_t(h) * m + j] = float(s / N);
+    }
+  }
+  w.A = normal(size_t(H) * cs.nbits * m, seed + 1);
+  w.conv = normal(size_t(H) * 9, seed + 2, 0.3f);
+  return w;
+}
+
+}  // namespace
+
+// GPU kernel vs cpu::hamming_attention_forward (the fast path the CPU model runs) on bf16-rounded qk and v,
+// so both see the same inputs. A code bit can still differ where y_nr is within rounding of 0 (the GPU
+// computes D_nj = ||q||^2 + ||a||^2 - 2 q.a and sums in other orders: ~1e-7 of max|y|); a flipped bit moves
+// every token of the head, so heads with a |y_nr| below 1e-5 max|y| (expected: a few percent of heads) are
+// excluded from the value check and counted; at most a quarter may be. Elsewhere: bf16 output (2^-9
+// relative, |out| <~ 1 + |conv|) plus f32 summation-order differences: 1e-2 of max|ref| stated.
+TEST_F(CudaOps, HammingAttentionMatchesCpuOnOddShapes) {
+  for (const HamCase cs : {HamCase{2, 197, 192, 3, 16, 25, 0}, HamCase{3, 37, 48, 4, 9, 7, 0},
+                           HamCase{1, 256, 128, 2, 64, 32, 0}, HamCase{2, 50, 26, 2, 33, 5, 0},
+                           HamCase{2, 197, 192, 3, 16, 25, 8}, HamCase{1, 3, 16, 1, 2, 1, 0},
+                           HamCase{4, 65, 96, 3, 16, 25, 2}}) {
+    const int B = cs.B, N = cs.N, C = cs.C, H = cs.H, nb = cs.nbits, m = cs.m, d = C / H;
+    SCOPED_TRACE("B=" + std::to_string(B) + " N=" + std::to_string(N) + " C=" + std::to_string(C) +
+                 " H=" + std::to_string(H) + " bits=" + std::to_string(nb) + " m=" + std::to_string(m) +
+                 " pad=" + std::to_string(cs.ld_pad));
+    ASSERT_TRUE(cuda::hamming_attention_supports(N, C, H, nb, m));
+    const size_t M = size_t(B) * N;
+    const std::vector<float> qk = round_bf16(normal(M * C, 71 + N, 0.7f));
+    const std::vector<float> v = round_bf16(normal(M * C, 72 + N));
+    const HamWeights hw = ham_weights(qk, cs, 73 + N);
+
+    const cpu::HammingDims dims{B, N, C, H, nb, m};
+    std::vector<float> saved_f(cpu::hamming_saved_floats(dims));
+    std::vector<uint64_t> saved_c(cpu::hamming_saved_codes(dims));
+    const cpu::HammingSaved saved = cpu::hamming_saved_bind(dims, saved_f.data(), saved_c.data());
+    const cpu::HammingWeights w{hw.anchors.data(), hw.mu.data(), hw.A.data(), hw.conv.data(), nullptr};
+    std::vector<float> ref(M * C);
+    cpu::hamming_attention_forward(ref.data(), &saved, qk.data(), v.data(), w, dims);
+
+    // heads whose codes are ambiguous at f32 rounding
+    std::vector<bool> ambiguous(size_t(B) * H, false);
+    size_t set_bits = 0;
+    for (int bh = 0; bh < B * H; ++bh) {
+      const float* y = saved.y + size_t(bh) * N * nb;
+      const double ymax = max_abs(y, size_t(N) * nb);
+      for (size_t i = 0; i < size_t(N) * nb; ++i) ambiguous[bh] = ambiguous[bh] || std::fabs(y[i]) < 1e-5 * ymax;
+      for (int n = 0; n < N; ++n) set_bits += __builtin_popcountll(saved.codes[size_t(bh) * N + n]);
+    }
+    const double set_share = double(set_bits) / (double(B) * H * N * nb);
+    if (B * H * N * nb >= 256) {
+      EXPECT_GT(set_share, 0.1) << "the test hash should set a fair share of the bits";
+      EXPECT_LT(set_share, 0.9);
+    }
+
+    // device buffers: qk and v either separate (B,N,C) or interleaved rows of one (M, 2C + pad) buffer
+    const int ldin = cs.ld_pad ? 2 * C + cs.ld_pad : C, ldo = C + cs.ld_pad;
+    DeviceBuffer<bf16> dqk, dv, dbuf;
+    const bf16 *pqk, *pv;
+    if (cs.ld_pad) {
+      std::vector<float> buf(M * ldin, 0.0f);
+      for (size_t r = 0; r < M; ++r)
+        for (int c = 0; c < C; ++c) buf[r * ldin + c] = qk[r * C + c], buf[r * ldin + C + c] = v[r * C + c];
+      dbuf = upload_bf16(buf);
+      pqk = dbuf.get(), pv = dbuf.get() + C;
+    } else {
+      dqk = upload_bf16(qk), dv = upload_bf16(v);
+      pqk = dqk.get(), pv = dv.get();
+    }
+    auto da = upload_f32(hw.anchors), dmu = upload_f32(hw.mu), dA = upload_f32(hw.A), dconv = upload_f32(hw.conv);
+    DeviceBuffer<bf16> dout(M * ldo);
+    dout.fill_bytes(0xFF);
+    cuda::hamming_attention_forward_ld(dout.get(), ldo, pqk, ldin, pv, ldin, da.get(), dmu.get(), dA.get(),
+                                       dconv.get(), B, N, C, H, nb, m, nullptr);
+    SAV_CUDA_CHECK(cudaDeviceSynchronize());
+    const std::vector<float> outp = download_f32(dout);
+    std::vector<float> out(M * C);
+    size_t gap_written = 0;
+    for (size_t r = 0; r < M; ++r) {
+      for (int c = 0; c < C; ++c) out[r * C + c] = outp[r * ldo + c];
+      for (int c = C; c < ldo; ++c) gap_written += std::isfinite(outp[r * ldo + c]);
+    }
+    EXPECT_EQ(count_nonfinite(out), 0u) << "unwritten or non-finite outputs";
+    EXPECT_EQ(gap_written, 0u) << "wrote outside the rows";
+
+    // value check on the unambiguous heads
+    std::vector<float> got_u, ref_u;
+    int excluded = 0;
+    for (int b = 0; b < B; ++b)
+      for (int h = 0; h < H; ++h) {
+        if (ambiguous[size_t(b) * H + h]) {
+          ++excluded;
+          continue;
+        }
+        for (int n = 0; n < N; ++n)
+          for (int i = 0; i < d; ++i) {
+            const size_t e = (size_t(b) * N + n) * C + h * d + i;
+            got_u.push_back(out[e]);
+            ref_u.push_back(ref[e]);
+          }
+      }
+    std::printf("[ info ] hamming B=%d N=%d C=%d H=%d b=%d m=%d: %.1f%% bits set, %d of %d heads excluded, err %.3e\n",
+                B, N, C, H, nb, m, 100.0 * set_share, excluded, B * H, norm_err(got_u, ref_u));
+    EXPECT_LE(excluded * 4, B * H) << "too many heads with ambiguous codes";
+    EXPECT_LT(norm_err(got_u, ref_u), 1e-2);
+
+    // rerun: bit-identical
+    cuda::hamming_attention_forward_ld(dout.get(), ldo, pqk, ldin, pv, ldin, da.get(), dmu.get(), dA.get(),
+                                       dconv.get(), B, N, C, H, nb, m, nullptr);
+    SAV_CUDA_CHECK(cudaDeviceSynchronize());
+    EXPECT_TRUE(bit_identical(download_f32(dout), outp));
+  }
+}
+
+TEST_F(CudaOps, HammingAttentionRejectsUnsupportedSizes) {
+  EXPECT_FALSE(cuda::hamming_attention_supports(257, 192, 3, 16, 25));  // tokens
+  EXPECT_FALSE(cuda::hamming_attention_supports(197, 384, 3, 16, 25));  // head size 128
+  EXPECT_FALSE(cuda::hamming_attention_supports(197, 192, 3, 65, 25));  // bits
+  EXPECT_FALSE(cuda::hamming_attention_supports(197, 192, 3, 16, 33));  // anchors
+  EXPECT_TRUE(cuda::hamming_attention_supports(256, 768, 12, 64, 32));
+  DeviceBuffer<bf16> a(64), b(64);
+  DeviceBuffer<float> f(64);
+  EXPECT_THROW(cuda::hamming_attention_forward(a.get(), b.get(), b.get(), f.get(), f.get(), f.get(), f.get(), 1, 300,
+                                               16, 1, 16, 25, nullptr),
+               sav::Error);
+}
+
+// ---- MoE(mult, shift) linear: stacked product + routing epilogue ----
+// CPU reference in double on exactly what the GPU multiplies (x and W0 bf16-rounded, W1 exact powers of two;
+// the router from its f32 weight and the bf16 x). The GPU router keeps ~16 bits of the f32 router weight
+// (high + remainder rows): rows whose logits are within 1e-3 of max|logit| of a tie may route either way;
+// there the GPU's choice is used for the value check, elsewhere the choice must equal the CPU's.
+// Tolerances: bf16 outputs one rounding (2^-9 relative) + f32 accumulation: 8e-3 of max|ref|; the f32
+// residual output 1e-5 (summation order only).
+TEST_F(CudaOps, MoeLinearRoutesAndMatchesCpu) {
+  struct Case { int M, K, F, ldo_pad; };
+  cuda::Gemm gemm;
+  for (const Case cs : {Case{197, 192, 768, 0}, Case{37, 48, 37, 3}, Case{394, 768, 192, 4}, Case{5, 16, 8, 0}}) {
+    const int M = cs.M, K = cs.K, F = cs.F, Fs = cuda::moe_stack_rows(F);
+    const std::vector<float> x = round_bf16(normal(size_t(M) * K, 81 + F));
+    const std::vector<float> w0 = round_bf16(normal(size_t(F) * K, 82, 0.1f));
+    std::vector<float> w1(size_t(F) * K);
+    {
+      Rng rng(83);
+      for (auto& w : w1) {
+        const int sg = static_cast<int>(rng.below(3)) - 1, p = -static_cast<int>(rng.below(8)) - 2;
+        w = sg * std::ldexp(1.0f, p);
+      }
+    }
+    const std::vector<float> wr = normal(size_t(2) * K, 84, 1.0f / std::sqrt(float(K)));
+    const std::vector<float> b0 = normal(F, 85, 0.3f), b1 = normal(F, 86, 0.3f), br = normal(2, 87, 0.1f);
+    const std::vector<float> x0 = normal(size_t(M) * (F + cs.ldo_pad), 88);
+    // CPU: logits and expert outputs in double
+    std::vector<double> l(size_t(M) * 2), y0(size_t(M) * F), y1(size_t(M) * F);
+    double lmax = 0.0;
+    for (int t = 0; t < M; ++t) {
+      for (int e = 0; e < 2; ++e) {
+        double a = br[e];
+        for (int k = 0; k < K; ++k) a += double(x[size_t(t) * K + k]) * wr[size_t(e) * K + k];
+        l[size_t(t) * 2 + e] = a;
+        lmax = std::max(lmax, std::fabs(a));
+      }
+      for (int j = 0; j < F; ++j) {
+        double a0 = b0[j], a1 = b1[j];
+        for (int k = 0; k < K; ++k) {
+          a0 += double(x[size_t(t) * K + k]) * w0[size_t(j) * K + k];
+          a1 += double(x[size_t(t) * K + k]) * w1[size_t(j) * K + k];
+        }
+        y0[size_t(t) * F + j] = a0, y1[size_t(t) * F + j] = a1;
+      }
+    }
+    auto dx = upload_bf16(x);
+    DeviceBuffer<bf16> dw(size_t(Fs) * K);
+    dw.upload(cuda::moe_stack_weights(w0.data(), w1.data(), wr.data(), F, K));
+    auto db0 = upload_f32(b0), db1 = upload_f32(b1), dbr = upload_f32(br);
+    DeviceBuffer<float> ds(size_t(M) * Fs);
+    DeviceBuffer<int8_t> dch(M);
+    for (int gate = 0; gate < 2; ++gate)
+      for (int epi = 0; epi < 3; ++epi) {
+        SCOPED_TRACE("M=" + std::to_string(M) + " K=" + std::to_string(K) + " F=" + std::to_string(F) +
+                     " gate=" + std::to_string(gate) + " epi=" + std::to_string(epi));
+        const int ldo = F + cs.ldo_pad;
+        ds.fill_bytes(0xFF);
+        dch.fill_bytes(0x7F);
+        gemm.linear_f32(ds.get(), dx.get(), dw.get(), nullptr, M, K, Fs, false, nullptr);
+        std::vector<float> got;
+        const auto g = static_cast<cuda::MoeGate>(gate);
+        const auto me = static_cast<cuda::MoeEpilogue>(epi);
+        if (me == cuda::moe_epilogue_f32_residual) {
+          auto dout = upload_f32(x0);
+          cuda::moe_epilogue_forward(dout.get(), ldo, dch.get(), ds.get(), Fs, db0.get(), db1.get(), dbr.get(), M, F,
+                                     g, me, nullptr);
+          SAV_CUDA_CHECK(cudaDeviceSynchronize());
+          got = dout.download();
+        } else {
+          DeviceBuffer<bf16> dout(size_t(M) * ldo);
+          dout.fill_bytes(0xFF);
+          cuda::moe_epilogue_forward(dout.get(), ldo, dch.get(), ds.get(), Fs, db0.get(), db1.get(), dbr.get(), M, F,
+                                     g, me, nullptr);
+          SAV_CUDA_CHECK(cudaDeviceSynchronize());
+          got = download_f32(dout);
+        }
+        const std::vector<int8_t> ch = dch.download();
+        int to_shift = 0, ambiguous = 0, wrong = 0;
+        std::vector<float> got_c(size_t(M) * F), ref(size_t(M) * F);
+        size_t gap_changed = 0;
+        for (int t = 0; t < M; ++t) {
+          ASSERT_TRUE(ch[t] == 0 || ch[t] == 1) << "choice of row " << t << " not written";
+          const double l0 = l[size_t(t) * 2], l1 = l[size_t(t) * 2 + 1];
+          const int e_cpu = l1 > l0 ? 1 : 0;
+          if (std::fabs(l1 - l0) < 1e-3 * lmax) ++ambiguous;
+          else wrong += ch[t] != e_cpu;
+          const int e = ch[t];
+          to_shift += e;
+          const double gv = gate == cuda::moe_gate_prob ? 1.0 / (1.0 + std::exp(e ? l0 - l1 : l1 - l0)) : 1.0;
+          for (int j = 0; j < F; ++j) {
+            const double yv = (e ? y1 : y0)[size_t(t) * F + j] * gv;
+            double r = yv;
+            if (epi == cuda::moe_epilogue_bf16_gelu) r = 0.5 * yv * (1.0 + std::erf(yv / std::sqrt(2.0)));
+            if (epi == cuda::moe_epilogue_f32_residual) r = x0[size_t(t) * ldo + j] + yv;
+            ref[size_t(t) * F + j] = float(r);
+            got_c[size_t(t) * F + j] = got[size_t(t) * ldo + j];
+          }
+          for (int j = F; j < ldo; ++j) {
+            const float gj = got[size_t(t) * ldo + j];
+            if (epi == cuda::moe_epilogue_f32_residual) gap_changed += gj != x0[size_t(t) * ldo + j];
+            else gap_changed += std::isfinite(gj);
+          }
+        }
+        EXPECT_EQ(wrong, 0) << "routing differs from the CPU on unambiguous rows (" << ambiguous << " ambiguous)";
+        EXPECT_LE(ambiguous * 20, M + 20) << "too many near-ties for this test's router";
+        if (M >= 37) {
+          EXPECT_GT(to_shift, M / 5) << "both experts should get tokens";
+          EXPECT_LT(to_shift, M - M / 5);
+        }
+        EXPECT_EQ(count_nonfinite(got_c), 0u);
+        EXPECT_EQ(gap_changed, 0u) << "wrote outside the rows";
+        EXPECT_LT(norm_err(got_c, ref), epi == cuda::moe_epilogue_f32_residual ? 1e-5 : 8e-3);
+      }
   }
 }
 

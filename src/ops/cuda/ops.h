@@ -5,9 +5,12 @@
 //   embed_layernorm_forward(y, x, pe, cls, pos, w, b, B, N, C, eps, stream);
 //   layernorm_forward(y, C, x, C, w, b, M, C, eps, stream);
 //   attention_forward(out, qkv, B, N, C, H, stream);
+//   hamming_attention_forward(out, qk, v, anchors, mu, A, conv_w, B, N, C, H, nbits, m, stream);
+//   moe_epilogue_forward(out, ldo, choice, s, lds, b0, b1, br, M, F, gate, epi, stream);  // after the stacked Gemm
 //
 // Shape legend (as ops/cpu/ops.h): B batch, N tokens, C channels, H heads, d = C/H, M rows, P patches per
-// image, p patch side, Cin image channels, S image side, K = Cin*p*p.
+// image, p patch side, Cin image channels, S image side, K = Cin*p*p (in-features of a linear), F
+// out-features, b = nbits hash bits, m anchors, Fs rows of a stacked MoE weight.
 //
 // Conventions: all pointers are device pointers; every launch runs on the given stream and is checked (a
 // bad configuration throws sav::Error); dimensions are passed explicitly; rows are contiguous unless an ld
@@ -16,6 +19,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "ops/cuda/common.h"
 
@@ -44,6 +48,57 @@ bool layernorm_supports(int C);  // 1 <= C <= 1024
 // scale = d^-0.5; the probabilities are rounded to bf16 before P V.
 void attention_forward(bf16* out, const bf16* qkv, int B, int N, int C, int H, cudaStream_t stream);
 bool attention_supports(int N, int C, int H);  // 1 <= N <= 256, C % H == 0, 1 <= d <= 64
+
+// ---- Hamming attention core (METHOD.md section 1; spec: cpu::hamming_attention_forward, ops/cpu/hamming.h) ----
+// Between to_qk / to_v and proj. One CTA per (image, head), everything in shared memory:
+//   q = qk / max(||qk||, 1e-6);  D_nj = ||q_n - a_j||^2;  sigma = max(mean_{n,j} D, 1e-12)
+//   y_nr = sum_j A_rj (exp(-D_nj / (2 sigma)) - mu_j);  code bit r = 1[y_nr > 0]
+//   KV_r = sum of the V rows whose bit r is set        (MatAdd #1, additions only)
+//   z_n  = 0.5 v_n + sum over set bits r of KV_r / pi  (MatAdd #2, additions only)
+//   out_n = z_n / max(||z_n||, 1e-6) + sum_t conv_w[h,t] v_{n+t-4}   (9 taps over the image's tokens, zero pad)
+// out (B,N,C) bf16, head h at columns h*d..h*d+d-1; qk, v (B,N,C) bf16 (the to_qk / to_v outputs);
+// anchors (H,m,d), mu (H,m), A (H,b,m), conv_w (H,9), all f32. Deterministic (fixed summation orders). D
+// is computed as ||q||^2 + ||a||^2 - 2 q.a (a few ulp from the CPU's sum of squared differences, so a bit
+// whose y is within ~1e-7 of 0 may differ); the MatAdd sums run in the CPU fast path's order, so KV and z
+// match it bit for bit when the inputs and codes agree.
+void hamming_attention_forward(bf16* out, const bf16* qk, const bf16* v, const float* anchors, const float* mu,
+                               const float* A, const float* conv_w, int B, int N, int C, int H, int nbits, int m,
+                               cudaStream_t stream);
+// The same with row strides (elements) for the token-major tensors: out rows ldo apart, qk rows ldqk apart,
+// v rows ldv apart (e.g. qk = buf, v = buf + C, ldqk = ldv = 2C for the stacked [to_qk; to_v] product).
+void hamming_attention_forward_ld(bf16* out, int ldo, const bf16* qk, int ldqk, const bf16* v, int ldv,
+                                  const float* anchors, const float* mu, const float* A, const float* conv_w, int B,
+                                  int N, int C, int H, int nbits, int m, cudaStream_t stream);
+// 1 <= N <= 256, C % H == 0, 1 <= d <= 64, 1 <= nbits <= 64, 1 <= m <= 32 (and the shared memory fits)
+bool hamming_attention_supports(int N, int C, int H, int nbits, int m);
+
+// ---- MoE(mult, shift) linear (METHOD.md section 3), inference, routing on the GPU ----
+// Step 1: ONE Gemm::linear_f32 (no bias, no accumulate) of the rows x (M,K) bf16 with the stacked weight
+// (Fs,K) bf16 built by moe_stack_weights: s (M,Fs) f32 = x [W0; W1; Wr_hi; Wr_lo; 0]^T, i.e. columns
+// [0,F) expert 0 (mult), [F,2F) expert 1 (shift, decoded to its exact bf16 powers of two), [2F,2F+2) the
+// router's bf16 high part, [2F+2,2F+4) its bf16 remainder (so the router keeps ~16 bits of its f32 weight:
+// the routing is a discrete decision), then zero padding to a multiple of 16 rows.
+// Step 2 (this kernel, one warp per token row): logits l_e = s[2F+e] + s[2F+2+e] + br[e]; e = argmax (ties
+// -> expert 0, as cpu::moe_router_forward); gate g = 1 (straight-through: p / stop_grad(p) is 1 in the
+// forward) or the softmax probability of e (prob); y = (s[e*F + j] + b_e[j]) * g; then the epilogue:
+//   moe_epilogue_bf16:          out (M,ldo) bf16 = y                      (qkv, to_qk, to_v)
+//   moe_epilogue_bf16_gelu:     out (M,ldo) bf16 = GELU(y), erf form      (fc1; the CPU's GELU)
+//   moe_epilogue_f32_residual:  out (M,ldo) f32 += y                      (proj, fc2: the residual stream)
+// choice (M) int8 receives e (nullptr: not written). b0, b1 (F) f32, br (2) f32.
+// Both experts are computed for every token: free at batch 1 (the products are launch-bound); at large
+// batch twice the FLOPs of one expert plus the f32 scratch written and half read back (DeiT-Base fc1 at
+// batch 64: 310 MB). A gathered per-expert product, or the routing fused into the product's epilogue, is
+// later work.
+enum MoeEpilogue { moe_epilogue_bf16 = 0, moe_epilogue_bf16_gelu = 1, moe_epilogue_f32_residual = 2 };
+enum MoeGate { moe_gate_straight_through = 0, moe_gate_prob = 1 };
+void moe_epilogue_forward(void* out, int ldo, int8_t* choice, const float* s, int lds, const float* b0,
+                          const float* b1, const float* br, int M, int F, MoeGate gate, MoeEpilogue epi,
+                          cudaStream_t stream);
+// Rows of the stacked weight: roundup(2F + 4, 16).
+int moe_stack_rows(int F);
+// Host: the stacked weight (moe_stack_rows(F), K) in bf16. w0 (F,K) dense expert, w1 (F,K) shift expert
+// decoded to floats (cpu::shift_linear_weights: exact in bf16), wr (2,K) router.
+std::vector<bf16> moe_stack_weights(const float* w0, const float* w1, const float* wr, int F, int K);
 
 // ---- conversions ----
 // y (n) bf16 = x (n) f32, round to nearest even
