@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""PyTorch (pip wheel, CPU) baseline for the engine's CPU benchmark: the same timm VisionTransformer
-configs, forward latency and training-step throughput, with the same thread count.
+"""PyTorch (pip wheel, CPU) baseline for the engine's CPU benchmark: the same timm VisionTransformer and
+PyramidVisionTransformerV2 configs, forward latency and training-step throughput, with the same thread count.
 
   python3 python/bench_torch_cpu.py --archs vit_fmnist,deit_tiny_patch16_224 --batches 1,64 --threads 2 --json out.jsonl
 """
@@ -20,6 +20,17 @@ CONFIGS = {
     "deit_small_patch16_224": dict(img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=384,
                                    depth=12, num_heads=6, mlp_ratio=4.0),
 }
+# PVTv2: timm presets at 224x224x3 (1000 classes)
+PVT = {"pvt_v2_b0", "pvt_v2_b1", "pvt_v2_b2"}
+
+
+def build(arch):
+    """(model, in_chans, img_size, num_classes) for an engine arch name."""
+    if arch in PVT:
+        return timm.create_model(arch, pretrained=False), 3, 224, 1000
+    cfg = CONFIGS[arch]
+    m = timm.models.vision_transformer.VisionTransformer(qkv_bias=True, class_token=True, global_pool="token", **cfg)
+    return m, cfg["in_chans"], cfg["img_size"], cfg["num_classes"]
 
 
 def median_ms(fn, iters, warmup):
@@ -47,12 +58,10 @@ def main():
     torch.set_num_threads(a.threads)
     rows = []
     for arch in a.archs.split(","):
-        cfg = CONFIGS[arch]
-        m = timm.models.vision_transformer.VisionTransformer(qkv_bias=True, class_token=True, global_pool="token",
-                                                             **cfg)
+        m, cin, size, classes = build(arch)
         for b in map(int, a.batches.split(",")):
-            x = torch.randn(b, cfg["in_chans"], cfg["img_size"], cfg["img_size"])
-            y = torch.randint(0, cfg["num_classes"], (b,))
+            x = torch.randn(b, cin, size, size)
+            y = torch.randint(0, classes, (b,))
             m.eval()
             with torch.inference_mode():
                 fwd = median_ms(lambda: m(x), a.iters, a.warmup)
