@@ -347,25 +347,30 @@ TEST_F(CudaOps, HammingAttentionMatchesCpuOnOddShapes) {
     EXPECT_EQ(count_nonfinite(out), 0u) << "unwritten or non-finite outputs";
     EXPECT_EQ(gap_written, 0u) << "wrote outside the rows";
 
-    // value check on the unambiguous heads
+    // value check per head: every head within 1e-2 of the reference, except heads where a hash value lies
+    // within f32 rounding of 0 (a code bit may flip there, which moves the whole head) AND the error shows it
     std::vector<float> got_u, ref_u;
     int excluded = 0;
     for (int b = 0; b < B; ++b)
       for (int h = 0; h < H; ++h) {
-        if (ambiguous[size_t(b) * H + h]) {
-          ++excluded;
-          continue;
-        }
+        std::vector<float> gh, rh;
         for (int n = 0; n < N; ++n)
           for (int i = 0; i < d; ++i) {
             const size_t e = (size_t(b) * N + n) * C + h * d + i;
-            got_u.push_back(out[e]);
-            ref_u.push_back(ref[e]);
+            gh.push_back(out[e]);
+            rh.push_back(ref[e]);
           }
+        if (ambiguous[size_t(b) * H + h] && norm_err(gh, rh) >= 1e-2) {
+          ++excluded;
+          continue;
+        }
+        got_u.insert(got_u.end(), gh.begin(), gh.end());
+        ref_u.insert(ref_u.end(), rh.begin(), rh.end());
       }
-    std::printf("[ info ] hamming B=%d N=%d C=%d H=%d b=%d m=%d: %.1f%% bits set, %d of %d heads excluded, err %.3e\n",
+    std::printf("[ info ] hamming B=%d N=%d C=%d H=%d b=%d m=%d: %.1f%% bits set, %d of %d heads off by an ambiguous "
+                "code, err of the others %.3e\n",
                 B, N, C, H, nb, m, 100.0 * set_share, excluded, B * H, norm_err(got_u, ref_u));
-    EXPECT_LE(excluded * 4, B * H) << "too many heads with ambiguous codes";
+    EXPECT_LE(excluded * 4, B * H) << "too many heads off by ambiguous codes";
     EXPECT_LT(norm_err(got_u, ref_u), 1e-2);
 
     // rerun: bit-identical
