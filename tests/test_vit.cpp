@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "golden_harness.h"
 #include "op_harness.h"
 #include "core/rng.h"
 #include "io/safetensors.h"
@@ -68,21 +69,10 @@ TEST(VitGolden, TinyVitLogitsLossAndEveryGradientMatchTimm) {
 }
 
 TEST(VitGolden, DeitTinyWithSynthWeightsMatchesTimmFloat64Logits) {
-  Checkpoint ck = Checkpoint::open(kGolden + "deit_tiny_logits.safetensors");
   Vit model(vit_preset("deit_tiny_patch16_224"));
-  for (size_t i = 0; i < model.params().size(); ++i)
-    model.params().tensor(i).copy_from(synth_tensor(model.params().name(i), model.params().tensor(i).shape()));
-  Tensor x = synth_tensor("input", {2, 3, 224, 224});
-  model.forward(x.f32(), 2, false);
-  Tensor hi = ck.get("logits"), lo = ck.get("logits_lo");
-  double m = 0, r = 0;
-  for (int i = 0; i < 2 * 1000; ++i) {
-    const double ref = double(hi.f32()[i]) + double(lo.f32()[i]);
-    m = std::max(m, std::fabs(model.logits()[i] - ref));
-    r = std::max(r, std::fabs(ref));
-  }
-  EXPECT_GT(r, 0.1) << "reference logits should be non-trivial";
-  EXPECT_LT(m / r, 1e-4) << "max abs error " << m << " / max abs logit " << r;
+  const sav::test::LogitsCheck r = sav::test::synth_logits_check(model, kGolden + "deit_tiny_logits.safetensors", 2);
+  EXPECT_GT(r.max_ref, 0.1) << "reference logits should be non-trivial";
+  EXPECT_LT(r.rel(), 1e-4) << "max abs error " << r.max_err << " / max abs logit " << r.max_ref;
 }
 
 // Whole-model check independent of the golden files: d loss / d theta by central differences (in float64

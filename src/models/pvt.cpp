@@ -132,7 +132,7 @@ Pvt::Pvt(const PvtConfig& cfg, const ReparamOptions& ropt) : cfg_(cfg), ropt_(ro
   cfg_.validate();
   int cin = cfg_.in_chans;
   for (int s = 0; s < cfg_.stages(); ++s) {
-    const int C = cfg_.dims[s], H = cfg_.heads[s], d = C / H, F = cfg_.mlp_hidden(s), r = cfg_.sr[s];
+    const int C = cfg_.dims[s], H = cfg_.heads[s], F = cfg_.mlp_hidden(s), r = cfg_.sr[s];
     const int k = s == 0 ? cfg_.stem_patch : 3;
     const std::string e = stage_embed(s);
     params_.declare(e + "proj.weight", {C, cin, k, k});
@@ -161,14 +161,7 @@ Pvt::Pvt(const PvtConfig& cfg, const ReparamOptions& ropt) : cfg_(cfg), ropt_(ro
           params_.declare(p + "attn.norm.bias", {C}, false);
         }
       } else {
-        b.to_qk = std::make_unique<LinearLayer>(p + "attn.to_qk", C, C, ak, &ropt_);
-        b.to_v = std::make_unique<LinearLayer>(p + "attn.to_v", C, C, ak, &ropt_);
-        b.to_qk->declare(params_);
-        b.to_v->declare(params_);
-        params_.declare(p + "attn.dwconv.weight", {H, cpu::kHammingConvTaps}, false);
-        buffers_.declare(p + "attn.ksh.anchors", {H, cfg_.anchors, d});
-        buffers_.declare(p + "attn.ksh.mu", {H, cfg_.anchors});
-        buffers_.declare(p + "attn.ksh.A", {H, cfg_.hash_bits, cfg_.anchors});
+        declare_hamming(b, p + "attn.", C, H, cfg_.hash_bits, cfg_.anchors, ak, &ropt_, params_, buffers_);
       }
       b.proj = std::make_unique<LinearLayer>(p + "attn.proj", C, C, ak, &ropt_);
       b.proj->declare(params_);
@@ -196,11 +189,7 @@ Pvt::Pvt(const PvtConfig& cfg, const ReparamOptions& ropt) : cfg_(cfg), ropt_(ro
     for (auto* lin : b.linears())
       if (lin) lin->bind(params_, grads_);
     if (b.attn == 'h') {
-      b.hconv = params_.get(b.prefix + "attn.dwconv.weight").f32();
-      b.dhconv = grads_.get(b.prefix + "attn.dwconv.weight").f32();
-      b.anchors = buffers_.get(b.prefix + "attn.ksh.anchors").f32();
-      b.mu = buffers_.get(b.prefix + "attn.ksh.mu").f32();
-      b.A = buffers_.get(b.prefix + "attn.ksh.A").f32();
+      bind_hamming(b, b.prefix + "attn.", params_, grads_, buffers_);
     }
   }
   for (size_t i = 0; i < params_.size(); ++i) {
@@ -381,7 +370,7 @@ void Pvt::forward(const float* images, int B, bool train) {
         bk.to_qk->forward(a.qk.f32(), a.ln1.f32(), M, train, rng);
         bk.to_v->forward(a.v.f32(), a.ln1.f32(), M, train, rng);
         const cpu::HammingDims hd{B, N, C, H, cfg_.hash_bits, cfg_.anchors};
-        const cpu::HammingWeights hw{bk.anchors, bk.mu, bk.A, bk.hconv, nullptr};
+        const cpu::HammingWeights hw{bk.anchors, bk.mu, bk.A, bk.dwconv, nullptr};
         cpu::HammingSaved saved;
         if (train) saved = cpu::hamming_saved_bind(hd, a.hsaved.f32(), a.codes.data());
         cpu::hamming_attention_forward(a.ao.f32(), train ? &saved : nullptr, a.qk.f32(), a.v.f32(), hw, hd);
@@ -504,12 +493,12 @@ void Pvt::backward(const float* dlogits) {
         }
       } else {
         const cpu::HammingDims hd{B, N, C, H, cfg_.hash_bits, cfg_.anchors};
-        const cpu::HammingWeights hw{bk.anchors, bk.mu, bk.A, bk.hconv, nullptr};
+        const cpu::HammingWeights hw{bk.anchors, bk.mu, bk.A, bk.dwconv, nullptr};
         const cpu::HammingSaved saved = cpu::hamming_saved_bind(hd, a.hsaved.f32(), a.codes.data());
         float* dqk = dbig;
         float* dv = dbig + int64_t(M) * C;
         std::memset(dbig, 0, sizeof(float) * M * 2 * C);
-        cpu::hamming_attention_backward(dqk, dv, bk.dhconv, nullptr, dt, a.v.f32(), saved, hw, hd);
+        cpu::hamming_attention_backward(dqk, dv, bk.ddwconv, nullptr, dt, a.v.f32(), saved, hw, hd);
         bk.to_qk->backward(dln1, dqk);
         bk.to_v->backward(dln1, dv);
       }

@@ -133,7 +133,7 @@ class Pvt : public ImageClassifier {
     std::string prefix;
     char attn = 's';
     std::unique_ptr<LinearLayer> q, kv, to_qk, to_v, proj, fc1, fc2;
-    float *hconv = nullptr, *dhconv = nullptr, *anchors = nullptr, *mu = nullptr, *A = nullptr;
+    float *dwconv = nullptr, *ddwconv = nullptr, *anchors = nullptr, *mu = nullptr, *A = nullptr;
     std::array<LinearLayer*, 7> linears() const {
       return {q.get(), kv.get(), to_qk.get(), to_v.get(), proj.get(), fc1.get(), fc2.get()};
     }

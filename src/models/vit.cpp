@@ -87,7 +87,7 @@ std::vector<std::string> vit_preset_names() {
 
 Vit::Vit(const VitConfig& cfg, const ReparamOptions& ropt) : cfg_(cfg), ropt_(ropt) {
   cfg_.validate();
-  const int C = cfg_.dim, F = cfg_.mlp_hidden, H = cfg_.heads, d = C / H;
+  const int C = cfg_.dim, F = cfg_.mlp_hidden, H = cfg_.heads;
   params_.declare("cls_token", {1, 1, C}, false);
   params_.declare("pos_embed", {1, cfg_.tokens(), C}, false);
   params_.declare("patch_embed.proj.weight", {C, cfg_.in_chans, cfg_.patch, cfg_.patch});
@@ -104,14 +104,7 @@ Vit::Vit(const VitConfig& cfg, const ReparamOptions& ropt) : cfg_(cfg), ropt_(ro
       b.qkv = std::make_unique<LinearLayer>(p + "attn.qkv", C, 3 * C, ak, &ropt_);
       b.qkv->declare(params_);
     } else {
-      b.to_qk = std::make_unique<LinearLayer>(p + "attn.to_qk", C, C, ak, &ropt_);
-      b.to_v = std::make_unique<LinearLayer>(p + "attn.to_v", C, C, ak, &ropt_);
-      b.to_qk->declare(params_);
-      b.to_v->declare(params_);
-      params_.declare(p + "attn.dwconv.weight", {H, cpu::kHammingConvTaps}, false);
-      buffers_.declare(p + "attn.ksh.anchors", {H, cfg_.anchors, d});
-      buffers_.declare(p + "attn.ksh.mu", {H, cfg_.anchors});
-      buffers_.declare(p + "attn.ksh.A", {H, cfg_.hash_bits, cfg_.anchors});
+      declare_hamming(b, p + "attn.", C, H, cfg_.hash_bits, cfg_.anchors, ak, &ropt_, params_, buffers_);
     }
     b.proj = std::make_unique<LinearLayer>(p + "attn.proj", C, C, ak, &ropt_);
     b.proj->declare(params_);
@@ -135,11 +128,7 @@ Vit::Vit(const VitConfig& cfg, const ReparamOptions& ropt) : cfg_(cfg), ropt_(ro
     for (auto* lin : b.linears())
       if (lin) lin->bind(params_, grads_);
     if (b.attn == 'h') {
-      b.dwconv = params_.get(p + "attn.dwconv.weight").f32();
-      b.ddwconv = grads_.get(p + "attn.dwconv.weight").f32();
-      b.anchors = buffers_.get(p + "attn.ksh.anchors").f32();
-      b.mu = buffers_.get(p + "attn.ksh.mu").f32();
-      b.A = buffers_.get(p + "attn.ksh.A").f32();
+      bind_hamming(b, p + "attn.", params_, grads_, buffers_);
     }
   }
   for (size_t i = 0; i < params_.size(); ++i) {
