@@ -40,31 +40,9 @@ double grad_tolerance(const std::string& name) {
 }  // namespace
 
 TEST(VitGolden, TinyVitLogitsLossAndEveryGradientMatchTimm) {
-  Checkpoint ck = Checkpoint::open(kGolden + "vit_tiny.safetensors");
   Vit model(tiny_config());
-  model.load(ck);
-  Tensor x = ck.get("input");
-  Tensor target = ck.get_raw("target");
-  const int B = static_cast<int>(x.dim(0)), V = 7;
-  model.forward(x.f32(), B, true);
-  Tensor ref_logits = ck.get("logits");
-  EXPECT_LT(sav::test::norm_err(model.logits(), ref_logits.f32(), B * V), 1e-5) << "logits";
-
-  std::vector<float> probs(B * V), dl(B * V, 0.0f);
-  const float loss = cpu::cross_entropy_forward(probs.data(), model.logits(), target.as<int32_t>(), B, V, 0.1f);
-  EXPECT_NEAR(loss, ck.get("loss").f32()[0], 1e-5 * std::fabs(ck.get("loss").f32()[0]) + 1e-6);
-  cpu::cross_entropy_backward(dl.data(), probs.data(), target.as<int32_t>(), B, V, 0.1f, 1.0f);
-  model.grads().zero();
-  model.backward(dl.data());
   int checked = 0;
-  for (size_t i = 0; i < model.grads().size(); ++i) {
-    const std::string& n = model.grads().name(i);
-    ASSERT_TRUE(ck.contains("grad." + n)) << n;
-    Tensor ref = ck.get("grad." + n);
-    ASSERT_EQ(ref.shape(), model.grads().tensor(i).shape()) << n;
-    EXPECT_LT(sav::test::norm_err(model.grads().tensor(i).f32(), ref.f32(), ref.numel()), grad_tolerance(n)) << n;
-    ++checked;
-  }
+  sav::test::check_training_golden(model, kGolden + "vit_tiny.safetensors", grad_tolerance, &checked);
   EXPECT_EQ(checked, 4 + 12 * 2 + 4);
 }
 

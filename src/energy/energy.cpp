@@ -491,6 +491,22 @@ LayerDesc attn_core(std::string name, int64_t N, int C, int heads) {
 }
 int conv_out(int in, int k, int s, int pad) { return (in + 2 * pad - k) / s + 1; }
 
+// The layers a block conversion treats alike in ViT and PVT: the attention core (softmax -> Hamming over all
+// tokens), attn.proj, mlp.fc1, mlp.fc2; any other layer is kept as it is. `rest` is the name after the block.
+LayerDesc convert_block_layer(LayerDesc L, const std::string& rest, const BlockChoice& ch) {
+  if (rest == "attn.core") {
+    L.kind = ch.attn;
+    L.hash_bits = ch.hash_bits;
+    L.anchors = ch.anchors;
+    if (ch.attn == LayerKind::attn_hamming) L.kv_tokens = 0;  // no spatial reduction
+    return L;
+  }
+  if (rest == "attn.proj") return convert_linear(L, ch.proj);
+  if (rest == "mlp.fc1") return convert_linear(L, ch.fc1);
+  if (rest == "mlp.fc2") return convert_linear(L, ch.fc2);
+  return L;
+}
+
 // "blocks.{i}.rest" -> i and rest; false for other names.
 bool split_block_name(const std::string& name, int& index, std::string& rest) {
   const std::string pre = "blocks.";
@@ -733,20 +749,8 @@ std::vector<LayerDesc> vit_convert_layers(const std::vector<LayerDesc>& dense,
       } else {
         out.push_back(convert_linear(L, ch.qkv));
       }
-    } else if (rest == "attn.core") {
-      LayerDesc a = L;
-      a.kind = ch.attn;
-      a.hash_bits = ch.hash_bits;
-      a.anchors = ch.anchors;
-      out.push_back(a);
-    } else if (rest == "attn.proj") {
-      out.push_back(convert_linear(L, ch.proj));
-    } else if (rest == "mlp.fc1") {
-      out.push_back(convert_linear(L, ch.fc1));
-    } else if (rest == "mlp.fc2") {
-      out.push_back(convert_linear(L, ch.fc2));
     } else {
-      out.push_back(L);
+      out.push_back(convert_block_layer(L, rest, ch));
     }
   }
   return out;
@@ -865,23 +869,8 @@ std::vector<LayerDesc> pvt_convert_layers(const std::vector<LayerDesc>& dense, c
       } else {
         out.push_back(convert_linear(L, ch.qkv));
       }
-    } else if (rest == "attn.core") {
-      LayerDesc a = L;
-      if (ham) {
-        a.kind = LayerKind::attn_hamming;
-        a.kv_tokens = 0;
-        a.hash_bits = ch.hash_bits;
-        a.anchors = ch.anchors;
-      }
-      out.push_back(a);
-    } else if (rest == "attn.proj") {
-      out.push_back(convert_linear(L, ch.proj));
-    } else if (rest == "mlp.fc1") {
-      out.push_back(convert_linear(L, ch.fc1));
-    } else if (rest == "mlp.fc2") {
-      out.push_back(convert_linear(L, ch.fc2));
     } else {
-      out.push_back(L);
+      out.push_back(convert_block_layer(L, rest, ch));
     }
   }
   return out;

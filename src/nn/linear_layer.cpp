@@ -109,6 +109,11 @@ void LinearLayer::init_from_dense(const float* w, const float* b) {
   kernel_ready_ = false;
 }
 
+void LinearLayer::decode_weights() {
+  wdec_.resize(size_t(F_) * K_);
+  cpu::shift_linear_weights(wdec_.data(), p_, s_, F_, K_, opt_->pmin, opt_->pmax);
+}
+
 void LinearLayer::expert_forward(int e, float* y, const float* x, int M, bool train) {
   if (M == 0) return;
   if (e == 0) {
@@ -116,9 +121,8 @@ void LinearLayer::expert_forward(int e, float* y, const float* x, int M, bool tr
     return;
   }
   if (opt_->release_compat) {  // inference only (forward checks): fixed-point input and bias, float product
-    if (!kernel_ready_ || wdec_.size() != size_t(F_) * K_ || bfix_.size() != size_t(F_)) {
-      wdec_.resize(size_t(F_) * K_);
-      cpu::shift_linear_weights(wdec_.data(), p_, s_, F_, K_, opt_->pmin, opt_->pmax);
+    if (!kernel_ready_) {
+      decode_weights();
       bfix_.resize(F_);
       for (int j = 0; j < F_; ++j) bfix_[j] = release_fixed_point(sb_[j]);
       kernel_ready_ = true;
@@ -141,8 +145,7 @@ void LinearLayer::expert_forward(int e, float* y, const float* x, int M, bool tr
   }
   if (!train) {  // inference, float path: decode the 5-bit weights once, then a BLAS product
     if (!kernel_ready_) {
-      wdec_.resize(size_t(F_) * K_);
-      cpu::shift_linear_weights(wdec_.data(), p_, s_, F_, K_, opt_->pmin, opt_->pmax);
+      decode_weights();
       kernel_ready_ = true;
     }
     cpu::linear_forward(y, x, wdec_.data(), sb_, M, K_, F_);

@@ -85,6 +85,7 @@ class LinearLayer {
   void params_changed() { kernel_ready_ = false; }  // after an optimizer step
 
  private:
+  void decode_weights();  // wdec_ = the shift expert's float weights s * 2^p (inference paths)
   void expert_forward(int e, float* y, const float* x, int M, bool train);
   void expert_backward(int e, float* dx, const float* dy, const float* x, int M);
   std::string prefix_;
