@@ -40,7 +40,8 @@ if(SAV_CUDA)
   set(CMAKE_CUDA_FLAGS_RELEASE "-O3 -DNDEBUG")
 
   file(GLOB SAV_CUDA_SOURCES CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/src/ops/cuda/*.cu)
-  add_library(shiftadd_cuda STATIC ${SAV_CUDA_SOURCES} ${CMAKE_SOURCE_DIR}/src/models/vit_cuda.cu)
+  add_library(shiftadd_cuda STATIC ${SAV_CUDA_SOURCES} ${CMAKE_SOURCE_DIR}/src/models/vit_cuda.cu
+              ${CMAKE_SOURCE_DIR}/src/models/pvt_cuda.cu ${CMAKE_SOURCE_DIR}/src/models/cuda_model.cu)
   # The directory's add_compile_options (-Wall ...) are host-compiler flags: hand them to nvcc through
   # -Xcompiler for .cu files, keep them as they are for C++ files.
   get_target_property(_sav_dir_opts shiftadd_cuda COMPILE_OPTIONS)

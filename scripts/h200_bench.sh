@@ -8,7 +8,9 @@
 #   SAV_H200_STEPS="build tests sanitize" bash scripts/h200_bench.sh
 #
 # SAV_H200_TARGETS overrides what the build step builds (default: sav_cuda_tests sav_cuda_bench).
-# Steps: build tests bench timm table profile sanitize (default: build tests bench timm table). profile
+# Steps: build tests bench bench_f32 release timm table profile sanitize (default: build tests bench timm
+# table). bench_f32 times the PVT models of SAV_MODELS again with IEEE f32 products; release times the
+# release's checkpoint (SAV_RELEASE_REF or .devrun/reference). profile
 # runs ncu on one eager forward (SAV_PROFILE_MODELS); sanitize runs compute-sanitizer on the tests.
 # That machine has no network and lacks OpenBLAS, GTest, libjpeg/libpng headers (and maybe the CMake files of CLI11 and
 # nlohmann-json): the Debian packages are carried in .devrun/debs (git-ignored; fetch them here with
@@ -72,6 +74,10 @@ if has build; then
   fi
 fi
 
+# The public release's reference files (tests/cuda/test_pvt_cuda.cpp and the release step), carried as
+# .devrun/reference (a copy of shared/reference).
+[ -z "${SAV_RELEASE_REF:-}" ] && [ -d .devrun/reference ] && export SAV_RELEASE_REF=$PWD/.devrun/reference
+
 if has tests; then
   echo "[h200] sav_cuda_tests"
   "$BUILD/sav_cuda_tests" 2>&1 | tee "$OUT/tests.log"
@@ -87,6 +93,25 @@ if has bench; then
     --json "$OUT/engine.jsonl" 2>&1 |
     tee "$OUT/bench.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+# PVT models again with IEEE f32 products (the bench step runs them with TF32)
+PVT_MODELS=$(echo "$MODELS" | tr ',' '\n' | grep '^pvt' | paste -sd, -)
+if has bench_f32 && [ -n "$PVT_MODELS" ]; then
+  echo "[h200] sav_cuda_bench, PVT models with f32 math"
+  "$BUILD/sav_cuda_bench" --models "$PVT_MODELS" --batches "$BATCHES" --variants "$VARIANTS" --iters 100 \
+    --math f32 --json "$OUT/engine.jsonl" 2>&1 | tee -a "$OUT/bench.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+# The release's checkpoint (issue 7), f32 and tf32 math, reported as model pvt_v2_b0, variant checkpoint
+if has release && [ -n "${SAV_RELEASE_REF:-}" ]; then
+  for m in tf32 f32; do
+    echo "[h200] sav_cuda_bench, the release's PVTv2-B0 checkpoint, $m math"
+    "$BUILD/sav_cuda_bench" --weights "$SAV_RELEASE_REF/official_pvt_v2_b0_moe_seed1.safetensors" --math $m \
+      --batches "$BATCHES" --iters 100 --json "$OUT/engine.jsonl" 2>&1 | tee -a "$OUT/bench.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  done
 fi
 
 if has timm; then
@@ -107,11 +132,11 @@ eng = {(r["model"], r.get("variant", "dense"), r["batch"]): r for r in map(json.
 base = {(r["model"], r["batch"]): r for r in map(json.loads, open(sys.argv[2]))}
 print(f"{'model':26} {'variant':9} {'batch':>5} {'engine_ms':>10} {'timm_graph16':>12} {'timm_best16':>11} "
       f"{'speedup':>8} {'vs_dense':>8}")
-order = {"dense": 0, "shiftadd": 1}
+order = {"dense": 0, "dense-f32": 1, "shiftadd": 2, "shiftadd-f32": 3, "checkpoint": 4, "checkpoint-f32": 5}
 for key in sorted(eng, key=lambda k: (k[0], k[2], order.get(k[1], 9), k[1])):
     model, variant, batch = key
     e, b = eng[key]["engine_ms"], base.get((model, batch))
-    d = eng.get((model, "dense", batch))
+    d = eng.get((model, "dense-f32" if variant.endswith("-f32") else "dense", batch))
     vs_dense = f"{d['engine_ms'] / e:7.2f}x" if d is not None and variant != "dense" else f"{'-':>8}"
     if b is None:
         print(f"{model:26} {variant:9} {batch:>5} {e:10.4f} {'-':>12} {'-':>11} {'-':>8} {vs_dense}")

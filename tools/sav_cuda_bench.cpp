@@ -1,18 +1,21 @@
-// sav_cuda_bench: latency of the CUDA engine (ViTCuda, graph replay) on the DeiT presets with random weights,
-// dense and converted to ShiftAddViT.
+// sav_cuda_bench: latency of the CUDA engine (ViTCuda / PvtCuda, graph replay) on the DeiT and PVTv2 presets
+// with random weights, dense and converted to ShiftAddViT.
 //
 //   sav_cuda_bench [--models deit_tiny_patch16_224,...] [--batches 1,64] [--iters 50] [--json out.jsonl]
-//                  [--variants dense,shiftadd]
+//                  [--variants dense,shiftadd] [--math f32|tf32] [--weights checkpoint.safetensors]
 //   sav_cuda_bench --profile ...   # one eager forward per (model, variant, batch) between
 //                                  # cudaProfilerStart/Stop, for `ncu --profile-from-start off` (after an
 //                                  # unprofiled warm-up)
 //
-// Variants: dense = the preset as timm builds it; shiftadd = the paper's DeiT conversion: Hamming attention
-// in every block (16 bits, 25 anchors), MoE(mult, shift) fc1 and fc2, dense attention linears; random
+// Variants: dense = the preset as timm builds it; shiftadd = the paper's conversion: Hamming attention
+// (16 bits, 25 anchors) in every DeiT block / in PVTv2 stages 1-3, MoE(mult, shift) fc1 and fc2, dense
+// attention linears; --math: the f32 products of the PVTv2 models (tf32 default; DeiT runs in bf16); random
 // routers (about half the tokens to each expert; both experts are computed for every token on the GPU, so
 // the split does not change the time), KSH buffers that set about half the bits (the MatAdd cost follows
 // the number of set bits). Shift weights run decoded to bf16 on the tensor cores (decode-to-matrix-unit).
 //
+// --weights times one checkpoint instead (any layout `shiftaddvit infer` reads, the release's included),
+// reported under its architecture's name with the variant "checkpoint".
 // Prints one line per (model, variant, batch): name, variant, batch, median ms, images/s, and for shiftadd
 // the share of tokens the routers sent to the shift expert; with --json also appends
 // {"model":..., "variant":..., "batch":..., "engine_ms":...} rows (read by scripts/h200_bench.sh). A tool:
@@ -23,12 +26,16 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <memory>
 #include <sstream>
 #include <string>
 #include <vector>
 
 #include "core/error.h"
 #include "core/rng.h"
+#include "models/pvt.h"
+#include "models/pvt_cuda.h"
+#include "models/registry.h"
 #include "models/vit.h"
 #include "models/vit_cuda.h"
 #include "ops/cuda/common.h"
@@ -45,41 +52,106 @@ std::vector<std::string> split(const std::string& s) {
 
 // The shiftadd variant's random values (see the header): shift exponents in [-10, -4] with random signs,
 // routers with logits ~ N(0, 1), KSH anchors random unit vectors, mu ~ exp(-1/2), A ~ N(0, 1).
-void randomise_shiftadd(sav::Vit& m, sav::Rng& rng) {
+void randomise_shiftadd(sav::ImageClassifier& m, sav::Rng& rng) {
   m.init_random(rng);
-  const sav::VitConfig& c = m.config();
+  auto ends = [](const std::string& n, const char* suf) {
+    const std::string s(suf);
+    return n.size() >= s.size() && n.compare(n.size() - s.size(), s.size(), s) == 0;
+  };
   sav::ParamSet& ps = m.params();
   for (size_t i = 0; i < ps.size(); ++i) {
     const std::string& n = ps.name(i);
     const sav::Tensor& t = ps.tensor(i);
-    auto ends = [&](const char* suf) {
-      const std::string s(suf);
-      return n.size() >= s.size() && n.compare(n.size() - s.size(), s.size(), s) == 0;
-    };
-    if (ends(".p"))
+    if (ends(n, ".p"))
       for (int64_t j = 0; j < t.numel(); ++j) t.f32()[j] = -4.0f - float(rng.below(7));
-    else if (ends(".s"))
+    else if (ends(n, ".s"))
       for (int64_t j = 0; j < t.numel(); ++j) t.f32()[j] = rng.below(2) ? 1.0f : -1.0f;
-    else if (ends(".router.weight"))
+    else if (ends(n, ".router.weight"))
       for (int64_t j = 0; j < t.numel(); ++j) t.f32()[j] = rng.normal() / std::sqrt(float(t.dim(1)));
   }
-  const int d = c.dim / c.heads;
   sav::ParamSet& bufs = *m.buffers();
-  for (int l = 0; l < c.depth; ++l) {
-    if (c.attn_kind(l) != 'h') continue;
-    const std::string p = "blocks." + std::to_string(l) + ".attn.ksh.";
-    const sav::Tensor& an = bufs.get(p + "anchors");
-    for (int64_t r = 0; r < an.numel() / d; ++r) {
-      float* a = an.f32() + r * d;
-      double ss = 0.0;
-      for (int i = 0; i < d; ++i) a[i] = rng.normal(), ss += double(a[i]) * a[i];
-      for (int i = 0; i < d; ++i) a[i] = float(a[i] / std::sqrt(ss));
+  for (size_t i = 0; i < bufs.size(); ++i) {
+    const std::string& n = bufs.name(i);
+    const sav::Tensor& t = bufs.tensor(i);
+    if (ends(n, "ksh.anchors")) {  // (H, m, d)
+      const int64_t d = t.dim(2);
+      for (int64_t r = 0; r < t.numel() / d; ++r) {
+        float* a = t.f32() + r * d;
+        double ss = 0.0;
+        for (int64_t j = 0; j < d; ++j) a[j] = rng.normal(), ss += double(a[j]) * a[j];
+        for (int64_t j = 0; j < d; ++j) a[j] = float(a[j] / std::sqrt(ss));
+      }
+    } else if (ends(n, "ksh.mu")) {
+      for (int64_t j = 0; j < t.numel(); ++j) t.f32()[j] = std::exp(-0.5f) + 0.02f * rng.normal();
+    } else if (ends(n, "ksh.A")) {
+      for (int64_t j = 0; j < t.numel(); ++j) t.f32()[j] = rng.normal();
     }
-    const sav::Tensor& mu = bufs.get(p + "mu");
-    for (int64_t i = 0; i < mu.numel(); ++i) mu.f32()[i] = std::exp(-0.5f) + 0.02f * rng.normal();
-    const sav::Tensor& A = bufs.get(p + "A");
-    for (int64_t i = 0; i < A.numel(); ++i) A.f32()[i] = rng.normal();
   }
+}
+
+// One engine model on the GPU, ViT or PVT, behind one interface for the timing loop.
+struct Net {
+  std::unique_ptr<sav::ImageClassifier> cpu;
+  std::unique_ptr<sav::ViTCuda> vit;
+  std::unique_ptr<sav::PvtCuda> pvt;
+  int in_elems = 0, classes = 0;
+  void forward_eager(const float* x, float* y, int B) {
+    if (vit) vit->forward_eager(x, y, B, nullptr);
+    else pvt->forward_eager(x, y, B, nullptr);
+  }
+  double median_ms(int B, int iters) {
+    return vit ? sav::vit_cuda_median_ms(*vit, B, iters) : sav::pvt_cuda_median_ms(*pvt, B, iters);
+  }
+  std::vector<std::pair<std::string, std::vector<int8_t>>> moe_choices() const {
+    return vit ? vit->moe_choices() : pvt->moe_choices();
+  }
+};
+
+// A checkpoint's model (timm, engine or release layout, as `shiftaddvit infer` loads it) on the GPU.
+Net net_of_checkpoint(const std::string& path, sav::cuda::F32Math math) {
+  Net n;
+  n.cpu = sav::load_model(path);
+  if (auto* p = dynamic_cast<sav::Pvt*>(n.cpu.get())) n.pvt = std::make_unique<sav::PvtCuda>(*p, sav::PvtCudaOptions{math});
+  else if (auto* v = dynamic_cast<sav::Vit*>(n.cpu.get())) n.vit = std::make_unique<sav::ViTCuda>(*v);
+  else SAV_THROW("sav_cuda_bench: " << path << " is neither a ViT nor a PVT");
+  n.in_elems = n.cpu->in_chans() * n.cpu->img_size() * n.cpu->img_size();
+  n.classes = n.cpu->num_classes();
+  return n;
+}
+
+// The preset `name` as timm builds it (dense) or converted as the paper does (shiftadd): DeiT, Hamming
+// attention in every block and MoE MLPs; PVTv2, Hamming attention in stages 1-3 and MoE MLPs.
+Net make_net(const std::string& name, bool shiftadd, sav::cuda::F32Math math) {
+  Net n;
+  sav::Rng rng(1);
+  if (sav::is_pvt_arch(name)) {
+    sav::PvtConfig cfg = sav::pvt_preset(name);
+    if (shiftadd) {
+      cfg.attn = std::string(cfg.stages() - 1, 'h') + "s";
+      cfg.mlp = std::string(cfg.stages(), 'm');
+      cfg.attn_linear = std::string(cfg.stages(), 'd');
+    }
+    auto m = std::make_unique<sav::Pvt>(cfg);
+    if (shiftadd) randomise_shiftadd(*m, rng);
+    else m->init_random(rng);
+    n.pvt = std::make_unique<sav::PvtCuda>(*m, sav::PvtCudaOptions{math});
+    n.cpu = std::move(m);
+  } else {
+    sav::VitConfig cfg = sav::vit_preset(name);
+    if (shiftadd) {
+      cfg.attn = std::string(cfg.depth, 'h');
+      cfg.mlp = std::string(cfg.depth, 'm');
+      cfg.attn_linear = std::string(cfg.depth, 'd');
+    }
+    auto m = std::make_unique<sav::Vit>(cfg);
+    if (shiftadd) randomise_shiftadd(*m, rng);
+    else m->init_random(rng);
+    n.vit = std::make_unique<sav::ViTCuda>(*m);
+    n.cpu = std::move(m);
+  }
+  n.in_elems = n.cpu->in_chans() * n.cpu->img_size() * n.cpu->img_size();
+  n.classes = n.cpu->num_classes();
+  return n;
 }
 
 }  // namespace
@@ -89,6 +161,7 @@ int main(int argc, char** argv) {
   std::string batches = "1,64", json, variants = "dense,shiftadd";
   int iters = 50;
   bool profile = false;
+  std::string math_s = "tf32", weights;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -104,13 +177,20 @@ int main(int argc, char** argv) {
     else if (a == "--json") json = next();
     else if (a == "--variants") variants = next();
     else if (a == "--profile") profile = true;
+    else if (a == "--math") math_s = next();
+    else if (a == "--weights") weights = next();
     else {
       std::fprintf(stderr,
                    "usage: sav_cuda_bench [--models a,b] [--batches 1,64] [--iters 50] [--json file] "
-                   "[--variants dense,shiftadd] [--profile]\n");
+                   "[--variants dense,shiftadd] [--math f32|tf32] [--weights ckpt] [--profile]\n");
       return 2;
     }
   }
+  if (math_s != "f32" && math_s != "tf32") {
+    std::fprintf(stderr, "sav_cuda_bench: --math is f32 or tf32, got '%s'\n", math_s.c_str());
+    return 2;
+  }
+  const sav::cuda::F32Math math = math_s == "f32" ? sav::cuda::F32Math::f32 : sav::cuda::F32Math::tf32;
   for (const std::string& v : split(variants))
     if (v != "dense" && v != "shiftadd") {
       std::fprintf(stderr, "sav_cuda_bench: unknown variant '%s' (dense, shiftadd)\n", v.c_str());
@@ -128,41 +208,33 @@ int main(int argc, char** argv) {
                 "to_shift");
     std::ofstream js;
     if (!json.empty()) js.open(json, std::ios::app);
-    for (const std::string& name : split(models)) {
-      for (const std::string& variant : split(variants)) {
-        sav::VitConfig cfg = sav::vit_preset(name);
+    // --weights: that checkpoint only, reported under its architecture's name, variant "checkpoint"
+    const std::vector<std::string> model_list = weights.empty() ? split(models) : std::vector<std::string>{weights};
+    const std::vector<std::string> variant_list = weights.empty() ? split(variants) : std::vector<std::string>{"checkpoint"};
+    for (const std::string& entry : model_list) {
+      for (const std::string& variant : variant_list) {
         const bool sa = variant == "shiftadd";
-        if (sa) {
-          cfg.attn = std::string(cfg.depth, 'h');
-          cfg.mlp = std::string(cfg.depth, 'm');
-          cfg.attn_linear = std::string(cfg.depth, 'd');
-        }
-        sav::Vit cpu(cfg);
-        sav::Rng rng(1);
-        if (sa)
-          randomise_shiftadd(cpu, rng);
-        else
-          cpu.init_random(rng);
-        sav::ViTCuda net(cpu);
+        Net net = weights.empty() ? make_net(entry, sa, math) : net_of_checkpoint(entry, math);
+        const std::string name = net.cpu->arch();
+        // PVT models run f32 products: their rows say which math unless it is the default (tf32)
+        const std::string vname = variant + (net.pvt && math == sav::cuda::F32Math::f32 ? "-f32" : "");
         for (const std::string& bs : split(batches)) {
           const int B = std::atoi(bs.c_str());
           if (profile) {
-            const sav::VitConfig& c = net.config();
-            sav::cuda::DeviceBuffer<float> img(size_t(B) * c.in_chans * c.img_size * c.img_size),
-                logits(size_t(B) * c.num_classes);
+            sav::cuda::DeviceBuffer<float> img(size_t(B) * net.in_elems), logits(size_t(B) * net.classes);
             img.fill_bytes(0);
-            net.forward_eager(img.get(), logits.get(), B, nullptr);  // warm-up: algorithm choice, module loads
+            net.forward_eager(img.get(), logits.get(), B);  // warm-up: algorithm choice, module loads
             SAV_CUDA_CHECK(cudaDeviceSynchronize());
             SAV_CUDA_CHECK(cudaProfilerStart());
-            net.forward_eager(img.get(), logits.get(), B, nullptr);
+            net.forward_eager(img.get(), logits.get(), B);
             SAV_CUDA_CHECK(cudaDeviceSynchronize());
             SAV_CUDA_CHECK(cudaProfilerStop());
-            std::printf("%-28s %-9s %5d profiled one eager forward\n", name.c_str(), variant.c_str(), B);
+            std::printf("%-28s %-9s %5d profiled one eager forward\n", name.c_str(), vname.c_str(), B);
             continue;
           }
-          const double ms = sav::vit_cuda_median_ms(net, B, iters);
+          const double ms = net.median_ms(B, iters);
           std::string share = "-";
-          if (sa) {  // tokens to the shift expert over every MoE layer of the last (random-image) forward
+          if (sa || !weights.empty()) {  // tokens to the shift expert over every MoE layer of the last (random-image) forward
             size_t n = 0, shift = 0;
             for (const auto& [layer, ch] : net.moe_choices())
               for (int8_t e : ch) n += 1, shift += e == 1;
@@ -170,11 +242,11 @@ int main(int argc, char** argv) {
             std::snprintf(buf, sizeof buf, "%.1f%%", n ? 100.0 * shift / n : 0.0);
             share = buf;
           }
-          std::printf("%-28s %-9s %5d %10.4f %12.1f %9s\n", name.c_str(), variant.c_str(), B, ms, B * 1000.0 / ms,
+          std::printf("%-28s %-9s %5d %10.4f %12.1f %9s\n", name.c_str(), vname.c_str(), B, ms, B * 1000.0 / ms,
                       share.c_str());
           std::fflush(stdout);
           if (js)
-            js << "{\"model\": \"" << name << "\", \"variant\": \"" << variant << "\", \"batch\": " << B
+            js << "{\"model\": \"" << name << "\", \"variant\": \"" << vname << "\", \"batch\": " << B
                << ", \"engine_ms\": " << ms << "}\n";
         }
       }

@@ -30,7 +30,7 @@
 //                 (ops/cuda/ops.h moe_epilogue_forward); both experts are computed for every token;
 //   Hamming attn  to_qk and to_v as one product on the stacked [W_qk; W_v] (dense / shift) or two MoE
 //                 linears writing the two halves of one (M, 2C) buffer, then the fused Hamming kernel
-//                 (ops/cuda/hamming.cu), then proj.
+//                 (ops/cuda/hamming_tiled.cu: split over many CTAs per image and head), then proj.
 //
 // Legend: B batch, N tokens, C width, H heads, F mlp hidden, V classes, Cin channels, S image side,
 // M = B*N rows.
@@ -52,8 +52,8 @@ class ViTCuda {
  public:
   // Copies the parameters (and the KSH buffers) of `model` to the current CUDA device, decoding shift
   // weights and stacking MoE weights, and reads the model's ReparamOptions (gate mode, shift exponent
-  // range). Throws sav::Error for sizes the kernels do not cover (N <= 256, head size <= 64, C <= 1024;
-  // Hamming blocks: hash bits <= 64, anchors <= 32) and for ReparamOptions::release_compat (a CPU-only
+  // range). Throws sav::Error for sizes the kernels do not cover (softmax blocks: N <= 256 and head size <= 64; C <= 1024;
+  // Hamming blocks: ops/cuda/hamming_tiled.h hamming_tiled_supports) and for ReparamOptions::release_compat (a CPU-only
   // mode), before touching the device.
   explicit ViTCuda(const Vit& model);
   ~ViTCuda();

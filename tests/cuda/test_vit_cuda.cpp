@@ -324,11 +324,11 @@ TEST_F(VitCuda, ConvertedDeitTinyRunsAndReplaysBitIdentically) {
 // Runs without a GPU: the configuration checks come before any device call.
 TEST(VitCudaConfig, RejectsOversizedModels) {
   VitConfig c = tiny_config();
-  c.attn = "hs", c.anchors = 40;  // the Hamming kernel holds at most 32 anchors
+  c.attn = "hs", c.anchors = 65;  // the Hamming kernels hold at most 64 anchors
   Vit many_anchors(c);
   try {
     ViTCuda net(many_anchors);
-    FAIL() << "40 anchors should be refused";
+    FAIL() << "65 anchors should be refused";
   } catch (const sav::Error& e) {
     EXPECT_NE(std::string(e.what()).find("anchors"), std::string::npos) << e.what();
   }

@@ -5,7 +5,9 @@
 
 #include <cublasLt.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <map>
 #include <tuple>
 
@@ -41,6 +43,9 @@ const char* lt_status_name(cublasStatus_t s) {
 namespace {
 
 enum class Out { bf16, bf16_gelu, f32, f32_acc };
+// Input type and math of a product: bf16 inputs (tensor cores, f32 accumulation), f32 inputs with IEEE f32
+// math (CUDA cores), f32 inputs with TF32 tensor-core math.
+enum class In { bf16 = 0, f32 = 1, tf32 = 2 };
 
 struct Plan {
   cublasLtMatmulDesc_t desc = nullptr;
@@ -60,17 +65,17 @@ struct Plan {
 struct Gemm::Impl {
   cublasLtHandle_t handle = nullptr;
   DeviceBuffer<unsigned char> workspace;
-  // (M, K, F, output kind, has bias) -> plan
-  std::map<std::tuple<int, int, int, int, bool>, std::unique_ptr<Plan>> plans;
+  // (M, K, F, output kind, has bias, input kind, ldy, pointer alignment) -> plan
+  std::map<std::tuple<int, int, int, int, bool, int, int, int>, std::unique_ptr<Plan>> plans;
 
   // Times the heuristic's candidates on the call's operands (output to a scratch buffer) and returns the
   // index of the fastest; 0 (the heuristic's first choice) while the stream is being captured.
-  int fastest(const Plan& p, const cublasLtMatmulHeuristicResult_t* res, int found, int M, int F, bool f32,
-              const bf16* x, const bf16* w, cudaStream_t stream) {
+  int fastest(const Plan& p, const cublasLtMatmulHeuristicResult_t* res, int found, int M, int ldy, bool f32,
+              const void* x, const void* w, cudaStream_t stream) {
     cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
     SAV_CUDA_CHECK(cudaStreamIsCapturing(stream, &cap));
     if (cap != cudaStreamCaptureStatusNone) return 0;
-    DeviceBuffer<unsigned char> scratch(size_t(M) * F * (f32 ? 4 : 2));
+    DeviceBuffer<unsigned char> scratch(size_t(M) * ldy * (f32 ? 4 : 2));
     SAV_CUDA_CHECK(cudaMemsetAsync(scratch.get(), 0, scratch.bytes(), stream));
     Event e0, e1;
     const float alpha = 1.0f, beta = 0.0f;
@@ -95,15 +100,22 @@ struct Gemm::Impl {
     return best;
   }
 
-  Plan& plan(int M, int K, int F, Out out, bool has_bias, const void* bias, const bf16* x, const bf16* w,
-             cudaStream_t stream) {
-    auto key = std::make_tuple(M, K, F, int(out), has_bias);
+  Plan& plan(int M, int K, int F, int ldy, Out out, In in, bool has_bias, const void* bias, const void* y,
+             const void* x, const void* w, cudaStream_t stream) {
+    // The weakest alignment of the operands (cuBLASLt assumes 256 bytes unless told): a product that writes
+    // columns of a wider buffer (ldy > F) may start at any 4-byte boundary.
+    uint32_t align = 256;
+    for (const void* q : {static_cast<const void*>(y), x, w, bias})
+      if (q) align = std::min<uint32_t>(align, uint32_t(reinterpret_cast<uintptr_t>(q) & -reinterpret_cast<uintptr_t>(q)));
+    auto key = std::make_tuple(M, K, F, int(out), has_bias, int(in), ldy, int(align));
     auto it = plans.find(key);
     if (it != plans.end()) return *it->second;
     auto p = std::make_unique<Plan>();
     const bool f32 = out == Out::f32 || out == Out::f32_acc;
     const cudaDataType_t dtype = f32 ? CUDA_R_32F : CUDA_R_16BF;
-    SAV_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    const cublasComputeType_t ct = in == In::tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+    const cudaDataType_t itype = in == In::bf16 ? CUDA_R_16BF : CUDA_R_32F;
+    SAV_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p->desc, ct, CUDA_R_32F));
     const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
     SAV_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
     SAV_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
@@ -120,15 +132,19 @@ struct Gemm::Impl {
       SAV_CUBLAS_CHECK(
           cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
     }
-    SAV_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->a, CUDA_R_16BF, K, F, K));
-    SAV_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->b, CUDA_R_16BF, K, M, K));
-    SAV_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->d, dtype, F, M, F));
+    SAV_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->a, itype, K, F, K));
+    SAV_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->b, itype, K, M, K));
+    SAV_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->d, dtype, F, M, ldy));
 
     cublasLtMatmulPreference_t pref = nullptr;
     SAV_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
     const size_t ws = workspace.bytes();
     cublasStatus_t st =
         cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
+    for (auto attr : {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES})
+      if (st == CUBLAS_STATUS_SUCCESS && align < 256)
+        st = cublasLtMatmulPreferenceSetAttribute(pref, attr, &align, sizeof(align));
     constexpr int kCandidates = 8;
     cublasLtMatmulHeuristicResult_t res[kCandidates] = {};
     int found = 0;
@@ -140,16 +156,17 @@ struct Gemm::Impl {
                                                                         << " output " << (f32 ? "f32" : "bf16")
                                                                         << " epilogue " << int(p->epilogue));
     p->algo = res[0].algo;
-    if (found > 1) p->algo = res[fastest(*p, res, found, M, F, f32, x, w, stream)].algo;
+    if (found > 1) p->algo = res[fastest(*p, res, found, M, ldy, f32, x, w, stream)].algo;
     return *plans.emplace(key, std::move(p)).first->second;
   }
 
-  void run(void* y, const bf16* x, const bf16* w, const void* bias, int M, int K, int F, Out out,
+  void run(void* y, int ldy, const void* x, const void* w, const void* bias, int M, int K, int F, Out out, In in,
            cudaStream_t stream) {
     SAV_CHECK(y && x && w, "linear: null pointer");
-    SAV_CHECK(M >= 0 && K >= 1 && F >= 1, "linear: bad sizes M=" << M << " K=" << K << " F=" << F);
+    SAV_CHECK(M >= 0 && K >= 1 && F >= 1 && ldy >= F,
+              "linear: bad sizes M=" << M << " K=" << K << " F=" << F << " ldy=" << ldy);
     if (M == 0) return;
-    Plan& p = plan(M, K, F, out, bias != nullptr, bias, x, w, stream);
+    Plan& p = plan(M, K, F, ldy, out, in, bias != nullptr, bias, y, x, w, stream);
     if (bias)
       SAV_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
     const float alpha = 1.0f, beta = out == Out::f32_acc ? 1.0f : 0.0f;
@@ -172,12 +189,18 @@ Gemm::~Gemm() {
 
 void Gemm::linear_bf16(bf16* y, const bf16* x, const bf16* w, const bf16* b, int M, int K, int F, bool gelu,
                        cudaStream_t stream) {
-  impl_->run(y, x, w, b, M, K, F, gelu ? Out::bf16_gelu : Out::bf16, stream);
+  impl_->run(y, F, x, w, b, M, K, F, gelu ? Out::bf16_gelu : Out::bf16, In::bf16, stream);
 }
 
 void Gemm::linear_f32(float* y, const bf16* x, const bf16* w, const float* b, int M, int K, int F, bool accumulate,
                       cudaStream_t stream) {
-  impl_->run(y, x, w, b, M, K, F, accumulate ? Out::f32_acc : Out::f32, stream);
+  impl_->run(y, F, x, w, b, M, K, F, accumulate ? Out::f32_acc : Out::f32, In::bf16, stream);
+}
+
+void Gemm::linear_f32_in(float* y, int ldy, const float* x, const float* w, const float* b, int M, int K, int F,
+                         bool accumulate, F32Math math, cudaStream_t stream) {
+  impl_->run(y, ldy, x, w, b, M, K, F, accumulate ? Out::f32_acc : Out::f32,
+             math == F32Math::tf32 ? In::tf32 : In::f32, stream);
 }
 
 }  // namespace sav::cuda

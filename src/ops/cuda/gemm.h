@@ -5,9 +5,10 @@
 //   gemm.linear_bf16(h, xn, w1, b1, M, C, F, /*gelu*/ true, stream);   // h = GELU(xn W1^T + b1), bf16
 //   gemm.linear_f32(x, h, w2, b2, M, F, C, /*accumulate*/ true, stream);  // x += h W2^T + b2, f32
 //
-// Shape legend: M rows, K in-features, F out-features. x (M,K) bf16, w (F,K) bf16 (PyTorch nn.Linear
-// layout), y (M,F); all row-major and contiguous, every pointer aligned to 256 bytes (cudaMalloc gives that;
-// the algorithm is chosen for that alignment). GELU is cuBLASLt's tanh approximation: at most 4.7e-4 from
+// Shape legend: M rows, K in-features, F out-features. x (M,K), w (F,K) (PyTorch nn.Linear layout), y (M,F);
+// row-major, x and w contiguous, y contiguous unless an ldy is given. Pointers aligned to 256 bytes get the
+// fastest algorithms (cudaMalloc gives that); weaker alignments (a column offset into a wider y) are allowed
+// and planned for separately. GELU is cuBLASLt's tanh approximation: at most 4.7e-4 from
 // the exact erf form (torch.nn.GELU()), well under bf16's rounding of the output.
 //
 // Algorithms are chosen once per shape and cached: cuBLASLt's heuristic proposes up to 8, the first call of a
@@ -23,6 +24,10 @@
 
 namespace sav::cuda {
 
+// Math of the f32-input products: IEEE f32 (CUDA cores; what a CPU f32 BLAS computes, up to summation
+// order) or TF32 tensor cores (inputs rounded to 10-bit mantissas, f32 accumulation; ~8x the throughput).
+enum class F32Math { f32, tf32 };
+
 class Gemm {
  public:
   explicit Gemm(size_t workspace_bytes = size_t(32) << 20);
@@ -36,6 +41,10 @@ class Gemm {
   // y (M,F) f32 = x W^T + b, or y += x W^T + b when accumulate (the residual add);  b (F) f32 or nullptr
   void linear_f32(float* y, const bf16* x, const bf16* w, const float* b, int M, int K, int F, bool accumulate,
                   cudaStream_t stream);
+  // y (M,F) f32, row i at y + i*ldy (ldy >= F) = x W^T + b, or += when accumulate; x (M,K) f32, w (F,K) f32,
+  // b (F) f32 or nullptr.
+  void linear_f32_in(float* y, int ldy, const float* x, const float* w, const float* b, int M, int K, int F,
+                     bool accumulate, F32Math math, cudaStream_t stream);
 
  private:
   struct Impl;
