@@ -4,7 +4,8 @@
 #   shiftadd_cuda    static library: src/ops/cuda/*.cu + src/models/vit_cuda.cu, sm_90 (H100/H200) by default
 #   sav_cuda_tests   GoogleTest suite tests/cuda/test_*.cpp, registered in ctest; every GPU test skips
 #                    ("no CUDA device") on machines with nvcc but no GPU, so it builds and passes there
-#   sav_cuda_bench   tools/sav_cuda_bench.cpp: engine latency of the DeiT presets (scripts/h200_bench.sh)
+#   sav_cuda_bench   tools/sav_cuda_bench.cpp: engine latency of the DeiT and PVTv2 presets (scripts/h200_bench.sh)
+# and links the library into the shiftaddvit program (its --device cuda).
 # Other architectures: -DCMAKE_CUDA_ARCHITECTURES=80;90 (each one adds compile time).
 include(CheckLanguage)
 check_language(CUDA)
@@ -41,7 +42,8 @@ if(SAV_CUDA)
 
   file(GLOB SAV_CUDA_SOURCES CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/src/ops/cuda/*.cu)
   add_library(shiftadd_cuda STATIC ${SAV_CUDA_SOURCES} ${CMAKE_SOURCE_DIR}/src/models/vit_cuda.cu
-              ${CMAKE_SOURCE_DIR}/src/models/pvt_cuda.cu ${CMAKE_SOURCE_DIR}/src/models/cuda_model.cu)
+              ${CMAKE_SOURCE_DIR}/src/models/pvt_cuda.cu ${CMAKE_SOURCE_DIR}/src/models/cuda_model.cu
+              ${CMAKE_SOURCE_DIR}/src/models/gpu_model.cu)
   # The directory's add_compile_options (-Wall ...) are host-compiler flags: hand them to nvcc through
   # -Xcompiler for .cu files, keep them as they are for C++ files.
   get_target_property(_sav_dir_opts shiftadd_cuda COMPILE_OPTIONS)
@@ -74,6 +76,10 @@ if(SAV_CUDA)
     target_compile_definitions(sav_cuda_tests PRIVATE SAV_TEST_DATA="${CMAKE_SOURCE_DIR}/tests")
     gtest_discover_tests(sav_cuda_tests DISCOVERY_TIMEOUT 60 PROPERTIES TIMEOUT 900)
   endif()
+
+  # the command-line program's --device cuda
+  target_link_libraries(shiftaddvit PRIVATE shiftadd_cuda)
+  target_compile_definitions(shiftaddvit PRIVATE SAV_HAVE_CUDA=1)
 
   add_executable(sav_cuda_bench ${CMAKE_SOURCE_DIR}/tools/sav_cuda_bench.cpp)
   target_link_libraries(sav_cuda_bench PRIVATE shiftadd_cuda)

@@ -153,6 +153,32 @@ TEST_F(CliTest, InferMatchesTheLibraryForward) {
   for (int i = 0; i < B * 10; ++i) EXPECT_NEAR(logits.f32()[i], model->logits()[i], 1e-5f);
 }
 
+// --device cuda: on a machine with a GPU (and a CUDA build) the logits match the CPU's within bf16 rounding;
+// elsewhere the program says why in one line and exits 1.
+TEST_F(CliTest, InferOnCudaMatchesTheCpuOrSaysWhyNot) {
+  auto model = load_model(good);
+  const int B = 2;
+  Tensor x = Tensor::empty({B, 1, 28, 28});
+  Rng rng(4);
+  for (int64_t i = 0; i < x.numel(); ++i) x.f32()[i] = rng.normal();
+  std::string in = (dir / "in.safetensors").string(), out = (dir / "out.safetensors").string();
+  save_safetensors(in, {{"input", x}});
+  RunResult r = run_cli("infer --device cuda --weights " + good + " --input " + in + " --output " + out);
+  if (r.code != 0) {
+    EXPECT_EQ(r.code, 1) << r.out;
+    EXPECT_TRUE(r.out.find("no usable CUDA device") != std::string::npos ||
+                r.out.find("no CUDA backend") != std::string::npos)
+        << r.out;
+    EXPECT_EQ(r.out.find("error:"), r.out.rfind("error:")) << "one error line: " << r.out;
+    return;
+  }
+  Tensor logits = Checkpoint::open(out).get("logits");
+  model->forward(x.f32(), B, false);
+  float mx = 0;
+  for (int i = 0; i < B * 10; ++i) mx = std::max(mx, std::fabs(model->logits()[i]));
+  for (int i = 0; i < B * 10; ++i) EXPECT_NEAR(logits.f32()[i], model->logits()[i], 2e-2f * mx + 1e-3f);
+}
+
 TEST_F(CliTest, InferRejectsWrongInputShape) {
   std::string in = (dir / "in.safetensors").string();
   save_safetensors(in, {{"input", Tensor::zeros({2, 3, 28, 28})}});
