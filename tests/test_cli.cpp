@@ -57,6 +57,14 @@ class CliTest : public ::testing::Test {
     save_model(*model, good);
   }
   void TearDown() override { fs::remove_all(dir); }
+  // B random (1,28,28) images, also written to dir/in.safetensors as the tensor `input`.
+  Tensor random_input(int B, uint64_t seed) {
+    Tensor x = Tensor::empty({B, 1, 28, 28});
+    Rng rng(seed);
+    for (int64_t i = 0; i < x.numel(); ++i) x.f32()[i] = rng.normal();
+    save_safetensors((dir / "in.safetensors").string(), {{"input", x}});
+    return x;
+  }
   fs::path dir;
   std::string good;
 };
@@ -139,11 +147,8 @@ TEST_F(CliTest, MissingDatasetIsOneLineError) {
 TEST_F(CliTest, InferMatchesTheLibraryForward) {
   auto model = load_model(good);
   const int B = 3;
-  Tensor x = Tensor::empty({B, 1, 28, 28});
-  Rng rng(9);
-  for (int64_t i = 0; i < x.numel(); ++i) x.f32()[i] = rng.normal();
-  std::string in = (dir / "in.safetensors").string(), out = (dir / "out.safetensors").string();
-  save_safetensors(in, {{"input", x}});
+  const Tensor x = random_input(B, 9);
+  const std::string in = (dir / "in.safetensors").string(), out = (dir / "out.safetensors").string();
   RunResult r = run_cli("infer --weights " + good + " --input " + in + " --output " + out + " --batch 2");
   ASSERT_EQ(r.code, 0) << r.out;
   Checkpoint res = Checkpoint::open(out);
@@ -158,11 +163,8 @@ TEST_F(CliTest, InferMatchesTheLibraryForward) {
 TEST_F(CliTest, InferOnCudaMatchesTheCpuOrSaysWhyNot) {
   auto model = load_model(good);
   const int B = 2;
-  Tensor x = Tensor::empty({B, 1, 28, 28});
-  Rng rng(4);
-  for (int64_t i = 0; i < x.numel(); ++i) x.f32()[i] = rng.normal();
-  std::string in = (dir / "in.safetensors").string(), out = (dir / "out.safetensors").string();
-  save_safetensors(in, {{"input", x}});
+  const Tensor x = random_input(B, 4);
+  const std::string in = (dir / "in.safetensors").string(), out = (dir / "out.safetensors").string();
   RunResult r = run_cli("infer --device cuda --weights " + good + " --input " + in + " --output " + out);
   if (r.code != 0) {
     EXPECT_EQ(r.code, 1) << r.out;
