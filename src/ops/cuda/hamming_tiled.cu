@@ -38,7 +38,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <mutex>
 #include <utility>
 
 #include "ops/cuda/hamming_tiled.h"
@@ -694,16 +693,11 @@ __global__ void __launch_bounds__(kThreads, 2) hamming_tiled_kernel(const __grid
 
 bool aligned(const void* ptr, size_t a) { return reinterpret_cast<uintptr_t>(ptr) % a == 0; }
 
-// Compute capability major of the current device, cached per device (no attribute query inside graph captures).
 int device_cc_major() {
-  static std::mutex mu;
-  static int cache[64] = {};
-  int dev = 0;
+  int dev = 0, major = 0;
   SAV_CUDA_CHECK(cudaGetDevice(&dev));
-  SAV_CHECK(dev >= 0 && dev < 64, "CUDA device index " << dev << " out of range");
-  std::lock_guard<std::mutex> lock(mu);
-  if (cache[dev] == 0) SAV_CUDA_CHECK(cudaDeviceGetAttribute(&cache[dev], cudaDevAttrComputeCapabilityMajor, dev));
-  return cache[dev];
+  SAV_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  return major;
 }
 
 template <class T, bool kVec4>
