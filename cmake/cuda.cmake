@@ -43,7 +43,8 @@ if(SAV_CUDA)
   file(GLOB SAV_CUDA_SOURCES CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/src/ops/cuda/*.cu)
   add_library(shiftadd_cuda STATIC ${SAV_CUDA_SOURCES} ${CMAKE_SOURCE_DIR}/src/models/vit_cuda.cu
               ${CMAKE_SOURCE_DIR}/src/models/pvt_cuda.cu ${CMAKE_SOURCE_DIR}/src/models/cuda_model.cu
-              ${CMAKE_SOURCE_DIR}/src/models/gpu_model.cu)
+              ${CMAKE_SOURCE_DIR}/src/models/gpu_model.cu
+              ${CMAKE_SOURCE_DIR}/src/models/vit_cuda_train.cu)
   # The directory's add_compile_options (-Wall ...) are host-compiler flags: hand them to nvcc through
   # -Xcompiler for .cu files, keep them as they are for C++ files.
   get_target_property(_sav_dir_opts shiftadd_cuda COMPILE_OPTIONS)
@@ -65,7 +66,7 @@ if(SAV_CUDA)
   endif()
   set_target_properties(shiftadd_cuda PROPERTIES COMPILE_OPTIONS "${_sav_cuda_opts}"
                                                  CUDA_SEPARABLE_COMPILATION OFF POSITION_INDEPENDENT_CODE ON)
-  target_link_libraries(shiftadd_cuda PUBLIC shiftadd CUDA::cudart CUDA::cublasLt)
+  target_link_libraries(shiftadd_cuda PUBLIC shiftadd CUDA::cudart CUDA::cublas CUDA::cublasLt)
 
   if(SAV_BUILD_TESTS)
     file(GLOB SAV_CUDA_TEST_SOURCES CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/tests/cuda/test_*.cpp

@@ -148,37 +148,6 @@ void print_env() {
   std::cerr << "shiftaddvit: " << num_threads() << " threads, cpu " << cpu_features_str() << "\n";
 }
 
-int cmd_train(const ModelArgs& m, const DataArgs& d, TrainOptions opt) {
-  print_env();
-  auto model = build_model(m);
-  if (m.weights.empty()) {
-    Rng rng(opt.seed);
-    model->init_random(rng);
-  }
-  Dataset train = load_split(d, true, model->img_size(), model->in_chans());
-  Dataset test = load_split(d, false, model->img_size(), model->in_chans());
-  opt.normalize = normalize_for(d, model->in_chans());
-  std::cerr << "model " << model->arch() << " (" << model->params().numel() << " parameters); data " << train.source
-            << ": " << train.n << " train / " << test.n << " test images\n";
-  Trainer trainer(*model, train, test, opt);
-  TrainSummary s = trainer.run();
-  Table t({"epoch", "train loss", "train acc %", "test top-1 %", "test loss", "img/s", "time"});
-  for (auto& e : s.epochs)
-    t.add({std::to_string(e.epoch), fmt(e.train_loss, 4), fmt(100 * e.train_acc, 2), fmt(100 * e.test_top1, 2),
-           fmt(e.test_loss, 4), fmt(e.images_per_s, 0), fmt_duration(e.seconds)});
-  std::cout << "\n";
-  t.print(std::cout);
-  if (!s.finished) {
-    std::cout << "stopped after " << s.steps << " steps (--max-steps); resume with --resume\n";
-    return 0;
-  }
-  std::cout << "final: test top-1 " << fmt(100 * s.final_eval.top1, 2) << "% on " << s.final_eval.n << " images, "
-            << s.steps << " steps in " << fmt_duration(s.seconds);
-  if (!opt.out_dir.empty()) std::cout << "; model written to " << opt.out_dir << "/model.safetensors";
-  std::cout << "\n";
-  return 0;
-}
-
 int cmd_eval(const ModelArgs& m, const DataArgs& d, int batch, int64_t limit) {
   auto model = build_model(m);
   Dataset test = load_split(d, false, model->img_size(), model->in_chans());
@@ -205,11 +174,65 @@ struct DeviceArgs {
   bool tf32 = false;
 };
 
+// The trainable GPU copy of a model for train / finetune --device cuda; nullptr for --device cpu.
+std::unique_ptr<ImageClassifier> gpu_trainer_for(ImageClassifier& m, const DeviceArgs& dev) {
+  if (dev.device != "cuda") return nullptr;
+#ifdef SAV_HAVE_CUDA
+  return make_gpu_trainer(m, dev.tf32);
+#else
+  (void)m;
+  SAV_THROW("--device cuda: this build has no CUDA backend (configure where nvcc is installed, -DSAV_CUDA=ON)");
+#endif
+}
+
+void add_train_device_flags(CLI::App* app, DeviceArgs& d) {
+  app->add_option("--device", d.device, "Where to train: cpu, or cuda (forward, backward and AdamW on the GPU in "
+                                        "f32; ViT/DeiT models)")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
+  app->add_flag("--tf32", d.tf32, "With --device cuda: products on TF32 tensor cores (f32 master weights and "
+                                  "activations) instead of IEEE f32");
+}
+
+int cmd_train(const ModelArgs& m, const DataArgs& d, const DeviceArgs& dev, TrainOptions opt) {
+  print_env();
+  auto model = build_model(m);
+  if (m.weights.empty()) {
+    Rng rng(opt.seed);
+    model->init_random(rng);
+  }
+  Dataset train = load_split(d, true, model->img_size(), model->in_chans());
+  Dataset test = load_split(d, false, model->img_size(), model->in_chans());
+  opt.normalize = normalize_for(d, model->in_chans());
+  std::cerr << "model " << model->arch() << " (" << model->params().numel() << " parameters); data " << train.source
+            << ": " << train.n << " train / " << test.n << " test images\n";
+  std::unique_ptr<ImageClassifier> gpu = gpu_trainer_for(*model, dev);
+  if (gpu) std::cerr << "training on the GPU (" << (dev.tf32 ? "tf32" : "f32") << " products)\n";
+  Trainer trainer(gpu ? *gpu : *model, train, test, opt);
+  TrainSummary s = trainer.run();
+  Table t({"epoch", "train loss", "train acc %", "test top-1 %", "test loss", "img/s", "time"});
+  for (auto& e : s.epochs)
+    t.add({std::to_string(e.epoch), fmt(e.train_loss, 4), fmt(100 * e.train_acc, 2), fmt(100 * e.test_top1, 2),
+           fmt(e.test_loss, 4), fmt(e.images_per_s, 0), fmt_duration(e.seconds)});
+  std::cout << "\n";
+  t.print(std::cout);
+  if (!s.finished) {
+    std::cout << "stopped after " << s.steps << " steps (--max-steps); resume with --resume\n";
+    return 0;
+  }
+  std::cout << "final: test top-1 " << fmt(100 * s.final_eval.top1, 2) << "% on " << s.final_eval.n << " images, "
+            << s.steps << " steps in " << fmt_duration(s.seconds);
+  if (!opt.out_dir.empty()) std::cout << "; model written to " << opt.out_dir << "/model.safetensors";
+  std::cout << "\n";
+  return 0;
+}
+
+
 void add_device_flags(CLI::App* app, DeviceArgs& d) {
   app->add_option("--device", d.device, "Where to run: cpu, or cuda (the GPU backend; ViTs in bf16, PVTv2 in f32)")
       ->check(CLI::IsMember({"cpu", "cuda"}))
       ->capture_default_str();
-  app->add_flag("--tf32", d.tf32, "With --device cuda: PVTv2 products on TF32 tensor cores (faster; about 1e-3 "
+  app->add_flag("--tf32", d.tf32, "With --device cuda: PVTv2 products (and with --train all training products) on TF32 tensor cores (faster; about 1e-3 "
                                   "relative) instead of IEEE f32");
 }
 
@@ -244,7 +267,6 @@ int cmd_infer(const ModelArgs& m, const DeviceArgs& dev, const std::string& inpu
 int cmd_bench(const ModelArgs& m, const DeviceArgs& dev, const std::string& batches, int iters, int warmup,
               bool train) {
   print_env();
-  SAV_CHECK(!(train && dev.device == "cuda"), "--train --device cuda: training on the GPU is not implemented yet");
   std::vector<std::string> archs;
   std::stringstream ss(m.arch);
   std::string a;
@@ -260,8 +282,17 @@ int cmd_bench(const ModelArgs& m, const DeviceArgs& dev, const std::string& batc
       model->init_random(rng);
     }
     std::unique_ptr<GpuClassifier> gpu;
-    if (dev.device == "cuda") gpu = gpu_model_for(*model, dev.tf32);
+    std::unique_ptr<ImageClassifier> gpu_train;
+    if (dev.device == "cuda" && train) gpu_train = gpu_trainer_for(*model, dev);  // f32 forward + train step
+    else if (dev.device == "cuda") gpu = gpu_model_for(*model, dev.tf32);
     for (int b : bs) {
+      if (gpu_train) {  // host images in, host logits out, like the Trainer's own loop
+        BenchResult r = bench_model(*gpu_train, b, iters, warmup, true);
+        t.add({model->arch() + (dev.tf32 ? " (cuda train tf32)" : " (cuda train f32)"), std::to_string(b),
+               fmt(r.forward_ms, 3), fmt(1000.0 * b / r.forward_ms, 1), fmt(r.train_step_ms, 3),
+               fmt(1000.0 * b / r.train_step_ms, 1)});
+        continue;
+      }
       if (gpu) {  // graph replays on the GPU; warm-up inside
         const double ms = gpu->median_ms(b, iters);
         t.add({model->arch() + " (cuda " + gpu->precision() + ")", std::to_string(b), fmt(ms, 3),
@@ -376,17 +407,21 @@ int cmd_convert(const ModelArgs& m, const DataArgs& d, const ReparamArgs& r, con
 }
 
 // Staged fine-tuning: stage 1 converts the attention only, stage 2 also the linears (METHOD.md section 4).
-int cmd_finetune(const ModelArgs& m, const DataArgs& d, const ReparamArgs& r, TrainOptions opt, int epochs1,
-                 int epochs2, bool distill) {
+int cmd_finetune(const ModelArgs& m, const DataArgs& d, const ReparamArgs& r, const DeviceArgs& dev,
+                 TrainOptions opt, int epochs1, int epochs2, bool distill) {
   print_env();
   SAV_CHECK(!opt.out_dir.empty(), "finetune needs --out");
   auto teacher = build_model(m);
   Dataset train = load_split(d, true, teacher->img_size(), teacher->in_chans());
   Dataset test = load_split(d, false, teacher->img_size(), teacher->in_chans());
   opt.normalize = normalize_for(d, teacher->in_chans());
-  EvalResult t_eval = evaluate(*teacher, test, opt.normalize, opt.eval_batch, opt.eval_limit);
+  // --device cuda: the teacher and each stage's student run on the GPU (the host models keep the names,
+  // metadata and, after each stage, the trained parameters).
+  std::unique_ptr<ImageClassifier> teacher_gpu = gpu_trainer_for(*teacher, dev);
+  ImageClassifier& teacher_run = teacher_gpu ? *teacher_gpu : *teacher;
+  EvalResult t_eval = evaluate(teacher_run, test, opt.normalize, opt.eval_batch, opt.eval_limit);
   std::cerr << "teacher " << teacher->arch() << ": test top-1 " << fmt(100 * t_eval.top1, 2) << "%\n";
-  if (distill) opt.teacher = teacher.get();
+  if (distill) opt.teacher = &teacher_run;
   Table t({"stage", "attention", "mlp linears", "attn linears", "epochs", "test top-1 %", "teacher top-1 %", "delta"});
   std::unique_ptr<ImageClassifier> cur;
   struct Stage { std::string name; ReparamArgs args; int epochs; };
@@ -412,11 +447,13 @@ int cmd_finetune(const ModelArgs& m, const DataArgs& d, const ReparamArgs& r, Tr
       TrainOptions o = opt;
       o.out_dir = dir;
       o.epochs = st.epochs;
-      Trainer trainer(*next, train, test, o);
+      std::unique_ptr<ImageClassifier> gpu = gpu_trainer_for(*next, dev);
+      Trainer trainer(gpu ? *gpu : *next, train, test, o);
       TrainSummary s = trainer.run();
       if (!s.finished) return 0;
     }
-    EvalResult e = evaluate(*next, test, opt.normalize, opt.eval_batch, opt.eval_limit);
+    std::unique_ptr<ImageClassifier> next_gpu = gpu_trainer_for(*next, dev);
+    EvalResult e = evaluate(next_gpu ? *next_gpu : *next, test, opt.normalize, opt.eval_batch, opt.eval_limit);
     const LayerKinds nc = next->kinds();
     t.add({st.name, nc.attn, nc.mlp, nc.attn_linear, std::to_string(st.epochs), fmt(100 * e.top1, 2),
            fmt(100 * t_eval.top1, 2), fmt(100 * (e.top1 - t_eval.top1), 2)});
@@ -660,6 +697,8 @@ int main(int argc, char** argv) {
   train->add_option("--max-steps", topt.max_steps, "Stop (with a checkpoint) after N steps of this run (0: no limit)");
   bool no_progress = false;
   train->add_flag("--no-progress", no_progress, "No progress bar");
+  DeviceArgs train_dev, finetune_dev;
+  add_train_device_flags(train, train_dev);
 
   auto* eval = app.add_subcommand("eval", "Top-1/top-5 accuracy of a checkpoint on the test split");
   add_model_flags(eval, em, true, "");
@@ -683,7 +722,7 @@ int main(int argc, char** argv) {
   bench->add_option("--iters", bench_iters, "Timed iterations (the median is reported)")->capture_default_str()
       ->check(cli_positive_int());
   bench->add_option("--warmup", bench_warmup, "Untimed iterations first")->capture_default_str();
-  bench->add_flag("--train", bench_train, "Also time a full training step (forward, backward, AdamW; CPU only)");
+  bench->add_flag("--train", bench_train, "Also time a full training step (forward, backward, AdamW; with --device cuda on the GPU, f32 or --tf32)");
   add_device_flags(bench, bench_dev);
 
   ModelArgs cm, fm;
@@ -725,6 +764,7 @@ int main(int argc, char** argv) {
   finetune->add_flag("--resume", fopt.resume, "Continue finished stages and OUT/stageK/last.safetensors");
   finetune->add_option("--max-steps", fopt.max_steps, "Stop (with a checkpoint) after N steps of a stage");
   finetune->add_flag("--no-progress", f_no_progress, "No progress bar");
+  add_train_device_flags(finetune, finetune_dev);
 
   ModelArgs nm, pm, rm;
   DataArgs nd, rd;
@@ -791,7 +831,7 @@ int main(int argc, char** argv) {
   try {
     if (threads > 0) set_num_threads(threads);
     topt.progress = !no_progress;
-    if (*train) return cmd_train(tm, td, topt);
+    if (*train) return cmd_train(tm, td, train_dev, topt);
     if (*eval) return cmd_eval(em, ed, eval_batch, eval_limit);
     if (*infer) return cmd_infer(im, infer_dev, in_path, out_path, infer_batch);
     if (*bench) return cmd_bench(bm, bench_dev, bench_batches, bench_iters, bench_warmup, bench_train);
@@ -801,7 +841,7 @@ int main(int argc, char** argv) {
     if (*route) return cmd_route(rm, rd, r_image, r_index, r_out);
     if (*finetune) {
       fopt.progress = !f_no_progress;
-      return cmd_finetune(fm, fd, fr, fopt, epochs1, epochs2, distill);
+      return cmd_finetune(fm, fd, fr, finetune_dev, fopt, epochs1, epochs2, distill);
     }
   } catch (const sav::Error& e) {
     std::cerr << "error: " << e.what() << "\n";

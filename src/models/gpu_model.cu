@@ -4,6 +4,7 @@
 #include "core/error.h"
 #include "models/pvt_cuda.h"
 #include "models/vit_cuda.h"
+#include "models/vit_cuda_train.h"
 #include "ops/cuda/common.h"
 
 namespace sav {
@@ -40,6 +41,14 @@ std::unique_ptr<GpuClassifier> make_gpu_model(ImageClassifier& model, bool tf32)
   if (auto* p = dynamic_cast<Pvt*>(&model)) return std::make_unique<PvtGpu>(*p, tf32);
   if (auto* v = dynamic_cast<Vit*>(&model)) return std::make_unique<VitGpu>(*v);
   SAV_THROW("--device cuda: " << model.arch() << " has no CUDA implementation");
+}
+
+std::unique_ptr<ImageClassifier> make_gpu_trainer(ImageClassifier& model, bool tf32) {
+  SAV_CHECK(cuda::device_available(), "--device cuda: no usable CUDA device on this machine (use --device cpu)");
+  if (auto* v = dynamic_cast<Vit*>(&model))
+    return std::make_unique<VitCudaTrain>(*v, tf32 ? cuda::F32Math::tf32 : cuda::F32Math::f32);
+  SAV_THROW("--device cuda: training " << model.arch() << " on the GPU is not implemented (ViT/DeiT models are); "
+                                       "use --device cpu");
 }
 
 }  // namespace sav

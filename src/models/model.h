@@ -12,6 +12,24 @@ namespace sav {
 
 class Rng;
 struct ReparamOptions;
+struct AdamWOptions;
+
+// Training that keeps the parameters, gradients and AdamW moments on an accelerator (the GPU trainer of
+// models/vit_cuda_train.h). The Trainer calls these instead of its host optimizer when a model offers one;
+// the host ParamSet (params()) is brought up to date by download_state before every checkpoint.
+class DeviceTrainer {
+ public:
+  virtual ~DeviceTrainer() = default;
+  virtual void zero_grads() = 0;
+  // Clips the gradients to global L2 norm `clip` (<= 0: no clipping) and applies AdamW step number t (1 for
+  // the first) with learning rate lr, as train/optim.h; returns the norm before clipping. Throws sav::Error
+  // naming the first non-finite gradient tensor (nothing is updated then).
+  virtual float optimizer_step(const AdamWOptions& opt, float lr, float clip, int64_t t) = 0;
+  // Device -> host: the parameters into the model's params(), the moments into m and v (nullptr: skip).
+  virtual void download_state(ParamSet* m, ParamSet* v) = 0;
+  // Host -> device: the model's params() (and buffers), and the moments when given (after a resume).
+  virtual void upload_state(const ParamSet* m, const ParamSet* v) = 0;
+};
 
 // What a model's layers are (one character per block or stage; empty strings: all dense / softmax).
 struct LayerKinds {
@@ -37,7 +55,7 @@ class ImageClassifier {
   // Frozen tensors saved with the model but never trained (e.g. KSH hash parameters); may be empty.
   virtual ParamSet* buffers() { return nullptr; }
   // Seeds the randomness of training forwards (router noise) so a step is a function of its seed.
-  virtual void set_noise_seed(uint64_t seed) {}
+  virtual void set_noise_seed(uint64_t /*seed*/) {}
   // Fresh random parameters as timm initialises the architecture (training from scratch).
   virtual void init_random(Rng& rng) = 0;
   // One line: arch, geometry and, for ShiftAddViT models, the layer kinds.
@@ -47,6 +65,8 @@ class ImageClassifier {
   virtual ReparamOptions* reparam_options() { return nullptr; }
   // Everything needed to rebuild the model from a checkpoint, stored in its __metadata__.
   virtual std::map<std::string, std::string> metadata() const = 0;
+  // Non-null for models that train on an accelerator (see DeviceTrainer).
+  virtual DeviceTrainer* device_trainer() { return nullptr; }
 };
 
 }  // namespace sav

@@ -44,6 +44,13 @@ BenchResult bench_model(ImageClassifier& model, int batch, int iters, int warmup
           cpu::cross_entropy_forward(probs.data(), model.logits(), labels.data(), batch, V, 0.1f);
           std::fill(dl.begin(), dl.end(), 0.0f);
           cpu::cross_entropy_backward(dl.data(), probs.data(), labels.data(), batch, V, 0.1f, 1.0f);
+          if (DeviceTrainer* dt = model.device_trainer()) {  // gradients and AdamW on the accelerator
+            dt->zero_grads();
+            model.backward(dl.data());
+            dt->optimizer_step(opt.options(), 1e-5f, 1.0f, opt.steps() + 1);
+            opt.set_steps(opt.steps() + 1);
+            return;
+          }
           model.grads().zero();
           model.backward(dl.data());
           clip_grad_norm(model.grads(), 1.0f);

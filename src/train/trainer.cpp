@@ -222,12 +222,20 @@ TrainSummary Trainer::run() {
     remove_stale_temporaries(opt_.out_dir);
   }
 
+  // A model that trains on an accelerator keeps parameters, gradients and moments there; the host copies are
+  // refreshed before each checkpoint.
+  DeviceTrainer* dt = model_.device_trainer();
+  auto checkpoint = [&](int64_t at) {
+    if (dt) dt->download_state(&optim_.m(), &optim_.v());
+    save_state(last, at);
+  };
   int64_t step = 0;
   if (opt_.resume) {
     SAV_CHECK(!last.empty(), "--resume needs an output folder (--out)");
     struct stat st;
     if (::stat(last.c_str(), &st) == 0) {
       step = load_state(last);
+      if (dt) dt->upload_state(&optim_.m(), &optim_.v());
       std::cerr << "resumed from " << last << " at step " << step << "/" << total << "\n";
     } else {
       std::cerr << "no " << last << " to resume from; starting fresh\n";
@@ -249,7 +257,7 @@ TrainSummary Trainer::run() {
     const double t_epoch = now_s();
     for (int64_t s = step - epoch * steps_per_epoch; s < steps_per_epoch; ++s, ++step) {
       if (opt_.max_steps > 0 && steps_this_run >= opt_.max_steps) {
-        if (!last.empty()) save_state(last, step);
+        if (!last.empty()) checkpoint(step);
         summary.steps = step;
         summary.seconds = now_s() - t_start;
         return summary;
@@ -273,13 +281,25 @@ TrainSummary Trainer::run() {
         opt_.teacher->forward(images.data(), B, false);
         kd = distill_loss(dlogits.data(), student.data(), opt_.teacher->logits(), B, V, opt_.distill_temp, opt_.distill);
       }
-      model_.grads().zero();
-      model_.backward(dlogits.data());
-      const int bad = first_nonfinite(model_.grads());
-      SAV_CHECK(bad < 0, "gradient of '" << model_.grads().name(bad < 0 ? 0 : bad) << "' is not finite at step " << step
-                                         << "; the last good checkpoint is kept; try a lower --lr or --clip");
-      clip_grad_norm(model_.grads(), opt_.clip);
-      optim_.step(model_.params(), model_.grads(), cosine_lr(step, total, warmup, opt_.lr, opt_.min_lr));
+      const float lr = cosine_lr(step, total, warmup, opt_.lr, opt_.min_lr);
+      if (dt) {
+        dt->zero_grads();
+        model_.backward(dlogits.data());
+        try {
+          dt->optimizer_step(optim_.options(), lr, opt_.clip, optim_.steps() + 1);
+        } catch (const Error& e) {
+          SAV_THROW(e.what() << " at step " << step << "; the last good checkpoint is kept; try a lower --lr or --clip");
+        }
+        optim_.set_steps(optim_.steps() + 1);
+      } else {
+        model_.grads().zero();
+        model_.backward(dlogits.data());
+        const int bad = first_nonfinite(model_.grads());
+        SAV_CHECK(bad < 0, "gradient of '" << model_.grads().name(bad < 0 ? 0 : bad) << "' is not finite at step "
+                                           << step << "; the last good checkpoint is kept; try a lower --lr or --clip");
+        clip_grad_norm(model_.grads(), opt_.clip);
+        optim_.step(model_.params(), model_.grads(), lr);
+      }
       ++steps_this_run;
       loss_sum += ce_weight * loss + (opt_.teacher ? opt_.distill * kd : 0.0f) + aux;
       for (int b = 0; b < B; ++b) {
@@ -288,7 +308,7 @@ TrainSummary Trainer::run() {
       }
       seen += B;
       bar.update(s + 1, B, {{"loss", loss_sum / (seen / B)}, {"acc", double(correct) / seen}});
-      if (opt_.save_every > 0 && !last.empty() && (step + 1) % opt_.save_every == 0) save_state(last, step + 1);
+      if (opt_.save_every > 0 && !last.empty() && (step + 1) % opt_.save_every == 0) checkpoint(step + 1);
     }
     bar.finish();
     const double train_s = now_s() - t_epoch;
@@ -297,13 +317,14 @@ TrainSummary Trainer::run() {
                               ev.loss, seen / std::max(train_s, 1e-9), train_s});
     std::cerr << "epoch " << epoch + 1 << ": train loss " << fmt(summary.epochs.back().train_loss, 4) << ", test top-1 "
               << fmt(100 * ev.top1, 2) << "%\n";
-    if (!last.empty()) save_state(last, step);
+    if (!last.empty()) checkpoint(step);
     summary.final_eval = ev;
   }
   if (summary.epochs.empty()) summary.final_eval = evaluate(model_, test_, opt_.normalize, opt_.eval_batch, opt_.eval_limit);
   summary.steps = step;
   summary.seconds = now_s() - t_start;
   summary.finished = true;
+  if (dt) dt->download_state(nullptr, nullptr);
   if (!opt_.out_dir.empty()) save_model(model_, opt_.out_dir + "/model.safetensors");
   return summary;
 }

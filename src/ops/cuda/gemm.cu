@@ -64,6 +64,7 @@ struct Plan {
 
 struct Gemm::Impl {
   cublasLtHandle_t handle = nullptr;
+  bool autotune = true;
   DeviceBuffer<unsigned char> workspace;
   // (M, K, F, output kind, has bias, input kind, ldy, pointer alignment) -> plan
   std::map<std::tuple<int, int, int, int, bool, int, int, int>, std::unique_ptr<Plan>> plans;
@@ -74,7 +75,7 @@ struct Gemm::Impl {
               const void* x, const void* w, cudaStream_t stream) {
     cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
     SAV_CUDA_CHECK(cudaStreamIsCapturing(stream, &cap));
-    if (cap != cudaStreamCaptureStatusNone) return 0;
+    if (cap != cudaStreamCaptureStatusNone || !autotune) return 0;
     DeviceBuffer<unsigned char> scratch(size_t(M) * ldy * (f32 ? 4 : 2));
     SAV_CUDA_CHECK(cudaMemsetAsync(scratch.get(), 0, scratch.bytes(), stream));
     Event e0, e1;
@@ -175,7 +176,8 @@ struct Gemm::Impl {
   }
 };
 
-Gemm::Gemm(size_t workspace_bytes) : impl_(std::make_unique<Impl>()) {
+Gemm::Gemm(size_t workspace_bytes, bool autotune) : impl_(std::make_unique<Impl>()) {
+  impl_->autotune = autotune;
   SAV_CUBLAS_CHECK(cublasLtCreate(&impl_->handle));
   impl_->workspace.resize(workspace_bytes);
 }

@@ -15,7 +15,7 @@
 // shape times each on its operands (into a scratch output) and keeps the fastest (the heuristic's first
 // choice when that call is being captured into a graph). Later calls allocate nothing, so they can be
 // captured. Results are bit-identical from call to call with one Gemm; another Gemm may pick another
-// algorithm (summation order). Not thread-safe: one Gemm per thread.
+// algorithm (summation order) unless it is built with autotune = false. Not thread-safe: one Gemm per thread.
 #pragma once
 
 #include <memory>
@@ -30,7 +30,9 @@ enum class F32Math { f32, tf32 };
 
 class Gemm {
  public:
-  explicit Gemm(size_t workspace_bytes = size_t(32) << 20);
+  // autotune false: always the heuristic's first algorithm, so every Gemm (e.g. the one of a resumed training
+  // run) computes a shape the same way: reproducible bit for bit across objects and processes.
+  explicit Gemm(size_t workspace_bytes = size_t(32) << 20, bool autotune = true);
   ~Gemm();
   Gemm(const Gemm&) = delete;
   Gemm& operator=(const Gemm&) = delete;

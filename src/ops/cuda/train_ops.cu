@@ -1,0 +1,716 @@
+// The float32 training ops of train_ops.h. Every kernel writes each of its output elements from exactly one
+// thread; no atomics; every sum runs in an order fixed by the sizes alone, so reruns are bit-identical.
+// Launch configurations:
+//
+//  im2col_f32              grid-stride, 256 threads, one thread per element of cols (a gather; the writes
+//                          are coalesced, the reads contiguous along kx).
+//  embed_tokens_forward    grid-stride, one thread per element of x.
+//  embed_tokens_backward   dpe: grid-stride copy, one thread per element; dpos / dcls: one thread per (n, c),
+//                          starting from the stored value and adding dx[b, n, c] for b = 0..B-1 (the CPU
+//                          loop's order, so bit-exact).
+//  layernorm_train_forward one warp per row, 8 rows per 256-thread block; the row is read three times
+//                          (sum, squared deviations, output) in lane-strided order, warp sums by xor shuffles.
+//  layernorm_train_backward dw / db: blocks of 32 x 8 threads over (chunk of kColRows rows, 32 columns); each
+//                          thread sums 8 rows of its column, the 8 partials are added in order through shared
+//                          memory and stored in ws (dw partials, then db partials); then one thread per column
+//                          adds the chunk partials in chunk order and adds the total to dw / db. dx: one warp
+//                          per row (8 per block), two passes (sums of g and g xhat, then the update).
+//  gelu_*, add_f32         grid-stride elementwise.
+//  colsum_f32              as LayerNorm's db: chunk partials in ws, then a per-column ordered sum.
+//  attention_train_*       one 256-thread block per (b, h, tile of 8 rows), grid B*H*ceil(N/8). Forward: the
+//                          8 query rows in shared memory, scores (8 x N floats of dynamic shared memory, at
+//                          most 32 KB for N = 1024) by one warp per key (lanes over the head's dims, xor-shuffle
+//                          sums), softmax by one warp per row (expf, division by the sum), then out = P V with
+//                          one thread per (row, dim) summing over keys in order. Backward: kernel 1 (same
+//                          tiling) dP = dout V^T into shared memory, then ds = P (dP - rowsum(dP P)) to the
+//                          work space; kernel 2: dq = scale ds K, one thread per (query row, dim); kernel 3:
+//                          dk = scale ds^T Q and dv = P^T dout, one thread per (key row, dim), sums over the
+//                          queries in order. Every element of dqkv is written by exactly one of kernels 2, 3.
+//  sumsq_f64               one 256-thread block per chunk of kSqChunk elements (double accumulation, fixed
+//                          tree reduction in shared memory), partial sums and non-finite counts in ws; then a
+//                          single thread adds the chunk partials in chunk order.
+//  adamw_step_f32          grid-stride elementwise; every float operation through the __f*_rn intrinsics (never
+//                          contracted into FMAs), in the order of train/optim.cpp's loop.
+#include <algorithm>
+#include <climits>
+#include <cmath>
+
+#include "ops/cuda/train_ops.h"
+
+namespace sav::cuda {
+
+namespace {
+
+constexpr int kThreads = 256;
+
+int grid_stride_blocks(int64_t work) {
+  return int(std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, int64_t(sm_count()) * 16)));
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__device__ __forceinline__ int64_t global_thread() { return int64_t(blockIdx.x) * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ int64_t grid_threads() { return int64_t(gridDim.x) * blockDim.x; }
+
+// ---------------------------------------------------------------------------------------------------------
+// im2col and token assembly
+
+__global__ void __launch_bounds__(kThreads)
+    im2col_kernel(float* cols, const float* img, int Cin, int S, int p, int G, int64_t total) {
+  const int P = G * G, pp = p * p, K = Cin * pp;
+  for (int64_t i = global_thread(); i < total; i += grid_threads()) {
+    const int64_t row = i / K;
+    const int col = int(i - row * K);
+    const int64_t b = row / P;
+    const int pidx = int(row - b * P);
+    const int py = pidx / G, px = pidx - py * G;
+    const int ci = col / pp, t = col - ci * pp;
+    const int ky = t / p, kx = t - ky * p;
+    cols[i] = img[((b * Cin + ci) * S + py * p + ky) * S + px * p + kx];
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    embed_forward_kernel(float* x, const float* pe, const float* cls, const float* pos, int N, int C, int64_t total) {
+  const int64_t NC = int64_t(N) * C;
+  for (int64_t i = global_thread(); i < total; i += grid_threads()) {
+    const int64_t b = i / NC;
+    const int64_t nc = i - b * NC;  // n * C + c
+    if (nc < C)
+      x[i] = cls[nc] + pos[nc];
+    else
+      x[i] = pe[b * (NC - C) + nc - C] + pos[nc];
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) embed_dpe_kernel(float* dpe, const float* dx, int N, int C, int64_t total) {
+  const int64_t PC = int64_t(N - 1) * C;
+  for (int64_t i = global_thread(); i < total; i += grid_threads()) {
+    const int64_t b = i / PC;
+    dpe[i] = dx[b * (PC + C) + C + (i - b * PC)];
+  }
+}
+
+// One thread per (n, c): the sums over b in order b = 0..B-1, starting from the stored values.
+__global__ void __launch_bounds__(kThreads)
+    embed_dpos_kernel(float* dcls, float* dpos, const float* dx, int B, int N, int C) {
+  const int64_t NC = int64_t(N) * C;
+  for (int64_t i = global_thread(); i < NC; i += grid_threads()) {
+    if (dpos) {
+      float a = dpos[i];
+      for (int b = 0; b < B; ++b) a += dx[b * NC + i];
+      dpos[i] = a;
+    }
+    if (dcls && i < C) {
+      float a = dcls[i];
+      for (int b = 0; b < B; ++b) a += dx[b * NC + i];
+      dcls[i] = a;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// LayerNorm
+
+constexpr int kLnWarps = 8;      // rows per block
+constexpr int kColRows = 64;     // rows per chunk of the column partial sums
+constexpr int kColThreadsY = 8;  // blocks of 32 x 8 threads
+
+__global__ void __launch_bounds__(kLnWarps * 32)
+    ln_forward_kernel(float* y, int ldy, float* mean, float* rstd, const float* x, int ldx, const float* w,
+                      const float* b, int M, int C, float eps) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = int64_t(blockIdx.x) * kLnWarps + (threadIdx.x >> 5);
+  if (row >= M) return;  // the whole warp leaves together
+  const float* xr = x + row * ldx;
+  float s = 0.0f;
+  for (int c = lane; c < C; c += 32) s += xr[c];
+  const float mu = warp_sum(s) / float(C);
+  float q = 0.0f;
+  for (int c = lane; c < C; c += 32) {
+    const float dv = xr[c] - mu;
+    q += dv * dv;
+  }
+  const float rs = 1.0f / sqrtf(warp_sum(q) / float(C) + eps);
+  float* yr = y + row * ldy;
+  for (int c = lane; c < C; c += 32) yr[c] = (xr[c] - mu) * rs * w[c] + b[c];
+  if (lane == 0) {
+    if (mean) mean[row] = mu;
+    if (rstd) rstd[row] = rs;
+  }
+}
+
+__global__ void __launch_bounds__(kLnWarps * 32)
+    ln_backward_dx_kernel(float* dx, int lddx, const float* dy, int lddy, const float* x, int ldx, const float* w,
+                          const float* mean, const float* rstd, int M, int C) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = int64_t(blockIdx.x) * kLnWarps + (threadIdx.x >> 5);
+  if (row >= M) return;
+  const float* xr = x + row * ldx;
+  const float* dyr = dy + row * lddy;
+  const float mu = mean[row], rs = rstd[row];
+  float sg = 0.0f, sgx = 0.0f;
+  for (int c = lane; c < C; c += 32) {
+    const float g = dyr[c] * w[c];
+    const float xhat = (xr[c] - mu) * rs;
+    sg += g;
+    sgx += g * xhat;
+  }
+  const float mean_g = warp_sum(sg) / float(C), mean_gx = warp_sum(sgx) / float(C);
+  float* dxr = dx + row * lddx;
+  for (int c = lane; c < C; c += 32) {
+    const float g = dyr[c] * w[c];
+    const float xhat = (xr[c] - mu) * rs;
+    dxr[c] += rs * (g - mean_g - xhat * mean_gx);
+  }
+}
+
+// Column partial sums over chunks of kColRows rows: block (chunk, 32 columns), 32 x 8 threads. LN: ws[chunk * C
+// + c] = sum dy * xhat, ws[(nchunks + chunk) * C + c] = sum dy; !LN (colsum): ws[chunk * C + c] = sum dy.
+template <bool LN>
+__global__ void __launch_bounds__(32 * kColThreadsY)
+    col_partial_kernel(float* ws, const float* dy, int lddy, const float* x, int ldx, const float* mean,
+                       const float* rstd, int M, int C) {
+  __shared__ float sw[kColThreadsY][33], sb[kColThreadsY][33];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int c = blockIdx.y * 32 + tx;
+  const int chunk = blockIdx.x, nchunks = gridDim.x;
+  const int r1 = int(min(int64_t(M), (int64_t(chunk) + 1) * kColRows));
+  float pw = 0.0f, pb = 0.0f;
+  if (c < C) {
+    for (int r = chunk * kColRows + ty; r < r1; r += kColThreadsY) {
+      const float d = dy[int64_t(r) * lddy + c];
+      if constexpr (LN) pw += d * ((x[int64_t(r) * ldx + c] - mean[r]) * rstd[r]);
+      pb += d;
+    }
+  }
+  sw[ty][tx] = pw;
+  sb[ty][tx] = pb;
+  __syncthreads();
+  if (ty == 0 && c < C) {
+    float tw = 0.0f, tb = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kColThreadsY; ++k) {
+      tw += sw[k][tx];
+      tb += sb[k][tx];
+    }
+    if constexpr (LN) {
+      ws[int64_t(chunk) * C + c] = tw;
+      ws[(int64_t(nchunks) + chunk) * C + c] = tb;
+    } else {
+      ws[int64_t(chunk) * C + c] = tb;
+    }
+  }
+}
+
+// out[c] += sum over chunks k = 0..nchunks-1 (in order) of part[k * C + c].
+__global__ void __launch_bounds__(kThreads) col_finalize_kernel(float* out, const float* part, int nchunks, int C) {
+  const int c = blockIdx.x * kThreads + threadIdx.x;
+  if (c >= C) return;
+  float s = 0.0f;
+#pragma unroll 8
+  for (int k = 0; k < nchunks; ++k) s += part[int64_t(k) * C + c];
+  out[c] += s;
+}
+
+int col_chunks(int M) { return (M + kColRows - 1) / kColRows; }
+
+// ---------------------------------------------------------------------------------------------------------
+// GELU, add
+
+constexpr float kInvSqrt2 = 0.70710678118654752440f;
+constexpr float kInvSqrt2Pi = 0.39894228040143267794f;
+
+__global__ void __launch_bounds__(kThreads) gelu_forward_kernel(float* y, const float* x, int64_t n) {
+  for (int64_t i = global_thread(); i < n; i += grid_threads()) {
+    const float v = x[i];
+    y[i] = 0.5f * v * (1.0f + erff(v * kInvSqrt2));
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    gelu_backward_kernel(float* dx, const float* dy, const float* x, int64_t n) {
+  for (int64_t i = global_thread(); i < n; i += grid_threads()) {
+    const float v = x[i];
+    const float cdf = 0.5f * (1.0f + erff(v * kInvSqrt2));
+    const float pdf = kInvSqrt2Pi * expf(-0.5f * v * v);
+    dx[i] = dy[i] * (cdf + v * pdf);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) add_kernel(float* y, const float* a, const float* b, int64_t n) {
+  for (int64_t i = global_thread(); i < n; i += grid_threads()) y[i] = a[i] + b[i];
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// attention
+
+constexpr int kAtRows = 8;  // query (or key) rows per block
+constexpr int kAtThreads = 256;
+constexpr int kAtWarps = kAtThreads / 32;
+constexpr int kAtMaxD = 128;
+constexpr int kAtMaxN = 1024;
+static_assert(kAtRows == kAtWarps, "the softmax gives one warp to each row of the tile");
+
+struct AtGeom {
+  int N, C, H, d, tiles;
+  float scale;
+};
+
+struct AtTile {
+  int b, h, r0, rows;
+};
+
+__device__ __forceinline__ AtTile at_tile(const AtGeom& g) {
+  const int bid = blockIdx.x;
+  const int tile = bid % g.tiles, bh = bid / g.tiles;
+  AtTile t;
+  t.h = bh % g.H;
+  t.b = bh / g.H;
+  t.r0 = tile * kAtRows;
+  t.rows = min(kAtRows, g.N - t.r0);
+  return t;
+}
+
+// A (rows x d, shared) = rows r0 .. r0+rows-1 of src (row r at src + r * lda).
+__device__ __forceinline__ void at_load_rows(float* A, const float* src, int64_t lda, int rows, int d) {
+  for (int e = threadIdx.x; e < rows * d; e += kAtThreads) {
+    const int r = e / d, t = e - r * d;
+    A[e] = src[r * lda + t];
+  }
+}
+
+// S[r * N + j] = alpha * sum_t A[r * d + t] * kb[j * ldk + t] for r < rows, j < N: one warp per key j, lanes
+// over t (<= 128: 4 values per lane), xor-shuffle sums. The loops are uniform over each warp.
+__device__ __forceinline__ void at_scores(float* S, const float* A, const float* kb, int64_t ldk, int N, int d,
+                                          int rows, float alpha) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int j = warp; j < N; j += kAtWarps) {
+    const float* kj = kb + j * ldk;
+    float kr[kAtMaxD / 32];
+#pragma unroll
+    for (int m = 0; m < kAtMaxD / 32; ++m) {
+      const int t = lane + 32 * m;
+      kr[m] = t < d ? kj[t] : 0.0f;
+    }
+    for (int r = 0; r < rows; ++r) {
+      const float* ar = A + r * d;
+      float s = 0.0f;
+#pragma unroll
+      for (int m = 0; m < kAtMaxD / 32; ++m) {
+        const int t = lane + 32 * m;
+        if (t < d) s += ar[t] * kr[m];
+      }
+      s = warp_sum(s);
+      if (lane == 0) S[r * N + j] = s * alpha;
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kAtThreads)
+    attention_forward_kernel(float* out, float* att, const float* qkv, const AtGeom g) {
+  extern __shared__ float smem[];
+  const AtTile tl = at_tile(g);
+  const int N = g.N, C = g.C, d = g.d;
+  const int64_t C3 = 3 * int64_t(C);
+  float* S = smem;                // kAtRows x N: scores, then probabilities
+  float* A = smem + kAtRows * N;  // kAtRows x d: the query rows
+  const float* base = qkv + int64_t(tl.b) * N * C3;
+  at_load_rows(A, base + tl.r0 * C3 + tl.h * d, C3, tl.rows, d);
+  __syncthreads();
+  at_scores(S, A, base + C + tl.h * d, C3, N, d, tl.rows, g.scale);
+  __syncthreads();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (warp < tl.rows) {
+    float* Sr = S + warp * N;
+    float mx = -INFINITY;
+    for (int j = lane; j < N; j += 32) mx = fmaxf(mx, Sr[j]);
+    mx = warp_max(mx);
+    float sum = 0.0f;
+    for (int j = lane; j < N; j += 32) {
+      const float e = expf(Sr[j] - mx);
+      Sr[j] = e;
+      sum += e;
+    }
+    sum = warp_sum(sum);
+    float* ar = att + ((int64_t(tl.b) * g.H + tl.h) * N + tl.r0 + warp) * N;
+    for (int j = lane; j < N; j += 32) {
+      const float p = Sr[j] / sum;
+      Sr[j] = p;
+      ar[j] = p;
+    }
+  }
+  __syncthreads();
+  const float* vb = base + 2 * int64_t(C) + tl.h * d;
+  for (int e = threadIdx.x; e < tl.rows * d; e += kAtThreads) {
+    const int r = e / d, t = e - r * d;
+    const float* pr = S + r * N;
+    float acc = 0.0f;
+    for (int j = 0; j < N; ++j) acc += pr[j] * vb[j * C3 + t];
+    out[(int64_t(tl.b) * N + tl.r0 + r) * C + tl.h * d + t] = acc;
+  }
+}
+
+// ds rows of the tile: dP = dout V^T (shared), then ds = P (dP - sum_j dP P).
+__global__ void __launch_bounds__(kAtThreads)
+    attention_ds_kernel(float* ds, const float* dout, const float* qkv, const float* att, const AtGeom g) {
+  extern __shared__ float smem[];
+  const AtTile tl = at_tile(g);
+  const int N = g.N, C = g.C, d = g.d;
+  const int64_t C3 = 3 * int64_t(C);
+  float* S = smem;                // kAtRows x N: dP
+  float* A = smem + kAtRows * N;  // kAtRows x d: dout rows
+  const float* base = qkv + int64_t(tl.b) * N * C3;
+  at_load_rows(A, dout + (int64_t(tl.b) * N + tl.r0) * C + tl.h * d, C, tl.rows, d);
+  __syncthreads();
+  at_scores(S, A, base + 2 * int64_t(C) + tl.h * d, C3, N, d, tl.rows, 1.0f);
+  __syncthreads();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (warp < tl.rows) {
+    const float* Sr = S + warp * N;
+    const int64_t off = ((int64_t(tl.b) * g.H + tl.h) * N + tl.r0 + warp) * N;
+    const float* pr = att + off;
+    float dot = 0.0f;
+    for (int j = lane; j < N; j += 32) dot += Sr[j] * pr[j];
+    dot = warp_sum(dot);
+    float* dsr = ds + off;
+    for (int j = lane; j < N; j += 32) dsr[j] = pr[j] * (Sr[j] - dot);
+  }
+}
+
+// dq[i, t] = scale sum_j ds[i, j] k[j, t]: one thread per (query row of the tile, t).
+__global__ void __launch_bounds__(kAtThreads)
+    attention_dq_kernel(float* dqkv, const float* ds, const float* qkv, const AtGeom g) {
+  const AtTile tl = at_tile(g);
+  const int N = g.N, C = g.C, d = g.d;
+  const int64_t C3 = 3 * int64_t(C);
+  const float* kb = qkv + int64_t(tl.b) * N * C3 + C + tl.h * d;
+  const float* dsb = ds + (int64_t(tl.b) * g.H + tl.h) * N * N;
+  for (int e = threadIdx.x; e < tl.rows * d; e += kAtThreads) {
+    const int r = e / d, t = e - r * d, i = tl.r0 + r;
+    const float* dsr = dsb + int64_t(i) * N;
+    float acc = 0.0f;
+    for (int j = 0; j < N; ++j) acc += dsr[j] * kb[j * C3 + t];
+    dqkv[(int64_t(tl.b) * N + i) * C3 + tl.h * d + t] = acc * g.scale;
+  }
+}
+
+// dk[j, t] = scale sum_i ds[i, j] q[i, t];  dv[j, t] = sum_i P[i, j] dout[i, t]: one thread per (key row of the
+// tile, t), sums over i in order.
+__global__ void __launch_bounds__(kAtThreads) attention_dkv_kernel(float* dqkv, const float* ds, const float* dout,
+                                                                   const float* qkv, const float* att, const AtGeom g) {
+  const AtTile tl = at_tile(g);
+  const int N = g.N, C = g.C, d = g.d;
+  const int64_t C3 = 3 * int64_t(C);
+  const float* qb = qkv + int64_t(tl.b) * N * C3 + tl.h * d;
+  const float* ob = dout + int64_t(tl.b) * N * C + tl.h * d;
+  const int64_t hoff = (int64_t(tl.b) * g.H + tl.h) * N * N;
+  for (int e = threadIdx.x; e < tl.rows * d; e += kAtThreads) {
+    const int r = e / d, t = e - r * d, j = tl.r0 + r;
+    const float* dsc = ds + hoff + j;
+    const float* pc = att + hoff + j;
+    float ak = 0.0f, av = 0.0f;
+    for (int i = 0; i < N; ++i) {
+      ak += dsc[int64_t(i) * N] * qb[i * C3 + t];
+      av += pc[int64_t(i) * N] * ob[int64_t(i) * C + t];
+    }
+    float* dr = dqkv + (int64_t(tl.b) * N + j) * C3 + tl.h * d + t;
+    dr[C] = ak * g.scale;
+    dr[2 * int64_t(C)] = av;
+  }
+}
+
+AtGeom attention_geom(int B, int N, int C, int H, const char* what) {
+  SAV_CHECK(attention_train_supports(N, C, H), what << ": N=" << N << ", C=" << C << ", H=" << H
+                                                    << " not supported (C % H == 0, head size 1..." << kAtMaxD
+                                                    << ", 1 <= N <= " << kAtMaxN << ")");
+  SAV_CHECK(B >= 0, what << ": negative batch " << B);
+  AtGeom g{};
+  g.N = N, g.C = C, g.H = H, g.d = C / H, g.tiles = (N + kAtRows - 1) / kAtRows;
+  g.scale = float(1.0 / std::sqrt(double(g.d)));
+  SAV_CHECK(int64_t(B) * H * g.tiles <= INT_MAX, what << ": too many blocks (B=" << B << ", H=" << H << ")");
+  return g;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// optimizer
+
+constexpr int64_t kSqChunk = int64_t(1) << 15;
+
+__global__ void __launch_bounds__(kThreads) sumsq_partial_kernel(double* ws, const float* g, int64_t n) {
+  __shared__ double ss[kThreads];
+  __shared__ unsigned int sc[kThreads];
+  const int64_t lo = int64_t(blockIdx.x) * kSqChunk, hi = min(n, lo + kSqChunk);
+  double s = 0.0;
+  unsigned int bad = 0;
+  for (int64_t i = lo + threadIdx.x; i < hi; i += kThreads) {
+    const float v = g[i];
+    s += double(v) * double(v);
+    bad += isfinite(v) ? 0u : 1u;
+  }
+  ss[threadIdx.x] = s;
+  sc[threadIdx.x] = bad;
+  __syncthreads();
+  for (int o = kThreads / 2; o > 0; o >>= 1) {
+    if (int(threadIdx.x) < o) {
+      ss[threadIdx.x] += ss[threadIdx.x + o];
+      sc[threadIdx.x] += sc[threadIdx.x + o];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    ws[blockIdx.x] = ss[0];
+    ws[gridDim.x + blockIdx.x] = double(sc[0]);
+  }
+}
+
+__global__ void sumsq_final_kernel(double* out, const double* ws, int64_t nchunks) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  double s = 0.0, bad = 0.0;
+  for (int64_t k = 0; k < nchunks; ++k) {
+    s += ws[k];
+    bad += ws[nchunks + k];
+  }
+  out[0] = s;
+  out[1] = bad;
+}
+
+__global__ void __launch_bounds__(kThreads)
+    adamw_kernel(float* p, const float* g, float* m, float* v, const uint8_t* mask, int64_t n, float gscale, float lr,
+                 float wd, float b1, float b2, float bc1, float bc2, float eps) {
+  const float decay = __fsub_rn(1.0f, __fmul_rn(lr, wd));
+  const float omb1 = __fsub_rn(1.0f, b1), omb2 = __fsub_rn(1.0f, b2);
+  for (int64_t j = global_thread(); j < n; j += grid_threads()) {
+    const float gs = __fmul_rn(g[j], gscale);
+    const float mj = __fadd_rn(__fmul_rn(b1, m[j]), __fmul_rn(omb1, gs));
+    const float vj = __fadd_rn(__fmul_rn(b2, v[j]), __fmul_rn(__fmul_rn(omb2, gs), gs));
+    m[j] = mj;
+    v[j] = vj;
+    const float mh = __fdiv_rn(mj, bc1), vh = __fdiv_rn(vj, bc2);
+    const float dec = mask[j] ? decay : 1.0f;
+    p[j] = __fsub_rn(__fmul_rn(p[j], dec), __fdiv_rn(__fmul_rn(lr, mh), __fadd_rn(__fsqrt_rn(vh), eps)));
+  }
+}
+
+}  // namespace
+
+// ---- patch embedding, tokens ----
+
+void im2col_f32(float* cols, const float* img, int B, int Cin, int S, int p, cudaStream_t stream) {
+  SAV_CHECK(B >= 0 && Cin >= 1 && p >= 1 && S >= p,
+            "im2col_f32: bad sizes B=" << B << " Cin=" << Cin << " S=" << S << " p=" << p << " (need S >= p >= 1)");
+  const int G = S / p;
+  SAV_CHECK(int64_t(Cin) * p * p <= INT_MAX && int64_t(G) * G <= INT_MAX, "im2col_f32: sizes too large");
+  const int64_t total = int64_t(B) * G * G * Cin * p * p;
+  if (total == 0) return;
+  SAV_CHECK(cols && img, "im2col_f32: null pointer");
+  im2col_kernel<<<grid_stride_blocks(total), kThreads, 0, stream>>>(cols, img, Cin, S, p, G, total);
+  SAV_CUDA_CHECK_LAUNCH();
+}
+
+void embed_tokens_forward(float* x, const float* pe, const float* cls, const float* pos, int B, int N, int C,
+                          cudaStream_t stream) {
+  SAV_CHECK(B >= 0 && N >= 1 && C >= 1, "embed_tokens_forward: bad sizes B=" << B << " N=" << N << " C=" << C);
+  if (B == 0) return;
+  SAV_CHECK(x && cls && pos && (pe || N == 1), "embed_tokens_forward: null pointer");
+  const int64_t total = int64_t(B) * N * C;
+  embed_forward_kernel<<<grid_stride_blocks(total), kThreads, 0, stream>>>(x, pe, cls, pos, N, C, total);
+  SAV_CUDA_CHECK_LAUNCH();
+}
+
+void embed_tokens_backward(float* dpe, float* dcls, float* dpos, const float* dx, int B, int N, int C,
+                           cudaStream_t stream) {
+  SAV_CHECK(B >= 0 && N >= 1 && C >= 1, "embed_tokens_backward: bad sizes B=" << B << " N=" << N << " C=" << C);
+  if (B == 0 || (!dpe && !dcls && !dpos)) return;
+  SAV_CHECK(dx, "embed_tokens_backward: null dx");
+  const int64_t npe = int64_t(B) * (N - 1) * C;
+  if (dpe && npe > 0) {
+    embed_dpe_kernel<<<grid_stride_blocks(npe), kThreads, 0, stream>>>(dpe, dx, N, C, npe);
+    SAV_CUDA_CHECK_LAUNCH();
+  }
+  if (dcls || dpos) {
+    embed_dpos_kernel<<<grid_stride_blocks(int64_t(N) * C), kThreads, 0, stream>>>(dcls, dpos, dx, B, N, C);
+    SAV_CUDA_CHECK_LAUNCH();
+  }
+}
+
+// ---- LayerNorm ----
+
+// mean and rstd may be nullptr (not saved); y, x, w, b are required.
+void layernorm_train_forward(float* y, int ldy, float* mean, float* rstd, const float* x, int ldx, const float* w,
+                             const float* b, int M, int C, float eps, cudaStream_t stream) {
+  SAV_CHECK(M >= 0 && C >= 1, "layernorm_train_forward: bad sizes M=" << M << " C=" << C);
+  SAV_CHECK(ldy >= C && ldx >= C,
+            "layernorm_train_forward: leading dimensions " << ldy << ", " << ldx << " below width " << C);
+  if (M == 0) return;
+  SAV_CHECK(y && x && w && b, "layernorm_train_forward: null pointer");
+  SAV_CHECK(y != x, "layernorm_train_forward: y must not alias x");
+  const int blocks = (M + kLnWarps - 1) / kLnWarps;
+  ln_forward_kernel<<<blocks, kLnWarps * 32, 0, stream>>>(y, ldy, mean, rstd, x, ldx, w, b, M, C, eps);
+  SAV_CUDA_CHECK_LAUNCH();
+}
+
+size_t layernorm_backward_workspace_floats(int M, int C) {
+  if (M <= 0 || C <= 0) return 0;
+  return size_t(2) * size_t(col_chunks(M)) * size_t(C);
+}
+
+void layernorm_train_backward(float* dx, int lddx, float* dw, float* db, const float* dy, int lddy, const float* x,
+                              int ldx, const float* w, const float* mean, const float* rstd, int M, int C, float* ws,
+                              cudaStream_t stream) {
+  SAV_CHECK(M >= 0 && C >= 1, "layernorm_train_backward: bad sizes M=" << M << " C=" << C);
+  SAV_CHECK(lddy >= C && ldx >= C && (!dx || lddx >= C), "layernorm_train_backward: leading dimensions (dx "
+                                                             << lddx << ", dy " << lddy << ", x " << ldx
+                                                             << ") below width " << C);
+  if (M == 0 || (!dx && !dw && !db)) return;
+  SAV_CHECK(dy && x && mean && rstd, "layernorm_train_backward: null pointer");
+  SAV_CHECK(!dx || w, "layernorm_train_backward: null w");
+  const int nchunks = col_chunks(M);
+  SAV_CHECK((C + 31) / 32 <= 65535, "layernorm_train_backward: C=" << C << " too large");
+  // the partials first: they read dy, which the caller may have aliased with dx
+  if (dw || db) {
+    SAV_CHECK(ws, "layernorm_train_backward: null work space (layernorm_backward_workspace_floats floats)");
+    const dim3 grid(nchunks, (C + 31) / 32), block(32, kColThreadsY);
+    col_partial_kernel<true><<<grid, block, 0, stream>>>(ws, dy, lddy, x, ldx, mean, rstd, M, C);
+    SAV_CUDA_CHECK_LAUNCH();
+    const int fblocks = (C + kThreads - 1) / kThreads;
+    if (dw) {
+      col_finalize_kernel<<<fblocks, kThreads, 0, stream>>>(dw, ws, nchunks, C);
+      SAV_CUDA_CHECK_LAUNCH();
+    }
+    if (db) {
+      col_finalize_kernel<<<fblocks, kThreads, 0, stream>>>(db, ws + size_t(nchunks) * C, nchunks, C);
+      SAV_CUDA_CHECK_LAUNCH();
+    }
+  }
+  if (dx) {
+    const int blocks = (M + kLnWarps - 1) / kLnWarps;
+    ln_backward_dx_kernel<<<blocks, kLnWarps * 32, 0, stream>>>(dx, lddx, dy, lddy, x, ldx, w, mean, rstd, M, C);
+    SAV_CUDA_CHECK_LAUNCH();
+  }
+}
+
+// ---- GELU, add ----
+
+void gelu_forward_f32(float* y, const float* x, int64_t n, cudaStream_t stream) {
+  SAV_CHECK(n >= 0, "gelu_forward_f32: negative size " << n);
+  if (n == 0) return;
+  SAV_CHECK(y && x, "gelu_forward_f32: null pointer");
+  gelu_forward_kernel<<<grid_stride_blocks(n), kThreads, 0, stream>>>(y, x, n);
+  SAV_CUDA_CHECK_LAUNCH();
+}
+
+void gelu_backward_f32(float* dx, const float* dy, const float* x, int64_t n, cudaStream_t stream) {
+  SAV_CHECK(n >= 0, "gelu_backward_f32: negative size " << n);
+  if (n == 0) return;
+  SAV_CHECK(dx && dy && x, "gelu_backward_f32: null pointer");
+  gelu_backward_kernel<<<grid_stride_blocks(n), kThreads, 0, stream>>>(dx, dy, x, n);
+  SAV_CUDA_CHECK_LAUNCH();
+}
+
+void add_f32(float* y, const float* a, const float* b, int64_t n, cudaStream_t stream) {
+  SAV_CHECK(n >= 0, "add_f32: negative size " << n);
+  if (n == 0) return;
+  SAV_CHECK(y && a && b, "add_f32: null pointer");
+  add_kernel<<<grid_stride_blocks(n), kThreads, 0, stream>>>(y, a, b, n);
+  SAV_CUDA_CHECK_LAUNCH();
+}
+
+// ---- column sums ----
+
+size_t colsum_workspace_floats(int M, int F) {
+  if (M <= 0 || F <= 0) return 0;
+  return size_t(col_chunks(M)) * size_t(F);
+}
+
+void colsum_f32(float* db, const float* dy, int lddy, int M, int F, float* ws, cudaStream_t stream) {
+  SAV_CHECK(M >= 0 && F >= 1 && lddy >= F, "colsum_f32: bad sizes M=" << M << " F=" << F << " lddy=" << lddy);
+  if (M == 0) return;
+  SAV_CHECK(db && dy, "colsum_f32: null pointer");
+  SAV_CHECK(ws, "colsum_f32: null work space (colsum_workspace_floats floats)");
+  SAV_CHECK((F + 31) / 32 <= 65535, "colsum_f32: F=" << F << " too large");
+  const int nchunks = col_chunks(M);
+  const dim3 grid(nchunks, (F + 31) / 32), block(32, kColThreadsY);
+  col_partial_kernel<false><<<grid, block, 0, stream>>>(ws, dy, lddy, nullptr, 0, nullptr, nullptr, M, F);
+  SAV_CUDA_CHECK_LAUNCH();
+  col_finalize_kernel<<<(F + kThreads - 1) / kThreads, kThreads, 0, stream>>>(db, ws, nchunks, F);
+  SAV_CUDA_CHECK_LAUNCH();
+}
+
+// ---- attention ----
+
+bool attention_train_supports(int N, int C, int H) {
+  return C >= 1 && H >= 1 && C % H == 0 && C / H <= kAtMaxD && N >= 1 && N <= kAtMaxN;
+}
+
+void attention_train_forward(float* out, float* att, const float* qkv, int B, int N, int C, int H,
+                             cudaStream_t stream) {
+  const AtGeom g = attention_geom(B, N, C, H, "attention_train_forward");
+  if (B == 0) return;
+  SAV_CHECK(out && att && qkv, "attention_train_forward: null pointer");
+  const size_t smem = sizeof(float) * size_t(kAtRows) * size_t(N + g.d);  // <= 36 KB
+  attention_forward_kernel<<<B * H * g.tiles, kAtThreads, smem, stream>>>(out, att, qkv, g);
+  SAV_CUDA_CHECK_LAUNCH();
+}
+
+void attention_train_backward(float* dqkv, float* ds, const float* dout, const float* qkv, const float* att, int B,
+                              int N, int C, int H, cudaStream_t stream) {
+  const AtGeom g = attention_geom(B, N, C, H, "attention_train_backward");
+  if (B == 0) return;
+  SAV_CHECK(dqkv && ds && dout && qkv && att, "attention_train_backward: null pointer");
+  const int blocks = B * H * g.tiles;
+  const size_t smem = sizeof(float) * size_t(kAtRows) * size_t(N + g.d);
+  attention_ds_kernel<<<blocks, kAtThreads, smem, stream>>>(ds, dout, qkv, att, g);
+  SAV_CUDA_CHECK_LAUNCH();
+  attention_dq_kernel<<<blocks, kAtThreads, 0, stream>>>(dqkv, ds, qkv, g);
+  SAV_CUDA_CHECK_LAUNCH();
+  attention_dkv_kernel<<<blocks, kAtThreads, 0, stream>>>(dqkv, ds, dout, qkv, att, g);
+  SAV_CUDA_CHECK_LAUNCH();
+}
+
+// ---- optimizer ----
+
+size_t sumsq_workspace_doubles(int64_t n) {
+  if (n <= 0) return 0;
+  return size_t(2) * size_t((n + kSqChunk - 1) / kSqChunk);
+}
+
+// n = 0: out = {0, 0} by a memset on the stream (no kernel).
+void sumsq_f64(double* out, const float* g, int64_t n, double* ws, cudaStream_t stream) {
+  SAV_CHECK(n >= 0, "sumsq_f64: negative size " << n);
+  SAV_CHECK(out, "sumsq_f64: null out");
+  if (n == 0) {
+    SAV_CUDA_CHECK(cudaMemsetAsync(out, 0, 2 * sizeof(double), stream));
+    return;
+  }
+  SAV_CHECK(g, "sumsq_f64: null g");
+  SAV_CHECK(ws, "sumsq_f64: null work space (sumsq_workspace_doubles doubles)");
+  const int64_t nchunks = (n + kSqChunk - 1) / kSqChunk;
+  SAV_CHECK(nchunks <= INT_MAX, "sumsq_f64: n=" << n << " too large");
+  sumsq_partial_kernel<<<unsigned(nchunks), kThreads, 0, stream>>>(ws, g, n);
+  SAV_CUDA_CHECK_LAUNCH();
+  sumsq_final_kernel<<<1, 1, 0, stream>>>(out, ws, nchunks);
+  SAV_CUDA_CHECK_LAUNCH();
+}
+
+void adamw_step_f32(float* p, const float* g, float* m, float* v, const uint8_t* decay_mask, int64_t n, float gscale,
+                    float lr, float wd, float b1, float b2, float bc1, float bc2, float eps, cudaStream_t stream) {
+  SAV_CHECK(n >= 0, "adamw_step_f32: negative size " << n);
+  if (n == 0) return;
+  SAV_CHECK(p && g && m && v && decay_mask, "adamw_step_f32: null pointer");
+  adamw_kernel<<<grid_stride_blocks(n), kThreads, 0, stream>>>(p, g, m, v, decay_mask, n, gscale, lr, wd, b1, b2, bc1,
+                                                               bc2, eps);
+  SAV_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace sav::cuda
