@@ -13,46 +13,21 @@
 #include "core/rng.h"
 #include "nn/linear_layer.h"
 #include "ops/cpu/hamming.h"
+#include "models/cuda_train_core.h"
 #include "ops/cuda/blas.h"
 #include "ops/cuda/common.h"
 #include "ops/cuda/gemm.h"
 #include "ops/cuda/hamming_train.h"
 #include "ops/cuda/moe_train.h"
 #include "ops/cuda/train_ops.h"
-#include "train/optim.h"
 
 namespace sav {
 
 namespace {
 
+using cuda_train::DLinear;
+using cuda_train::grow;
 using cuda::DeviceBuffer;
-
-// Grows a buffer to at least n elements (never shrinks, so alternating batch sizes do not reallocate).
-template <class T>
-T* grow(DeviceBuffer<T>& b, size_t n) {
-  if (b.size() < n) b.resize(n);
-  return b.get();
-}
-
-// One linear layer on the device: pointers into the flat parameter / gradient arrays, plus what its forward
-// keeps for the backward.
-struct DLinear {
-  std::string prefix;
-  LinearKind kind = LinearKind::dense;
-  int K = 0, F = 0;
-  float *w = nullptr, *b = nullptr, *dw = nullptr, *db = nullptr;                                      // dense / expert 0
-  float *p = nullptr, *s = nullptr, *sb = nullptr, *dp = nullptr, *ds = nullptr, *dsb = nullptr;       // shift / expert 1
-  float *rw = nullptr, *rb = nullptr, *drw = nullptr, *drb = nullptr;                                  // router
-  DeviceBuffer<float> wdec, dwtmp;  // decoded shift weight and its gradient (F,K)
-  // saved by forward
-  const float* x = nullptr;
-  int M = 0;
-  bool train = false;
-  DeviceBuffer<float> y0, y1, rl, logits, noisy, probs, scale, stats, dscale, dlogits, dy0, dy1, noise;
-  DeviceBuffer<int> choice;
-  std::vector<float> noise_host;
-  int aux_slot = -1;  // index into the per-forward auxiliary-loss array (MoE layers)
-};
 
 struct DBlock {
   char attn = 's';
@@ -72,144 +47,29 @@ std::string blk(int l) { return "blocks." + std::to_string(l) + "."; }
 struct VitCudaTrain::Impl {
   Vit& host;
   VitConfig cfg;
-  cuda::F32Math math;
-  cuda::Stream stream;
-  cuda::Gemm gemm;
-  cuda::Blas blas;
-  // flat device copies of the host ParamSets (same layout: offsets are the host views' offsets)
-  DeviceBuffer<float> params, grads, m, v, buffers;
-  DeviceBuffer<uint8_t> decay_mask;
+  cuda_train::Core core;
   std::vector<DBlock> blocks;
-  int n_moe = 0;
-  Rng noise_rng{0};
   // per-forward state
   int B = 0;
-  bool train = false, have_train_forward = false;
-  DeviceBuffer<float> img, cols, pe, x0, tmp, cls_ln, cls_mean, cls_rstd, logits_d, aux_d;
-  DeviceBuffer<float> dlogits_d, dcls_ln, dx, dao, dln, dbig, dbig2, ds, dpe, ws;
-  DeviceBuffer<double> ws64, norm_out;
-  std::vector<float> logits_h, aux_h;
+  bool have_train_forward = false;
+  DeviceBuffer<float> img, cols, pe, x0, tmp, cls_ln, cls_mean, cls_rstd, logits_d;
+  DeviceBuffer<float> dlogits_d, dcls_ln, dx, dao, dln, dbig, dbig2, ds, dpe;
+  std::vector<float> logits_h;
   float aux_total = 0.0f;
   const float* xlast = nullptr;
 
-  Impl(Vit& model, cuda::F32Math mth)
-      : host(model), cfg(model.config()), math(mth), gemm(size_t(32) << 20, /*autotune*/ false), blas(stream.get(), mth) {}
+  Impl(Vit& model, cuda::F32Math math) : host(model), cfg(model.config()), core(model, math) {}
 
-  cudaStream_t st() const { return stream.get(); }
-  int64_t offset(const ParamSet& ps, const std::string& name) const { return ps.get(name).f32() - ps.flat(); }
-  float* par(const std::string& n) { return params.get() + offset(host.params(), n); }
-  float* grd(const std::string& n) { return grads.get() + offset(host.params(), n); }
-  float* buf(const std::string& n) { return buffers.get() + offset(*host.buffers(), n); }
-  const ReparamOptions& ro() { return host.reparam(); }
-
+  cudaStream_t st() const { return core.stream(); }
+  float* par(const std::string& n) { return core.par(n); }
+  float* grd(const std::string& n) { return core.grd(n); }
   std::unique_ptr<DLinear> make_linear(const std::string& prefix) {
-    const LinearLayer* hl = host.find_linear(prefix);
+    LinearLayer* hl = host.find_linear(prefix);
     SAV_CHECK(hl, "VitCudaTrain: no linear layer " << prefix);
-    auto L = std::make_unique<DLinear>();
-    L->prefix = prefix, L->kind = hl->kind(), L->K = hl->in_features(), L->F = hl->out_features();
-    const size_t n = size_t(L->F) * L->K;
-    switch (L->kind) {
-      case LinearKind::dense:
-        L->w = par(prefix + ".weight"), L->b = par(prefix + ".bias"), L->dw = grd(prefix + ".weight"),
-        L->db = grd(prefix + ".bias");
-        break;
-      case LinearKind::shift:
-        L->p = par(prefix + ".p"), L->s = par(prefix + ".s"), L->sb = par(prefix + ".bias");
-        L->dp = grd(prefix + ".p"), L->ds = grd(prefix + ".s"), L->dsb = grd(prefix + ".bias");
-        L->wdec.resize(n), L->dwtmp.resize(n);
-        break;
-      case LinearKind::moe: {
-        const std::string e0 = prefix + ".experts.0", e1 = prefix + ".experts.1", r = prefix + ".router";
-        L->w = par(e0 + ".weight"), L->b = par(e0 + ".bias"), L->dw = grd(e0 + ".weight"), L->db = grd(e0 + ".bias");
-        L->p = par(e1 + ".p"), L->s = par(e1 + ".s"), L->sb = par(e1 + ".bias");
-        L->dp = grd(e1 + ".p"), L->ds = grd(e1 + ".s"), L->dsb = grd(e1 + ".bias");
-        L->rw = par(r + ".weight"), L->rb = par(r + ".bias"), L->drw = grd(r + ".weight"), L->drb = grd(r + ".bias");
-        L->wdec.resize(n), L->dwtmp.resize(n);
-        L->stats.resize(4);
-        L->aux_slot = n_moe++;
-        break;
-      }
-    }
-    return L;
+    return core.make_linear(*hl);
   }
-
-  // ---- linear layers ----
-  void lin_forward(DLinear& L, float* y, const float* x, int M, bool train_mode) {
-    L.x = x, L.M = M, L.train = train_mode;
-    const int K = L.K, F = L.F;
-    const auto& o = ro();
-    if (L.kind == LinearKind::dense) {
-      gemm.linear_f32_in(y, F, x, L.w, L.b, M, K, F, false, math, st());
-      return;
-    }
-    cuda::shift_decode_f32(L.wdec.get(), L.p, L.s, int64_t(F) * K, o.pmin, o.pmax, st());
-    if (L.kind == LinearKind::shift) {
-      gemm.linear_f32_in(y, F, x, L.wdec.get(), L.sb, M, K, F, false, math, st());
-      return;
-    }
-    // MoE: both experts on every row, the router a third product, then route / combine on the device.
-    const size_t mf = size_t(M) * F;
-    float* y0 = grow(L.y0, mf);
-    float* y1 = grow(L.y1, mf);
-    gemm.linear_f32_in(y0, F, x, L.w, L.b, M, K, F, false, math, st());
-    gemm.linear_f32_in(y1, F, x, L.wdec.get(), L.sb, M, K, F, false, math, st());
-    blas.xwt(grow(L.rl, size_t(M) * 2), x, L.rw, M, K, 2, 0.0f);
-    const float noise_std = train_mode ? o.noise_std : 0.0f;
-    const float* noise = nullptr;
-    if (noise_std > 0.0f) {  // the CPU's draw: noise_std * N(0,1), row-major (t, e), one generator in layer order
-      L.noise_host.resize(size_t(M) * 2);
-      for (float& z : L.noise_host) z = noise_std * noise_rng.normal();
-      SAV_CUDA_CHECK(cudaMemcpyAsync(grow(L.noise, size_t(M) * 2), L.noise_host.data(), sizeof(float) * M * 2,
-                                     cudaMemcpyHostToDevice, st()));
-      noise = L.noise.get();
-    }
-    cuda::moe_train_route(grow(L.logits, size_t(M) * 2), grow(L.noisy, size_t(M) * 2), grow(L.probs, size_t(M) * 2),
-                          grow(L.choice, size_t(M)), grow(L.scale, size_t(M)), L.rl.get(), L.rb, noise, M, o.gate, st());
-    cuda::moe_train_combine(y, F, y0, y1, L.choice.get(), L.scale.get(), M, F, false, st());
-    float* aux = aux_d.get() + L.aux_slot;
-    if (train_mode && o.lb_coef > 0.0f) {
-      cuda::moe_lb_forward(L.stats.get(), aux, L.probs.get(), L.logits.get(), L.noisy.get(), L.choice.get(),
-                           o.alpha[0], o.alpha[1], M, noise_std, o.lb_coef, ws64.get(),
-                           st());
-    } else {
-      SAV_CUDA_CHECK(cudaMemsetAsync(aux, 0, sizeof(float), st()));
-    }
-  }
-
-  // dx (M,K) = (dx_beta 0) or += (dx_beta 1) the input gradient (nullptr: skip); parameter gradients +=.
-  void lin_backward(DLinear& L, float* dx, float dx_beta, const float* dy) {
-    SAV_CHECK(L.train, "VitCudaTrain: backward of " << L.prefix << " after a forward without train=true");
-    const int M = L.M, K = L.K, F = L.F;
-    const auto& o = ro();
-    float* ws_f = ws.get();
-    auto dense_part = [&](const float* g, float beta) {  // expert 0 / dense
-      blas.dytx(L.dw, g, L.x, M, K, F, 1.0f);
-      cuda::colsum_f32(L.db, g, F, M, F, ws_f, st());
-      if (dx) blas.dyw(dx, g, L.w, M, K, F, beta);
-    };
-    auto shift_part = [&](const float* g, float beta) {  // expert 1 / shift (straight-through to p and s)
-      blas.dytx(L.dwtmp.get(), g, L.x, M, K, F, 0.0f);
-      cuda::shift_weight_backward_f32(L.dp, L.ds, L.dwtmp.get(), L.p, L.s, int64_t(F) * K, o.pmin, o.pmax, st());
-      cuda::colsum_f32(L.dsb, g, F, M, F, ws_f, st());
-      if (dx) blas.dyw(dx, g, L.wdec.get(), M, K, F, beta);
-    };
-    if (L.kind == LinearKind::dense) return dense_part(dy, dx_beta);
-    if (L.kind == LinearKind::shift) return shift_part(dy, dx_beta);
-    const size_t mf = size_t(M) * F;
-    float* dy0 = grow(L.dy0, mf);
-    float* dy1 = grow(L.dy1, mf);
-    cuda::moe_train_split_backward(dy0, dy1, grow(L.dscale, M), dy, F, L.y0.get(), L.y1.get(), L.choice.get(),
-                                   L.scale.get(), M, F, st());
-    const float coef = o.lb_coef > 0.0f ? o.lb_coef : 0.0f;
-    cuda::moe_train_router_backward(grow(L.dlogits, size_t(M) * 2), L.dscale.get(), L.probs.get(), L.logits.get(),
-                                    L.noisy.get(), L.choice.get(), L.stats.get(), o.alpha[0], o.alpha[1], M,
-                                    o.noise_std, coef, o.gate, st());
-    dense_part(dy0, dx_beta);
-    shift_part(dy1, 1.0f);
-    blas.dytx(L.drw, L.dlogits.get(), L.x, M, K, 2, 1.0f);
-    cuda::colsum_f32(L.drb, L.dlogits.get(), 2, M, 2, ws_f, st());
-    if (dx) blas.dyw(dx, L.dlogits.get(), L.rw, M, K, 2, 1.0f);
-  }
+  void lin_forward(DLinear& L, float* y, const float* x, int M, bool train) { core.lin_forward(L, y, x, M, train); }
+  void lin_backward(DLinear& L, float* dx_, float beta, const float* dy) { core.lin_backward(L, dx_, beta, dy); }
 
   cpu::HammingDims hdims(int Bn) const {
     return {Bn, cfg.tokens(), cfg.dim, cfg.heads, cfg.hash_bits, cfg.anchors};
@@ -226,7 +86,6 @@ struct VitCudaTrain::Impl {
     grow(tmp, M * C);
     grow(cls_ln, size_t(Bn) * C), grow(cls_mean, Bn), grow(cls_rstd, Bn), grow(dcls_ln, size_t(Bn) * C);
     grow(logits_d, size_t(Bn) * cfg.num_classes), grow(dlogits_d, size_t(Bn) * cfg.num_classes);
-    grow(aux_d, std::max(n_moe, 1));
     grow(dx, M * C), grow(dao, M * C), grow(dln, M * C);
     grow(dbig, M * std::max(3 * C, F)), grow(dbig2, M * F);
     bool any_softmax = false;
@@ -247,9 +106,8 @@ struct VitCudaTrain::Impl {
       }
     }
     if (any_softmax) grow(ds, size_t(Bn) * H * N * N);
-    grow(ws, ws_need);
-    // sized here, not at first use: a reallocation would free memory that queued kernels may still read
-    grow(ws64, std::max(cuda::moe_lb_workspace_doubles(int(M)), cuda::sumsq_workspace_doubles(int64_t(grads.size()))));
+    core.ws(ws_need);
+    core.reserve(int(M));
   }
 
   cpu::HammingWeights hweights(const DBlock& b) const { return {b.anchors, b.mu, b.A, b.dwconv, nullptr}; }
@@ -257,14 +115,14 @@ struct VitCudaTrain::Impl {
   void forward(const float* images, int Bn, bool train_mode) {
     SAV_CHECK(Bn > 0, "batch size must be positive, got " << Bn);
     ensure(Bn);
-    B = Bn, train = train_mode;
+    B = Bn;
     const int N = cfg.tokens(), C = cfg.dim, F = cfg.mlp_hidden, H = cfg.heads, P = cfg.num_patches();
     const int M = Bn * N, K = cfg.in_chans * cfg.patch * cfg.patch, V = cfg.num_classes;
     const size_t nimg = size_t(Bn) * cfg.in_chans * cfg.img_size * cfg.img_size;
     SAV_CUDA_CHECK(cudaMemcpyAsync(img.get(), images, sizeof(float) * nimg, cudaMemcpyHostToDevice, st()));
     cuda::im2col_f32(cols.get(), img.get(), Bn, cfg.in_chans, cfg.img_size, cfg.patch, st());
-    gemm.linear_f32_in(pe.get(), C, cols.get(), par("patch_embed.proj.weight"), par("patch_embed.proj.bias"), Bn * P, K,
-                       C, false, math, st());
+    core.gemm().linear_f32_in(pe.get(), C, cols.get(), par("patch_embed.proj.weight"), par("patch_embed.proj.bias"), Bn * P, K,
+                       C, false, core.math(), st());
     cuda::embed_tokens_forward(x0.get(), pe.get(), par("cls_token"), par("pos_embed"), Bn, N, C, st());
     const float* x = x0.get();
     float* t = tmp.get();
@@ -295,17 +153,8 @@ struct VitCudaTrain::Impl {
     // final norm and head on the class-token rows (row b at x + b*N*C)
     cuda::layernorm_train_forward(cls_ln.get(), C, cls_mean.get(), cls_rstd.get(), x, N * C, par("norm.weight"),
                                   par("norm.bias"), Bn, C, cfg.ln_eps, st());
-    gemm.linear_f32_in(logits_d.get(), V, cls_ln.get(), par("head.weight"), par("head.bias"), Bn, C, V, false, math, st());
-    logits_h.resize(size_t(Bn) * V);
-    SAV_CUDA_CHECK(cudaMemcpyAsync(logits_h.data(), logits_d.get(), sizeof(float) * logits_h.size(),
-                                   cudaMemcpyDeviceToHost, st()));
-    aux_h.assign(n_moe, 0.0f);
-    if (n_moe)
-      SAV_CUDA_CHECK(
-          cudaMemcpyAsync(aux_h.data(), aux_d.get(), sizeof(float) * n_moe, cudaMemcpyDeviceToHost, st()));
-    stream.sync();
-    aux_total = 0.0f;
-    for (float a : aux_h) aux_total += a;  // layer order, as the CPU's linears_aux_loss
+    core.gemm().linear_f32_in(logits_d.get(), V, cls_ln.get(), par("head.weight"), par("head.bias"), Bn, C, V, false, core.math(), st());
+    aux_total = core.finish_forward(logits_d.get(), logits_h, size_t(Bn) * V);
     have_train_forward = train_mode;
   }
 
@@ -313,7 +162,8 @@ struct VitCudaTrain::Impl {
     SAV_CHECK(have_train_forward, "backward() needs a forward(..., train=true) first");
     const int Bn = B, N = cfg.tokens(), C = cfg.dim, F = cfg.mlp_hidden, H = cfg.heads, P = cfg.num_patches();
     const int M = Bn * N, K = cfg.in_chans * cfg.patch * cfg.patch, V = cfg.num_classes;
-    float* ws_f = ws.get();
+    float* ws_f = core.ws();
+    cuda::Blas& blas = core.blas();
     SAV_CUDA_CHECK(cudaMemcpyAsync(dlogits_d.get(), dlogits, sizeof(float) * Bn * V, cudaMemcpyHostToDevice, st()));
     // head and final norm (class-token rows)
     blas.dyw(dcls_ln.get(), dlogits_d.get(), par("head.weight"), Bn, C, V, 0.0f);
@@ -353,23 +203,13 @@ struct VitCudaTrain::Impl {
     cuda::embed_tokens_backward(dpe.get(), grd("cls_token"), grd("pos_embed"), dx.get(), Bn, N, C, st());
     blas.dytx(grd("patch_embed.proj.weight"), dpe.get(), cols.get(), Bn * P, K, C, 1.0f);
     cuda::colsum_f32(grd("patch_embed.proj.bias"), dpe.get(), C, Bn * P, C, ws_f, st());
-    stream.sync();
-  }
-
-  void upload(const ParamSet* mm, const ParamSet* vv) {
-    const ParamSet& ps = host.params();
-    params.upload(ps.flat(), ps.numel());
-    if (const ParamSet* bs = host.buffers(); bs && bs->numel()) buffers.upload(bs->flat(), bs->numel());
-    if (mm) m.upload(mm->flat(), mm->numel());
-    if (vv) v.upload(vv->flat(), vv->numel());
+    SAV_CUDA_CHECK(cudaStreamSynchronize(st()));
   }
 };
 
 VitCudaTrain::VitCudaTrain(Vit& model, cuda::F32Math math) : impl_(std::make_unique<Impl>(model, math)) {
   Impl& I = *impl_;
   const VitConfig& c = I.cfg;
-  SAV_CHECK(!model.reparam().release_compat,
-            "VitCudaTrain: the release compatibility mode is inference-only and cannot train");
   for (int l = 0; l < c.depth; ++l) {
     if (c.attn_kind(l) == 's')
       SAV_CHECK(cuda::attention_train_supports(c.tokens(), c.dim, c.heads),
@@ -381,19 +221,6 @@ VitCudaTrain::VitCudaTrain(Vit& model, cuda::F32Math math) : impl_(std::make_uni
                                                             << " bits, " << c.anchors
                                                             << " anchors is beyond the training kernels");
   }
-  const ParamSet& ps = model.params();
-  I.params.resize(ps.numel()), I.grads.resize(ps.numel()), I.m.resize(ps.numel()), I.v.resize(ps.numel());
-  if (const ParamSet* bs = model.buffers(); bs && bs->numel()) I.buffers.resize(bs->numel());
-  std::vector<uint8_t> mask(ps.numel(), 0);
-  for (size_t i = 0; i < ps.size(); ++i)
-    if (ps.decay(i)) {
-      const int64_t off = I.offset(ps, ps.name(i));
-      std::fill(mask.begin() + off, mask.begin() + off + ps.tensor(i).numel(), uint8_t{1});
-    }
-  I.decay_mask.resize(mask.size());
-  I.decay_mask.upload(mask);
-  I.upload(nullptr, nullptr);
-  I.m.fill_bytes(0), I.v.fill_bytes(0), I.grads.fill_bytes(0);
   I.blocks.resize(c.depth);
   for (int l = 0; l < c.depth; ++l) {
     DBlock& b = I.blocks[l];
@@ -405,7 +232,7 @@ VitCudaTrain::VitCudaTrain(Vit& model, cuda::F32Math math) : impl_(std::make_uni
       b.to_qk = I.make_linear(p + "attn.to_qk");
       b.to_v = I.make_linear(p + "attn.to_v");
       b.dwconv = I.par(p + "attn.dwconv.weight"), b.ddwconv = I.grd(p + "attn.dwconv.weight");
-      b.anchors = I.buf(p + "attn.ksh.anchors"), b.mu = I.buf(p + "attn.ksh.mu"), b.A = I.buf(p + "attn.ksh.A");
+      b.anchors = I.core.buf(p + "attn.ksh.anchors"), b.mu = I.core.buf(p + "attn.ksh.mu"), b.A = I.core.buf(p + "attn.ksh.A");
     }
     b.proj = I.make_linear(p + "attn.proj");
     b.fc1 = I.make_linear(p + "mlp.fc1");
@@ -415,8 +242,8 @@ VitCudaTrain::VitCudaTrain(Vit& model, cuda::F32Math math) : impl_(std::make_uni
     b.dn1w = I.grd(p + "norm1.weight"), b.dn1b = I.grd(p + "norm1.bias"), b.dn2w = I.grd(p + "norm2.weight"),
     b.dn2b = I.grd(p + "norm2.bias");
   }
-  // MoE aux slots were numbered in construction order (qkv | to_qk, to_v, proj, fc1, fc2 per block): the
-  // CPU's linears() order, so the host sums them in the same order.
+  // MoE aux slots are numbered in construction order (qkv | to_qk, to_v, proj, fc1, fc2 per block): the CPU's
+  // linears() order, so the host sums them in the same order.
 }
 
 VitCudaTrain::~VitCudaTrain() = default;
@@ -432,66 +259,22 @@ float VitCudaTrain::aux_loss() const { return impl_->aux_total; }
 ParamSet& VitCudaTrain::params() { return impl_->host.params(); }
 ParamSet& VitCudaTrain::grads() { return impl_->host.grads(); }
 ParamSet* VitCudaTrain::buffers() { return impl_->host.buffers(); }
-void VitCudaTrain::set_noise_seed(uint64_t seed) { impl_->noise_rng.seed_with(seed); }
+void VitCudaTrain::set_noise_seed(uint64_t seed) { impl_->core.seed_noise(seed); }
 void VitCudaTrain::init_random(Rng& rng) {
   impl_->host.init_random(rng);
-  impl_->upload(nullptr, nullptr);
+  impl_->core.upload_host_state(nullptr, nullptr);
 }
 std::string VitCudaTrain::describe() const { return impl_->host.describe(); }
 LayerKinds VitCudaTrain::kinds() const { return impl_->host.kinds(); }
 ReparamOptions* VitCudaTrain::reparam_options() { return impl_->host.reparam_options(); }
 std::map<std::string, std::string> VitCudaTrain::metadata() const { return impl_->host.metadata(); }
-cuda::F32Math VitCudaTrain::math() const { return impl_->math; }
-
-void VitCudaTrain::zero_grads() {
-  SAV_CUDA_CHECK(cudaMemsetAsync(impl_->grads.get(), 0, impl_->grads.bytes(), impl_->st()));
-}
-
+cuda::F32Math VitCudaTrain::math() const { return impl_->core.math(); }
+void VitCudaTrain::zero_grads() { impl_->core.zero_grads(); }
 float VitCudaTrain::optimizer_step(const AdamWOptions& opt, float lr, float clip, int64_t t) {
-  Impl& I = *impl_;
-  const int64_t n = static_cast<int64_t>(I.grads.size());
-  double* out = grow(I.norm_out, 2);
-  cuda::sumsq_f64(out, I.grads.get(), n, grow(I.ws64, cuda::sumsq_workspace_doubles(n)), I.st());
-  double h[2];
-  SAV_CUDA_CHECK(cudaMemcpyAsync(h, out, sizeof(h), cudaMemcpyDeviceToHost, I.st()));
-  I.stream.sync();
-  if (h[1] > 0) {  // name the first bad tensor, as the host trainer does
-    grads_host();
-    const int bad = first_nonfinite(I.host.grads());
-    SAV_THROW("gradient of '" << I.host.grads().name(bad < 0 ? 0 : bad) << "' is not finite");
-  }
-  const float norm = static_cast<float>(std::sqrt(h[0]));
-  const float gscale = (clip > 0.0f && norm > clip && std::isfinite(norm)) ? clip / (norm + 1e-6f) : 1.0f;
-  const float bc1 = 1.0f - std::pow(opt.beta1, static_cast<float>(t));
-  const float bc2 = 1.0f - std::pow(opt.beta2, static_cast<float>(t));
-  cuda::adamw_step_f32(I.params.get(), I.grads.get(), I.m.get(), I.v.get(), I.decay_mask.get(), n, gscale, lr,
-                       opt.weight_decay, opt.beta1, opt.beta2, bc1, bc2, opt.eps, I.st());
-  return norm;
+  return impl_->core.optimizer_step(opt, lr, clip, t);
 }
-
-void VitCudaTrain::download_state(ParamSet* m, ParamSet* v) {
-  Impl& I = *impl_;
-  I.stream.sync();
-  ParamSet& ps = I.host.params();
-  SAV_CUDA_CHECK(cudaMemcpy(ps.flat(), I.params.get(), sizeof(float) * ps.numel(), cudaMemcpyDeviceToHost));
-  if (m) SAV_CUDA_CHECK(cudaMemcpy(m->flat(), I.m.get(), sizeof(float) * m->numel(), cudaMemcpyDeviceToHost));
-  if (v) SAV_CUDA_CHECK(cudaMemcpy(v->flat(), I.v.get(), sizeof(float) * v->numel(), cudaMemcpyDeviceToHost));
-  // the host layers cache decoded shift weights for inference: they are stale now
-  for (int l = 0; l < I.cfg.depth; ++l)
-    for (const char* n : {"attn.qkv", "attn.to_qk", "attn.to_v", "attn.proj", "mlp.fc1", "mlp.fc2"})
-      if (LinearLayer* L = I.host.find_linear(blk(l) + n)) L->params_changed();
-}
-
-void VitCudaTrain::upload_state(const ParamSet* m, const ParamSet* v) {
-  impl_->stream.sync();
-  impl_->upload(m, v);
-}
-
-void VitCudaTrain::grads_host() {
-  Impl& I = *impl_;
-  I.stream.sync();
-  ParamSet& gs = I.host.grads();
-  SAV_CUDA_CHECK(cudaMemcpy(gs.flat(), I.grads.get(), sizeof(float) * gs.numel(), cudaMemcpyDeviceToHost));
-}
+void VitCudaTrain::download_state(ParamSet* m, ParamSet* v) { impl_->core.download_state(m, v); }
+void VitCudaTrain::upload_state(const ParamSet* m, const ParamSet* v) { impl_->core.upload_host_state(m, v); }
+void VitCudaTrain::grads_host() { impl_->core.grads_to_host(); }
 
 }  // namespace sav
