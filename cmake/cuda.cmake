@@ -44,7 +44,8 @@ if(SAV_CUDA)
   add_library(shiftadd_cuda STATIC ${SAV_CUDA_SOURCES} ${CMAKE_SOURCE_DIR}/src/models/vit_cuda.cu
               ${CMAKE_SOURCE_DIR}/src/models/pvt_cuda.cu ${CMAKE_SOURCE_DIR}/src/models/cuda_model.cu
               ${CMAKE_SOURCE_DIR}/src/models/gpu_model.cu
-              ${CMAKE_SOURCE_DIR}/src/models/vit_cuda_train.cu ${CMAKE_SOURCE_DIR}/src/models/cuda_train_core.cu)
+              ${CMAKE_SOURCE_DIR}/src/models/vit_cuda_train.cu ${CMAKE_SOURCE_DIR}/src/models/cuda_train_core.cu
+              ${CMAKE_SOURCE_DIR}/src/models/pvt_cuda_train.cu)
   # The directory's add_compile_options (-Wall ...) are host-compiler flags: hand them to nvcc through
   # -Xcompiler for .cu files, keep them as they are for C++ files.
   get_target_property(_sav_dir_opts shiftadd_cuda COMPILE_OPTIONS)

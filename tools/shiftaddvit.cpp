@@ -187,7 +187,7 @@ std::unique_ptr<ImageClassifier> gpu_trainer_for(ImageClassifier& m, const Devic
 
 void add_train_device_flags(CLI::App* app, DeviceArgs& d) {
   app->add_option("--device", d.device, "Where to train: cpu, or cuda (forward, backward and AdamW on the GPU in "
-                                        "f32; ViT/DeiT models)")
+                                        "f32; ViT/DeiT and PVTv2 models)")
       ->check(CLI::IsMember({"cpu", "cuda"}))
       ->capture_default_str();
   app->add_flag("--tf32", d.tf32, "With --device cuda: products on TF32 tensor cores (f32 master weights and "

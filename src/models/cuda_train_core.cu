@@ -1,5 +1,6 @@
 // The shared part of the GPU-trained models. See cuda_train_core.h.
 #include "models/cuda_train_core.h"
+#include "models/cuda_train_model.h"
 
 #include <algorithm>
 #include <cmath>
@@ -214,3 +215,24 @@ void Core::grads_to_host() {
 }
 
 }  // namespace sav::cuda_train
+
+namespace sav {
+
+CudaTrainModel::CudaTrainModel(ImageClassifier& host, cuda::F32Math math)
+    : host_(host), core_(std::make_unique<cuda_train::Core>(host, math)) {}
+CudaTrainModel::~CudaTrainModel() = default;
+void CudaTrainModel::set_noise_seed(uint64_t seed) { core_->seed_noise(seed); }
+void CudaTrainModel::init_random(Rng& rng) {
+  host_.init_random(rng);
+  core_->upload_host_state(nullptr, nullptr);
+}
+void CudaTrainModel::zero_grads() { core_->zero_grads(); }
+float CudaTrainModel::optimizer_step(const AdamWOptions& opt, float lr, float clip, int64_t t) {
+  return core_->optimizer_step(opt, lr, clip, t);
+}
+void CudaTrainModel::download_state(ParamSet* m, ParamSet* v) { core_->download_state(m, v); }
+void CudaTrainModel::upload_state(const ParamSet* m, const ParamSet* v) { core_->upload_host_state(m, v); }
+void CudaTrainModel::grads_host() { core_->grads_to_host(); }
+cuda::F32Math CudaTrainModel::math() const { return core_->math(); }
+
+}  // namespace sav

@@ -4,6 +4,7 @@
 #include "core/error.h"
 #include "models/pvt_cuda.h"
 #include "models/vit_cuda.h"
+#include "models/pvt_cuda_train.h"
 #include "models/vit_cuda_train.h"
 #include "ops/cuda/common.h"
 
@@ -45,10 +46,10 @@ std::unique_ptr<GpuClassifier> make_gpu_model(ImageClassifier& model, bool tf32)
 
 std::unique_ptr<ImageClassifier> make_gpu_trainer(ImageClassifier& model, bool tf32) {
   SAV_CHECK(cuda::device_available(), "--device cuda: no usable CUDA device on this machine (use --device cpu)");
-  if (auto* v = dynamic_cast<Vit*>(&model))
-    return std::make_unique<VitCudaTrain>(*v, tf32 ? cuda::F32Math::tf32 : cuda::F32Math::f32);
-  SAV_THROW("--device cuda: training " << model.arch() << " on the GPU is not implemented (ViT/DeiT models are); "
-                                       "use --device cpu");
+  const cuda::F32Math math = tf32 ? cuda::F32Math::tf32 : cuda::F32Math::f32;
+  if (auto* v = dynamic_cast<Vit*>(&model)) return std::make_unique<VitCudaTrain>(*v, math);
+  if (auto* p = dynamic_cast<Pvt*>(&model)) return std::make_unique<PvtCudaTrain>(*p, math);
+  SAV_THROW("--device cuda: training " << model.arch() << " on the GPU is not implemented; use --device cpu");
 }
 
 }  // namespace sav

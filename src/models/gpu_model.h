@@ -28,11 +28,11 @@ class GpuClassifier {
 // Throws sav::Error when there is no usable GPU or the model is beyond the kernels.
 std::unique_ptr<GpuClassifier> make_gpu_model(ImageClassifier& model, bool tf32);
 
-// A trainable GPU copy of `model` (a sav::Vit, dense or ShiftAddViT; models/vit_cuda_train.h) for `train
-// --device cuda` and `finetune --device cuda`: an ImageClassifier whose forward, backward and optimizer run on
-// the GPU, products in IEEE f32 or (tf32) on TF32 tensor cores. `model` must outlive it; its params() are
-// refreshed by the Trainer before each checkpoint. Throws without a usable GPU and for PVTv2 (GPU training of
-// PVTv2 is not implemented).
+// A trainable GPU copy of `model` (a sav::Vit or sav::Pvt, dense or ShiftAddViT; models/vit_cuda_train.h,
+// models/pvt_cuda_train.h) for `train --device cuda` and `finetune --device cuda`: an ImageClassifier whose
+// forward, backward and optimizer run on the GPU, products in IEEE f32 or (tf32) on TF32 tensor cores. `model`
+// must outlive it; its params() are refreshed by the Trainer before each checkpoint. Throws without a usable
+// GPU.
 std::unique_ptr<ImageClassifier> make_gpu_trainer(ImageClassifier& model, bool tf32);
 
 }  // namespace sav

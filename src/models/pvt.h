@@ -126,6 +126,8 @@ class Pvt : public ImageClassifier {
   void set_activation_tap(ActivationTap tap) { tap_ = std::move(tap); }
   LinearLayer* find_linear(const std::string& prefix);
   std::vector<std::pair<std::string, const LinearLayer*>> moe_layers() const;
+  // Checkpoint prefix of stage s's patch embedding: "patch_embed." or "stages.{s}.downsample.".
+  std::string stage_embed(int s) const;
 
  private:
   struct Block {
@@ -148,7 +150,6 @@ class Pvt : public ImageClassifier {
   };
   void ensure_buffers(int B, bool train);
   BlockActs& acts(int l) { return acts_[train_buffers_ ? l : first_block_[blocks_[l].stage]]; }
-  std::string stage_embed(int s) const;  // "patch_embed." or "stages.{s}.downsample."
 
   PvtConfig cfg_;
   ReparamOptions ropt_;

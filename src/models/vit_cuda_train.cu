@@ -47,18 +47,16 @@ std::string blk(int l) { return "blocks." + std::to_string(l) + "."; }
 struct VitCudaTrain::Impl {
   Vit& host;
   VitConfig cfg;
-  cuda_train::Core core;
+  cuda_train::Core& core;
   std::vector<DBlock> blocks;
   // per-forward state
   int B = 0;
   bool have_train_forward = false;
   DeviceBuffer<float> img, cols, pe, x0, tmp, cls_ln, cls_mean, cls_rstd, logits_d;
   DeviceBuffer<float> dlogits_d, dcls_ln, dx, dao, dln, dbig, dbig2, ds, dpe;
-  std::vector<float> logits_h;
-  float aux_total = 0.0f;
   const float* xlast = nullptr;
 
-  Impl(Vit& model, cuda::F32Math math) : host(model), cfg(model.config()), core(model, math) {}
+  Impl(Vit& model, cuda_train::Core& c) : host(model), cfg(model.config()), core(c) {}
 
   cudaStream_t st() const { return core.stream(); }
   float* par(const std::string& n) { return core.par(n); }
@@ -112,7 +110,8 @@ struct VitCudaTrain::Impl {
 
   cpu::HammingWeights hweights(const DBlock& b) const { return {b.anchors, b.mu, b.A, b.dwconv, nullptr}; }
 
-  void forward(const float* images, int Bn, bool train_mode) {
+  // Returns the auxiliary loss; the logits go to logits_h.
+  float forward(const float* images, int Bn, bool train_mode, std::vector<float>& logits_h) {
     SAV_CHECK(Bn > 0, "batch size must be positive, got " << Bn);
     ensure(Bn);
     B = Bn;
@@ -154,8 +153,8 @@ struct VitCudaTrain::Impl {
     cuda::layernorm_train_forward(cls_ln.get(), C, cls_mean.get(), cls_rstd.get(), x, N * C, par("norm.weight"),
                                   par("norm.bias"), Bn, C, cfg.ln_eps, st());
     core.gemm().linear_f32_in(logits_d.get(), V, cls_ln.get(), par("head.weight"), par("head.bias"), Bn, C, V, false, core.math(), st());
-    aux_total = core.finish_forward(logits_d.get(), logits_h, size_t(Bn) * V);
     have_train_forward = train_mode;
+    return core.finish_forward(logits_d.get(), logits_h, size_t(Bn) * V);
   }
 
   void backward(const float* dlogits) {
@@ -207,7 +206,8 @@ struct VitCudaTrain::Impl {
   }
 };
 
-VitCudaTrain::VitCudaTrain(Vit& model, cuda::F32Math math) : impl_(std::make_unique<Impl>(model, math)) {
+VitCudaTrain::VitCudaTrain(Vit& model, cuda::F32Math math)
+    : CudaTrainModel(model, math), impl_(std::make_unique<Impl>(model, core())) {
   Impl& I = *impl_;
   const VitConfig& c = I.cfg;
   for (int l = 0; l < c.depth; ++l) {
@@ -248,33 +248,10 @@ VitCudaTrain::VitCudaTrain(Vit& model, cuda::F32Math math) : impl_(std::make_uni
 
 VitCudaTrain::~VitCudaTrain() = default;
 
-std::string VitCudaTrain::arch() const { return impl_->host.arch(); }
-int VitCudaTrain::in_chans() const { return impl_->cfg.in_chans; }
-int VitCudaTrain::img_size() const { return impl_->cfg.img_size; }
-int VitCudaTrain::num_classes() const { return impl_->cfg.num_classes; }
-void VitCudaTrain::forward(const float* images, int B, bool train) { impl_->forward(images, B, train); }
-const float* VitCudaTrain::logits() const { return impl_->logits_h.data(); }
+void VitCudaTrain::forward(const float* images, int B, bool train) {
+  aux_ = impl_->forward(images, B, train, logits_h_);
+}
+
 void VitCudaTrain::backward(const float* dlogits) { impl_->backward(dlogits); }
-float VitCudaTrain::aux_loss() const { return impl_->aux_total; }
-ParamSet& VitCudaTrain::params() { return impl_->host.params(); }
-ParamSet& VitCudaTrain::grads() { return impl_->host.grads(); }
-ParamSet* VitCudaTrain::buffers() { return impl_->host.buffers(); }
-void VitCudaTrain::set_noise_seed(uint64_t seed) { impl_->core.seed_noise(seed); }
-void VitCudaTrain::init_random(Rng& rng) {
-  impl_->host.init_random(rng);
-  impl_->core.upload_host_state(nullptr, nullptr);
-}
-std::string VitCudaTrain::describe() const { return impl_->host.describe(); }
-LayerKinds VitCudaTrain::kinds() const { return impl_->host.kinds(); }
-ReparamOptions* VitCudaTrain::reparam_options() { return impl_->host.reparam_options(); }
-std::map<std::string, std::string> VitCudaTrain::metadata() const { return impl_->host.metadata(); }
-cuda::F32Math VitCudaTrain::math() const { return impl_->core.math(); }
-void VitCudaTrain::zero_grads() { impl_->core.zero_grads(); }
-float VitCudaTrain::optimizer_step(const AdamWOptions& opt, float lr, float clip, int64_t t) {
-  return impl_->core.optimizer_step(opt, lr, clip, t);
-}
-void VitCudaTrain::download_state(ParamSet* m, ParamSet* v) { impl_->core.download_state(m, v); }
-void VitCudaTrain::upload_state(const ParamSet* m, const ParamSet* v) { impl_->core.upload_host_state(m, v); }
-void VitCudaTrain::grads_host() { impl_->core.grads_to_host(); }
 
 }  // namespace sav

@@ -23,53 +23,20 @@
 #pragma once
 
 #include <memory>
-#include <string>
 
-#include "models/model.h"
+#include "models/cuda_train_model.h"
 #include "models/vit.h"
-#include "ops/cuda/gemm.h"
 
 namespace sav {
 
-class VitCudaTrain : public ImageClassifier, public DeviceTrainer {
+class VitCudaTrain : public CudaTrainModel {
  public:
-  // Copies the parameters and buffers of `model` to the current device. `model` must outlive this object;
-  // its ReparamOptions are read at each forward. Throws sav::Error for sizes the kernels do not cover and
-  // for ReparamOptions::release_compat (inference-only).
+  // Throws sav::Error for sizes the kernels do not cover and for ReparamOptions::release_compat.
   VitCudaTrain(Vit& model, cuda::F32Math math);
   ~VitCudaTrain() override;
-  VitCudaTrain(const VitCudaTrain&) = delete;
-  VitCudaTrain& operator=(const VitCudaTrain&) = delete;
 
-  // ImageClassifier: host images in, host logits out (synchronous).
-  std::string arch() const override;
-  int in_chans() const override;
-  int img_size() const override;
-  int num_classes() const override;
   void forward(const float* images, int B, bool train) override;
-  const float* logits() const override;
   void backward(const float* dlogits) override;
-  float aux_loss() const override;
-  ParamSet& params() override;
-  ParamSet& grads() override;  // the host model's (NOT updated: gradients live on the device; see grads_host)
-  ParamSet* buffers() override;
-  void set_noise_seed(uint64_t seed) override;
-  void init_random(Rng& rng) override;  // on the host model, then uploaded
-  std::string describe() const override;
-  LayerKinds kinds() const override;
-  ReparamOptions* reparam_options() override;
-  std::map<std::string, std::string> metadata() const override;
-  DeviceTrainer* device_trainer() override { return this; }
-
-  // DeviceTrainer
-  void zero_grads() override;
-  float optimizer_step(const AdamWOptions& opt, float lr, float clip, int64_t t) override;
-  void download_state(ParamSet* m, ParamSet* v) override;
-  void upload_state(const ParamSet* m, const ParamSet* v) override;
-
-  // The device gradients of the last backward copied into the host model's grads() (tests, reports).
-  void grads_host();
-  cuda::F32Math math() const;
 
  private:
   struct Impl;
