@@ -184,7 +184,7 @@ struct PvtCudaTrain::Impl {
           }
           core.lin_forward(*b.kv, b.kv_out.get(), kvin, Bn * Nk, train);
           cuda::attention_q_kv_train_forward(b.ao.get(), b.att.get(), b.q_out.get(), b.kv_out.get(), Bn, N, Nk, C, H,
-                                             st());
+                                             core.blas(), st());
         } else {
           core.lin_forward(*b.to_qk, b.qk.get(), b.ln1.get(), M, train);
           core.lin_forward(*b.to_v, b.v.get(), b.ln1.get(), M, train);
@@ -260,7 +260,7 @@ struct PvtCudaTrain::Impl {
           float* dq = dbig.get();                     // (M,C)
           float* dkv = dbig.get() + size_t(M) * C;    // (B*Nk, 2C)
           cuda::attention_q_kv_train_backward(dq, dkv, ds.get(), dt.get(), b.q_out.get(), b.kv_out.get(), b.att.get(),
-                                              Bn, N, Nk, C, H, st());
+                                              Bn, N, Nk, C, H, blas, st());
           core.lin_backward(*b.q, dln1, 0.0f, dq);
           if (r > 1) {
             float* dsrln = dt.get();  // (B*Nk, C); d ao is consumed

@@ -130,7 +130,7 @@ struct VitCudaTrain::Impl {
                                     cfg.ln_eps, st());
       if (b.attn == 's') {
         lin_forward(*b.qkv, b.qkv_out.get(), b.ln1.get(), M, train_mode);
-        cuda::attention_train_forward(b.ao.get(), b.att.get(), b.qkv_out.get(), Bn, N, C, H, st());
+        cuda::attention_train_forward(b.ao.get(), b.att.get(), b.qkv_out.get(), Bn, N, C, H, core.blas(), st());
       } else {
         lin_forward(*b.to_qk, b.qk.get(), b.ln1.get(), M, train_mode);
         lin_forward(*b.to_v, b.v.get(), b.ln1.get(), M, train_mode);
@@ -184,7 +184,7 @@ struct VitCudaTrain::Impl {
       lin_backward(*b.proj, dao.get(), 0.0f, dx.get());
       if (b.attn == 's') {
         cuda::attention_train_backward(dbig.get(), ds.get(), dao.get(), b.qkv_out.get(), b.att.get(), Bn, N, C, H,
-                                       st());
+                                       blas, st());
         lin_backward(*b.qkv, dln.get(), 0.0f, dbig.get());
       } else {
         const cpu::HammingDims d = hdims(Bn);

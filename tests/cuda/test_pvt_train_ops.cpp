@@ -8,7 +8,8 @@
 //   exact (bit-identical): mean_tokens_backward_f32 (the same float product as Pvt::backward's loop);
 //   1e-6: col2im (the same float values of dcols summed in (ky, kx) order instead of the CPU's scatter order);
 //   1e-5: dwconv2d backward (dx, dw, db) and attention forward / backward (f32 sums in another order than the
-//     references' double sums; expf against the C library's double exp).
+//     references' double sums -- for attention the IEEE f32 products of a cuBLAS Blas with F32Math::f32; expf
+//     against the C library's double exp).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -18,6 +19,7 @@
 
 #include "cuda_test_util.h"
 #include "ops/cpu/conv.h"
+#include "ops/cuda/blas.h"
 #include "ops/cuda/pvt_train_ops.h"
 
 using namespace sav;
@@ -203,20 +205,24 @@ struct AqCase {
   int B, N, Nk, C, H;
 };
 const AqCase kAqCases[] = {
-    AqCase{2, 50, 13, 48, 3},     // d = 16, 7 query tiles (the last partial)
+    AqCase{2, 50, 13, 48, 3},     // d = 16
     AqCase{1, 197, 197, 64, 2},   // N = Nk, d = 32
-    AqCase{1, 3136, 49, 32, 1},   // PVTv2-B0 stage 1 at 224: long query loops (2 key rows per dk/dv block)
-    AqCase{2, 300, 20, 64, 2},    // 4 key rows per dk/dv block, 2 query slices
+    AqCase{1, 3136, 49, 32, 1},   // PVTv2-B0 stage 1 at 224: long sums over the queries in dk / dv
+    AqCase{2, 300, 20, 64, 2},    // d = 32
     AqCase{2, 5, 1, 12, 4},       // Nk = 1, d = 3
     AqCase{3, 1, 4, 8, 2},        // N = 1
-    AqCase{1, 10, 4096, 128, 1},  // the largest Nk (> 48 KB of shared memory), d = 128
+    AqCase{1, 10, 4096, 128, 1},  // long key rows, d = 128
+    AqCase{1, 6, 5000, 16, 2},    // Nk beyond the old 4096 limit
+    AqCase{3, 197, 197, 192, 3},  // DeiT-tiny's shape: N = Nk = 197, d = 64
     AqCase{2, 9, 33, 256, 2},     // d = 128, two heads
-    AqCase{1, 17, 6, 5, 5},       // d = 1: 32 query slices in the dk / dv kernel
+    AqCase{1, 17, 6, 5, 5},       // d = 1
+    AqCase{2, 7, 9, 300, 1},      // d = 300
 };
 
 }  // namespace
 
 TEST_F(CudaPvtTrainOps, AttentionQkvForwardMatchesReference) {
+  cuda::Blas blas(nullptr, cuda::F32Math::f32);  // the legacy default stream, IEEE f32 products
   for (const AqCase cs : kAqCases) {
     SCOPED_TRACE(dims({{"B", cs.B}, {"N", cs.N}, {"Nk", cs.Nk}, {"C", cs.C}, {"H", cs.H}}));
     const int B = cs.B, N = cs.N, Nk = cs.Nk, C = cs.C, H = cs.H;
@@ -227,7 +233,7 @@ TEST_F(CudaPvtTrainOps, AttentionQkvForwardMatchesReference) {
     cpu::attention_q_kv_forward_ref(out_ref.data(), att_ref.data(), q.data(), kv.data(), B, N, Nk, C, H);
     auto dq = upload(q), dkv = upload(kv);
     auto dout = poisoned(out_ref.size()), datt = poisoned(att_ref.size());
-    cuda::attention_q_kv_train_forward(dout.get(), datt.get(), dq.get(), dkv.get(), B, N, Nk, C, H, nullptr);
+    cuda::attention_q_kv_train_forward(dout.get(), datt.get(), dq.get(), dkv.get(), B, N, Nk, C, H, blas, nullptr);
     device_sync();
     const std::vector<float> out = dout.download(), att = datt.download();
     EXPECT_EQ(count_nonfinite(out), 0u);
@@ -236,7 +242,7 @@ TEST_F(CudaPvtTrainOps, AttentionQkvForwardMatchesReference) {
     EXPECT_LT(norm_err(att, att_ref), 1e-5);
     dout.fill_bytes(0xFF);
     datt.fill_bytes(0xFF);
-    cuda::attention_q_kv_train_forward(dout.get(), datt.get(), dq.get(), dkv.get(), B, N, Nk, C, H, nullptr);
+    cuda::attention_q_kv_train_forward(dout.get(), datt.get(), dq.get(), dkv.get(), B, N, Nk, C, H, blas, nullptr);
     device_sync();
     EXPECT_TRUE(bit_identical(dout.download(), out));
     EXPECT_TRUE(bit_identical(datt.download(), att));
@@ -244,6 +250,7 @@ TEST_F(CudaPvtTrainOps, AttentionQkvForwardMatchesReference) {
 }
 
 TEST_F(CudaPvtTrainOps, AttentionQkvBackwardMatchesReference) {
+  cuda::Blas blas(nullptr, cuda::F32Math::f32);  // the legacy default stream, IEEE f32 products
   for (const AqCase cs : kAqCases) {
     SCOPED_TRACE(dims({{"B", cs.B}, {"N", cs.N}, {"Nk", cs.Nk}, {"C", cs.C}, {"H", cs.H}}));
     const int B = cs.B, N = cs.N, Nk = cs.Nk, C = cs.C, H = cs.H;
@@ -260,7 +267,7 @@ TEST_F(CudaPvtTrainOps, AttentionQkvBackwardMatchesReference) {
     auto ddq = poisoned(q.size()), ddkv = poisoned(kv.size()), ds = poisoned(att.size());
     auto run = [&] {
       cuda::attention_q_kv_train_backward(ddq.get(), ddkv.get(), ds.get(), ddout.get(), d_q.get(), d_kv.get(),
-                                          datt.get(), B, N, Nk, C, H, nullptr);
+                                          datt.get(), B, N, Nk, C, H, blas, nullptr);
       device_sync();
     };
     run();
@@ -291,27 +298,37 @@ TEST_F(CudaPvtTrainOps, AttentionQkvBackwardMatchesReference) {
 
 TEST_F(CudaPvtTrainOps, AttentionQkvRejectsUnsupportedSizes) {
   EXPECT_TRUE(cuda::attention_q_kv_train_supports(49, 64, 1));
-  EXPECT_TRUE(cuda::attention_q_kv_train_supports(4096, 128, 1));
+  EXPECT_TRUE(cuda::attention_q_kv_train_supports(4097, 1024, 1));
   EXPECT_TRUE(cuda::attention_q_kv_train_supports(1, 1, 1));
-  EXPECT_FALSE(cuda::attention_q_kv_train_supports(4097, 64, 1));  // Nk > 4096
   EXPECT_FALSE(cuda::attention_q_kv_train_supports(0, 64, 1));
-  EXPECT_FALSE(cuda::attention_q_kv_train_supports(49, 129, 1));  // d = 129
-  EXPECT_FALSE(cuda::attention_q_kv_train_supports(49, 64, 3));   // not divisible
+  EXPECT_FALSE(cuda::attention_q_kv_train_supports(49, 1025, 1));  // d = 1025
+  EXPECT_FALSE(cuda::attention_q_kv_train_supports(49, 64, 3));    // not divisible
   EXPECT_FALSE(cuda::attention_q_kv_train_supports(49, 0, 1));
   EXPECT_FALSE(cuda::attention_q_kv_train_supports(49, 64, 0));
   DeviceBuffer<float> a(4096);
   float* p = a.get();
-  EXPECT_THROW(cuda::attention_q_kv_train_forward(p, p, p, p, 1, 2, 2, 129, 1, nullptr), sav::Error);
-  EXPECT_THROW(cuda::attention_q_kv_train_forward(p, p, p, p, 1, 2, 4097, 8, 1, nullptr), sav::Error);
-  EXPECT_THROW(cuda::attention_q_kv_train_forward(p, p, p, p, 1, 0, 2, 8, 1, nullptr), sav::Error);  // N = 0
-  EXPECT_THROW(cuda::attention_q_kv_train_forward(p, p, p, p, -1, 2, 2, 8, 1, nullptr), sav::Error);
-  EXPECT_THROW(cuda::attention_q_kv_train_forward(nullptr, p, p, p, 1, 2, 2, 8, 1, nullptr), sav::Error);
-  EXPECT_THROW(cuda::attention_q_kv_train_backward(p, p, nullptr, p, p, p, p, 1, 2, 2, 8, 1, nullptr), sav::Error);
-  EXPECT_THROW(cuda::attention_q_kv_train_backward(p, nullptr, p, p, p, p, p, 1, 2, 2, 8, 1, nullptr), sav::Error);
-  EXPECT_THROW(cuda::attention_q_kv_train_backward(p, p, p, p, p, p, p, 1, 2, 2, 64, 3, nullptr), sav::Error);
-  EXPECT_NO_THROW(cuda::attention_q_kv_train_forward(nullptr, nullptr, nullptr, nullptr, 0, 2, 2, 8, 1, nullptr));
+  cuda::Blas blas(nullptr, cuda::F32Math::f32);
+  EXPECT_THROW(cuda::attention_q_kv_train_forward(p, p, p, p, 1, 2, 2, 1025, 1, blas, nullptr), sav::Error);
+  EXPECT_THROW(cuda::attention_q_kv_train_forward(p, p, p, p, 1, 2, 0, 8, 1, blas, nullptr), sav::Error);  // Nk = 0
+  EXPECT_THROW(cuda::attention_q_kv_train_forward(p, p, p, p, 1, 0, 2, 8, 1, blas, nullptr), sav::Error);  // N = 0
+  EXPECT_THROW(cuda::attention_q_kv_train_forward(p, p, p, p, 1, 65536, 65536, 8, 1, blas, nullptr),
+               sav::Error);  // N * Nk > INT_MAX
+  EXPECT_THROW(cuda::attention_q_kv_train_forward(p, p, p, p, -1, 2, 2, 8, 1, blas, nullptr), sav::Error);
+  EXPECT_THROW(cuda::attention_q_kv_train_forward(nullptr, p, p, p, 1, 2, 2, 8, 1, blas, nullptr), sav::Error);
+  EXPECT_THROW(cuda::attention_q_kv_train_backward(p, p, nullptr, p, p, p, p, 1, 2, 2, 8, 1, blas, nullptr),
+               sav::Error);
+  EXPECT_THROW(cuda::attention_q_kv_train_backward(p, nullptr, p, p, p, p, p, 1, 2, 2, 8, 1, blas, nullptr),
+               sav::Error);
+  EXPECT_THROW(cuda::attention_q_kv_train_backward(p, p, p, p, p, p, p, 1, 2, 2, 64, 3, blas, nullptr), sav::Error);
+  {  // the row kernels must run on the Blas's stream
+    cuda::Stream other;
+    EXPECT_THROW(cuda::attention_q_kv_train_forward(p, p, p, p, 1, 2, 2, 8, 1, blas, other.get()), sav::Error);
+    EXPECT_THROW(cuda::attention_q_kv_train_backward(p, p, p, p, p, p, p, 1, 2, 2, 8, 1, blas, other.get()),
+                 sav::Error);
+  }
+  EXPECT_NO_THROW(cuda::attention_q_kv_train_forward(nullptr, nullptr, nullptr, nullptr, 0, 2, 2, 8, 1, blas, nullptr));
   EXPECT_NO_THROW(cuda::attention_q_kv_train_backward(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 0,
-                                                      2, 2, 8, 1, nullptr));
+                                                      2, 2, 8, 1, blas, nullptr));
 }
 
 // ---- mean over tokens, backward: Pvt::backward's loop ----

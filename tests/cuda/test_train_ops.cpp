@@ -8,8 +8,8 @@
 //     order as Vit's loops), add, AdamW (every float operation rounded singly on both sides: the host
 //     reference goes through volatile temporaries, so no FMA contraction), the non-finite count of sumsq;
 //   1e-5: LayerNorm forward / backward, column sums, GELU forward / backward, attention forward / backward
-//     (f32 sums in another order than the references' double sums; erff / expf against the C library's
-//     double erf / exp);
+//     (f32 sums in another order than the references' double sums -- for attention the IEEE f32 products of
+//     a cuBLAS Blas with F32Math::f32; erff / expf against the C library's double erf / exp);
 //   1e-12: the double sum of squares (double sums in another order than the host's).
 #include <gtest/gtest.h>
 
@@ -24,6 +24,7 @@
 
 #include "cuda_test_util.h"
 #include "ops/cpu/ops.h"
+#include "ops/cuda/blas.h"
 #include "ops/cuda/train_ops.h"
 
 using namespace sav;
@@ -500,18 +501,22 @@ struct AttCase {
 };
 const AttCase kAttCases[] = {
     AttCase{3, 17, 75, 3},     // d = 25
-    AttCase{3, 50, 75, 3},     // d = 25, 7 row tiles (the last partial)
+    AttCase{3, 50, 75, 3},     // d = 25
     AttCase{2, 197, 192, 3},   // d = 64 (DeiT-tiny)
-    AttCase{1, 1024, 128, 1},  // the largest N, d = 128
+    AttCase{3, 197, 192, 3},   // d = 64 (DeiT-tiny), B = 3
+    AttCase{1, 1024, 128, 1},  // d = 128
+    AttCase{1, 1100, 16, 2},   // N beyond the old 1024 limit, d = 8
     AttCase{2, 5, 12, 4},      // d = 3
     AttCase{3, 1, 8, 2},       // N = 1
     AttCase{1, 33, 256, 2},    // d = 128, two heads
     AttCase{2, 9, 96, 1},      // d = 96
+    AttCase{1, 7, 200, 1},     // d = 200
 };
 
 }  // namespace
 
 TEST_F(CudaTrainOps, AttentionForwardMatchesReference) {
+  cuda::Blas blas(nullptr, cuda::F32Math::f32);  // the legacy default stream, IEEE f32 products
   for (const AttCase cs : kAttCases) {
     SCOPED_TRACE(dims({{"B", cs.B}, {"N", cs.N}, {"C", cs.C}, {"H", cs.H}}));
     const int B = cs.B, N = cs.N, C = cs.C, H = cs.H;
@@ -521,7 +526,7 @@ TEST_F(CudaTrainOps, AttentionForwardMatchesReference) {
     cpu::attention_forward_ref(out_ref.data(), att_ref.data(), qkv.data(), B, N, C, H);
     auto dqkv = upload(qkv);
     auto dout = poisoned(out_ref.size()), datt = poisoned(att_ref.size());
-    cuda::attention_train_forward(dout.get(), datt.get(), dqkv.get(), B, N, C, H, nullptr);
+    cuda::attention_train_forward(dout.get(), datt.get(), dqkv.get(), B, N, C, H, blas, nullptr);
     device_sync();
     const std::vector<float> out = dout.download(), att = datt.download();
     EXPECT_EQ(count_nonfinite(out), 0u);
@@ -530,7 +535,7 @@ TEST_F(CudaTrainOps, AttentionForwardMatchesReference) {
     EXPECT_LT(norm_err(att, att_ref), 1e-5);
     dout.fill_bytes(0xFF);
     datt.fill_bytes(0xFF);
-    cuda::attention_train_forward(dout.get(), datt.get(), dqkv.get(), B, N, C, H, nullptr);
+    cuda::attention_train_forward(dout.get(), datt.get(), dqkv.get(), B, N, C, H, blas, nullptr);
     device_sync();
     EXPECT_TRUE(bit_identical(dout.download(), out));
     EXPECT_TRUE(bit_identical(datt.download(), att));
@@ -538,6 +543,7 @@ TEST_F(CudaTrainOps, AttentionForwardMatchesReference) {
 }
 
 TEST_F(CudaTrainOps, AttentionBackwardMatchesReference) {
+  cuda::Blas blas(nullptr, cuda::F32Math::f32);  // the legacy default stream, IEEE f32 products
   for (const AttCase cs : kAttCases) {
     SCOPED_TRACE(dims({{"B", cs.B}, {"N", cs.N}, {"C", cs.C}, {"H", cs.H}}));
     const int B = cs.B, N = cs.N, C = cs.C, H = cs.H;
@@ -549,7 +555,8 @@ TEST_F(CudaTrainOps, AttentionBackwardMatchesReference) {
 
     auto dqkv_in = upload(qkv), ddout = upload(dout), datt = upload(att);
     auto dg = poisoned(qkv.size()), ds = poisoned(att.size());
-    cuda::attention_train_backward(dg.get(), ds.get(), ddout.get(), dqkv_in.get(), datt.get(), B, N, C, H, nullptr);
+    cuda::attention_train_backward(dg.get(), ds.get(), ddout.get(), dqkv_in.get(), datt.get(), B, N, C, H, blas,
+                                   nullptr);
     device_sync();
     const std::vector<float> g = dg.download();
     EXPECT_EQ(count_nonfinite(g), 0u) << "dqkv not fully written";
@@ -567,7 +574,8 @@ TEST_F(CudaTrainOps, AttentionBackwardMatchesReference) {
     }
     dg.fill_bytes(0xFF);
     ds.fill_bytes(0xFF);
-    cuda::attention_train_backward(dg.get(), ds.get(), ddout.get(), dqkv_in.get(), datt.get(), B, N, C, H, nullptr);
+    cuda::attention_train_backward(dg.get(), ds.get(), ddout.get(), dqkv_in.get(), datt.get(), B, N, C, H, blas,
+                                   nullptr);
     device_sync();
     EXPECT_TRUE(bit_identical(dg.download(), g));
   }
@@ -575,25 +583,35 @@ TEST_F(CudaTrainOps, AttentionBackwardMatchesReference) {
 
 TEST_F(CudaTrainOps, AttentionRejectsUnsupportedSizes) {
   EXPECT_TRUE(cuda::attention_train_supports(197, 192, 3));
-  EXPECT_TRUE(cuda::attention_train_supports(1024, 128, 1));
+  EXPECT_TRUE(cuda::attention_train_supports(1025, 192, 3));
+  EXPECT_TRUE(cuda::attention_train_supports(46340, 1024, 1));
   EXPECT_TRUE(cuda::attention_train_supports(1, 1, 1));
-  EXPECT_FALSE(cuda::attention_train_supports(1025, 192, 3));  // N > 1024
+  EXPECT_FALSE(cuda::attention_train_supports(46341, 192, 3));  // N * N > INT_MAX
   EXPECT_FALSE(cuda::attention_train_supports(0, 192, 3));
-  EXPECT_FALSE(cuda::attention_train_supports(16, 129, 1));  // d = 129
-  EXPECT_FALSE(cuda::attention_train_supports(16, 64, 3));   // not divisible
+  EXPECT_FALSE(cuda::attention_train_supports(16, 1025, 1));  // d = 1025
+  EXPECT_FALSE(cuda::attention_train_supports(16, 64, 3));    // not divisible
   EXPECT_FALSE(cuda::attention_train_supports(16, 0, 1));
   EXPECT_FALSE(cuda::attention_train_supports(16, 64, 0));
   DeviceBuffer<float> a(4096);
-  EXPECT_THROW(cuda::attention_train_forward(a.get(), a.get(), a.get(), 1, 2, 129, 1, nullptr), sav::Error);
-  EXPECT_THROW(cuda::attention_train_forward(a.get(), a.get(), a.get(), 1, 1025, 8, 1, nullptr), sav::Error);
-  EXPECT_THROW(cuda::attention_train_forward(a.get(), a.get(), a.get(), -1, 2, 8, 1, nullptr), sav::Error);
-  EXPECT_THROW(cuda::attention_train_forward(nullptr, a.get(), a.get(), 1, 2, 8, 1, nullptr), sav::Error);
-  EXPECT_THROW(cuda::attention_train_backward(a.get(), nullptr, a.get(), a.get(), a.get(), 1, 2, 8, 1, nullptr),
+  cuda::Blas blas(nullptr, cuda::F32Math::f32);
+  EXPECT_THROW(cuda::attention_train_forward(a.get(), a.get(), a.get(), 1, 2, 1025, 1, blas, nullptr), sav::Error);
+  EXPECT_THROW(cuda::attention_train_forward(a.get(), a.get(), a.get(), 1, 0, 8, 1, blas, nullptr), sav::Error);
+  EXPECT_THROW(cuda::attention_train_forward(a.get(), a.get(), a.get(), -1, 2, 8, 1, blas, nullptr), sav::Error);
+  EXPECT_THROW(cuda::attention_train_forward(nullptr, a.get(), a.get(), 1, 2, 8, 1, blas, nullptr), sav::Error);
+  EXPECT_THROW(cuda::attention_train_backward(a.get(), nullptr, a.get(), a.get(), a.get(), 1, 2, 8, 1, blas, nullptr),
                sav::Error);
-  EXPECT_THROW(cuda::attention_train_backward(a.get(), a.get(), a.get(), a.get(), a.get(), 1, 2, 64, 3, nullptr),
+  EXPECT_THROW(cuda::attention_train_backward(a.get(), a.get(), a.get(), a.get(), a.get(), 1, 2, 64, 3, blas, nullptr),
                sav::Error);
-  EXPECT_NO_THROW(cuda::attention_train_forward(nullptr, nullptr, nullptr, 0, 2, 8, 1, nullptr));
-  EXPECT_NO_THROW(cuda::attention_train_backward(nullptr, nullptr, nullptr, nullptr, nullptr, 0, 2, 8, 1, nullptr));
+  {  // the row kernels must run on the Blas's stream
+    cuda::Stream other;
+    EXPECT_THROW(cuda::attention_train_forward(a.get(), a.get(), a.get(), 1, 2, 8, 1, blas, other.get()), sav::Error);
+    EXPECT_THROW(
+        cuda::attention_train_backward(a.get(), a.get(), a.get(), a.get(), a.get(), 1, 2, 8, 1, blas, other.get()),
+        sav::Error);
+  }
+  EXPECT_NO_THROW(cuda::attention_train_forward(nullptr, nullptr, nullptr, 0, 2, 8, 1, blas, nullptr));
+  EXPECT_NO_THROW(
+      cuda::attention_train_backward(nullptr, nullptr, nullptr, nullptr, nullptr, 0, 2, 8, 1, blas, nullptr));
 }
 
 // ---- optimizer ----

@@ -17,25 +17,18 @@
 //                         the sums t = ty, ty + 8, ... one at a time, each over the chunk's pixels in order.
 //                         Kernel 2: one thread per (t, c) adds the chunk partials in chunk order (from 0.0f) and
 //                         adds the total to dw[c*k*k + t] or db[c].
-//  attention_q_kv_train_* one 256-thread block per (b, h, tile of 8 query rows), grid B*H*ceil(N/8) (one
-//                         dimension). Forward: the tile's query rows in shared memory, scores (8 x Nk floats of
-//                         dynamic shared memory, up to 128 KB for Nk = 4096: opt-in above 48 KB) by one warp per
-//                         key (lanes over the head's dims, xor-shuffle sums), softmax by one warp per row (expf,
-//                         division by the sum), out = P V with one thread per (row, dim) summing over keys in
-//                         order. Backward: kernel 1 (same tiling) dP = dout V^T into shared memory, then
-//                         ds = P (dP - rowsum(dP P)) to the work space; kernel 2 dq = scale ds K, one thread per
-//                         (query row, dim), keys in order; kernel 3 dk = scale ds^T Q and dv = P^T dout: one
-//                         block per (b, h, tile of KR key rows), KR = 8 (N <= 256), 4 (N <= 1024) or 2, and
-//                         S = max(1, 256 / (KR d)) query slices: thread (slice, key row, dim) sums its contiguous
-//                         slice of the queries in order, then the S slice partials are added in slice order
-//                         through shared memory (the slice bounds depend on N and S only).
+//  attention_q_kv_train_* no kernels of their own: cuBLAS batched GEMMs (Blas::batched, one pointer triple per
+//                         (b, h)) and the softmax row ops of train_ops.h.
 //  mean_tokens_backward_f32  grid-stride elementwise, dx = dy * (1.0f / N) with the host's 1.0f / float(N).
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <vector>
 
 #include "ops/cpu/conv.h"  // conv_out_size
+#include "ops/cuda/blas.h"
 #include "ops/cuda/pvt_train_ops.h"
+#include "ops/cuda/train_ops.h"  // softmax_rows_f32, softmax_backward_rows_f32
 
 namespace sav::cuda {
 
@@ -49,18 +42,6 @@ int grid_stride_blocks(int64_t work) {
 
 __device__ __forceinline__ int64_t global_thread() { return int64_t(blockIdx.x) * blockDim.x + threadIdx.x; }
 __device__ __forceinline__ int64_t grid_threads() { return int64_t(gridDim.x) * blockDim.x; }
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
 
 // ---------------------------------------------------------------------------------------------------------
 // col2im
@@ -219,246 +200,29 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// attention with separate q and kv
+// attention with separate q and kv: the per-head pointers of the batched products
 
-constexpr int kAqRows = 8;  // query rows per block (forward, ds, dq)
-constexpr int kAqThreads = 256;
-constexpr int kAqWarps = kAqThreads / 32;
-constexpr int kAqMaxD = 128;
-constexpr int kAqMaxNk = 4096;
-static_assert(kAqRows == kAqWarps, "the softmax gives one warp to each row of the tile");
+constexpr int kAqMaxD = 1024;
 
-struct AqGeom {
-  int N, Nk, C, H, d;
-  int tiles;       // query tiles of kAqRows rows
-  int kr, ktiles;  // key rows per block of the dk / dv kernel, and its tiles
-  int slices;      // query slices of the dk / dv kernel
-  float scale;
-};
-
-struct AqTile {
-  int b, h, r0, rows;
-};
-
-// Block -> (b, h, tile): tiles of `per` rows out of n.
-__device__ __forceinline__ AqTile aq_tile(int n, int tiles, int per, int H) {
-  const int tile = blockIdx.x % tiles, bh = blockIdx.x / tiles;
-  AqTile t;
-  t.h = bh % H;
-  t.b = bh / H;
-  t.r0 = tile * per;
-  t.rows = min(per, n - t.r0);
-  return t;
+// ptr[b*H + h] = base + b*bstride + h*hstride.
+template <class T>
+std::vector<T*> head_ptrs(T* base, int B, int H, int64_t bstride, int64_t hstride) {
+  std::vector<T*> v(size_t(B) * H);
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < H; ++h) v[size_t(b) * H + h] = base + b * bstride + h * hstride;
+  return v;
 }
 
-// A (rows x d, shared) = rows 0 .. rows-1 of src (row r at src + r * lda).
-__device__ __forceinline__ void aq_load_rows(float* A, const float* src, int64_t lda, int rows, int d) {
-  for (int e = threadIdx.x; e < rows * d; e += kAqThreads) {
-    const int r = e / d, t = e - r * d;
-    A[e] = src[r * lda + t];
-  }
-}
-
-// S[r * Nk + j] = alpha * sum_t A[r * d + t] * kb[j * ldk + t] for r < rows, j < Nk: one warp per key j, lanes
-// over t (<= 128: 4 values per lane), xor-shuffle sums. The loops are uniform over each warp.
-__device__ __forceinline__ void aq_scores(float* S, const float* A, const float* kb, int64_t ldk, int Nk, int d,
-                                          int rows, float alpha) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  for (int j = warp; j < Nk; j += kAqWarps) {
-    const float* kj = kb + j * ldk;
-    float kr[kAqMaxD / 32];
-#pragma unroll
-    for (int m = 0; m < kAqMaxD / 32; ++m) {
-      const int t = lane + 32 * m;
-      kr[m] = t < d ? kj[t] : 0.0f;
-    }
-    for (int r = 0; r < rows; ++r) {
-      const float* ar = A + r * d;
-      float s = 0.0f;
-#pragma unroll
-      for (int m = 0; m < kAqMaxD / 32; ++m) {
-        const int t = lane + 32 * m;
-        if (t < d) s += ar[t] * kr[m];
-      }
-      s = warp_sum(s);
-      if (lane == 0) S[r * Nk + j] = s * alpha;
-    }
-  }
-}
-
-__global__ void __launch_bounds__(kAqThreads)
-    aq_forward_kernel(float* out, float* att, const float* q, const float* kv, const AqGeom g) {
-  extern __shared__ float smem[];
-  const AqTile tl = aq_tile(g.N, g.tiles, kAqRows, g.H);
-  const int N = g.N, Nk = g.Nk, C = g.C, d = g.d;
-  const int64_t C2 = 2 * int64_t(C);
-  float* S = smem;                 // kAqRows x Nk: scores, then probabilities
-  float* A = smem + kAqRows * Nk;  // kAqRows x d: the query rows
-  const float* kvb = kv + int64_t(tl.b) * Nk * C2 + tl.h * d;
-  aq_load_rows(A, q + (int64_t(tl.b) * N + tl.r0) * C + tl.h * d, C, tl.rows, d);
-  __syncthreads();
-  aq_scores(S, A, kvb, C2, Nk, d, tl.rows, g.scale);
-  __syncthreads();
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  if (warp < tl.rows) {
-    float* Sr = S + warp * Nk;
-    float mx = -INFINITY;
-    for (int j = lane; j < Nk; j += 32) mx = fmaxf(mx, Sr[j]);
-    mx = warp_max(mx);
-    float sum = 0.0f;
-    for (int j = lane; j < Nk; j += 32) {
-      const float e = expf(Sr[j] - mx);
-      Sr[j] = e;
-      sum += e;
-    }
-    sum = warp_sum(sum);
-    float* ar = att + ((int64_t(tl.b) * g.H + tl.h) * N + tl.r0 + warp) * Nk;
-    for (int j = lane; j < Nk; j += 32) {
-      const float p = Sr[j] / sum;
-      Sr[j] = p;
-      ar[j] = p;
-    }
-  }
-  __syncthreads();
-  const float* vb = kvb + C;
-  for (int e = threadIdx.x; e < tl.rows * d; e += kAqThreads) {
-    const int r = e / d, t = e - r * d;
-    const float* pr = S + r * Nk;
-    float acc = 0.0f;
-    for (int j = 0; j < Nk; ++j) acc += pr[j] * vb[j * C2 + t];
-    out[(int64_t(tl.b) * N + tl.r0 + r) * C + tl.h * d + t] = acc;
-  }
-}
-
-// ds rows of the tile: dP = dout V^T (shared), then ds = P (dP - sum_j dP P).
-__global__ void __launch_bounds__(kAqThreads)
-    aq_ds_kernel(float* ds, const float* dout, const float* kv, const float* att, const AqGeom g) {
-  extern __shared__ float smem[];
-  const AqTile tl = aq_tile(g.N, g.tiles, kAqRows, g.H);
-  const int N = g.N, Nk = g.Nk, C = g.C, d = g.d;
-  const int64_t C2 = 2 * int64_t(C);
-  float* S = smem;                 // kAqRows x Nk: dP
-  float* A = smem + kAqRows * Nk;  // kAqRows x d: dout rows
-  aq_load_rows(A, dout + (int64_t(tl.b) * N + tl.r0) * C + tl.h * d, C, tl.rows, d);
-  __syncthreads();
-  aq_scores(S, A, kv + int64_t(tl.b) * Nk * C2 + C + tl.h * d, C2, Nk, d, tl.rows, 1.0f);
-  __syncthreads();
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  if (warp < tl.rows) {
-    const float* Sr = S + warp * Nk;
-    const int64_t off = ((int64_t(tl.b) * g.H + tl.h) * N + tl.r0 + warp) * Nk;
-    const float* pr = att + off;
-    float dot = 0.0f;
-    for (int j = lane; j < Nk; j += 32) dot += Sr[j] * pr[j];
-    dot = warp_sum(dot);
-    float* dsr = ds + off;
-    for (int j = lane; j < Nk; j += 32) dsr[j] = pr[j] * (Sr[j] - dot);
-  }
-}
-
-// dq[i, t] = scale sum_j ds[i, j] k[j, t]: one thread per (query row of the tile, t), keys in order.
-__global__ void __launch_bounds__(kAqThreads)
-    aq_dq_kernel(float* dq, const float* ds, const float* kv, const AqGeom g) {
-  const AqTile tl = aq_tile(g.N, g.tiles, kAqRows, g.H);
-  const int N = g.N, Nk = g.Nk, C = g.C, d = g.d;
-  const int64_t C2 = 2 * int64_t(C);
-  const float* kb = kv + int64_t(tl.b) * Nk * C2 + tl.h * d;
-  const float* dsb = ds + (int64_t(tl.b) * g.H + tl.h) * N * Nk;
-  for (int e = threadIdx.x; e < tl.rows * d; e += kAqThreads) {
-    const int r = e / d, t = e - r * d, i = tl.r0 + r;
-    const float* dsr = dsb + int64_t(i) * Nk;
-    float acc = 0.0f;
-    for (int j = 0; j < Nk; ++j) acc += dsr[j] * kb[j * C2 + t];
-    dq[(int64_t(tl.b) * N + i) * C + tl.h * d + t] = acc * g.scale;
-  }
-}
-
-// dk[j, t] = scale sum_i ds[i, j] q[i, t];  dv[j, t] = sum_i P[i, j] dout[i, t], for the tile's key rows j. With
-// S = g.slices > 1 (S * kr * d <= 256): thread (s, r, t) sums the queries [N s / S, N (s+1) / S) in order, the S
-// partials are then added in slice order; S = 1: one thread per (r, t) (strided), all queries in order.
-__global__ void __launch_bounds__(kAqThreads)
-    aq_dkv_kernel(float* dkv, const float* ds, const float* dout, const float* q, const float* att, const AqGeom g) {
-  __shared__ float red_k[kAqThreads], red_v[kAqThreads];
-  const AqTile tl = aq_tile(g.Nk, g.ktiles, g.kr, g.H);
-  const int N = g.N, Nk = g.Nk, C = g.C, d = g.d, S = g.slices, W = tl.rows * d;
-  const int64_t C2 = 2 * int64_t(C);
-  const float* qb = q + int64_t(tl.b) * N * C + tl.h * d;
-  const float* ob = dout + int64_t(tl.b) * N * C + tl.h * d;
-  const int64_t hoff = (int64_t(tl.b) * g.H + tl.h) * N * Nk;
-  float* dkvb = dkv + int64_t(tl.b) * Nk * C2 + tl.h * d;
-  if (S == 1) {
-    for (int e = threadIdx.x; e < W; e += kAqThreads) {
-      const int r = e / d, t = e - r * d, j = tl.r0 + r;
-      const float* dsc = ds + hoff + j;
-      const float* pc = att + hoff + j;
-      float ak = 0.0f, av = 0.0f;
-      for (int i = 0; i < N; ++i) {
-        ak += dsc[int64_t(i) * Nk] * qb[int64_t(i) * C + t];
-        av += pc[int64_t(i) * Nk] * ob[int64_t(i) * C + t];
-      }
-      float* dr = dkvb + int64_t(j) * C2 + t;
-      dr[0] = ak * g.scale;
-      dr[C] = av;
-    }
-    return;
-  }
-  const int s = threadIdx.x / W, e = threadIdx.x - s * W;
-  if (s < S) {
-    const int r = e / d, t = e - r * d, j = tl.r0 + r;
-    const int i0 = int(int64_t(N) * s / S), i1 = int(int64_t(N) * (s + 1) / S);
-    const float* dsc = ds + hoff + j;
-    const float* pc = att + hoff + j;
-    float ak = 0.0f, av = 0.0f;
-    for (int i = i0; i < i1; ++i) {
-      ak += dsc[int64_t(i) * Nk] * qb[int64_t(i) * C + t];
-      av += pc[int64_t(i) * Nk] * ob[int64_t(i) * C + t];
-    }
-    red_k[threadIdx.x] = ak;
-    red_v[threadIdx.x] = av;
-  }
-  __syncthreads();
-  if (int(threadIdx.x) < W) {
-    const int r = threadIdx.x / d, t = threadIdx.x - r * d, j = tl.r0 + r;
-    float ak = red_k[threadIdx.x], av = red_v[threadIdx.x];
-    for (int ss = 1; ss < S; ++ss) {
-      ak += red_k[ss * W + threadIdx.x];
-      av += red_v[ss * W + threadIdx.x];
-    }
-    float* dr = dkvb + int64_t(j) * C2 + t;
-    dr[0] = ak * g.scale;
-    dr[C] = av;
-  }
-}
-
-AqGeom aq_geom(int B, int N, int Nk, int C, int H, const char* what) {
+// Checks the sizes and the streams; returns d.
+int aq_check(int B, int N, int Nk, int C, int H, const Blas& blas, cudaStream_t stream, const char* what) {
   SAV_CHECK(attention_q_kv_train_supports(Nk, C, H), what << ": Nk=" << Nk << ", C=" << C << ", H=" << H
                                                           << " not supported (C % H == 0, head size 1.." << kAqMaxD
-                                                          << ", 1 <= Nk <= " << kAqMaxNk << ")");
-  SAV_CHECK(B >= 0 && N >= 1, what << ": bad sizes B=" << B << " N=" << N);
-  AqGeom g{};
-  g.N = N, g.Nk = Nk, g.C = C, g.H = H, g.d = C / H;
-  g.tiles = (N + kAqRows - 1) / kAqRows;
-  g.kr = N <= 256 ? 8 : N <= 1024 ? 4 : 2;
-  g.ktiles = (Nk + g.kr - 1) / g.kr;
-  g.slices = std::max(1, kAqThreads / (g.kr * g.d));
-  g.scale = float(1.0 / std::sqrt(double(g.d)));
-  SAV_CHECK(int64_t(B) * H * g.tiles <= INT_MAX && int64_t(B) * H * g.ktiles <= INT_MAX,
-            what << ": too many blocks (B=" << B << ", H=" << H << ", N=" << N << ")");
-  return g;
-}
-
-// Dynamic shared memory of the forward and ds kernels: the scores of kAqRows rows and the tile's rows.
-size_t aq_smem(const AqGeom& g) { return sizeof(float) * size_t(kAqRows) * size_t(g.Nk + g.d); }
-
-// Opts the kernel in to more than 48 KB of dynamic shared memory (once per process: before any graph capture,
-// the first call is eager), after checking that the device offers smem bytes.
-void aq_allow_smem(const void* kernel, bool& attr_set, size_t smem, const char* what) {
-  SAV_CHECK(smem <= size_t(max_smem_per_block()),
-            what << ": needs " << smem << " bytes of shared memory, the device offers " << max_smem_per_block());
-  if (smem > 48 * 1024 && !attr_set) {
-    SAV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem_per_block()));
-    attr_set = true;
-  }
+                                                          << ", 2C fits in int, Nk >= 1)");
+  SAV_CHECK(B >= 0 && N >= 1 && int64_t(N) * Nk <= INT_MAX && int64_t(B) * H <= INT_MAX,
+            what << ": bad sizes B=" << B << " N=" << N << " Nk=" << Nk << " (N >= 1, N*Nk and B*H must fit in int)");
+  SAV_CHECK(stream == blas.stream(), what << ": stream differs from the Blas's stream (the row kernels would race "
+                                             "with the products)");
+  return C / H;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -549,35 +313,51 @@ void dwconv2d_backward_f32(float* dx, float* dw, float* db, const float* dy, con
 }
 
 bool attention_q_kv_train_supports(int Nk, int C, int H) {
-  return C >= 1 && H >= 1 && C % H == 0 && C / H <= kAqMaxD && Nk >= 1 && Nk <= kAqMaxNk;
+  return C >= 1 && H >= 1 && C % H == 0 && C / H <= kAqMaxD && 2 * int64_t(C) <= INT_MAX && Nk >= 1;
 }
 
 void attention_q_kv_train_forward(float* out, float* att, const float* q, const float* kv, int B, int N, int Nk, int C,
-                                  int H, cudaStream_t stream) {
-  const AqGeom g = aq_geom(B, N, Nk, C, H, "attention_q_kv_train_forward");
+                                  int H, Blas& blas, cudaStream_t stream) {
+  const int d = aq_check(B, N, Nk, C, H, blas, stream, "attention_q_kv_train_forward");
   if (B == 0) return;
   SAV_CHECK(out && att && q && kv, "attention_q_kv_train_forward: null pointer");
-  const size_t smem = aq_smem(g);
-  static bool attr_set = false;
-  aq_allow_smem(reinterpret_cast<const void*>(&aq_forward_kernel), attr_set, smem, "attention_q_kv_train_forward");
-  aq_forward_kernel<<<B * H * g.tiles, kAqThreads, smem, stream>>>(out, att, q, kv, g);
-  SAV_CUDA_CHECK_LAUNCH();
+  const int C2 = 2 * C, count = B * H;
+  const int64_t NNk = int64_t(N) * Nk, bq = int64_t(N) * C, bkv = int64_t(Nk) * C2;
+  const float scale = float(1.0 / std::sqrt(double(d)));
+  const auto qh = head_ptrs(q, B, H, bq, d), kh = head_ptrs(kv, B, H, bkv, d), vh = head_ptrs(kv + C, B, H, bkv, d);
+  const auto p = head_ptrs(att, B, H, H * NNk, NNk);
+  const auto o = head_ptrs(out, B, H, bq, d);
+  // att = scale Q K^T, then the softmax by rows
+  blas.batched(false, true, N, Nk, d, scale, qh.data(), C, kh.data(), C2, 0.0f, p.data(), Nk, count);
+  softmax_rows_f32(att, int64_t(count) * N, Nk, stream);
+  // out = P V
+  blas.batched(false, false, N, d, Nk, 1.0f, p.data(), Nk, vh.data(), C2, 0.0f, o.data(), C, count);
 }
 
 void attention_q_kv_train_backward(float* dq, float* dkv, float* ds, const float* dout, const float* q, const float* kv,
-                                   const float* att, int B, int N, int Nk, int C, int H, cudaStream_t stream) {
-  const AqGeom g = aq_geom(B, N, Nk, C, H, "attention_q_kv_train_backward");
+                                   const float* att, int B, int N, int Nk, int C, int H, Blas& blas,
+                                   cudaStream_t stream) {
+  const int d = aq_check(B, N, Nk, C, H, blas, stream, "attention_q_kv_train_backward");
   if (B == 0) return;
   SAV_CHECK(dq && dkv && ds && dout && q && kv && att, "attention_q_kv_train_backward: null pointer");
-  const size_t smem = aq_smem(g);
-  static bool attr_set = false;
-  aq_allow_smem(reinterpret_cast<const void*>(&aq_ds_kernel), attr_set, smem, "attention_q_kv_train_backward");
-  aq_ds_kernel<<<B * H * g.tiles, kAqThreads, smem, stream>>>(ds, dout, kv, att, g);
-  SAV_CUDA_CHECK_LAUNCH();
-  aq_dq_kernel<<<B * H * g.tiles, kAqThreads, 0, stream>>>(dq, ds, kv, g);
-  SAV_CUDA_CHECK_LAUNCH();
-  aq_dkv_kernel<<<B * H * g.ktiles, kAqThreads, 0, stream>>>(dkv, ds, dout, q, att, g);
-  SAV_CUDA_CHECK_LAUNCH();
+  const int C2 = 2 * C, count = B * H;
+  const int64_t NNk = int64_t(N) * Nk, bq = int64_t(N) * C, bkv = int64_t(Nk) * C2;
+  const float scale = float(1.0 / std::sqrt(double(d)));
+  const auto qh = head_ptrs(q, B, H, bq, d), kh = head_ptrs(kv, B, H, bkv, d), vh = head_ptrs(kv + C, B, H, bkv, d);
+  const auto dqh = head_ptrs(dq, B, H, bq, d), dkh = head_ptrs(dkv, B, H, bkv, d),
+             dvh = head_ptrs(dkv + C, B, H, bkv, d);
+  const auto p = head_ptrs(att, B, H, H * NNk, NNk);
+  const auto s = head_ptrs(ds, B, H, H * NNk, NNk);
+  const auto gout = head_ptrs(dout, B, H, bq, d);
+  // ds = dP = dO V^T, then ds = P (dP - rowsum(dP P)) by rows
+  blas.batched(false, true, N, Nk, d, 1.0f, gout.data(), C, vh.data(), C2, 0.0f, s.data(), Nk, count);
+  softmax_backward_rows_f32(ds, att, int64_t(count) * N, Nk, stream);
+  // dq = scale dS K
+  blas.batched(false, false, N, d, Nk, scale, s.data(), Nk, kh.data(), C2, 0.0f, dqh.data(), C, count);
+  // dk = scale dS^T Q
+  blas.batched(true, false, Nk, d, N, scale, s.data(), Nk, qh.data(), C, 0.0f, dkh.data(), C2, count);
+  // dv = P^T dO
+  blas.batched(true, false, Nk, d, N, 1.0f, p.data(), Nk, gout.data(), C, 0.0f, dvh.data(), C2, count);
 }
 
 void mean_tokens_backward_f32(float* dx, const float* dy, int B, int N, int C, cudaStream_t stream) {

@@ -17,15 +17,13 @@
 //                          per row (8 per block), two passes (sums of g and g xhat, then the update).
 //  gelu_*, add_f32         grid-stride elementwise.
 //  colsum_f32              as LayerNorm's db: chunk partials in ws, then a per-column ordered sum.
-//  attention_train_*       one 256-thread block per (b, h, tile of 8 rows), grid B*H*ceil(N/8). Forward: the
-//                          8 query rows in shared memory, scores (8 x N floats of dynamic shared memory, at
-//                          most 32 KB for N = 1024) by one warp per key (lanes over the head's dims, xor-shuffle
-//                          sums), softmax by one warp per row (expf, division by the sum), then out = P V with
-//                          one thread per (row, dim) summing over keys in order. Backward: kernel 1 (same
-//                          tiling) dP = dout V^T into shared memory, then ds = P (dP - rowsum(dP P)) to the
-//                          work space; kernel 2: dq = scale ds K, one thread per (query row, dim); kernel 3:
-//                          dk = scale ds^T Q and dv = P^T dout, one thread per (key row, dim), sums over the
-//                          queries in order. Every element of dqkv is written by exactly one of kernels 2, 3.
+//  softmax_rows_f32 / softmax_backward_rows_f32
+//                          one warp per row, 8 rows per 256-thread block, grid-stride over the rows (at most
+//                          16 blocks per SM); the row is read in lane-strided order: the max, then expf and the
+//                          sum (the exponentials stored), then the division; backward: the sum of ds p, then
+//                          the update. Warp sums and maxima by xor shuffles.
+//  attention_train_*       no kernels of their own: cuBLAS batched GEMMs (Blas::batched, one pointer triple
+//                          per (b, h)) and the two row ops above.
 //  sumsq_f64               one 256-thread block per chunk of kSqChunk elements (double accumulation, fixed
 //                          tree reduction in shared memory), partial sums and non-finite counts in ws; then a
 //                          single thread adds the chunk partials in chunk order.
@@ -34,7 +32,9 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <vector>
 
+#include "ops/cuda/blas.h"
 #include "ops/cuda/train_ops.h"
 
 namespace sav::cuda {
@@ -253,193 +253,71 @@ __global__ void __launch_bounds__(kThreads) add_kernel(float* y, const float* a,
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// attention
+// softmax rows
 
-constexpr int kAtRows = 8;  // query (or key) rows per block
-constexpr int kAtThreads = 256;
-constexpr int kAtWarps = kAtThreads / 32;
-constexpr int kAtMaxD = 128;
-constexpr int kAtMaxN = 1024;
-static_assert(kAtRows == kAtWarps, "the softmax gives one warp to each row of the tile");
+constexpr int kRowWarps = 8;  // rows per block
 
-struct AtGeom {
-  int N, C, H, d, tiles;
-  float scale;
-};
-
-struct AtTile {
-  int b, h, r0, rows;
-};
-
-__device__ __forceinline__ AtTile at_tile(const AtGeom& g) {
-  const int bid = blockIdx.x;
-  const int tile = bid % g.tiles, bh = bid / g.tiles;
-  AtTile t;
-  t.h = bh % g.H;
-  t.b = bh / g.H;
-  t.r0 = tile * kAtRows;
-  t.rows = min(kAtRows, g.N - t.r0);
-  return t;
+int row_blocks(int64_t rows) {
+  return int(std::max<int64_t>(1, std::min<int64_t>((rows + kRowWarps - 1) / kRowWarps, int64_t(sm_count()) * 16)));
 }
 
-// A (rows x d, shared) = rows r0 .. r0+rows-1 of src (row r at src + r * lda).
-__device__ __forceinline__ void at_load_rows(float* A, const float* src, int64_t lda, int rows, int d) {
-  for (int e = threadIdx.x; e < rows * d; e += kAtThreads) {
-    const int r = e / d, t = e - r * d;
-    A[e] = src[r * lda + t];
-  }
-}
-
-// S[r * N + j] = alpha * sum_t A[r * d + t] * kb[j * ldk + t] for r < rows, j < N: one warp per key j, lanes
-// over t (<= 128: 4 values per lane), xor-shuffle sums. The loops are uniform over each warp.
-__device__ __forceinline__ void at_scores(float* S, const float* A, const float* kb, int64_t ldk, int N, int d,
-                                          int rows, float alpha) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  for (int j = warp; j < N; j += kAtWarps) {
-    const float* kj = kb + j * ldk;
-    float kr[kAtMaxD / 32];
-#pragma unroll
-    for (int m = 0; m < kAtMaxD / 32; ++m) {
-      const int t = lane + 32 * m;
-      kr[m] = t < d ? kj[t] : 0.0f;
-    }
-    for (int r = 0; r < rows; ++r) {
-      const float* ar = A + r * d;
-      float s = 0.0f;
-#pragma unroll
-      for (int m = 0; m < kAtMaxD / 32; ++m) {
-        const int t = lane + 32 * m;
-        if (t < d) s += ar[t] * kr[m];
-      }
-      s = warp_sum(s);
-      if (lane == 0) S[r * N + j] = s * alpha;
-    }
-  }
-}
-
-__global__ void __launch_bounds__(kAtThreads)
-    attention_forward_kernel(float* out, float* att, const float* qkv, const AtGeom g) {
-  extern __shared__ float smem[];
-  const AtTile tl = at_tile(g);
-  const int N = g.N, C = g.C, d = g.d;
-  const int64_t C3 = 3 * int64_t(C);
-  float* S = smem;                // kAtRows x N: scores, then probabilities
-  float* A = smem + kAtRows * N;  // kAtRows x d: the query rows
-  const float* base = qkv + int64_t(tl.b) * N * C3;
-  at_load_rows(A, base + tl.r0 * C3 + tl.h * d, C3, tl.rows, d);
-  __syncthreads();
-  at_scores(S, A, base + C + tl.h * d, C3, N, d, tl.rows, g.scale);
-  __syncthreads();
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  if (warp < tl.rows) {
-    float* Sr = S + warp * N;
+__global__ void __launch_bounds__(kRowWarps * 32) softmax_rows_kernel(float* p, int64_t rows, int n) {
+  const int lane = threadIdx.x & 31;
+  for (int64_t r = int64_t(blockIdx.x) * kRowWarps + (threadIdx.x >> 5); r < rows;
+       r += int64_t(gridDim.x) * kRowWarps) {  // uniform over the warp
+    float* pr = p + r * n;
     float mx = -INFINITY;
-    for (int j = lane; j < N; j += 32) mx = fmaxf(mx, Sr[j]);
+    for (int j = lane; j < n; j += 32) mx = fmaxf(mx, pr[j]);
     mx = warp_max(mx);
     float sum = 0.0f;
-    for (int j = lane; j < N; j += 32) {
-      const float e = expf(Sr[j] - mx);
-      Sr[j] = e;
+    for (int j = lane; j < n; j += 32) {
+      const float e = expf(pr[j] - mx);
+      pr[j] = e;
       sum += e;
     }
     sum = warp_sum(sum);
-    float* ar = att + ((int64_t(tl.b) * g.H + tl.h) * N + tl.r0 + warp) * N;
-    for (int j = lane; j < N; j += 32) {
-      const float p = Sr[j] / sum;
-      Sr[j] = p;
-      ar[j] = p;
-    }
-  }
-  __syncthreads();
-  const float* vb = base + 2 * int64_t(C) + tl.h * d;
-  for (int e = threadIdx.x; e < tl.rows * d; e += kAtThreads) {
-    const int r = e / d, t = e - r * d;
-    const float* pr = S + r * N;
-    float acc = 0.0f;
-    for (int j = 0; j < N; ++j) acc += pr[j] * vb[j * C3 + t];
-    out[(int64_t(tl.b) * N + tl.r0 + r) * C + tl.h * d + t] = acc;
+    for (int j = lane; j < n; j += 32) pr[j] = pr[j] / sum;
   }
 }
 
-// ds rows of the tile: dP = dout V^T (shared), then ds = P (dP - sum_j dP P).
-__global__ void __launch_bounds__(kAtThreads)
-    attention_ds_kernel(float* ds, const float* dout, const float* qkv, const float* att, const AtGeom g) {
-  extern __shared__ float smem[];
-  const AtTile tl = at_tile(g);
-  const int N = g.N, C = g.C, d = g.d;
-  const int64_t C3 = 3 * int64_t(C);
-  float* S = smem;                // kAtRows x N: dP
-  float* A = smem + kAtRows * N;  // kAtRows x d: dout rows
-  const float* base = qkv + int64_t(tl.b) * N * C3;
-  at_load_rows(A, dout + (int64_t(tl.b) * N + tl.r0) * C + tl.h * d, C, tl.rows, d);
-  __syncthreads();
-  at_scores(S, A, base + 2 * int64_t(C) + tl.h * d, C3, N, d, tl.rows, 1.0f);
-  __syncthreads();
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  if (warp < tl.rows) {
-    const float* Sr = S + warp * N;
-    const int64_t off = ((int64_t(tl.b) * g.H + tl.h) * N + tl.r0 + warp) * N;
-    const float* pr = att + off;
+__global__ void __launch_bounds__(kRowWarps * 32)
+    softmax_backward_rows_kernel(float* ds, const float* p, int64_t rows, int n) {
+  const int lane = threadIdx.x & 31;
+  for (int64_t r = int64_t(blockIdx.x) * kRowWarps + (threadIdx.x >> 5); r < rows;
+       r += int64_t(gridDim.x) * kRowWarps) {
+    float* dr = ds + r * n;
+    const float* pr = p + r * n;
     float dot = 0.0f;
-    for (int j = lane; j < N; j += 32) dot += Sr[j] * pr[j];
+    for (int j = lane; j < n; j += 32) dot += dr[j] * pr[j];
     dot = warp_sum(dot);
-    float* dsr = ds + off;
-    for (int j = lane; j < N; j += 32) dsr[j] = pr[j] * (Sr[j] - dot);
+    for (int j = lane; j < n; j += 32) dr[j] = pr[j] * (dr[j] - dot);
   }
 }
 
-// dq[i, t] = scale sum_j ds[i, j] k[j, t]: one thread per (query row of the tile, t).
-__global__ void __launch_bounds__(kAtThreads)
-    attention_dq_kernel(float* dqkv, const float* ds, const float* qkv, const AtGeom g) {
-  const AtTile tl = at_tile(g);
-  const int N = g.N, C = g.C, d = g.d;
-  const int64_t C3 = 3 * int64_t(C);
-  const float* kb = qkv + int64_t(tl.b) * N * C3 + C + tl.h * d;
-  const float* dsb = ds + (int64_t(tl.b) * g.H + tl.h) * N * N;
-  for (int e = threadIdx.x; e < tl.rows * d; e += kAtThreads) {
-    const int r = e / d, t = e - r * d, i = tl.r0 + r;
-    const float* dsr = dsb + int64_t(i) * N;
-    float acc = 0.0f;
-    for (int j = 0; j < N; ++j) acc += dsr[j] * kb[j * C3 + t];
-    dqkv[(int64_t(tl.b) * N + i) * C3 + tl.h * d + t] = acc * g.scale;
-  }
+// ---------------------------------------------------------------------------------------------------------
+// attention: the per-head pointers of the batched products
+
+constexpr int kAtMaxD = 1024;
+constexpr int kAtMaxN = 46340;  // N * N <= INT_MAX
+
+// ptr[b*H + h] = base + b*bstride + h*hstride.
+template <class T>
+std::vector<T*> head_ptrs(T* base, int B, int H, int64_t bstride, int64_t hstride) {
+  std::vector<T*> v(size_t(B) * H);
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < H; ++h) v[size_t(b) * H + h] = base + b * bstride + h * hstride;
+  return v;
 }
 
-// dk[j, t] = scale sum_i ds[i, j] q[i, t];  dv[j, t] = sum_i P[i, j] dout[i, t]: one thread per (key row of the
-// tile, t), sums over i in order.
-__global__ void __launch_bounds__(kAtThreads) attention_dkv_kernel(float* dqkv, const float* ds, const float* dout,
-                                                                   const float* qkv, const float* att, const AtGeom g) {
-  const AtTile tl = at_tile(g);
-  const int N = g.N, C = g.C, d = g.d;
-  const int64_t C3 = 3 * int64_t(C);
-  const float* qb = qkv + int64_t(tl.b) * N * C3 + tl.h * d;
-  const float* ob = dout + int64_t(tl.b) * N * C + tl.h * d;
-  const int64_t hoff = (int64_t(tl.b) * g.H + tl.h) * N * N;
-  for (int e = threadIdx.x; e < tl.rows * d; e += kAtThreads) {
-    const int r = e / d, t = e - r * d, j = tl.r0 + r;
-    const float* dsc = ds + hoff + j;
-    const float* pc = att + hoff + j;
-    float ak = 0.0f, av = 0.0f;
-    for (int i = 0; i < N; ++i) {
-      ak += dsc[int64_t(i) * N] * qb[i * C3 + t];
-      av += pc[int64_t(i) * N] * ob[int64_t(i) * C + t];
-    }
-    float* dr = dqkv + (int64_t(tl.b) * N + j) * C3 + tl.h * d + t;
-    dr[C] = ak * g.scale;
-    dr[2 * int64_t(C)] = av;
-  }
-}
-
-AtGeom attention_geom(int B, int N, int C, int H, const char* what) {
+// Checks the sizes and the streams; returns d.
+int attention_check(int B, int N, int C, int H, const Blas& blas, cudaStream_t stream, const char* what) {
   SAV_CHECK(attention_train_supports(N, C, H), what << ": N=" << N << ", C=" << C << ", H=" << H
-                                                    << " not supported (C % H == 0, head size 1..." << kAtMaxD
-                                                    << ", 1 <= N <= " << kAtMaxN << ")");
-  SAV_CHECK(B >= 0, what << ": negative batch " << B);
-  AtGeom g{};
-  g.N = N, g.C = C, g.H = H, g.d = C / H, g.tiles = (N + kAtRows - 1) / kAtRows;
-  g.scale = float(1.0 / std::sqrt(double(g.d)));
-  SAV_CHECK(int64_t(B) * H * g.tiles <= INT_MAX, what << ": too many blocks (B=" << B << ", H=" << H << ")");
-  return g;
+                                                    << " not supported (C % H == 0, head size 1.." << kAtMaxD
+                                                    << ", 3C fits in int, 1 <= N <= " << kAtMaxN << ")");
+  SAV_CHECK(B >= 0 && int64_t(B) * H <= INT_MAX, what << ": bad batch " << B << " (B*H must fit in int)");
+  SAV_CHECK(stream == blas.stream(), what << ": stream differs from the Blas's stream (the row kernels would race "
+                                             "with the products)");
+  return C / H;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -647,35 +525,73 @@ void colsum_f32(float* db, const float* dy, int lddy, int M, int F, float* ws, c
   SAV_CUDA_CHECK_LAUNCH();
 }
 
+// ---- softmax rows ----
+
+void softmax_rows_f32(float* p, int64_t rows, int n, cudaStream_t stream) {
+  SAV_CHECK(rows >= 0 && n >= 1, "softmax_rows_f32: bad sizes rows=" << rows << " n=" << n);
+  if (rows == 0) return;
+  SAV_CHECK(p, "softmax_rows_f32: null pointer");
+  softmax_rows_kernel<<<row_blocks(rows), kRowWarps * 32, 0, stream>>>(p, rows, n);
+  SAV_CUDA_CHECK_LAUNCH();
+}
+
+void softmax_backward_rows_f32(float* ds, const float* p, int64_t rows, int n, cudaStream_t stream) {
+  SAV_CHECK(rows >= 0 && n >= 1, "softmax_backward_rows_f32: bad sizes rows=" << rows << " n=" << n);
+  if (rows == 0) return;
+  SAV_CHECK(ds && p, "softmax_backward_rows_f32: null pointer");
+  softmax_backward_rows_kernel<<<row_blocks(rows), kRowWarps * 32, 0, stream>>>(ds, p, rows, n);
+  SAV_CUDA_CHECK_LAUNCH();
+}
+
 // ---- attention ----
 
 bool attention_train_supports(int N, int C, int H) {
-  return C >= 1 && H >= 1 && C % H == 0 && C / H <= kAtMaxD && N >= 1 && N <= kAtMaxN;
+  return C >= 1 && H >= 1 && C % H == 0 && C / H <= kAtMaxD && 3 * int64_t(C) <= INT_MAX && N >= 1 && N <= kAtMaxN;
 }
 
-void attention_train_forward(float* out, float* att, const float* qkv, int B, int N, int C, int H,
+void attention_train_forward(float* out, float* att, const float* qkv, int B, int N, int C, int H, Blas& blas,
                              cudaStream_t stream) {
-  const AtGeom g = attention_geom(B, N, C, H, "attention_train_forward");
+  const int d = attention_check(B, N, C, H, blas, stream, "attention_train_forward");
   if (B == 0) return;
   SAV_CHECK(out && att && qkv, "attention_train_forward: null pointer");
-  const size_t smem = sizeof(float) * size_t(kAtRows) * size_t(N + g.d);  // <= 36 KB
-  attention_forward_kernel<<<B * H * g.tiles, kAtThreads, smem, stream>>>(out, att, qkv, g);
-  SAV_CUDA_CHECK_LAUNCH();
+  const int C3 = 3 * C, count = B * H;
+  const int64_t NN = int64_t(N) * N, bqkv = int64_t(N) * C3;
+  const float scale = float(1.0 / std::sqrt(double(d)));
+  const auto q = head_ptrs(qkv, B, H, bqkv, d), k = head_ptrs(qkv + C, B, H, bqkv, d),
+             v = head_ptrs(qkv + 2 * C, B, H, bqkv, d);
+  const auto p = head_ptrs(att, B, H, H * NN, NN);
+  const auto o = head_ptrs(out, B, H, int64_t(N) * C, d);
+  // att = scale Q K^T, then the softmax by rows
+  blas.batched(false, true, N, N, d, scale, q.data(), C3, k.data(), C3, 0.0f, p.data(), N, count);
+  softmax_rows_f32(att, int64_t(count) * N, N, stream);
+  // out = P V
+  blas.batched(false, false, N, d, N, 1.0f, p.data(), N, v.data(), C3, 0.0f, o.data(), C, count);
 }
 
 void attention_train_backward(float* dqkv, float* ds, const float* dout, const float* qkv, const float* att, int B,
-                              int N, int C, int H, cudaStream_t stream) {
-  const AtGeom g = attention_geom(B, N, C, H, "attention_train_backward");
+                              int N, int C, int H, Blas& blas, cudaStream_t stream) {
+  const int d = attention_check(B, N, C, H, blas, stream, "attention_train_backward");
   if (B == 0) return;
   SAV_CHECK(dqkv && ds && dout && qkv && att, "attention_train_backward: null pointer");
-  const int blocks = B * H * g.tiles;
-  const size_t smem = sizeof(float) * size_t(kAtRows) * size_t(N + g.d);
-  attention_ds_kernel<<<blocks, kAtThreads, smem, stream>>>(ds, dout, qkv, att, g);
-  SAV_CUDA_CHECK_LAUNCH();
-  attention_dq_kernel<<<blocks, kAtThreads, 0, stream>>>(dqkv, ds, qkv, g);
-  SAV_CUDA_CHECK_LAUNCH();
-  attention_dkv_kernel<<<blocks, kAtThreads, 0, stream>>>(dqkv, ds, dout, qkv, att, g);
-  SAV_CUDA_CHECK_LAUNCH();
+  const int C3 = 3 * C, count = B * H;
+  const int64_t NN = int64_t(N) * N, bqkv = int64_t(N) * C3, bo = int64_t(N) * C;
+  const float scale = float(1.0 / std::sqrt(double(d)));
+  const auto q = head_ptrs(qkv, B, H, bqkv, d), k = head_ptrs(qkv + C, B, H, bqkv, d),
+             v = head_ptrs(qkv + 2 * C, B, H, bqkv, d);
+  const auto dq = head_ptrs(dqkv, B, H, bqkv, d), dk = head_ptrs(dqkv + C, B, H, bqkv, d),
+             dv = head_ptrs(dqkv + 2 * C, B, H, bqkv, d);
+  const auto p = head_ptrs(att, B, H, H * NN, NN);
+  const auto s = head_ptrs(ds, B, H, H * NN, NN);
+  const auto gout = head_ptrs(dout, B, H, bo, d);
+  // ds = dP = dO V^T, then ds = P (dP - rowsum(dP P)) by rows
+  blas.batched(false, true, N, N, d, 1.0f, gout.data(), C, v.data(), C3, 0.0f, s.data(), N, count);
+  softmax_backward_rows_f32(ds, att, int64_t(count) * N, N, stream);
+  // dq = scale dS K
+  blas.batched(false, false, N, d, N, scale, s.data(), N, k.data(), C3, 0.0f, dq.data(), C3, count);
+  // dk = scale dS^T Q
+  blas.batched(true, false, N, d, N, scale, s.data(), N, q.data(), C3, 0.0f, dk.data(), C3, count);
+  // dv = P^T dO
+  blas.batched(true, false, N, d, N, 1.0f, p.data(), N, gout.data(), C, 0.0f, dv.data(), C3, count);
 }
 
 // ---- optimizer ----

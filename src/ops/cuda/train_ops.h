@@ -1,14 +1,14 @@
 // shiftaddvit CUDA backend: the float32 ops of ViT training, forward (saving what backward needs) and
-// backward, plus the optimizer's elementwise work. The products are cuda::Blas (blas.h); Hamming attention
-// is hamming_train.h, shift and MoE linears moe_train.h.
+// backward, plus the optimizer's elementwise work. The products are cuda::Blas (blas.h), including the batched
+// ones of the softmax attention here; Hamming attention is hamming_train.h, shift and MoE linears moe_train.h.
 //
 //   using namespace sav::cuda;
 //   im2col_f32(cols, img, B, Cin, S, p, stream);                               // patch embedding, then a product
 //   embed_tokens_forward(x, pe, cls, pos, B, N, C, stream);
 //   layernorm_train_forward(y, C, mean, rstd, x, C, w, b, M, C, eps, stream);
 //   layernorm_train_backward(dx, C, dw, db, dy, C, x, C, w, mean, rstd, M, C, ws, stream);
-//   attention_train_forward(out, att, qkv, B, N, C, H, stream);
-//   attention_train_backward(dqkv, ds, dout, qkv, att, B, N, C, H, stream);
+//   attention_train_forward(out, att, qkv, B, N, C, H, blas, stream);             // stream == blas.stream()
+//   attention_train_backward(dqkv, ds, dout, qkv, att, B, N, C, H, blas, stream);
 //   adamw_step_f32(p, g, m, v, decay_mask, n, ..., stream);
 //
 // Shape legend (as ops/cpu/ops.h): B batch, N tokens, C channels, H heads, d = C/H, M rows, P = N - 1
@@ -29,6 +29,8 @@
 #include "ops/cuda/common.h"
 
 namespace sav::cuda {
+
+class Blas;  // blas.h
 
 // ---- patch embedding: im2col, f32 (spec: the cols of cpu::patch_embed_forward_ref) ----
 // cols (B*P, K): row b*P + py*(S/p) + px, column ci*p*p + ky*p + kx = img[b, ci, py*p + ky, px*p + kx].
@@ -71,16 +73,36 @@ size_t colsum_workspace_floats(int M, int F);
 // ---- elementwise ----
 void add_f32(float* y, const float* a, const float* b, int64_t n, cudaStream_t stream);  // y = a + b (may alias)
 
+// ---- softmax over rows and its backward (the row steps of cpu::attention_forward_ref / _backward_ref) ----
+// p (rows, n) in place: p[r, :] = softmax(p[r, :]): the row max subtracted, expf, divided by the row sum.
+void softmax_rows_f32(float* p, int64_t rows, int n, cudaStream_t stream);
+// ds (rows, n) in place, from dL/dp to dL/d(softmax input): ds[r, j] = p[r, j] (ds[r, j] - sum_k ds[r, k] p[r, k]).
+// p (rows, n) the probabilities (softmax_rows_f32's output). One warp per row for both ops (sums by xor
+// shuffles in a fixed order: deterministic); any n >= 1, rows >= 0.
+void softmax_backward_rows_f32(float* ds, const float* p, int64_t rows, int n, cudaStream_t stream);
+
 // ---- multi-head softmax self-attention core, training (spec: cpu::attention_forward_ref / _backward_ref) ----
 // qkv (B,N,3C) timm layout [s*C + h*d + i], s in {q,k,v}; out (B,N,C) = heads concatenated;
-// att (B,H,N,N) = the softmax probabilities (saved). scale = d^-0.5. f32 throughout.
-void attention_train_forward(float* out, float* att, const float* qkv, int B, int N, int C, int H,
+// att (B,H,N,N) = the softmax probabilities (saved). scale = d^-0.5.
+// Every product is one cuBLAS batched GEMM over the B*H heads (Blas::batched; head (b, h) of Q, K, V is the
+// strided (N,d) view at qkv + b*N*3C + s*C + h*d, rows 3C apart; its (N,N) score matrix lies in att / ds):
+//   forward:  att = scale Q K^T;  softmax_rows_f32(att);  out = att V                       (2 products)
+//   backward: ds = dout V^T;  softmax_backward_rows_f32(ds, att);  dq = scale ds K;  dk = scale ds^T Q;
+//             dv = att^T dout                                                            (4 products)
+// Precision: with a Blas of F32Math::f32 the products are IEEE f32 (f32 FMAs, cuBLAS's summation order); with
+// F32Math::tf32 they run on TF32 tensor cores (operands rounded to TF32, f32 accumulation), like the linears.
+// The softmax and its backward are f32 either way. One cuBLAS algorithm per shape and math mode, fixed-order
+// row sums: reruns are bit-identical. The products run on blas's stream, the row ops on `stream`, which must be
+// blas.stream() (checked). Not capturable into a CUDA graph (Blas::batched uploads pointer arrays).
+void attention_train_forward(float* out, float* att, const float* qkv, int B, int N, int C, int H, Blas& blas,
                              cudaStream_t stream);
 // dqkv (B,N,3C) = (OVERWRITTEN, every element);  ds (B,H,N,N) work space (the score gradients);
 // dout (B,N,C); qkv, att as from forward.
 void attention_train_backward(float* dqkv, float* ds, const float* dout, const float* qkv, const float* att, int B,
-                              int N, int C, int H, cudaStream_t stream);
-bool attention_train_supports(int N, int C, int H);  // C % H == 0, 1 <= d <= 128, 1 <= N <= 1024
+                              int N, int C, int H, Blas& blas, cudaStream_t stream);
+// C % H == 0, 1 <= d <= 1024, 3C fits in int (the GEMMs' leading dimension), 1 <= N <= 46340 (a head's N x N
+// score matrix indexable by int). The B*H*N*N floats of att / ds are the practical limit.
+bool attention_train_supports(int N, int C, int H);
 
 // ---- optimizer ----
 // Sum of squares of g (n) in double, and whether any entry is not finite: out[0] = sum g^2 (as a double
