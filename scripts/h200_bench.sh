@@ -11,7 +11,8 @@
 # Steps: build tests bench bench_f32 release timm table profile sanitize (default: build tests bench timm
 # table). bench_f32 times the PVT models of SAV_MODELS again with IEEE f32 products; release times the
 # release's checkpoint (SAV_RELEASE_REF or .devrun/reference). profile
-# runs ncu on one eager forward (SAV_PROFILE_MODELS); sanitize runs compute-sanitizer on the tests.
+# runs ncu on one eager forward (SAV_PROFILE_MODELS): per kernel its time, DRAM bandwidth against the measured
+# 4.3 TB/s and tensor-pipe use; sanitize runs compute-sanitizer on the tests.
 # That machine has no network and lacks OpenBLAS, GTest, libjpeg/libpng headers (and maybe the CMake files of CLI11 and
 # nlohmann-json): the Debian packages are carried in .devrun/debs (git-ignored; fetch them here with
 #   mkdir -p .devrun/debs && cd .devrun/debs && apt-get download libopenblas0-openmp libopenblas-openmp-dev \
@@ -148,35 +149,53 @@ print("vs_dense = the engine's dense ms / this variant's ms. shiftadd = Hamming 
 EOF
 fi
 if has profile; then
-  echo "[h200] ncu: kernel times of one eager forward (${SAV_PROFILE_MODELS:-deit_tiny_patch16_224} at $BATCHES, $VARIANTS)"
+  # Per kernel of one eager forward: time, DRAM bytes and bandwidth against the H200's measured copy bandwidth
+  # (4.3 TB/s, ../shared/docs/ANCHORS.md), and the tensor pipe's and SM throughput's share of their peaks.
+  echo "[h200] ncu: kernels of one eager forward (${SAV_PROFILE_MODELS:-deit_tiny_patch16_224} at $BATCHES, $VARIANTS)"
   NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
-  timeout 300 "$NCU" --profile-from-start off --clock-control none --cache-control none --print-units base \
-    --metrics gpu__time_duration.sum --csv "$BUILD/sav_cuda_bench" --profile \
+  M="gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum"
+  M="$M,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__throughput.avg.pct_of_peak_sustained_elapsed"
+  timeout 400 "$NCU" --profile-from-start off --clock-control none --cache-control none --print-units base \
+    --metrics "$M" --csv "$BUILD/sav_cuda_bench" --profile \
     --models "${SAV_PROFILE_MODELS:-deit_tiny_patch16_224}" --batches "$BATCHES" --variants "$VARIANTS" \
     >/tmp/sav_ncu.csv 2>&1
   python3 - /tmp/sav_ncu.csv <<'EOF' | tee "$OUT/profile.txt"
-import csv, sys, collections
+import csv, sys
 rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
 if not rows:
     print("no ncu rows"); sys.exit()
 h = rows[0]
-ki, gi, vi = h.index("Kernel Name"), h.index("Grid Size"), h.index("Metric Value")
-launches = [(r[ki], r[gi], float(r[vi].replace(",", "")) / 1000.0) for r in rows[1:]]
+ii, ki, gi, mi, vi = (h.index(c) for c in ("ID", "Kernel Name", "Grid Size", "Metric Name", "Metric Value"))
+launch = {}  # launch id -> [name, grid, {metric: value}]
+for r in rows[1:]:
+    e = launch.setdefault(r[ii], [r[ki], r[gi], {}])
+    e[2][r[mi]] = float(r[vi].replace(",", "") or 0)
 runs = []
-for k in launches:  # each forward starts with the im2col kernel
-    if "im2col" in k[0]:
+for i in sorted(launch, key=int):  # each forward starts with the im2col kernel
+    name, grid, m = launch[i]
+    if "im2col" in name:
         runs.append([])
     if runs:
-        runs[-1].append(k)
+        runs[-1].append((name, grid, m))
+COPY_BW = 4.3e12
 for n, run in enumerate(runs):
-    print(f"== forward {n}: {len(run)} kernels, {sum(k[2] for k in run):.1f} us of kernel time")
+    tot = sum(m["gpu__time_duration.sum"] for _, _, m in run) / 1000.0
+    print(f"== forward {n}: {len(run)} kernels, {tot:.1f} us of kernel time")
+    print(f"  {'us':>9} {'n':>4} {'us/launch':>9} {'DRAM GB/s':>10} {'of 4.3TB/s':>10} {'tensor':>7} {'SM':>6}  kernel")
     agg = {}
-    for name, grid, us in run:
-        key = name[:80] + "  grid" + grid
-        c, t = agg.get(key, (0, 0.0))
-        agg[key] = (c + 1, t + us)
-    for key, (c, t) in sorted(agg.items(), key=lambda kv: -kv[1][1])[:14]:
-        print(f"  {t:9.1f} us {c:4d}x {t / c:8.2f} us  {key}")
+    for name, grid, m in run:
+        key = name[:70] + "  grid" + grid
+        a = agg.setdefault(key, [0, 0.0, 0.0, 0.0, 0.0])
+        t = m["gpu__time_duration.sum"] * 1e-9
+        a[0] += 1
+        a[1] += t
+        a[2] += m.get("dram__bytes_read.sum", 0) + m.get("dram__bytes_write.sum", 0)
+        a[3] += t * m.get("sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active", 0)
+        a[4] += t * m.get("sm__throughput.avg.pct_of_peak_sustained_elapsed", 0)
+    for key, (c, t, by, tp, sm) in sorted(agg.items(), key=lambda kv: -kv[1][1])[:16]:
+        bw = by / t if t > 0 else 0
+        print(f"  {t * 1e6:9.1f} {c:4d} {t * 1e6 / c:9.2f} {bw / 1e9:10.0f} {100 * bw / COPY_BW:9.1f}% "
+              f"{tp / t:6.1f}% {sm / t:5.1f}%  {key}")
 EOF
 fi
 if has sanitize; then
