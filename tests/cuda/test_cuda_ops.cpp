@@ -22,21 +22,6 @@ namespace {
 
 class CudaOps : public CudaTest {};
 
-// bf16 download -> f32
-std::vector<float> download_f32(const DeviceBuffer<bf16>& b) { return cuda::from_bf16(b.download()); }
-
-DeviceBuffer<bf16> upload_bf16(const std::vector<float>& v) {
-  DeviceBuffer<bf16> d(v.size());
-  d.upload(cuda::to_bf16(v.data(), v.size()));
-  return d;
-}
-
-DeviceBuffer<float> upload_f32(const std::vector<float>& v) {
-  DeviceBuffer<float> d(v.size());
-  d.upload(v);
-  return d;
-}
-
 }  // namespace
 
 // Tolerance: one bf16 rounding of the output, 2^-8 relative to the element, <= 4e-3 of max|ref|; 8e-3 stated.
@@ -54,7 +39,7 @@ TEST_F(CudaOps, LayerNormMatchesReferenceOnOddShapesAndStrides) {
       for (int c = 0; c < C; ++c) xc[size_t(i) * C + c] = x[size_t(i) * ldx + c];
     cpu::layernorm_forward_ref(ref.data(), mean.data(), rstd.data(), xc.data(), w.data(), b.data(), M, C, 1e-6f);
 
-    auto dx = upload_f32(x), dw = upload_f32(w), db = upload_f32(b);
+    auto dx = upload(x), dw = upload(w), db = upload(b);
     DeviceBuffer<bf16> dy(size_t(M) * ldy);
     dy.fill_bytes(0xFF);
     cuda::layernorm_forward(dy.get(), ldy, dx.get(), ldx, dw.get(), db.get(), M, C, 1e-6f, nullptr);
@@ -88,7 +73,7 @@ TEST_F(CudaOps, EmbedLayerNormAssemblesTokensAndNormalises) {
   std::vector<float> yref(xref.size()), mean(B * N), rstd(B * N);
   cpu::layernorm_forward_ref(yref.data(), mean.data(), rstd.data(), xref.data(), w.data(), b.data(), B * N, C, 1e-6f);
 
-  auto dpe = upload_f32(pe), dcls = upload_f32(cls), dpos = upload_f32(pos), dw = upload_f32(w), db = upload_f32(b);
+  auto dpe = upload(pe), dcls = upload(cls), dpos = upload(pos), dw = upload(w), db = upload(b);
   DeviceBuffer<float> dx(xref.size());
   DeviceBuffer<bf16> dy(xref.size());
   dx.fill_bytes(0xFF);
@@ -120,7 +105,7 @@ TEST_F(CudaOps, AttentionMatchesReferenceOnOddShapes) {
     std::vector<float> ref(size_t(B) * N * C), att(size_t(B) * H * N * N);
     cpu::attention_forward_ref(ref.data(), att.data(), qkv.data(), B, N, C, H);
 
-    auto dqkv = upload_bf16(qkv);
+    auto dqkv = upload_as<bf16>(qkv);
     DeviceBuffer<bf16> dout(ref.size());
     dout.fill_bytes(0xFF);
     cuda::attention_forward(dout.get(), dqkv.get(), B, N, C, H, nullptr);
@@ -153,8 +138,8 @@ TEST_F(CudaOps, LinearEpiloguesMatchReference) {
     const int M = cs.M, K = cs.K, F = cs.F;
     const std::vector<float> x = round_bf16(normal(size_t(M) * K, 41)), w = round_bf16(normal(size_t(F) * K, 42, 0.2f));
     const std::vector<float> bf = normal(F, 43, 0.5f), bb = round_bf16(bf), y0 = normal(size_t(M) * F, 44);
-    auto dx = upload_bf16(x), dw = upload_bf16(w), dbb = upload_bf16(bb);
-    auto dbf = upload_f32(bf);
+    auto dx = upload_as<bf16>(x), dw = upload_as<bf16>(w), dbb = upload_as<bf16>(bb);
+    auto dbf = upload(bf);
     for (int mode = 0; mode < 4; ++mode) {  // 0 bf16, 1 bf16+gelu, 2 f32, 3 f32 accumulate
       SCOPED_TRACE("M=" + std::to_string(M) + " K=" + std::to_string(K) + " F=" + std::to_string(F) +
                    " mode=" + std::to_string(mode));
@@ -198,8 +183,8 @@ TEST_F(CudaOps, PatchEmbedMatchesReference) {
   std::vector<float> ref(size_t(B) * P * C), cols_ref(size_t(B) * P * K);
   cpu::patch_embed_forward_ref(ref.data(), cols_ref.data(), img.data(), w.data(), b.data(), B, Cin, S, p, C);
 
-  auto dimg = upload_f32(img), db = upload_f32(b);
-  auto dw = upload_bf16(w);
+  auto dimg = upload(img), db = upload(b);
+  auto dw = upload_as<bf16>(w);
   DeviceBuffer<bf16> dcols(cols_ref.size());
   DeviceBuffer<float> dout(ref.size());
   dcols.fill_bytes(0xFF);
@@ -223,54 +208,6 @@ struct HamCase {
   int ld_pad;  // > 0: qk and v interleaved in one (M, 2C + ld_pad) buffer, out rows C + ld_pad apart
 };
 
-// KSH buffers that look fitted: anchors = normalised qk rows of image 0 (sampled tokens, as the fit takes),
-// mu_j = the mean over image 0's tokens of exp(-D_nj / (2 sigma)) (so about half of the bits are set), A
-// random; conv taps random.
-struct HamWeights {
-  std::vector<float> anchors, mu, A, conv;
-};
-HamWeights ham_weights(const std::vector<float>& qk, const HamCase& cs, uint64_t seed) {
-  const int N = cs.N, C = cs.C, H = cs.H, d = C / H, m = cs.m;
-  HamWeights w;
-  w.anchors.resize(size_t(H) * m * d);
-  w.mu.resize(size_t(H) * m);
-  Rng rng(seed);
-  for (int h = 0; h < H; ++h) {
-    std::vector<float> q(size_t(N) * d);
-    for (int n = 0; n < N; ++n) {
-      double ss = 0.0;
-      for (int i = 0; i < d; ++i) ss += double(qk[size_t(n) * C + h * d + i]) * qk[size_t(n) * C + h * d + i];
-      const float nrm = std::max(float(std::sqrt(ss)), 1e-6f);
-      for (int i = 0; i < d; ++i) q[size_t(n) * d + i] = qk[size_t(n) * C + h * d + i] / nrm;
-    }
-    for (int j = 0; j < m; ++j) {
-      const int n = static_cast<int>(rng.below(N));
-      for (int i = 0; i < d; ++i) w.anchors[(size_t(h) * m + j) * d + i] = q[size_t(n) * d + i];
-    }
-    std::vector<double> D(size_t(N) * m);
-    double tot = 0.0;
-    for (int n = 0; n < N; ++n)
-      for (int j = 0; j < m; ++j) {
-        double s = 0.0;
-        for (int i = 0; i < d; ++i) {
-          const double t = q[size_t(n) * d + i] - w.anchors[(size_t(h) * m + j) * d + i];
-          s += t * t;
-        }
-        D[size_t(n) * m + j] = s;
-        tot += s;
-      }
-    const double sigma = std::max(tot / (double(N) * m), 1e-12);
-    for (int j = 0; j < m; ++j) {
-      double s = 0.0;
-      for (int n = 0; n < N; ++n) s += std::exp(-D[size_t(n) * m + j] / (2 * sigma));
-      w.mu[size_t(h) * m + j] = float(s / N);
-    }
-  }
-  w.A = normal(size_t(H) * cs.nbits * m, seed + 1);
-  w.conv = normal(size_t(H) * 9, seed + 2, 0.3f);
-  return w;
-}
-
 }  // namespace
 
 // GPU kernel vs cpu::hamming_attention_forward (the fast path the CPU model runs) on bf16-rounded qk and v,
@@ -292,7 +229,7 @@ TEST_F(CudaOps, HammingAttentionMatchesCpuOnOddShapes) {
     const size_t M = size_t(B) * N;
     const std::vector<float> qk = round_bf16(normal(M * C, 71 + N, 0.7f));
     const std::vector<float> v = round_bf16(normal(M * C, 72 + N));
-    const HamWeights hw = ham_weights(qk, cs, 73 + N);
+    const KshWeights hw = fitted_ksh_weights<float>(qk, N, C, H, nb, m, 73 + N);
 
     const cpu::HammingDims dims{B, N, C, H, nb, m};
     std::vector<float> saved_f(cpu::hamming_saved_floats(dims));
@@ -325,13 +262,13 @@ TEST_F(CudaOps, HammingAttentionMatchesCpuOnOddShapes) {
       std::vector<float> buf(M * ldin, 0.0f);
       for (size_t r = 0; r < M; ++r)
         for (int c = 0; c < C; ++c) buf[r * ldin + c] = qk[r * C + c], buf[r * ldin + C + c] = v[r * C + c];
-      dbuf = upload_bf16(buf);
+      dbuf = upload_as<bf16>(buf);
       pqk = dbuf.get(), pv = dbuf.get() + C;
     } else {
-      dqk = upload_bf16(qk), dv = upload_bf16(v);
+      dqk = upload_as<bf16>(qk), dv = upload_as<bf16>(v);
       pqk = dqk.get(), pv = dv.get();
     }
-    auto da = upload_f32(hw.anchors), dmu = upload_f32(hw.mu), dA = upload_f32(hw.A), dconv = upload_f32(hw.conv);
+    auto da = upload(hw.anchors), dmu = upload(hw.mu), dA = upload(hw.A), dconv = upload(hw.conv);
     DeviceBuffer<bf16> dout(M * ldo);
     dout.fill_bytes(0xFF);
     cuda::hamming_attention_forward_ld(dout.get(), ldo, pqk, ldin, pv, ldin, da.get(), dmu.get(), dA.get(),
@@ -438,10 +375,10 @@ TEST_F(CudaOps, MoeLinearRoutesAndMatchesCpu) {
         y0[size_t(t) * F + j] = a0, y1[size_t(t) * F + j] = a1;
       }
     }
-    auto dx = upload_bf16(x);
+    auto dx = upload_as<bf16>(x);
     DeviceBuffer<bf16> dw(size_t(Fs) * K);
     dw.upload(cuda::moe_stack_weights(w0.data(), w1.data(), wr.data(), F, K));
-    auto db0 = upload_f32(b0), db1 = upload_f32(b1), dbr = upload_f32(br);
+    auto db0 = upload(b0), db1 = upload(b1), dbr = upload(br);
     DeviceBuffer<float> ds(size_t(M) * Fs);
     DeviceBuffer<int8_t> dch(M);
     for (int gate = 0; gate < 2; ++gate)
@@ -456,7 +393,7 @@ TEST_F(CudaOps, MoeLinearRoutesAndMatchesCpu) {
         const auto g = static_cast<cuda::MoeGate>(gate);
         const auto me = static_cast<cuda::MoeEpilogue>(epi);
         if (me == cuda::moe_epilogue_f32_residual) {
-          auto dout = upload_f32(x0);
+          auto dout = upload(x0);
           cuda::moe_epilogue_forward(dout.get(), ldo, dch.get(), ds.get(), Fs, db0.get(), db1.get(), dbr.get(), M, F,
                                      g, me, nullptr);
           SAV_CUDA_CHECK(cudaDeviceSynchronize());
@@ -511,7 +448,7 @@ TEST_F(CudaOps, MoeLinearRoutesAndMatchesCpu) {
 
 TEST_F(CudaOps, ConversionRoundsToNearestEven) {
   const std::vector<float> x = normal(1001, 61, 3.0f);
-  auto dx = upload_f32(x);
+  auto dx = upload(x);
   DeviceBuffer<bf16> dy(x.size());
   cuda::f32_to_bf16(dy.get(), dx.get(), int64_t(x.size()), nullptr);
   SAV_CUDA_CHECK(cudaDeviceSynchronize());

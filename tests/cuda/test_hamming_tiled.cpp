@@ -56,53 +56,6 @@ std::string describe(const Case& c) {
          " pad=" + std::to_string(c.pad);
 }
 
-// KSH buffers that look fitted: anchors = normalised qk rows of image 0 (sampled tokens), mu_j = the mean over
-// image 0's tokens of exp(-D_nj / (2 sigma)) (about half the bits set), A random normal; conv taps random.
-struct Weights {
-  std::vector<float> anchors, mu, A, conv;
-};
-Weights fitted_weights(const std::vector<float>& qk, const Case& cs, uint64_t seed) {
-  const int N = cs.N, C = cs.C, H = cs.H, d = C / H, m = cs.m;
-  Weights w;
-  w.anchors.resize(size_t(H) * m * d);
-  w.mu.resize(size_t(H) * m);
-  Rng rng(seed);
-  for (int h = 0; h < H; ++h) {
-    std::vector<double> q(size_t(N) * d);
-    for (int n = 0; n < N; ++n) {
-      double ss = 0.0;
-      for (int i = 0; i < d; ++i) ss += double(qk[size_t(n) * C + h * d + i]) * qk[size_t(n) * C + h * d + i];
-      const double nrm = std::max(std::sqrt(ss), 1e-6);
-      for (int i = 0; i < d; ++i) q[size_t(n) * d + i] = qk[size_t(n) * C + h * d + i] / nrm;
-    }
-    for (int j = 0; j < m; ++j) {
-      const int n = static_cast<int>(rng.below(N));
-      for (int i = 0; i < d; ++i) w.anchors[(size_t(h) * m + j) * d + i] = float(q[size_t(n) * d + i]);
-    }
-    std::vector<double> D(size_t(N) * m);
-    double tot = 0.0;
-    for (int n = 0; n < N; ++n)
-      for (int j = 0; j < m; ++j) {
-        double s = 0.0;
-        for (int i = 0; i < d; ++i) {
-          const double t = q[size_t(n) * d + i] - w.anchors[(size_t(h) * m + j) * d + i];
-          s += t * t;
-        }
-        D[size_t(n) * m + j] = s;
-        tot += s;
-      }
-    const double sigma = std::max(tot / (double(N) * m), 1e-12);
-    for (int j = 0; j < m; ++j) {
-      double s = 0.0;
-      for (int n = 0; n < N; ++n) s += std::exp(-D[size_t(n) * m + j] / (2 * sigma));
-      w.mu[size_t(h) * m + j] = float(s / N);
-    }
-  }
-  w.A = normal(size_t(H) * cs.nbits * m, seed + 1);
-  w.conv = normal(size_t(H) * 9, seed + 2, 0.3f);
-  return w;
-}
-
 // One head of one image, for the double reference: v rows (stride C), conv taps.
 struct Head {
   int N, C, d, nbits;
@@ -144,24 +97,6 @@ void head_row(const Head& hd, const std::vector<double>& kv, uint64_t code, int 
 }
 
 template <class T>
-DeviceBuffer<T> upload_as(const std::vector<float>& v) {
-  DeviceBuffer<T> dbuf(v.size());
-  if constexpr (std::is_same_v<T, float>)
-    dbuf.upload(v);
-  else
-    dbuf.upload(cuda::to_bf16(v.data(), v.size()));
-  return dbuf;
-}
-
-template <class T>
-std::vector<float> download_f32(const DeviceBuffer<T>& dbuf) {
-  if constexpr (std::is_same_v<T, float>)
-    return dbuf.download();
-  else
-    return cuda::from_bf16(dbuf.download());
-}
-
-template <class T>
 std::vector<unsigned char> download_bytes(const DeviceBuffer<T>& dbuf) {
   const std::vector<T> h = dbuf.download();
   std::vector<unsigned char> bytes(h.size() * sizeof(T));
@@ -195,7 +130,7 @@ void run_case(const Case& cs) {
   const size_t M = size_t(B) * N;
   std::vector<float> qk = normal(M * C, 71 + N + C, 0.7f), v = normal(M * C, 72 + N + C);
   if (kBf16) qk = round_bf16(qk), v = round_bf16(v);  // the reference sees exactly what the GPU loads
-  const Weights w = fitted_weights(qk, cs, 73 + N);
+  const KshWeights w = fitted_ksh_weights<double>(qk, N, C, H, nb, m, 73 + N);
 
   // CPU reference (fast path, as the models run it), with y and the codes
   const cpu::HammingDims cdims{B, N, C, H, nb, m};
@@ -420,14 +355,13 @@ TEST_F(CudaHammingTiled, TimingPrinted) {
     const auto& d = tc.dims;
     const size_t M = size_t(d.B) * d.N;
     DeviceBuffer<bf16> qkv = upload_as<bf16>(normal(M * 2 * d.C, 5, 0.7f)), out(M * d.C);
-    const Case cs{d.B, d.N, d.C, d.H, d.nbits, d.m, 0};
     std::vector<float> qk_host(M * d.C);
     {
       const std::vector<float> all = round_bf16(normal(M * 2 * d.C, 5, 0.7f));
       for (size_t r = 0; r < M; ++r)
         for (int c = 0; c < d.C; ++c) qk_host[r * d.C + c] = all[r * 2 * d.C + c];
     }
-    const Weights w = fitted_weights(qk_host, cs, 9);
+    const KshWeights w = fitted_ksh_weights<double>(qk_host, d.N, d.C, d.H, d.nbits, d.m, 9);
     auto da = upload_as<float>(w.anchors), dmu = upload_as<float>(w.mu), dA = upload_as<float>(w.A);
     auto dconv = upload_as<float>(w.conv);
     DeviceBuffer<unsigned char> ws(cuda::hamming_tiled_workspace_bytes(d));

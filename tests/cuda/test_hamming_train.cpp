@@ -105,13 +105,7 @@ void make_inputs(Problem& pr, const Case& cs, uint64_t seed) {
   pr.mu.assign(size_t(H) * m, 0.0f);
   Rng rng(s0 + 3);
   for (int h = 0; h < H; ++h) {
-    std::vector<double> q(size_t(N) * d);  // image 0's normalised rows of head h
-    for (int n = 0; n < N; ++n) {
-      double ss = 0.0;
-      for (int i = 0; i < d; ++i) ss += double(pr.qk[size_t(n) * C + h * d + i]) * pr.qk[size_t(n) * C + h * d + i];
-      const double nrm = std::max(std::sqrt(ss), 1e-6);
-      for (int i = 0; i < d; ++i) q[size_t(n) * d + i] = pr.qk[size_t(n) * C + h * d + i] / nrm;
-    }
+    const std::vector<double> q = unit_head_rows<double>(pr.qk, N, C, h, d);  // image 0's normalised rows of head h
     for (int j = 0; j < m; ++j) {
       const int n = int(rng.below(uint64_t(N)));
       std::vector<double> a(d);
@@ -123,24 +117,8 @@ void make_inputs(Problem& pr, const Case& cs, uint64_t seed) {
       const double nrm = std::max(std::sqrt(ss), 1e-6);
       for (int i = 0; i < d; ++i) pr.anchors[(size_t(h) * m + j) * d + i] = float(a[i] / nrm);
     }
-    std::vector<double> D(size_t(N) * m);
-    double tot = 0.0;
-    for (int n = 0; n < N; ++n)
-      for (int j = 0; j < m; ++j) {
-        double s = 0.0;
-        for (int i = 0; i < d; ++i) {
-          const double t = q[size_t(n) * d + i] - pr.anchors[(size_t(h) * m + j) * d + i];
-          s += t * t;
-        }
-        D[size_t(n) * m + j] = s;
-        tot += s;
-      }
-    const double sigma = std::max(tot / (double(N) * m), 1e-12);
-    for (int j = 0; j < m; ++j) {
-      double s = 0.0;
-      for (int n = 0; n < N; ++n) s += std::exp(-D[size_t(n) * m + j] / (2.0 * sigma));
-      pr.mu[size_t(h) * m + j] = float(s / N + 0.05 * rng.normal());
-    }
+    const std::vector<double> means = ksh_mu_means(q, pr.anchors.data() + size_t(h) * m * d, N, d, m);
+    for (int j = 0; j < m; ++j) pr.mu[size_t(h) * m + j] = float(means[j] + 0.05 * rng.normal());
   }
   pr.A = normal(size_t(H) * cs.nbits * m, s0 + 4);
   pr.conv_w = normal(size_t(H) * 9, s0 + 5, 0.3f);
@@ -203,26 +181,6 @@ bool columns_poisoned(const std::vector<float>& buf, size_t rows, int ld, int co
   return true;
 }
 
-DeviceBuffer<float> upload_f32(const std::vector<float>& v) {
-  DeviceBuffer<float> dbuf(v.size());
-  dbuf.upload(v);
-  return dbuf;
-}
-
-template <class T>
-DeviceBuffer<T> poisoned(size_t n) {
-  DeviceBuffer<T> dbuf(n);
-  dbuf.fill_bytes(0xFF);
-  return dbuf;
-}
-
-void device_sync() { SAV_CUDA_CHECK(cudaDeviceSynchronize()); }
-
-template <class T>
-bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
-}
-
 // The device side of one problem: stacked [qk | v] input, weights, dout.
 struct DeviceProblem {
   int ldin = 0, lddout = 0;
@@ -238,16 +196,16 @@ struct DeviceProblem {
     std::vector<float> in(M * ldin, kNaN);
     put_block(in, ldin, 0, pr.qk, C);
     put_block(in, ldin, C, pr.v, C);
-    qkv = upload_f32(in);
+    qkv = upload(in);
     lddout = C + kPadDout;
     std::vector<float> g(M * lddout, kNaN);
     put_block(g, lddout, 0, pr.dout, C);
-    dout = upload_f32(g);
-    anchors = upload_f32(pr.anchors);
-    mu = upload_f32(pr.mu);
-    A = upload_f32(pr.A);
-    conv_w = upload_f32(pr.conv_w);
-    if (pr.cs.bias) conv_b = upload_f32(pr.conv_b);
+    dout = upload(g);
+    anchors = upload(pr.anchors);
+    mu = upload(pr.mu);
+    A = upload(pr.A);
+    conv_w = upload(pr.conv_w);
+    if (pr.cs.bias) conv_b = upload(pr.conv_b);
     w = cpu::HammingWeights{anchors.get(), mu.get(), A.get(), conv_w.get(), pr.cs.bias ? conv_b.get() : nullptr};
   }
 };
@@ -291,7 +249,7 @@ BwdResult run_backward(const Problem& pr, const DeviceProblem& dp, const cpu::Ha
   const int C = pr.cs.C, ldg = 2 * C;
   const cpu::HammingDims dims = pr.dims();
   DeviceBuffer<float> grad = poisoned<float>(pr.M() * ldg);
-  DeviceBuffer<float> dcw = upload_f32(pr.dconv_w0), dcb = upload_f32(pr.dconv_b0);
+  DeviceBuffer<float> dcw = upload(pr.dconv_w0), dcb = upload(pr.dconv_b0);
   DeviceBuffer<float> ws = poisoned<float>(cuda::hamming_train_workspace_floats(dims));
   cuda::hamming_train_backward(want_dqk ? grad.get() : nullptr, ldg, want_dv ? grad.get() + C : nullptr, ldg,
                                want_dconv_w ? dcw.get() : nullptr, want_dconv_b ? dcb.get() : nullptr, dp.dout.get(),
@@ -392,9 +350,9 @@ void run_case(const Case& cs) {
   EXPECT_EQ(mask_diff, 0u) << "straight-through mask bits (0 < y < 1) that differ from the reference";
   // rerun: bit-identical
   const FwdResult f2 = run_forward(pr, dp, ds, ldo);
-  EXPECT_TRUE(same_bits(f1.out, f2.out)) << "forward rerun: out";
-  EXPECT_TRUE(same_bits(f1.saved_f, f2.saved_f)) << "forward rerun: saved";
-  EXPECT_TRUE(same_bits(f1.codes, f2.codes)) << "forward rerun: codes";
+  EXPECT_TRUE(bit_identical(f1.out, f2.out)) << "forward rerun: out";
+  EXPECT_TRUE(bit_identical(f1.saved_f, f2.saved_f)) << "forward rerun: saved";
+  EXPECT_TRUE(bit_identical(f1.codes, f2.codes)) << "forward rerun: codes";
 
   // ---- backward on the CPU's saved tensors (the same inputs on both sides) ----
   const RefGrads ref = cpu_backward(pr);
@@ -402,7 +360,7 @@ void run_case(const Case& cs) {
   conv_grads_double(pr, dw_exact, db_exact);
   EXPECT_LT(norm_err(ref.dconv_w, dw_exact), kTolConvRef) << "CPU dconv_w against the double sums";
   EXPECT_LT(norm_err(ref.dconv_b, db_exact), kTolConvRef) << "CPU dconv_b against the double sums";
-  DeviceBuffer<float> csaved_f = upload_f32(pr.saved_f);
+  DeviceBuffer<float> csaved_f = upload(pr.saved_f);
   DeviceBuffer<uint64_t> ccodes(pr.codes.size());
   ccodes.upload(pr.codes);
   const cpu::HammingSaved cs_dev = cpu::hamming_saved_bind(dims, csaved_f.get(), ccodes.get());
@@ -416,20 +374,20 @@ void run_case(const Case& cs) {
   EXPECT_LT(norm_err(b1.dconv_b, db_exact), kTolConv) << "dconv_b";
   // rerun: bit-identical
   const BwdResult b2 = run_backward(pr, dp, cs_dev, true, true, true, true);
-  EXPECT_TRUE(same_bits(b1.grad, b2.grad)) << "backward rerun: dqk / dv";
-  EXPECT_TRUE(same_bits(b1.dconv_w, b2.dconv_w)) << "backward rerun: dconv_w";
-  EXPECT_TRUE(same_bits(b1.dconv_b, b2.dconv_b)) << "backward rerun: dconv_b";
+  EXPECT_TRUE(bit_identical(b1.grad, b2.grad)) << "backward rerun: dqk / dv";
+  EXPECT_TRUE(bit_identical(b1.dconv_w, b2.dconv_w)) << "backward rerun: dconv_w";
+  EXPECT_TRUE(bit_identical(b1.dconv_b, b2.dconv_b)) << "backward rerun: dconv_b";
   // skipped gradients: the others are unchanged to the bit, the skipped columns / values untouched
   const BwdResult b3 = run_backward(pr, dp, cs_dev, true, false, false, true);
   EXPECT_TRUE(columns_poisoned(b3.grad, M, 2 * C, C, C)) << "dv skipped but written";
-  EXPECT_TRUE(same_bits(get_block(b3.grad, M, 2 * C, 0, C), dqk)) << "dqk alone";
-  EXPECT_TRUE(same_bits(b3.dconv_w, pr.dconv_w0)) << "dconv_w skipped but changed";
-  EXPECT_TRUE(same_bits(b3.dconv_b, b1.dconv_b)) << "dconv_b alone";
+  EXPECT_TRUE(bit_identical(get_block(b3.grad, M, 2 * C, 0, C), dqk)) << "dqk alone";
+  EXPECT_TRUE(bit_identical(b3.dconv_w, pr.dconv_w0)) << "dconv_w skipped but changed";
+  EXPECT_TRUE(bit_identical(b3.dconv_b, b1.dconv_b)) << "dconv_b alone";
   const BwdResult b4 = run_backward(pr, dp, cs_dev, false, true, true, false);
   EXPECT_TRUE(columns_poisoned(b4.grad, M, 2 * C, 0, C)) << "dqk skipped but written";
-  EXPECT_TRUE(same_bits(get_block(b4.grad, M, 2 * C, C, C), dv)) << "dv alone";
-  EXPECT_TRUE(same_bits(b4.dconv_w, b1.dconv_w)) << "dconv_w alone";
-  EXPECT_TRUE(same_bits(b4.dconv_b, pr.dconv_b0)) << "dconv_b skipped but changed";
+  EXPECT_TRUE(bit_identical(get_block(b4.grad, M, 2 * C, C, C), dv)) << "dv alone";
+  EXPECT_TRUE(bit_identical(b4.dconv_w, b1.dconv_w)) << "dconv_w alone";
+  EXPECT_TRUE(bit_identical(b4.dconv_b, pr.dconv_b0)) << "dconv_b skipped but changed";
 
   // ---- end to end: backward on the GPU forward's saved tensors ----
   ASSERT_EQ(code_diff, 0u);

@@ -42,38 +42,6 @@ class CudaMoeTrain : public CudaTest {};
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-DeviceBuffer<float> upload_f32(const std::vector<float>& v) {
-  DeviceBuffer<float> d(v.size());
-  d.upload(v);
-  return d;
-}
-
-DeviceBuffer<int> upload_i32(const std::vector<int>& v) {
-  DeviceBuffer<int> d(v.size());
-  d.upload(v);
-  return d;
-}
-
-DeviceBuffer<float> poisoned(size_t n) {
-  DeviceBuffer<float> d(n);
-  d.fill_bytes(0xFF);
-  return d;
-}
-
-DeviceBuffer<int> poisoned_i32(size_t n) {
-  DeviceBuffer<int> d(n);
-  d.fill_bytes(0xFF);  // -1
-  return d;
-}
-
-void device_sync() { SAV_CUDA_CHECK(cudaDeviceSynchronize()); }
-
-std::string dims(std::initializer_list<std::pair<const char*, int64_t>> kv) {
-  std::string s;
-  for (const auto& [k, v] : kv) s += std::string(s.empty() ? "" : " ") + k + "=" + std::to_string(v);
-  return s;
-}
-
 // Number of positions where a and b differ bitwise (sizes must match).
 size_t bit_diffs(const std::vector<float>& a, const std::vector<float>& b) {
   if (a.size() != b.size()) return std::max(a.size(), b.size());
@@ -222,7 +190,7 @@ TEST_F(CudaMoeTrain, ShiftDecodeIsBitExactWithShiftLinearWeights) {
     const std::vector<float> p = shift_p_values(n, 1 + cs.F, cs.pmin, cs.pmax), s = shift_s_values(n, 2 + cs.K);
     std::vector<float> ref(n);
     cpu::shift_linear_weights(ref.data(), p.data(), s.data(), cs.F, cs.K, cs.pmin, cs.pmax);
-    auto dp = upload_f32(p), ds = upload_f32(s);
+    auto dp = upload(p), ds = upload(s);
     auto dW = poisoned(n);
     cuda::shift_decode_f32(dW.get(), dp.get(), ds.get(), n, cs.pmin, cs.pmax, nullptr);
     device_sync();
@@ -264,10 +232,10 @@ TEST_F(CudaMoeTrain, ShiftWeightBackwardIsBitExactWithTheCpuLoop) {
       dp_ref[i] += dW[i] * (static_cast<float>(sg) * pw[i] * ln2);
       ds_ref[i] += dW[i] * pw[i];
     }
-    auto d_p = upload_f32(p), d_s = upload_f32(s), d_dW = upload_f32(dW);
+    auto d_p = upload(p), d_s = upload(s), d_dW = upload(dW);
     for (int which = 0; which < 3; ++which) {  // both, dp only, ds only
       SCOPED_TRACE(which == 0 ? "dp and ds" : (which == 1 ? "dp only" : "ds only"));
-      auto d_dp = upload_f32(dp0), d_ds = upload_f32(ds0);
+      auto d_dp = upload(dp0), d_ds = upload(ds0);
       float* pdp = which != 2 ? d_dp.get() : nullptr;
       float* pds = which != 1 ? d_ds.get() : nullptr;
       cuda::shift_weight_backward_f32(pdp, pds, d_dW.get(), d_p.get(), d_s.get(), n, cs.pmin, cs.pmax, nullptr);
@@ -306,8 +274,8 @@ TEST_F(CudaMoeTrain, ShiftWeightBackwardMatchesShiftLinearBackward) {
   std::vector<float> dp_ref(n, 0.0f), ds_ref(n, 0.0f);
   cpu::shift_linear_backward(nullptr, dp_ref.data(), ds_ref.data(), nullptr, dy.data(), x.data(), p.data(), s.data(), M,
                              K, F, pmin, pmax);
-  auto d_p = upload_f32(p), d_s = upload_f32(s), d_dW = upload_f32(dW);
-  auto d_dp = upload_f32(std::vector<float>(n, 0.0f)), d_ds = upload_f32(std::vector<float>(n, 0.0f));
+  auto d_p = upload(p), d_s = upload(s), d_dW = upload(dW);
+  auto d_dp = upload(std::vector<float>(n, 0.0f)), d_ds = upload(std::vector<float>(n, 0.0f));
   cuda::shift_weight_backward_f32(d_dp.get(), d_ds.get(), d_dW.get(), d_p.get(), d_s.get(), n, pmin, pmax, nullptr);
   device_sync();
   EXPECT_LT(norm_err(d_dp.download(), dp_ref), 1e-5);
@@ -331,12 +299,12 @@ TEST_F(CudaMoeTrain, RouteMatchesCpuRouterAndGate) {
       std::vector<float> scale_ref(M);
       cpu::moe_gate_forward(scale_ref.data(), rc.probs.data(), rc.choice.data(), M, 2, gate);
 
-      auto d_rl = upload_f32(rc.rl), d_br = upload_f32(rc.br);
+      auto d_rl = upload(rc.rl), d_br = upload(rc.br);
       DeviceBuffer<float> d_noise;
-      if (!rc.noise.empty()) d_noise = upload_f32(rc.noise);
+      if (!rc.noise.empty()) d_noise = upload(rc.noise);
       auto d_logits = poisoned(size_t(M) * 2), d_noisy = poisoned(size_t(M) * 2), d_probs = poisoned(size_t(M) * 2);
       auto d_scale = poisoned(M);
-      auto d_choice = poisoned_i32(M);
+      auto d_choice = poisoned<int>(M);
       auto run = [&] {
         cuda::moe_train_route(d_logits.get(), d_noisy.get(), d_probs.get(), d_choice.get(), d_scale.get(), d_rl.get(),
                               d_br.get(), rc.noise.empty() ? nullptr : d_noise.get(), M, gate, nullptr);
@@ -372,9 +340,9 @@ TEST_F(CudaMoeTrain, RouteTiesGoToExpertZero) {
   const int M = 5;
   const std::vector<float> rl = {0.25f, 0.25f, -1.0f, -1.0f, 0.0f, 0.0f, 2.0f, 2.0f, 0.5f, 0.75f};
   const std::vector<float> br = {0.125f, 0.125f};
-  auto d_rl = upload_f32(rl), d_br = upload_f32(br);
+  auto d_rl = upload(rl), d_br = upload(br);
   auto d_logits = poisoned(10), d_noisy = poisoned(10), d_probs = poisoned(10), d_scale = poisoned(M);
-  auto d_choice = poisoned_i32(M);
+  auto d_choice = poisoned<int>(M);
   cuda::moe_train_route(d_logits.get(), d_noisy.get(), d_probs.get(), d_choice.get(), d_scale.get(), d_rl.get(),
                         d_br.get(), nullptr, M, cpu::moe_gate_prob, nullptr);
   device_sync();
@@ -419,9 +387,9 @@ TEST_F(CudaMoeTrain, CombineScalesTheChosenExpert) {
           const float v = scale[t] * (choice[t] ? y1 : y0)[size_t(t) * F + j];
           ref[size_t(t) * ldy + j] = accumulate ? ref[size_t(t) * ldy + j] + v : v;
         }
-      auto d_y0 = upload_f32(y0), d_y1 = upload_f32(y1), d_scale = upload_f32(scale);
-      auto d_choice = upload_i32(choice);
-      DeviceBuffer<float> d_y = upload_f32(y_init);
+      auto d_y0 = upload(y0), d_y1 = upload(y1), d_scale = upload(scale);
+      auto d_choice = upload(choice);
+      DeviceBuffer<float> d_y = upload(y_init);
       if (!accumulate) d_y.fill_bytes(0xFF);
       cuda::moe_train_combine(d_y.get(), ldy, d_y0.get(), d_y1.get(), d_choice.get(), d_scale.get(), M, F, accumulate,
                               nullptr);
@@ -471,8 +439,8 @@ TEST_F(CudaMoeTrain, LbForwardMatchesCpuLoss) {
                                                      rc.noisy.data(), rc.choice.data(), alpha.data(), M, 2, noise_std);
         const float aux_ref = coef * L;  // LinearLayer: opt.lb_coef * moe_lb_loss_forward(...)
 
-        auto d_probs = upload_f32(rc.probs), d_logits = upload_f32(rc.logits), d_noisy = upload_f32(rc.noisy);
-        auto d_choice = upload_i32(rc.choice);
+        auto d_probs = upload(rc.probs), d_logits = upload(rc.logits), d_noisy = upload(rc.noisy);
+        auto d_choice = upload(rc.choice);
         auto d_stats = poisoned(4), d_aux = poisoned(1);
         const size_t nws = cuda::moe_lb_workspace_doubles(M);
         ASSERT_GE(nws, size_t(4));
@@ -578,8 +546,8 @@ TEST_F(CudaMoeTrain, SplitBackwardMatchesScatterBackward) {
       dscale_seq[t] = acc;
     }
 
-    auto d_dy = upload_f32(dy), d_y0 = upload_f32(y0), d_y1 = upload_f32(y1), d_scale = upload_f32(scale);
-    auto d_choice = upload_i32(choice);
+    auto d_dy = upload(dy), d_y0 = upload(y0), d_y1 = upload(y1), d_scale = upload(scale);
+    auto d_choice = upload(choice);
     auto d_dy0 = poisoned(size_t(M) * F), d_dy1 = poisoned(size_t(M) * F), d_dscale = poisoned(M);
     auto run = [&] {
       cuda::moe_train_split_backward(d_dy0.get(), d_dy1.get(), d_dscale.get(), d_dy.get(), lddy, d_y0.get(), d_y1.get(),
@@ -658,9 +626,9 @@ TEST_F(CudaMoeTrain, RouterBackwardMatchesCpuChain) {
       cpu::moe_router_backward_ref(nullptr, nullptr, nullptr, ref_d.data(), dprobs.data(), rc.probs.data(), nullptr,
                                    nullptr, M, 1, 2);  // double softmax backward
 
-      auto d_probs = upload_f32(rc.probs), d_logits = upload_f32(rc.logits), d_noisy = upload_f32(rc.noisy);
-      auto d_choice = upload_i32(rc.choice);
-      auto d_dscale = upload_f32(dscale), d_stats = upload_f32(stats);
+      auto d_probs = upload(rc.probs), d_logits = upload(rc.logits), d_noisy = upload(rc.noisy);
+      auto d_choice = upload(rc.choice);
+      auto d_dscale = upload(dscale), d_stats = upload(stats);
       auto d_dl = poisoned(size_t(M) * 2);
       // coef = 0: nothing of the load-balancing loss is needed (stats and logits may be absent)
       const float* p_stats = lb ? d_stats.get() : nullptr;

@@ -31,26 +31,6 @@ namespace {
 
 class CudaPvtOps : public CudaTest {};
 
-DeviceBuffer<float> upload_f32(const std::vector<float>& v) {
-  DeviceBuffer<float> d(v.size());
-  d.upload(v);
-  return d;
-}
-
-DeviceBuffer<float> poisoned(size_t n) {
-  DeviceBuffer<float> d(n);
-  d.fill_bytes(0xFF);
-  return d;
-}
-
-void device_sync() { SAV_CUDA_CHECK(cudaDeviceSynchronize()); }
-
-std::string dims(std::initializer_list<std::pair<const char*, int64_t>> kv) {
-  std::string s;
-  for (const auto& [k, v] : kv) s += std::string(s.empty() ? "" : " ") + k + "=" + std::to_string(v);
-  return s;
-}
-
 }  // namespace
 
 // ---- layout ----
@@ -68,7 +48,7 @@ TEST_F(CudaPvtOps, NchwToNhwcIsAnExactTranspose) {
     for (int b = 0; b < B; ++b)
       for (int c = 0; c < C; ++c)
         for (int p = 0; p < HW; ++p) ref[(size_t(b) * HW + p) * C + c] = x[(size_t(b) * C + c) * HW + p];
-    auto dx = upload_f32(x);
+    auto dx = upload(x);
     auto dy = poisoned(x.size());
     cuda::nchw_to_nhwc_f32(dy.get(), dx.get(), B, C, HW, nullptr);
     device_sync();
@@ -111,7 +91,7 @@ TEST_F(CudaPvtOps, Im2colMatchesConvReferenceColumns) {
     std::vector<float> cols_ref(ncols), y(size_t(B) * Ho * Wo);
     cpu::conv2d_forward_ref(y.data(), cols_ref.data(), x.data(), w.data(), nullptr, B, H, W, Cin, 1, k, s, pad);
 
-    auto dx = upload_f32(x);
+    auto dx = upload(x);
     auto dcols = poisoned(ncols);
     cuda::im2col_nhwc_f32(dcols.get(), dx.get(), B, H, W, Cin, k, s, pad, nullptr);
     device_sync();
@@ -149,7 +129,7 @@ TEST_F(CudaPvtOps, LayerNormMatchesReferenceOnOddShapesStridesAndInPlace) {
       for (int c = 0; c < C; ++c) xc[size_t(i) * C + c] = x[size_t(i) * ldx + c];
     cpu::layernorm_forward_ref(ref.data(), mean.data(), rstd.data(), xc.data(), w.data(), b.data(), M, C, 1e-6f);
 
-    auto dx = upload_f32(x), dw = upload_f32(w), db = upload_f32(b);
+    auto dx = upload(x), dw = upload(w), db = upload(b);
     auto dy = poisoned(size_t(M) * ldy);
     cuda::layernorm_f32(dy.get(), ldy, dx.get(), ldx, dw.get(), db.get(), M, C, 1e-6f, nullptr);
     device_sync();
@@ -215,7 +195,7 @@ TEST_F(CudaPvtOps, AttentionQkvMatchesReference) {
     std::vector<float> qp(off, 0.0f), kvp(off, 0.0f);
     qp.insert(qp.end(), q.begin(), q.end());
     kvp.insert(kvp.end(), kv.begin(), kv.end());
-    auto dq = upload_f32(qp), dkv = upload_f32(kvp);
+    auto dq = upload(qp), dkv = upload(kvp);
     auto dout = poisoned(ref.size() + off);
     cuda::attention_q_kv_f32(dout.get() + off, dq.get() + off, dkv.get() + off, B, N, Nk, C, H, nullptr);
     device_sync();
@@ -271,7 +251,7 @@ TEST_F(CudaPvtOps, DwConvMatchesReference) {
       cpu::gelu_forward_ref(g.data(), ref.data(), int64_t(ref.size()));
       ref = g;
     }
-    auto dx = upload_f32(x), dw = upload_f32(w), db = upload_f32(b);
+    auto dx = upload(x), dw = upload(w), db = upload(b);
     auto dy = poisoned(x.size());
     cuda::dwconv2d_f32(dy.get(), dx.get(), dw.get(), cs.bias ? db.get() : nullptr, B, H, W, C, k, cs.gelu, nullptr);
     device_sync();
@@ -307,7 +287,7 @@ TEST_F(CudaPvtOps, MeanTokensIsBitExactWithTheHeadLoop) {
         for (int c = 0; c < C; ++c) pb[c] += x[(size_t(b) * N + n) * C + c];
       for (int c = 0; c < C; ++c) pb[c] *= inv;
     }
-    auto dx = upload_f32(x);
+    auto dx = upload(x);
     auto dy = poisoned(ref.size());
     cuda::mean_tokens_f32(dy.get(), dx.get(), B, N, C, nullptr);
     device_sync();
@@ -356,7 +336,7 @@ TEST_F(CudaPvtOps, ReleaseFixedPointIsBitExact) {
   std::vector<float> ref(x.size());
   for (size_t i = 0; i < x.size(); ++i) ref[i] = release_fixed_point(x[i]);
 
-  auto dx = upload_f32(x);
+  auto dx = upload(x);
   for (int off : {0, 1}) {  // float4 and scalar paths
     SCOPED_TRACE("offset " + std::to_string(off));
     const int64_t m = n - off;
@@ -410,7 +390,7 @@ TEST_F(CudaPvtOps, MoeEpilogueF32RoutesAndMatchesHost) {
       EXPECT_GT(ties, 0) << "the case should hold tied logits";
     }
 
-    auto ds = upload_f32(s), db0 = upload_f32(b0), db1 = upload_f32(b1), dbr = upload_f32(br);
+    auto ds = upload(s), db0 = upload(b0), db1 = upload(b1), dbr = upload(br);
     DeviceBuffer<int8_t> dchoice(M);
     for (int mode = 0; mode < 8; ++mode) {
       const bool prob = mode & 1, combine = mode & 2, accumulate = mode & 4;

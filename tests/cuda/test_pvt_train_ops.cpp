@@ -30,27 +30,6 @@ namespace {
 
 class CudaPvtTrainOps : public CudaTest {};
 
-// An empty vector gives an empty buffer (a null pointer) and no copy.
-DeviceBuffer<float> upload(const std::vector<float>& v) {
-  DeviceBuffer<float> d(v.size());
-  if (!v.empty()) d.upload(v);
-  return d;
-}
-
-DeviceBuffer<float> poisoned(size_t n) {
-  DeviceBuffer<float> d(n);
-  d.fill_bytes(0xFF);
-  return d;
-}
-
-void device_sync() { SAV_CUDA_CHECK(cudaDeviceSynchronize()); }
-
-std::string dims(std::initializer_list<std::pair<const char*, int64_t>> kv) {
-  std::string s;
-  for (const auto& [k, v] : kv) s += std::string(s.empty() ? "" : " ") + k + "=" + std::to_string(v);
-  return s;
-}
-
 }  // namespace
 
 // ---- col2im: the dx of cpu::conv2d_backward_ref ----

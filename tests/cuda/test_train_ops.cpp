@@ -35,28 +35,6 @@ namespace {
 
 class CudaTrainOps : public CudaTest {};
 
-// An empty vector gives an empty buffer (a null pointer) and no copy.
-template <class T>
-DeviceBuffer<T> upload(const std::vector<T>& v) {
-  DeviceBuffer<T> d(v.size());
-  if (!v.empty()) d.upload(v);
-  return d;
-}
-
-DeviceBuffer<float> poisoned(size_t n) {
-  DeviceBuffer<float> d(n);
-  d.fill_bytes(0xFF);
-  return d;
-}
-
-void device_sync() { SAV_CUDA_CHECK(cudaDeviceSynchronize()); }
-
-std::string dims(std::initializer_list<std::pair<const char*, int64_t>> kv) {
-  std::string s;
-  for (const auto& [k, v] : kv) s += std::string(s.empty() ? "" : " ") + k + "=" + std::to_string(v);
-  return s;
-}
-
 // The first C values of each of M rows ld apart, contiguous.
 std::vector<float> compact(const std::vector<float>& a, int M, int C, int ld) {
   std::vector<float> r(size_t(M) * C);
