@@ -1,11 +1,11 @@
 // The shared part of the GPU-trained models. See cuda_train_core.h.
 #include "models/cuda_train_core.h"
-#include "models/cuda_train_model.h"
 
 #include <algorithm>
 #include <cmath>
 
 #include "core/error.h"
+#include "models/cuda_train_model.h"
 #include "ops/cuda/moe_train.h"
 #include "ops/cuda/train_ops.h"
 #include "train/optim.h"
@@ -110,8 +110,8 @@ void Core::lin_forward(DLinear& L, float* y, const float* x, int M, bool train) 
   cuda::moe_train_combine(y, F, y0, y1, L.choice.get(), L.scale.get(), M, F, false, st);
   float* aux = aux_d_.get() + L.aux_slot;
   if (train && o.lb_coef > 0.0f) {
-    SAV_CHECK(ws64_.size() >= cuda::moe_lb_workspace_doubles(M), "GPU training: reserve() was not called for " << M
-                                                                                                                << " rows");
+    SAV_CHECK(ws64_.size() >= cuda::moe_lb_workspace_doubles(M),
+              "GPU training: reserve() was not called for " << M << " rows");
     cuda::moe_lb_forward(L.stats.get(), aux, L.probs.get(), L.logits.get(), L.noisy.get(), L.choice.get(), o.alpha[0],
                          o.alpha[1], M, noise_std, o.lb_coef, ws64_.get(), st);
   } else {

@@ -175,8 +175,8 @@ struct PvtCudaTrain::Impl {
           core.lin_forward(*b.q, b.q_out.get(), b.ln1.get(), M, train);
           const float* kvin = b.ln1.get();
           if (r > 1) {
-            conv_forward(b.srout.get(), b.srcols.get(), b.ln1.get(), p + "attn.sr.weight", p + "attn.sr.bias", Bn, g,
-                         C, C, r, r, 0);
+            conv_forward(b.srout.get(), b.srcols.get(), b.ln1.get(), p + "attn.sr.weight", p + "attn.sr.bias", Bn, g, C,
+                         C, r, r, 0);
             cuda::layernorm_train_forward(b.srln.get(), C, b.srmean.get(), b.srrstd.get(), b.srout.get(), C,
                                           par(p + "attn.norm.weight"), par(p + "attn.norm.bias"), Bn * Nk, C,
                                           cfg.embed_ln_eps, st());
@@ -244,21 +244,21 @@ struct PvtCudaTrain::Impl {
         const std::string& p = b.prefix;
         const float* xin = l > sa.first ? blocks[l - 1].xout.get() : sa.embed.get();
         // MLP branch: xout = xmid + fc2(gelu(dwconv(fc1(ln2(xmid)))))
-        core.lin_backward(*b.fc2, dbig.get(), 0.0f, dx.get());                                     // d gelu
-        cuda::gelu_backward_f32(dbig2.get(), dbig.get(), b.dw.get(), int64_t(M) * F, st());        // d dw
+        core.lin_backward(*b.fc2, dbig.get(), 0.0f, dx.get());                               // d gelu
+        cuda::gelu_backward_f32(dbig2.get(), dbig.get(), b.dw.get(), int64_t(M) * F, st());  // d dw
         cuda::dwconv2d_backward_f32(dbig.get(), grd(p + "mlp.dwconv.weight"), grd(p + "mlp.dwconv.bias"), dbig2.get(),
                                     b.fc1_out.get(), par(p + "mlp.dwconv.weight"), Bn, g, g, F, kMlpConv, ws,
                                     st());  // d fc1
         core.lin_backward(*b.fc1, dt.get(), 0.0f, dbig.get());
         cuda::layernorm_train_backward(dx.get(), C, grd(p + "norm2.weight"), grd(p + "norm2.bias"), dt.get(), C,
-                                       b.xmid.get(), C, par(p + "norm2.weight"), b.mean2.get(), b.rstd2.get(), M, C,
-                                       ws, st());  // dx = d xmid
+                                       b.xmid.get(), C, par(p + "norm2.weight"), b.mean2.get(), b.rstd2.get(), M, C, ws,
+                                       st());  // dx = d xmid
         // attention branch: xmid = xin + proj(attn(ln1(xin)))
         core.lin_backward(*b.proj, dt.get(), 0.0f, dx.get());  // dt = d ao
-        float* dln1 = dbig2.get();                              // (M,C), free now
+        float* dln1 = dbig2.get();                             // (M,C), free now
         if (b.attn == 's') {
-          float* dq = dbig.get();                     // (M,C)
-          float* dkv = dbig.get() + size_t(M) * C;    // (B*Nk, 2C)
+          float* dq = dbig.get();                   // (M,C)
+          float* dkv = dbig.get() + size_t(M) * C;  // (B*Nk, 2C)
           cuda::attention_q_kv_train_backward(dq, dkv, ds.get(), dt.get(), b.q_out.get(), b.kv_out.get(), b.att.get(),
                                               Bn, N, Nk, C, H, blas, st());
           core.lin_backward(*b.q, dln1, 0.0f, dq);
@@ -281,8 +281,8 @@ struct PvtCudaTrain::Impl {
           const cpu::HammingSaved saved = cpu::hamming_saved_bind(d, b.hsaved.get(), b.codes.get());
           float* dqk = dbig.get();
           float* dv = dbig.get() + size_t(M) * C;
-          cuda::hamming_train_backward(dqk, C, dv, C, b.ddwconv, nullptr, dt.get(), C, b.v.get(), C, saved,
-                                       hweights(b), d, ws, st());
+          cuda::hamming_train_backward(dqk, C, dv, C, b.ddwconv, nullptr, dt.get(), C, b.v.get(), C, saved, hweights(b),
+                                       d, ws, st());
           core.lin_backward(*b.to_qk, dln1, 0.0f, dqk);
           core.lin_backward(*b.to_v, dln1, 1.0f, dv);
         }
@@ -294,9 +294,8 @@ struct PvtCudaTrain::Impl {
       const std::string e = host.stage_embed(s);
       float* dconv = dt.get();
       SAV_CUDA_CHECK(cudaMemsetAsync(dconv, 0, sizeof(float) * size_t(M) * C, st()));
-      cuda::layernorm_train_backward(dconv, C, grd(e + "norm.weight"), grd(e + "norm.bias"), dx.get(), C,
-                                     sa.conv.get(), C, par(e + "norm.weight"), sa.emean.get(), sa.erstd.get(), M, C,
-                                     ws, st());
+      cuda::layernorm_train_backward(dconv, C, grd(e + "norm.weight"), grd(e + "norm.bias"), dx.get(), C, sa.conv.get(),
+                                     C, par(e + "norm.weight"), sa.emean.get(), sa.erstd.get(), M, C, ws, st());
       const int k = kernel(s);
       conv_backward(s > 0 ? dstage.get() : nullptr, dconv, sa.cols.get(), e + "proj.weight", e + "proj.bias", Bn,
                     in_grid(s), in_chans(s), C, k, stride(s), k / 2);
@@ -325,10 +324,10 @@ PvtCudaTrain::PvtCudaTrain(Pvt& model, cuda::F32Math math)
                 "PvtCudaTrain: stage " << s << " attention (width " << C << ", " << H
                                        << " heads) is beyond the training kernels");
     else
-      SAV_CHECK(cuda::hamming_train_supports(I.hdims(1, s)),
-                "PvtCudaTrain: stage " << s << " Hamming attention (width " << C << ", " << H << " heads, "
-                                       << c.hash_bits << " bits, " << c.anchors
-                                       << " anchors) is beyond the training kernels");
+      SAV_CHECK(cuda::hamming_train_supports(I.hdims(1, s)), "PvtCudaTrain: stage "
+                                                                 << s << " Hamming attention (width " << C << ", " << H
+                                                                 << " heads, " << c.hash_bits << " bits, " << c.anchors
+                                                                 << " anchors) is beyond the training kernels");
     // linears in the host's linears() order (q, kv | to_qk, to_v, proj, fc1, fc2): the aux-loss order
     const std::string& p = b.prefix;
     if (b.attn == 's') {

@@ -4,30 +4,23 @@
 #include "models/vit_cuda_train.h"
 
 #include <algorithm>
-#include <cmath>
-#include <cstring>
-#include <map>
+#include <string>
 #include <vector>
 
 #include "core/error.h"
-#include "core/rng.h"
-#include "nn/linear_layer.h"
-#include "ops/cpu/hamming.h"
 #include "models/cuda_train_core.h"
-#include "ops/cuda/blas.h"
+#include "ops/cpu/hamming.h"
 #include "ops/cuda/common.h"
-#include "ops/cuda/gemm.h"
 #include "ops/cuda/hamming_train.h"
-#include "ops/cuda/moe_train.h"
 #include "ops/cuda/train_ops.h"
 
 namespace sav {
 
 namespace {
 
+using cuda::DeviceBuffer;
 using cuda_train::DLinear;
 using cuda_train::grow;
-using cuda::DeviceBuffer;
 
 struct DBlock {
   char attn = 's';
@@ -35,8 +28,7 @@ struct DBlock {
   float *n1w, *n1b, *n2w, *n2b, *dn1w, *dn1b, *dn2w, *dn2b;
   float *dwconv = nullptr, *ddwconv = nullptr, *anchors = nullptr, *mu = nullptr, *A = nullptr;
   // activations of the last forward (grown to the largest batch seen)
-  DeviceBuffer<float> ln1, mean1, rstd1, qkv_out, att, qk, v, hsaved, ao, xmid, ln2, mean2, rstd2, fc1_out, gelu,
-      xout;
+  DeviceBuffer<float> ln1, mean1, rstd1, qkv_out, att, qk, v, hsaved, ao, xmid, ln2, mean2, rstd2, fc1_out, gelu, xout;
   DeviceBuffer<uint64_t> codes;
 };
 
@@ -69,9 +61,7 @@ struct VitCudaTrain::Impl {
   void lin_forward(DLinear& L, float* y, const float* x, int M, bool train) { core.lin_forward(L, y, x, M, train); }
   void lin_backward(DLinear& L, float* dx_, float beta, const float* dy) { core.lin_backward(L, dx_, beta, dy); }
 
-  cpu::HammingDims hdims(int Bn) const {
-    return {Bn, cfg.tokens(), cfg.dim, cfg.heads, cfg.hash_bits, cfg.anchors};
-  }
+  cpu::HammingDims hdims(int Bn) const { return {Bn, cfg.tokens(), cfg.dim, cfg.heads, cfg.hash_bits, cfg.anchors}; }
 
   void ensure(int Bn) {
     const int N = cfg.tokens(), C = cfg.dim, F = cfg.mlp_hidden, H = cfg.heads, P = cfg.num_patches();
@@ -120,14 +110,14 @@ struct VitCudaTrain::Impl {
     const size_t nimg = size_t(Bn) * cfg.in_chans * cfg.img_size * cfg.img_size;
     SAV_CUDA_CHECK(cudaMemcpyAsync(img.get(), images, sizeof(float) * nimg, cudaMemcpyHostToDevice, st()));
     cuda::im2col_f32(cols.get(), img.get(), Bn, cfg.in_chans, cfg.img_size, cfg.patch, st());
-    core.gemm().linear_f32_in(pe.get(), C, cols.get(), par("patch_embed.proj.weight"), par("patch_embed.proj.bias"), Bn * P, K,
-                       C, false, core.math(), st());
+    core.gemm().linear_f32_in(pe.get(), C, cols.get(), par("patch_embed.proj.weight"), par("patch_embed.proj.bias"),
+                              Bn * P, K, C, false, core.math(), st());
     cuda::embed_tokens_forward(x0.get(), pe.get(), par("cls_token"), par("pos_embed"), Bn, N, C, st());
     const float* x = x0.get();
     float* t = tmp.get();
     for (auto& b : blocks) {
-      cuda::layernorm_train_forward(b.ln1.get(), C, b.mean1.get(), b.rstd1.get(), x, C, b.n1w, b.n1b, M, C,
-                                    cfg.ln_eps, st());
+      cuda::layernorm_train_forward(b.ln1.get(), C, b.mean1.get(), b.rstd1.get(), x, C, b.n1w, b.n1b, M, C, cfg.ln_eps,
+                                    st());
       if (b.attn == 's') {
         lin_forward(*b.qkv, b.qkv_out.get(), b.ln1.get(), M, train_mode);
         cuda::attention_train_forward(b.ao.get(), b.att.get(), b.qkv_out.get(), Bn, N, C, H, core.blas(), st());
@@ -152,7 +142,8 @@ struct VitCudaTrain::Impl {
     // final norm and head on the class-token rows (row b at x + b*N*C)
     cuda::layernorm_train_forward(cls_ln.get(), C, cls_mean.get(), cls_rstd.get(), x, N * C, par("norm.weight"),
                                   par("norm.bias"), Bn, C, cfg.ln_eps, st());
-    core.gemm().linear_f32_in(logits_d.get(), V, cls_ln.get(), par("head.weight"), par("head.bias"), Bn, C, V, false, core.math(), st());
+    core.gemm().linear_f32_in(logits_d.get(), V, cls_ln.get(), par("head.weight"), par("head.bias"), Bn, C, V, false,
+                              core.math(), st());
     have_train_forward = train_mode;
     return core.finish_forward(logits_d.get(), logits_h, size_t(Bn) * V);
   }
@@ -169,8 +160,8 @@ struct VitCudaTrain::Impl {
     blas.dytx(grd("head.weight"), dlogits_d.get(), cls_ln.get(), Bn, C, V, 1.0f);
     cuda::colsum_f32(grd("head.bias"), dlogits_d.get(), V, Bn, V, ws_f, st());
     SAV_CUDA_CHECK(cudaMemsetAsync(dx.get(), 0, sizeof(float) * size_t(M) * C, st()));
-    cuda::layernorm_train_backward(dx.get(), N * C, grd("norm.weight"), grd("norm.bias"), dcls_ln.get(), C, xlast, N * C,
-                                   par("norm.weight"), cls_mean.get(), cls_rstd.get(), Bn, C, ws_f, st());
+    cuda::layernorm_train_backward(dx.get(), N * C, grd("norm.weight"), grd("norm.bias"), dcls_ln.get(), C, xlast,
+                                   N * C, par("norm.weight"), cls_mean.get(), cls_rstd.get(), Bn, C, ws_f, st());
     for (int l = cfg.depth - 1; l >= 0; --l) {
       DBlock& b = blocks[l];
       const float* xin = l > 0 ? blocks[l - 1].xout.get() : x0.get();
@@ -183,8 +174,8 @@ struct VitCudaTrain::Impl {
       // attention branch: xmid = xin + proj(attn(ln1(xin)))
       lin_backward(*b.proj, dao.get(), 0.0f, dx.get());
       if (b.attn == 's') {
-        cuda::attention_train_backward(dbig.get(), ds.get(), dao.get(), b.qkv_out.get(), b.att.get(), Bn, N, C, H,
-                                       blas, st());
+        cuda::attention_train_backward(dbig.get(), ds.get(), dao.get(), b.qkv_out.get(), b.att.get(), Bn, N, C, H, blas,
+                                       st());
         lin_backward(*b.qkv, dln.get(), 0.0f, dbig.get());
       } else {
         const cpu::HammingDims d = hdims(Bn);
@@ -213,13 +204,13 @@ VitCudaTrain::VitCudaTrain(Vit& model, cuda::F32Math math)
   for (int l = 0; l < c.depth; ++l) {
     if (c.attn_kind(l) == 's')
       SAV_CHECK(cuda::attention_train_supports(c.tokens(), c.dim, c.heads),
-                "VitCudaTrain: softmax attention with " << c.tokens() << " tokens, width " << c.dim << ", "
-                                                        << c.heads << " heads is beyond the training kernels");
+                "VitCudaTrain: softmax attention with " << c.tokens() << " tokens, width " << c.dim << ", " << c.heads
+                                                        << " heads is beyond the training kernels");
     else
-      SAV_CHECK(cuda::hamming_train_supports(I.hdims(1)),
-                "VitCudaTrain: Hamming attention of width " << c.dim << ", " << c.heads << " heads, " << c.hash_bits
-                                                            << " bits, " << c.anchors
-                                                            << " anchors is beyond the training kernels");
+      SAV_CHECK(cuda::hamming_train_supports(I.hdims(1)), "VitCudaTrain: Hamming attention of width "
+                                                              << c.dim << ", " << c.heads << " heads, " << c.hash_bits
+                                                              << " bits, " << c.anchors
+                                                              << " anchors is beyond the training kernels");
   }
   I.blocks.resize(c.depth);
   for (int l = 0; l < c.depth; ++l) {
@@ -232,7 +223,8 @@ VitCudaTrain::VitCudaTrain(Vit& model, cuda::F32Math math)
       b.to_qk = I.make_linear(p + "attn.to_qk");
       b.to_v = I.make_linear(p + "attn.to_v");
       b.dwconv = I.par(p + "attn.dwconv.weight"), b.ddwconv = I.grd(p + "attn.dwconv.weight");
-      b.anchors = I.core.buf(p + "attn.ksh.anchors"), b.mu = I.core.buf(p + "attn.ksh.mu"), b.A = I.core.buf(p + "attn.ksh.A");
+      b.anchors = I.core.buf(p + "attn.ksh.anchors"), b.mu = I.core.buf(p + "attn.ksh.mu"),
+      b.A = I.core.buf(p + "attn.ksh.A");
     }
     b.proj = I.make_linear(p + "attn.proj");
     b.fc1 = I.make_linear(p + "mlp.fc1");

@@ -288,7 +288,8 @@ TrainSummary Trainer::run() {
         try {
           dt->optimizer_step(optim_.options(), lr, opt_.clip, optim_.steps() + 1);
         } catch (const Error& e) {
-          SAV_THROW(e.what() << " at step " << step << "; the last good checkpoint is kept; try a lower --lr or --clip");
+          SAV_THROW(e.what() << " at step " << step
+                             << "; the last good checkpoint is kept; try a lower --lr or --clip");
         }
         optim_.set_steps(optim_.steps() + 1);
       } else {
