@@ -7,6 +7,7 @@
 #
 #   SAV_H200_TRAIN_STEPS="build tests bench finetune pvt_finetune" bash scripts/h200_train.sh
 #
+# SAV_FT_FLAGS adds flags to the fine-tunes (e.g. --bf16 for mixed precision).
 # Needs .devrun/debs (see h200_bench.sh) and the Fashion-MNIST files in SAV_DATA (default .devdata/fmnist:
 # train-images-idx3-ubyte.gz ...): carry both.
 set -uo pipefail
@@ -37,7 +38,7 @@ fi
 if has bench; then
   echo "[h200] training step: engine (GPU, f32 and tf32; host CPU) vs PyTorch eager"
   {
-    for tf in "" "--tf32"; do
+    for tf in "" "--tf32" "--bf16"; do
       "$BIN" bench --arch vit_fmnist,pvt_fmnist --device cuda --train $tf --batch 64,256 --iters 30 --warmup 5
       "$BIN" bench --weights models/fmnist_shiftaddvit.safetensors --device cuda --train $tf --batch 64,256 \
         --iters 30 --warmup 5
@@ -78,7 +79,7 @@ if has finetune; then
   echo "[h200] Fashion-MNIST ShiftAddViT fine-tune on the GPU (the recipe of models/fmnist_shiftaddvit.log)"
   rm -rf runs/gpu_ham runs/gpu_full
   common="--hash-bits 32 --stage1-epochs 0 --batch 128 --min-lr 1e-5 --warmup-epochs 0.2 --pad-crop 1 --smoothing 0 \
-    --distill --no-progress --device cuda --data $DATA"
+    --distill --no-progress --device cuda --data $DATA ${SAV_FT_FLAGS:-}"
   t0=$SECONDS
   "$BIN" finetune --weights models/fmnist_teacher.safetensors --attn hamming --mlp dense \
     --stage2-epochs ${SAV_HAM_EPOCHS:-20} --lr 1e-3 $common --out runs/gpu_ham > "$OUT/finetune_ham.log" 2>&1 ||

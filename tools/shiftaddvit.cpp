@@ -172,13 +172,15 @@ std::unique_ptr<GpuClassifier> gpu_model_for(ImageClassifier& m, bool tf32) {
 struct DeviceArgs {
   std::string device = "cpu";
   bool tf32 = false;
+  bool bf16 = false;  // training only
+  std::string train_precision() const { return bf16 ? "bf16" : tf32 ? "tf32" : "f32"; }
 };
 
 // The trainable GPU copy of a model for train / finetune --device cuda; nullptr for --device cpu.
 std::unique_ptr<ImageClassifier> gpu_trainer_for(ImageClassifier& m, const DeviceArgs& dev) {
   if (dev.device != "cuda") return nullptr;
 #ifdef SAV_HAVE_CUDA
-  return make_gpu_trainer(m, dev.tf32);
+  return make_gpu_trainer(m, dev.train_precision());
 #else
   (void)m;
   SAV_THROW("--device cuda: this build has no CUDA backend (configure where nvcc is installed, -DSAV_CUDA=ON)");
@@ -190,8 +192,12 @@ void add_train_device_flags(CLI::App* app, DeviceArgs& d) {
                                         "f32; ViT/DeiT and PVTv2 models)")
       ->check(CLI::IsMember({"cpu", "cuda"}))
       ->capture_default_str();
-  app->add_flag("--tf32", d.tf32, "With --device cuda: products on TF32 tensor cores (f32 master weights and "
-                                  "activations) instead of IEEE f32");
+  auto* tf = app->add_flag("--tf32", d.tf32, "With --device cuda: products on TF32 tensor cores (f32 master weights "
+                                            "and activations) instead of IEEE f32");
+  app->add_flag("--bf16", d.bf16, "With --device cuda: mixed precision, products in bf16 on tensor cores with f32 "
+                                  "accumulation (f32 master weights, activations and AdamW state; attention "
+                                  "products in TF32)")
+      ->excludes(tf);
 }
 
 int cmd_train(const ModelArgs& m, const DataArgs& d, const DeviceArgs& dev, TrainOptions opt) {
@@ -207,7 +213,7 @@ int cmd_train(const ModelArgs& m, const DataArgs& d, const DeviceArgs& dev, Trai
   std::cerr << "model " << model->arch() << " (" << model->params().numel() << " parameters); data " << train.source
             << ": " << train.n << " train / " << test.n << " test images\n";
   std::unique_ptr<ImageClassifier> gpu = gpu_trainer_for(*model, dev);
-  if (gpu) std::cerr << "training on the GPU (" << (dev.tf32 ? "tf32" : "f32") << " products)\n";
+  if (gpu) std::cerr << "training on the GPU (" << dev.train_precision() << " products)\n";
   Trainer trainer(gpu ? *gpu : *model, train, test, opt);
   TrainSummary s = trainer.run();
   Table t({"epoch", "train loss", "train acc %", "test top-1 %", "test loss", "img/s", "time"});
@@ -232,8 +238,13 @@ void add_device_flags(CLI::App* app, DeviceArgs& d) {
   app->add_option("--device", d.device, "Where to run: cpu, or cuda (the GPU backend; ViTs in bf16, PVTv2 in f32)")
       ->check(CLI::IsMember({"cpu", "cuda"}))
       ->capture_default_str();
-  app->add_flag("--tf32", d.tf32, "With --device cuda: PVTv2 products (and with --train all training products) on TF32 tensor cores (faster; about 1e-3 "
-                                  "relative) instead of IEEE f32");
+  app->add_flag("--tf32", d.tf32, "With --device cuda: PVTv2 products (and with --train all training products) on "
+                                  "TF32 tensor cores (faster; about 1e-3 relative) instead of IEEE f32");
+}
+
+// bench --train --device cuda: the training precision of the timed step
+void add_bench_train_precision_flag(CLI::App* app, DeviceArgs& d) {
+  app->add_flag("--bf16", d.bf16, "With --device cuda --train: time the mixed-precision (bf16 products) step");
 }
 
 int cmd_infer(const ModelArgs& m, const DeviceArgs& dev, const std::string& input, const std::string& output,
@@ -288,7 +299,7 @@ int cmd_bench(const ModelArgs& m, const DeviceArgs& dev, const std::string& batc
     for (int b : bs) {
       if (gpu_train) {  // host images in, host logits out, like the Trainer's own loop
         BenchResult r = bench_model(*gpu_train, b, iters, warmup, true);
-        t.add({model->arch() + (dev.tf32 ? " (cuda train tf32)" : " (cuda train f32)"), std::to_string(b),
+        t.add({model->arch() + " (cuda train " + dev.train_precision() + ")", std::to_string(b),
                fmt(r.forward_ms, 3), fmt(1000.0 * b / r.forward_ms, 1), fmt(r.train_step_ms, 3),
                fmt(1000.0 * b / r.train_step_ms, 1)});
         continue;
@@ -724,6 +735,7 @@ int main(int argc, char** argv) {
   bench->add_option("--warmup", bench_warmup, "Untimed iterations first")->capture_default_str();
   bench->add_flag("--train", bench_train, "Also time a full training step (forward, backward, AdamW; with --device cuda on the GPU, f32 or --tf32)");
   add_device_flags(bench, bench_dev);
+  add_bench_train_precision_flag(bench, bench_dev);
 
   ModelArgs cm, fm;
   DataArgs cd, fd;

@@ -44,9 +44,13 @@ std::unique_ptr<GpuClassifier> make_gpu_model(ImageClassifier& model, bool tf32)
   SAV_THROW("--device cuda: " << model.arch() << " has no CUDA implementation");
 }
 
-std::unique_ptr<ImageClassifier> make_gpu_trainer(ImageClassifier& model, bool tf32) {
+std::unique_ptr<ImageClassifier> make_gpu_trainer(ImageClassifier& model, const std::string& precision) {
+  SAV_CHECK(precision == "f32" || precision == "tf32" || precision == "bf16",
+            "GPU training precision '" << precision << "' is not one of f32, tf32, bf16");
   SAV_CHECK(cuda::device_available(), "--device cuda: no usable CUDA device on this machine (use --device cpu)");
-  const cuda::F32Math math = tf32 ? cuda::F32Math::tf32 : cuda::F32Math::f32;
+  const cuda::F32Math math = precision == "tf32"   ? cuda::F32Math::tf32
+                             : precision == "bf16" ? cuda::F32Math::bf16
+                                                   : cuda::F32Math::f32;
   if (auto* v = dynamic_cast<Vit*>(&model)) return std::make_unique<VitCudaTrain>(*v, math);
   if (auto* p = dynamic_cast<Pvt*>(&model)) return std::make_unique<PvtCudaTrain>(*p, math);
   SAV_THROW("--device cuda: training " << model.arch() << " on the GPU is not implemented; use --device cpu");

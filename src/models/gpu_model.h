@@ -30,9 +30,11 @@ std::unique_ptr<GpuClassifier> make_gpu_model(ImageClassifier& model, bool tf32)
 
 // A trainable GPU copy of `model` (a sav::Vit or sav::Pvt, dense or ShiftAddViT; models/vit_cuda_train.h,
 // models/pvt_cuda_train.h) for `train --device cuda` and `finetune --device cuda`: an ImageClassifier whose
-// forward, backward and optimizer run on the GPU, products in IEEE f32 or (tf32) on TF32 tensor cores. `model`
+// forward, backward and optimizer run on the GPU. `model`
 // must outlive it; its params() are refreshed by the Trainer before each checkpoint. Throws without a usable
 // GPU.
-std::unique_ptr<ImageClassifier> make_gpu_trainer(ImageClassifier& model, bool tf32);
+// precision: "f32" (IEEE f32 products), "tf32" (TF32 tensor cores) or "bf16" (mixed precision: bf16 products with
+// f32 accumulation, f32 master weights, activations and optimizer state).
+std::unique_ptr<ImageClassifier> make_gpu_trainer(ImageClassifier& model, const std::string& precision);
 
 }  // namespace sav

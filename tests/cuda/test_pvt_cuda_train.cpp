@@ -86,3 +86,16 @@ TEST_F(PvtCudaTraining, FashionMnistShapedModelTrainsThroughTheTrainer) {
   ASSERT_EQ(s.epochs.size(), 8u);
   EXPECT_LT(s.epochs.back().train_loss, s.epochs.front().train_loss) << "the loss did not go down";
 }
+
+// Mixed precision on the dense PVT (tolerances as VitCudaTraining.Bf16MixedPrecisionStepStaysClose).
+TEST_F(PvtCudaTraining, Bf16MixedPrecisionStepStaysClose) {
+  Pvt cpu(dense_tiny()), host(dense_tiny());
+  Rng rng(19);
+  cpu.init_random(rng);
+  copy_model(host, cpu);
+  PvtCudaTrain gpu(host, cuda::F32Math::bf16);
+  StepTolerances tol;
+  tol.logits = 2e-2, tol.grads = 6e-2, tol.params = 2.5e-2;
+  tol.eval_after_step = 5e-2;  // after parameters that differ by up to 2.5 lr
+  expect_step_matches_cpu(cpu, host, gpu, 3, tol);
+}

@@ -159,3 +159,21 @@ TEST_F(VitCudaTraining, ResumedGpuRunEndsBitIdenticalAndNanIsNamed) {
   }
   fs::remove_all(dir);
 }
+
+// Mixed precision (F32Math::bf16: products with bf16-rounded operands, f32 accumulation, f32 master weights). A
+// dense model has no discrete decisions, so the step stays close to the f32 CPU model: bf16 rounds each product
+// operand to 2^-9 relative (logits within 2e-2, gradients within 6e-2); the first AdamW step moves every
+// parameter by lr * sign(gradient), so a gradient element near 0 may flip sign: parameters within 2.5 lr, and the
+// evaluation forward after the step within 5e-2 (measured on the H200: 2.8e-2).
+TEST_F(VitCudaTraining, Bf16MixedPrecisionStepStaysClose) {
+  VitConfig c = vit_preset("vit_fmnist");
+  c.depth = 2;
+  Vit cpu(c), host(c);
+  randomise(cpu, 23);
+  copy_model(host, cpu);
+  VitCudaTrain gpu(host, cuda::F32Math::bf16);
+  StepTolerances tol;
+  tol.logits = 2e-2, tol.grads = 6e-2, tol.params = 2.5e-2;
+  tol.eval_after_step = 5e-2;  // after parameters that differ by up to 2.5 lr
+  expect_step_matches_cpu(cpu, host, gpu, 17, tol);
+}

@@ -10,6 +10,7 @@
 #include <algorithm>
 
 #include "ops/cuda/blas.h"
+#include "ops/cuda/ops.h"  // f32_to_bf16
 
 #define SAV_CUBLAS_CALL(expr)                                                                                      \
   do {                                                                                                             \
@@ -34,6 +35,8 @@ struct Blas::Impl {
 
   cublasHandle_t handle = nullptr;
   cudaStream_t stream = nullptr;
+  bool bf16_math = false;
+  DeviceBuffer<bf16> ab, bb;  // bf16 copies of the operands (F32Math::bf16)
   PtrSlot slots[kPtrSlots];
   int next = 0;
 
@@ -55,7 +58,18 @@ struct Blas::Impl {
       return;
     }
     const float one = 1.0f;
-    SAV_CUBLAS_CALL(cublasSgemm(handle, ta, tb, m, n, k, &one, a, lda, b, ldb, &beta, c, ldc));
+    if (!bf16_math) {
+      SAV_CUBLAS_CALL(cublasSgemm(handle, ta, tb, m, n, k, &one, a, lda, b, ldb, &beta, c, ldc));
+      return;
+    }
+    // F32Math::bf16: both operands rounded to bf16 (contiguous: lda, ldb are their row lengths), f32 output
+    const size_t na = size_t(lda) * (ta == CUBLAS_OP_N ? k : m), nb = size_t(ldb) * (tb == CUBLAS_OP_N ? n : k);
+    if (ab.size() < na) ab.resize(na);
+    if (bb.size() < nb) bb.resize(nb);
+    f32_to_bf16(ab.get(), a, int64_t(na), stream);
+    f32_to_bf16(bb.get(), b, int64_t(nb), stream);
+    SAV_CUBLAS_CALL(cublasGemmEx(handle, ta, tb, m, n, k, &one, ab.get(), CUDA_R_16BF, lda, bb.get(), CUDA_R_16BF, ldb,
+                                 &beta, c, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   }
 
   // The next slot of the ring, idle (its last copy and product have completed) and holding >= count matrices.
@@ -90,8 +104,10 @@ Blas::Blas(cudaStream_t stream, F32Math math) : impl_(std::make_unique<Impl>()),
   SAV_CUBLAS_CALL(cublasCreate(&impl_->handle));
   impl_->stream = stream;
   SAV_CUBLAS_CALL(cublasSetStream(impl_->handle, stream));
-  SAV_CUBLAS_CALL(
-      cublasSetMathMode(impl_->handle, math == F32Math::tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_PEDANTIC_MATH));
+  // bf16: the linear products run in bf16 (cublasGemmEx); the batched attention products in TF32
+  impl_->bf16_math = math == F32Math::bf16;
+  SAV_CUBLAS_CALL(cublasSetMathMode(impl_->handle, math == F32Math::f32 ? CUBLAS_PEDANTIC_MATH
+                                                                         : CUBLAS_TF32_TENSOR_OP_MATH));
 }
 
 Blas::~Blas() = default;

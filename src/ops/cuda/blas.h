@@ -1,6 +1,8 @@
 // shiftaddvit CUDA backend: the f32 products of training (forward and both backward products of a linear
 // layer, and the batched per-head products of softmax attention) through cuBLAS, row-major, with IEEE f32 or
-// TF32 tensor-core math (the handle's math mode: every method, batched included, uses it).
+// TF32 tensor-core math (the handle's math mode: every method, batched included, uses it), or F32Math::bf16:
+// xwt / dyw / dytx round both operands to bf16 (conversion kernels into the Blas's scratch) and run bf16 tensor
+// cores with f32 accumulation and output; the batched products then use TF32.
 //
 //   sav::cuda::Blas blas(stream, sav::cuda::F32Math::f32);
 //   blas.xwt(y, x, w, M, K, F, 0.0f);   // y (M,F)  = x (M,K) W^T             (forward, no bias)

@@ -3,6 +3,8 @@
 // the one every bf16 tensor-core kernel supports. The bias runs along D's rows (length F).
 #include "ops/cuda/gemm.h"
 
+#include "ops/cuda/ops.h"  // f32_to_bf16
+
 #include <cublasLt.h>
 
 #include <algorithm>
@@ -66,6 +68,7 @@ struct Gemm::Impl {
   cublasLtHandle_t handle = nullptr;
   bool autotune = true;
   DeviceBuffer<unsigned char> workspace;
+  DeviceBuffer<bf16> xb, wb;  // bf16 copies of the operands (F32Math::bf16)
   // (M, K, F, output kind, has bias, input kind, ldy, pointer alignment) -> plan
   std::map<std::tuple<int, int, int, int, bool, int, int, int>, std::unique_ptr<Plan>> plans;
 
@@ -201,6 +204,16 @@ void Gemm::linear_f32(float* y, const bf16* x, const bf16* w, const float* b, in
 
 void Gemm::linear_f32_in(float* y, int ldy, const float* x, const float* w, const float* b, int M, int K, int F,
                          bool accumulate, F32Math math, cudaStream_t stream) {
+  if (math == F32Math::bf16) {  // round both operands to bf16, then the bf16 product with an f32 output
+    SAV_CHECK(ldy == F, "Gemm::linear_f32_in: bf16 math needs contiguous output rows (ldy " << ldy << ", F " << F
+                                                                                           << ")");
+    if (impl_->xb.size() < size_t(M) * K) impl_->xb.resize(size_t(M) * K);
+    if (impl_->wb.size() < size_t(F) * K) impl_->wb.resize(size_t(F) * K);
+    f32_to_bf16(impl_->xb.get(), x, int64_t(M) * K, stream);
+    f32_to_bf16(impl_->wb.get(), w, int64_t(F) * K, stream);
+    linear_f32(y, impl_->xb.get(), impl_->wb.get(), b, M, K, F, accumulate, stream);
+    return;
+  }
   impl_->run(y, ldy, x, w, b, M, K, F, accumulate ? Out::f32_acc : Out::f32,
              math == F32Math::tf32 ? In::tf32 : In::f32, stream);
 }

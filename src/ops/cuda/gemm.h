@@ -26,7 +26,9 @@ namespace sav::cuda {
 
 // Math of the f32-input products: IEEE f32 (CUDA cores; what a CPU f32 BLAS computes, up to summation
 // order) or TF32 tensor cores (inputs rounded to 10-bit mantissas, f32 accumulation; ~8x the throughput).
-enum class F32Math { f32, tf32 };
+// bf16: the f32 inputs are rounded to bf16 by a conversion kernel, then bf16 tensor cores with f32 accumulation
+// (the mixed-precision training mode: f32 master weights and activations, bf16 products).
+enum class F32Math { f32, tf32, bf16 };
 
 class Gemm {
  public:
@@ -44,7 +46,7 @@ class Gemm {
   void linear_f32(float* y, const bf16* x, const bf16* w, const float* b, int M, int K, int F, bool accumulate,
                   cudaStream_t stream);
   // y (M,F) f32, row i at y + i*ldy (ldy >= F) = x W^T + b, or += when accumulate; x (M,K) f32, w (F,K) f32,
-  // b (F) f32 or nullptr.
+  // b (F) f32 or nullptr. F32Math::bf16 needs contiguous rows (ldy == F).
   void linear_f32_in(float* y, int ldy, const float* x, const float* w, const float* b, int M, int K, int F,
                      bool accumulate, F32Math math, cudaStream_t stream);
 
