@@ -28,7 +28,7 @@
 #include "ops/cpu/conv.h"  // conv_out_size
 #include "ops/cuda/blas.h"
 #include "ops/cuda/pvt_train_ops.h"
-#include "ops/cuda/train_ops.h"  // softmax_rows_f32, softmax_backward_rows_f32
+#include "ops/cuda/train_ops.h"  // attention_heads_forward / _backward
 
 namespace sav::cuda {
 
@@ -204,15 +204,6 @@ __global__ void __launch_bounds__(kThreads)
 
 constexpr int kAqMaxD = 1024;
 
-// ptr[b*H + h] = base + b*bstride + h*hstride.
-template <class T>
-std::vector<T*> head_ptrs(T* base, int B, int H, int64_t bstride, int64_t hstride) {
-  std::vector<T*> v(size_t(B) * H);
-  for (int b = 0; b < B; ++b)
-    for (int h = 0; h < H; ++h) v[size_t(b) * H + h] = base + b * bstride + h * hstride;
-  return v;
-}
-
 // Checks the sizes and the streams; returns d.
 int aq_check(int B, int N, int Nk, int C, int H, const Blas& blas, cudaStream_t stream, const char* what) {
   SAV_CHECK(attention_q_kv_train_supports(Nk, C, H), what << ": Nk=" << Nk << ", C=" << C << ", H=" << H
@@ -321,17 +312,9 @@ void attention_q_kv_train_forward(float* out, float* att, const float* q, const 
   const int d = aq_check(B, N, Nk, C, H, blas, stream, "attention_q_kv_train_forward");
   if (B == 0) return;
   SAV_CHECK(out && att && q && kv, "attention_q_kv_train_forward: null pointer");
-  const int C2 = 2 * C, count = B * H;
-  const int64_t NNk = int64_t(N) * Nk, bq = int64_t(N) * C, bkv = int64_t(Nk) * C2;
-  const float scale = float(1.0 / std::sqrt(double(d)));
-  const auto qh = head_ptrs(q, B, H, bq, d), kh = head_ptrs(kv, B, H, bkv, d), vh = head_ptrs(kv + C, B, H, bkv, d);
-  const auto p = head_ptrs(att, B, H, H * NNk, NNk);
-  const auto o = head_ptrs(out, B, H, bq, d);
-  // att = scale Q K^T, then the softmax by rows
-  blas.batched(false, true, N, Nk, d, scale, qh.data(), C, kh.data(), C2, 0.0f, p.data(), Nk, count);
-  softmax_rows_f32(att, int64_t(count) * N, Nk, stream);
-  // out = P V
-  blas.batched(false, false, N, d, Nk, 1.0f, p.data(), Nk, vh.data(), C2, 0.0f, o.data(), C, count);
+  const int64_t bq = int64_t(N) * C, bkv = int64_t(Nk) * 2 * C;
+  attention_heads_forward(out, C, bq, att, {q, C, bq}, {kv, 2 * C, bkv}, {kv + C, 2 * C, bkv}, B, N, Nk, H, d, blas,
+                          stream);
 }
 
 void attention_q_kv_train_backward(float* dq, float* dkv, float* ds, const float* dout, const float* q, const float* kv,
@@ -340,24 +323,9 @@ void attention_q_kv_train_backward(float* dq, float* dkv, float* ds, const float
   const int d = aq_check(B, N, Nk, C, H, blas, stream, "attention_q_kv_train_backward");
   if (B == 0) return;
   SAV_CHECK(dq && dkv && ds && dout && q && kv && att, "attention_q_kv_train_backward: null pointer");
-  const int C2 = 2 * C, count = B * H;
-  const int64_t NNk = int64_t(N) * Nk, bq = int64_t(N) * C, bkv = int64_t(Nk) * C2;
-  const float scale = float(1.0 / std::sqrt(double(d)));
-  const auto qh = head_ptrs(q, B, H, bq, d), kh = head_ptrs(kv, B, H, bkv, d), vh = head_ptrs(kv + C, B, H, bkv, d);
-  const auto dqh = head_ptrs(dq, B, H, bq, d), dkh = head_ptrs(dkv, B, H, bkv, d),
-             dvh = head_ptrs(dkv + C, B, H, bkv, d);
-  const auto p = head_ptrs(att, B, H, H * NNk, NNk);
-  const auto s = head_ptrs(ds, B, H, H * NNk, NNk);
-  const auto gout = head_ptrs(dout, B, H, bq, d);
-  // ds = dP = dO V^T, then ds = P (dP - rowsum(dP P)) by rows
-  blas.batched(false, true, N, Nk, d, 1.0f, gout.data(), C, vh.data(), C2, 0.0f, s.data(), Nk, count);
-  softmax_backward_rows_f32(ds, att, int64_t(count) * N, Nk, stream);
-  // dq = scale dS K
-  blas.batched(false, false, N, d, Nk, scale, s.data(), Nk, kh.data(), C2, 0.0f, dqh.data(), C, count);
-  // dk = scale dS^T Q
-  blas.batched(true, false, Nk, d, N, scale, s.data(), Nk, qh.data(), C, 0.0f, dkh.data(), C2, count);
-  // dv = P^T dO
-  blas.batched(true, false, Nk, d, N, 1.0f, p.data(), Nk, gout.data(), C, 0.0f, dvh.data(), C2, count);
+  const int64_t bq = int64_t(N) * C, bkv = int64_t(Nk) * 2 * C;
+  attention_heads_backward(dq, dkv, dkv + C, ds, {dout, C, bq}, {q, C, bq}, {kv, 2 * C, bkv}, {kv + C, 2 * C, bkv}, att,
+                           B, N, Nk, H, d, blas, stream);
 }
 
 void mean_tokens_backward_f32(float* dx, const float* dy, int B, int N, int C, cudaStream_t stream) {

@@ -549,23 +549,55 @@ bool attention_train_supports(int N, int C, int H) {
   return C >= 1 && H >= 1 && C % H == 0 && C / H <= kAtMaxD && 3 * int64_t(C) <= INT_MAX && N >= 1 && N <= kAtMaxN;
 }
 
+// The per-head pointer arrays of the batched products are built on the host (head_ptrs) for each call.
+void attention_heads_forward(float* out, int ldo, int64_t bo, float* att, HeadTensor q, HeadTensor k, HeadTensor v,
+                             int B, int N, int Nk, int H, int d, Blas& blas, cudaStream_t stream) {
+  const int count = B * H;
+  const int64_t NNk = int64_t(N) * Nk;
+  const float scale = float(1.0 / std::sqrt(double(d)));
+  const auto qh = head_ptrs(q.ptr, B, H, q.bstride, d), kh = head_ptrs(k.ptr, B, H, k.bstride, d),
+             vh = head_ptrs(v.ptr, B, H, v.bstride, d);
+  const auto p = head_ptrs(att, B, H, H * NNk, NNk);
+  const auto o = head_ptrs(out, B, H, bo, d);
+  // att = scale Q K^T, then the softmax by rows
+  blas.batched(false, true, N, Nk, d, scale, qh.data(), q.ld, kh.data(), k.ld, 0.0f, p.data(), Nk, count);
+  softmax_rows_f32(att, int64_t(count) * N, Nk, stream);
+  // out = P V
+  blas.batched(false, false, N, d, Nk, 1.0f, p.data(), Nk, vh.data(), v.ld, 0.0f, o.data(), ldo, count);
+}
+
+void attention_heads_backward(float* dq, float* dk, float* dv, float* ds, HeadTensor dout, HeadTensor q, HeadTensor k,
+                              HeadTensor v, const float* att, int B, int N, int Nk, int H, int d, Blas& blas,
+                              cudaStream_t stream) {
+  const int count = B * H;
+  const int64_t NNk = int64_t(N) * Nk;
+  const float scale = float(1.0 / std::sqrt(double(d)));
+  const auto qh = head_ptrs(q.ptr, B, H, q.bstride, d), kh = head_ptrs(k.ptr, B, H, k.bstride, d),
+             vh = head_ptrs(v.ptr, B, H, v.bstride, d);
+  const auto dqh = head_ptrs(dq, B, H, q.bstride, d), dkh = head_ptrs(dk, B, H, k.bstride, d),
+             dvh = head_ptrs(dv, B, H, v.bstride, d);
+  const auto p = head_ptrs(att, B, H, H * NNk, NNk);
+  const auto s = head_ptrs(ds, B, H, H * NNk, NNk);
+  const auto gout = head_ptrs(dout.ptr, B, H, dout.bstride, d);
+  // ds = dP = dO V^T, then ds = P (dP - rowsum(dP P)) by rows
+  blas.batched(false, true, N, Nk, d, 1.0f, gout.data(), dout.ld, vh.data(), v.ld, 0.0f, s.data(), Nk, count);
+  softmax_backward_rows_f32(ds, att, int64_t(count) * N, Nk, stream);
+  // dq = scale dS K
+  blas.batched(false, false, N, d, Nk, scale, s.data(), Nk, kh.data(), k.ld, 0.0f, dqh.data(), q.ld, count);
+  // dk = scale dS^T Q
+  blas.batched(true, false, Nk, d, N, scale, s.data(), Nk, qh.data(), q.ld, 0.0f, dkh.data(), k.ld, count);
+  // dv = P^T dO
+  blas.batched(true, false, Nk, d, N, 1.0f, p.data(), Nk, gout.data(), dout.ld, 0.0f, dvh.data(), v.ld, count);
+}
+
 void attention_train_forward(float* out, float* att, const float* qkv, int B, int N, int C, int H, Blas& blas,
                              cudaStream_t stream) {
   const int d = attention_check(B, N, C, H, blas, stream, "attention_train_forward");
   if (B == 0) return;
   SAV_CHECK(out && att && qkv, "attention_train_forward: null pointer");
-  const int C3 = 3 * C, count = B * H;
-  const int64_t NN = int64_t(N) * N, bqkv = int64_t(N) * C3;
-  const float scale = float(1.0 / std::sqrt(double(d)));
-  const auto q = head_ptrs(qkv, B, H, bqkv, d), k = head_ptrs(qkv + C, B, H, bqkv, d),
-             v = head_ptrs(qkv + 2 * C, B, H, bqkv, d);
-  const auto p = head_ptrs(att, B, H, H * NN, NN);
-  const auto o = head_ptrs(out, B, H, int64_t(N) * C, d);
-  // att = scale Q K^T, then the softmax by rows
-  blas.batched(false, true, N, N, d, scale, q.data(), C3, k.data(), C3, 0.0f, p.data(), N, count);
-  softmax_rows_f32(att, int64_t(count) * N, N, stream);
-  // out = P V
-  blas.batched(false, false, N, d, N, 1.0f, p.data(), N, v.data(), C3, 0.0f, o.data(), C, count);
+  const int64_t b3 = int64_t(N) * 3 * C;
+  attention_heads_forward(out, C, int64_t(N) * C, att, {qkv, 3 * C, b3}, {qkv + C, 3 * C, b3}, {qkv + 2 * C, 3 * C, b3},
+                          B, N, N, H, d, blas, stream);
 }
 
 void attention_train_backward(float* dqkv, float* ds, const float* dout, const float* qkv, const float* att, int B,
@@ -573,25 +605,9 @@ void attention_train_backward(float* dqkv, float* ds, const float* dout, const f
   const int d = attention_check(B, N, C, H, blas, stream, "attention_train_backward");
   if (B == 0) return;
   SAV_CHECK(dqkv && ds && dout && qkv && att, "attention_train_backward: null pointer");
-  const int C3 = 3 * C, count = B * H;
-  const int64_t NN = int64_t(N) * N, bqkv = int64_t(N) * C3, bo = int64_t(N) * C;
-  const float scale = float(1.0 / std::sqrt(double(d)));
-  const auto q = head_ptrs(qkv, B, H, bqkv, d), k = head_ptrs(qkv + C, B, H, bqkv, d),
-             v = head_ptrs(qkv + 2 * C, B, H, bqkv, d);
-  const auto dq = head_ptrs(dqkv, B, H, bqkv, d), dk = head_ptrs(dqkv + C, B, H, bqkv, d),
-             dv = head_ptrs(dqkv + 2 * C, B, H, bqkv, d);
-  const auto p = head_ptrs(att, B, H, H * NN, NN);
-  const auto s = head_ptrs(ds, B, H, H * NN, NN);
-  const auto gout = head_ptrs(dout, B, H, bo, d);
-  // ds = dP = dO V^T, then ds = P (dP - rowsum(dP P)) by rows
-  blas.batched(false, true, N, N, d, 1.0f, gout.data(), C, v.data(), C3, 0.0f, s.data(), N, count);
-  softmax_backward_rows_f32(ds, att, int64_t(count) * N, N, stream);
-  // dq = scale dS K
-  blas.batched(false, false, N, d, N, scale, s.data(), N, k.data(), C3, 0.0f, dq.data(), C3, count);
-  // dk = scale dS^T Q
-  blas.batched(true, false, N, d, N, scale, s.data(), N, q.data(), C3, 0.0f, dk.data(), C3, count);
-  // dv = P^T dO
-  blas.batched(true, false, N, d, N, 1.0f, p.data(), N, gout.data(), C, 0.0f, dv.data(), C3, count);
+  const int64_t b3 = int64_t(N) * 3 * C;
+  attention_heads_backward(dqkv, dqkv + C, dqkv + 2 * C, ds, {dout, C, int64_t(N) * C}, {qkv, 3 * C, b3},
+                           {qkv + C, 3 * C, b3}, {qkv + 2 * C, 3 * C, b3}, att, B, N, N, H, d, blas, stream);
 }
 
 // ---- optimizer ----

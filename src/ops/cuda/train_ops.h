@@ -81,6 +81,22 @@ void softmax_rows_f32(float* p, int64_t rows, int n, cudaStream_t stream);
 // shuffles in a fixed order: deterministic); any n >= 1, rows >= 0.
 void softmax_backward_rows_f32(float* ds, const float* p, int64_t rows, int n, cudaStream_t stream);
 
+// ---- multi-head softmax attention over per-head slices of token tensors, training (the products and row
+// steps shared by attention_train_* below and pvt_train_ops.h's attention_q_kv_train_*) ----
+// Head h of image b of a tensor t is the (rows, d) matrix at t.ptr + b * t.bstride + h * d with rows t.ld apart.
+struct HeadTensor {
+  const float* ptr;
+  int ld;
+  int64_t bstride;
+};
+// q: N query rows; k, v: Nk key rows; out (N rows per image, heads at h*d) =; att (B,H,N,Nk) = probabilities.
+void attention_heads_forward(float* out, int ldo, int64_t bo, float* att, HeadTensor q, HeadTensor k, HeadTensor v,
+                             int B, int N, int Nk, int H, int d, Blas& blas, cudaStream_t stream);
+// dq, dk, dv = (OVERWRITTEN) in the layouts of q, k, v; ds (B,H,N,Nk) work space; dout in the layout of out.
+void attention_heads_backward(float* dq, float* dk, float* dv, float* ds, HeadTensor dout, HeadTensor q, HeadTensor k,
+                              HeadTensor v, const float* att, int B, int N, int Nk, int H, int d, Blas& blas,
+                              cudaStream_t stream);
+
 // ---- multi-head softmax self-attention core, training (spec: cpu::attention_forward_ref / _backward_ref) ----
 // qkv (B,N,3C) timm layout [s*C + h*d + i], s in {q,k,v}; out (B,N,C) = heads concatenated;
 // att (B,H,N,N) = the softmax probabilities (saved). scale = d^-0.5.
