@@ -3,20 +3,20 @@
 // Spec: cpu::hamming_attention_forward (ops/cpu/hamming.h); formulas in ops.h.
 //
 // Legend: B batch, N tokens, C channels, H heads, d = C/H, b = nbits hash bits, m anchors, T threads of the
-// CTA (4 per token, a multiple of 32, 128..1024), W = T/32 warps.
+// CTA (2 per token, a multiple of 32, 128..1024), W = T/32 warps.
 //
 // Phases (a __syncthreads between each):
-//  0. stage the head's qk and v slices (bf16 -> f32) and its KSH buffers in shared memory: anchors
-//     transposed (d,36) with ||a_j||^2, mu, A rows (b,36) (row stride 36 = 4 mod 32: the four lanes of a
-//     token read four rows in four different banks), zero padded to 32 anchors;
-//  1. hash, 4 threads per token (lane4 takes dims lane4, lane4+4, ...): q = qk / max(||qk||, eps) (norm in
-//     double, as the CPU), the dot products q.a_j for all m anchors in registers, summed over the 4 lanes
-//     (xor butterfly: all 4 lanes get the same sums), D_nj = max(||q||^2 + ||a_j||^2 - 2 q.a_j, 0) (one FMA
+//  0. stage the head's qk slice (bf16 -> f32) and its v slice (kept in bf16: exact, and half the shared
+//     memory, so two CTAs fit on an SM) and its KSH buffers in shared memory: anchors transposed (d,36) with
+//     ||a_j||^2, mu, A rows (b,36) (row stride 36 = 4 mod 32), zero padded to 32 anchors;
+//  1. hash, 2 threads per token (laneT takes dims laneT, laneT+2, ...): q = qk / max(||qk||, eps) (norm in
+//     double, as the CPU), the dot products q.a_j for all m anchors in registers, summed over the 2 lanes
+//     (both lanes get the same sums), D_nj = max(||q||^2 + ||a_j||^2 - 2 q.a_j, 0) (one FMA
 //     per (n,j,i) instead of a subtract and an FMA; the expansion differs from the CPU's sum of squared
 //     differences by a few ulp of D ~ 1), stored over the token's staged qk row;
 //     sigma: per-token sums of D in double, reduced over the CTA in a fixed order;
-//     k_nj = exp(-D_nj / (2 sigma)) - mu_j in place (each lane a quarter of the anchors), then y_nr for
-//     bits r = lane4 + 4k, code bits OR-ed over the 4 lanes -> codes[n];
+//     k_nj = exp(-D_nj / (2 sigma)) - mu_j in place (each lane half of the anchors), then y_nr for
+//     bits r = laneT + 2k, code bits OR-ed over the 2 lanes -> codes[n];
 //  2. bit planes: plane[r] = the tokens whose bit r is set (one ballot per 32 tokens);
 //  3. MatAdd #1 (additions only): warp per bit r, lanes over columns; walks the set tokens of plane[r] in
 //     increasing n: KV_r = sum of V rows (the CPU's order), then KV_r / pi as the CPU fast path;
@@ -40,7 +40,7 @@ constexpr int kHamMaxN = 256;
 constexpr int kHamMaxD = 64;
 constexpr int kHamMaxM = 32;
 constexpr int kHamMaxBits = 64;
-constexpr int kTpt = 4;             // threads per token in the hash phase
+constexpr int kTpt = 2;             // threads per token in the hash phase
 constexpr int kRow = 36;            // smem row stride (floats) of the transposed anchors and of A: 4 mod 32
 constexpr int kTaps = 9;
 constexpr int kPad = kTaps / 2;
@@ -72,7 +72,7 @@ __host__ __device__ inline HamSmem ham_smem(const HamParams& p) {
   s.red = o, o = align16(o + 33 * sizeof(double));
   s.codes = o, o = align16(o + size_t(p.N) * sizeof(unsigned long long));
   s.q = o, o = align16(o + size_t(p.N) * p.ldq * sizeof(float));
-  s.v = o, o = align16(o + size_t(p.N) * p.d * sizeof(float));
+  s.v = o, o = align16(o + size_t(p.N) * p.d * sizeof(bf16));
   s.at = o, o = align16(o + size_t(p.d) * kRow * sizeof(float));
   s.aa = o, o = align16(o + kHamMaxM * sizeof(float));
   s.mu = o, o = align16(o + kHamMaxM * sizeof(float));
@@ -83,8 +83,8 @@ __host__ __device__ inline HamSmem ham_smem(const HamParams& p) {
   return s;
 }
 
-// Threads of the CTA: 4 per token, the tokens rounded up to 8 (whole warps), at least 4 warps.
-inline int ham_threads(int N) { return std::clamp(kTpt * ((N + 7) / 8 * 8), 128, 1024); }
+// Threads of the CTA: 2 per token, the tokens rounded up to 16 (whole warps), at least 4 warps.
+inline int ham_threads(int N) { return std::clamp(kTpt * ((N + 15) / 16 * 16), 128, 1024); }
 
 // Columns of lane in phases 3-4: (2 lane, 2 lane + 1) with pairs, else (lane, lane + 32).
 template <bool kPairs>
@@ -108,7 +108,22 @@ __device__ __forceinline__ void load_cols(const float* row, int c0, int c1, int 
 }
 
 template <bool kPairs>
-__device__ void matadd_phases(const HamParams& p, int b, int h, const unsigned long long* codes, const float* Vs,
+__device__ __forceinline__ void load_cols(const bf16* row, int c0, int c1, int d, float& x0, float& x1) {
+  if (kPairs) {
+    if (c0 < d) {  // d even: c1 < d too
+      const float2 t = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(row + c0));
+      x0 = t.x, x1 = t.y;
+    } else {
+      x0 = x1 = 0.0f;
+    }
+  } else {
+    x0 = c0 < d ? __bfloat162float(row[c0]) : 0.0f;
+    x1 = c1 < d ? __bfloat162float(row[c1]) : 0.0f;
+  }
+}
+
+template <bool kPairs>
+__device__ void matadd_phases(const HamParams& p, int b, int h, const unsigned long long* codes, const bf16* Vs,
                               float* KVs, const unsigned* planes) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, W = blockDim.x >> 5;
   const int d = p.d, N = p.N;
@@ -178,7 +193,7 @@ __global__ void __launch_bounds__(1024) hamming_kernel(const __grid_constant__ H
   double* red = reinterpret_cast<double*>(smem + L.red);
   unsigned long long* codes = reinterpret_cast<unsigned long long*>(smem + L.codes);
   float* Qs = reinterpret_cast<float*>(smem + L.q);
-  float* Vs = reinterpret_cast<float*>(smem + L.v);
+  bf16* Vs = reinterpret_cast<bf16*>(smem + L.v);
   float* At = reinterpret_cast<float*>(smem + L.at);
   float* aa = reinterpret_cast<float*>(smem + L.aa);
   float* mus = reinterpret_cast<float*>(smem + L.mu);
@@ -200,21 +215,19 @@ __global__ void __launch_bounds__(1024) hamming_kernel(const __grid_constant__ H
       const uint4 rq = *reinterpret_cast<const uint4*>(qk + int64_t(n) * p.ldqk + c);
       const uint4 rv = *reinterpret_cast<const uint4*>(vv + int64_t(n) * p.ldv + c);
       const __nv_bfloat162* hq = reinterpret_cast<const __nv_bfloat162*>(&rq);
-      const __nv_bfloat162* hv = reinterpret_cast<const __nv_bfloat162*>(&rv);
       float* q = Qs + n * p.ldq + c;
-      float* v = Vs + n * d + c;
+      *reinterpret_cast<uint4*>(Vs + n * d + c) = rv;  // d % 8 == 0: 16-byte aligned
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        const float2 fq = __bfloat1622float2(hq[k]), fv = __bfloat1622float2(hv[k]);
+        const float2 fq = __bfloat1622float2(hq[k]);
         q[2 * k] = fq.x, q[2 * k + 1] = fq.y;
-        v[2 * k] = fv.x, v[2 * k + 1] = fv.y;
       }
     }
   } else {
     for (int i = tid; i < N * d; i += T) {
       const int n = i / d, c = i - n * d;
       Qs[n * p.ldq + c] = __bfloat162float(qk[int64_t(n) * p.ldqk + c]);
-      Vs[n * d + c] = __bfloat162float(vv[int64_t(n) * p.ldv + c]);
+      Vs[n * d + c] = vv[int64_t(n) * p.ldv + c];
     }
   }
   const float* anc = p.anchors + int64_t(h) * m * d;
@@ -236,21 +249,20 @@ __global__ void __launch_bounds__(1024) hamming_kernel(const __grid_constant__ H
   __syncthreads();
 
   // ---- 1. hash: 4 threads per token; the token's staged qk row is reused for D_nj, then k_nj ----
-  const int n = tid >> 2, lane4 = tid & 3;
+  const int n = tid >> 1, laneT = tid & 1;
   const bool valid = n < N;
   float* qrow = Qs + (valid ? n : 0) * p.ldq;  // ldq >= 36: room for 32 anchors
   double ssd = 0.0;
   if (valid)
-    for (int i = lane4; i < d; i += kTpt) ssd += double(qrow[i]) * qrow[i];
+    for (int i = laneT; i < d; i += kTpt) ssd += double(qrow[i]) * qrow[i];
   ssd += __shfl_xor_sync(0xffffffffu, ssd, 1);
-  ssd += __shfl_xor_sync(0xffffffffu, ssd, 2);
   const float nrm = fmaxf(static_cast<float>(sqrt(ssd)), kNormEps);
   float dot[kHamMaxM];
 #pragma unroll
   for (int j = 0; j < kHamMaxM; ++j) dot[j] = 0.0f;
   float qq = 0.0f;
   if (valid) {
-    for (int i = lane4; i < d; i += kTpt) {
+    for (int i = laneT; i < d; i += kTpt) {
       const float q = qrow[i] / nrm;  // as the CPU: x / max(||x||, eps)
       qq = fmaf(q, q, qq);
       const float4* a4 = reinterpret_cast<const float4*>(At + i * kRow);
@@ -267,22 +279,20 @@ __global__ void __launch_bounds__(1024) hamming_kernel(const __grid_constant__ H
     }
   }
   qq += __shfl_xor_sync(0xffffffffu, qq, 1);
-  qq += __shfl_xor_sync(0xffffffffu, qq, 2);
   __syncwarp();  // the group's reads of qrow are done: it now receives D
   double dsum = 0.0;
 #pragma unroll
   for (int j = 0; j < kHamMaxM; ++j) {
     if (j < m) {  // m is uniform: the shuffles run on every lane or on none
       float t = dot[j];
-      t += __shfl_xor_sync(0xffffffffu, t, 1);  // xor butterfly: the 4 lanes get the same sum
-      t += __shfl_xor_sync(0xffffffffu, t, 2);
+      t += __shfl_xor_sync(0xffffffffu, t, 1);  // both lanes get the same sum
       const float D = fmaxf(qq + aa[j] - 2.0f * t, 0.0f);
       dsum += D;
-      if ((j & 3) == lane4 && valid) qrow[j] = D;
+      if ((j & 1) == laneT && valid) qrow[j] = D;
     }
   }
   // sigma = mean D over (n, j): one contribution per valid token, warp sums, then warp 0 in order
-  double part = (valid && lane4 == 0) ? dsum : 0.0;
+  double part = (valid && laneT == 0) ? dsum : 0.0;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
   if (lane == 0) red[warp] = part;
@@ -297,12 +307,12 @@ __global__ void __launch_bounds__(1024) hamming_kernel(const __grid_constant__ H
   const float two_sigma = 2.0f * static_cast<float>(red[32]);
   const int m4 = (m + 3) / 4 * 4;
   if (valid)  // k_nj = exp(-D_nj / (2 sigma)) - mu_j; zero in the padding up to a multiple of 4
-    for (int j = lane4; j < m4; j += kTpt) qrow[j] = j < m ? expf(-qrow[j] / two_sigma) - mus[j] : 0.0f;
+    for (int j = laneT; j < m4; j += kTpt) qrow[j] = j < m ? expf(-qrow[j] / two_sigma) - mus[j] : 0.0f;
   __syncwarp();
   unsigned long long code = 0;
   if (valid) {
     const float4* k4 = reinterpret_cast<const float4*>(qrow);
-    for (int r = lane4; r < nb; r += kTpt) {
+    for (int r = laneT; r < nb; r += kTpt) {
       const float4* a4 = reinterpret_cast<const float4*>(As + r * kRow);
       float y = 0.0f;
       for (int j4 = 0; j4 < m4 / 4; ++j4) {
@@ -316,8 +326,7 @@ __global__ void __launch_bounds__(1024) hamming_kernel(const __grid_constant__ H
     }
   }
   code |= __shfl_xor_sync(0xffffffffu, code, 1);
-  code |= __shfl_xor_sync(0xffffffffu, code, 2);
-  if (valid && lane4 == 0) codes[n] = code;
+  if (valid && laneT == 0) codes[n] = code;
   __syncthreads();
 
   // ---- 2. bit planes: plane[r] word w bit t = bit r of the code of token 32 w + t ----
