@@ -12,6 +12,7 @@
 #include <fstream>
 #include <iostream>
 #include <memory>
+#include <optional>
 #include <sstream>
 #include <utility>
 
@@ -159,13 +160,19 @@ int cmd_eval(const ModelArgs& m, const DataArgs& d, int batch, int64_t limit) {
   return 0;
 }
 
+#ifndef SAV_HAVE_CUDA
+[[noreturn]] void throw_no_cuda_backend() {
+  SAV_THROW("--device cuda: this build has no CUDA backend (configure where nvcc is installed, -DSAV_CUDA=ON)");
+}
+#endif
+
 // The model on the GPU for --device cuda (throws in a build without the CUDA backend).
 std::unique_ptr<GpuClassifier> gpu_model_for(ImageClassifier& m, bool tf32) {
 #ifdef SAV_HAVE_CUDA
   return make_gpu_model(m, tf32);
 #else
   (void)m, (void)tf32;
-  SAV_THROW("--device cuda: this build has no CUDA backend (configure where nvcc is installed, -DSAV_CUDA=ON)");
+  throw_no_cuda_backend();
 #endif
 }
 
@@ -183,13 +190,13 @@ std::unique_ptr<ImageClassifier> gpu_trainer_for(ImageClassifier& m, const Devic
   return make_gpu_trainer(m, dev.train_precision());
 #else
   (void)m;
-  SAV_THROW("--device cuda: this build has no CUDA backend (configure where nvcc is installed, -DSAV_CUDA=ON)");
+  throw_no_cuda_backend();
 #endif
 }
 
 void add_train_device_flags(CLI::App* app, DeviceArgs& d) {
-  app->add_option("--device", d.device, "Where to train: cpu, or cuda (forward, backward and AdamW on the GPU in "
-                                        "f32; ViT/DeiT and PVTv2 models)")
+  app->add_option("--device", d.device, "Where to train: cpu, or cuda (forward, backward and AdamW on the GPU; "
+                                        "ViT/DeiT and PVTv2 models)")
       ->check(CLI::IsMember({"cpu", "cuda"}))
       ->capture_default_str();
   auto* tf = app->add_flag("--tf32", d.tf32, "With --device cuda: products on TF32 tensor cores (f32 master weights "
@@ -446,6 +453,7 @@ int cmd_finetune(const ModelArgs& m, const DataArgs& d, const ReparamArgs& r, co
   for (auto& st : stages) {
     const std::string dir = opt.out_dir + "/" + st.name;
     std::unique_ptr<ImageClassifier> next;
+    std::optional<EvalResult> trained;  // the Trainer's final evaluation, when this run trained the stage
     std::FILE* done = std::fopen((dir + "/model.safetensors").c_str(), "rb");
     if (done && opt.resume) {
       std::fclose(done);
@@ -462,9 +470,15 @@ int cmd_finetune(const ModelArgs& m, const DataArgs& d, const ReparamArgs& r, co
       Trainer trainer(gpu ? *gpu : *next, train, test, o);
       TrainSummary s = trainer.run();
       if (!s.finished) return 0;
+      trained = s.final_eval;
     }
-    std::unique_ptr<ImageClassifier> next_gpu = gpu_trainer_for(*next, dev);
-    EvalResult e = evaluate(next_gpu ? *next_gpu : *next, test, opt.normalize, opt.eval_batch, opt.eval_limit);
+    EvalResult e;
+    if (trained) {
+      e = *trained;
+    } else {
+      std::unique_ptr<ImageClassifier> gpu = gpu_trainer_for(*next, dev);
+      e = evaluate(gpu ? *gpu : *next, test, opt.normalize, opt.eval_batch, opt.eval_limit);
+    }
     const LayerKinds nc = next->kinds();
     t.add({st.name, nc.attn, nc.mlp, nc.attn_linear, std::to_string(st.epochs), fmt(100 * e.top1, 2),
            fmt(100 * t_eval.top1, 2), fmt(100 * (e.top1 - t_eval.top1), 2)});
