@@ -30,6 +30,7 @@ BUILD=${SAV_BUILD_DIR:-build-h200}
 MODELS=${SAV_MODELS:-deit_tiny_patch16_224,deit_small_patch16_224,deit_base_patch16_224}
 BATCHES=${SAV_BATCHES:-1,64}
 VARIANTS=${SAV_VARIANTS:-dense,shiftadd}  # engine variants: dense, shiftadd (the converted DeiT; sav_cuda_bench)
+PATHS=${SAV_PATHS:-both}  # ViT forward paths: auto, layered, fused, both (sav_cuda_bench --path)
 has() { [[ "$STEPS" == *" $1 "* ]]; }
 status=0
 
@@ -91,7 +92,7 @@ if has bench; then
   echo "[h200] sav_cuda_bench"
   rm -f "$OUT/engine.jsonl"
   "$BUILD/sav_cuda_bench" --models "$MODELS" --batches "$BATCHES" --variants "$VARIANTS" --iters 100 \
-    --json "$OUT/engine.jsonl" 2>&1 |
+    --path "$PATHS" --json "$OUT/engine.jsonl" 2>&1 |
     tee "$OUT/bench.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
@@ -128,24 +129,29 @@ fi
 if has table && [ -f "$OUT/engine.jsonl" ] && [ -f "$OUT/timm.jsonl" ]; then
   python3 - "$OUT/engine.jsonl" "$OUT/timm.jsonl" <<'EOF' | tee "$OUT/table.txt"
 import json, sys
-# engine rows: (model, variant, batch); rows without a variant (older runs) are dense
-eng = {(r["model"], r.get("variant", "dense"), r["batch"]): r for r in map(json.loads, open(sys.argv[1]))}
+# engine rows: (model, variant, batch); rows without a variant (older runs) are dense; rows of the fused
+# single-kernel forward get the variant "<variant>+fused"
+def variant(r):
+    return r.get("variant", "dense") + ("+fused" if r.get("path") == "fused" else "")
+eng = {(r["model"], variant(r), r["batch"]): r for r in map(json.loads, open(sys.argv[1]))}
 base = {(r["model"], r["batch"]): r for r in map(json.loads, open(sys.argv[2]))}
-print(f"{'model':26} {'variant':9} {'batch':>5} {'engine_ms':>10} {'timm_graph16':>12} {'timm_best16':>11} "
+print(f"{'model':26} {'variant':14} {'batch':>5} {'engine_ms':>10} {'timm_graph16':>12} {'timm_best16':>11} "
       f"{'speedup':>8} {'vs_dense':>8}")
-order = {"dense": 0, "dense-f32": 1, "shiftadd": 2, "shiftadd-f32": 3, "checkpoint": 4, "checkpoint-f32": 5}
+order = {"dense": 0, "dense-f32": 1, "shiftadd": 2, "shiftadd+fused": 3, "shiftadd-f32": 4, "checkpoint": 5,
+         "checkpoint-f32": 6}
 for key in sorted(eng, key=lambda k: (k[0], k[2], order.get(k[1], 9), k[1])):
     model, variant, batch = key
     e, b = eng[key]["engine_ms"], base.get((model, batch))
     d = eng.get((model, "dense-f32" if variant.endswith("-f32") else "dense", batch))
     vs_dense = f"{d['engine_ms'] / e:7.2f}x" if d is not None and variant != "dense" else f"{'-':>8}"
     if b is None:
-        print(f"{model:26} {variant:9} {batch:>5} {e:10.4f} {'-':>12} {'-':>11} {'-':>8} {vs_dense}")
+        print(f"{model:26} {variant:14} {batch:>5} {e:10.4f} {'-':>12} {'-':>11} {'-':>8} {vs_dense}")
         continue
-    print(f"{model:26} {variant:9} {batch:>5} {e:10.4f} {b['graph_fp16_ms']:12.4f} {b['best_fp16_ms']:11.4f} "
+    print(f"{model:26} {variant:14} {batch:>5} {e:10.4f} {b['graph_fp16_ms']:12.4f} {b['best_fp16_ms']:11.4f} "
           f"{b['best_fp16_ms'] / e:7.2f}x {vs_dense}")
 print("speedup = timm best fp16 ms (the dense model) / engine ms (same run; > 1: the engine is faster);")
-print("vs_dense = the engine's dense ms / this variant's ms. shiftadd = Hamming attention + MoE(mult, shift) MLPs")
+print("vs_dense = the engine's dense ms / this variant's ms. shiftadd = Hamming attention + MoE(mult, shift) MLPs;")
+print("+fused = the whole forward as one persistent kernel (ops/cuda/vit_fused.h), else the layered kernels")
 EOF
 fi
 if has profile; then

@@ -3,6 +3,7 @@
 //
 //   sav_cuda_bench [--models deit_tiny_patch16_224,...] [--batches 1,64] [--iters 50] [--json out.jsonl]
 //                  [--variants dense,shiftadd] [--math f32|tf32] [--weights checkpoint.safetensors]
+//                  [--path auto|layered|fused|both] [--trace]
 //   sav_cuda_bench --profile ...   # one eager forward per (model, variant, batch) between
 //                                  # cudaProfilerStart/Stop, for `ncu --profile-from-start off` (after an
 //                                  # unprofiled warm-up)
@@ -16,10 +17,14 @@
 //
 // --weights times one checkpoint instead (any layout `shiftaddvit infer` reads, the release's included),
 // reported under its architecture's name with the variant "checkpoint".
-// Prints one line per (model, variant, batch): name, variant, batch, median ms, images/s, and for shiftadd
-// the share of tokens the routers sent to the shift expert; with --json also appends
-// {"model":..., "variant":..., "batch":..., "engine_ms":...} rows (read by scripts/h200_bench.sh). A tool:
-// it exits.
+// --path (ViT models): which forward ViTCuda runs (models/vit_cuda.h): auto (default: the fused single kernel
+// for small batches of all-Hamming models, else the layered kernels), layered, fused (where the model and batch
+// allow it; other rows keep auto), or both (one row per path). --trace: after each fused row, the time of each
+// phase of the fused kernel (%globaltimer stamps; ops/cuda/vit_fused.h vit_fused_trace).
+// Prints one line per (model, variant, batch, path): name, variant, batch, the path that ran, median ms,
+// images/s, and for shiftadd the share of tokens the routers sent to the shift expert; with --json also appends
+// {"model":..., "variant":..., "batch":..., "path":..., "engine_ms":...} rows (read by scripts/h200_bench.sh).
+// A tool: it exits.
 #include <cuda_profiler_api.h>
 
 #include <cmath>
@@ -96,8 +101,10 @@ struct Net {
   std::unique_ptr<sav::PvtCuda> pvt;
   int in_elems = 0, classes = 0;
   void forward_eager(const float* x, float* y, int B) {
-    if (vit) vit->forward_eager(x, y, B, nullptr);
-    else pvt->forward_eager(x, y, B, nullptr);
+    if (vit)
+      vit->forward_eager(x, y, B, nullptr);
+    else
+      pvt->forward_eager(x, y, B, nullptr);
   }
   double median_ms(int B, int iters) {
     return vit ? sav::vit_cuda_median_ms(*vit, B, iters) : sav::pvt_cuda_median_ms(*pvt, B, iters);
@@ -111,9 +118,12 @@ struct Net {
 Net net_of_checkpoint(const std::string& path, sav::cuda::F32Math math) {
   Net n;
   n.cpu = sav::load_model(path);
-  if (auto* p = dynamic_cast<sav::Pvt*>(n.cpu.get())) n.pvt = std::make_unique<sav::PvtCuda>(*p, sav::PvtCudaOptions{math});
-  else if (auto* v = dynamic_cast<sav::Vit*>(n.cpu.get())) n.vit = std::make_unique<sav::ViTCuda>(*v);
-  else SAV_THROW("sav_cuda_bench: " << path << " is neither a ViT nor a PVT");
+  if (auto* p = dynamic_cast<sav::Pvt*>(n.cpu.get()))
+    n.pvt = std::make_unique<sav::PvtCuda>(*p, sav::PvtCudaOptions{math});
+  else if (auto* v = dynamic_cast<sav::Vit*>(n.cpu.get()))
+    n.vit = std::make_unique<sav::ViTCuda>(*v);
+  else
+    SAV_THROW("sav_cuda_bench: " << path << " is neither a ViT nor a PVT");
   n.in_elems = n.cpu->in_chans() * n.cpu->img_size() * n.cpu->img_size();
   n.classes = n.cpu->num_classes();
   return n;
@@ -132,8 +142,10 @@ Net make_net(const std::string& name, bool shiftadd, sav::cuda::F32Math math) {
       cfg.attn_linear = std::string(cfg.stages(), 'd');
     }
     auto m = std::make_unique<sav::Pvt>(cfg);
-    if (shiftadd) randomise_shiftadd(*m, rng);
-    else m->init_random(rng);
+    if (shiftadd)
+      randomise_shiftadd(*m, rng);
+    else
+      m->init_random(rng);
     n.pvt = std::make_unique<sav::PvtCuda>(*m, sav::PvtCudaOptions{math});
     n.cpu = std::move(m);
   } else {
@@ -144,8 +156,10 @@ Net make_net(const std::string& name, bool shiftadd, sav::cuda::F32Math math) {
       cfg.attn_linear = std::string(cfg.depth, 'd');
     }
     auto m = std::make_unique<sav::Vit>(cfg);
-    if (shiftadd) randomise_shiftadd(*m, rng);
-    else m->init_random(rng);
+    if (shiftadd)
+      randomise_shiftadd(*m, rng);
+    else
+      m->init_random(rng);
     n.vit = std::make_unique<sav::ViTCuda>(*m);
     n.cpu = std::move(m);
   }
@@ -160,8 +174,8 @@ int main(int argc, char** argv) {
   std::string models = "deit_tiny_patch16_224,deit_small_patch16_224,deit_base_patch16_224";
   std::string batches = "1,64", json, variants = "dense,shiftadd";
   int iters = 50;
-  bool profile = false;
-  std::string math_s = "tf32", weights;
+  bool profile = false, trace = false;
+  std::string math_s = "tf32", weights, path_s = "auto";
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -171,18 +185,31 @@ int main(int argc, char** argv) {
       }
       return argv[++i];
     };
-    if (a == "--models") models = next();
-    else if (a == "--batches") batches = next();
-    else if (a == "--iters") iters = std::atoi(next().c_str());
-    else if (a == "--json") json = next();
-    else if (a == "--variants") variants = next();
-    else if (a == "--profile") profile = true;
-    else if (a == "--math") math_s = next();
-    else if (a == "--weights") weights = next();
+    if (a == "--models")
+      models = next();
+    else if (a == "--batches")
+      batches = next();
+    else if (a == "--iters")
+      iters = std::atoi(next().c_str());
+    else if (a == "--json")
+      json = next();
+    else if (a == "--variants")
+      variants = next();
+    else if (a == "--profile")
+      profile = true;
+    else if (a == "--math")
+      math_s = next();
+    else if (a == "--weights")
+      weights = next();
+    else if (a == "--path")
+      path_s = next();
+    else if (a == "--trace")
+      trace = true;
     else {
       std::fprintf(stderr,
                    "usage: sav_cuda_bench [--models a,b] [--batches 1,64] [--iters 50] [--json file] "
-                   "[--variants dense,shiftadd] [--math f32|tf32] [--weights ckpt] [--profile]\n");
+                   "[--variants dense,shiftadd] [--math f32|tf32] [--weights ckpt] [--profile] "
+                   "[--path auto|layered|fused|both] [--trace]\n");
       return 2;
     }
   }
@@ -191,6 +218,14 @@ int main(int argc, char** argv) {
     return 2;
   }
   const sav::cuda::F32Math math = math_s == "f32" ? sav::cuda::F32Math::f32 : sav::cuda::F32Math::tf32;
+  if (path_s != "auto" && path_s != "layered" && path_s != "fused" && path_s != "both") {
+    std::fprintf(stderr, "sav_cuda_bench: --path is auto, layered, fused or both, got '%s'\n", path_s.c_str());
+    return 2;
+  }
+  std::vector<sav::ViTCudaPath> paths;
+  if (path_s == "auto") paths = {sav::ViTCudaPath::automatic};
+  if (path_s == "layered" || path_s == "both") paths.push_back(sav::ViTCudaPath::layered);
+  if (path_s == "fused" || path_s == "both") paths.push_back(sav::ViTCudaPath::fused);
   for (const std::string& v : split(variants))
     if (v != "dense" && v != "shiftadd") {
       std::fprintf(stderr, "sav_cuda_bench: unknown variant '%s' (dense, shiftadd)\n", v.c_str());
@@ -204,13 +239,14 @@ int main(int argc, char** argv) {
     cudaDeviceProp prop{};
     SAV_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
     std::printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
-    std::printf("%-28s %-9s %5s %10s %12s %9s\n", "model", "variant", "batch", "engine_ms", "images/s",
+    std::printf("%-28s %-9s %5s %-8s %10s %12s %9s\n", "model", "variant", "batch", "path", "engine_ms", "images/s",
                 "to_shift");
     std::ofstream js;
     if (!json.empty()) js.open(json, std::ios::app);
     // --weights: that checkpoint only, reported under its architecture's name, variant "checkpoint"
     const std::vector<std::string> model_list = weights.empty() ? split(models) : std::vector<std::string>{weights};
-    const std::vector<std::string> variant_list = weights.empty() ? split(variants) : std::vector<std::string>{"checkpoint"};
+    const std::vector<std::string> variant_list =
+        weights.empty() ? split(variants) : std::vector<std::string>{"checkpoint"};
     for (const std::string& entry : model_list) {
       for (const std::string& variant : variant_list) {
         const bool sa = variant == "shiftadd";
@@ -218,37 +254,53 @@ int main(int argc, char** argv) {
         const std::string name = net.cpu->arch();
         // PVT models run f32 products: their rows say which math unless it is the default (tf32)
         const std::string vname = variant + (net.pvt && math == sav::cuda::F32Math::f32 ? "-f32" : "");
-        for (const std::string& bs : split(batches)) {
-          const int B = std::atoi(bs.c_str());
-          if (profile) {
-            sav::cuda::DeviceBuffer<float> img(size_t(B) * net.in_elems), logits(size_t(B) * net.classes);
-            img.fill_bytes(0);
-            net.forward_eager(img.get(), logits.get(), B);  // warm-up: algorithm choice, module loads
-            SAV_CUDA_CHECK(cudaDeviceSynchronize());
-            SAV_CUDA_CHECK(cudaProfilerStart());
-            net.forward_eager(img.get(), logits.get(), B);
-            SAV_CUDA_CHECK(cudaDeviceSynchronize());
-            SAV_CUDA_CHECK(cudaProfilerStop());
-            std::printf("%-28s %-9s %5d profiled one eager forward\n", name.c_str(), vname.c_str(), B);
-            continue;
+        for (const std::string& bs : split(batches))
+          for (const sav::ViTCudaPath path : paths) {
+            const int B = std::atoi(bs.c_str());
+            std::string path_name = "layered";
+            if (net.vit) {
+              // a forced fused path falls back to automatic where the model or the batch is outside the kernel
+              if (path != sav::ViTCudaPath::fused || net.vit->fused_supported(B)) {
+                net.vit->set_path(path);
+              } else {
+                if (path_s == "both") continue;  // the layered row is the only one
+                net.vit->set_path(sav::ViTCudaPath::automatic);
+              }
+              path_name = net.vit->path_name(B);
+            }
+            if (profile) {
+              sav::cuda::DeviceBuffer<float> img(size_t(B) * net.in_elems), logits(size_t(B) * net.classes);
+              img.fill_bytes(0);
+              net.forward_eager(img.get(), logits.get(), B);  // warm-up: algorithm choice, module loads
+              SAV_CUDA_CHECK(cudaDeviceSynchronize());
+              SAV_CUDA_CHECK(cudaProfilerStart());
+              net.forward_eager(img.get(), logits.get(), B);
+              SAV_CUDA_CHECK(cudaDeviceSynchronize());
+              SAV_CUDA_CHECK(cudaProfilerStop());
+              std::printf("%-28s %-9s %5d %-8s profiled one eager forward\n", name.c_str(), vname.c_str(), B,
+                          path_name.c_str());
+              continue;
+            }
+            const double ms = net.median_ms(B, iters);
+            std::string share = "-";
+            if (sa ||
+                !weights
+                     .empty()) {  // tokens to the shift expert over every MoE layer of the last (random-image) forward
+              size_t n = 0, shift = 0;
+              for (const auto& [layer, ch] : net.moe_choices())
+                for (int8_t e : ch) n += 1, shift += e == 1;
+              char buf[32];
+              std::snprintf(buf, sizeof buf, "%.1f%%", n ? 100.0 * shift / n : 0.0);
+              share = buf;
+            }
+            std::printf("%-28s %-9s %5d %-8s %10.4f %12.1f %9s\n", name.c_str(), vname.c_str(), B, path_name.c_str(),
+                        ms, B * 1000.0 / ms, share.c_str());
+            if (trace && path_name == "fused") std::printf("%s", net.vit->fused_trace(B).c_str());
+            std::fflush(stdout);
+            if (js)
+              js << "{\"model\": \"" << name << "\", \"variant\": \"" << vname << "\", \"batch\": " << B
+                 << ", \"path\": \"" << path_name << "\", \"engine_ms\": " << ms << "}\n";
           }
-          const double ms = net.median_ms(B, iters);
-          std::string share = "-";
-          if (sa || !weights.empty()) {  // tokens to the shift expert over every MoE layer of the last (random-image) forward
-            size_t n = 0, shift = 0;
-            for (const auto& [layer, ch] : net.moe_choices())
-              for (int8_t e : ch) n += 1, shift += e == 1;
-            char buf[32];
-            std::snprintf(buf, sizeof buf, "%.1f%%", n ? 100.0 * shift / n : 0.0);
-            share = buf;
-          }
-          std::printf("%-28s %-9s %5d %10.4f %12.1f %9s\n", name.c_str(), vname.c_str(), B, ms, B * 1000.0 / ms,
-                      share.c_str());
-          std::fflush(stdout);
-          if (js)
-            js << "{\"model\": \"" << name << "\", \"variant\": \"" << vname << "\", \"batch\": " << B
-               << ", \"engine_ms\": " << ms << "}\n";
-        }
       }
     }
   } catch (const sav::Error& e) {

@@ -1,8 +1,6 @@
 // ViT / DeiT inference on one GPU, dense or ShiftAddViT: weights uploaded once (shift weights decoded, MoE
 // weights stacked), activations sized for the largest batch seen, a CUDA graph per batch size. See
 // vit_cuda.h.
-#include "models/vit_cuda.h"
-
 #include <algorithm>
 #include <cstring>
 #include <limits>
@@ -11,11 +9,13 @@
 
 #include "core/error.h"
 #include "models/cuda_model.h"
+#include "models/vit_cuda.h"
+#include "ops/cpu/shift_linear.h"
 #include "ops/cuda/common.h"
 #include "ops/cuda/gemm.h"
 #include "ops/cuda/hamming_tiled.h"
 #include "ops/cuda/ops.h"
-#include "ops/cpu/shift_linear.h"
+#include "ops/cuda/vit_fused.h"
 
 namespace sav {
 
@@ -33,7 +33,7 @@ constexpr size_t kNone = cuda::kNoOffset;
 struct LinOff {
   LinearKind kind = LinearKind::dense;
   int K = 0, F = 0, Fs = 0, moe_slot = -1;
-  size_t w = kNone, b16 = kNone, b32 = kNone, b0 = kNone, b1 = kNone, br = kNone;
+  size_t w = kNone, b16 = kNone, b32 = kNone, b0 = kNone, b1 = kNone, br = kNone, wr = kNone;
   std::string name;
 };
 struct Lin {
@@ -41,14 +41,27 @@ struct Lin {
   int K = 0, F = 0, Fs = 0, moe_slot = -1;
   const bf16* w = nullptr;
   const bf16* b16 = nullptr;
-  const float *b32 = nullptr, *b0 = nullptr, *b1 = nullptr, *br = nullptr;
+  const float *b32 = nullptr, *b0 = nullptr, *b1 = nullptr, *br = nullptr, *wr = nullptr;
 };
+
+// The fused kernel's view of a layer (vit_fused.h); choices: the layer's slot of the routing buffer.
+cuda::FusedLinear fused_linear(const Lin& L, int8_t* choices) {
+  cuda::FusedLinear f;
+  f.K = L.K, f.F = L.F, f.w0 = L.w;
+  if (L.kind == LinearKind::moe) {
+    f.moe = true, f.w1 = L.w + size_t(L.F) * L.K, f.b32 = L.b0, f.b1 = L.b1, f.wr = L.wr, f.br = L.br;
+    f.choice = choices;
+  } else {
+    f.b16 = L.b16, f.b32 = L.b32;
+  }
+  return f;
+}
 
 struct BlockOffsets {
   char attn = 's';
   size_t ln1_w, ln1_b, ln2_w, ln2_b;
-  LinOff qkv;           // softmax: qkv (3C); Hamming with dense / shift linears: stacked [to_qk; to_v] (2C)
-  LinOff to_qk, to_v;   // Hamming with MoE linears
+  LinOff qkv;          // softmax: qkv (3C); Hamming with dense / shift linears: stacked [to_qk; to_v] (2C)
+  LinOff to_qk, to_v;  // Hamming with MoE linears
   LinOff proj, fc1, fc2;
   size_t anchors = kNone, mu = kNone, A = kNone, conv = kNone;  // Hamming: (H,m,d) (H,m) (H,b,m) (H,9)
 };
@@ -77,8 +90,8 @@ void dense_or_shift(const ParamSet& ps, const std::string& prefix, LinearKind ki
 
 // Adds the layers `prefixes` (same kind, same K; their outputs stacked: F = sum of theirs) to the pool.
 // MoE takes exactly one prefix. bias_bf16: the epilogue writes bf16 (bias in bf16), else f32.
-LinOff add_linear(WeightPool& pb, const ParamSet& ps, const std::vector<std::string>& prefixes, LinearKind kind,
-                  int K, int F1, bool bias_bf16, const ReparamOptions& ro, int* moe_count) {
+LinOff add_linear(WeightPool& pb, const ParamSet& ps, const std::vector<std::string>& prefixes, LinearKind kind, int K,
+                  int F1, bool bias_bf16, const ReparamOptions& ro, int* moe_count) {
   LinOff o;
   o.kind = kind, o.K = K, o.name = prefixes[0];
   if (kind == LinearKind::moe) {
@@ -87,14 +100,14 @@ LinOff add_linear(WeightPool& pb, const ParamSet& ps, const std::vector<std::str
     std::vector<float> w1(size_t(F1) * K);
     cpu::shift_linear_weights(w1.data(), ps.get(p + ".experts.1.p").f32(), ps.get(p + ".experts.1.s").f32(), F1, K,
                               ro.pmin, ro.pmax);
-    const std::vector<bf16> st =
-        cuda::moe_stack_weights(ps.get(p + ".experts.0.weight").f32(), w1.data(), ps.get(p + ".router.weight").f32(),
-                                F1, K);
+    const std::vector<bf16> st = cuda::moe_stack_weights(ps.get(p + ".experts.0.weight").f32(), w1.data(),
+                                                         ps.get(p + ".router.weight").f32(), F1, K);
     o.F = F1, o.Fs = cuda::moe_stack_rows(F1);
     o.w = pb.add(st.data(), st.size() * sizeof(bf16));
     o.b0 = pb.add_f32(ps.get(p + ".experts.0.bias"));
     o.b1 = pb.add_f32(ps.get(p + ".experts.1.bias"));
     o.br = pb.add_f32(ps.get(p + ".router.bias"));
+    o.wr = pb.add_f32(ps.get(p + ".router.weight"));  // f32 router of the fused kernel
     o.moe_slot = (*moe_count)++;
     return o;
   }
@@ -140,6 +153,47 @@ struct ViTCuda::Impl {
   DeviceBuffer<unsigned char> ham_ws;  // Hamming kernels' workspace  // (MoE layers, capacity*N) expert of each token
   cuda::GraphCache graphs;
 
+  // the fused single-kernel path (vit_fused.h): every block Hamming attention, sizes it covers
+  bool fused_model = false;
+  ViTCudaPath path_mode = ViTCudaPath::automatic;
+  cuda::FusedVitModel fused;
+  DeviceBuffer<cuda::FusedBlock> fused_blocks;
+  cuda::FusedVitWorkspace fused_ws;
+
+  bool use_fused(int B) const {
+    if (!fused_model || path_mode == ViTCudaPath::layered || !cuda::vit_fused_supports(fused.dims, B)) return false;
+    return path_mode == ViTCudaPath::fused || B <= kVitFusedAutoMaxBatch;
+  }
+
+  int8_t* choice_slot(const Lin& L) {
+    return L.moe_slot < 0 ? nullptr : choices.get() + size_t(L.moe_slot) * size_t(capacity) * cfg.tokens();
+  }
+
+  // (Re)builds the device block array of the fused kernel: its MoE layers write into `choices`, which moves
+  // when the capacity grows.
+  void upload_fused_blocks() {
+    std::vector<cuda::FusedBlock> fb(blocks.size());
+    for (size_t l = 0; l < blocks.size(); ++l) {
+      const BlockWeights& w = blocks[l];
+      cuda::FusedBlock& f = fb[l];
+      f.ln1_w = w.ln1_w, f.ln1_b = w.ln1_b, f.ln2_w = w.ln2_w, f.ln2_b = w.ln2_b;
+      if (w.to_qk.kind == LinearKind::moe) {
+        f.qk = fused_linear(w.to_qk, choice_slot(w.to_qk));
+        f.v = fused_linear(w.to_v, choice_slot(w.to_v));
+      } else {
+        f.qk = fused_linear(w.qkv, nullptr);  // stacked [to_qk; to_v]: F = 2C, f.v.F == 0
+      }
+      f.proj = fused_linear(w.proj, choice_slot(w.proj));
+      f.fc1 = fused_linear(w.fc1, choice_slot(w.fc1));
+      f.fc2 = fused_linear(w.fc2, choice_slot(w.fc2));
+      f.anchors = w.anchors, f.mu = w.mu, f.A = w.A, f.conv = w.conv;
+    }
+    fused_blocks.resize(fb.size());
+    SAV_CUDA_CHECK(
+        cudaMemcpy(fused_blocks.get(), fb.data(), fb.size() * sizeof(cuda::FusedBlock), cudaMemcpyHostToDevice));
+    fused.blocks = fused_blocks.get();
+  }
+
   void ensure_capacity(int B) {
     if (B <= capacity) return;
     SAV_CUDA_CHECK(cudaDeviceSynchronize());  // replays in flight may still read the old buffers
@@ -159,10 +213,27 @@ struct ViTCuda::Impl {
     // the Hamming kernels' plan (chunking) depends on the batch: room for every batch up to this one
     size_t ws = 1;
     for (int bb = 1; bb <= B && cfg.hash_bits > 0; ++bb)
-      ws = std::max(ws, cuda::hamming_tiled_workspace_bytes({bb, cfg.tokens(), cfg.dim, cfg.heads, cfg.hash_bits,
-                                                             cfg.anchors}));
+      ws = std::max(
+          ws, cuda::hamming_tiled_workspace_bytes({bb, cfg.tokens(), cfg.dim, cfg.heads, cfg.hash_bits, cfg.anchors}));
     ham_ws.resize(ws);
     capacity = B;
+    if (fused_model) upload_fused_blocks();
+  }
+
+  // The forward of B images on `s`: the fused kernel when it is chosen, else the layered kernels.
+  void run(const float* images, float* logits, int B, cudaStream_t s, bool graph) {
+    ensure_capacity(B);
+    if (use_fused(B)) {
+      fused_ws.ensure(fused.dims, B);
+      cuda::vit_fused_forward(fused, B, images, logits, fused_ws, s);  // one launch: no graph needed
+      last_rows = B * cfg.tokens();
+    } else if (graph) {
+      graphs.launch(B, images, logits, s, capture_stream.get(),
+                    [&](cudaStream_t cs) { enqueue(images, logits, B, cs); });
+      last_rows = B * cfg.tokens();
+    } else {
+      enqueue(images, logits, B, s);
+    }
   }
 
   enum class Epi { bf16, gelu, residual };
@@ -183,8 +254,7 @@ struct ViTCuda::Impl {
     const cuda::MoeEpilogue me = epi == Epi::residual ? cuda::moe_epilogue_f32_residual
                                  : epi == Epi::gelu   ? cuda::moe_epilogue_bf16_gelu
                                                       : cuda::moe_epilogue_bf16;
-    int8_t* ch = choices.get() + size_t(L.moe_slot) * size_t(capacity) * cfg.tokens();
-    cuda::moe_epilogue_forward(out, ldo, ch, moe_s.get(), L.Fs, L.b0, L.b1, L.br, M, L.F, gate, me, s);
+    cuda::moe_epilogue_forward(out, ldo, choice_slot(L), moe_s.get(), L.Fs, L.b0, L.b1, L.br, M, L.F, gate, me, s);
   }
 
   void enqueue(const float* images, float* logits, int B, cudaStream_t s) {
@@ -196,8 +266,8 @@ struct ViTCuda::Impl {
     gemm.linear_f32(pe.get(), cols.get(), patch_w, patch_b, B * P, K, C, false, s);
     const bool has_blocks = !blocks.empty();
     cuda::embed_layernorm_forward(has_blocks ? xn.get() : nullptr, x.get(), pe.get(), cls, pos,
-                                  has_blocks ? blocks[0].ln1_w : nullptr, has_blocks ? blocks[0].ln1_b : nullptr, B,
-                                  N, C, eps, s);
+                                  has_blocks ? blocks[0].ln1_w : nullptr, has_blocks ? blocks[0].ln1_b : nullptr, B, N,
+                                  C, eps, s);
     for (size_t l = 0; l < blocks.size(); ++l) {
       const BlockWeights& w = blocks[l];
       if (l > 0) cuda::layernorm_forward(xn.get(), C, x.get(), C, w.ln1_w, w.ln1_b, M, C, eps, s);
@@ -216,12 +286,12 @@ struct ViTCuda::Impl {
         // DeiT-Tiny at batch 64), else the tiled kernel that splits each over several CTAs (25 vs 47 us at
         // batch 1).
         if (B * H >= cuda::sm_count() && cuda::hamming_attention_supports(N, C, H, cfg.hash_bits, cfg.anchors)) {
-          cuda::hamming_attention_forward_ld(ao.get(), C, qkv.get(), 2 * C, qkv.get() + C, 2 * C, w.anchors, w.mu,
-                                             w.A, w.conv, B, N, C, H, cfg.hash_bits, cfg.anchors, s);
+          cuda::hamming_attention_forward_ld(ao.get(), C, qkv.get(), 2 * C, qkv.get() + C, 2 * C, w.anchors, w.mu, w.A,
+                                             w.conv, B, N, C, H, cfg.hash_bits, cfg.anchors, s);
         } else {
           const cuda::HammingTiledDims hd{B, N, C, H, cfg.hash_bits, cfg.anchors};
-          cuda::hamming_attention_tiled<bf16>(ao.get(), C, qkv.get(), 2 * C, qkv.get() + C, 2 * C, w.anchors, w.mu,
-                                              w.A, w.conv, hd, ham_ws.get(), s);
+          cuda::hamming_attention_tiled<bf16>(ao.get(), C, qkv.get(), 2 * C, qkv.get() + C, 2 * C, w.anchors, w.mu, w.A,
+                                              w.conv, hd, ham_ws.get(), s);
         }
       }
       linear(w.proj, ao.get(), M, Epi::residual, x.get(), C, s);
@@ -313,6 +383,7 @@ ViTCuda::ViTCuda(const Vit& model) : impl_(nullptr) {
     Lin L;
     L.kind = o.kind, L.K = o.K, L.F = o.F, L.Fs = o.Fs, L.moe_slot = o.moe_slot;
     L.w = B16(o.w), L.b16 = B16(o.b16), L.b32 = F32(o.b32), L.b0 = F32(o.b0), L.b1 = F32(o.b1), L.br = F32(o.br);
+    L.wr = F32(o.wr);
     if (o.kind == LinearKind::moe) {
       m.moe_names[o.moe_slot] = o.name;
       m.moe_fs = std::max(m.moe_fs, o.Fs);
@@ -330,6 +401,16 @@ ViTCuda::ViTCuda(const Vit& model) : impl_(nullptr) {
     w.proj = lin(o.proj), w.fc1 = lin(o.fc1), w.fc2 = lin(o.fc2);
     w.anchors = F32(o.anchors), w.mu = F32(o.mu), w.A = F32(o.A), w.conv = F32(o.conv);
     m.blocks.push_back(w);
+  }
+  // the fused kernel: every block Hamming attention, sizes within vit_fused_supports (batch 1 as the probe)
+  cuda::FusedVitDims& fd = m.fused.dims;
+  fd.N = N, fd.C = C, fd.H = H, fd.F = F, fd.nbits = c.hash_bits, fd.m = c.anchors, fd.depth = c.depth;
+  fd.Cin = c.in_chans, fd.S = c.img_size, fd.patch = c.patch, fd.V = c.num_classes, fd.eps = c.ln_eps;
+  m.fused_model = c.attn == std::string(c.depth, 'h') && cuda::vit_fused_supports(fd, 1);
+  if (m.fused_model) {
+    m.fused.gate = m.gate;
+    m.fused.patch_w = m.patch_w, m.fused.patch_b = m.patch_b, m.fused.cls = m.cls, m.fused.pos = m.pos;
+    m.fused.norm_w = m.norm_w, m.fused.norm_b = m.norm_b, m.fused.head_w = m.head_w, m.fused.head_b = m.head_b;
   }
 }
 
@@ -356,18 +437,39 @@ std::vector<std::pair<std::string, std::vector<int8_t>>> ViTCuda::moe_choices() 
 void ViTCuda::forward_eager(const float* images, float* logits, int B, cudaStream_t stream) {
   SAV_CHECK(B >= 1, "ViTCuda: batch size must be positive, got " << B);
   SAV_CHECK(images && logits, "ViTCuda: null images or logits pointer");
-  impl_->ensure_capacity(B);
-  impl_->enqueue(images, logits, B, stream);
+  impl_->run(images, logits, B, stream, false);
 }
 
 void ViTCuda::forward(const float* images, float* logits, int B, cudaStream_t stream) {
   SAV_CHECK(B >= 1, "ViTCuda: batch size must be positive, got " << B);
   SAV_CHECK(images && logits, "ViTCuda: null images or logits pointer");
+  impl_->run(images, logits, B, stream, true);
+}
+
+void ViTCuda::set_path(ViTCudaPath path) {
+  SAV_CHECK(path != ViTCudaPath::fused || impl_->fused_model,
+            "ViTCuda: the fused kernel needs Hamming attention in every block and sizes it covers "
+            "(ops/cuda/vit_fused.h)");
+  impl_->path_mode = path;
+}
+
+const char* ViTCuda::path_name(int B) const { return impl_->use_fused(B) ? "fused" : "layered"; }
+
+bool ViTCuda::fused_supported(int B) const {
+  return impl_->fused_model && cuda::vit_fused_supports(impl_->fused.dims, B);
+}
+
+std::string ViTCuda::fused_trace(int B) {
+  SAV_CHECK(fused_supported(B), "ViTCuda: the fused kernel does not cover this model at batch " << B);
   Impl& m = *impl_;
+  const VitConfig& c = m.cfg;
   m.ensure_capacity(B);
-  m.graphs.launch(B, images, logits, stream, m.capture_stream.get(),
-                  [&](cudaStream_t s) { m.enqueue(images, logits, B, s); });
-  m.last_rows = B * m.cfg.tokens();
+  m.fused_ws.ensure(m.fused.dims, B);
+  DeviceBuffer<float> img(size_t(B) * c.in_chans * c.img_size * c.img_size), logits(size_t(B) * c.num_classes);
+  img.fill_bytes(0);
+  cuda::Stream s;
+  cuda::vit_fused_forward(m.fused, B, img.get(), logits.get(), m.fused_ws, s.get());  // warm-up
+  return cuda::vit_fused_trace(m.fused, B, img.get(), logits.get(), m.fused_ws, s.get());
 }
 
 void ViTCuda::forward_host(const float* images, float* logits, int B) {

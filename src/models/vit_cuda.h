@@ -48,13 +48,20 @@
 
 namespace sav {
 
+// Which forward runs: `layered` = the kernels above (a CUDA graph per batch size); `fused` = the whole
+// forward as one persistent kernel (ops/cuda/vit_fused.h: every block Hamming attention, batch <= 8);
+// `automatic` = fused for batches up to kVitFusedAutoMaxBatch when the model allows it (measured on the
+// H200: bench/RESULTS.md), else layered.
+enum class ViTCudaPath { automatic, layered, fused };
+constexpr int kVitFusedAutoMaxBatch = 8;
+
 class ViTCuda {
  public:
   // Copies the parameters (and the KSH buffers) of `model` to the current CUDA device, decoding shift
   // weights and stacking MoE weights, and reads the model's ReparamOptions (gate mode, shift exponent
-  // range). Throws sav::Error for sizes the kernels do not cover (softmax blocks: N <= 256 and head size <= 64; C <= 1024;
-  // Hamming blocks: ops/cuda/hamming_tiled.h hamming_tiled_supports) and for ReparamOptions::release_compat (a CPU-only
-  // mode), before touching the device.
+  // range). Throws sav::Error for sizes the kernels do not cover (softmax blocks: N <= 256 and head size <= 64; C <=
+  // 1024; Hamming blocks: ops/cuda/hamming_tiled.h hamming_tiled_supports) and for ReparamOptions::release_compat (a
+  // CPU-only mode), before touching the device.
   explicit ViTCuda(const Vit& model);
   ~ViTCuda();
   ViTCuda(const ViTCuda&) = delete;
@@ -69,6 +76,16 @@ class ViTCuda {
   void forward_eager(const float* images, float* logits, int B, cudaStream_t stream);
   // images (B,Cin,S,S) and logits (B,V) in host memory; synchronous.
   void forward_host(const float* images, float* logits, int B);
+
+  // Forces or frees the choice of forward (default automatic). fused throws if the model is outside the kernel.
+  void set_path(ViTCudaPath path);
+  // "fused" or "layered": what a forward of B images runs.
+  const char* path_name(int B) const;
+  // Whether the fused kernel can run a forward of B images of this model.
+  bool fused_supported(int B) const;
+  // One fused forward of B random images with timestamps at every phase boundary: a per-phase report
+  // (cuda::vit_fused_trace). Throws if the fused kernel does not cover B.
+  std::string fused_trace(int B);
 
   size_t weight_bytes() const;  // device bytes of the parameters
   int graph_count() const;      // captured graphs (one per batch size)
