@@ -5,6 +5,8 @@
 #   sav_cuda_tests   GoogleTest suite tests/cuda/test_*.cpp, registered in ctest; every GPU test skips
 #                    ("no CUDA device") on machines with nvcc but no GPU, so it builds and passes there
 #   sav_cuda_bench   tools/sav_cuda_bench.cpp: engine latency of the DeiT and PVTv2 presets (scripts/h200_bench.sh)
+#   sav_shift_bench  tools/sav_shift_bench.cpp: the three GPU paths of a shift linear (cuBLASLt on decoded weights,
+#                    packed-mma, int shift-add) on the DeiT linear shapes
 # and links the library into the shiftaddvit program (its --device cuda).
 # Other architectures: -DCMAKE_CUDA_ARCHITECTURES=80;90 (each one adds compile time).
 include(CheckLanguage)
@@ -85,4 +87,7 @@ if(SAV_CUDA)
 
   add_executable(sav_cuda_bench ${CMAKE_SOURCE_DIR}/tools/sav_cuda_bench.cpp)
   target_link_libraries(sav_cuda_bench PRIVATE shiftadd_cuda)
+
+  add_executable(sav_shift_bench ${CMAKE_SOURCE_DIR}/tools/sav_shift_bench.cpp)
+  target_link_libraries(sav_shift_bench PRIVATE shiftadd_cuda)
 endif()
