@@ -2,25 +2,32 @@
 // with random weights, dense and converted to ShiftAddViT.
 //
 //   sav_cuda_bench [--models deit_tiny_patch16_224,...] [--batches 1,64] [--iters 50] [--json out.jsonl]
-//                  [--variants dense,shiftadd] [--math f32|tf32] [--weights checkpoint.safetensors]
-//                  [--path auto|layered|fused|both] [--trace]
+//                  [--variants dense,shiftadd,shift] [--math f32|tf32] [--weights checkpoint.safetensors]
+//                  [--path auto|layered|fused|both] [--trace] [--shift-paths]
 //   sav_cuda_bench --profile ...   # one eager forward per (model, variant, batch) between
 //                                  # cudaProfilerStart/Stop, for `ncu --profile-from-start off` (after an
 //                                  # unprofiled warm-up)
 //
 // Variants: dense = the preset as timm builds it; shiftadd = the paper's conversion: Hamming attention
 // (16 bits, 25 anchors) in every DeiT block / in PVTv2 stages 1-3, MoE(mult, shift) fc1 and fc2, dense
-// attention linears; --math: the f32 products of the PVTv2 models (tf32 default; DeiT runs in bf16); random
-// routers (about half the tokens to each expert; both experts are computed for every token on the GPU, so
-// the split does not change the time), KSH buffers that set about half the bits (the MatAdd cost follows
-// the number of set bits). Shift weights run decoded to bf16 on the tensor cores (decode-to-matrix-unit).
+// attention linears; shift = softmax attention with every attention linear (qkv / q, kv, and proj) and every
+// MLP linear (fc1, fc2) a shift linear (no MoE, no Hamming: the model whose products are all shift layers);
+// --math: the f32 products of the PVTv2 models (tf32 default; DeiT runs in bf16); random routers (about half
+// the tokens to each expert; both experts are computed for every token on the GPU, so the split does not
+// change the time), KSH buffers that set about half the bits (the MatAdd cost follows the number of set bits),
+// shift exponents in [-10, -4] with random signs. Shift weights run on the tensor cores (decode-to-matrix-unit):
+// in DeiT / ViT shift linears, per layer and batch size the faster of cuBLASLt on weights decoded once to bf16
+// and the packed-mma kernel on 5-bit codes (models/vit_cuda.h ViTCudaShiftPath; timed on the first forward of a
+// batch size); MoE shift experts and PVTv2 shift linears run decoded.
 //
 // --weights times one checkpoint instead (any layout `shiftaddvit infer` reads, the release's included),
 // reported under its architecture's name with the variant "checkpoint".
-// --path (ViT models): which forward ViTCuda runs (models/vit_cuda.h): auto (default: the fused single kernel
-// for small batches of all-Hamming models, else the layered kernels), layered, fused (where the model and batch
-// allow it; other rows keep auto), or both (one row per path). --trace: after each fused row, the time of each
+// --path (ViT models): which forward ViTCuda runs (models/vit_cuda.h): auto (default: ViTCuda's automatic
+// choice, see ViTCudaPath), layered, fused (the single persistent kernel where the model and batch allow it; other
+// rows keep auto), or both (one row per path). --trace: after each fused row, the time of each
 // phase of the fused kernel (%globaltimer stamps; ops/cuda/vit_fused.h vit_fused_trace).
+// --shift-paths: after each row of a ViT model with shift linears, the product each shift linear ran at that
+// batch (ViTCuda::shift_paths: cublas_decoded or packed_mma) with the two times the automatic choice measured.
 // Prints one line per (model, variant, batch, path): name, variant, batch, the path that ran, median ms,
 // images/s, and for shiftadd the share of tokens the routers sent to the shift expert; with --json also appends
 // {"model":..., "variant":..., "batch":..., "path":..., "engine_ms":...} rows (read by scripts/h200_bench.sh).
@@ -129,20 +136,26 @@ Net net_of_checkpoint(const std::string& path, sav::cuda::F32Math math) {
   return n;
 }
 
-// The preset `name` as timm builds it (dense) or converted as the paper does (shiftadd): DeiT, Hamming
-// attention in every block and MoE MLPs; PVTv2, Hamming attention in stages 1-3 and MoE MLPs.
-Net make_net(const std::string& name, bool shiftadd, sav::cuda::F32Math math) {
+// The preset `name` as timm builds it (variant dense), converted as the paper does (shiftadd: DeiT, Hamming
+// attention in every block and MoE MLPs; PVTv2, Hamming attention in stages 1-3 and MoE MLPs), or with every
+// block linear a shift linear and softmax attention (shift).
+Net make_net(const std::string& name, const std::string& variant, sav::cuda::F32Math math) {
   Net n;
   sav::Rng rng(1);
+  const bool shiftadd = variant == "shiftadd", shift = variant == "shift";
   if (sav::is_pvt_arch(name)) {
     sav::PvtConfig cfg = sav::pvt_preset(name);
     if (shiftadd) {
       cfg.attn = std::string(cfg.stages() - 1, 'h') + "s";
       cfg.mlp = std::string(cfg.stages(), 'm');
       cfg.attn_linear = std::string(cfg.stages(), 'd');
+    } else if (shift) {
+      cfg.attn = std::string(cfg.stages(), 's');
+      cfg.mlp = std::string(cfg.stages(), 's');
+      cfg.attn_linear = std::string(cfg.stages(), 's');
     }
     auto m = std::make_unique<sav::Pvt>(cfg);
-    if (shiftadd)
+    if (shiftadd || shift)
       randomise_shiftadd(*m, rng);
     else
       m->init_random(rng);
@@ -154,9 +167,13 @@ Net make_net(const std::string& name, bool shiftadd, sav::cuda::F32Math math) {
       cfg.attn = std::string(cfg.depth, 'h');
       cfg.mlp = std::string(cfg.depth, 'm');
       cfg.attn_linear = std::string(cfg.depth, 'd');
+    } else if (shift) {
+      cfg.attn = std::string(cfg.depth, 's');
+      cfg.mlp = std::string(cfg.depth, 's');
+      cfg.attn_linear = std::string(cfg.depth, 's');
     }
     auto m = std::make_unique<sav::Vit>(cfg);
-    if (shiftadd)
+    if (shiftadd || shift)
       randomise_shiftadd(*m, rng);
     else
       m->init_random(rng);
@@ -168,13 +185,39 @@ Net make_net(const std::string& name, bool shiftadd, sav::cuda::F32Math math) {
   return n;
 }
 
+// --shift-paths: the product each shift linear of a ViT model ran at batch B (nothing for models without
+// shift linears).
+void print_shift_paths(const Net& net, int B, const std::string& path_name) {
+  if (!net.vit || net.vit->shift_layer_count() == 0) return;
+  const std::vector<sav::ViTCudaShiftChoice> ch = net.vit->shift_choices(B);
+  if (ch.empty()) {
+    std::printf("  shift paths at batch %d: none (%s)\n", B,
+                path_name == "fused" ? "the fused kernel ran" : "not chosen yet");
+    return;
+  }
+  int packed = 0;
+  for (const auto& c : ch) packed += c.path == "packed_mma";
+  std::printf("  shift paths at batch %d: %d of %zu shift linears on packed_mma\n", B, packed, ch.size());
+  auto us = [](float v) {
+    char buf[32];
+    if (v < 0.0f)
+      std::snprintf(buf, sizeof buf, "-");
+    else
+      std::snprintf(buf, sizeof buf, "%.2f us", v);
+    return std::string(buf);
+  };
+  for (const auto& c : ch)
+    std::printf("    %-30s %-15s cublas %10s  packed %10s\n", c.layer.c_str(), c.path.c_str(), us(c.cublas_us).c_str(),
+                us(c.packed_us).c_str());
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   std::string models = "deit_tiny_patch16_224,deit_small_patch16_224,deit_base_patch16_224";
   std::string batches = "1,64", json, variants = "dense,shiftadd";
   int iters = 50;
-  bool profile = false, trace = false;
+  bool profile = false, trace = false, shift_paths = false;
   std::string math_s = "tf32", weights, path_s = "auto";
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -205,11 +248,13 @@ int main(int argc, char** argv) {
       path_s = next();
     else if (a == "--trace")
       trace = true;
+    else if (a == "--shift-paths")
+      shift_paths = true;
     else {
       std::fprintf(stderr,
                    "usage: sav_cuda_bench [--models a,b] [--batches 1,64] [--iters 50] [--json file] "
-                   "[--variants dense,shiftadd] [--math f32|tf32] [--weights ckpt] [--profile] "
-                   "[--path auto|layered|fused|both] [--trace]\n");
+                   "[--variants dense,shiftadd,shift] [--math f32|tf32] [--weights ckpt] [--profile] "
+                   "[--path auto|layered|fused|both] [--trace] [--shift-paths]\n");
       return 2;
     }
   }
@@ -227,8 +272,8 @@ int main(int argc, char** argv) {
   if (path_s == "layered" || path_s == "both") paths.push_back(sav::ViTCudaPath::layered);
   if (path_s == "fused" || path_s == "both") paths.push_back(sav::ViTCudaPath::fused);
   for (const std::string& v : split(variants))
-    if (v != "dense" && v != "shiftadd") {
-      std::fprintf(stderr, "sav_cuda_bench: unknown variant '%s' (dense, shiftadd)\n", v.c_str());
+    if (v != "dense" && v != "shiftadd" && v != "shift") {
+      std::fprintf(stderr, "sav_cuda_bench: unknown variant '%s' (dense, shiftadd, shift)\n", v.c_str());
       return 2;
     }
   try {
@@ -250,7 +295,7 @@ int main(int argc, char** argv) {
     for (const std::string& entry : model_list) {
       for (const std::string& variant : variant_list) {
         const bool sa = variant == "shiftadd";
-        Net net = weights.empty() ? make_net(entry, sa, math) : net_of_checkpoint(entry, math);
+        Net net = weights.empty() ? make_net(entry, variant, math) : net_of_checkpoint(entry, math);
         const std::string name = net.cpu->arch();
         // PVT models run f32 products: their rows say which math unless it is the default (tf32)
         const std::string vname = variant + (net.pvt && math == sav::cuda::F32Math::f32 ? "-f32" : "");
@@ -279,6 +324,7 @@ int main(int argc, char** argv) {
               SAV_CUDA_CHECK(cudaProfilerStop());
               std::printf("%-28s %-9s %5d %-8s profiled one eager forward\n", name.c_str(), vname.c_str(), B,
                           path_name.c_str());
+              if (shift_paths) print_shift_paths(net, B, path_name);
               continue;
             }
             const double ms = net.median_ms(B, iters);
@@ -296,6 +342,7 @@ int main(int argc, char** argv) {
             std::printf("%-28s %-9s %5d %-8s %10.4f %12.1f %9s\n", name.c_str(), vname.c_str(), B, path_name.c_str(),
                         ms, B * 1000.0 / ms, share.c_str());
             if (trace && path_name == "fused") std::printf("%s", net.vit->fused_trace(B).c_str());
+            if (shift_paths) print_shift_paths(net, B, path_name);
             std::fflush(stdout);
             if (js)
               js << "{\"model\": \"" << name << "\", \"variant\": \"" << vname << "\", \"batch\": " << B

@@ -4,7 +4,9 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <map>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "core/error.h"
@@ -15,6 +17,7 @@
 #include "ops/cuda/gemm.h"
 #include "ops/cuda/hamming_tiled.h"
 #include "ops/cuda/ops.h"
+#include "ops/cuda/shift_gpu.h"
 #include "ops/cuda/vit_fused.h"
 
 namespace sav {
@@ -30,18 +33,34 @@ constexpr size_t kNone = cuda::kNoOffset;
 // One linear layer on the device. dense / shift: w (F,K) bf16 (shift decoded, exact) with a bias in the
 // epilogue's type (b16 for bf16 outputs, b32 for f32 outputs). MoE: w the stacked (Fs,K) weight
 // (moe_stack_weights), f32 biases b0, b1 (F) and br (2), and its slot in the routing-choice buffer.
+// Shift: also its index in the shift-layer list (packed form, path choices) and, for bf16 outputs, bp = the
+// bf16-rounded bias in f32 (the packed kernel's bias: the values the cuBLASLt epilogue adds).
 struct LinOff {
   LinearKind kind = LinearKind::dense;
-  int K = 0, F = 0, Fs = 0, moe_slot = -1;
-  size_t w = kNone, b16 = kNone, b32 = kNone, b0 = kNone, b1 = kNone, br = kNone, wr = kNone;
+  int K = 0, F = 0, Fs = 0, moe_slot = -1, shift = -1;
+  size_t w = kNone, b16 = kNone, b32 = kNone, b0 = kNone, b1 = kNone, br = kNone, wr = kNone, bp = kNone;
   std::string name;
 };
 struct Lin {
   LinearKind kind = LinearKind::dense;
-  int K = 0, F = 0, Fs = 0, moe_slot = -1;
+  int K = 0, F = 0, Fs = 0, moe_slot = -1, shift = -1;
   const bf16* w = nullptr;
   const bf16* b16 = nullptr;
-  const float *b32 = nullptr, *b0 = nullptr, *b1 = nullptr, *br = nullptr, *wr = nullptr;
+  const float *b32 = nullptr, *b0 = nullptr, *b1 = nullptr, *br = nullptr, *wr = nullptr, *bp = nullptr;
+};
+
+// A shift linear of the layered path (stacked to_qk + to_v: one layer of 2C rows): its packed 5-bit form
+// (ops/cuda/shift_gpu.h) when the exponent range fits it, and the automatic path choice per row count M.
+struct ShiftChoice {
+  cuda::ShiftPath path = cuda::shift_path_cublas_decoded;
+  float cublas_us = -1.0f, packed_us = -1.0f;
+};
+struct ShiftLayer {
+  std::string name;
+  int K = 0, F = 0;
+  bool packed_ok = false;
+  cuda::ShiftPackedWeights packed;
+  std::map<int, ShiftChoice> chosen;  // by M
 };
 
 // The fused kernel's view of a layer (vit_fused.h); choices: the layer's slot of the routing buffer.
@@ -89,9 +108,10 @@ void dense_or_shift(const ParamSet& ps, const std::string& prefix, LinearKind ki
 }
 
 // Adds the layers `prefixes` (same kind, same K; their outputs stacked: F = sum of theirs) to the pool.
-// MoE takes exactly one prefix. bias_bf16: the epilogue writes bf16 (bias in bf16), else f32.
+// MoE takes exactly one prefix. bias_bf16: the epilogue writes bf16 (bias in bf16), else f32. A shift layer is
+// also appended to `shifts` with its packed form (uploaded now) when ro's exponent range fits it.
 LinOff add_linear(WeightPool& pb, const ParamSet& ps, const std::vector<std::string>& prefixes, LinearKind kind, int K,
-                  int F1, bool bias_bf16, const ReparamOptions& ro, int* moe_count) {
+                  int F1, bool bias_bf16, const ReparamOptions& ro, int* moe_count, std::vector<ShiftLayer>* shifts) {
   LinOff o;
   o.kind = kind, o.K = K, o.name = prefixes[0];
   if (kind == LinearKind::moe) {
@@ -123,8 +143,19 @@ LinOff add_linear(WeightPool& pb, const ParamSet& ps, const std::vector<std::str
   if (bias_bf16) {
     const std::vector<bf16> bb = cuda::to_bf16(b.data(), b.size());
     o.b16 = pb.add(bb.data(), bb.size() * sizeof(bf16));
+    if (kind == LinearKind::shift) o.bp = pb.add_f32(cuda::from_bf16(bb));
   } else {
     o.b32 = pb.add(b.data(), b.size() * sizeof(float));
+  }
+  if (kind == LinearKind::shift) {
+    ShiftLayer sl;
+    sl.name = prefixes[0];  // stacked: "blocks.i.attn.to_qk+to_v"
+    for (size_t i = 1; i < prefixes.size(); ++i) sl.name += "+" + prefixes[i].substr(prefixes[i].rfind('.') + 1);
+    sl.K = K, sl.F = o.F;
+    sl.packed_ok = cuda::shift_packed_supports(ro.pmin, ro.pmax);
+    if (sl.packed_ok) sl.packed = cuda::shift_packed_weights_from_matrix(w.data(), o.F, K, ro.pmin, ro.pmax);
+    o.shift = static_cast<int>(shifts->size());
+    shifts->push_back(std::move(sl));
   }
   return o;
 }
@@ -139,8 +170,11 @@ struct ViTCuda::Impl {
   const float *patch_b = nullptr, *cls = nullptr, *pos = nullptr, *norm_w = nullptr, *norm_b = nullptr,
               *head_b = nullptr;
   std::vector<BlockWeights> blocks;
-  std::vector<std::string> moe_names;  // by slot, in forward order
-  int moe_fs = 0;                      // widest stacked MoE weight (scratch columns)
+  std::vector<std::string> moe_names;    // by slot, in forward order
+  int moe_fs = 0;                        // widest stacked MoE weight (scratch columns)
+  std::vector<ShiftLayer> shift_layers;  // in forward order
+  ViTCudaShiftPath shift_mode = ViTCudaShiftPath::automatic;
+  std::map<std::tuple<int, int, int, int>, ShiftChoice> shift_shape_choices;  // (M, K, F, epilogue): timed once
   cuda::Gemm gemm;
   cuda::Stream capture_stream;
 
@@ -238,16 +272,96 @@ struct ViTCuda::Impl {
 
   enum class Epi { bf16, gelu, residual };
 
+  // dense / shift on the decoded bf16 weights: one cuBLASLt product with a fused epilogue (contiguous outputs).
+  void decoded_linear(const Lin& L, const bf16* xin, int M, Epi epi, void* out, int ldo, cudaStream_t s) {
+    SAV_CHECK(ldo == L.F, "internal: strided output of a dense / shift linear");
+    if (epi == Epi::residual)
+      gemm.linear_f32(static_cast<float*>(out), xin, L.w, L.b32, M, L.K, L.F, true, s);
+    else
+      gemm.linear_bf16(static_cast<bf16*>(out), xin, L.w, L.b16, M, L.K, L.F, epi == Epi::gelu, s);
+  }
+
+  // A shift linear by the packed-mma kernel with the same epilogue (f32 bias: b32, or the bf16-rounded bp).
+  void packed_linear(const Lin& L, const bf16* xin, int M, Epi epi, void* out, int ldo, cudaStream_t s) {
+    const ShiftLayer& sl = shift_layers[L.shift];
+    cuda::ShiftEpilogue e;
+    e.ldy = ldo;
+    if (epi == Epi::residual) {
+      e.accumulate = true;
+      cuda::shift_packed_linear_forward(static_cast<float*>(out), xin, sl.packed, L.b32, M, L.K, L.F, e, s);
+    } else {
+      e.gelu = epi == Epi::gelu;
+      cuda::shift_packed_linear_forward(static_cast<bf16*>(out), xin, sl.packed, L.bp, M, L.K, L.F, e, s);
+    }
+  }
+
+  // Times both products of shift linear L for M rows (its epilogue and input, a scratch output; 3 warm-ups,
+  // then the median of 9 CUDA-event-timed launches each) and returns the faster (ties: cuBLASLt) with the times.
+  // Synchronises `s` and allocates: only outside stream capture.
+  ShiftChoice time_shift_paths(const Lin& L, const bf16* xin, int M, Epi epi, cudaStream_t s) {
+    constexpr int kWarmups = 3, kRuns = 9;
+    DeviceBuffer<unsigned char> scratch(size_t(M) * L.F * (epi == Epi::residual ? sizeof(float) : sizeof(bf16)));
+    SAV_CUDA_CHECK(cudaMemsetAsync(scratch.get(), 0, scratch.bytes(), s));
+    cuda::Event e0, e1;
+    ShiftChoice ch;
+    float best_us = std::numeric_limits<float>::infinity();
+    for (const cuda::ShiftPath path : {cuda::shift_path_cublas_decoded, cuda::shift_path_packed_mma}) {
+      auto once = [&] {
+        if (path == cuda::shift_path_packed_mma)
+          packed_linear(L, xin, M, epi, scratch.get(), L.F, s);
+        else
+          decoded_linear(L, xin, M, epi, scratch.get(), L.F, s);
+      };
+      for (int i = 0; i < kWarmups; ++i) once();  // (cuBLASLt picks its algorithm on the first call)
+      float ms[kRuns];
+      for (int i = 0; i < kRuns; ++i) {
+        SAV_CUDA_CHECK(cudaEventRecord(e0.get(), s));
+        once();
+        SAV_CUDA_CHECK(cudaEventRecord(e1.get(), s));
+        SAV_CUDA_CHECK(cudaEventSynchronize(e1.get()));
+        SAV_CUDA_CHECK(cudaEventElapsedTime(&ms[i], e0.get(), e1.get()));
+      }
+      std::sort(ms, ms + kRuns);
+      const float us = ms[kRuns / 2] * 1000.0f;
+      (path == cuda::shift_path_packed_mma ? ch.packed_us : ch.cublas_us) = us;
+      if (us < best_us) best_us = us, ch.path = path;
+    }
+    return ch;
+  }
+
+  // The product a shift linear runs for M rows: the forced one, the layer's cached choice, or (first eager call
+  // of M) the choice of its shape: timed on the first layer of each (M, K, F, epilogue), shared by the layers of
+  // the same shape (one decision per shape, a few timings per batch size). While `s` is being captured an M
+  // without a choice runs cuBLASLt (GraphCache runs every batch size's first forward eagerly, so a capture
+  // normally finds the choice made).
+  cuda::ShiftPath shift_path_for(const Lin& L, const bf16* xin, int M, Epi epi, cudaStream_t s) {
+    ShiftLayer& sl = shift_layers[L.shift];
+    if (!sl.packed_ok || shift_mode == ViTCudaShiftPath::cublas_decoded || M > cuda::shift_gpu_max_rows)
+      return cuda::shift_path_cublas_decoded;
+    if (shift_mode == ViTCudaShiftPath::packed_mma) return cuda::shift_path_packed_mma;
+    if (const auto it = sl.chosen.find(M); it != sl.chosen.end()) return it->second.path;
+    const auto key = std::make_tuple(M, L.K, L.F, static_cast<int>(epi));
+    auto it = shift_shape_choices.find(key);
+    if (it == shift_shape_choices.end()) {
+      cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+      SAV_CUDA_CHECK(cudaStreamIsCapturing(s, &cap));
+      if (cap != cudaStreamCaptureStatusNone) return cuda::shift_path_cublas_decoded;
+      it = shift_shape_choices.emplace(key, time_shift_paths(L, xin, M, epi, s)).first;
+    }
+    sl.chosen[M] = it->second;
+    return it->second.path;
+  }
+
   // out (M, ldo) = the layer applied to x (M, K) with the epilogue: bf16 | GELU -> bf16 | f32 residual add.
-  // dense / shift: one cuBLASLt product with a fused epilogue (contiguous outputs: ldo == F); MoE: the
-  // stacked product into the f32 scratch, then the routing epilogue kernel.
+  // dense: one cuBLASLt product with a fused epilogue (contiguous outputs: ldo == F); shift: that or the
+  // packed-mma kernel (shift_path_for); MoE: the stacked product into the f32 scratch, then the routing
+  // epilogue kernel.
   void linear(const Lin& L, const bf16* xin, int M, Epi epi, void* out, int ldo, cudaStream_t s) {
     if (L.kind != LinearKind::moe) {
-      SAV_CHECK(ldo == L.F, "internal: strided output of a dense / shift linear");
-      if (epi == Epi::residual)
-        gemm.linear_f32(static_cast<float*>(out), xin, L.w, L.b32, M, L.K, L.F, true, s);
+      if (L.shift >= 0 && shift_path_for(L, xin, M, epi, s) == cuda::shift_path_packed_mma)
+        packed_linear(L, xin, M, epi, out, ldo, s);
       else
-        gemm.linear_bf16(static_cast<bf16*>(out), xin, L.w, L.b16, M, L.K, L.F, epi == Epi::gelu, s);
+        decoded_linear(L, xin, M, epi, out, ldo, s);
       return;
     }
     gemm.linear_f32(moe_s.get(), xin, L.w, nullptr, M, L.K, L.Fs, false, s);
@@ -350,13 +464,14 @@ ViTCuda::ViTCuda(const Vit& model) : impl_(nullptr) {
     o.ln1_w = pb.add_f32(T(p + "norm1.weight"));
     o.ln1_b = pb.add_f32(T(p + "norm1.bias"));
     if (o.attn == 's') {
-      o.qkv = add_linear(pb, ps, {p + "attn.qkv"}, ak, C, 3 * C, true, ro, &moe_count);
+      o.qkv = add_linear(pb, ps, {p + "attn.qkv"}, ak, C, 3 * C, true, ro, &moe_count, &m.shift_layers);
     } else {
       if (ak == LinearKind::moe) {
-        o.to_qk = add_linear(pb, ps, {p + "attn.to_qk"}, ak, C, C, true, ro, &moe_count);
-        o.to_v = add_linear(pb, ps, {p + "attn.to_v"}, ak, C, C, true, ro, &moe_count);
+        o.to_qk = add_linear(pb, ps, {p + "attn.to_qk"}, ak, C, C, true, ro, &moe_count, &m.shift_layers);
+        o.to_v = add_linear(pb, ps, {p + "attn.to_v"}, ak, C, C, true, ro, &moe_count, &m.shift_layers);
       } else {
-        o.qkv = add_linear(pb, ps, {p + "attn.to_qk", p + "attn.to_v"}, ak, C, C, true, ro, &moe_count);
+        o.qkv =
+            add_linear(pb, ps, {p + "attn.to_qk", p + "attn.to_v"}, ak, C, C, true, ro, &moe_count, &m.shift_layers);
       }
       SAV_CHECK(bufs, "ViTCuda: the model has no KSH buffers");
       o.anchors = pb.add_f32(bufs->get(p + "attn.ksh.anchors"));
@@ -364,11 +479,11 @@ ViTCuda::ViTCuda(const Vit& model) : impl_(nullptr) {
       o.A = pb.add_f32(bufs->get(p + "attn.ksh.A"));
       o.conv = pb.add_f32(T(p + "attn.dwconv.weight"));
     }
-    o.proj = add_linear(pb, ps, {p + "attn.proj"}, ak, C, C, false, ro, &moe_count);
+    o.proj = add_linear(pb, ps, {p + "attn.proj"}, ak, C, C, false, ro, &moe_count, &m.shift_layers);
     o.ln2_w = pb.add_f32(T(p + "norm2.weight"));
     o.ln2_b = pb.add_f32(T(p + "norm2.bias"));
-    o.fc1 = add_linear(pb, ps, {p + "mlp.fc1"}, mk, C, F, true, ro, &moe_count);
-    o.fc2 = add_linear(pb, ps, {p + "mlp.fc2"}, mk, F, C, false, ro, &moe_count);
+    o.fc1 = add_linear(pb, ps, {p + "mlp.fc1"}, mk, C, F, true, ro, &moe_count, &m.shift_layers);
+    o.fc2 = add_linear(pb, ps, {p + "mlp.fc2"}, mk, F, C, false, ro, &moe_count, &m.shift_layers);
   }
   const size_t o_norm_w = pb.add_f32(T("norm.weight"));
   const size_t o_norm_b = pb.add_f32(T("norm.bias"));
@@ -376,14 +491,21 @@ ViTCuda::ViTCuda(const Vit& model) : impl_(nullptr) {
   const size_t o_head_b = pb.add_f32(T("head.bias"));
 
   m.pool.upload();
+  {  // the packed-mma kernel needs sm_80 (bf16 mma.sync, cp.async): elsewhere shift linears stay on cuBLASLt
+    int dev = 0, cc = 0;
+    SAV_CUDA_CHECK(cudaGetDevice(&dev));
+    SAV_CUDA_CHECK(cudaDeviceGetAttribute(&cc, cudaDevAttrComputeCapabilityMajor, dev));
+    if (cc < 8)
+      for (ShiftLayer& sl : m.shift_layers) sl.packed_ok = false;
+  }
   auto F32 = [&](size_t off) { return m.pool.f32(off); };
   auto B16 = [&](size_t off) { return m.pool.b16(off); };
   m.moe_names.resize(moe_count);
   auto lin = [&](const LinOff& o) {
     Lin L;
-    L.kind = o.kind, L.K = o.K, L.F = o.F, L.Fs = o.Fs, L.moe_slot = o.moe_slot;
+    L.kind = o.kind, L.K = o.K, L.F = o.F, L.Fs = o.Fs, L.moe_slot = o.moe_slot, L.shift = o.shift;
     L.w = B16(o.w), L.b16 = B16(o.b16), L.b32 = F32(o.b32), L.b0 = F32(o.b0), L.b1 = F32(o.b1), L.br = F32(o.br);
-    L.wr = F32(o.wr);
+    L.wr = F32(o.wr), L.bp = F32(o.bp);
     if (o.kind == LinearKind::moe) {
       m.moe_names[o.moe_slot] = o.name;
       m.moe_fs = std::max(m.moe_fs, o.Fs);
@@ -417,7 +539,55 @@ ViTCuda::ViTCuda(const Vit& model) : impl_(nullptr) {
 ViTCuda::~ViTCuda() = default;
 
 const VitConfig& ViTCuda::config() const { return impl_->cfg; }
-size_t ViTCuda::weight_bytes() const { return impl_->pool.bytes(); }
+size_t ViTCuda::weight_bytes() const {
+  size_t n = impl_->pool.bytes();
+  for (const ShiftLayer& sl : impl_->shift_layers) n += sl.packed.words.bytes();
+  return n;
+}
+
+void ViTCuda::set_shift_path(ViTCudaShiftPath path) {
+  Impl& m = *impl_;
+  if (path == m.shift_mode) return;
+  m.shift_mode = path;
+  if (m.shift_layers.empty()) return;
+  SAV_CUDA_CHECK(cudaDeviceSynchronize());  // replays in flight
+  m.graphs.clear();                         // captured with the other products
+}
+
+ViTCudaShiftPath ViTCuda::shift_path() const { return impl_->shift_mode; }
+
+int ViTCuda::shift_layer_count() const { return static_cast<int>(impl_->shift_layers.size()); }
+
+std::vector<ViTCudaShiftChoice> ViTCuda::shift_choices(int B) const {
+  const Impl& m = *impl_;
+  std::vector<ViTCudaShiftChoice> out;
+  if (m.shift_layers.empty() || B < 1 || m.use_fused(B)) return out;
+  const int M = B * m.cfg.tokens();
+  for (const ShiftLayer& sl : m.shift_layers) {
+    ViTCudaShiftChoice c;
+    c.layer = sl.name;
+    cuda::ShiftPath path = cuda::shift_path_cublas_decoded;
+    const bool can_pack = sl.packed_ok && M <= cuda::shift_gpu_max_rows;  // as Impl::shift_path_for
+    if (can_pack && m.shift_mode == ViTCudaShiftPath::packed_mma) {
+      path = cuda::shift_path_packed_mma;
+    } else if (can_pack && m.shift_mode == ViTCudaShiftPath::automatic) {
+      const auto it = sl.chosen.find(M);
+      if (it == sl.chosen.end()) return {};  // not chosen for B yet
+      path = it->second.path;
+      c.cublas_us = it->second.cublas_us, c.packed_us = it->second.packed_us;
+    }
+    c.path = cuda::shift_path_name(path);
+    out.push_back(std::move(c));
+  }
+  return out;
+}
+
+std::vector<std::pair<std::string, std::string>> ViTCuda::shift_paths(int B) const {
+  std::vector<std::pair<std::string, std::string>> out;
+  for (ViTCudaShiftChoice& c : shift_choices(B)) out.emplace_back(std::move(c.layer), std::move(c.path));
+  return out;
+}
+
 int ViTCuda::graph_count() const { return impl_->graphs.size(); }
 
 std::vector<std::pair<std::string, std::vector<int8_t>>> ViTCuda::moe_choices() const {

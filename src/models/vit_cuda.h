@@ -20,10 +20,13 @@
 //
 // ShiftAddViT blocks (VitConfig::attn, mlp, attn_linear; METHOD.md), the whole forward still one CUDA graph
 // with no host round trip:
-//   shift linear  W = s * 2^p decoded once, at construction, to an exact bf16 matrix (every +-2^p is a bf16
-//                 value) and run by the same cuBLASLt product and epilogue as a dense linear
-//                 ("decode-to-matrix-unit"; in-register decoding of packed 5-bit codes is later work;
-//                 ReparamOptions::int_kernel, a CPU path, is not used here);
+//   shift linear  W = s * 2^p held twice: decoded once, at construction, to an exact bf16 matrix (every +-2^p is
+//                 a bf16 value) for the same cuBLASLt product and epilogue as a dense linear, and as packed
+//                 5-bit codes for the packed-mma kernel (ops/cuda/shift_gpu.h: decoded in registers, fed to
+//                 mma.sync, the same epilogues). Both are "decode-to-matrix-unit" with the same products; per
+//                 (layer shape, batch size) the faster one runs (set_shift_path, shift_paths). The bias of a
+//                 bf16-output layer is the bf16-rounded one on both paths. ReparamOptions::int_kernel, a CPU
+//                 path, is not used here;
 //   MoE linear    one product with the stacked weight [W0; W1; router] into an f32 scratch, then one kernel
 //                 that routes each token (top-1 argmax, ties -> mult expert), applies the gate
 //                 (ReparamOptions::gate: straight-through = 1, prob = p) and the layer's epilogue
@@ -50,10 +53,28 @@ namespace sav {
 
 // Which forward runs: `layered` = the kernels above (a CUDA graph per batch size); `fused` = the whole
 // forward as one persistent kernel (ops/cuda/vit_fused.h: every block Hamming attention, batch <= 8);
-// `automatic` = fused for batches up to kVitFusedAutoMaxBatch when the model allows it (measured on the
-// H200: bench/RESULTS.md), else layered.
+// `automatic` = fused for batches up to kVitFusedAutoMaxBatch when the model allows it, else layered. On the
+// H200 the fused kernel is still slower than the layered path at every batch (bench/RESULTS.md: DeiT-Tiny
+// ShiftAddViT batch 1 0.74 vs 0.61 ms), so automatic currently never picks it (kVitFusedAutoMaxBatch = 0).
 enum class ViTCudaPath { automatic, layered, fused };
-constexpr int kVitFusedAutoMaxBatch = 8;
+constexpr int kVitFusedAutoMaxBatch = 0;
+
+// Which product runs a shift linear (LinearKind::shift) of the layered path (ops/cuda/shift_gpu.h):
+// `cublas_decoded` = cuBLASLt on the weights decoded once to bf16; `packed_mma` = the packed 5-bit codes
+// decoded in registers and fed to mma.sync (3.2x less weight traffic; the same products, another f32 summation
+// order); `automatic` = per (layer shape, M = B*N) the faster of the two, timed once on the first eager forward
+// of a batch size (on the first layer of each shape and epilogue; the others of that shape follow it). The int
+// (MatShift) path is not offered: it rounds activations to fixed point (other numbers) and has no bf16 / GELU /
+// residual epilogues.
+enum class ViTCudaShiftPath { automatic, cublas_decoded, packed_mma };
+
+// One shift linear's product for one batch size: layer name, path ("cublas_decoded" | "packed_mma"), and the
+// median microseconds the automatic choice measured per path for the layer's shape (negative: not timed: forced,
+// or no packed form).
+struct ViTCudaShiftChoice {
+  std::string layer, path;
+  float cublas_us = -1.0f, packed_us = -1.0f;
+};
 
 class ViTCuda {
  public:
@@ -87,7 +108,24 @@ class ViTCuda {
   // (cuda::vit_fused_trace). Throws if the fused kernel does not cover B.
   std::string fused_trace(int B);
 
-  size_t weight_bytes() const;  // device bytes of the parameters
+  // Forces or frees the shift linears' product (default automatic); drops the captured graphs (the next
+  // forward of each batch size re-captures).
+  void set_shift_path(ViTCudaShiftPath path);
+  ViTCudaShiftPath shift_path() const;
+  // Shift linears of the layered path, in forward order: 0 for models without shift linears.
+  int shift_layer_count() const;
+  // (layer, path) of every shift linear for a forward of B images: the forced path, or what the automatic choice
+  // picked (the first forward of B times them). Empty when the model has no shift linears, when the automatic
+  // choice has not run for B yet, or when B runs the fused kernel (path_name(B) == "fused"). Layer names: the
+  // checkpoint prefix ("blocks.3.mlp.fc1"); a Hamming block's stacked to_qk and to_v (one product, one packed
+  // weight of 2C rows) is "blocks.{i}.attn.to_qk+to_v". Shift linears stay on (and report) cublas_decoded in
+  // every mode when the model's exponent range (ReparamOptions pmin, pmax) does not fit the packed form
+  // (ops/cuda/shift_gpu.h shift_packed_supports).
+  std::vector<std::pair<std::string, std::string>> shift_paths(int B) const;
+  // The same with the timings of the automatic choice.
+  std::vector<ViTCudaShiftChoice> shift_choices(int B) const;
+
+  size_t weight_bytes() const;  // device bytes of the parameters (the shift linears' packed forms included)
   int graph_count() const;      // captured graphs (one per batch size)
 
   // MoE layers in forward order, each with the expert (0 mult, 1 shift) of every token row (B*N, row

@@ -99,6 +99,7 @@ TEST_F(VitFused, EveryLinearKindMatchesCpuAndLayeredPath) {
       Vit cpu(c, ro);
       randomise_shiftadd(cpu, 41 + B);
       ViTCuda net(cpu);
+      net.set_path(ViTCudaPath::fused);
       EXPECT_STREQ(net.path_name(B), "fused");
       const std::vector<float> images = normal(size_t(B) * c.in_chans * c.img_size * c.img_size, 42 + B);
       const PathRun fused = run_path(net, ViTCudaPath::fused, images, B);
@@ -193,14 +194,18 @@ TEST_F(VitFused, BatchInvariantBitForBit) {
   }
 }
 
-// The automatic choice: fused for small batches of an all-Hamming model, layered beyond the kernel's batch limit
-// and for models with softmax blocks (where forcing fused throws).
-TEST_F(VitFused, AutomaticPathChoice) {
+// The path choice: automatic takes the fused kernel only up to kVitFusedAutoMaxBatch (0 while it is slower than
+// the layered path); forced, it runs up to the kernel's batch limit, layered beyond; models with softmax blocks
+// are layered (forcing fused throws).
+TEST_F(VitFused, PathChoice) {
   VitConfig c = small_config();
   c.mlp = "mmm", c.attn_linear = "ddd";
   Vit cpu(c);
   randomise_shiftadd(cpu, 61);
   ViTCuda net(cpu);
+  EXPECT_TRUE(net.fused_supported(1));
+  EXPECT_STREQ(net.path_name(1), 1 <= kVitFusedAutoMaxBatch ? "fused" : "layered");
+  net.set_path(ViTCudaPath::fused);
   EXPECT_STREQ(net.path_name(1), "fused");
   EXPECT_STREQ(net.path_name(cuda::kFusedMaxBatch + 1), "layered");
   net.set_path(ViTCudaPath::layered);

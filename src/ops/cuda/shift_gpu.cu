@@ -41,7 +41,8 @@
 // Plans: 128 x 128, 8 warps of 64 x 32, when that gives one CTA per SM; else 64 x 64, 4 warps of 32 x 32, with
 // the cluster split over K as above (>= 2 k-blocks per CTA; f32 partials added in rank order: deterministic).
 // Epilogue: accumulators -> shared memory (row stride BN + 8 floats: the float2 stores of a half-warp hit
-// distinct banks) -> the rank's rows, partial sums added in rank order, + bias, f32 or bf16 stores.
+// distinct banks) -> the rank's rows, partial sums added in rank order, + bias, optional GELU (tanh form),
+// optional residual add (f32 y += v), f32 or bf16 stores into rows of stride ldy (ShiftEpilogue).
 //
 // ---- Fragment layouts (PTX ISA, mma.m16n8k16 with .bf16; g = lane >> 2, t = lane & 3) ----
 //   A (16 x 16, row): a0 (row g, cols 2t, 2t+1), a1 (row g+8, cols 2t, 2t+1), a2 (row g, cols 2t+8, 2t+9),
@@ -59,8 +60,6 @@
 //   C (16 x 8, f32): c0, c1 (row g, cols 2t, 2t+1), c2, c3 (row g+8, cols 2t, 2t+1).
 // These index formulas were checked on the host by emulating the kernels' index arithmetic (pack -> per-lane
 // decode -> per-fragment product) against a plain product, for all lanes, steps and records.
-#include "ops/cuda/shift_gpu.h"
-
 #include <cooperative_groups.h>
 
 #include <algorithm>
@@ -68,9 +67,11 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <type_traits>
 
 #include "core/error.h"
 #include "ops/cuda/gemm.h"
+#include "ops/cuda/shift_gpu.h"
 
 namespace sav::cuda {
 
@@ -450,17 +451,30 @@ __global__ void __launch_bounds__(IntTile<BM, BN>::kThreads, BM == 128 ? 2 : 8)
 // Packed-mma kernel.
 
 struct MmaParams {
-  void* y;  // float or bf16 (M,F)
+  void* y;  // float or bf16 (M, ldy)
   const bf16* x;
   const uint32_t* words;  // (nkb, Fp, kRecWords)
   const float* bias;      // (F) or nullptr
   int M, K, F, Fp, nkb, splits;
+  int64_t ldy;      // row stride of y (elements), >= F
   uint32_t scale2;  // bf16x2 bits of 2^(126 + pmin), both halves
   bool xvec;        // 16-byte cp.async of x (K % 8 == 0, 16-byte aligned x)
+  bool gelu;        // v = GELU_tanh(v) after the bias
+  bool accumulate;  // y = y + v (f32 y)
 };
 
 __device__ __forceinline__ void store_out(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store_out(bf16* p, float v) { *p = __float2bfloat16_rn(v); }
+__device__ __forceinline__ float load_out(const float* p) { return *p; }
+__device__ __forceinline__ float load_out(const bf16* p) { return __bfloat162float(*p); }
+
+// GELU, tanh form (cuBLASLt's CUBLASLT_EPILOGUE_GELU): 0.5 v (1 + tanh(sqrt(2/pi) (v + 0.044715 v^3))), with
+// explicit _rn operations (no contraction: the same bits whatever the compiler fuses) and tanhf.
+__device__ __forceinline__ float gelu_tanh(float v) {
+  const float v3 = __fmul_rn(__fmul_rn(v, v), v);
+  const float u = __fmul_rn(0.7978845608f, __fadd_rn(v, __fmul_rn(0.044715f, v3)));
+  return __fmul_rn(__fmul_rn(0.5f, v), __fadd_rn(1.0f, tanhf(u)));
+}
 
 template <class OutT, int BM, int BN, int WM, int WN>
 __global__ void __launch_bounds__(MmaTile<BM, BN, WM, WN>::kThreads, BM == 128 ? 2 : 4)
@@ -587,7 +601,10 @@ __global__ void __launch_bounds__(MmaTile<BM, BN, WM, WN>::kThreads, BM == 128 ?
     for (int q = 1; q < kMaxSplits; ++q)
       if (q < S) v = __fadd_rn(v, cs[q][r * LDC + c]);  // rank order: deterministic
     if (p.bias) v = __fadd_rn(v, p.bias[n]);
-    store_out(y + int64_t(m) * p.F + n, v);
+    if (p.gelu) v = gelu_tanh(v);
+    OutT* dst = y + int64_t(m) * p.ldy + n;
+    if (p.accumulate) v = __fadd_rn(load_out(dst), v);  // the residual add, one rounding
+    store_out(dst, v);
   }
   if (S > 1) split_sync(S);
 #endif
@@ -676,9 +693,14 @@ void int_forward(float* y, const XT* x, const ShiftGpuWeights& w, const float* b
 
 template <class OutT>
 void packed_forward(OutT* y, const bf16* x, const ShiftPackedWeights& w, const float* bias, int M, int K, int F,
-                    cudaStream_t stream) {
+                    const ShiftEpilogue& epi, cudaStream_t stream) {
   const char* op = "shift_packed_linear_forward";
   check_shape(op, M, K, F);
+  SAV_CHECK(epi.ldy == 0 || epi.ldy >= F,
+            op << ": the output row stride ldy must be 0 (= F) or >= F = " << F << ", got " << epi.ldy);
+  constexpr bool kF32Out = std::is_same_v<OutT, float>;
+  SAV_CHECK(!epi.accumulate || kF32Out, op << ": accumulate (the residual add) needs an f32 output");
+  const int64_t ldy = epi.ldy == 0 ? F : epi.ldy;
   SAV_CHECK(w.F == F && w.K == K,
             op << ": weights are " << w.F << "x" << w.K << " (F x K), the call asks for " << F << "x" << K);
   SAV_CHECK(w.Fp == round_up(F, kFPad) && w.nkb == cdiv(K, kMmaBK) &&
@@ -687,12 +709,13 @@ void packed_forward(OutT* y, const bf16* x, const ShiftPackedWeights& w, const f
             op << ": ShiftPackedWeights is inconsistent; build it with shift_packed_weights_prepare");
   if (M == 0) return;
   SAV_CHECK(y && x, op << ": null y or x");
-  check_no_alias(op, y, size_t(M) * F * sizeof(OutT), x, size_t(M) * K * sizeof(bf16));
+  check_no_alias(op, y, size_t((M - 1) * ldy + F) * sizeof(OutT), x, size_t(M) * K * sizeof(bf16));
   check_device_cc80(op);
   const ShiftKernelPlan pl = shift_packed_plan(M, K, F);
   MmaParams prm{};
   prm.y = y, prm.x = x, prm.words = w.words.get(), prm.bias = bias;
   prm.M = M, prm.K = K, prm.F = F, prm.Fp = w.Fp, prm.nkb = w.nkb, prm.splits = pl.splits;
+  prm.ldy = ldy, prm.gelu = epi.gelu, prm.accumulate = epi.accumulate;
   const uint32_t half = static_cast<uint32_t>(253 + w.pmin) << 7;  // bf16 2^(126 + pmin): exponent field 253 + pmin
   prm.scale2 = half | (half << 16);
   prm.xvec = K % 8 == 0 && aligned16(x);
@@ -859,11 +882,27 @@ int64_t shift_int_status_read(const unsigned* status, cudaStream_t stream) {
 
 void shift_packed_linear_forward(float* y, const bf16* x, const ShiftPackedWeights& w, const float* bias, int M, int K,
                                  int F, cudaStream_t stream) {
-  packed_forward<float>(y, x, w, bias, M, K, F, stream);
+  packed_forward<float>(y, x, w, bias, M, K, F, ShiftEpilogue{}, stream);
 }
 void shift_packed_linear_forward(bf16* y, const bf16* x, const ShiftPackedWeights& w, const float* bias, int M, int K,
                                  int F, cudaStream_t stream) {
-  packed_forward<bf16>(y, x, w, bias, M, K, F, stream);
+  packed_forward<bf16>(y, x, w, bias, M, K, F, ShiftEpilogue{}, stream);
+}
+void shift_packed_linear_forward(float* y, const bf16* x, const ShiftPackedWeights& w, const float* bias, int M, int K,
+                                 int F, const ShiftEpilogue& epi, cudaStream_t stream) {
+  packed_forward<float>(y, x, w, bias, M, K, F, epi, stream);
+}
+void shift_packed_linear_forward(bf16* y, const bf16* x, const ShiftPackedWeights& w, const float* bias, int M, int K,
+                                 int F, const ShiftEpilogue& epi, cudaStream_t stream) {
+  packed_forward<bf16>(y, x, w, bias, M, K, F, epi, stream);
+}
+
+bool shift_packed_supports(int pmin, int pmax) {
+  return pmin <= pmax && pmax - pmin <= 14 && pmin >= -126 && pmin <= 1;
+}
+
+ShiftPackedWeights shift_packed_weights_from_matrix(const float* W, int F, int K, int pmin, int pmax) {
+  return upload_packed(W, F, K, pmin, pmax);  // shift_packed_words_host checks W, the shape and the range
 }
 
 const char* shift_path_name(ShiftPath path) {

@@ -13,6 +13,8 @@
 //   shift_int_linear_forward(y, x, wi, bias, M, K, F, 16, stream, status);      // x f32 or bf16
 //   ShiftPackedWeights wp = shift_packed_weights_prepare(p, s, F, K, -14, 0);   // 5-bit form (once)
 //   shift_packed_linear_forward(y, x, wp, bias, M, K, F, stream);               // y f32 or bf16, x bf16
+//   shift_packed_linear_forward(h, x, wp, bias, M, K, F, {.gelu = true}, stream);  // h bf16 = GELU(x W^T + b)
+//   shift_packed_linear_forward(r, x, wp, bias, M, K, F, {.accumulate = true}, stream);  // r f32 += x W^T + b
 //
 // Shape legend: M rows (tokens), K in-features, F out-features. x (M,K), y (M,F) row-major contiguous device
 // arrays; p, s (F,K) host floats as torch.nn.Linear.weight; bias (F) f32 (device for the kernels, host for the
@@ -136,6 +138,32 @@ void shift_packed_linear_forward(float* y, const bf16* x, const ShiftPackedWeigh
                                  int F, cudaStream_t stream);
 void shift_packed_linear_forward(bf16* y, const bf16* x, const ShiftPackedWeights& w, const float* bias, int M, int K,
                                  int F, cudaStream_t stream);
+
+// What the packed kernel does with each output v = (x W^T)[i,j] + bias[j] (f32) before storing it: the epilogues
+// of a transformer's linears (the ones sav::cuda::Gemm fuses into cuBLASLt).
+//   gelu        v = GELU(v), the tanh form (as cuBLASLt's GELU epilogue):
+//               0.5 v (1 + tanh(0.7978845608 (v + 0.044715 v^3))), in f32 with tanhf (absolute error ~1e-7 |v|);
+//   accumulate  f32 y only: y[i,j] = y[i,j] + v (the residual add "y += x W^T + b"; one rounding, so the result
+//               is bit-exact to y plus the f32 output of the same call without accumulate, added in f32);
+//   ldy         row stride of y in elements (0 = F; else >= F): row i at y + i ldy, columns [F, ldy) untouched
+//               (e.g. the q/k and v halves of one wider buffer). Any element alignment of y works.
+// The order is bias, GELU, accumulate, then one rounding to the output type.
+struct ShiftEpilogue {
+  bool gelu = false;
+  bool accumulate = false;
+  int ldy = 0;
+};
+// The kernel above with an epilogue. Throws sav::Error for accumulate with a bf16 y, ldy < 0 or in (0, F), or y
+// (the span of its (M-1) ldy + F elements) overlapping x.
+void shift_packed_linear_forward(float* y, const bf16* x, const ShiftPackedWeights& w, const float* bias, int M, int K,
+                                 int F, const ShiftEpilogue& epi, cudaStream_t stream);
+void shift_packed_linear_forward(bf16* y, const bf16* x, const ShiftPackedWeights& w, const float* bias, int M, int K,
+                                 int F, const ShiftEpilogue& epi, cudaStream_t stream);
+// The packed form of already materialised weights W (F,K) = s_r 2^p_r (cpu::shift_linear_weights, e.g. two
+// layers' rows stacked), uploaded; throws as shift_packed_words_host.
+ShiftPackedWeights shift_packed_weights_from_matrix(const float* W, int F, int K, int pmin, int pmax);
+// Whether the packed form holds exponents [pmin, pmax] (pmax - pmin <= 14, -126 <= pmin <= 1).
+bool shift_packed_supports(int pmin, int pmax);
 
 // ---- one layer, three paths, a chooser ----
 

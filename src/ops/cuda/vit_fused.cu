@@ -29,15 +29,16 @@ namespace {
 
 namespace cg = cooperative_groups;
 
-constexpr int kThreads = 128;
+constexpr int kThreads = 512;  // 16 warps: one CTA per SM, every scheduler has 4 warps to hide latency with
+constexpr int kWarps = kThreads / 32;
 constexpr int kRT = 16;         // rows per tile
 constexpr int kKC = 64;         // K chunk
 constexpr int kWld = kKC + 8;   // weight-stage row stride (bf16): 36 words = 4 mod 32
 constexpr int kRingRows = 768;  // weight ring: 768 unit-rows of one 64-wide K chunk (110 KB); a tile of U units
                                 // has kRingRows / U chunk slots (DeiT-Tiny: every tile's whole K fits)
 constexpr int kMaxUnits = 192;
-constexpr int kCld = kMaxUnits + 4;  // accumulator tile row stride (f32)
-constexpr int kD = 64;               // head size
+constexpr int kCsFloats = 6400;  // accumulator partials: K-splits x 16 rows x (U + 4), at most 4 x 16 x 100
+constexpr int kD = 64;           // head size
 constexpr int kTaps = 9;
 constexpr int kMaxC = 768;
 constexpr int kMaxK = 1536;
@@ -71,7 +72,7 @@ __host__ __device__ __forceinline__ size_t scratch_p1(int m) {
 }
 __host__ __device__ __forceinline__ size_t scratch_p2(int m, int nb) {
   return size_t(kRT) * round_up4(m) * 4 + kRT * kD * 2 + size_t(round_up4(nb * m)) * 4 + round_up4(m) * 4 + kRT * 8 +
-         32;
+         kWarps * 8;
 }
 __host__ __device__ __forceinline__ size_t scratch_p3(int C, int H, int nb) {
   return size_t(2) * H * nb * kD * 4 + size_t(kRT + 8) * C * 2 + size_t(kRT) * H * 8;
@@ -83,7 +84,7 @@ Smem smem_layout(const FusedVitDims& d) {
   size_t o = 0;
   s.as = o, o = align16(o + size_t(kRT) * lda * sizeof(bf16));
   s.ws = o, o = align16(o + size_t(kRingRows) * kWld * sizeof(bf16));
-  s.cs = o, o = align16(o + size_t(kRT) * kCld * sizeof(float));
+  s.cs = o, o = align16(o + size_t(kCsFloats) * sizeof(float));
   s.wr = o, o = align16(o + size_t(2) * kmax * sizeof(float));  // MoE router weights (2, K)
   s.xs = o, o = align16(o + size_t(kRT) * d.C * sizeof(float));
   s.xres = o, o = align16(o + size_t(kRT) * 64 * sizeof(float));  // residual tile (16, <= 64 columns)
@@ -96,6 +97,7 @@ Smem smem_layout(const FusedVitDims& d) {
 
 struct KParams {
   FusedVitModel m;
+  FusedLinear patch;  // the patch embedding as a dense linear (K = Cin*p*p, F = C)
   int B, M, lda, nch;
   const float* images;
   float* logits;
@@ -123,6 +125,19 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// Sub-phase stamps of a CTA's first tile of a phase (vit_fused_trace): ns after the barrier, after the
+// prologue, after the router, after the product, at the end; clock64 at the start and the end.
+constexpr int kStamps = 8;  // + [7]: the prologue's inputs have arrived (after its wait)
+__device__ __forceinline__ void stamp(unsigned long long* st, int k) {
+  if (st && threadIdx.x == 0) st[k] = global_ns();
 }
 
 __device__ __forceinline__ uint32_t lds32(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
@@ -154,6 +169,7 @@ struct TileSmem {
   float* Xres;  // (16, 64) residual tile
   float* bias;  // (U) the tile's biases
   unsigned char* U;
+  unsigned long long* st;  // sub-phase stamps of the current tile (trace) or nullptr
   int* rexp;
   float* rgate;
   float* misc;  // 16 floats after rexp / rgate: qq; then sigma etc.
@@ -170,6 +186,7 @@ __device__ __forceinline__ TileSmem tile_smem(const KParams& p) {
   t.Xres = reinterpret_cast<float*>(smem + p.o_xres);
   t.bias = reinterpret_cast<float*>(smem + p.o_bias);
   t.U = smem + p.o_u;
+  t.st = nullptr;
   t.rexp = reinterpret_cast<int*>(smem + p.o_misc);
   t.rgate = reinterpret_cast<float*>(smem + p.o_misc + 64);
   t.misc = reinterpret_cast<float*>(smem + p.o_misc + 128);
@@ -220,139 +237,11 @@ __device__ __forceinline__ void issue_w(bf16* Ws, const FusedLinear& L, int U, i
 // The weight-only part of a tile, issued before its inputs exist (before the grid barrier that ends the previous
 // phase, when the tile is this CTA's first of the next phase): the first min(S, K/64) chunks and the router's
 // weights, one commit group. The ring and Wr must be idle (the previous tile has ended).
-__device__ void prefetch_tile(const TileSmem& sm, const FusedLinear& L, int U, int c0) {
+__device__ __noinline__ void prefetch_tile(TileSmem& sm, const FusedLinear& L, int U, int c0) {
   const int nch = L.K / kKC, P = min(kRingRows / U, nch);
   if (L.moe) cp_rows(sm.Wr, 0, L.wr, 0, 1, 2 * L.K * 4);
   for (int ch = 0; ch < P; ++ch) issue_w(sm.Ws, L, U, c0, ch);
   cp_async_commit();
-}
-
-// One tile: Cs (16 x U) = A (16 x K, built by `build` into As) x W^T for the tile's U units, then `epi(r, c,
-// val, res)` for each of the 16 x Uh output elements (val: bias added; MoE: the chosen expert's, gated; res: the
-// staged resid[r * C + c0 + c] when `resid` (the tile's first row of a (rows, C) f32 array) is given, else 0). `build`
-// stages its inputs by cp.async, waits for all of them (cp_async_wait<0>) and writes As; the weight chunks, the router
-// weights and the residual tile are in flight meanwhile. Ends with a __syncthreads (shared memory free for the next
-// tile).
-template <int NFW, class Build, class Epi>
-__device__ void linear_tile(const KParams& p, const TileSmem& sm, const FusedLinear& L, int r0, int c0, int rows,
-                            const float* resid, bool prefetched, Build build, Epi epi) {
-  constexpr int U = 32 * NFW;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int K = L.K, Uh = L.moe ? U / 2 : U, nch = K / kKC, lda = p.lda, C = p.m.dims.C;
-  const int S = kRingRows / U, P = min(S, nch);  // chunks issued up front (all of them when they fit)
-  const int nrows = max(0, min(kRT, rows - r0));
-  if (!prefetched) prefetch_tile(sm, L, U, c0);
-  if (resid) cp_rows(sm.Xres, 64 * 4, resid + c0, size_t(C) * 4, nrows, Uh * 4);  // committed by build
-  float bias[2] = {0.0f, 0.0f};  // units tid, tid + 128: loaded now, stored to shared memory after the prologue
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int u = tid + i * kThreads;
-    if (u >= U) continue;
-    if (L.moe)
-      bias[i] = __ldg((u < Uh ? L.b32 : L.b1) + c0 + (u < Uh ? u : u - Uh));
-    else if (L.b16)
-      bias[i] = __bfloat162float(L.b16[c0 + u]);
-    else if (L.b32)
-      bias[i] = __ldg(L.b32 + c0 + u);
-  }
-  build();
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-    if (tid + i * kThreads < U) sm.bias[tid + i * kThreads] = bias[i];
-  __syncthreads();
-  if (L.moe) {  // router: warp w takes rows 4w .. 4w+3 together; f32 weights, the bf16 inputs of the product
-    const float br0 = __ldg(L.br), br1 = __ldg(L.br + 1);
-    float s0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, s1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    const bf16* a = sm.As + warp * 4 * lda;
-    for (int k = lane; k < K; k += 32) {
-      const float w0 = sm.Wr[k], w1 = sm.Wr[K + k];
-#pragma unroll
-      for (int rr = 0; rr < 4; ++rr) {
-        const float x = __bfloat162float(a[rr * lda + k]);
-        s0[rr] = fmaf(x, w0, s0[rr]);
-        s1[rr] = fmaf(x, w1, s1[rr]);
-      }
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1)
-#pragma unroll
-      for (int rr = 0; rr < 4; ++rr) {
-        s0[rr] += __shfl_xor_sync(kFull, s0[rr], o);
-        s1[rr] += __shfl_xor_sync(kFull, s1[rr], o);
-      }
-    if (lane < 4) {
-      const int rr = lane, r = warp * 4 + rr;
-      {
-        const float t0 = rr == 0 ? s0[0] : rr == 1 ? s0[1] : rr == 2 ? s0[2] : s0[3];
-        const float t1 = rr == 0 ? s1[0] : rr == 1 ? s1[1] : rr == 2 ? s1[2] : s1[3];
-        const float l0 = t0 + br0, l1 = t1 + br1;
-        const int e = l1 > l0 ? 1 : 0;  // ties (and NaN) -> the mult expert, as the CPU
-        sm.rexp[r] = e;
-        sm.rgate[r] = p.m.gate == moe_gate_prob ? 1.0f / (1.0f + expf(e ? l0 - l1 : l1 - l0)) : 1.0f;
-        if (c0 == 0 && L.choice && r < nrows) L.choice[r0 + r] = static_cast<int8_t>(e);
-      }
-    }
-  }
-  float acc[NFW][4];
-#pragma unroll
-  for (int f = 0; f < NFW; ++f) acc[f][0] = acc[f][1] = acc[f][2] = acc[f][3] = 0.0f;
-  const int g = lane >> 2, t2 = (lane & 3) * 2;
-  const bf16* a_lo = sm.As + g * lda + t2;
-  const bf16* a_hi = a_lo + 8 * lda;
-  // Chunks [0, P) completed in build (cp_async_wait<0>); when the whole K fits the ring (P == nch) no slot is
-  // reused and the loop needs no barrier. Else chunk ch >= S streams into slot ch % S after chunk ch - S.
-  for (int ch = 0; ch < nch; ++ch) {
-    if (P < nch) {
-      if (ch >= 1 && ch - 1 + S < nch) issue_w(sm.Ws, L, U, c0, ch - 1 + S);
-      cp_async_commit();
-      if (ch >= P) cp_async_wait<0>();
-      __syncthreads();
-    }
-    const bf16* wst = sm.Ws + (ch % S) * U * kWld + (warp * NFW * 8 + g) * kWld + t2;
-#pragma unroll
-    for (int kk = 0; kk < kKC; kk += 16) {
-      const int ka = ch * kKC + kk;
-      const uint32_t a0 = lds32(a_lo + ka), a1 = lds32(a_hi + ka), a2 = lds32(a_lo + ka + 8), a3 = lds32(a_hi + ka + 8);
-#pragma unroll
-      for (int f = 0; f < NFW; ++f) {
-        const bf16* w = wst + f * 8 * kWld + kk;
-        mma_bf16(acc[f], a0, a1, a2, a3, lds32(w), lds32(w + 8));
-      }
-    }
-    if (P < nch) __syncthreads();
-  }
-#pragma unroll
-  for (int f = 0; f < NFW; ++f) {
-    const int u = warp * NFW * 8 + f * 8 + t2;
-    sm.Cs[g * kCld + u] = acc[f][0];
-    sm.Cs[g * kCld + u + 1] = acc[f][1];
-    sm.Cs[(g + 8) * kCld + u] = acc[f][2];
-    sm.Cs[(g + 8) * kCld + u + 1] = acc[f][3];
-  }
-  __syncthreads();
-  for (int e = tid; e < nrows * Uh; e += kThreads) {
-    const int r = e / Uh, c = e - r * Uh;
-    float val;
-    if (L.moe) {
-      const int x = sm.rexp[r];
-      val = (sm.Cs[r * kCld + c + x * Uh] + sm.bias[c + x * Uh]) * sm.rgate[r];
-    } else {
-      val = sm.Cs[r * kCld + c] + sm.bias[c];
-    }
-    epi(r, c, val, resid ? sm.Xres[r * 64 + c] : 0.0f);
-  }
-  __syncthreads();
-}
-
-// Runs linear_tile with the warp layout of the layer: dense / shift NFW_DENSE fragments per warp, MoE twice
-// as many (both experts over the same output columns).
-template <int NFW_DENSE, class Build, class Epi>
-__device__ __forceinline__ void run_tile(const KParams& p, const TileSmem& sm, const FusedLinear& L, int r0, int c0,
-                                         const float* resid, bool prefetched, Build build, Epi epi) {
-  if (L.moe)
-    linear_tile<2 * NFW_DENSE>(p, sm, L, r0, c0, p.M, resid, prefetched, build, epi);
-  else
-    linear_tile<NFW_DENSE>(p, sm, L, r0, c0, p.M, resid, prefetched, build, epi);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -360,22 +249,16 @@ __device__ __forceinline__ void run_tile(const KParams& p, const TileSmem& sm, c
 
 // As rows = LayerNorm(x rows r0..r0+15) in bf16 (zeros past M); warp w takes rows w, w+4, w+8, w+12; two-pass
 // f32 statistics as layernorm_forward.
-__device__ void build_ln(const KParams& p, const TileSmem& sm, int r0, const float* w, const float* b) {
+__device__ __forceinline__ void build_ln(const KParams& p, TileSmem& sm, int r0, const float* w, const float* b) {
   constexpr int kPer = kMaxC / 32;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, C = p.m.dims.C;
   const int nrows = max(0, min(kRT, p.M - r0));
   cp_rows(sm.Xs, C * 4, p.x + size_t(r0) * C, size_t(C) * 4, nrows, C * 4);
   cp_async_commit();
-  float wv[kPer], bv[kPer];
-#pragma unroll
-  for (int k = 0; k < kPer; ++k) {
-    const int c = lane + 32 * k;
-    wv[k] = c < C ? __ldg(w + c) : 0.0f;
-    bv[k] = c < C ? __ldg(b + c) : 0.0f;
-  }
   cp_async_wait<0>();
   __syncthreads();
-  for (int rr = warp; rr < kRT; rr += 4) {
+  stamp(sm.st, 7);
+  for (int rr = warp; rr < kRT; rr += kWarps) {
     bf16* dst = sm.As + rr * p.lda;
     if (rr >= nrows) {
       for (int c = lane; c < C; c += 32) dst[c] = __float2bfloat16_rn(0.0f);
@@ -403,13 +286,13 @@ __device__ void build_ln(const KParams& p, const TileSmem& sm, int r0, const flo
 #pragma unroll
     for (int k = 0; k < kPer; ++k) {
       const int c = lane + 32 * k;
-      if (c < C) dst[c] = __float2bfloat16_rn((v[k] - mean) * rstd * wv[k] + bv[k]);
+      if (c < C) dst[c] = __float2bfloat16_rn((v[k] - mean) * rstd * __ldg(w + c) + __ldg(b + c));
     }
   }
 }
 
 // As rows = src rows r0..r0+15 (bf16, K columns, row stride ld), zeros past M.
-__device__ void build_copy(const KParams& p, const TileSmem& sm, int r0, const bf16* src, int K, int ld) {
+__device__ __forceinline__ void build_copy(const KParams& p, TileSmem& sm, int r0, const bf16* src, int K, int ld) {
   const int nrows = max(0, min(kRT, p.M - r0));
   cp_rows(sm.As, p.lda * 2, src + size_t(r0) * ld, size_t(ld) * 2, nrows, K * 2);
   cp_async_commit();
@@ -418,11 +301,12 @@ __device__ void build_copy(const KParams& p, const TileSmem& sm, int r0, const b
     *reinterpret_cast<uint4*>(sm.As + r * p.lda + s * 8) = make_uint4(0u, 0u, 0u, 0u);
   }
   cp_async_wait<0>();
+  stamp(sm.st, 7);
 }
 
 // As rows = im2col of patches r0..min(r0+16, rows)-1 (patch row b*P + py*G + px; columns ci*p*p + ky*p + kx),
 // bf16; float4 loads 8 at a time per thread before their conversions.
-__device__ void build_patches(const KParams& p, const TileSmem& sm, int r0, int rows) {
+__device__ __forceinline__ void build_patches(const KParams& p, TileSmem& sm, int r0, int rows) {
   const FusedVitDims& d = p.m.dims;
   const int ps = d.patch, G = d.S / ps, P = G * G, q4 = ps / 4;
   const int nrows = max(0, min(kRT, rows - r0)), per_row = d.Cin * ps * q4, total = kRT * per_row;
@@ -456,7 +340,7 @@ __device__ void build_patches(const KParams& p, const TileSmem& sm, int r0, int 
 //   z = (sum over set bits r, ascending, of KV_r) + 0.5 v;  out = z / max(|z|, eps) + sum_t conv_t v_{n+t-4}
 // Staged first: KV of the (at most two) images of the tile, the v rows of the tile with a 4-row halo, the codes.
 // Thread task = (row, head, 8 columns); the 8 tasks of a (row, head) are 8 aligned lanes (norm by shuffles).
-__device__ void build_attention(const KParams& p, const TileSmem& sm, const FusedBlock& blk, int r0) {
+__device__ __forceinline__ void build_attention(const KParams& p, TileSmem& sm, const FusedBlock& blk, int r0) {
   const FusedVitDims& d = p.m.dims;
   const int N = d.N, C = d.C, H = d.H, nb = d.nbits, C2 = 2 * C, tid = threadIdx.x;
   const int nrows = max(0, min(kRT, p.M - r0));
@@ -474,6 +358,7 @@ __device__ void build_attention(const KParams& p, const TileSmem& sm, const Fuse
   }
   cp_async_wait<0>();
   __syncthreads();
+  stamp(sm.st, 7);
   const int tasks = kRT * H * 8;  // a multiple of kThreads: uniform loop, full-mask shuffles
   for (int e = tid; e < tasks; e += kThreads) {
     const int r = e / (H * 8), h = (e >> 3) % H, g8 = e & 7;
@@ -526,7 +411,7 @@ __device__ void build_attention(const KParams& p, const TileSmem& sm, const Fuse
 
 // Phase-1 prologue of a to_qk tile of head h: the head's anchors (m, d) into rows of kAtLd floats (cp.async;
 // the following build waits for it).
-__device__ void stage_anchors(const KParams& p, const TileSmem& sm, const FusedBlock& blk, int h) {
+__device__ void stage_anchors(const KParams& p, TileSmem& sm, const FusedBlock& blk, int h) {
   const int m = p.m.dims.m;
   cp_rows(sm.U, kAtLd * 4, blk.anchors + size_t(h) * m * kD, kD * 4, m, kD * 4);
   cp_async_commit();
@@ -535,16 +420,16 @@ __device__ void stage_anchors(const KParams& p, const TileSmem& sm, const FusedB
 // Phase 1, after the epilogue of a to_qk tile (rows r0.., head h) left the bf16-rounded q values in Cs:
 // q = x / max(|x|, eps) (norm in double, as the CPU), D_nj = max(|q|^2 + |a_j|^2 - 2 q.a_j, 0) into p.dist
 // (rows of m4) and each row's sum of D (double, j ascending) into p.rowsum.
-__device__ void hash_prepare(const KParams& p, const TileSmem& sm, int r0, int h) {
+__device__ __noinline__ void hash_prepare(const KParams& p, TileSmem& sm, int r0, int h, int cl) {
   const FusedVitDims& d = p.m.dims;
   const int m = d.m, m4 = round_up4(m), N = d.N, H = d.H, tid = threadIdx.x;
   const float* At = reinterpret_cast<const float*>(sm.U);  // (m, kAtLd)
   float* aa = reinterpret_cast<float*>(sm.U) + m * kAtLd;
   float* Ds = aa + m4;
   float* qq = sm.misc;
-  {
-    const int r = tid >> 3, g8 = tid & 7;  // 16 rows x 8 column groups = kThreads tasks
-    float* q = sm.Cs + r * kCld + g8 * 8;
+  if (tid < kRT * 8) {  // 16 rows x 8 column groups (whole warps)
+    const int r = tid >> 3, g8 = tid & 7;
+    float* q = sm.Cs + r * cl + g8 * 8;
     double ss = 0.0;
 #pragma unroll
     for (int i = 0; i < 8; ++i) ss += double(q[i]) * q[i];
@@ -573,7 +458,7 @@ __device__ void hash_prepare(const KParams& p, const TileSmem& sm, int r0, int h
   const int nrows = max(0, min(kRT, p.M - r0));
   for (int e = tid; e < kRT * m; e += kThreads) {
     const int r = e / m, j = e - r * m;
-    const float* q = sm.Cs + r * kCld;
+    const float* q = sm.Cs + r * cl;
     const float* a = At + j * kAtLd;
     float d4[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // four interleaved partial sums (a short dependency chain)
 #pragma unroll 16
@@ -598,7 +483,7 @@ __device__ void hash_prepare(const KParams& p, const TileSmem& sm, int r0, int h
 
 // Phase 2 item (image b, head h, tokens [c*16, c*16+16)): sigma, k, y, codes, the chunk's MatAdd #1 partial;
 // the head's last chunk to finish reduces the partials in chunk order into KV (scaled by 1/pi).
-__device__ void hash_codes(const KParams& p, const TileSmem& sm, const FusedBlock& blk, int b, int h, int c) {
+__device__ __noinline__ void hash_codes(const KParams& p, TileSmem& sm, const FusedBlock& blk, int b, int h, int c) {
   const FusedVitDims& d = p.m.dims;
   const int N = d.N, H = d.H, m = d.m, m4 = round_up4(m), nb = d.nbits, C = d.C, tid = threadIdx.x, nch = p.nch;
   const int lane = tid & 31, warp = tid >> 5;
@@ -622,7 +507,9 @@ __device__ void hash_codes(const KParams& p, const TileSmem& sm, const FusedBloc
   if (lane == 0) red[warp] = s;
   cp_async_wait<0>();
   __syncthreads();
-  const double tot = (red[0] + red[1]) + (red[2] + red[3]);
+  stamp(sm.st, 7);
+  double tot = 0.0;
+  for (int w = 0; w < kWarps; ++w) tot += red[w];
   const float two_sigma = 2.0f * fmaxf(static_cast<float>(tot / (double(N) * m)), kSigmaMin);
   for (int e = tid; e < cnt * m; e += kThreads) {
     const int tn = e / m, j = e - tn * m;
@@ -676,6 +563,204 @@ __device__ void hash_codes(const KParams& p, const TileSmem& sm, const FusedBloc
   __syncthreads();
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// one tile of a product phase
+
+// The product of a tile: Cs partials (KS, 16, U + 4) = As x W^T over the chunks of the ring. Warp grid: G = U/8/NF
+// groups of NF n8-fragments (units) x KS K-splits (k-steps kg, kg + KS, ... of every 64-wide chunk), G * KS = 16.
+// Chunks [0, P) completed in the prologue; when the whole K fits the ring (P == nch) no slot is reused and the
+// loop needs no barrier. Else chunk ch >= S streams into slot ch % S after chunk ch - S.
+template <int NF, int KS>
+__device__ __forceinline__ void tile_product(TileSmem& sm, const FusedLinear& L, int U, int c0, int S, int P, int nch,
+                                             int lda) {
+  constexpr int G = kWarps / KS;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, fg = warp % G, kg = warp / G, CL = U + 4;
+  float acc[NF][4];
+#pragma unroll
+  for (int f = 0; f < NF; ++f) acc[f][0] = acc[f][1] = acc[f][2] = acc[f][3] = 0.0f;
+  const int g = lane >> 2, t2 = (lane & 3) * 2;
+  const bf16* a_lo = sm.As + g * lda + t2;
+  const bf16* a_hi = a_lo + 8 * lda;
+  for (int ch = 0; ch < nch; ++ch) {
+    if (P < nch) {
+      if (ch >= 1 && ch - 1 + S < nch) issue_w(sm.Ws, L, U, c0, ch - 1 + S);
+      cp_async_commit();
+      if (ch >= P) cp_async_wait<0>();
+      __syncthreads();
+    }
+    const bf16* wst = sm.Ws + (ch % S) * U * kWld + (fg * NF * 8 + g) * kWld + t2;
+#pragma unroll
+    for (int kk = kg * 16; kk < kKC; kk += 16 * KS) {
+      const int ka = ch * kKC + kk;
+      const uint32_t a0 = lds32(a_lo + ka), a1 = lds32(a_hi + ka), a2 = lds32(a_lo + ka + 8), a3 = lds32(a_hi + ka + 8);
+#pragma unroll
+      for (int f = 0; f < NF; ++f) {
+        const bf16* w = wst + f * 8 * kWld + kk;
+        mma_bf16(acc[f], a0, a1, a2, a3, lds32(w), lds32(w + 8));
+      }
+    }
+    if (P < nch) __syncthreads();
+  }
+  float* cp = sm.Cs + kg * kRT * CL;
+#pragma unroll
+  for (int f = 0; f < NF; ++f) {
+    const int u = fg * NF * 8 + f * 8 + t2;
+    cp[g * CL + u] = acc[f][0];
+    cp[g * CL + u + 1] = acc[f][1];
+    cp[(g + 8) * CL + u] = acc[f][2];
+    cp[(g + 8) * CL + u + 1] = acc[f][3];
+  }
+}
+
+enum TileKind { tk_embed = 0, tk_qkv, tk_proj, tk_fc1, tk_fc2 };
+
+// A tile of a product phase: rows r0.. (token rows; embed: patch rows b*P + pp0..) of at most `rows`, output
+// columns c0.. of L, U units (both experts' columns for MoE). qkv tiles: ocol = the tile's column in the qkv
+// buffer, head >= 0 for a to_qk tile (the hash is prepared after the epilogue).
+struct TileJob {
+  const FusedLinear* L;
+  const FusedBlock* blk;
+  int kind, r0, c0, rows, U, ocol, head, b, pp0;
+  bool prefetched;
+  unsigned long long* st;
+};
+
+// Cs (16 x U) = A (16 x K, built by the kind's prologue into As) x W^T, then the kind's epilogue for the
+// 16 x Uh outputs (bias; MoE: the chosen expert's columns, gated). The prologue stages its inputs by cp.async
+// and waits for everything in flight: the weight chunks (prefetched before the phase's barrier for a CTA's first
+// tile), the router weights and the residual rows arrive meanwhile. Warp grid of the product: G groups of NF
+// n8-fragments (units) x KS K-splits (k-steps kg, kg + KS, ... of every 64-wide chunk); the KS partials are
+// added in split order in the epilogue. Inlined into each phase (the kind then folds to constants: measured
+// 0.94 -> 0.74 ms against one shared out-of-line copy). Ends with a __syncthreads.
+__device__ __forceinline__ void linear_tile(const KParams& p, TileSmem& sm, const TileJob& j) {
+  const FusedLinear& L = *j.L;
+  const int U = j.U, r0 = j.r0, c0 = j.c0, kind = j.kind;
+  unsigned long long* st = j.st;
+  stamp(st, 0);
+  if (st && threadIdx.x == 0) st[5] = clock64();
+  sm.st = st;
+  const FusedVitDims& d = p.m.dims;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int K = L.K, Uh = L.moe ? U / 2 : U, nch = K / kKC, lda = p.lda, C = d.C, N = d.N;
+  const int S = kRingRows / U, P = min(S, nch);  // chunks issued up front (all of them when they fit)
+  const int nrows = max(0, min(kRT, j.rows - r0));
+  if (!j.prefetched) prefetch_tile(sm, L, U, c0);
+  const float* resid = kind == tk_embed                    ? p.m.pos + size_t(1 + j.pp0) * C
+                       : kind == tk_proj || kind == tk_fc2 ? p.x + size_t(r0) * C
+                                                           : nullptr;
+  if (resid) cp_rows(sm.Xres, 64 * 4, resid + c0, size_t(C) * 4, nrows, Uh * 4);  // committed by the prologue
+  float bias = 0.0f;  // unit tid's: loaded now, stored to shared memory after the prologue (U <= kThreads)
+  if (tid < U) {
+    if (L.moe)
+      bias = __ldg((tid < Uh ? L.b32 : L.b1) + c0 + (tid < Uh ? tid : tid - Uh));
+    else if (L.b16)
+      bias = __bfloat162float(L.b16[c0 + tid]);
+    else if (L.b32)
+      bias = __ldg(L.b32 + c0 + tid);
+  }
+  const FusedBlock& blk = *j.blk;
+  switch (kind) {
+    case tk_embed:
+      build_patches(p, sm, r0, j.rows);
+      break;
+    case tk_qkv:
+      if (j.head >= 0) stage_anchors(p, sm, blk, j.head);
+      build_ln(p, sm, r0, blk.ln1_w, blk.ln1_b);
+      break;
+    case tk_proj:
+      build_attention(p, sm, blk, r0);
+      break;
+    case tk_fc1:
+      build_ln(p, sm, r0, blk.ln2_w, blk.ln2_b);
+      break;
+    default:
+      build_copy(p, sm, r0, p.hid, d.F, d.F);
+  }
+  stamp(st, 1);
+  if (tid < U) sm.bias[tid] = bias;
+  __syncthreads();
+  static_assert(kWarps == kRT, "the router takes one row per warp");
+  if (L.moe) {  // router: warp w takes row w; f32 weights, the bf16 inputs of the product
+    float s0[2] = {0.0f, 0.0f}, s1[2] = {0.0f, 0.0f};  // two interleaved partial sums each
+    const bf16* a = sm.As + warp * lda;
+    for (int k = lane; k < K; k += 64) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int kk = k + 32 * h;
+        if (kk >= K) continue;
+        const float x = __bfloat162float(a[kk]);
+        s0[h] = fmaf(x, sm.Wr[kk], s0[h]);
+        s1[h] = fmaf(x, sm.Wr[K + kk], s1[h]);
+      }
+    }
+    float t0 = s0[0] + s0[1], t1 = s1[0] + s1[1];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      t0 += __shfl_xor_sync(kFull, t0, o);
+      t1 += __shfl_xor_sync(kFull, t1, o);
+    }
+    if (lane == 0) {
+      const int r = warp;
+      const float l0 = t0 + __ldg(L.br), l1 = t1 + __ldg(L.br + 1);
+      const int e = l1 > l0 ? 1 : 0;  // ties (and NaN) -> the mult expert, as the CPU
+      sm.rexp[r] = e;
+      sm.rgate[r] = p.m.gate == moe_gate_prob ? 1.0f / (1.0f + expf(e ? l0 - l1 : l1 - l0)) : 1.0f;
+      if (c0 == 0 && L.choice && r < nrows) L.choice[r0 + r] = static_cast<int8_t>(e);
+    }
+  }
+  stamp(st, 2);
+  const int KS = U == 32 || U == 96 ? 4 : U == 64 || U == 192 ? 2 : 1, CL = U + 4;  // as tile_product's
+  switch (U) {  // the unit counts the phases use (vit_fused_supports)
+    case 32:
+      tile_product<1, 4>(sm, L, U, c0, S, P, nch, lda);
+      break;
+    case 64:
+      tile_product<1, 2>(sm, L, U, c0, S, P, nch, lda);
+      break;
+    case 96:
+      tile_product<3, 4>(sm, L, U, c0, S, P, nch, lda);
+      break;
+    case 128:
+      tile_product<1, 1>(sm, L, U, c0, S, P, nch, lda);
+      break;
+    default:
+      tile_product<3, 2>(sm, L, U, c0, S, P, nch, lda);
+  }
+  stamp(st, 3);
+  __syncthreads();
+  // the K-split partials added in split order; a to_qk tile leaves its rounded q in split 0's slot for the hash
+  const bool moe_gelu = L.moe;
+  for (int e = tid; e < nrows * Uh; e += kThreads) {
+    const int r = e / Uh, c = e - r * Uh;
+    const int u = L.moe ? c + sm.rexp[r] * Uh : c;
+    float a = sm.Cs[r * CL + u];
+    for (int k = 1; k < KS; ++k) a += sm.Cs[(k * kRT + r) * CL + u];
+    const float val = L.moe ? (a + sm.bias[u]) * sm.rgate[r] : a + sm.bias[c];
+    const float res = resid ? sm.Xres[r * 64 + c] : 0.0f;
+    const int col = c0 + c;
+    switch (kind) {
+      case tk_embed:
+        p.x[(size_t(j.b) * N + 1 + j.pp0 + r) * C + col] = val + res;
+        break;
+      case tk_qkv: {
+        const bf16 hv = __float2bfloat16_rn(val);
+        p.qkv[size_t(r0 + r) * 2 * C + j.ocol + c] = hv;
+        if (j.head >= 0) sm.Cs[r * CL + c] = __bfloat162float(hv);
+        break;
+      }
+      case tk_fc1:
+        p.hid[size_t(r0 + r) * d.F + col] = __float2bfloat16_rn(moe_gelu ? gelu_erf(val) : gelu_tanh(val));
+        break;
+      default:  // proj, fc2: the residual stream
+        p.x[size_t(r0 + r) * C + col] = res + val;
+    }
+  }
+  __syncthreads();
+  if (kind == tk_qkv && j.head >= 0) hash_prepare(p, sm, r0, j.head, CL);
+  stamp(st, 4);
+  if (st && threadIdx.x == 0) st[6] = clock64();
+}
+
 // One warp: dst (C, bf16) = LayerNorm(xr) with two-pass f32 statistics (layernorm_forward's).
 __device__ __forceinline__ void ln_row_warp(bf16* dst, const float* xr, const float* w, const float* b, int C,
                                             float eps) {
@@ -709,20 +794,21 @@ __device__ __forceinline__ void ln_row_warp(bf16* dst, const float* xr, const fl
 // ---------------------------------------------------------------------------------------------------------
 // the kernel
 
-__device__ __forceinline__ unsigned long long global_ns() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
-__global__ void __launch_bounds__(kThreads) vit_fused_kernel(const __grid_constant__ KParams p) {
+__global__ void __launch_bounds__(kThreads, 1) vit_fused_kernel(const __grid_constant__ KParams p) {
   cg::grid_group grid = cg::this_grid();
-  const TileSmem sm = tile_smem(p);
+  TileSmem sm = tile_smem(p);
   const FusedVitDims& d = p.m.dims;
   const int N = d.N, C = d.C, H = d.H, F = d.F, M = p.M, RT = (M + kRT - 1) / kRT, tid = threadIdx.x;
   // trace (vit_fused_trace): per phase, each CTA's time at the end of its work, then CTA 0's after the barrier
   int phase = 0;
   const unsigned stride = gridDim.x + 1;
+  const int nphases = 1 + 5 * d.depth + 1;
+  // this CTA's sub-phase stamps for the current phase (first tile only)
+  auto sub = [&](int t) -> unsigned long long* {
+    return p.trace && t == int(blockIdx.x)
+               ? p.trace + size_t(nphases + 1) * stride + (size_t(phase) * gridDim.x + blockIdx.x) * kStamps
+               : nullptr;
+  };
   auto barrier = [&] {
     if (p.trace) {
       __syncthreads();
@@ -732,7 +818,7 @@ __global__ void __launch_bounds__(kThreads) vit_fused_kernel(const __grid_consta
     if (p.trace && blockIdx.x == 0 && tid == 0) p.trace[phase * stride + gridDim.x] = global_ns();
     ++phase;
   };
-  if (p.trace && blockIdx.x == 0 && tid == 0) p.trace[size_t(1 + 5 * d.depth + 1) * stride] = global_ns();
+  if (p.trace && blockIdx.x == 0 && tid == 0) p.trace[size_t(nphases) * stride] = global_ns();
 
   // Tile decompositions of the product phases (tile t of a phase; t = blockIdx.x is a CTA's first tile, whose
   // weights are prefetched before the barrier that opens the phase). RT row tiles of 16 token rows.
@@ -740,116 +826,82 @@ __global__ void __launch_bounds__(kThreads) vit_fused_kernel(const __grid_consta
   const int c4 = F % 96 == 0 ? 96 : 64;  // phase 4: columns per fc1 tile
   const int ps = d.patch, P = (d.S / ps) * (d.S / ps), tpi = (P + kRT - 1) / kRT;  // E: tiles per image
   auto units = [](const FusedLinear& L, int cols) { return L.moe ? 2 * cols : cols; };
-  auto qkv_tile = [&](const FusedBlock& blk, int t, const FusedLinear*& L, int& c0) {  // returns the column tile
-    const int ct = t / RT;
-    const bool stacked = blk.v.F == 0, is_v = ct >= hc;
-    L = stacked ? &blk.qk : (is_v ? &blk.v : &blk.qk);
-    c0 = stacked ? ct * 64 : (ct % hc) * 64;
-    return ct;
-  };
-  // the weights of this CTA's first tile of the phase `next` of block l (1: qkv, 3: proj, 4: fc1, 5: fc2)
-  auto prefetch = [&](int l, int next) {
-    if (l >= d.depth) return;
-    const FusedBlock& blk = p.m.blocks[l];
-    const int t = blockIdx.x;
-    if (next == 1 && t < RT * 2 * hc) {
-      const FusedLinear* L;
-      int c0;
-      qkv_tile(blk, t, L, c0);
-      prefetch_tile(sm, *L, units(*L, 64), c0);
-    } else if (next == 3 && t < RT * (C / 32)) {
-      prefetch_tile(sm, blk.proj, units(blk.proj, 32), (t / RT) * 32);
-    } else if (next == 4 && t < RT * (F / c4)) {
-      prefetch_tile(sm, blk.fc1, units(blk.fc1, c4), (t / RT) * c4);
-    } else if (next == 5 && t < RT * (C / 32)) {
-      prefetch_tile(sm, blk.fc2, units(blk.fc2, 32), (t / RT) * 32);
+  // the tile t of phase `kind` of block l (embedding: l ignored)
+  auto job = [&](int kind, int l, int t) {
+    TileJob j{};
+    j.kind = kind, j.head = -1, j.rows = M, j.r0 = (t % RT) * kRT;
+    j.blk = p.m.blocks + (l < d.depth ? l : 0);
+    const FusedBlock& blk = *j.blk;
+    if (kind == tk_embed) {
+      const int bt = t % (p.B * tpi);
+      j.L = &p.patch, j.b = bt / tpi, j.pp0 = (bt - j.b * tpi) * kRT, j.c0 = (t / (p.B * tpi)) * 64;
+      j.r0 = j.b * P + j.pp0, j.rows = (j.b + 1) * P, j.U = 64;
+    } else if (kind == tk_qkv) {
+      const int ct = t / RT;
+      const bool stacked = blk.v.F == 0, is_v = ct >= hc;
+      j.L = stacked ? &blk.qk : (is_v ? &blk.v : &blk.qk);
+      j.c0 = stacked ? ct * 64 : (ct % hc) * 64, j.ocol = ct * 64, j.head = is_v ? -1 : ct;
+      j.U = units(*j.L, 64);
+    } else if (kind == tk_proj || kind == tk_fc2) {
+      j.L = kind == tk_proj ? &blk.proj : &blk.fc2, j.c0 = (t / RT) * 32, j.U = units(*j.L, 32);
+    } else {
+      j.L = &blk.fc1, j.c0 = (t / RT) * c4, j.U = units(blk.fc1, c4);
     }
+    return j;
+  };
+  auto tiles = [&](int kind) {
+    return kind == tk_embed ? p.B * tpi * (C / 64)
+           : kind == tk_qkv ? RT * 2 * hc
+           : kind == tk_fc1 ? RT * (F / c4)
+                            : RT * (C / 32);
+  };
+  auto run_phase = [&](int kind, int l) {
+    for (int t = blockIdx.x; t < tiles(kind); t += gridDim.x) {
+      TileJob j = job(kind, l, t);
+      j.prefetched = kind != tk_embed && t == int(blockIdx.x);
+      j.st = sub(t);
+      linear_tile(p, sm, j);
+    }
+  };
+  // the weights of this CTA's first tile of phase `kind` of block l
+  auto prefetch = [&](int kind, int l) {
+    if (l >= d.depth || int(blockIdx.x) >= tiles(kind)) return;
+    const TileJob j = job(kind, l, blockIdx.x);
+    prefetch_tile(sm, *j.L, j.U, j.c0);
   };
 
-  // ---- E: patches -> x (token rows b*N + 1 + patch), class rows cls + pos ----
-  {
-    // tiles of 16 patches within one image (the position rows are then contiguous: staged as the "residual")
-    FusedLinear L;
-    L.K = d.Cin * ps * ps, L.F = C, L.w0 = p.m.patch_w, L.b32 = p.m.patch_b;
-    for (int t = blockIdx.x; t < p.B * tpi * (C / 64); t += gridDim.x) {
-      const int bt = t % (p.B * tpi), b = bt / tpi, pp0 = (bt - b * tpi) * kRT, c0 = (t / (p.B * tpi)) * 64;
-      const int r0 = b * P + pp0;
-      linear_tile<2>(
-          p, sm, L, r0, c0, (b + 1) * P, p.m.pos + size_t(1 + pp0) * C, false,
-          [&] { build_patches(p, sm, r0, (b + 1) * P); },
-          [&](int r, int c, float val, float pos) { p.x[(size_t(b) * N + 1 + pp0 + r) * C + c0 + c] = val + pos; });
+  // ---- E: patches -> x (token rows b*N + 1 + patch; + pos staged as the tile's "residual"), class rows ----
+  run_phase(tk_embed, 0);
+  if (blockIdx.x == gridDim.x - 1)
+    for (int e = tid; e < p.B * C; e += kThreads) {
+      const int b = e / C, c = e - b * C;
+      p.x[size_t(b) * N * C + c] = __ldg(p.m.cls + c) + __ldg(p.m.pos + c);
     }
-    if (blockIdx.x == gridDim.x - 1)
-      for (int e = tid; e < p.B * C; e += kThreads) {
-        const int b = e / C, c = e - b * C;
-        p.x[size_t(b) * N * C + c] = __ldg(p.m.cls + c) + __ldg(p.m.pos + c);
-      }
-  }
-  prefetch(0, 1);
+  prefetch(tk_qkv, 0);
   barrier();
 
   for (int l = 0; l < d.depth; ++l) {
     const FusedBlock& blk = p.m.blocks[l];
-    // ---- 1: LN1 -> [to_qk | to_v] -> qkv (bf16); to_qk tiles also prepare the hash ----
-    for (int t = blockIdx.x; t < RT * 2 * hc; t += gridDim.x) {
-      const FusedLinear* L;
-      int c0;
-      const int r0 = (t % RT) * kRT, ct = qkv_tile(blk, t, L, c0), ocol = ct * 64;
-      const bool is_v = ct >= hc;
-      run_tile<2>(
-          p, sm, *L, r0, c0, nullptr, t == int(blockIdx.x),
-          [&] {
-            if (!is_v) stage_anchors(p, sm, blk, ct);
-            build_ln(p, sm, r0, blk.ln1_w, blk.ln1_b);
-          },
-          [&](int r, int c, float val, float) {
-            const bf16 hv = __float2bfloat16_rn(val);
-            p.qkv[size_t(r0 + r) * 2 * C + ocol + c] = hv;
-            if (!is_v) sm.Cs[r * kCld + c] = __bfloat162float(hv);
-          });
-      if (!is_v) hash_prepare(p, sm, r0, ct);
-    }
+    run_phase(tk_qkv, l);  // 1: LN1 -> [to_qk | to_v] -> qkv (bf16); to_qk tiles also prepare the hash
     barrier();
-    // ---- 2: sigma, codes, KV ----
-    for (int t = blockIdx.x; t < p.B * H * p.nch; t += gridDim.x) {
+    for (int t = blockIdx.x; t < p.B * H * p.nch; t += gridDim.x) {  // 2: sigma, codes, KV
       const int c = t % p.nch, bh = t / p.nch;
+      unsigned long long* st = sub(t);
+      sm.st = st;
+      stamp(st, 0);
       hash_codes(p, sm, blk, bh / H, bh % H, c);
+      stamp(st, 4);
     }
-    prefetch(l, 3);
+    prefetch(tk_proj, l);
     barrier();
-    // ---- 3: attention output -> proj + residual ----
-    for (int t = blockIdx.x; t < RT * (C / 32); t += gridDim.x) {
-      const int r0 = (t % RT) * kRT, c0 = (t / RT) * 32;
-      run_tile<1>(
-          p, sm, blk.proj, r0, c0, p.x + size_t(r0) * C, t == int(blockIdx.x), [&] { build_attention(p, sm, blk, r0); },
-          [&](int r, int c, float val, float res) { p.x[size_t(r0 + r) * C + c0 + c] = res + val; });
-    }
-    prefetch(l, 4);
+    run_phase(tk_proj, l);  // 3: attention output -> proj + residual
+    prefetch(tk_fc1, l);
     barrier();
-    // ---- 4: LN2 -> fc1 + GELU -> hid ----
-    for (int t = blockIdx.x; t < RT * (F / c4); t += gridDim.x) {
-      const int r0 = (t % RT) * kRT, c0 = (t / RT) * c4;
-      const bool moe = blk.fc1.moe;
-      auto build = [&] { build_ln(p, sm, r0, blk.ln2_w, blk.ln2_b); };
-      auto epi = [&](int r, int c, float val, float) {
-        p.hid[size_t(r0 + r) * F + c0 + c] = __float2bfloat16_rn(moe ? gelu_erf(val) : gelu_tanh(val));
-      };
-      if (c4 == 96)
-        run_tile<3>(p, sm, blk.fc1, r0, c0, nullptr, t == int(blockIdx.x), build, epi);
-      else
-        run_tile<2>(p, sm, blk.fc1, r0, c0, nullptr, t == int(blockIdx.x), build, epi);
-    }
-    prefetch(l, 5);
+    run_phase(tk_fc1, l);  // 4: LN2 -> fc1 + GELU -> hid
+    prefetch(tk_fc2, l);
     barrier();
-    // ---- 5: fc2 + residual ----
-    for (int t = blockIdx.x; t < RT * (C / 32); t += gridDim.x) {
-      const int r0 = (t % RT) * kRT, c0 = (t / RT) * 32;
-      run_tile<1>(
-          p, sm, blk.fc2, r0, c0, p.x + size_t(r0) * C, t == int(blockIdx.x),
-          [&] { build_copy(p, sm, r0, p.hid, F, F); },
-          [&](int r, int c, float val, float res) { p.x[size_t(r0 + r) * C + c0 + c] = res + val; });
-    }
-    prefetch(l + 1, 1);
+    run_phase(tk_fc2, l);  // 5: fc2 + residual
+    prefetch(tk_qkv, l + 1);
     barrier();
   }
 
@@ -862,14 +914,12 @@ __global__ void __launch_bounds__(kThreads) vit_fused_kernel(const __grid_consta
     __syncthreads();
     for (int cls = blockIdx.x * (kThreads / 32) + warp; cls < d.V; cls += gridDim.x * (kThreads / 32)) {
       const bf16* w = p.m.head_w + size_t(cls) * C;
-      float wv[kMaxC / 32];
-#pragma unroll
-      for (int i = 0; i < kMaxC / 32; ++i) wv[i] = lane + 32 * i < C ? __bfloat162float(w[lane + 32 * i]) : 0.0f;
       for (int b = 0; b < p.B; ++b) {
         float s = 0.0f;
-#pragma unroll
+#pragma unroll 8
         for (int i = 0; i < kMaxC / 32; ++i)
-          if (lane + 32 * i < C) s = fmaf(__bfloat162float(cn[b * C + lane + 32 * i]), wv[i], s);
+          if (lane + 32 * i < C)
+            s = fmaf(__bfloat162float(cn[b * C + lane + 32 * i]), __bfloat162float(w[lane + 32 * i]), s);
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(kFull, s, o);
         if (lane == 0) p.logits[size_t(b) * d.V + cls] = s + __ldg(p.m.head_b + cls);
@@ -936,6 +986,8 @@ void vit_fused_forward(const FusedVitModel& m, int B, const float* images, float
   const int grid = std::min(per_sm, want) * sm_count();
   KParams kp{};
   kp.m = m;
+  kp.patch.K = m.dims.Cin * m.dims.patch * m.dims.patch, kp.patch.F = m.dims.C, kp.patch.w0 = m.patch_w;
+  kp.patch.b32 = m.patch_b;
   kp.B = B, kp.M = B * m.dims.N, kp.lda = kmax_of(m.dims) + 8, kp.nch = (m.dims.N + kChunk - 1) / kChunk;
   kp.images = images, kp.logits = logits;
   kp.x = ws.x_.get(), kp.qkv = ws.qkv_.get(), kp.hid = ws.hid_.get(), kp.dist = ws.dist_.get();
@@ -957,12 +1009,13 @@ std::string vit_fused_trace(const FusedVitModel& m, int B, const float* images, 
                             cudaStream_t stream) {
   const int phases = 1 + 5 * m.dims.depth + 1;
   const size_t max_grid = size_t(4) * sm_count(), stride_max = max_grid + 1;
-  DeviceBuffer<unsigned long long> tr(size_t(phases + 1) * stride_max);
+  DeviceBuffer<unsigned long long> tr(size_t(phases + 1) * stride_max + size_t(phases) * max_grid * kStamps);
+  tr.fill_bytes(0);
   vit_fused_forward(m, B, images, logits, ws, stream, tr.get());
   SAV_CUDA_CHECK(cudaStreamSynchronize(stream));
   const int grid = g_last_grid;
   const size_t stride = size_t(grid) + 1;
-  std::vector<unsigned long long> h(size_t(phases + 1) * stride);
+  std::vector<unsigned long long> h(size_t(phases + 1) * stride + size_t(phases) * grid * kStamps);
   SAV_CUDA_CHECK(cudaMemcpy(h.data(), tr.get(), h.size() * sizeof(unsigned long long), cudaMemcpyDeviceToHost));
   // per phase: work = last CTA's end - the previous barrier's exit (CTA 0); barrier = exit - last CTA's end
   const char* names[7] = {"E embed", "1 LN1+qk/v+D", "2 sigma/codes/KV", "3 attn+proj", "4 LN2+fc1", "5 fc2", "H head"};
@@ -980,13 +1033,39 @@ std::string vit_fused_trace(const FusedVitModel& m, int B, const float* images, 
     count[kind] += 1;
     prev = exit;
   }
+  // sub-phases of the CTAs' first tiles: mean over the CTAs that had one (stamps 0-4 ns; 5-6 clock64)
+  double sub[7][4] = {{0}}, clk = 0.0, inputs[7] = {0};
+  int subn[7] = {0};
+  const unsigned long long* S = h.data() + size_t(phases + 1) * stride;
+  for (int ph = 0; ph < phases; ++ph) {
+    const int kind = ph == 0 ? 0 : ph == phases - 1 ? 6 : 1 + (ph - 1) % 5;
+    for (int c = 0; c < grid; ++c) {
+      const unsigned long long* st = S + (size_t(ph) * grid + c) * kStamps;
+      if (st[0] == 0 || st[4] < st[0]) continue;
+      if (kind == 2) {
+        sub[kind][0] += double(st[4] - st[0]) * 1e-3;
+        if (st[7] >= st[0]) inputs[kind] += double(st[7] - st[0]) * 1e-3;
+      } else {
+        for (int k = 0; k < 4; ++k) sub[kind][k] += double(st[k + 1] - st[k]) * 1e-3;
+        if (st[7] >= st[0]) inputs[kind] += double(st[7] - st[0]) * 1e-3;
+        if (st[6] > st[5] && st[4] > st[0]) clk = std::max(clk, double(st[6] - st[5]) / double(st[4] - st[0]));
+      }
+      subn[kind] += 1;
+    }
+  }
   std::ostringstream os;
+  os.setf(std::ios::fixed);
+  os.precision(2);
   os << "fused kernel trace (" << grid << " CTAs, batch " << B << ", total " << double(prev - start) * 1e-3
      << " us): per phase, us per occurrence (slowest CTA's work; barrier after it)\n";
   for (int k = 0; k < 7; ++k)
     if (count[k])
       os << "  " << names[k] << ": x" << count[k] << "  work " << work[k] / count[k] << "  barrier "
-         << bar[k] / count[k] << "\n";
+         << bar[k] / count[k] << "  | first tiles (mean of " << subn[k] << "): prologue "
+         << (subn[k] ? sub[k][0] / subn[k] : 0.0) << " (inputs in " << (subn[k] ? inputs[k] / subn[k] : 0.0)
+         << ") router " << (subn[k] ? sub[k][1] / subn[k] : 0.0) << " product " << (subn[k] ? sub[k][2] / subn[k] : 0.0)
+         << " epilogue " << (subn[k] ? sub[k][3] / subn[k] : 0.0) << "\n";
+  os << "  SM clock seen by the tiles (clock64 / globaltimer): " << clk * 1e3 << " MHz\n";
   return os.str();
 }
 
