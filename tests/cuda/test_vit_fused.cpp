@@ -37,6 +37,14 @@ VitConfig small_config() {
   return c;
 }
 
+// DeiT-Tiny converted as the benchmark's shiftadd variant: Hamming attention everywhere, MoE MLPs, dense attention
+// linears.
+VitConfig converted_deit_tiny() {
+  VitConfig c = vit_preset("deit_tiny_patch16_224");
+  c.attn = std::string(c.depth, 'h'), c.mlp = std::string(c.depth, 'm'), c.attn_linear = std::string(c.depth, 'd');
+  return c;
+}
+
 struct PathRun {
   std::vector<float> logits;
   std::vector<std::pair<std::string, std::vector<int8_t>>> routing;
@@ -130,8 +138,7 @@ TEST_F(VitFused, EveryLinearKindMatchesCpuAndLayeredPath) {
 // attention linears) at batch 1 and 2: against the CPU engine (loose, see the header), against the layered path,
 // both experts used, reruns bit-identical. Prints the two paths' batch-1 latency (information, not a check).
 TEST_F(VitFused, ConvertedDeitTinyMatchesCpuAndLayeredPath) {
-  VitConfig c = vit_preset("deit_tiny_patch16_224");
-  c.attn = std::string(c.depth, 'h'), c.mlp = std::string(c.depth, 'm'), c.attn_linear = std::string(c.depth, 'd');
+  const VitConfig c = converted_deit_tiny();
   Vit cpu(c);
   randomise_shiftadd(cpu, 51);
   ViTCuda net(cpu);
@@ -172,8 +179,7 @@ TEST_F(VitFused, ConvertedDeitTinyMatchesCpuAndLayeredPath) {
 // Each image's logits and routing do not depend on the other images of the batch: a batch of 3 (rows of two images
 // share tiles; per-image sigma and KV) equals the three single-image forwards bit for bit.
 TEST_F(VitFused, BatchInvariantBitForBit) {
-  VitConfig c = vit_preset("deit_tiny_patch16_224");
-  c.attn = std::string(c.depth, 'h'), c.mlp = std::string(c.depth, 'm'), c.attn_linear = std::string(c.depth, 'd');
+  const VitConfig c = converted_deit_tiny();
   Vit cpu(c);
   randomise_shiftadd(cpu, 71);
   ViTCuda net(cpu);

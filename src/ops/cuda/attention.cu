@@ -17,10 +17,13 @@
 #include <cmath>
 
 #include "ops/cuda/ops.h"
+#include "ops/cuda/ptx.cuh"
 
 namespace sav::cuda {
 
 namespace {
+
+using namespace ptx;
 
 constexpr int kAttMaxN = 256;
 constexpr int kAttMaxD = 64;
@@ -32,8 +35,8 @@ struct AttParams {
   bf16* out;
   const bf16* qkv;
   int B, N, C, H, d;
-  int Np, dp;        // padded to multiples of 16
-  int ld;            // smem row stride (bf16 elements) = dp + 8
+  int Np, dp;  // padded to multiples of 16
+  int ld;      // smem row stride (bf16 elements) = dp + 8
   int warps;
   int split;         // key splits per 16 queries (1, or warps when one block holds one query tile)
   float scale_log2;  // d^-0.5 * log2(e)
@@ -48,33 +51,9 @@ size_t smem_bytes(const AttParams& p) {
 }
 
 // ---- PTX wrappers ----
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-// 16-byte global -> shared copy that bypasses registers; `valid` false writes zeros instead.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
-               "r"(valid ? 16 : 0));
-}
 __device__ __forceinline__ void cp_async_wait_all() {
-  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
-}
-__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const bf16* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const bf16* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-// d (16x8 f32) += a (16x16 bf16, row) b (16x8 bf16, col)
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-               "{%0,%1,%2,%3};\n"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  cp_async_commit();
+  cp_async_wait<0>();
 }
 __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x = lo (lower address)
@@ -84,12 +63,12 @@ __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
 // Copies rows [0, rows_pad) of head h's slice s (0 q, 1 k, 2 v) of batch b into dst (rows_pad, ld) bf16,
 // zero-filling rows >= N - row0 and columns >= d. Threads tid..(of nthreads) share the work; the vector
 // path is asynchronous (the caller waits with cp_async_wait_all before its barrier).
-__device__ __forceinline__ void stage_rows(bf16* dst, const AttParams& p, int b, int h, int s, int row0,
-                                           int rows_pad, int tid, int nthreads) {
+__device__ __forceinline__ void stage_rows(bf16* dst, const AttParams& p, int b, int h, int s, int row0, int rows_pad,
+                                           int tid, int nthreads) {
   const int valid = min(rows_pad, p.N - row0);
   const bf16* src = p.qkv + (int64_t(b) * p.N + row0) * 3 * p.C + s * p.C + h * p.d;
   if (p.vec) {
-    const int chunks = p.dp / 8;  // 8 bf16 per 16-byte chunk
+    const int chunks = p.dp / 8;   // 8 bf16 per 16-byte chunk
     if (nthreads % chunks == 0) {  // fixed column per thread: no division in the loop
       const int c8 = (tid % chunks) * 8, rstep = nthreads / chunks;
       const bool col_ok = c8 < p.d;
@@ -160,7 +139,7 @@ __global__ void attention_kernel(const __grid_constant__ AttParams p) {
     float s[kChunk / 8][4];
 #pragma unroll
     for (int n = 0; n < kChunk / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
-    // S = Q K^T for keys j0 .. j0+63 (16-key tiles beyond Np skipped)
+      // S = Q K^T for keys j0 .. j0+63 (16-key tiles beyond Np skipped)
 #pragma unroll
     for (int kp = 0; kp < kChunk / 16; ++kp) {
       if (j0 + 16 * kp < p.Np) {
@@ -194,7 +173,7 @@ __global__ void attention_kernel(const __grid_constant__ AttParams p) {
       mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o2));
       mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o2));
     }
-    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);  // finite: key j0 < N is in the chunk
+    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);                        // finite: key j0 < N is in the chunk
     const float a0 = fast_exp2((m0 - mn0) * sc), a1 = fast_exp2((m1 - mn1) * sc);  // 0 on the first chunk
     m0 = mn0, m1 = mn1;
     const float b0 = -mn0 * sc, b1 = -mn1 * sc;
@@ -214,7 +193,7 @@ __global__ void attention_kernel(const __grid_constant__ AttParams p) {
     l1 = l1 * a1 + ps1;
 #pragma unroll
     for (int n = 0; n < kOTiles; ++n) o[n][0] *= a0, o[n][1] *= a0, o[n][2] *= a1, o[n][3] *= a1;
-    // O += P V; P's accumulator layout is the A operand's (two n8 tiles = one k16 step)
+      // O += P V; P's accumulator layout is the A operand's (two n8 tiles = one k16 step)
 #pragma unroll
     for (int kp = 0; kp < kChunk / 16; ++kp) {
       if (j0 + 16 * kp < p.Np) {
@@ -305,9 +284,8 @@ bool attention_supports(int N, int C, int H) {
 
 void attention_forward(bf16* out, const bf16* qkv, int B, int N, int C, int H, cudaStream_t stream) {
   SAV_CHECK(out && qkv, "attention: null pointer");
-  SAV_CHECK(attention_supports(N, C, H), "attention: N=" << N << ", C=" << C << ", H=" << H
-                                                         << " not supported (N <= " << kAttMaxN
-                                                         << ", head size C/H <= " << kAttMaxD << ")");
+  SAV_CHECK(attention_supports(N, C, H), "attention: N=" << N << ", C=" << C << ", H=" << H << " not supported (N <= "
+                                                         << kAttMaxN << ", head size C/H <= " << kAttMaxD << ")");
   SAV_CHECK(B >= 0, "attention: negative batch " << B);
   if (B == 0) return;
   SAV_CHECK(int64_t(B) * H <= 65535, "attention: B*H = " << int64_t(B) * H << " exceeds the grid's y limit");
@@ -337,8 +315,8 @@ void attention_forward(bf16* out, const bf16* qkv, int B, int N, int C, int H, c
             "attention: needs " << smem << " bytes of shared memory, the device offers " << max_smem_per_block());
   static bool attr_set = false;  // once per process (before any graph capture: the first call is eager)
   if (!attr_set) {
-    SAV_CUDA_CHECK(cudaFuncSetAttribute(attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        max_smem_per_block()));
+    SAV_CUDA_CHECK(
+        cudaFuncSetAttribute(attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem_per_block()));
     attr_set = true;
   }
   const int qtile = 16 * (p.warps / p.split);

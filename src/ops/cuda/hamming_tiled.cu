@@ -41,12 +41,14 @@
 #include <utility>
 
 #include "ops/cuda/hamming_tiled.h"
+#include "ops/cuda/ptx.cuh"
 
 namespace sav::cuda {
 
 namespace {
 
 namespace cg = cooperative_groups;
+using namespace ptx;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -195,16 +197,6 @@ __device__ __forceinline__ void store4(bf16* p, float4 x) {
   q[1] = __floats2bfloat162_rn(x.z, x.w);
 }
 
-__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem_src) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
-
 // Rows row0 .. row0 + nrows - 1 of src (row stride ld, d columns) -> dst (row stride d), by 16-byte cp.async
 // (async: d * sizeof(T), ld * sizeof(T) and the pointers 16-byte aligned) or plain loads.
 template <class T>
@@ -297,8 +289,8 @@ __global__ void __launch_bounds__(kThreads, 2) hamming_tiled_kernel(const __grid
   const int bh = static_cast<int>(blockIdx.x) / G;
   const int b = bh / p.H, h = bh - b * p.H;
   const int N = p.N, d = p.d, m = p.m, nb = p.nbits, m4 = p.m4, nb4 = p.nb4, DCp = p.DCp;
-  const int tb = min(N, g * p.chunk);    // first token (index within the image) of this CTA
-  const int te = min(N, tb + p.chunk);   // one past the last
+  const int tb = min(N, g * p.chunk);   // first token (index within the image) of this CTA
+  const int te = min(N, tb + p.chunk);  // one past the last
   const int cnt = te - tb, cnt4 = (cnt + 3) & ~3;
 
   double* red = reinterpret_cast<double*>(smem + p.o_red);
@@ -336,8 +328,8 @@ __global__ void __launch_bounds__(kThreads, 2) hamming_tiled_kernel(const __grid
 
   // ---- 1. q, D and the CTA's sum of D ----
   const int TT = p.TT, TTp = TT + 4;  // TTp = 4 mod 32: conflict-free transposed writes, float4 reads
-  float* Qt = U;                       // (d, TTp)
-  float* qq = U + size_t(d) * TTp;     // (TT)
+  float* Qt = U;                      // (d, TTp)
+  float* qq = U + size_t(d) * TTp;    // (TT)
   double dsum = 0.0;
   for (int t0 = 0; t0 < cnt; t0 += TT) {
     const int tc = min(TT, cnt - t0), tc4 = (tc + 3) & ~3;
@@ -730,8 +722,8 @@ void launch(const TiledParams<T>& prm, const Plan& pl, int64_t bh, cudaStream_t 
 bool hamming_tiled_supports(const HammingTiledDims& dd) {
   if (!dims_ok(dd)) return false;
   // the largest plan make_plan can pick is the one at G = 8 (smaller G only when within the budget)
-  const size_t worst = std::max({plan_at_max(dd, sizeof(float)).L.total, plan_at_max(dd, sizeof(bf16)).L.total,
-                                 kCacheBudget});
+  const size_t worst =
+      std::max({plan_at_max(dd, sizeof(float)).L.total, plan_at_max(dd, sizeof(bf16)).L.total, kCacheBudget});
   if (worst > kSmemLimit) return false;
   if (device_available()) {
     if (device_cc_major() < 9) return false;
@@ -741,17 +733,15 @@ bool hamming_tiled_supports(const HammingTiledDims& dd) {
 }
 
 size_t hamming_tiled_workspace_bytes(const HammingTiledDims& dd) {
-  SAV_CHECK(dims_ok(dd), "hamming_tiled: unsupported sizes B=" << dd.B << " N=" << dd.N << " C=" << dd.C
-                                                               << " H=" << dd.H << " nbits=" << dd.nbits
-                                                               << " m=" << dd.m);
+  SAV_CHECK(dims_ok(dd), "hamming_tiled: unsupported sizes B=" << dd.B << " N=" << dd.N << " C=" << dd.C << " H="
+                                                               << dd.H << " nbits=" << dd.nbits << " m=" << dd.m);
   if (dd.B == 0) return 0;
   return workspace_for(dd);
 }
 
 HammingTiledPlan hamming_tiled_plan(const HammingTiledDims& dd, size_t elem_bytes, int sms) {
-  SAV_CHECK(dims_ok(dd), "hamming_tiled: unsupported sizes B=" << dd.B << " N=" << dd.N << " C=" << dd.C
-                                                               << " H=" << dd.H << " nbits=" << dd.nbits
-                                                               << " m=" << dd.m);
+  SAV_CHECK(dims_ok(dd), "hamming_tiled: unsupported sizes B=" << dd.B << " N=" << dd.N << " C=" << dd.C << " H="
+                                                               << dd.H << " nbits=" << dd.nbits << " m=" << dd.m);
   SAV_CHECK(elem_bytes == 2 || elem_bytes == 4, "hamming_tiled_plan: elem_bytes must be 2 or 4");
   const Plan pl = make_plan(dd, elem_bytes, sms);
   return HammingTiledPlan{pl.G, pl.chunk, pl.TT, pl.cached, pl.L.total};
@@ -761,21 +751,19 @@ template <class T>
 void hamming_attention_tiled(T* out, int ldo, const T* qk, int ldqk, const T* v, int ldv, const float* anchors,
                              const float* mu, const float* A, const float* conv_w, const HammingTiledDims& dd,
                              void* workspace, cudaStream_t stream) {
-  SAV_CHECK(dims_ok(dd), "hamming_tiled: unsupported sizes B=" << dd.B << " N=" << dd.N << " C=" << dd.C
-                                                               << " H=" << dd.H << " nbits=" << dd.nbits
-                                                               << " m=" << dd.m << " (need N in 1.." << kMaxN
-                                                               << ", C % H == 0, head size 1.." << kMaxD
-                                                               << ", nbits 1.." << kMaxBits << ", m 1.." << kMaxM
-                                                               << ")");
+  SAV_CHECK(dims_ok(dd), "hamming_tiled: unsupported sizes B="
+                             << dd.B << " N=" << dd.N << " C=" << dd.C << " H=" << dd.H << " nbits=" << dd.nbits
+                             << " m=" << dd.m << " (need N in 1.." << kMaxN << ", C % H == 0, head size 1.." << kMaxD
+                             << ", nbits 1.." << kMaxBits << ", m 1.." << kMaxM << ")");
   SAV_CHECK(out && qk && v && anchors && mu && A && conv_w, "hamming_tiled: null pointer");
   SAV_CHECK(ldo >= dd.C && ldqk >= dd.C && ldv >= dd.C,
             "hamming_tiled: row strides " << ldo << ", " << ldqk << ", " << ldv << " below the width " << dd.C);
   if (dd.B == 0) return;
   SAV_CHECK(device_cc_major() >= 9, "hamming_tiled: needs a compute capability 9.0 device (thread-block clusters)");
   const Plan pl = make_plan(dd, sizeof(T), sm_count());
-  SAV_CHECK(pl.L.total <= size_t(max_smem_per_block()),
-            "hamming_tiled: needs " << pl.L.total << " bytes of shared memory, the device offers "
-                                    << max_smem_per_block());
+  SAV_CHECK(
+      pl.L.total <= size_t(max_smem_per_block()),
+      "hamming_tiled: needs " << pl.L.total << " bytes of shared memory, the device offers " << max_smem_per_block());
   const int d = dd.C / dd.H;
   TiledParams<T> prm{};
   prm.out = out, prm.qk = qk, prm.v = v;
@@ -816,8 +804,7 @@ void hamming_attention_tiled(T* out, int ldo, const T* qk, int ldqk, const T* v,
 template void hamming_attention_tiled<float>(float*, int, const float*, int, const float*, int, const float*,
                                              const float*, const float*, const float*, const HammingTiledDims&, void*,
                                              cudaStream_t);
-template void hamming_attention_tiled<bf16>(bf16*, int, const bf16*, int, const bf16*, int, const float*,
-                                            const float*, const float*, const float*, const HammingTiledDims&, void*,
-                                            cudaStream_t);
+template void hamming_attention_tiled<bf16>(bf16*, int, const bf16*, int, const bf16*, int, const float*, const float*,
+                                            const float*, const float*, const HammingTiledDims&, void*, cudaStream_t);
 
 }  // namespace sav::cuda

@@ -71,6 +71,7 @@
 
 #include "core/error.h"
 #include "ops/cuda/gemm.h"
+#include "ops/cuda/ptx.cuh"
 #include "ops/cuda/shift_gpu.h"
 
 namespace sav::cuda {
@@ -78,6 +79,7 @@ namespace sav::cuda {
 namespace {
 
 namespace cg = cooperative_groups;
+using namespace ptx;
 
 constexpr int kIntBK = 32;     // inputs per k-tile of the int kernel
 constexpr int kMmaBK = 64;     // inputs per k-block of the mma kernel (one code record)
@@ -176,32 +178,6 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 // ---------------------------------------------------------------------------------------------------------
 // Device helpers.
 
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-// 16-byte global -> shared copy bypassing registers (L2 only); `valid` false stores 16 zero bytes instead.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid = true) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p)));
-}
-// d (16x8 f32) += a (16x16 bf16, row-major) * b (16x8 bf16, column-major)
-__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 // Two bf16 products a * b (per 16-bit half), as fma(a, b, -0): exact here (powers of two in range).
 __device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
   uint32_t d;
@@ -568,7 +544,7 @@ __global__ void __launch_bounds__(MmaTile<BM, BN, WM, WN>::kThreads, BM == 128 ?
           b[bb] = bf16x2_mul(nb | sb, p.scale2);
         }
 #pragma unroll
-        for (int mi = 0; mi < MI; ++mi) mma_bf16_16816(acc[mi][ni], a[mi], b[0], b[1]);
+        for (int mi = 0; mi < MI; ++mi) mma_bf16(acc[mi][ni], a[mi], b[0], b[1]);
       }
     }
   }

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "ops/cuda/ops.h"
+#include "ops/cuda/ptx.cuh"
 #include "ops/cuda/vit_fused.h"
 
 namespace sav::cuda {
@@ -28,6 +29,7 @@ namespace sav::cuda {
 namespace {
 
 namespace cg = cooperative_groups;
+using namespace ptx;
 
 constexpr int kThreads = 512;  // 16 warps: one CTA per SM, every scheduler has 4 warps to hide latency with
 constexpr int kWarps = kThreads / 32;
@@ -117,16 +119,6 @@ struct KParams {
 // ---------------------------------------------------------------------------------------------------------
 // small device helpers
 
-__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem_src) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
-
 __device__ __forceinline__ unsigned long long global_ns() {
   unsigned long long t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -141,15 +133,6 @@ __device__ __forceinline__ void stamp(unsigned long long* st, int k) {
 }
 
 __device__ __forceinline__ uint32_t lds32(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
-
-__device__ __forceinline__ void mma_bf16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                         uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
 
 __device__ __forceinline__ float gelu_erf(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
 // cuBLASLt's GELU epilogue (the tanh form), which the layered path uses for dense fc1 layers
@@ -247,10 +230,39 @@ __device__ __noinline__ void prefetch_tile(TileSmem& sm, const FusedLinear& L, i
 // ---------------------------------------------------------------------------------------------------------
 // A-tile prologues (each: stage by cp.async, wait for everything in flight, compute As)
 
+// One warp: dst (C, bf16) = LayerNorm(xr), xr in shared memory; two-pass f32 statistics (layernorm_forward's).
+__device__ __forceinline__ void ln_row_warp(bf16* dst, const float* xr, const float* w, const float* b, int C,
+                                            float eps) {
+  constexpr int kPer = kMaxC / 32;
+  const int lane = threadIdx.x & 31;
+  float v[kPer];
+  float s = 0.0f;
+#pragma unroll
+  for (int k = 0; k < kPer; ++k) {
+    const int c = lane + 32 * k;
+    v[k] = c < C ? xr[c] : 0.0f;
+    s += v[k];
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(kFull, s, o);
+  const float mean = s / C;
+  float q = 0.0f;
+#pragma unroll
+  for (int k = 0; k < kPer; ++k)
+    if (lane + 32 * k < C) q = fmaf(v[k] - mean, v[k] - mean, q);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(kFull, q, o);
+  const float rstd = rsqrtf(q / C + eps);
+#pragma unroll
+  for (int k = 0; k < kPer; ++k) {
+    const int c = lane + 32 * k;
+    if (c < C) dst[c] = __float2bfloat16_rn((v[k] - mean) * rstd * __ldg(w + c) + __ldg(b + c));
+  }
+}
+
 // As rows = LayerNorm(x rows r0..r0+15) in bf16 (zeros past M); warp w takes rows w, w+4, w+8, w+12; two-pass
 // f32 statistics as layernorm_forward.
 __device__ __forceinline__ void build_ln(const KParams& p, TileSmem& sm, int r0, const float* w, const float* b) {
-  constexpr int kPer = kMaxC / 32;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, C = p.m.dims.C;
   const int nrows = max(0, min(kRT, p.M - r0));
   cp_rows(sm.Xs, C * 4, p.x + size_t(r0) * C, size_t(C) * 4, nrows, C * 4);
@@ -260,33 +272,10 @@ __device__ __forceinline__ void build_ln(const KParams& p, TileSmem& sm, int r0,
   stamp(sm.st, 7);
   for (int rr = warp; rr < kRT; rr += kWarps) {
     bf16* dst = sm.As + rr * p.lda;
-    if (rr >= nrows) {
+    if (rr < nrows) {
+      ln_row_warp(dst, sm.Xs + rr * C, w, b, C, p.m.dims.eps);
+    } else {
       for (int c = lane; c < C; c += 32) dst[c] = __float2bfloat16_rn(0.0f);
-      continue;
-    }
-    const float* xr = sm.Xs + rr * C;
-    float v[kPer];
-    float s = 0.0f;
-#pragma unroll
-    for (int k = 0; k < kPer; ++k) {
-      const int c = lane + 32 * k;
-      v[k] = c < C ? xr[c] : 0.0f;
-      s += v[k];
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(kFull, s, o);
-    const float mean = s / C;
-    float q = 0.0f;
-#pragma unroll
-    for (int k = 0; k < kPer; ++k)
-      if (lane + 32 * k < C) q = fmaf(v[k] - mean, v[k] - mean, q);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(kFull, q, o);
-    const float rstd = rsqrtf(q / C + p.m.dims.eps);
-#pragma unroll
-    for (int k = 0; k < kPer; ++k) {
-      const int c = lane + 32 * k;
-      if (c < C) dst[c] = __float2bfloat16_rn((v[k] - mean) * rstd * __ldg(w + c) + __ldg(b + c));
     }
   }
 }
@@ -592,11 +581,11 @@ __device__ __forceinline__ void tile_product(TileSmem& sm, const FusedLinear& L,
 #pragma unroll
     for (int kk = kg * 16; kk < kKC; kk += 16 * KS) {
       const int ka = ch * kKC + kk;
-      const uint32_t a0 = lds32(a_lo + ka), a1 = lds32(a_hi + ka), a2 = lds32(a_lo + ka + 8), a3 = lds32(a_hi + ka + 8);
+      const uint32_t a[4] = {lds32(a_lo + ka), lds32(a_hi + ka), lds32(a_lo + ka + 8), lds32(a_hi + ka + 8)};
 #pragma unroll
       for (int f = 0; f < NF; ++f) {
         const bf16* w = wst + f * 8 * kWld + kk;
-        mma_bf16(acc[f], a0, a1, a2, a3, lds32(w), lds32(w + 8));
+        mma_bf16(acc[f], a, lds32(w), lds32(w + 8));
       }
     }
     if (P < nch) __syncthreads();
@@ -761,36 +750,6 @@ __device__ __forceinline__ void linear_tile(const KParams& p, TileSmem& sm, cons
   if (st && threadIdx.x == 0) st[6] = clock64();
 }
 
-// One warp: dst (C, bf16) = LayerNorm(xr) with two-pass f32 statistics (layernorm_forward's).
-__device__ __forceinline__ void ln_row_warp(bf16* dst, const float* xr, const float* w, const float* b, int C,
-                                            float eps) {
-  constexpr int kPer = kMaxC / 32;
-  const int lane = threadIdx.x & 31;
-  float v[kPer];
-  float s = 0.0f;
-#pragma unroll
-  for (int k = 0; k < kPer; ++k) {
-    const int c = lane + 32 * k;
-    v[k] = c < C ? __ldcg(xr + c) : 0.0f;
-    s += v[k];
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(kFull, s, o);
-  const float mean = s / C;
-  float q = 0.0f;
-#pragma unroll
-  for (int k = 0; k < kPer; ++k)
-    if (lane + 32 * k < C) q = fmaf(v[k] - mean, v[k] - mean, q);
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(kFull, q, o);
-  const float rstd = rsqrtf(q / C + eps);
-#pragma unroll
-  for (int k = 0; k < kPer; ++k) {
-    const int c = lane + 32 * k;
-    if (c < C) dst[c] = __float2bfloat16_rn((v[k] - mean) * rstd * __ldg(w + c) + __ldg(b + c));
-  }
-}
-
 // ---------------------------------------------------------------------------------------------------------
 // the kernel
 
@@ -909,8 +868,11 @@ __global__ void __launch_bounds__(kThreads, 1) vit_fused_kernel(const __grid_con
   {
     bf16* cn = sm.As;  // (B, C)
     const int lane = tid & 31, warp = tid >> 5;
-    for (int b = warp; b < p.B; b += kThreads / 32)
-      ln_row_warp(cn + b * C, p.x + size_t(b) * N * C, p.m.norm_w, p.m.norm_b, C, d.eps);
+    cp_rows(sm.Xs, C * 4, p.x, size_t(N) * C * 4, p.B, C * 4);  // the class rows b*N
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    for (int b = warp; b < p.B; b += kWarps) ln_row_warp(cn + b * C, sm.Xs + b * C, p.m.norm_w, p.m.norm_b, C, d.eps);
     __syncthreads();
     for (int cls = blockIdx.x * (kThreads / 32) + warp; cls < d.V; cls += gridDim.x * (kThreads / 32)) {
       const bf16* w = p.m.head_w + size_t(cls) * C;

@@ -1,0 +1,54 @@
+// shiftaddvit CUDA backend: the PTX instructions several kernels share, as thin inline wrappers (device code
+// only; include from .cu files). sm_80+ (cp.async, ldmatrix, bf16 mma.sync); the kernels that use them trap on
+// older devices and their launchers refuse them.
+//
+//   using namespace sav::cuda::ptx;
+//   cp_async16(smem_dst, gmem_src);              // 16 bytes global -> shared, through L2 only (.cg)
+//   cp_async_commit();  cp_async_wait<0>();      // then __syncthreads() before other threads read
+//   mma_bf16(acc, a, b0, b1);                    // acc (16x8 f32) += a (16x16 bf16, row) b (16x8 bf16, col)
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+namespace sav::cuda::ptx {
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy that bypasses registers and L1 (data written by other CTAs of the same launch
+// is read from L2); `valid` false stores 16 zero bytes instead (the source is not read).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid = true) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Waits until at most kPending of this thread's committed groups are in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+
+// d (16x8 f32) += a (16x16 bf16, row-major fragments) * b (16x8 bf16, column-major fragments), m16n8k16.
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+}  // namespace sav::cuda::ptx
