@@ -1,12 +1,13 @@
 // The ShiftAddViT forward at small batch as one persistent cooperative kernel. Spec, phases and limits:
 // vit_fused.h. Legend there; RT = 16 rows per tile, U = units (output columns, both experts' for MoE) per tile.
 //
-// Tile machinery (linear_tile): 4 warps; the A tile (16 rows x K, bf16, row stride K_max + 8) is built in
-// shared memory by a phase-specific prologue (LayerNorm, copy, attention output or im2col) while the first
-// chunks of the weight tile stream in (cp.async, 64-wide K chunks, 3 stages); warp w owns units
-// [w*U/4, (w+1)*U/4) and runs mma.sync m16n8k16 (bf16 in, f32 accumulation) on fragments read from shared
-// memory with 32-bit loads (row strides = 4 words mod 32: conflict-free). The accumulators go to shared memory
-// (Cs) and a phase-specific epilogue walks the tile element by element (bias, MoE choice and gate, GELU,
+// Tile machinery (linear_tile, tile_product): 16 warps; the A tile (16 rows x K, bf16, row stride K_max + 8) is
+// built in shared memory by a phase-specific prologue (LayerNorm, copy, attention output or im2col) while the
+// tile's weights arrive in a 110 KB ring (cp.async, 64-wide K chunks; a CTA's first tile of a phase is issued
+// before the grid barrier that opens the phase). The warps form a grid of unit groups x K splits and run
+// mma.sync m16n8k16 (bf16 in, f32 accumulation) on fragments read from shared memory with 32-bit loads (row
+// strides = 4 words mod 32: conflict-free); the K-split partials go to shared memory (Cs) and a phase-specific
+// epilogue adds them in split order and walks the tile element by element (bias, MoE choice and gate, GELU,
 // residual, stores).
 //
 // Reads of activations written earlier in the same launch go through L2 (__ldcg / cp.async.cg), never the

@@ -10,9 +10,13 @@
 //
 // Why: at batch 1 DeiT-Tiny's 197 tokens make every product a few microseconds of work, so the layered
 // forward (about 9 kernels per block, each a launch plus a ramp-up and a tail) is latency: ~0.9 us per graph
-// node and 3-5 us per small kernel (../shared/docs/ANCHORS.md). Here one CTA per SM (or two) stays resident
+// node and 3-5 us per small kernel (../shared/docs/ANCHORS.md). Here one CTA per SM (512 threads) stays resident
 // for the whole forward and walks through the phases below; a phase's tiles are spread over the CTAs and a
 // grid barrier (cooperative groups) separates phases that depend on each other across tiles.
+//
+// Status (bench/RESULTS.md): on the H200 this kernel runs DeiT-Tiny ShiftAddViT at batch 1 in 0.78 ms against the
+// layered path's 0.60 ms, so ViTCuda's automatic choice keeps the layered path; vit_fused_trace shows where each
+// phase's time goes.
 //
 // Phases (M = B*N token rows; a row tile is 16 rows, row = b*N + n):
 //   E   embedding: im2col of 16 patches built in shared memory from the f32 images -> bf16, the patch
@@ -32,9 +36,9 @@
 // MoE linears (METHOD.md section 3): the router (f32 weights, from the bf16 inputs) picks the expert of
 // each row in the tile's prologue; the tile computes both experts' columns (the tile is small; at batch 1 the
 // products are latency) and the epilogue keeps the chosen one: (y_e + b_e) * gate, as moe_epilogue_forward.
-// Products: bf16 x bf16 on the tensor cores (mma.sync m16n8k16, f32 accumulation), weights streamed from L2
-// through a 3-stage cp.async ring. Everything else in f32 (norms and sigma in double, as the CPU).
-// Deterministic: every sum has a fixed order, no float atomics; reruns are bit-identical.
+// Products: bf16 x bf16 on the tensor cores (mma.sync m16n8k16, f32 accumulation), a tile's weights staged
+// from L2 by cp.async into a shared-memory ring before its inputs exist. Everything else in f32 (norms and sigma in
+// double, as the CPU). Deterministic: every sum has a fixed order, no float atomics; reruns are bit-identical.
 //
 // Numerics differ from the layered path (ViTCuda's cuBLASLt forward) only by summation order and the router
 // (f32 weights here, a hi/lo bf16 split there): logits agree to ~1e-2 of max|logit| (the Hamming codes
