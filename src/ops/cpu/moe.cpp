@@ -15,6 +15,7 @@
 
 #include "core/blas.h"
 #include "core/error.h"
+#include "ops/cpu/moe_cv2.h"
 
 namespace sav::cpu {
 
@@ -75,24 +76,6 @@ inline int softmax_argmax_row(float* p, const float* z, int E) {
 
 double normal_cdf(double u) { return 0.5 * std::erfc(-u * 0.70710678118654752440); }
 double normal_pdf(double u) { return 0.39894228040143267794 * std::exp(-0.5 * u * u); }
-
-// CV2(z) with the unbiased variance; g (E) receives dCV2/dz when non-null. 0 when E == 1.
-double cv2(const double* z, int E, double* g) {
-  if (E < 2) {
-    if (g) g[0] = 0.0;
-    return 0.0;
-  }
-  double mean = 0.0;
-  for (int e = 0; e < E; ++e) mean += z[e];
-  mean /= E;
-  double ss = 0.0;
-  for (int e = 0; e < E; ++e) ss += (z[e] - mean) * (z[e] - mean);
-  const double var = ss / (E - 1);
-  const double D = mean * mean + static_cast<double>(moe_cv2_eps);
-  if (g)
-    for (int e = 0; e < E; ++e) g[e] = 2.0 * (z[e] - mean) / ((E - 1) * D) - 2.0 * var * mean / (E * D * D);
-  return var / D;
-}
 
 // Top-1 and top-2 indices of a row (lowest index on ties); top2 = -1 when E == 1.
 inline void top2_row(const float* z, int E, int* top1, int* top2) {
@@ -445,9 +428,9 @@ float moe_lb_loss_forward_ref(float* importance, float* load, const float* probs
     if (load) load[e] = static_cast<float>(ld[e]);
   }
   scaled(z.data(), imp.data(), alpha, E);
-  double L = cv2(z.data(), E, nullptr);
+  double L = moe_cv2(z.data(), E, nullptr);
   scaled(z.data(), ld.data(), alpha, E);
-  L += cv2(z.data(), E, nullptr);
+  L += moe_cv2(z.data(), E, nullptr);
   return static_cast<float>(L);
 }
 
@@ -462,9 +445,9 @@ float moe_lb_loss_forward(float* importance, float* load, const float* probs, co
     if (load) load[e] = static_cast<float>(ld[e]);
   }
   scaled(z.data(), imp.data(), alpha, E);
-  double L = cv2(z.data(), E, nullptr);
+  double L = moe_cv2(z.data(), E, nullptr);
   scaled(z.data(), ld.data(), alpha, E);
-  L += cv2(z.data(), E, nullptr);
+  L += moe_cv2(z.data(), E, nullptr);
   return static_cast<float>(L);
 }
 
@@ -491,7 +474,7 @@ void moe_lb_loss_backward_ref(float* dprobs, float* dlogits, const float* probs,
   };
   if (!smooth) {
     scaled(z.data(), imp.data(), alpha, E);
-    cv2(z.data(), E, gi.data());
+    moe_cv2(z.data(), E, gi.data());
   } else {
     for (int t = 0; t < M; ++t)
       for (int e = 0; e < E; ++e) {
@@ -500,9 +483,9 @@ void moe_lb_loss_backward_ref(float* dprobs, float* dlogits, const float* probs,
         ld[e] += normal_cdf((logits[static_cast<int64_t>(t) * E + e] - thr) / noise_std);
       }
     scaled(z.data(), imp.data(), alpha, E);
-    cv2(z.data(), E, gi.data());
+    moe_cv2(z.data(), E, gi.data());
     scaled(z.data(), ld.data(), alpha, E);
-    cv2(z.data(), E, gl.data());
+    moe_cv2(z.data(), E, gl.data());
   }
   for (int e = 0; e < E; ++e) {
     const double a = alpha ? alpha[e] : 1.0;
@@ -533,10 +516,10 @@ void moe_lb_loss_backward(float* dprobs, float* dlogits, const float* probs, con
   importance_load(imp.data(), ld.data(), probs, logits, noisy, choice, M, E, noise_std);
   const bool smooth = noise_std > 0.0f;
   scaled(z.data(), imp.data(), alpha, E);
-  cv2(z.data(), E, gi.data());
+  moe_cv2(z.data(), E, gi.data());
   if (smooth) {
     scaled(z.data(), ld.data(), alpha, E);
-    cv2(z.data(), E, gl.data());
+    moe_cv2(z.data(), E, gl.data());
   }
   std::vector<float> gif(E), glf(E);
   for (int e = 0; e < E; ++e) {

@@ -42,6 +42,12 @@ bool device_available();
 int sm_count();
 // Opt-in shared memory per block of the current device, in bytes.
 int max_smem_per_block();
+// Blocks for a grid-stride loop over `work` items with `threads` per block: enough to cover the work, at most
+// 16 per SM, at least 1.
+inline int grid_stride_blocks(int64_t work, int threads) {
+  const int64_t need = (work + threads - 1) / threads, cap = int64_t(sm_count()) * 16;
+  return int(need < 1 ? 1 : need < cap ? need : cap);
+}
 
 // Owning device allocation of n elements of T; move-only. Memory is not initialised.
 template <class T>

@@ -35,6 +35,7 @@
 #include <cmath>
 
 #include "ops/cuda/moe_train.h"
+#include "ops/cpu/moe_cv2.h"
 
 namespace sav::cuda {
 
@@ -154,21 +155,6 @@ __global__ void __launch_bounds__(kWarpRows * 32)
 
 // ---- load-balancing loss ----
 
-// cpu cv2 for E = 2 (unbiased variance, D = mean^2 + 1e-10f); g (2) receives dCV2/dz when non-null.
-__device__ double cv2_dev(const double* z, double* g) {
-  constexpr int E = 2;
-  double mean = 0.0;
-  for (int e = 0; e < E; ++e) mean += z[e];
-  mean /= E;
-  double ss = 0.0;
-  for (int e = 0; e < E; ++e) ss += (z[e] - mean) * (z[e] - mean);
-  const double var = ss / (E - 1);
-  const double D = mean * mean + static_cast<double>(sav::cpu::moe_cv2_eps);
-  if (g)
-    for (int e = 0; e < E; ++e) g[e] = 2.0 * (z[e] - mean) / ((E - 1) * D) - 2.0 * var * mean / (E * D * D);
-  return var / D;
-}
-
 __device__ __forceinline__ double normal_cdf_dev(double u) { return 0.5 * erfc(-u * 0.70710678118654752440); }
 __device__ __forceinline__ double normal_pdf_dev(double u) { return 0.39894228040143267794 * exp(-0.5 * u * u); }
 
@@ -220,10 +206,10 @@ __global__ void lb_final_kernel(float* stats, float* aux, const double* ws, int 
   for (int q = 0; q < 4; ++q) stats[q] = static_cast<float>(tot[q]);
   const double a0 = alpha0, a1 = alpha1;
   double z[2] = {tot[0] * a0, tot[1] * a1};
-  double L = cv2_dev(z, nullptr);
+  double L = sav::cpu::moe_cv2(z, 2, nullptr);
   z[0] = tot[2] * a0;
   z[1] = tot[3] * a1;
-  L += cv2_dev(z, nullptr);
+  L += sav::cpu::moe_cv2(z, 2, nullptr);
   aux[0] = __fmul_rn(coef, static_cast<float>(L));
 }
 
@@ -289,11 +275,11 @@ __global__ void __launch_bounds__(kRowThreads)
     double z[2], gi[2], gl[2] = {0.0, 0.0};
     z[0] = static_cast<double>(stats[0]) * a[0];
     z[1] = static_cast<double>(stats[1]) * a[1];
-    cv2_dev(z, gi);
+    sav::cpu::moe_cv2(z, 2, gi);
     if (smooth) {
       z[0] = static_cast<double>(stats[2]) * a[0];
       z[1] = static_cast<double>(stats[3]) * a[1];
-      cv2_dev(z, gl);
+      sav::cpu::moe_cv2(z, 2, gl);
     }
     for (int e = 0; e < 2; ++e) {  // as moe_lb_loss_backward_ref: g *= a * dloss
       gi[e] *= a[e] * dloss;

@@ -59,10 +59,6 @@ struct FastDiv {
   __device__ __forceinline__ int div(int n) const { return int((__umulhi(uint32_t(n), m) + uint32_t(n)) >> l); }
 };
 
-int grid_stride_blocks(int64_t work, int threads) {
-  return int(std::max<int64_t>(1, std::min<int64_t>((work + threads - 1) / threads, int64_t(sm_count()) * 16)));
-}
-
 bool aligned16(const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; }
 
 // ---------------------------------------------------------------------------------------------------------

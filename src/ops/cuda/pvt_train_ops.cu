@@ -36,10 +36,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-int grid_stride_blocks(int64_t work) {
-  return int(std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, int64_t(sm_count()) * 16)));
-}
-
 __device__ __forceinline__ int64_t global_thread() { return int64_t(blockIdx.x) * blockDim.x + threadIdx.x; }
 __device__ __forceinline__ int64_t grid_threads() { return int64_t(gridDim.x) * blockDim.x; }
 
@@ -249,7 +245,7 @@ void col2im_nhwc_f32(float* dx, const float* dcols, int B, int H, int W, int Cin
   g.Ho = cpu::conv_out_size(H, k, s, pad), g.Wo = cpu::conv_out_size(W, k, s, pad);
   g.K = Cin * k * k;
   g.total = int64_t(B) * H * W * Cin;
-  col2im_kernel<<<grid_stride_blocks(g.total), kThreads, 0, stream>>>(dx, dcols, g);
+  col2im_kernel<<<grid_stride_blocks(g.total, kThreads), kThreads, 0, stream>>>(dx, dcols, g);
   SAV_CUDA_CHECK_LAUNCH();
 }
 
@@ -292,8 +288,8 @@ void dwconv2d_backward_f32(float* dx, float* dw, float* db, const float* dy, con
     else
       dw_partial_generic_kernel<<<grid, block, 0, stream>>>(ws, dy, x, g, dw != nullptr);
     SAV_CUDA_CHECK_LAUNCH();
-    dw_finalize_kernel<<<grid_stride_blocks(int64_t(k * k + 1) * C), kThreads, 0, stream>>>(dw, db, ws, nchunks, C,
-                                                                                            k * k);
+    dw_finalize_kernel<<<grid_stride_blocks(int64_t(k * k + 1) * C, kThreads), kThreads, 0, stream>>>(
+        dw, db, ws, nchunks, C, k * k);
     SAV_CUDA_CHECK_LAUNCH();
   }
   if (dx) {
@@ -333,7 +329,8 @@ void mean_tokens_backward_f32(float* dx, const float* dy, int B, int N, int C, c
   if (B == 0) return;
   SAV_CHECK(dx && dy, "mean_tokens_backward_f32: null pointer");
   const int64_t total = int64_t(B) * N * C;
-  mean_backward_kernel<<<grid_stride_blocks(total), kThreads, 0, stream>>>(dx, dy, N, C, 1.0f / float(N), total);
+  mean_backward_kernel<<<grid_stride_blocks(total, kThreads), kThreads, 0, stream>>>(dx, dy, N, C, 1.0f / float(N),
+                                                                                     total);
   SAV_CUDA_CHECK_LAUNCH();
 }
 

@@ -43,10 +43,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-int grid_stride_blocks(int64_t work) {
-  return int(std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, int64_t(sm_count()) * 16)));
-}
-
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -392,7 +388,7 @@ void im2col_f32(float* cols, const float* img, int B, int Cin, int S, int p, cud
   const int64_t total = int64_t(B) * G * G * Cin * p * p;
   if (total == 0) return;
   SAV_CHECK(cols && img, "im2col_f32: null pointer");
-  im2col_kernel<<<grid_stride_blocks(total), kThreads, 0, stream>>>(cols, img, Cin, S, p, G, total);
+  im2col_kernel<<<grid_stride_blocks(total, kThreads), kThreads, 0, stream>>>(cols, img, Cin, S, p, G, total);
   SAV_CUDA_CHECK_LAUNCH();
 }
 
@@ -402,7 +398,7 @@ void embed_tokens_forward(float* x, const float* pe, const float* cls, const flo
   if (B == 0) return;
   SAV_CHECK(x && cls && pos && (pe || N == 1), "embed_tokens_forward: null pointer");
   const int64_t total = int64_t(B) * N * C;
-  embed_forward_kernel<<<grid_stride_blocks(total), kThreads, 0, stream>>>(x, pe, cls, pos, N, C, total);
+  embed_forward_kernel<<<grid_stride_blocks(total, kThreads), kThreads, 0, stream>>>(x, pe, cls, pos, N, C, total);
   SAV_CUDA_CHECK_LAUNCH();
 }
 
@@ -413,11 +409,11 @@ void embed_tokens_backward(float* dpe, float* dcls, float* dpos, const float* dx
   SAV_CHECK(dx, "embed_tokens_backward: null dx");
   const int64_t npe = int64_t(B) * (N - 1) * C;
   if (dpe && npe > 0) {
-    embed_dpe_kernel<<<grid_stride_blocks(npe), kThreads, 0, stream>>>(dpe, dx, N, C, npe);
+    embed_dpe_kernel<<<grid_stride_blocks(npe, kThreads), kThreads, 0, stream>>>(dpe, dx, N, C, npe);
     SAV_CUDA_CHECK_LAUNCH();
   }
   if (dcls || dpos) {
-    embed_dpos_kernel<<<grid_stride_blocks(int64_t(N) * C), kThreads, 0, stream>>>(dcls, dpos, dx, B, N, C);
+    embed_dpos_kernel<<<grid_stride_blocks(int64_t(N) * C, kThreads), kThreads, 0, stream>>>(dcls, dpos, dx, B, N, C);
     SAV_CUDA_CHECK_LAUNCH();
   }
 }
@@ -484,7 +480,7 @@ void gelu_forward_f32(float* y, const float* x, int64_t n, cudaStream_t stream) 
   SAV_CHECK(n >= 0, "gelu_forward_f32: negative size " << n);
   if (n == 0) return;
   SAV_CHECK(y && x, "gelu_forward_f32: null pointer");
-  gelu_forward_kernel<<<grid_stride_blocks(n), kThreads, 0, stream>>>(y, x, n);
+  gelu_forward_kernel<<<grid_stride_blocks(n, kThreads), kThreads, 0, stream>>>(y, x, n);
   SAV_CUDA_CHECK_LAUNCH();
 }
 
@@ -492,7 +488,7 @@ void gelu_backward_f32(float* dx, const float* dy, const float* x, int64_t n, cu
   SAV_CHECK(n >= 0, "gelu_backward_f32: negative size " << n);
   if (n == 0) return;
   SAV_CHECK(dx && dy && x, "gelu_backward_f32: null pointer");
-  gelu_backward_kernel<<<grid_stride_blocks(n), kThreads, 0, stream>>>(dx, dy, x, n);
+  gelu_backward_kernel<<<grid_stride_blocks(n, kThreads), kThreads, 0, stream>>>(dx, dy, x, n);
   SAV_CUDA_CHECK_LAUNCH();
 }
 
@@ -500,7 +496,7 @@ void add_f32(float* y, const float* a, const float* b, int64_t n, cudaStream_t s
   SAV_CHECK(n >= 0, "add_f32: negative size " << n);
   if (n == 0) return;
   SAV_CHECK(y && a && b, "add_f32: null pointer");
-  add_kernel<<<grid_stride_blocks(n), kThreads, 0, stream>>>(y, a, b, n);
+  add_kernel<<<grid_stride_blocks(n, kThreads), kThreads, 0, stream>>>(y, a, b, n);
   SAV_CUDA_CHECK_LAUNCH();
 }
 
@@ -640,8 +636,8 @@ void adamw_step_f32(float* p, const float* g, float* m, float* v, const uint8_t*
   SAV_CHECK(n >= 0, "adamw_step_f32: negative size " << n);
   if (n == 0) return;
   SAV_CHECK(p && g && m && v && decay_mask, "adamw_step_f32: null pointer");
-  adamw_kernel<<<grid_stride_blocks(n), kThreads, 0, stream>>>(p, g, m, v, decay_mask, n, gscale, lr, wd, b1, b2, bc1,
-                                                               bc2, eps);
+  adamw_kernel<<<grid_stride_blocks(n, kThreads), kThreads, 0, stream>>>(p, g, m, v, decay_mask, n, gscale, lr, wd, b1,
+                                                                         b2, bc1, bc2, eps);
   SAV_CUDA_CHECK_LAUNCH();
 }
 
