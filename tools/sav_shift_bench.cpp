@@ -96,23 +96,6 @@ std::vector<Layer> layers_of(int C) {
   return {{"qkv", C, 3 * C}, {"proj", C, C}, {"fc1", C, 4 * C}, {"fc2", 4 * C, C}};
 }
 
-// Median microseconds of `iters` launches of fn, each between two events on `stream`.
-template <class Fn>
-double median_us(Fn&& fn, int warmup, int iters, cudaStream_t stream) {
-  for (int i = 0; i < warmup; ++i) fn();
-  sav::cuda::Event a, b;
-  std::vector<float> ms(static_cast<size_t>(iters));
-  for (int i = 0; i < iters; ++i) {
-    SAV_CUDA_CHECK(cudaEventRecord(a.get(), stream));
-    fn();
-    SAV_CUDA_CHECK(cudaEventRecord(b.get(), stream));
-    SAV_CUDA_CHECK(cudaEventSynchronize(b.get()));
-    SAV_CUDA_CHECK(cudaEventElapsedTime(&ms[size_t(i)], a.get(), b.get()));
-  }
-  std::sort(ms.begin(), ms.end());
-  return 1000.0 * ms[ms.size() / 2];
-}
-
 // Bytes of the weight form each path reads.
 double weight_bytes(const sav::cuda::ShiftLinearGpu& lin, ShiftPath path) {
   switch (path) {
@@ -245,8 +228,8 @@ int main(int argc, char** argv) {
           for (int k = 0; k < 3; ++k) {
             if (!run[k]) continue;
             const ShiftPath path = ShiftPath(k);
-            us[k] =
-                median_us([&] { lin.forward(y.get(), x.get(), M, stream.get(), path); }, warmup, iters, stream.get());
+            us[k] = sav::cuda::median_launch_us([&] { lin.forward(y.get(), x.get(), M, stream.get(), path); },
+                                                stream.get(), warmup, iters);
             if (check) {
               stream.sync();
               out[k] = y.download();

@@ -97,19 +97,8 @@ double median_forward_ms(int batch, size_t in_elems, int iters,
   DeviceBuffer<float> img(h.size());
   img.upload(h);
   Stream s;
-  for (int i = 0; i < 10; ++i) forward(img.get(), s.get());  // capture + warm-up
-  s.sync();
-  Event e0, e1;
-  std::vector<float> ms(iters);
-  for (int i = 0; i < iters; ++i) {
-    SAV_CUDA_CHECK(cudaEventRecord(e0.get(), s.get()));
-    forward(img.get(), s.get());
-    SAV_CUDA_CHECK(cudaEventRecord(e1.get(), s.get()));
-    SAV_CUDA_CHECK(cudaEventSynchronize(e1.get()));
-    SAV_CUDA_CHECK(cudaEventElapsedTime(&ms[i], e0.get(), e1.get()));
-  }
-  std::sort(ms.begin(), ms.end());
-  return ms[iters / 2];
+  // 10 warm-ups: the first captures the graph
+  return median_launch_us([&] { forward(img.get(), s.get()); }, s.get(), 10, iters) / 1000.0;
 }
 
 }  // namespace sav::cuda

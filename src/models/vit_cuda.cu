@@ -194,8 +194,10 @@ struct ViTCuda::Impl {
   DeviceBuffer<cuda::FusedBlock> fused_blocks;
   cuda::FusedVitWorkspace fused_ws;
 
+  // fused_model was checked with vit_fused_supports at batch 1; only the batch limit depends on B
+  bool fused_ok(int B) const { return fused_model && B >= 1 && B <= cuda::kFusedMaxBatch; }
   bool use_fused(int B) const {
-    if (!fused_model || path_mode == ViTCudaPath::layered || !cuda::vit_fused_supports(fused.dims, B)) return false;
+    if (!fused_ok(B) || path_mode == ViTCudaPath::layered) return false;
     return path_mode == ViTCudaPath::fused || B <= kVitFusedAutoMaxBatch;
   }
 
@@ -302,7 +304,6 @@ struct ViTCuda::Impl {
     constexpr int kWarmups = 3, kRuns = 9;
     DeviceBuffer<unsigned char> scratch(size_t(M) * L.F * (epi == Epi::residual ? sizeof(float) : sizeof(bf16)));
     SAV_CUDA_CHECK(cudaMemsetAsync(scratch.get(), 0, scratch.bytes(), s));
-    cuda::Event e0, e1;
     ShiftChoice ch;
     float best_us = std::numeric_limits<float>::infinity();
     for (const cuda::ShiftPath path : {cuda::shift_path_cublas_decoded, cuda::shift_path_packed_mma}) {
@@ -312,17 +313,8 @@ struct ViTCuda::Impl {
         else
           decoded_linear(L, xin, M, epi, scratch.get(), L.F, s);
       };
-      for (int i = 0; i < kWarmups; ++i) once();  // (cuBLASLt picks its algorithm on the first call)
-      float ms[kRuns];
-      for (int i = 0; i < kRuns; ++i) {
-        SAV_CUDA_CHECK(cudaEventRecord(e0.get(), s));
-        once();
-        SAV_CUDA_CHECK(cudaEventRecord(e1.get(), s));
-        SAV_CUDA_CHECK(cudaEventSynchronize(e1.get()));
-        SAV_CUDA_CHECK(cudaEventElapsedTime(&ms[i], e0.get(), e1.get()));
-      }
-      std::sort(ms, ms + kRuns);
-      const float us = ms[kRuns / 2] * 1000.0f;
+      // (cuBLASLt picks its algorithm on the first warm-up call)
+      const float us = static_cast<float>(cuda::median_launch_us(once, s, kWarmups, kRuns));
       (path == cuda::shift_path_packed_mma ? ch.packed_us : ch.cublas_us) = us;
       if (us < best_us) best_us = us, ch.path = path;
     }
@@ -625,9 +617,7 @@ void ViTCuda::set_path(ViTCudaPath path) {
 
 const char* ViTCuda::path_name(int B) const { return impl_->use_fused(B) ? "fused" : "layered"; }
 
-bool ViTCuda::fused_supported(int B) const {
-  return impl_->fused_model && cuda::vit_fused_supports(impl_->fused.dims, B);
-}
+bool ViTCuda::fused_supported(int B) const { return impl_->fused_ok(B); }
 
 std::string ViTCuda::fused_trace(int B) {
   SAV_CHECK(fused_supported(B), "ViTCuda: the fused kernel does not cover this model at batch " << B);

@@ -58,8 +58,6 @@ struct VitCudaTrain::Impl {
     SAV_CHECK(hl, "VitCudaTrain: no linear layer " << prefix);
     return core.make_linear(*hl);
   }
-  void lin_forward(DLinear& L, float* y, const float* x, int M, bool train) { core.lin_forward(L, y, x, M, train); }
-  void lin_backward(DLinear& L, float* dx_, float beta, const float* dy) { core.lin_backward(L, dx_, beta, dy); }
 
   cpu::HammingDims hdims(int Bn) const { return {Bn, cfg.tokens(), cfg.dim, cfg.heads, cfg.hash_bits, cfg.anchors}; }
 
@@ -119,22 +117,22 @@ struct VitCudaTrain::Impl {
       cuda::layernorm_train_forward(b.ln1.get(), C, b.mean1.get(), b.rstd1.get(), x, C, b.n1w, b.n1b, M, C, cfg.ln_eps,
                                     st());
       if (b.attn == 's') {
-        lin_forward(*b.qkv, b.qkv_out.get(), b.ln1.get(), M, train_mode);
+        core.lin_forward(*b.qkv, b.qkv_out.get(), b.ln1.get(), M, train_mode);
         cuda::attention_train_forward(b.ao.get(), b.att.get(), b.qkv_out.get(), Bn, N, C, H, core.blas(), st());
       } else {
-        lin_forward(*b.to_qk, b.qk.get(), b.ln1.get(), M, train_mode);
-        lin_forward(*b.to_v, b.v.get(), b.ln1.get(), M, train_mode);
+        core.lin_forward(*b.to_qk, b.qk.get(), b.ln1.get(), M, train_mode);
+        core.lin_forward(*b.to_v, b.v.get(), b.ln1.get(), M, train_mode);
         const cpu::HammingDims d = hdims(Bn);
         const cpu::HammingSaved saved = cpu::hamming_saved_bind(d, b.hsaved.get(), b.codes.get());
         cuda::hamming_train_forward(b.ao.get(), C, saved, b.qk.get(), C, b.v.get(), C, hweights(b), d, st());
       }
-      lin_forward(*b.proj, t, b.ao.get(), M, train_mode);
+      core.lin_forward(*b.proj, t, b.ao.get(), M, train_mode);
       cuda::add_f32(b.xmid.get(), x, t, int64_t(M) * C, st());
       cuda::layernorm_train_forward(b.ln2.get(), C, b.mean2.get(), b.rstd2.get(), b.xmid.get(), C, b.n2w, b.n2b, M, C,
                                     cfg.ln_eps, st());
-      lin_forward(*b.fc1, b.fc1_out.get(), b.ln2.get(), M, train_mode);
+      core.lin_forward(*b.fc1, b.fc1_out.get(), b.ln2.get(), M, train_mode);
       cuda::gelu_forward_f32(b.gelu.get(), b.fc1_out.get(), int64_t(M) * F, st());
-      lin_forward(*b.fc2, t, b.gelu.get(), M, train_mode);
+      core.lin_forward(*b.fc2, t, b.gelu.get(), M, train_mode);
       cuda::add_f32(b.xout.get(), b.xmid.get(), t, int64_t(M) * C, st());
       x = b.xout.get();
     }
@@ -166,17 +164,17 @@ struct VitCudaTrain::Impl {
       DBlock& b = blocks[l];
       const float* xin = l > 0 ? blocks[l - 1].xout.get() : x0.get();
       // MLP branch: xout = xmid + fc2(gelu(fc1(ln2(xmid))))
-      lin_backward(*b.fc2, dbig.get(), 0.0f, dx.get());
+      core.lin_backward(*b.fc2, dbig.get(), 0.0f, dx.get());
       cuda::gelu_backward_f32(dbig2.get(), dbig.get(), b.fc1_out.get(), int64_t(M) * F, st());
-      lin_backward(*b.fc1, dln.get(), 0.0f, dbig2.get());
+      core.lin_backward(*b.fc1, dln.get(), 0.0f, dbig2.get());
       cuda::layernorm_train_backward(dx.get(), C, b.dn2w, b.dn2b, dln.get(), C, b.xmid.get(), C, b.n2w, b.mean2.get(),
                                      b.rstd2.get(), M, C, ws_f, st());  // dx = d xmid
       // attention branch: xmid = xin + proj(attn(ln1(xin)))
-      lin_backward(*b.proj, dao.get(), 0.0f, dx.get());
+      core.lin_backward(*b.proj, dao.get(), 0.0f, dx.get());
       if (b.attn == 's') {
         cuda::attention_train_backward(dbig.get(), ds.get(), dao.get(), b.qkv_out.get(), b.att.get(), Bn, N, C, H, blas,
                                        st());
-        lin_backward(*b.qkv, dln.get(), 0.0f, dbig.get());
+        core.lin_backward(*b.qkv, dln.get(), 0.0f, dbig.get());
       } else {
         const cpu::HammingDims d = hdims(Bn);
         const cpu::HammingSaved saved = cpu::hamming_saved_bind(d, b.hsaved.get(), b.codes.get());
@@ -184,8 +182,8 @@ struct VitCudaTrain::Impl {
         float* dv = dbig.get() + size_t(M) * C;
         cuda::hamming_train_backward(dqk, C, dv, C, b.ddwconv, nullptr, dao.get(), C, b.v.get(), C, saved, hweights(b),
                                      d, ws_f, st());
-        lin_backward(*b.to_qk, dln.get(), 0.0f, dqk);
-        lin_backward(*b.to_v, dln.get(), 1.0f, dv);
+        core.lin_backward(*b.to_qk, dln.get(), 0.0f, dqk);
+        core.lin_backward(*b.to_v, dln.get(), 1.0f, dv);
       }
       cuda::layernorm_train_backward(dx.get(), C, b.dn1w, b.dn1b, dln.get(), C, xin, C, b.n1w, b.mean1.get(),
                                      b.rstd1.get(), M, C, ws_f, st());  // dx = d xin

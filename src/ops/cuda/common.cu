@@ -1,4 +1,5 @@
 // Device queries, host bf16 conversions and the f32 -> bf16 conversion kernel.
+#include <algorithm>
 #include <cstring>
 #include <mutex>
 
@@ -73,6 +74,23 @@ void f32_to_bf16(bf16* y, const float* x, int64_t n, cudaStream_t stream) {
   const int64_t blocks = std::min<int64_t>((n + 255) / 256, 65535);
   f32_to_bf16_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(y, x, n);
   SAV_CUDA_CHECK_LAUNCH();
+}
+
+double median_launch_us(const std::function<void()>& launch, cudaStream_t stream, int warmups, int runs) {
+  SAV_CHECK(runs >= 1 && warmups >= 0, "median_launch_us: runs " << runs << ", warm-ups " << warmups);
+  for (int i = 0; i < warmups; ++i) launch();
+  SAV_CUDA_CHECK(cudaStreamSynchronize(stream));
+  Event e0, e1;
+  std::vector<float> ms(static_cast<size_t>(runs));
+  for (float& t : ms) {
+    SAV_CUDA_CHECK(cudaEventRecord(e0.get(), stream));
+    launch();
+    SAV_CUDA_CHECK(cudaEventRecord(e1.get(), stream));
+    SAV_CUDA_CHECK(cudaEventSynchronize(e1.get()));
+    SAV_CUDA_CHECK(cudaEventElapsedTime(&t, e0.get(), e1.get()));
+  }
+  std::sort(ms.begin(), ms.end());
+  return 1000.0 * ms[ms.size() / 2];
 }
 
 }  // namespace sav::cuda

@@ -15,6 +15,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <utility>
 #include <vector>
 
@@ -153,5 +154,10 @@ class Event {
 // Host-side conversions (round to nearest even), for uploads of weights and test data.
 std::vector<bf16> to_bf16(const float* x, size_t n);
 std::vector<float> from_bf16(const std::vector<bf16>& x);
+
+// Median microseconds of `runs` calls of launch() on `stream`, each between two CUDA events, after `warmups`
+// untimed calls and a stream synchronisation (benchmarks, the engine's per-shape path choices). Synchronises
+// `stream`; runs >= 1; not during stream capture.
+double median_launch_us(const std::function<void()>& launch, cudaStream_t stream, int warmups, int runs);
 
 }  // namespace sav::cuda

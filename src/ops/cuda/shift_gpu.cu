@@ -963,24 +963,14 @@ ShiftPath ShiftLinearGpu::pick(int M, cudaStream_t stream, bool include_int) {
   DeviceBuffer<bf16> x(size_t(M) * K_);
   DeviceBuffer<float> y(size_t(M) * F_);
   x.fill_bytes(0);
-  Event start, stop;
   const ShiftPath saved = last_;
   Timing tm;
   float best_us = std::numeric_limits<float>::infinity();
   const ShiftPath cands[3] = {shift_path_cublas_decoded, shift_path_packed_mma, shift_path_int};
   for (const ShiftPath path : cands) {
     if (path == shift_path_int && !include_int) continue;
-    for (int i = 0; i < kWarmups; ++i) forward(y.get(), x.get(), M, stream, path);
-    float ms[kRuns];
-    for (int i = 0; i < kRuns; ++i) {
-      SAV_CUDA_CHECK(cudaEventRecord(start.get(), stream));
-      forward(y.get(), x.get(), M, stream, path);
-      SAV_CUDA_CHECK(cudaEventRecord(stop.get(), stream));
-      SAV_CUDA_CHECK(cudaEventSynchronize(stop.get()));
-      SAV_CUDA_CHECK(cudaEventElapsedTime(&ms[i], start.get(), stop.get()));
-    }
-    std::sort(ms, ms + kRuns);
-    const float us = ms[kRuns / 2] * 1000.0f;
+    const float us = static_cast<float>(
+        median_launch_us([&] { forward(y.get(), x.get(), M, stream, path); }, stream, kWarmups, kRuns));
     tm.us[path] = us;
     if (us < best_us) {
       best_us = us;

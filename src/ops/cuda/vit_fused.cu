@@ -16,7 +16,8 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
+#include <map>
+#include <mutex>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -895,11 +896,8 @@ __global__ void __launch_bounds__(kThreads, 1) vit_fused_kernel(const __grid_con
   }
 }
 
-int g_last_grid = 0;
-
-}  // namespace
-
-bool vit_fused_supports(const FusedVitDims& d, int B) {
+// The sizes the kernel covers, device aside (vit_fused.h).
+bool dims_ok(const FusedVitDims& d, int B) {
   const int Kp = d.Cin * d.patch * d.patch;
   if (!(B >= 1 && B <= kFusedMaxBatch && d.depth >= 1 && d.H >= 1 && d.C == d.H * kD && d.C <= kMaxC && d.F >= 64 &&
         d.F % 64 == 0 && Kp % 64 == 0 && kmax_of(d) <= kMaxK && d.nbits >= 1 && d.nbits <= kMaxBits && d.m >= 1 &&
@@ -908,7 +906,40 @@ bool vit_fused_supports(const FusedVitDims& d, int B) {
     return false;
   // phase 2's last chunk stages every chunk's KV partial in the weight ring
   const size_t nch = (d.N + kChunk - 1) / kChunk;
-  if (nch * d.nbits * kD * sizeof(float) > size_t(kRingRows) * kWld * sizeof(bf16)) return false;
+  return nch * d.nbits * kD * sizeof(float) <= size_t(kRingRows) * kWld * sizeof(bf16);
+}
+
+// The launch for these sizes on the current device: one CTA per SM with the layout's dynamic shared memory. The
+// kernel attribute and the occupancy check run once per (device, shared-memory size), not at every forward.
+struct Launch {
+  Smem L;
+  int grid;
+};
+Launch launch_for(const FusedVitDims& d) {
+  static std::mutex mu;
+  static std::map<std::pair<int, size_t>, int> grids;
+  const Smem L = smem_layout(d);
+  int dev = 0;
+  SAV_CUDA_CHECK(cudaGetDevice(&dev));
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_pair(dev, L.total);
+  if (const auto it = grids.find(key); it != grids.end()) return {L, it->second};
+  SAV_CHECK(L.total <= size_t(max_smem_per_block()),
+            "vit_fused_forward: " << L.total << " B of shared memory exceed the " << max_smem_per_block()
+                                  << " B of the device");
+  SAV_CUDA_CHECK(cudaFuncSetAttribute(vit_fused_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(L.total)));
+  int per_sm = 0;
+  SAV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, vit_fused_kernel, kThreads, L.total));
+  SAV_CHECK(per_sm >= 1, "vit_fused_forward: the kernel does not fit on an SM (" << L.total << " B shared memory)");
+  const int grid = sm_count();
+  grids.emplace(key, grid);
+  return {L, grid};
+}
+
+}  // namespace
+
+bool vit_fused_supports(const FusedVitDims& d, int B) {
+  if (!dims_ok(d, B)) return false;
   if (device_available()) return smem_layout(d).total <= size_t(max_smem_per_block());
   return true;
 }
@@ -932,21 +963,11 @@ void FusedVitWorkspace::ensure(const FusedVitDims& d, int capacity) {
 
 void vit_fused_forward(const FusedVitModel& m, int B, const float* images, float* logits, FusedVitWorkspace& ws,
                        cudaStream_t stream, unsigned long long* trace) {
-  SAV_CHECK(vit_fused_supports(m.dims, B),
+  SAV_CHECK(dims_ok(m.dims, B),
             "vit_fused_forward: sizes outside the fused kernel (B=" << B << ", C=" << m.dims.C << ")");
   SAV_CHECK(images && logits && m.blocks && m.patch_w && m.head_w, "vit_fused_forward: null pointer");
   SAV_CHECK(ws.capacity() >= B, "vit_fused_forward: workspace for " << ws.capacity() << " images, batch " << B);
-  const Smem L = smem_layout(m.dims);
-  SAV_CUDA_CHECK(cudaFuncSetAttribute(vit_fused_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(L.total)));
-  int per_sm = 0;
-  SAV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, vit_fused_kernel, kThreads, L.total));
-  SAV_CHECK(per_sm >= 1, "vit_fused_forward: the kernel does not fit on an SM (" << L.total << " B shared memory)");
-  // CTAs per SM: at most 2 (more makes every barrier slower); SAV_FUSED_CTAS_PER_SM overrides (experiments)
-  static const int want = [] {
-    const char* e = std::getenv("SAV_FUSED_CTAS_PER_SM");
-    return e && std::atoi(e) > 0 ? std::atoi(e) : 2;
-  }();
-  const int grid = std::min(per_sm, want) * sm_count();
+  const auto [L, grid] = launch_for(m.dims);
   KParams kp{};
   kp.m = m;
   kp.patch.K = m.dims.Cin * m.dims.patch * m.dims.patch, kp.patch.F = m.dims.C, kp.patch.w0 = m.patch_w;
@@ -963,22 +984,17 @@ void vit_fused_forward(const FusedVitModel& m, int B, const float* images, float
   void* args[] = {&kp};
   SAV_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(vit_fused_kernel), dim3(grid),
                                              dim3(kThreads), args, L.total, stream));
-  g_last_grid = grid;
 }
-
-int vit_fused_grid_ctas() { return g_last_grid; }
 
 std::string vit_fused_trace(const FusedVitModel& m, int B, const float* images, float* logits, FusedVitWorkspace& ws,
                             cudaStream_t stream) {
-  const int phases = 1 + 5 * m.dims.depth + 1;
-  const size_t max_grid = size_t(4) * sm_count(), stride_max = max_grid + 1;
-  DeviceBuffer<unsigned long long> tr(size_t(phases + 1) * stride_max + size_t(phases) * max_grid * kStamps);
+  const int phases = 1 + 5 * m.dims.depth + 1, grid = launch_for(m.dims).grid;
+  const size_t stride = size_t(grid) + 1;
+  std::vector<unsigned long long> h(size_t(phases + 1) * stride + size_t(phases) * grid * kStamps);
+  DeviceBuffer<unsigned long long> tr(h.size());
   tr.fill_bytes(0);
   vit_fused_forward(m, B, images, logits, ws, stream, tr.get());
   SAV_CUDA_CHECK(cudaStreamSynchronize(stream));
-  const int grid = g_last_grid;
-  const size_t stride = size_t(grid) + 1;
-  std::vector<unsigned long long> h(size_t(phases + 1) * stride + size_t(phases) * grid * kStamps);
   SAV_CUDA_CHECK(cudaMemcpy(h.data(), tr.get(), h.size() * sizeof(unsigned long long), cudaMemcpyDeviceToHost));
   // per phase: work = last CTA's end - the previous barrier's exit (CTA 0); barrier = exit - last CTA's end
   const char* names[7] = {"E embed", "1 LN1+qk/v+D", "2 sigma/codes/KV", "3 attn+proj", "4 LN2+fc1", "5 fc2", "H head"};

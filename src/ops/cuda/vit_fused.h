@@ -138,7 +138,4 @@ void vit_fused_forward(const FusedVitModel& m, int B, const float* images, float
 std::string vit_fused_trace(const FusedVitModel& m, int B, const float* images, float* logits, FusedVitWorkspace& ws,
                             cudaStream_t stream);
 
-// CTAs of the last launch's grid (for logs and benchmarks).
-int vit_fused_grid_ctas();
-
 }  // namespace sav::cuda
