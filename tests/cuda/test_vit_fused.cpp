@@ -93,7 +93,7 @@ double routing_diff_cpu(Vit& cpu, const PathRun& g) {
 }
 
 // Every kind of linear in a Hamming block (dense, shift, MoE attention linears; MoE, dense, shift MLPs), both
-// gate modes, batch 1 and 3 (rows of two images share tiles): fused vs the CPU and vs the layered path; the
+// gate modes, batch 1 and 3 (batch 3 runs clusters of 2 CTAs, batch 1 of 8): fused vs the CPU and vs the layered path; the
 // fused rerun is bit-identical and routes identically.
 TEST_F(VitFused, EveryLinearKindMatchesCpuAndLayeredPath) {
   for (const auto gate : {cpu::moe_gate_straight_through, cpu::moe_gate_prob}) {
@@ -176,8 +176,8 @@ TEST_F(VitFused, ConvertedDeitTinyMatchesCpuAndLayeredPath) {
   std::printf("[ info ] converted deit_tiny batch 1: fused %.4f ms, layered %.4f ms\n", ms_fused, ms_layered);
 }
 
-// Each image's logits and routing do not depend on the other images of the batch: a batch of 3 (rows of two images
-// share tiles; per-image sigma and KV) equals the three single-image forwards bit for bit.
+// Each image's logits and routing do not depend on the other images of the batch or on the cluster size: a batch of 3
+// (clusters of 2 CTAs) equals the three single-image forwards (clusters of 8) bit for bit.
 TEST_F(VitFused, BatchInvariantBitForBit) {
   const VitConfig c = converted_deit_tiny();
   Vit cpu(c);

@@ -1,17 +1,28 @@
-// The ShiftAddViT forward at small batch as one persistent cooperative kernel. Spec, phases and limits:
-// vit_fused.h. Legend there; RT = 16 rows per tile, U = units (output columns, both experts' for MoE) per tile.
+// The ShiftAddViT forward at small batch as one kernel of thread-block clusters. Spec, steps and limits:
+// vit_fused.h (legend there).
 //
-// Tile machinery (linear_tile, tile_product): 16 warps; the A tile (16 rows x K, bf16, row stride K_max + 8) is
-// built in shared memory by a phase-specific prologue (LayerNorm, copy, attention output or im2col) while the
-// tile's weights arrive in a 110 KB ring (cp.async, 64-wide K chunks; a CTA's first tile of a phase is issued
-// before the grid barrier that opens the phase). The warps form a grid of unit groups x K splits and run
-// mma.sync m16n8k16 (bf16 in, f32 accumulation) on fragments read from shared memory with 32-bit loads (row
-// strides = 4 words mod 32: conflict-free); the K-split partials go to shared memory (Cs) and a phase-specific
-// epilogue adds them in split order and walks the tile element by element (bias, MoE choice and gate, GELU,
-// residual, stores).
+// Work split: a row tile is 16 token rows of ONE image (tile j of image b: tokens 16j .. 16j+15, the image's last
+// tile shorter), and one cluster of CS CTAs owns one tile for the whole forward. Every CTA of the cluster keeps the
+// tile's residual rows (16 x C f32) in its own shared memory; a product's output columns are split over the
+// cluster (CTA `rank` computes columns [rank * F/CS, (rank+1) * F/CS)) and each CTA writes its columns into every
+// CTA's copy through distributed shared memory, then the cluster barrier; cheap row-wise work (LayerNorm, the
+// router, the KSH distances and codes, the attention output) is done by every CTA of the cluster for the whole tile.
 //
-// Reads of activations written earlier in the same launch go through L2 (__ldcg / cp.async.cg), never the
-// non-coherent read-only path; grid.sync() orders them.
+// Products (slice_product): bf16 mma.sync m16n8k16 with f32 accumulation. The weights are never staged in shared
+// memory: each lane loads 16 bytes of its weight row per 32-wide k block straight from global memory (L2) into
+// registers, 8 k blocks ahead, and the first 8 are issued BEFORE the barrier that makes the A operand ready, so
+// their latency hides behind it. Within a k block the k order is permuted (lane q holds k 8q..8q+7 of A and W: the
+// first mma takes 8q..8q+3, the second 8q+4..8q+7); A and W use the same permutation, so the product is unchanged
+// and both operands are single 16-byte loads. A task is one n8 column tile over kbs consecutive k blocks (kbs fixed
+// by K alone); its partial goes to Cs and the epilogue adds a column's partials in k order, so every output's sum
+// order is independent of the cluster size and the batch (a batch equals its single-image forwards bit for bit).
+//
+// Across tiles, the two per-image reductions of a Hamming block (sigma over all tokens, KV = h^T V) go through
+// global memory as tagged words: (tag << 32 | f32 bits), stored and polled with relaxed gpu-scope 64-bit accesses;
+// a reader spins until the tag of the current launch and block appears, so data and flag arrive in one L2 round
+// trip and no grid-wide barrier exists. Tags: generation of the launch (a device counter the last CTA to finish
+// advances) x 1024 + block, odd; slots alternate between two buffers by block parity (a tile writes block l+2 only
+// after reading block l+1 from every tile of its image, which wrote it after reading block l).
 #include <cooperative_groups.h>
 
 #include <algorithm>
@@ -20,6 +31,7 @@
 #include <mutex>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "ops/cuda/ops.h"
@@ -33,89 +45,113 @@ namespace {
 namespace cg = cooperative_groups;
 using namespace ptx;
 
-constexpr int kThreads = 512;  // 16 warps: one CTA per SM, every scheduler has 4 warps to hide latency with
+constexpr int kThreads = 512;  // 16 warps, one CTA per SM
 constexpr int kWarps = kThreads / 32;
-constexpr int kRT = 16;         // rows per tile
-constexpr int kKC = 64;         // K chunk
-constexpr int kWld = kKC + 8;   // weight-stage row stride (bf16): 36 words = 4 mod 32
-constexpr int kRingRows = 768;  // weight ring: 768 unit-rows of one 64-wide K chunk (110 KB); a tile of U units
-                                // has kRingRows / U chunk slots (DeiT-Tiny: every tile's whole K fits)
-constexpr int kMaxUnits = 192;
-constexpr int kCsFloats = 6400;  // accumulator partials: K-splits x 16 rows x (U + 4), at most 4 x 16 x 100
-constexpr int kD = 64;           // head size
+constexpr int kRT = 16;  // rows per tile = the mma's M
+constexpr int kD = 64;   // head size
 constexpr int kTaps = 9;
 constexpr int kMaxC = 768;
 constexpr int kMaxK = 1536;
 constexpr int kMaxBits = 64;
 constexpr int kMaxM = 64;
-constexpr int kChunk = 16;  // tokens per phase-2 item
+constexpr int kMaxH = 12;
+constexpr int kCsFloats = 6144;  // product partials (splits x 16 rows x columns of a column group)
+constexpr int kAtLd = 68;        // anchor rows in shared memory (16-byte rows; float4 reads of 8 lanes hit 32 banks)
+constexpr int kMaxKbs = 3;       // k blocks per product task (kb_per_task)
+constexpr int kStamps = 24;      // trace stamps per block
 constexpr float kNormEps = 1e-6f;
 constexpr float kSigmaMin = 1e-12f;
 constexpr float kInvPi = 0.318309886183790671538f;
 constexpr unsigned kFull = 0xffffffffu;
 
-struct Smem {
-  size_t as, ws, cs, wr, xs, xres, bias, u, misc, total;
+__host__ __device__ __forceinline__ int round_up4(int x) { return (x + 3) & ~3; }
+inline size_t align16(size_t x) { return (x + 15) / 16 * 16; }
+__host__ __device__ __forceinline__ int tiles_per_image(int N) { return (N + kRT - 1) / kRT; }
+// k blocks (32 wide) per product task: a function of K only (see the file comment)
+__host__ __device__ __forceinline__ int kb_per_task(int KB) { return KB % 3 == 0 ? 3 : KB % 2 == 0 ? 2 : 1; }
+int patch_k(const FusedVitDims& d) { return d.Cin * d.patch * d.patch; }
+
+// Shared-memory layout (byte offsets) of one CTA.
+struct Layout {
+  size_t xs, a1, a2, qv, vh, kv, at, aa, ab, mu, ds, codes, cs, misc, prm[2], total;
+  int lda1, lda2;
 };
 
-// misc region: router expert (16 int) and gate (16 float), qq (16 float), sigma, ticket flag
-constexpr size_t kMiscBytes = 256;
-constexpr int kAtLd = kD + 4;  // anchor rows in shared memory: 68 floats (16-byte rows, 4 banks apart)
-
-inline size_t align16(size_t x) { return (x + 15) / 16 * 16; }
-__host__ __device__ __forceinline__ int round_up4(int x) { return (x + 3) & ~3; }
-
-int kmax_of(const FusedVitDims& d) { return std::max({d.C, d.F, d.Cin * d.patch * d.patch}); }
-
-// Phase scratch (the U region, one layout per phase; byte sizes, every part a multiple of 16 bytes):
-//   1: anchors (m, 68) f32, |a|^2 (m4), D (16, m)
-//   2: D -> k (16, m4), v (16, d) bf16, A (b*m rounded to 4), mu (m4), codes (16) u64, 4 doubles
-//   3: KV of two images (2, H, b, d) f32, v rows with a 4-row halo (24, C) bf16, codes (16, H) u64
-__host__ __device__ __forceinline__ size_t scratch_p1(int m) {
-  return (size_t(m) * kAtLd + round_up4(m) + size_t(kRT) * round_up4(m)) * sizeof(float);
+// A block's small parameters staged in shared memory (two areas, by block parity): a copy of its FusedBlock whose
+// LayerNorm, conv, bias and router pointers are redirected to the copies that follow it (f32; a bf16 bias stays
+// bf16). Per linear slot (qk, v, proj, fc1, fc2): bias 0 (F), bias 1 (F), router weights (2K), router bias (4).
+constexpr int kSlots = 5;
+struct PrmLayout {
+  int ln, conv, b0[kSlots], b1[kSlots], wr[kSlots], br[kSlots];  // float offsets after the struct
+  size_t bytes;
+};
+constexpr size_t kBlockStructBytes = (sizeof(FusedBlock) + 15) / 16 * 16;
+PrmLayout prm_layout(const FusedVitDims& d) {
+  PrmLayout P{};
+  const int F[kSlots] = {2 * d.C, d.C, d.C, d.F, d.C}, K[kSlots] = {d.C, d.C, d.C, d.C, d.F};
+  int o = 0;
+  P.ln = o, o += 4 * d.C;
+  P.conv = o, o += round_up4(d.H * kTaps);
+  for (int i = 0; i < kSlots; ++i) {
+    P.b0[i] = o, o += F[i];
+    P.b1[i] = o, o += F[i];
+    P.wr[i] = o, o += 2 * K[i];
+    P.br[i] = o, o += 4;
+  }
+  P.bytes = kBlockStructBytes + size_t(o) * 4;
+  return P;
 }
-__host__ __device__ __forceinline__ size_t scratch_p2(int m, int nb) {
-  return size_t(kRT) * round_up4(m) * 4 + kRT * kD * 2 + size_t(round_up4(nb * m)) * 4 + round_up4(m) * 4 + kRT * 8 +
-         kWarps * 8;
+// bf16 A rows: stride = 32 mod 64 elements, so the 16-byte loads of 8 lanes (2 rows x 4 k groups) hit all banks
+int lda_for(int K) { return (K + 63) / 64 * 64 + 32; }
+size_t misc_bytes(const FusedVitDims& d) {
+  // rexp (2, 16) int, rgate (2, 16), qq (16, H), two_sigma (H), sigma partials (tiles per image, H)
+  return size_t(2 * kRT) * 4 * 2 + size_t(kRT) * d.H * 4 + size_t(d.H) * 4 + size_t(tiles_per_image(d.N)) * d.H * 4;
 }
-__host__ __device__ __forceinline__ size_t scratch_p3(int C, int H, int nb) {
-  return size_t(2) * H * nb * kD * 4 + size_t(kRT + 8) * C * 2 + size_t(kRT) * H * 8;
-}
-
-Smem smem_layout(const FusedVitDims& d) {
-  Smem s{};
-  const int kmax = kmax_of(d), lda = kmax + 8;
+Layout layout_for(const FusedVitDims& d) {
+  Layout L{};
+  L.lda1 = lda_for(d.C);
+  L.lda2 = lda_for(std::max({d.F, patch_k(d), 2 * d.C}));
+  const int m4 = round_up4(d.m);
   size_t o = 0;
-  s.as = o, o = align16(o + size_t(kRT) * lda * sizeof(bf16));
-  s.ws = o, o = align16(o + size_t(kRingRows) * kWld * sizeof(bf16));
-  s.cs = o, o = align16(o + size_t(kCsFloats) * sizeof(float));
-  s.wr = o, o = align16(o + size_t(2) * kmax * sizeof(float));  // MoE router weights (2, K)
-  s.xs = o, o = align16(o + size_t(kRT) * d.C * sizeof(float));
-  s.xres = o, o = align16(o + size_t(kRT) * 64 * sizeof(float));  // residual tile (16, <= 64 columns)
-  s.bias = o, o = align16(o + size_t(kMaxUnits) * sizeof(float));
-  s.u = o, o = align16(o + std::max({scratch_p1(d.m), scratch_p2(d.m, d.nbits), scratch_p3(d.C, d.H, d.nbits)}));
-  s.misc = o, o = align16(o + kMiscBytes);
-  s.total = o;
-  return s;
+  auto take = [&](size_t bytes) {
+    const size_t at = o;
+    o = align16(o + bytes);
+    return at;
+  };
+  L.xs = take(size_t(kRT) * d.C * 4);
+  L.a1 = take(size_t(kRT) * L.lda1 * 2);
+  L.a2 = take(size_t(kRT) * L.lda2 * 2);  // also the normalised q (16, C) f32 of the hash (2C <= lda2)
+  L.qv = take(size_t(kRT) * 2 * d.C * 2);
+  L.vh = take(size_t(8) * d.C * 2);
+  L.kv = take(size_t(d.nbits) * d.C * 4);
+  L.at = take(size_t(d.H) * d.m * kAtLd * 4);
+  L.aa = take(size_t(d.H) * m4 * 4);
+  L.ab = take(size_t(d.H) * d.nbits * d.m * 4);
+  L.mu = take(size_t(d.H) * m4 * 4);
+  L.ds = take(size_t(kRT) * d.H * m4 * 4);
+  L.codes = take(size_t(kRT) * d.H * 8);
+  L.cs = take(size_t(kCsFloats) * 4);
+  L.misc = take(misc_bytes(d));
+  L.prm[0] = take(prm_layout(d).bytes);
+  L.prm[1] = take(prm_layout(d).bytes);
+  L.total = o;
+  return L;
 }
 
 struct KParams {
   FusedVitModel m;
   FusedLinear patch;  // the patch embedding as a dense linear (K = Cin*p*p, F = C)
-  int B, M, lda, nch;
+  int B, T, tpi, CS;
+  Layout L;
+  PrmLayout P;
   const float* images;
   float* logits;
-  float* x;
-  bf16* qkv;
-  bf16* hid;
-  float* dist;
-  double* rowsum;
-  unsigned long long* codes;
-  float* kvp;
-  float* kv;
-  unsigned* tickets;
-  unsigned long long* trace;  // nullable: phase timestamps (vit_fused_trace)
-  unsigned o_as, o_ws, o_cs, o_wr, o_xs, o_xres, o_bias, o_u, o_misc;
+  float* x;                 // (B*N, C): the residual stream after the last block (tests)
+  bf16* vg;                 // (B*N, C): v rows, read by the neighbouring tiles' token conv
+  unsigned long long* sig;  // (2, T, H) tagged sigma partials
+  unsigned long long* kvx;  // (2, T, b, C) tagged KV partials
+  unsigned* ctl;            // [0] launch generation, [1] CTAs finished
+  unsigned long long* trace;
 };
 
 // ---------------------------------------------------------------------------------------------------------
@@ -127,14 +163,24 @@ __device__ __forceinline__ unsigned long long global_ns() {
   return t;
 }
 
-// Sub-phase stamps of a CTA's first tile of a phase (vit_fused_trace): ns after the barrier, after the
-// prologue, after the router, after the product, at the end; clock64 at the start and the end.
-constexpr int kStamps = 8;  // + [7]: the prologue's inputs have arrived (after its wait)
-__device__ __forceinline__ void stamp(unsigned long long* st, int k) {
-  if (st && threadIdx.x == 0) st[k] = global_ns();
+__device__ __forceinline__ void st_tag(unsigned long long* p, float v, unsigned tag) {
+  const unsigned long long w = (static_cast<unsigned long long>(tag) << 32) | __float_as_uint(v);
+  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(w) : "memory");
+}
+__device__ __forceinline__ unsigned long long ld_tag(const unsigned long long* p) {
+  unsigned long long w;
+  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(w) : "l"(p) : "memory");
+  return w;
+}
+// The value of a tagged slot once it carries `tag` (spins).
+__device__ __forceinline__ float tagged_value(unsigned long long w, const unsigned long long* p, unsigned tag) {
+  while (static_cast<unsigned>(w >> 32) != tag) w = ld_tag(p);
+  return __uint_as_float(static_cast<unsigned>(w));
 }
 
-__device__ __forceinline__ uint32_t lds32(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_u32(dst)), "l"(src) : "memory");
+}
 
 __device__ __forceinline__ float gelu_erf(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
 // cuBLASLt's GELU epilogue (the tanh form), which the layered path uses for dense fc1 layers
@@ -142,822 +188,770 @@ __device__ __forceinline__ float gelu_tanh(float x) {
   return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
 }
 
-// ---------------------------------------------------------------------------------------------------------
-// the tile product
-
-struct TileSmem {
-  bf16* As;
-  bf16* Ws;
-  float* Cs;
-  float* Wr;    // (2, K) router weights of a MoE tile
-  float* Xs;    // (16, C or Cin*p*p) f32 staging of the prologues
-  float* Xres;  // (16, 64) residual tile
-  float* bias;  // (U) the tile's biases
-  unsigned char* U;
-  unsigned long long* st;  // sub-phase stamps of the current tile (trace) or nullptr
-  int* rexp;
-  float* rgate;
-  float* misc;  // 16 floats after rexp / rgate: qq; then sigma etc.
-};
-
-__device__ __forceinline__ TileSmem tile_smem(const KParams& p) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  TileSmem t;
-  t.As = reinterpret_cast<bf16*>(smem + p.o_as);
-  t.Ws = reinterpret_cast<bf16*>(smem + p.o_ws);
-  t.Cs = reinterpret_cast<float*>(smem + p.o_cs);
-  t.Wr = reinterpret_cast<float*>(smem + p.o_wr);
-  t.Xs = reinterpret_cast<float*>(smem + p.o_xs);
-  t.Xres = reinterpret_cast<float*>(smem + p.o_xres);
-  t.bias = reinterpret_cast<float*>(smem + p.o_bias);
-  t.U = smem + p.o_u;
-  t.st = nullptr;
-  t.rexp = reinterpret_cast<int*>(smem + p.o_misc);
-  t.rgate = reinterpret_cast<float*>(smem + p.o_misc + 64);
-  t.misc = reinterpret_cast<float*>(smem + p.o_misc + 128);
-  return t;
-}
-
-// `rows` rows of row_bytes (a multiple of 16; 16-byte aligned rows) from global memory to shared memory by
-// cp.async: all issued at once (the caller commits and waits).
-__device__ __forceinline__ void cp_rows(void* dst, int dst_stride, const void* src, size_t src_stride, int rows,
-                                        int row_bytes) {
-  const int segs = row_bytes / 16;
-  for (int e = threadIdx.x; e < rows * segs; e += kThreads) {
-    const int r = e / segs, c = e - r * segs;
-    cp_async16(static_cast<unsigned char*>(dst) + size_t(r) * dst_stride + c * 16,
-               static_cast<const unsigned char*>(src) + r * src_stride + c * 16);
-  }
-}
-
-// n floats from global (read-only) to shared memory, loads batched 4 per thread before the stores.
-__device__ __forceinline__ void stage_scalar(float* dst, const float* src, int n) {
-  for (int base = 0; base < n; base += 4 * kThreads) {
-    float v[4];
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const int i = base + k * kThreads + threadIdx.x;
-      v[k] = i < n ? __ldg(src + i) : 0.0f;
-    }
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const int i = base + k * kThreads + threadIdx.x;
-      if (i < n) dst[i] = v[k];
-    }
-  }
-}
-
-// Chunk ch of a tile's weights into ring slot ch % S (S = kRingRows / U): units [0, Uh) are rows c0.. of w0,
-// [Uh, U) rows c0.. of w1 (MoE).
-__device__ __forceinline__ void issue_w(bf16* Ws, const FusedLinear& L, int U, int c0, int ch) {
-  const int Uh = L.moe ? U / 2 : U, K = L.K, S = kRingRows / U;
-  bf16* dst = Ws + (ch % S) * U * kWld;
-  for (int e = threadIdx.x; e < U * 8; e += kThreads) {
-    const int u = e >> 3, seg = e & 7;
-    const bf16* src = (u < Uh ? L.w0 + size_t(c0 + u) * K : L.w1 + size_t(c0 + u - Uh) * K) + ch * kKC + seg * 8;
-    cp_async16(dst + u * kWld + seg * 8, src);
-  }
-}
-
-// The weight-only part of a tile, issued before its inputs exist (before the grid barrier that ends the previous
-// phase, when the tile is this CTA's first of the next phase): the first min(S, K/64) chunks and the router's
-// weights, one commit group. The ring and Wr must be idle (the previous tile has ended).
-__device__ __noinline__ void prefetch_tile(TileSmem& sm, const FusedLinear& L, int U, int c0) {
-  const int nch = L.K / kKC, P = min(kRingRows / U, nch);
-  if (L.moe) cp_rows(sm.Wr, 0, L.wr, 0, 1, 2 * L.K * 4);
-  for (int ch = 0; ch < P; ++ch) issue_w(sm.Ws, L, U, c0, ch);
-  cp_async_commit();
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// A-tile prologues (each: stage by cp.async, wait for everything in flight, compute As)
-
-// One warp: dst (C, bf16) = LayerNorm(xr), xr in shared memory; two-pass f32 statistics (layernorm_forward's).
+// One warp: dst (C, bf16) = LayerNorm(xr) with two-pass f32 statistics (layernorm_forward's); xr in shared memory is
+// read once per pass (no register copy of the row: the prefetched weights of the next product stay in registers).
 __device__ __forceinline__ void ln_row_warp(bf16* dst, const float* xr, const float* w, const float* b, int C,
                                             float eps) {
-  constexpr int kPer = kMaxC / 32;
   const int lane = threadIdx.x & 31;
-  float v[kPer];
   float s = 0.0f;
-#pragma unroll
-  for (int k = 0; k < kPer; ++k) {
-    const int c = lane + 32 * k;
-    v[k] = c < C ? xr[c] : 0.0f;
-    s += v[k];
-  }
+  for (int c = lane; c < C; c += 32) s += xr[c];
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(kFull, s, o);
   const float mean = s / C;
   float q = 0.0f;
-#pragma unroll
-  for (int k = 0; k < kPer; ++k)
-    if (lane + 32 * k < C) q = fmaf(v[k] - mean, v[k] - mean, q);
+  for (int c = lane; c < C; c += 32) q = fmaf(xr[c] - mean, xr[c] - mean, q);
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(kFull, q, o);
   const float rstd = rsqrtf(q / C + eps);
-#pragma unroll
-  for (int k = 0; k < kPer; ++k) {
-    const int c = lane + 32 * k;
-    if (c < C) dst[c] = __float2bfloat16_rn((v[k] - mean) * rstd * __ldg(w + c) + __ldg(b + c));
+  for (int c = lane; c < C; c += 32) dst[c] = __float2bfloat16_rn((xr[c] - mean) * rstd * w[c] + b[c]);
+}
+
+// A (16 rows, bf16) = LayerNorm of the tile's residual rows; rows past nrows zero. Warp w takes row w.
+__device__ __noinline__ void ln_tile(bf16* A, int lda, const float* Xs, int C, int nrows, const float* w,
+                                        const float* b, float eps) {
+  static_assert(kWarps == kRT, "one warp per row");
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (warp < nrows) {
+    ln_row_warp(A + warp * lda, Xs + warp * C, w, b, C, eps);
+  } else {
+    for (int c = lane; c < C; c += 32) A[warp * lda + c] = __float2bfloat16_rn(0.0f);
   }
 }
 
-// As rows = LayerNorm(x rows r0..r0+15) in bf16 (zeros past M); warp w takes rows w, w+4, w+8, w+12; two-pass
-// f32 statistics as layernorm_forward.
-__device__ __forceinline__ void build_ln(const KParams& p, TileSmem& sm, int r0, const float* w, const float* b) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, C = p.m.dims.C;
-  const int nrows = max(0, min(kRT, p.M - r0));
-  cp_rows(sm.Xs, C * 4, p.x + size_t(r0) * C, size_t(C) * 4, nrows, C * 4);
-  cp_async_commit();
-  cp_async_wait<0>();
-  __syncthreads();
-  stamp(sm.st, 7);
-  for (int rr = warp; rr < kRT; rr += kWarps) {
-    bf16* dst = sm.As + rr * p.lda;
-    if (rr < nrows) {
-      ln_row_warp(dst, sm.Xs + rr * C, w, b, C, p.m.dims.eps);
-    } else {
-      for (int c = lane; c < C; c += 32) dst[c] = __float2bfloat16_rn(0.0f);
+// The MoE router of the tile's rows (warp w: row w), f32 weights on the bf16 inputs of the product; the choice and
+// the gate into rexp / rgate; rank 0 reports the choice of the valid rows.
+__device__ __noinline__ void route(const FusedLinear& L, const bf16* A, int lda, int gate, int* rexp, float* rgate,
+                                      int row0, int nrows, bool report) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, K = L.K;
+  float s0[2] = {0.0f, 0.0f}, s1[2] = {0.0f, 0.0f};  // two interleaved partial sums each
+  const bf16* a = A + warp * lda;
+  for (int k = lane; k < K; k += 64) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int kk = k + 32 * h;
+      if (kk >= K) continue;
+      const float x = __bfloat162float(a[kk]);
+      s0[h] = fmaf(x, L.wr[kk], s0[h]);
+      s1[h] = fmaf(x, L.wr[K + kk], s1[h]);
     }
   }
-}
-
-// As rows = src rows r0..r0+15 (bf16, K columns, row stride ld), zeros past M.
-__device__ __forceinline__ void build_copy(const KParams& p, TileSmem& sm, int r0, const bf16* src, int K, int ld) {
-  const int nrows = max(0, min(kRT, p.M - r0));
-  cp_rows(sm.As, p.lda * 2, src + size_t(r0) * ld, size_t(ld) * 2, nrows, K * 2);
-  cp_async_commit();
-  for (int e = threadIdx.x; e < (kRT - nrows) * (K / 8); e += kThreads) {
-    const int r = nrows + e / (K / 8), s = e % (K / 8);
-    *reinterpret_cast<uint4*>(sm.As + r * p.lda + s * 8) = make_uint4(0u, 0u, 0u, 0u);
+  float t0 = s0[0] + s0[1], t1 = s1[0] + s1[1];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    t0 += __shfl_xor_sync(kFull, t0, o);
+    t1 += __shfl_xor_sync(kFull, t1, o);
   }
-  cp_async_wait<0>();
-  stamp(sm.st, 7);
-}
-
-// As rows = im2col of patches r0..min(r0+16, rows)-1 (patch row b*P + py*G + px; columns ci*p*p + ky*p + kx),
-// bf16; float4 loads 8 at a time per thread before their conversions.
-__device__ __forceinline__ void build_patches(const KParams& p, TileSmem& sm, int r0, int rows) {
-  const FusedVitDims& d = p.m.dims;
-  const int ps = d.patch, G = d.S / ps, P = G * G, q4 = ps / 4;
-  const int nrows = max(0, min(kRT, rows - r0)), per_row = d.Cin * ps * q4, total = kRT * per_row;
-  for (int base = 0; base < total; base += 8 * kThreads) {
-    float4 v[8];
-#pragma unroll
-    for (int u = 0; u < 8; ++u) {
-      const int e = base + u * kThreads + threadIdx.x, r = e / per_row;
-      v[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      if (e < total && r < nrows) {
-        const int s = e - r * per_row, q = s % q4, ck = s / q4, ci = ck / ps, ky = ck - ci * ps;
-        const int pr = r0 + r, b = pr / P, pp = pr - b * P, py = pp / G, px = pp - py * G;
-        v[u] = __ldg(reinterpret_cast<const float4*>(p.images + ((size_t(b) * d.Cin + ci) * d.S + py * ps + ky) * d.S +
-                                                     px * ps + q * 4));
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < 8; ++u) {
-      const int e = base + u * kThreads + threadIdx.x;
-      if (e >= total) continue;
-      const int r = e / per_row, s = e - r * per_row;  // s * 4 = ci*p*p + ky*p + q*4
-      __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(sm.As + r * p.lda + s * 4);
-      dst[0] = __floats2bfloat162_rn(v[u].x, v[u].y);
-      dst[1] = __floats2bfloat162_rn(v[u].z, v[u].w);
-    }
-  }
-  cp_async_wait<0>();  // the tile's weights (build is where linear_tile waits for them)
-}
-
-// As rows = the Hamming attention output of rows r0..r0+15, all heads (bf16):
-//   z = (sum over set bits r, ascending, of KV_r) + 0.5 v;  out = z / max(|z|, eps) + sum_t conv_t v_{n+t-4}
-// Staged first: KV of the (at most two) images of the tile, the v rows of the tile with a 4-row halo, the codes.
-// Thread task = (row, head, 8 columns); the 8 tasks of a (row, head) are 8 aligned lanes (norm by shuffles).
-__device__ __forceinline__ void build_attention(const KParams& p, TileSmem& sm, const FusedBlock& blk, int r0) {
-  const FusedVitDims& d = p.m.dims;
-  const int N = d.N, C = d.C, H = d.H, nb = d.nbits, C2 = 2 * C, tid = threadIdx.x;
-  const int nrows = max(0, min(kRT, p.M - r0));
-  const int b_lo = r0 / N, b_hi = (r0 + nrows - 1) / N, per_img = H * nb * kD;
-  float* KVs = reinterpret_cast<float*>(sm.U);                                         // (2, H, nb, d)
-  bf16* Vh = reinterpret_cast<bf16*>(KVs + 2 * per_img);                               // (24, C): rows r0-4 ..
-  unsigned long long* cd = reinterpret_cast<unsigned long long*>(Vh + (kRT + 8) * C);  // (16, H)
-  cp_rows(KVs, 0, p.kv + size_t(b_lo) * per_img, 0, 1, (b_hi - b_lo + 1) * per_img * 4);
-  const int g0 = max(0, r0 - 4), g1 = min(p.M, r0 + nrows + 4);
-  cp_rows(Vh + (g0 - (r0 - 4)) * C, C * 2, p.qkv + size_t(g0) * C2 + C, size_t(C2) * 2, g1 - g0, C * 2);
-  cp_async_commit();
-  for (int e = tid; e < nrows * H; e += kThreads) {
-    const int r = e / H, h = e - r * H, row = r0 + r, b = row / N;
-    cd[e] = __ldcg(p.codes + (size_t(b) * H + h) * N + (row - b * N));
-  }
-  cp_async_wait<0>();
-  __syncthreads();
-  stamp(sm.st, 7);
-  const int tasks = kRT * H * 8;  // a multiple of kThreads: uniform loop, full-mask shuffles
-  for (int e = tid; e < tasks; e += kThreads) {
-    const int r = e / (H * 8), h = (e >> 3) % H, g8 = e & 7;
-    const bool valid = r < nrows;
-    const int row = r0 + r, b = valid ? row / N : b_lo, n = valid ? row - b * N : 0;
-    const int col = h * kD + g8 * 8;
-    float v[8], z[8];
-    const bf16* vr = Vh + (r + 4) * C + col;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = valid ? __bfloat162float(vr[i]) : 0.0f, z[i] = 0.0f;
-    unsigned long long code = valid ? cd[r * H + h] : 0ull;
-    const float* kvh = KVs + size_t(b - b_lo) * per_img + size_t(h) * nb * kD + g8 * 8;
-    while (code) {
-      const int rb = __ffsll(static_cast<long long>(code)) - 1;
-      code &= code - 1;
-      const float4 k0 = *reinterpret_cast<const float4*>(kvh + rb * kD);
-      const float4 k1 = *reinterpret_cast<const float4*>(kvh + rb * kD + 4);
-      z[0] += k0.x, z[1] += k0.y, z[2] += k0.z, z[3] += k0.w;
-      z[4] += k1.x, z[5] += k1.y, z[6] += k1.z, z[7] += k1.w;
-    }
-    double ss = 0.0;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      z[i] += 0.5f * v[i];
-      ss += double(z[i]) * z[i];
-    }
-    ss += __shfl_xor_sync(kFull, ss, 1);
-    ss += __shfl_xor_sync(kFull, ss, 2);
-    ss += __shfl_xor_sync(kFull, ss, 4);
-    const float nrm = fmaxf(static_cast<float>(sqrt(ss)), kNormEps);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) z[i] = z[i] / nrm;
-#pragma unroll
-    for (int t = 0; t < kTaps; ++t) {
-      const int nn = n + t - kTaps / 2;
-      if (!valid || nn < 0 || nn >= N) continue;
-      const float w = __ldg(blk.conv + h * kTaps + t);
-      const bf16* vt = Vh + (r + 4 + t - kTaps / 2) * C + col;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) z[i] = fmaf(w, __bfloat162float(vt[i]), z[i]);
-    }
-    __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(sm.As + r * p.lda + col);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) dst[i] = __floats2bfloat162_rn(valid ? z[2 * i] : 0.0f, valid ? z[2 * i + 1] : 0.0f);
+  if (lane == 0) {
+    const float l0 = t0 + L.br[0], l1 = t1 + L.br[1];
+    const int e = l1 > l0 ? 1 : 0;  // ties (and NaN) -> the mult expert, as the CPU
+    rexp[warp] = e;
+    rgate[warp] = gate == moe_gate_prob ? 1.0f / (1.0f + expf(e ? l0 - l1 : l1 - l0)) : 1.0f;
+    if (report && L.choice && warp < nrows) L.choice[row0 + warp] = static_cast<int8_t>(e);
   }
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// KSH pieces
+// the slice product
 
-// Phase-1 prologue of a to_qk tile of head h: the head's anchors (m, d) into rows of kAtLd floats (cp.async;
-// the following build waits for it).
-__device__ void stage_anchors(const KParams& p, TileSmem& sm, const FusedBlock& blk, int h) {
-  const int m = p.m.dims.m;
-  cp_rows(sm.U, kAtLd * 4, blk.anchors + size_t(h) * m * kD, kD * 4, m, kD * 4);
-  cp_async_commit();
-}
+// This CTA's columns [c0, c0 + Uh) of a linear (both experts' for MoE), in column groups whose partials fit Cs.
+// Tasks of a group: E * gcols/8 n8 tiles x S k splits of kbs (<= 3) k blocks; warp w runs tasks w, w + 16, ...
+struct SliceProduct {
+  const bf16* w0;
+  const bf16* w1;
+  int K, kbs, S, c0, Uh, E, Gh, groups;
 
-// Phase 1, after the epilogue of a to_qk tile (rows r0.., head h) left the bf16-rounded q values in Cs:
-// q = x / max(|x|, eps) (norm in double, as the CPU), D_nj = max(|q|^2 + |a_j|^2 - 2 q.a_j, 0) into p.dist
-// (rows of m4) and each row's sum of D (double, j ascending) into p.rowsum.
-__device__ __noinline__ void hash_prepare(const KParams& p, TileSmem& sm, int r0, int h, int cl) {
-  const FusedVitDims& d = p.m.dims;
-  const int m = d.m, m4 = round_up4(m), N = d.N, H = d.H, tid = threadIdx.x;
-  const float* At = reinterpret_cast<const float*>(sm.U);  // (m, kAtLd)
-  float* aa = reinterpret_cast<float*>(sm.U) + m * kAtLd;
-  float* Ds = aa + m4;
-  float* qq = sm.misc;
-  if (tid < kRT * 8) {  // 16 rows x 8 column groups (whole warps)
-    const int r = tid >> 3, g8 = tid & 7;
-    float* q = sm.Cs + r * cl + g8 * 8;
-    double ss = 0.0;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) ss += double(q[i]) * q[i];
-    ss += __shfl_xor_sync(kFull, ss, 1);
-    ss += __shfl_xor_sync(kFull, ss, 2);
-    ss += __shfl_xor_sync(kFull, ss, 4);
-    const float nrm = fmaxf(static_cast<float>(sqrt(ss)), kNormEps);
-    float q2 = 0.0f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      q[i] = q[i] / nrm;
-      q2 = fmaf(q[i], q[i], q2);
-    }
-    q2 += __shfl_xor_sync(kFull, q2, 1);
-    q2 += __shfl_xor_sync(kFull, q2, 2);
-    q2 += __shfl_xor_sync(kFull, q2, 4);
-    if (g8 == 0) qq[r] = q2;
+  __device__ __forceinline__ SliceProduct(const FusedLinear& L, int c0_, int Uh_) {
+    w0 = L.w0, w1 = L.moe ? L.w1 : nullptr, K = L.K, kbs = kb_per_task(K / 32), S = K / 32 / kbs;
+    c0 = c0_, Uh = Uh_, E = L.moe ? 2 : 1;
+    Gh = min(Uh, (kCsFloats / (S * kRT * E)) / 8 * 8);
+    groups = (Uh + Gh - 1) / Gh;
   }
-  for (int j = tid; j < m; j += kThreads) {
-    float s = 0.0f;
-#pragma unroll 8
-    for (int i = 0; i < kD; ++i) s = fmaf(At[j * kAtLd + i], At[j * kAtLd + i], s);
-    aa[j] = s;
-  }
-  __syncthreads();
-  const int nrows = max(0, min(kRT, p.M - r0));
-  for (int e = tid; e < kRT * m; e += kThreads) {
-    const int r = e / m, j = e - r * m;
-    const float* q = sm.Cs + r * cl;
-    const float* a = At + j * kAtLd;
-    float d4[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // four interleaved partial sums (a short dependency chain)
-#pragma unroll 16
-    for (int i = 0; i < kD; ++i) d4[i & 3] = fmaf(q[i], a[i], d4[i & 3]);
-    const float dot = (d4[0] + d4[1]) + (d4[2] + d4[3]);
-    const float D = fmaxf(qq[r] + aa[j] - 2.0f * dot, 0.0f);
-    Ds[r * m + j] = D;
-    if (r < nrows) {
-      const int row = r0 + r, b = row / N, n = row - b * N;
-      p.dist[((size_t(b) * H + h) * N + n) * m4 + j] = D;
-    }
-  }
-  __syncthreads();
-  if (tid < nrows) {
-    const int row = r0 + tid, b = row / N, n = row - b * N;
-    double s = 0.0;
-    for (int j = 0; j < m; ++j) s += Ds[tid * m + j];
-    p.rowsum[(size_t(b) * H + h) * N + n] = s;
-  }
-  __syncthreads();
-}
-
-// Phase 2 item (image b, head h, tokens [c*16, c*16+16)): sigma, k, y, codes, the chunk's MatAdd #1 partial;
-// the head's last chunk to finish reduces the partials in chunk order into KV (scaled by 1/pi).
-__device__ __noinline__ void hash_codes(const KParams& p, TileSmem& sm, const FusedBlock& blk, int b, int h, int c) {
-  const FusedVitDims& d = p.m.dims;
-  const int N = d.N, H = d.H, m = d.m, m4 = round_up4(m), nb = d.nbits, C = d.C, tid = threadIdx.x, nch = p.nch;
-  const int lane = tid & 31, warp = tid >> 5;
-  const int base = b * H + h, n0 = c * kChunk, cnt = min(kChunk, N - n0);
-  float* Ks = reinterpret_cast<float*>(sm.U);                                // (16, m4): D, then k
-  bf16* Vs = reinterpret_cast<bf16*>(Ks + kRT * m4);                         // (16, d)
-  float* As = reinterpret_cast<float*>(Vs + kRT * kD);                       // (b, m)
-  float* mus = As + round_up4(nb * m);                                       // (m)
-  unsigned long long* cs = reinterpret_cast<unsigned long long*>(mus + m4);  // (16)
-  double* red = reinterpret_cast<double*>(cs + kRT);                         // (4)
-  cp_rows(Ks, 0, p.dist + (size_t(base) * N + n0) * m4, 0, 1, cnt * m4 * 4);
-  cp_rows(Vs, kD * 2, p.qkv + (size_t(b) * N + n0) * 2 * C + C + h * kD, size_t(2 * C) * 2, cnt, kD * 2);
-  cp_async_commit();
-  stage_scalar(As, blk.A + size_t(h) * nb * m, nb * m);
-  if (tid < m) mus[tid] = __ldg(blk.mu + h * m + tid);
-  if (tid < kRT) cs[tid] = 0ull;
-  double s = 0.0;
-  for (int n = tid; n < N; n += kThreads) s += __ldcg(p.rowsum + size_t(base) * N + n);
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(kFull, s, o);
-  if (lane == 0) red[warp] = s;
-  cp_async_wait<0>();
-  __syncthreads();
-  stamp(sm.st, 7);
-  double tot = 0.0;
-  for (int w = 0; w < kWarps; ++w) tot += red[w];
-  const float two_sigma = 2.0f * fmaxf(static_cast<float>(tot / (double(N) * m)), kSigmaMin);
-  for (int e = tid; e < cnt * m; e += kThreads) {
-    const int tn = e / m, j = e - tn * m;
-    Ks[tn * m4 + j] = expf(-Ks[tn * m4 + j] / two_sigma) - mus[j];
-  }
-  __syncthreads();
-  for (int e = tid; e < cnt * nb; e += kThreads) {
-    const int tn = e / nb, r = e - tn * nb;
-    const float* Ar = As + r * m;
-    const float* k = Ks + tn * m4;
-    float y = 0.0f;
-    for (int j = 0; j < m; ++j) y = fmaf(Ar[j], k[j], y);
-    if (y > 0.0f) atomicOr(cs + tn, 1ull << r);
-  }
-  __syncthreads();
-  if (tid < cnt) p.codes[size_t(base) * N + n0 + tid] = cs[tid];
-  float* part = p.kvp + (size_t(base) * nch + c) * nb * kD;
-  for (int e = tid; e < nb * (kD / 8); e += kThreads) {
-    const int r = e / (kD / 8), q8 = e - r * (kD / 8);
-    float a[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-    for (int tn = 0; tn < cnt; ++tn) {
-      if (!((cs[tn] >> r) & 1ull)) continue;
-      const bf16* v = Vs + tn * kD + q8 * 8;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) a[i] += __bfloat162float(v[i]);
-    }
-    float4* o = reinterpret_cast<float4*>(part + r * kD + q8 * 8);
-    o[0] = make_float4(a[0], a[1], a[2], a[3]);
-    o[1] = make_float4(a[4], a[5], a[6], a[7]);
-  }
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) sm.misc[1] = atomicAdd(p.tickets + base, 1u) == unsigned(nch - 1) ? 1.0f : 0.0f;
-  __syncthreads();
-  if (sm.misc[1] != 0.0f) {
-    __threadfence();
-    // every chunk's partial into the (idle) weight ring at once (vit_fused_supports checks it fits), summed in
-    // chunk order
-    float* parts = reinterpret_cast<float*>(sm.Ws);
-    cp_rows(parts, 0, p.kvp + size_t(base) * nch * nb * kD, 0, 1, nch * nb * kD * 4);
-    cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();
-    for (int e = tid; e < nb * kD; e += kThreads) {
-      float t = 0.0f;
-      for (int k = 0; k < nch; ++k) t += parts[size_t(k) * nb * kD + e];
-      p.kv[size_t(base) * nb * kD + e] = t * kInvPi;
-    }
-    if (tid == 0) p.tickets[base] = 0u;  // every chunk of this head has arrived: ready for the next block
-  }
-  __syncthreads();
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// one tile of a product phase
-
-// The product of a tile: Cs partials (KS, 16, U + 4) = As x W^T over the chunks of the ring. Warp grid: G = U/8/NF
-// groups of NF n8-fragments (units) x KS K-splits (k-steps kg, kg + KS, ... of every 64-wide chunk), G * KS = 16.
-// Chunks [0, P) completed in the prologue; when the whole K fits the ring (P == nch) no slot is reused and the
-// loop needs no barrier. Else chunk ch >= S streams into slot ch % S after chunk ch - S.
-template <int NF, int KS>
-__device__ __forceinline__ void tile_product(TileSmem& sm, const FusedLinear& L, int U, int c0, int S, int P, int nch,
-                                             int lda) {
-  constexpr int G = kWarps / KS;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, fg = warp % G, kg = warp / G, CL = U + 4;
-  float acc[NF][4];
-#pragma unroll
-  for (int f = 0; f < NF; ++f) acc[f][0] = acc[f][1] = acc[f][2] = acc[f][3] = 0.0f;
-  const int g = lane >> 2, t2 = (lane & 3) * 2;
-  const bf16* a_lo = sm.As + g * lda + t2;
-  const bf16* a_hi = a_lo + 8 * lda;
-  for (int ch = 0; ch < nch; ++ch) {
-    if (P < nch) {
-      if (ch >= 1 && ch - 1 + S < nch) issue_w(sm.Ws, L, U, c0, ch - 1 + S);
-      cp_async_commit();
-      if (ch >= P) cp_async_wait<0>();
-      __syncthreads();
-    }
-    const bf16* wst = sm.Ws + (ch % S) * U * kWld + (fg * NF * 8 + g) * kWld + t2;
-#pragma unroll
-    for (int kk = kg * 16; kk < kKC; kk += 16 * KS) {
-      const int ka = ch * kKC + kk;
-      const uint32_t a[4] = {lds32(a_lo + ka), lds32(a_hi + ka), lds32(a_lo + ka + 8), lds32(a_hi + ka + 8)};
-#pragma unroll
-      for (int f = 0; f < NF; ++f) {
-        const bf16* w = wst + f * 8 * kWld + kk;
-        mma_bf16(acc[f], a, lds32(w), lds32(w + 8));
-      }
-    }
-    if (P < nch) __syncthreads();
-  }
-  float* cp = sm.Cs + kg * kRT * CL;
-#pragma unroll
-  for (int f = 0; f < NF; ++f) {
-    const int u = fg * NF * 8 + f * 8 + t2;
-    cp[g * CL + u] = acc[f][0];
-    cp[g * CL + u + 1] = acc[f][1];
-    cp[(g + 8) * CL + u] = acc[f][2];
-    cp[(g + 8) * CL + u + 1] = acc[f][3];
-  }
-}
-
-enum TileKind { tk_embed = 0, tk_qkv, tk_proj, tk_fc1, tk_fc2 };
-
-// A tile of a product phase: rows r0.. (token rows; embed: patch rows b*P + pp0..) of at most `rows`, output
-// columns c0.. of L, U units (both experts' columns for MoE). qkv tiles: ocol = the tile's column in the qkv
-// buffer, head >= 0 for a to_qk tile (the hash is prepared after the epilogue).
-struct TileJob {
-  const FusedLinear* L;
-  const FusedBlock* blk;
-  int kind, r0, c0, rows, U, ocol, head, b, pp0;
-  bool prefetched;
-  unsigned long long* st;
+  __device__ __forceinline__ int gcols(int g) const { return min(Gh, Uh - g * Gh); }
+  // The weights of this warp's tasks of group g into L1 (issued before the barrier that makes A ready; no
+  // registers held across it).
+  __device__ __forceinline__ void prefetch(int g = 0) const;
 };
 
-// Cs (16 x U) = A (16 x K, built by the kind's prologue into As) x W^T, then the kind's epilogue for the
-// 16 x Uh outputs (bias; MoE: the chosen expert's columns, gated). The prologue stages its inputs by cp.async
-// and waits for everything in flight: the weight chunks (prefetched before the phase's barrier for a CTA's first
-// tile), the router weights and the residual rows arrive meanwhile. Warp grid of the product: G groups of NF
-// n8-fragments (units) x KS K-splits (k-steps kg, kg + KS, ... of every 64-wide chunk); the KS partials are
-// added in split order in the epilogue. Inlined into each phase (the kind then folds to constants: measured
-// 0.94 -> 0.74 ms against one shared out-of-line copy). Ends with a __syncthreads.
-__device__ __forceinline__ void linear_tile(const KParams& p, TileSmem& sm, const TileJob& j) {
-  const FusedLinear& L = *j.L;
-  const int U = j.U, r0 = j.r0, c0 = j.c0, kind = j.kind;
-  unsigned long long* st = j.st;
-  stamp(st, 0);
-  if (st && threadIdx.x == 0) st[5] = clock64();
-  sm.st = st;
-  const FusedVitDims& d = p.m.dims;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int K = L.K, Uh = L.moe ? U / 2 : U, nch = K / kKC, lda = p.lda, C = d.C, N = d.N;
-  const int S = kRingRows / U, P = min(S, nch);  // chunks issued up front (all of them when they fit)
-  const int nrows = max(0, min(kRT, j.rows - r0));
-  if (!j.prefetched) prefetch_tile(sm, L, U, c0);
-  const float* resid = kind == tk_embed                    ? p.m.pos + size_t(1 + j.pp0) * C
-                       : kind == tk_proj || kind == tk_fc2 ? p.x + size_t(r0) * C
-                                                           : nullptr;
-  if (resid) cp_rows(sm.Xres, 64 * 4, resid + c0, size_t(C) * 4, nrows, Uh * 4);  // committed by the prologue
-  float bias = 0.0f;  // unit tid's: loaded now, stored to shared memory after the prologue (U <= kThreads)
-  if (tid < U) {
-    if (L.moe)
-      bias = __ldg((tid < Uh ? L.b32 : L.b1) + c0 + (tid < Uh ? tid : tid - Uh));
-    else if (L.b16)
-      bias = __bfloat162float(L.b16[c0 + tid]);
-    else if (L.b32)
-      bias = __ldg(L.b32 + c0 + tid);
+// The lane's 16 bytes of W for k block 0 of `task` (n8 tile, split) of a group whose columns start at cbase.
+__device__ __forceinline__ const bf16* task_w(const bf16* w0, const bf16* w1, int K, int kbs, int S, int cbase,
+                                              int tpe, int task) {
+  const int lane = threadIdx.x & 31, tile = task / S, sp = task - tile * S, e = tile / tpe;
+  const int n = cbase + (tile - e * tpe) * 8 + (lane >> 2);
+  return (e ? w1 : w0) + size_t(n) * K + sp * kbs * 32 + 8 * (lane & 3);
+}
+
+__device__ __noinline__ void slice_prefetch(const bf16* w0, const bf16* w1, int K, int kbs, int S, int cbase, int gc,
+                                            int E) {
+  const int tpe = gc / 8, nt = E * tpe * S;
+  for (int task = threadIdx.x >> 5; task < nt; task += kWarps) {
+    const bf16* w = task_w(w0, w1, K, kbs, S, cbase, tpe, task);
+    for (int kb = 0; kb < kbs; ++kb) asm volatile("prefetch.global.L1 [%0];" ::"l"(w + kb * 32));
   }
-  const FusedBlock& blk = *j.blk;
-  switch (kind) {
-    case tk_embed:
-      build_patches(p, sm, r0, j.rows);
-      break;
-    case tk_qkv:
-      if (j.head >= 0) stage_anchors(p, sm, blk, j.head);
-      build_ln(p, sm, r0, blk.ln1_w, blk.ln1_b);
-      break;
-    case tk_proj:
-      build_attention(p, sm, blk, r0);
-      break;
-    case tk_fc1:
-      build_ln(p, sm, r0, blk.ln2_w, blk.ln2_b);
-      break;
-    default:
-      build_copy(p, sm, r0, p.hid, d.F, d.F);
-  }
-  stamp(st, 1);
-  if (tid < U) sm.bias[tid] = bias;
-  __syncthreads();
-  static_assert(kWarps == kRT, "the router takes one row per warp");
-  if (L.moe) {  // router: warp w takes row w; f32 weights, the bf16 inputs of the product
-    float s0[2] = {0.0f, 0.0f}, s1[2] = {0.0f, 0.0f};  // two interleaved partial sums each
-    const bf16* a = sm.As + warp * lda;
-    for (int k = lane; k < K; k += 64) {
+}
+__device__ __forceinline__ void SliceProduct::prefetch(int g) const {
+  slice_prefetch(w0, w1, K, kbs, S, c0 + g * Gh, gcols(g), E);
+}
+
+// The epilogue's common part for one row and 8 columns of a group: the k splits of the chosen expert's columns
+// added in order, + bias, x gate; the result back into split 0's columns [c, c+8) of the row (the same thread
+// reads them next). Out of line (one copy for every linear).
+__device__ __noinline__ void finish8(float* Cs, int ncols, int S, int xoff, int r, int c, float gate,
+                                     const float* bf, const bf16* bh, int col) {
+  const float* src = Cs + r * ncols + xoff + c;
+  float v[8];
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int kk = k + 32 * h;
-        if (kk >= K) continue;
-        const float x = __bfloat162float(a[kk]);
-        s0[h] = fmaf(x, sm.Wr[kk], s0[h]);
-        s1[h] = fmaf(x, sm.Wr[K + kk], s1[h]);
-      }
-    }
-    float t0 = s0[0] + s0[1], t1 = s1[0] + s1[1];
+  for (int i = 0; i < 8; ++i) v[i] = src[i];
+  for (int sp = 1; sp < S; ++sp)
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      t0 += __shfl_xor_sync(kFull, t0, o);
-      t1 += __shfl_xor_sync(kFull, t1, o);
-    }
-    if (lane == 0) {
-      const int r = warp;
-      const float l0 = t0 + __ldg(L.br), l1 = t1 + __ldg(L.br + 1);
-      const int e = l1 > l0 ? 1 : 0;  // ties (and NaN) -> the mult expert, as the CPU
-      sm.rexp[r] = e;
-      sm.rgate[r] = p.m.gate == moe_gate_prob ? 1.0f / (1.0f + expf(e ? l0 - l1 : l1 - l0)) : 1.0f;
-      if (c0 == 0 && L.choice && r < nrows) L.choice[r0 + r] = static_cast<int8_t>(e);
-    }
+    for (int i = 0; i < 8; ++i) v[i] += src[sp * kRT * ncols + i];
+  float* dst = Cs + r * ncols + c;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float b = bf ? bf[col + i] : bh ? __bfloat162float(bh[col + i]) : 0.0f;
+    dst[i] = (v[i] + b) * gate;
   }
-  stamp(st, 2);
-  const int KS = U == 32 || U == 96 ? 4 : U == 64 || U == 192 ? 2 : 1, CL = U + 4;  // as tile_product's
-  switch (U) {  // the unit counts the phases use (vit_fused_supports)
-    case 32:
-      tile_product<1, 4>(sm, L, U, c0, S, P, nch, lda);
-      break;
-    case 64:
-      tile_product<1, 2>(sm, L, U, c0, S, P, nch, lda);
-      break;
-    case 96:
-      tile_product<3, 4>(sm, L, U, c0, S, P, nch, lda);
-      break;
-    case 128:
-      tile_product<1, 1>(sm, L, U, c0, S, P, nch, lda);
-      break;
-    default:
-      tile_product<3, 2>(sm, L, U, c0, S, P, nch, lda);
-  }
-  stamp(st, 3);
-  __syncthreads();
-  // the K-split partials added in split order; a to_qk tile leaves its rounded q in split 0's slot for the hash
-  const bool moe_gelu = L.moe;
-  for (int e = tid; e < nrows * Uh; e += kThreads) {
-    const int r = e / Uh, c = e - r * Uh;
-    const int u = L.moe ? c + sm.rexp[r] * Uh : c;
-    float a = sm.Cs[r * CL + u];
-    for (int k = 1; k < KS; ++k) a += sm.Cs[(k * kRT + r) * CL + u];
-    const float val = L.moe ? (a + sm.bias[u]) * sm.rgate[r] : a + sm.bias[c];
-    const float res = resid ? sm.Xres[r * 64 + c] : 0.0f;
-    const int col = c0 + c;
-    switch (kind) {
-      case tk_embed:
-        p.x[(size_t(j.b) * N + 1 + j.pp0 + r) * C + col] = val + res;
-        break;
-      case tk_qkv: {
-        const bf16 hv = __float2bfloat16_rn(val);
-        p.qkv[size_t(r0 + r) * 2 * C + j.ocol + c] = hv;
-        if (j.head >= 0) sm.Cs[r * CL + c] = __bfloat162float(hv);
-        break;
-      }
-      case tk_fc1:
-        p.hid[size_t(r0 + r) * d.F + col] = __float2bfloat16_rn(moe_gelu ? gelu_erf(val) : gelu_tanh(val));
-        break;
-      default:  // proj, fc2: the residual stream
-        p.x[size_t(r0 + r) * C + col] = res + val;
+}
+
+// One column group of a slice product: partials (S, 16, E * gc) into Cs. Out of line: one copy of the product loop
+// serves every linear (the kernel's code is far larger than the instruction cache). No barrier inside.
+__device__ __noinline__ void slice_run(const bf16* w0, const bf16* w1, int K, int kbs, int S, int cbase, int gc,
+                                       int E, const bf16* A, int lda, float* Cs) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r = lane >> 2, q = lane & 3;
+  const int tpe = gc / 8, nt = E * tpe * S, ncols = E * gc;
+  uint4 wn[kMaxKbs];
+  auto load = [&](uint4(&w)[kMaxKbs], int task) {
+    if (task >= nt) return;
+    const bf16* src = task_w(w0, w1, K, kbs, S, cbase, tpe, task);
+#pragma unroll
+    for (int kb = 0; kb < kMaxKbs; ++kb)
+      if (kb < kbs) w[kb] = __ldg(reinterpret_cast<const uint4*>(src + kb * 32));
+  };
+  load(wn, warp);
+  for (int task = warp; task < nt; task += kWarps) {
+    uint4 w[kMaxKbs];
+#pragma unroll
+    for (int kb = 0; kb < kMaxKbs; ++kb) w[kb] = wn[kb];
+    load(wn, task + kWarps);
+    const int tile = task / S, sp = task - tile * S;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const bf16* a = A + r * lda + sp * kbs * 32 + 8 * q;
+#pragma unroll
+    for (int kb = 0; kb < kMaxKbs; ++kb) {
+      if (kb >= kbs) break;
+      const uint4 lo = *reinterpret_cast<const uint4*>(a + kb * 32);
+      const uint4 hi = *reinterpret_cast<const uint4*>(a + 8 * lda + kb * 32);
+      const uint32_t a0[4] = {lo.x, hi.x, lo.y, hi.y}, a1[4] = {lo.z, hi.z, lo.w, hi.w};
+      mma_bf16(acc, a0, w[kb].x, w[kb].y);
+      mma_bf16(acc, a1, w[kb].z, w[kb].w);
     }
+    float* c = Cs + (sp * kRT + r) * ncols + tile * 8 + 2 * q;
+    c[0] = acc[0], c[1] = acc[1];
+    c[8 * ncols] = acc[2], c[8 * ncols + 1] = acc[3];
   }
-  __syncthreads();
-  if (kind == tk_qkv && j.head >= 0) hash_prepare(p, sm, r0, j.head, CL);
-  stamp(st, 4);
-  if (st && threadIdx.x == 0) st[6] = clock64();
+}
+
+// Runs every column group of P (the first one prefetched) and calls out(r, col, v) for the tile's valid rows and
+// 8 consecutive columns col.. of the linear, v = (the chosen expert's output + its bias) * gate (MoE) or output +
+// bias. Between groups and after the last: __syncthreads.
+struct NoMid {
+  __device__ void operator()() const {}
+};
+template <class Out, class Mid = NoMid>
+__device__ __forceinline__ void product_out(const SliceProduct& P, const FusedLinear& L, const bf16* A, int lda,
+                                            float* Cs, const int* rexp, const float* rgate, int nrows, Out&& out,
+                                            Mid&& mid = Mid{}) {
+  for (int g = 0; g < P.groups; ++g) {
+    const int gc = P.gcols(g), c8 = gc / 8, ncols = P.E * gc;
+    if (g > 0) P.prefetch(g);
+    slice_run(P.w0, P.w1, P.K, P.kbs, P.S, P.c0 + g * P.Gh, gc, P.E, A, lda, Cs);
+    __syncthreads();
+    if (g == 0) mid();
+    for (int e = threadIdx.x; e < nrows * c8; e += kThreads) {
+      const int r = e / c8, c = (e - r * c8) * 8, col = P.c0 + g * P.Gh + c;
+      const int x = L.moe ? rexp[r] : 0;
+      const float* bf = L.moe ? (x ? L.b1 : L.b32) : L.b16 ? nullptr : L.b32;
+      finish8(Cs, ncols, P.S, x * gc, r, c, L.moe ? rgate[r] : 1.0f, bf, L.moe ? nullptr : L.b16, col);
+      float v[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = Cs[r * ncols + c + i];
+      out(r, col, v);
+    }
+    __syncthreads();
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // the kernel
 
-__global__ void __launch_bounds__(kThreads, 1) vit_fused_kernel(const __grid_constant__ KParams p) {
-  cg::grid_group grid = cg::this_grid();
-  TileSmem sm = tile_smem(p);
-  const FusedVitDims& d = p.m.dims;
-  const int N = d.N, C = d.C, H = d.H, F = d.F, M = p.M, RT = (M + kRT - 1) / kRT, tid = threadIdx.x;
-  // trace (vit_fused_trace): per phase, each CTA's time at the end of its work, then CTA 0's after the barrier
-  int phase = 0;
-  const unsigned stride = gridDim.x + 1;
-  const int nphases = 1 + 5 * d.depth + 1;
-  // this CTA's sub-phase stamps for the current phase (first tile only)
-  auto sub = [&](int t) -> unsigned long long* {
-    return p.trace && t == int(blockIdx.x)
-               ? p.trace + size_t(nphases + 1) * stride + (size_t(phase) * gridDim.x + blockIdx.x) * kStamps
-               : nullptr;
-  };
-  auto barrier = [&] {
-    if (p.trace) {
-      __syncthreads();
-      if (tid == 0) p.trace[phase * stride + blockIdx.x] = global_ns();
-    }
-    grid.sync();
-    if (p.trace && blockIdx.x == 0 && tid == 0) p.trace[phase * stride + gridDim.x] = global_ns();
-    ++phase;
-  };
-  if (p.trace && blockIdx.x == 0 && tid == 0) p.trace[size_t(nphases) * stride] = global_ns();
-
-  // Tile decompositions of the product phases (tile t of a phase; t = blockIdx.x is a CTA's first tile, whose
-  // weights are prefetched before the barrier that opens the phase). RT row tiles of 16 token rows.
-  const int hc = C / 64;                 // phase 1: column tiles of 64 per C-wide half (= heads)
-  const int c4 = F % 96 == 0 ? 96 : 64;  // phase 4: columns per fc1 tile
-  const int ps = d.patch, P = (d.S / ps) * (d.S / ps), tpi = (P + kRT - 1) / kRT;  // E: tiles per image
-  auto units = [](const FusedLinear& L, int cols) { return L.moe ? 2 * cols : cols; };
-  // the tile t of phase `kind` of block l (embedding: l ignored)
-  auto job = [&](int kind, int l, int t) {
-    TileJob j{};
-    j.kind = kind, j.head = -1, j.rows = M, j.r0 = (t % RT) * kRT;
-    j.blk = p.m.blocks + (l < d.depth ? l : 0);
-    const FusedBlock& blk = *j.blk;
-    if (kind == tk_embed) {
-      const int bt = t % (p.B * tpi);
-      j.L = &p.patch, j.b = bt / tpi, j.pp0 = (bt - j.b * tpi) * kRT, j.c0 = (t / (p.B * tpi)) * 64;
-      j.r0 = j.b * P + j.pp0, j.rows = (j.b + 1) * P, j.U = 64;
-    } else if (kind == tk_qkv) {
-      const int ct = t / RT;
-      const bool stacked = blk.v.F == 0, is_v = ct >= hc;
-      j.L = stacked ? &blk.qk : (is_v ? &blk.v : &blk.qk);
-      j.c0 = stacked ? ct * 64 : (ct % hc) * 64, j.ocol = ct * 64, j.head = is_v ? -1 : ct;
-      j.U = units(*j.L, 64);
-    } else if (kind == tk_proj || kind == tk_fc2) {
-      j.L = kind == tk_proj ? &blk.proj : &blk.fc2, j.c0 = (t / RT) * 32, j.U = units(*j.L, 32);
-    } else {
-      j.L = &blk.fc1, j.c0 = (t / RT) * c4, j.U = units(blk.fc1, c4);
-    }
-    return j;
-  };
-  auto tiles = [&](int kind) {
-    return kind == tk_embed ? p.B * tpi * (C / 64)
-           : kind == tk_qkv ? RT * 2 * hc
-           : kind == tk_fc1 ? RT * (F / c4)
-                            : RT * (C / 32);
-  };
-  auto run_phase = [&](int kind, int l) {
-    for (int t = blockIdx.x; t < tiles(kind); t += gridDim.x) {
-      TileJob j = job(kind, l, t);
-      j.prefetched = kind != tk_embed && t == int(blockIdx.x);
-      j.st = sub(t);
-      linear_tile(p, sm, j);
-    }
-  };
-  // the weights of this CTA's first tile of phase `kind` of block l
-  auto prefetch = [&](int kind, int l) {
-    if (l >= d.depth || int(blockIdx.x) >= tiles(kind)) return;
-    const TileJob j = job(kind, l, blockIdx.x);
-    prefetch_tile(sm, *j.L, j.U, j.c0);
-  };
-
-  // ---- E: patches -> x (token rows b*N + 1 + patch; + pos staged as the tile's "residual"), class rows ----
-  run_phase(tk_embed, 0);
-  if (blockIdx.x == gridDim.x - 1)
-    for (int e = tid; e < p.B * C; e += kThreads) {
-      const int b = e / C, c = e - b * C;
-      p.x[size_t(b) * N * C + c] = __ldg(p.m.cls + c) + __ldg(p.m.pos + c);
-    }
-  prefetch(tk_qkv, 0);
-  barrier();
-
-  for (int l = 0; l < d.depth; ++l) {
-    const FusedBlock& blk = p.m.blocks[l];
-    run_phase(tk_qkv, l);  // 1: LN1 -> [to_qk | to_v] -> qkv (bf16); to_qk tiles also prepare the hash
-    barrier();
-    for (int t = blockIdx.x; t < p.B * H * p.nch; t += gridDim.x) {  // 2: sigma, codes, KV
-      const int c = t % p.nch, bh = t / p.nch;
-      unsigned long long* st = sub(t);
-      sm.st = st;
-      stamp(st, 0);
-      hash_codes(p, sm, blk, bh / H, bh % H, c);
-      stamp(st, 4);
-    }
-    prefetch(tk_proj, l);
-    barrier();
-    run_phase(tk_proj, l);  // 3: attention output -> proj + residual
-    prefetch(tk_fc1, l);
-    barrier();
-    run_phase(tk_fc1, l);  // 4: LN2 -> fc1 + GELU -> hid
-    prefetch(tk_fc2, l);
-    barrier();
-    run_phase(tk_fc2, l);  // 5: fc2 + residual
-    prefetch(tk_qkv, l + 1);
-    barrier();
+// The CTA's shared-memory buffers, addressed from the layout in the kernel parameters (constant bank) at each use,
+// so no register holds them.
+extern __shared__ __align__(16) unsigned char smem_raw[];
+struct Smem {
+  const Layout& L;
+  int H;
+  template <class T>
+  __device__ __forceinline__ T* at(size_t off) const {
+    return reinterpret_cast<T*>(smem_raw + off);
   }
+  __device__ __forceinline__ float* Xs() const { return at<float>(L.xs); }
+  __device__ __forceinline__ bf16* A1() const { return at<bf16>(L.a1); }
+  __device__ __forceinline__ bf16* A2() const { return at<bf16>(L.a2); }
+  __device__ __forceinline__ bf16* QV() const { return at<bf16>(L.qv); }
+  __device__ __forceinline__ bf16* Vh() const { return at<bf16>(L.vh); }
+  __device__ __forceinline__ float* KV() const { return at<float>(L.kv); }
+  __device__ __forceinline__ float* At() const { return at<float>(L.at); }
+  __device__ __forceinline__ float* aa() const { return at<float>(L.aa); }
+  __device__ __forceinline__ float* Ab() const { return at<float>(L.ab); }
+  __device__ __forceinline__ float* mu() const { return at<float>(L.mu); }
+  __device__ __forceinline__ float* Ds() const { return at<float>(L.ds); }
+  __device__ __forceinline__ unsigned long long* codes() const { return at<unsigned long long>(L.codes); }
+  __device__ __forceinline__ float* Cs() const { return at<float>(L.cs); }
+  __device__ __forceinline__ int* rexp() const { return at<int>(L.misc); }  // (2, 16)
+  __device__ __forceinline__ float* rgate() const { return at<float>(L.misc + 2 * kRT * 4); }
+  __device__ __forceinline__ float* qq() const { return rgate() + 2 * kRT; }  // (16, H)
+  __device__ __forceinline__ float* tsig() const { return qq() + kRT * H; }   // (H): 2 sigma
+  __device__ __forceinline__ float* parts() const { return tsig() + H; }      // (tiles per image, H)
+};
 
-  // ---- H: LayerNorm of the class rows, classifier (a warp per class) ----
-  {
-    bf16* cn = sm.As;  // (B, C)
-    const int lane = tid & 31, warp = tid >> 5;
-    cp_rows(sm.Xs, C * 4, p.x, size_t(N) * C * 4, p.B, C * 4);  // the class rows b*N
-    cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();
-    for (int b = warp; b < p.B; b += kWarps) ln_row_warp(cn + b * C, sm.Xs + b * C, p.m.norm_w, p.m.norm_b, C, d.eps);
-    __syncthreads();
-    for (int cls = blockIdx.x * (kThreads / 32) + warp; cls < d.V; cls += gridDim.x * (kThreads / 32)) {
-      const bf16* w = p.m.head_w + size_t(cls) * C;
-      for (int b = 0; b < p.B; ++b) {
-        float s = 0.0f;
-#pragma unroll 8
-        for (int i = 0; i < kMaxC / 32; ++i)
-          if (lane + 32 * i < C)
-            s = fmaf(__bfloat162float(cn[b * C + lane + 32 * i]), __bfloat162float(w[lane + 32 * i]), s);
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(kFull, s, o);
-        if (lane == 0) p.logits[size_t(b) * d.V + cls] = s + __ldg(p.m.head_b + cls);
+// The KSH buffers of a block (anchors, A, mu) into shared memory by cp.async (the caller commits).
+__device__ __forceinline__ void stage_ksh(const FusedVitDims& d, const FusedBlock& blk, const Smem& s) {
+  const int Hm = d.H * d.m, m4 = round_up4(d.m);
+  for (int e = threadIdx.x; e < Hm * (kD / 4); e += kThreads) {
+    const int row = e / (kD / 4), seg = e - row * (kD / 4);
+    cp_async16(s.At() + row * kAtLd + seg * 4, blk.anchors + size_t(row) * kD + seg * 4);
+  }
+  for (int e = threadIdx.x; e < d.H * d.nbits * d.m; e += kThreads) cp_async4(s.Ab() + e, blk.A + e);
+  for (int e = threadIdx.x; e < Hm; e += kThreads) {
+    const int h = e / d.m, j = e - h * d.m;
+    cp_async4(s.mu() + h * m4 + j, blk.mu + e);
+  }
+}
+
+// Block g's small parameters into the parameter area `area` (cp.async; the caller commits):
+// thread 0 writes the redirected FusedBlock copy, every thread issues element copies (bf16 biases as pairs).
+__device__ __forceinline__ void stage_block(const FusedVitDims& d, const PrmLayout& P, const FusedBlock* g,
+                                            unsigned char* area) {
+  float* f = reinterpret_cast<float*>(area + kBlockStructBytes);
+  const int C = d.C, tid = threadIdx.x;
+  auto slot = [](FusedBlock& b, int i) -> FusedLinear& {
+    return i == 0 ? b.qk : i == 1 ? b.v : i == 2 ? b.proj : i == 3 ? b.fc1 : b.fc2;
+  };
+  auto cslot = [](const FusedBlock* b, int i) -> const FusedLinear& {
+    return i == 0 ? b->qk : i == 1 ? b->v : i == 2 ? b->proj : i == 3 ? b->fc1 : b->fc2;
+  };
+  if (tid == 0) {
+    FusedBlock fb = *g;
+    fb.ln1_w = f + P.ln, fb.ln1_b = f + P.ln + C, fb.ln2_w = f + P.ln + 2 * C, fb.ln2_b = f + P.ln + 3 * C;
+    fb.conv = f + P.conv;
+    for (int i = 0; i < kSlots; ++i) {
+      FusedLinear& L = slot(fb, i);
+      if (L.moe) {
+        L.b32 = f + P.b0[i], L.b1 = f + P.b1[i], L.wr = f + P.wr[i], L.br = f + P.br[i];
+      } else if (L.b16) {
+        L.b16 = reinterpret_cast<const bf16*>(f + P.b0[i]);
+      } else if (L.b32) {
+        L.b32 = f + P.b0[i];
       }
     }
+    *reinterpret_cast<FusedBlock*>(area) = fb;
   }
-  if (p.trace) {
+  const float* lns[4] = {g->ln1_w, g->ln1_b, g->ln2_w, g->ln2_b};
+  for (int e = tid; e < 4 * C; e += kThreads) cp_async4(f + P.ln + e, lns[e / C] + e % C);
+  for (int e = tid; e < d.H * kTaps; e += kThreads) cp_async4(f + P.conv + e, g->conv + e);
+  for (int i = 0; i < kSlots; ++i) {
+    const FusedLinear& L = cslot(g, i);
+    if (L.F == 0) continue;
+    if (L.moe) {
+      for (int e = tid; e < L.F; e += kThreads) {
+        cp_async4(f + P.b0[i] + e, L.b32 + e);
+        cp_async4(f + P.b1[i] + e, L.b1 + e);
+      }
+      for (int e = tid; e < 2 * L.K; e += kThreads) cp_async4(f + P.wr[i] + e, L.wr + e);
+      if (tid < 2) cp_async4(f + P.br[i] + tid, L.br + tid);
+    } else if (L.b16) {
+      for (int e = tid; e < L.F / 2; e += kThreads) cp_async4(f + P.b0[i] + e, L.b16 + 2 * e);
+    } else if (L.b32) {
+      for (int e = tid; e < L.F; e += kThreads) cp_async4(f + P.b0[i] + e, L.b32 + e);
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, 1) vit_fused_kernel(const __grid_constant__ KParams p) {
+  cg::cluster_group cluster = cg::this_cluster();
+  const FusedVitDims& d = p.m.dims;
+  const int N = d.N, C = d.C, H = d.H, F = d.F, nb = d.nbits, m = d.m, m4 = round_up4(m);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int CS = p.CS, rank = static_cast<int>(cluster.block_rank()), t = blockIdx.x / CS;
+  const int b = t / p.tpi, n0 = (t - b * p.tpi) * kRT, nrows = min(kRT, N - n0), row0 = b * N + n0;
+  const int lda1 = p.L.lda1, lda2 = p.L.lda2, Cw = C / CS;
+  const Smem s{p.L, H};
+  const bool stamps = p.trace && blockIdx.x == 0;
+  const int nst = 3 + d.depth * kStamps;  // trace: nst %globaltimer stamps, then nst clock64 stamps
+  auto stamp = [&](int k) {
+    if (stamps && tid == 0) p.trace[k] = global_ns(), p.trace[nst + k] = clock64();
+  };
+  stamp(0);
+  __shared__ unsigned gen_s;
+  if (tid == 0) gen_s = *reinterpret_cast<volatile unsigned*>(p.ctl);
+  // The shared memory of every CTA of the cluster (distributed shared memory), for the gathers: this CTA's
+  // columns of a product go to every CTA, 16 bytes per store.
+  __shared__ unsigned char* peer[8];
+  if (tid < CS) peer[tid] = static_cast<unsigned char*>(cluster.map_shared_rank(static_cast<void*>(smem_raw), tid));
+  auto put16 = [&](size_t off, uint4 v) {
+#pragma unroll 1
+    for (int q = 0; q < CS; ++q) *reinterpret_cast<uint4*>(peer[q] + off) = v;
+  };
+  auto put_x = [&](int r, int col, const float (&v)[8]) {  // x[r][col..col+7]
+    const size_t off = p.L.xs + size_t(r * C + col) * 4;
+    const float4 lo = make_float4(v[0], v[1], v[2], v[3]), hi = make_float4(v[4], v[5], v[6], v[7]);
+#pragma unroll 1
+    for (int q = 0; q < CS; ++q) {
+      float4* d4 = reinterpret_cast<float4*>(peer[q] + off);
+      d4[0] = lo, d4[1] = hi;
+    }
+  };
+  auto pack8 = [](const float (&v)[8]) {
+    uint4 u;
+    const __nv_bfloat162 h0 = __floats2bfloat162_rn(v[0], v[1]), h1 = __floats2bfloat162_rn(v[2], v[3]);
+    const __nv_bfloat162 h2 = __floats2bfloat162_rn(v[4], v[5]), h3 = __floats2bfloat162_rn(v[6], v[7]);
+    u.x = *reinterpret_cast<const uint32_t*>(&h0), u.y = *reinterpret_cast<const uint32_t*>(&h1);
+    u.z = *reinterpret_cast<const uint32_t*>(&h2), u.w = *reinterpret_cast<const uint32_t*>(&h3);
+    return u;
+  };
+
+  // ---- embedding: im2col of the tile's patch rows (token 0 = the class row: zeros) -> A2; patch product ----
+  SliceProduct pe(p.patch, rank * Cw, Cw);
+  pe.prefetch();
+  stage_ksh(d, p.m.blocks[0], s);
+  stage_block(d, p.P, p.m.blocks, smem_raw + p.L.prm[0]);
+  cp_async_commit();
+  {
+    const int ps = d.patch, G = d.S / ps, q4 = ps / 4, per_row = d.Cin * ps * q4, total = kRT * per_row;
+    for (int e = tid; e < total; e += kThreads) {
+      const int r = e / per_row, sidx = e - r * per_row, n = n0 + r;  // sidx * 4 = ci*p*p + ky*p + q*4
+      float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (r < nrows && n > 0) {
+        const int q = sidx % q4, ck = sidx / q4, ci = ck / ps, ky = ck - ci * ps;
+        const int pp = n - 1, py = pp / G, px = pp - py * G;
+        v = __ldg(reinterpret_cast<const float4*>(p.images + ((size_t(b) * d.Cin + ci) * d.S + py * ps + ky) * d.S +
+                                                  px * ps + q * 4));
+      }
+      __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(s.A2() + r * lda2 + sidx * 4);
+      dst[0] = __floats2bfloat162_rn(v.x, v.y);
+      dst[1] = __floats2bfloat162_rn(v.z, v.w);
+    }
+  }
+  cluster.sync();  // every CTA of the cluster runs (distributed shared memory is safe) and A2 is complete
+  const unsigned gen = gen_s;
+  product_out(pe, p.patch, s.A2(), lda2, s.Cs(), s.rexp(), s.rgate(), nrows, [&](int r, int col, float (&v)[8]) {
+    const int n = n0 + r;
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      v[i] = n == 0 ? __ldg(p.m.cls + col + i) + __ldg(p.m.pos + col + i) : v[i] + __ldg(p.m.pos + size_t(n) * C + col + i);
+    put_x(r, col, v);
+  });
+  const FusedBlock* blocks = p.m.blocks;
+  cp_async_wait<0>();  // block 0's KSH buffers and parameters
+  cluster.sync();
+  stamp(1);
+
+  for (int l = 0; l < d.depth; ++l) {
+    const FusedBlock& blk = *reinterpret_cast<const FusedBlock*>(smem_raw + p.L.prm[l & 1]);
+    const int par = l & 1;
+    auto bst = [&](int k) { stamp(2 + l * kStamps + k); };
+    const unsigned tag = ((gen * 1024u + unsigned(l)) << 1) | 1u;
+    // ---- LN1 -> [to_qk | to_v] slice -> QV (every CTA) and v rows -> global (the neighbours' token conv) ----
+    const bool stacked = blk.v.F == 0;
+    const SliceProduct pq(blk.qk, stacked ? rank * (2 * Cw) : rank * Cw, stacked ? 2 * Cw : Cw);
+    pq.prefetch();
+    ln_tile(s.A1(), lda1, s.Xs(), C, nrows, blk.ln1_w, blk.ln1_b, d.eps);
     __syncthreads();
-    if (tid == 0) p.trace[phase * stride + blockIdx.x] = global_ns();
+    auto put_qv = [&](int r, int col, const float (&v)[8]) {  // col in [0, 2C): q then v
+      const uint4 u = pack8(v);
+      put16(p.L.qv + size_t(r * 2 * C + col) * 2, u);
+      if (col >= C) *reinterpret_cast<uint4*>(p.vg + size_t(row0 + r) * C + col - C) = u;
+    };
+    if (stacked) {
+      product_out(pq, blk.qk, s.A1(), lda1, s.Cs(), s.rexp(), s.rgate(), nrows, put_qv);
+    } else {
+      if (blk.qk.moe) route(blk.qk, s.A1(), lda1, p.m.gate, s.rexp(), s.rgate(), row0, nrows, rank == 0);
+      if (blk.v.moe) route(blk.v, s.A1(), lda1, p.m.gate, s.rexp() + kRT, s.rgate() + kRT, row0, nrows, rank == 0);
+      const SliceProduct pv(blk.v, rank * Cw, Cw);
+      pv.prefetch();
+      product_out(pq, blk.qk, s.A1(), lda1, s.Cs(), s.rexp(), s.rgate(), nrows, put_qv);
+      product_out(pv, blk.v, s.A1(), lda1, s.Cs(), s.rexp() + kRT, s.rgate() + kRT, nrows,
+                  [&](int r, int col, const float (&v)[8]) { put_qv(r, C + col, v); });
+    }
+    __threadfence();  // the v rows reach L2 before this CTA's tagged stores below
+    cp_async_wait<0>();
+    cluster.sync();
+    bst(0);  // qk/v gathered
+
+    // ---- KSH distances (every CTA, the whole tile): q / |q|, D = |q - a|^2; rank 0 publishes sum D ----
+    float* Qn = reinterpret_cast<float*>(s.A2());  // (16, C) f32
+    for (int e = tid; e < kRT * H * 8; e += kThreads) {  // 8 aligned lanes per (row, head): whole warps
+      const int r = e / (H * 8), h = (e >> 3) % H, g8 = e & 7, c = h * kD + g8 * 8;
+      float q[8];
+      double ss = 0.0;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        q[i] = __bfloat162float(s.QV()[r * 2 * C + c + i]);
+        ss += double(q[i]) * q[i];
+      }
+      ss += __shfl_xor_sync(kFull, ss, 1);
+      ss += __shfl_xor_sync(kFull, ss, 2);
+      ss += __shfl_xor_sync(kFull, ss, 4);
+      const float nrm = fmaxf(static_cast<float>(sqrt(ss)), kNormEps);
+      float q2 = 0.0f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        q[i] = q[i] / nrm;
+        q2 = fmaf(q[i], q[i], q2);
+        Qn[r * C + c + i] = q[i];
+      }
+      q2 += __shfl_xor_sync(kFull, q2, 1);
+      q2 += __shfl_xor_sync(kFull, q2, 2);
+      q2 += __shfl_xor_sync(kFull, q2, 4);
+      if (g8 == 0) s.qq()[r * H + h] = q2;
+    }
+    for (int e = tid; e < H * m; e += kThreads) {  // |a_j|^2
+      const int h = e / m, j = e - h * m;
+      const float* a = s.At() + (h * m + j) * kAtLd;
+      float acc = 0.0f;
+#pragma unroll 8
+      for (int i = 0; i < kD; ++i) acc = fmaf(a[i], a[i], acc);
+      s.aa()[h * m4 + j] = acc;
+    }
+    __syncthreads();
+    bst(1);  // q normalised, |a|^2
+    for (int task = warp; task < kRT * H; task += kWarps) {  // warp per (row, head), lane per anchor
+      const int r = task / H, h = task - r * H;
+      const float4* q = reinterpret_cast<const float4*>(Qn + r * C + h * kD);
+      for (int j = lane; j < m; j += 32) {
+        const float4* a = reinterpret_cast<const float4*>(s.At() + (h * m + j) * kAtLd);
+        float d4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int i = 0; i < kD / 4; ++i) {
+          const float4 qa = q[i], aa = a[i];
+          d4[0] = fmaf(qa.x, aa.x, d4[0]);
+          d4[1] = fmaf(qa.y, aa.y, d4[1]);
+          d4[2] = fmaf(qa.z, aa.z, d4[2]);
+          d4[3] = fmaf(qa.w, aa.w, d4[3]);
+        }
+        const float dot = (d4[0] + d4[1]) + (d4[2] + d4[3]);
+        s.Ds()[(r * H + h) * m4 + j] = fmaxf(s.qq()[r * H + h] + s.aa()[h * m4 + j] - 2.0f * dot, 0.0f);
+      }
+    }
+    __syncthreads();
+    bst(2);  // D
+    if (rank == 0 && warp < H) {  // sum of D over the tile's rows and the anchors (double, fixed order)
+      const int h = warp;
+      double acc = 0.0;
+      for (int e = lane; e < nrows * m; e += 32) {
+        const int r = e / m, j = e - r * m;
+        acc += s.Ds()[(r * H + h) * m4 + j];
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(kFull, acc, o);
+      if (lane == 0) st_tag(p.sig + (size_t(par) * p.T + t) * H + h, static_cast<float>(acc), tag);
+    }
+    bst(3);  // sigma partial published
+
+    // ---- exchange 1: sigma of the image from every tile's partial ----
+    SliceProduct pp(blk.proj, rank * Cw, Cw);
+    pp.prefetch();
+    const int tpi = p.tpi;
+    for (int e = tid; e < tpi * H; e += kThreads) {
+      const unsigned long long* slot = p.sig + (size_t(par) * p.T + b * tpi) * H + e;
+      s.parts()[e] = tagged_value(ld_tag(slot), slot, tag);
+    }
+    __threadfence();
+    __syncthreads();
+    bst(4);  // sigma partials arrived
+    if (tid < H) {
+      double tot = 0.0;
+      for (int j = 0; j < tpi; ++j) tot += s.parts()[j * H + tid];
+      s.tsig()[tid] = 2.0f * fmaxf(static_cast<float>(tot / (double(N) * m)), kSigmaMin);
+    }
+    {  // the v rows of the 4 tokens before and after the tile (other tiles'), for the token conv
+      const int segs = C / 8;
+      for (int e = tid; e < 8 * segs; e += kThreads) {
+        const int hr = e / segs, sg = e - hr * segs, n = hr < 4 ? n0 - 4 + hr : n0 + kRT + hr - 4;
+        if (n >= 0 && n < N) cp_async16(s.Vh() + hr * C + sg * 8, p.vg + size_t(b * N + n) * C + sg * 8);
+      }
+      cp_async_commit();
+    }
+    __syncthreads();
+    bst(5);  // sigma known, halo issued
+
+    // ---- codes (every CTA): k = exp(-D / 2 sigma) - mu, y = A k, code = y > 0 ----
+    for (int e = tid; e < kRT * H * m; e += kThreads) {
+      const int rh = e / m, j = e - rh * m, h = rh % H;
+      float* dd = s.Ds() + rh * m4 + j;
+      *dd = expf(-*dd / s.tsig()[h]) - s.mu()[h * m4 + j];
+    }
+    __syncthreads();
+    bst(6);  // k
+    for (int task = warp; task < kRT * H; task += kWarps) {  // warp per (row, head), lane per bit
+      const int r = task / H, h = task - r * H;
+      const float* k = s.Ds() + task * m4;
+      unsigned long long code = 0ull;
+      for (int b0 = 0; b0 < nb; b0 += 32) {
+        const int bit = b0 + lane;
+        float y = 0.0f;
+        if (bit < nb) {
+          const float* Ar = s.Ab() + (size_t(h) * nb + bit) * m;
+          for (int j = 0; j < m; ++j) y = fmaf(Ar[j], k[j], y);
+        }
+        const unsigned bal = __ballot_sync(kFull, bit < nb && y > 0.0f);
+        code |= static_cast<unsigned long long>(bal) << b0;
+      }
+      if (lane == 0) s.codes()[task] = r < nrows ? code : 0ull;
+    }
+    __syncthreads();
+    bst(7);  // codes
+    // this CTA's columns of the tile's KV partial: sum over the rows whose bit is set of v
+    for (int e = tid; e < nb * Cw; e += kThreads) {
+      const int i = e / Cw, c = rank * Cw + (e - i * Cw), h = c / kD;
+      float acc = 0.0f;
+      for (int r = 0; r < nrows; ++r)
+        if ((s.codes()[r * H + h] >> i) & 1ull) acc += __bfloat162float(s.QV()[r * 2 * C + C + c]);
+      st_tag(p.kvx + ((size_t(par) * p.T + t) * nb + i) * C + c, acc, tag);
+    }
+    if (l + 1 < d.depth) {  // the next block's KSH buffers (Ds/codes stay) and parameters
+      stage_ksh(d, blocks[l + 1], s);
+      stage_block(d, p.P, blocks + l + 1, smem_raw + p.L.prm[(l + 1) & 1]);
+      cp_async_commit();
+    }
+    bst(8);  // KV partial published
+
+    // ---- exchange 2: KV of the image (this CTA's columns, tiles in order) -> every CTA ----
+    for (int e = tid; e < nb * Cw; e += kThreads) {
+      const int i = e / Cw, c = rank * Cw + (e - i * Cw);
+      const unsigned long long* base = p.kvx + ((size_t(par) * p.T + b * tpi) * nb + i) * C + c;
+      const size_t step = size_t(nb) * C;
+      float acc = 0.0f;
+      for (int j0 = 0; j0 < tpi; j0 += 16) {  // every tile's word in flight at once: one L2 round trip
+        unsigned long long w[16];
+#pragma unroll
+        for (int u = 0; u < 16; ++u)
+          if (j0 + u < tpi) w[u] = ld_tag(base + (j0 + u) * step);
+#pragma unroll
+        for (int u = 0; u < 16; ++u)
+          if (j0 + u < tpi) acc += tagged_value(w[u], base + (j0 + u) * step, tag);
+      }
+      const float kv = acc * kInvPi;
+#pragma unroll 1
+      for (int q = 0; q < CS; ++q) *reinterpret_cast<float*>(peer[q] + p.L.kv + size_t(i * C + c) * 4) = kv;
+    }
+    bst(9);  // KV partials arrived (thread 0's)
+    if (l + 1 < d.depth)
+      cp_async_wait<1>();  // the halo rows; the next block's KSH group may stay in flight
+    else
+      cp_async_wait<0>();
+    cluster.sync();
+    bst(10);  // KV gathered
+
+    // ---- attention output (every CTA, whole tile) -> A1: z = 0.5 v + sum KV rows of set bits, z/|z|, + conv ----
+    for (int e = tid; e < kRT * H * 8; e += kThreads) {
+      const int r = e / (H * 8), h = (e >> 3) % H, g8 = e & 7, col = h * kD + g8 * 8;
+      const bool valid = r < nrows;
+      const int n = n0 + r;
+      float v[8], z[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = valid ? __bfloat162float(s.QV()[r * 2 * C + C + col + i]) : 0.0f, z[i] = 0.0f;
+      unsigned long long code = valid ? s.codes()[r * H + h] : 0ull;
+      while (code) {
+        const int rb = __ffsll(static_cast<long long>(code)) - 1;
+        code &= code - 1;
+        const float4 k0 = *reinterpret_cast<const float4*>(s.KV() + rb * C + col);
+        const float4 k1 = *reinterpret_cast<const float4*>(s.KV() + rb * C + col + 4);
+        z[0] += k0.x, z[1] += k0.y, z[2] += k0.z, z[3] += k0.w;
+        z[4] += k1.x, z[5] += k1.y, z[6] += k1.z, z[7] += k1.w;
+      }
+      double ss = 0.0;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        z[i] += 0.5f * v[i];
+        ss += double(z[i]) * z[i];
+      }
+      ss += __shfl_xor_sync(kFull, ss, 1);
+      ss += __shfl_xor_sync(kFull, ss, 2);
+      ss += __shfl_xor_sync(kFull, ss, 4);
+      const float nrm = fmaxf(static_cast<float>(sqrt(ss)), kNormEps);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) z[i] = z[i] / nrm;
+#pragma unroll
+      for (int tp = 0; tp < kTaps; ++tp) {
+        const int rr = r + tp - kTaps / 2, nn = n + tp - kTaps / 2;
+        if (!valid || nn < 0 || nn >= N) continue;
+        const float w = blk.conv[h * kTaps + tp];
+        const bf16* vt = rr < 0 ? s.Vh() + (rr + 4) * C + col
+                         : rr < kRT ? s.QV() + rr * 2 * C + C + col
+                                    : s.Vh() + (rr - kRT + 4) * C + col;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) z[i] = fmaf(w, __bfloat162float(vt[i]), z[i]);
+      }
+      __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(s.A1() + r * lda1 + col);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) dst[i] = __floats2bfloat162_rn(valid ? z[2 * i] : 0.0f, valid ? z[2 * i + 1] : 0.0f);
+    }
+    __syncthreads();
+    bst(11);  // attention output
+    if (blk.proj.moe) route(blk.proj, s.A1(), lda1, p.m.gate, s.rexp(), s.rgate(), row0, nrows, rank == 0);
+    // ---- proj slice + bias + residual -> x (every CTA) ----
+    product_out(pp, blk.proj, s.A1(), lda1, s.Cs(), s.rexp(), s.rgate(), nrows,
+                [&](int r, int col, float (&v)[8]) {
+#pragma unroll
+                  for (int i = 0; i < 8; ++i) v[i] += s.Xs()[r * C + col + i];
+                  put_x(r, col, v);
+                },
+                [&] { bst(12); });  // proj product
+    bst(13);  // proj
+    const int Fw = F / CS;
+    SliceProduct p1(blk.fc1, rank * Fw, Fw);
+    p1.prefetch();
+    cluster.sync();
+    bst(14);  // x after proj gathered
+
+    // ---- LN2 -> fc1 slice (+ GELU) -> A2 (every CTA) ----
+    ln_tile(s.A1(), lda1, s.Xs(), C, nrows, blk.ln2_w, blk.ln2_b, d.eps);
+    __syncthreads();
+    bst(15);  // LN2
+    if (blk.fc1.moe) route(blk.fc1, s.A1(), lda1, p.m.gate, s.rexp(), s.rgate(), row0, nrows, rank == 0);
+    bst(16);  // fc1 router (thread 0's)
+    const bool moe_gelu = blk.fc1.moe;
+    product_out(p1, blk.fc1, s.A1(), lda1, s.Cs(), s.rexp(), s.rgate(), nrows, [&](int r, int col, float (&v)[8]) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = moe_gelu ? gelu_erf(v[i]) : gelu_tanh(v[i]);
+      put16(p.L.a2 + size_t(r * lda2 + col) * 2, pack8(v));
+    }, [&] { bst(17); });  // fc1 product
+    bst(18);  // fc1
+    SliceProduct p2(blk.fc2, rank * Cw, Cw);
+    p2.prefetch();
+    cluster.sync();
+    bst(19);  // hidden gathered
+
+    // ---- fc2 slice + bias + residual -> x (every CTA) ----
+    if (blk.fc2.moe) route(blk.fc2, s.A2(), lda2, p.m.gate, s.rexp(), s.rgate(), row0, nrows, rank == 0);
+    // (A2 rows past the image hold older values: their outputs are never stored, and rows do not mix)
+    bst(20);  // fc2 router
+    const bool last = l + 1 == d.depth;
+    product_out(p2, blk.fc2, s.A2(), lda2, s.Cs(), s.rexp(), s.rgate(), nrows, [&](int r, int col, float (&v)[8]) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] += s.Xs()[r * C + col + i];
+      put_x(r, col, v);
+      if (last)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) p.x[size_t(row0 + r) * C + col + i] = v[i];
+    }, [&] { bst(21); });  // fc2 product
+    bst(22);  // fc2
+    cp_async_wait<0>();  // the next block's KSH buffers
+    cluster.sync();
+    bst(23);  // x after fc2 gathered
+  }
+
+  // ---- head: LayerNorm of the class row, the classifier (classes split over the cluster, a warp per class) ----
+  if (n0 == 0) {
+    if (warp == 0) ln_row_warp(s.A1(), s.Xs(), p.m.norm_w, p.m.norm_b, C, d.eps);
+    __syncthreads();
+    for (int cls = rank * kWarps + warp; cls < d.V; cls += CS * kWarps) {
+      const bf16* w = p.m.head_w + size_t(cls) * C;
+      float acc = 0.0f;
+      for (int c = lane; c < C; c += 32) acc = fmaf(__bfloat162float(s.A1()[c]), __bfloat162float(w[c]), acc);
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(kFull, acc, o);
+      if (lane == 0) p.logits[size_t(b) * d.V + cls] = acc + __ldg(p.m.head_b + cls);
+    }
+  }
+  stamp(2 + d.depth * kStamps);
+  // the last CTA to finish advances the generation (every CTA read it at its start)
+  __syncthreads();
+  if (tid == 0) {
+    __threadfence();
+    if (atomicAdd(p.ctl + 1, 1u) == gridDim.x - 1) {
+      p.ctl[1] = 0u;
+      atomicAdd(p.ctl, 1u);
+    }
   }
 }
 
 // The sizes the kernel covers, device aside (vit_fused.h).
 bool dims_ok(const FusedVitDims& d, int B) {
-  const int Kp = d.Cin * d.patch * d.patch;
-  if (!(B >= 1 && B <= kFusedMaxBatch && d.depth >= 1 && d.H >= 1 && d.C == d.H * kD && d.C <= kMaxC && d.F >= 64 &&
-        d.F % 64 == 0 && Kp % 64 == 0 && kmax_of(d) <= kMaxK && d.nbits >= 1 && d.nbits <= kMaxBits && d.m >= 1 &&
-        d.m <= kMaxM && d.N >= kRT && d.patch >= 4 && d.patch % 4 == 0 && d.S % d.patch == 0 && d.S % 4 == 0 &&
-        d.N == (d.S / d.patch) * (d.S / d.patch) + 1 && d.V >= 1))
-    return false;
-  // phase 2's last chunk stages every chunk's KV partial in the weight ring
-  const size_t nch = (d.N + kChunk - 1) / kChunk;
-  return nch * d.nbits * kD * sizeof(float) <= size_t(kRingRows) * kWld * sizeof(bf16);
+  const int Kp = patch_k(d);
+  return B >= 1 && B <= kFusedMaxBatch && d.depth >= 1 && d.depth < 1024 && d.H >= 1 && d.H <= kMaxH &&
+         d.C == d.H * kD && d.C <= kMaxC && d.F >= 64 && d.F % 64 == 0 && Kp % 64 == 0 &&
+         std::max(d.F, Kp) <= kMaxK && d.nbits >= 1 && d.nbits <= kMaxBits && d.m >= 1 && d.m <= kMaxM &&
+         d.N >= kRT && d.patch >= 4 && d.patch % 4 == 0 && d.S % d.patch == 0 && d.S % 4 == 0 &&
+         d.N == (d.S / d.patch) * (d.S / d.patch) + 1 && d.V >= 1;
 }
 
-// The launch for these sizes on the current device: one CTA per SM with the layout's dynamic shared memory. The
-// kernel attribute and the occupancy check run once per (device, shared-memory size), not at every forward.
-struct Launch {
-  Smem L;
-  int grid;
+// The launch for B images on the current device: the largest cluster size (8, 4, 2, 1) whose slices are whole n8
+// tiles and whose B * tiles-per-image clusters are co-resident (the tiles wait on each other: every cluster must
+// run at once). Made once per (device, sizes, B).
+struct Plan {
+  Layout L;
+  int CS = 0, T = 0;
 };
-Launch launch_for(const FusedVitDims& d) {
+Plan plan_for(const FusedVitDims& d, int B) {
   static std::mutex mu;
-  static std::map<std::pair<int, size_t>, int> grids;
-  const Smem L = smem_layout(d);
+  static std::map<std::tuple<int, int, int, int, int, int, int, int>, Plan> plans;
   int dev = 0;
   SAV_CUDA_CHECK(cudaGetDevice(&dev));
+  const auto key = std::make_tuple(dev, B, d.N, d.C, d.F, d.m, d.nbits, patch_k(d));
   std::lock_guard<std::mutex> lock(mu);
-  const auto key = std::make_pair(dev, L.total);
-  if (const auto it = grids.find(key); it != grids.end()) return {L, it->second};
-  SAV_CHECK(L.total <= size_t(max_smem_per_block()),
-            "vit_fused_forward: " << L.total << " B of shared memory exceed the " << max_smem_per_block()
-                                  << " B of the device");
-  SAV_CUDA_CHECK(cudaFuncSetAttribute(vit_fused_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(L.total)));
-  int per_sm = 0;
-  SAV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, vit_fused_kernel, kThreads, L.total));
-  SAV_CHECK(per_sm >= 1, "vit_fused_forward: the kernel does not fit on an SM (" << L.total << " B shared memory)");
-  const int grid = sm_count();
-  grids.emplace(key, grid);
-  return {L, grid};
+  if (const auto it = plans.find(key); it != plans.end()) return it->second;
+  Plan pl;
+  pl.L = layout_for(d);
+  pl.T = B * tiles_per_image(d.N);
+  if (pl.L.total <= size_t(max_smem_per_block())) {
+    SAV_CUDA_CHECK(
+        cudaFuncSetAttribute(vit_fused_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(pl.L.total)));
+    for (const int cs : {8, 4, 2, 1}) {
+      if (d.C % (8 * cs) || d.F % (8 * cs) || (2 * d.C) % (8 * cs)) continue;
+      cudaLaunchConfig_t cfg{};
+      cfg.gridDim = dim3(pl.T * cs);
+      cfg.blockDim = dim3(kThreads);
+      cfg.dynamicSmemBytes = pl.L.total;
+      cudaLaunchAttribute attr{};
+      attr.id = cudaLaunchAttributeClusterDimension;
+      attr.val.clusterDim.x = cs, attr.val.clusterDim.y = 1, attr.val.clusterDim.z = 1;
+      cfg.attrs = &attr, cfg.numAttrs = 1;
+      int clusters = 0;
+      if (cudaOccupancyMaxActiveClusters(&clusters, vit_fused_kernel, &cfg) != cudaSuccess) {
+        (void)cudaGetLastError();
+        continue;
+      }
+      if (clusters >= pl.T) {
+        pl.CS = cs;
+        break;
+      }
+    }
+  }
+  plans.emplace(key, pl);
+  return pl;
 }
 
 }  // namespace
 
 bool vit_fused_supports(const FusedVitDims& d, int B) {
   if (!dims_ok(d, B)) return false;
-  if (device_available()) return smem_layout(d).total <= size_t(max_smem_per_block());
+  if (device_available()) return plan_for(d, B).CS > 0;
   return true;
 }
 
 void FusedVitWorkspace::ensure(const FusedVitDims& d, int capacity) {
   if (capacity <= capacity_) return;
   SAV_CUDA_CHECK(cudaDeviceSynchronize());  // launches in flight may still use the old buffers
-  const size_t M = size_t(capacity) * d.N, BH = size_t(capacity) * d.H, nch = (d.N + kChunk - 1) / kChunk;
+  const size_t M = size_t(capacity) * d.N, T = size_t(capacity) * tiles_per_image(d.N);
   x_.resize(M * d.C);
-  qkv_.resize(M * 2 * d.C);
-  hid_.resize(M * d.F);
-  dist_.resize(BH * d.N * round_up4(d.m));
-  rowsum_.resize(BH * d.N);
-  codes_.resize(BH * d.N);
-  kvp_.resize(BH * nch * d.nbits * kD);
-  kv_.resize(BH * d.nbits * kD);
-  tickets_.resize(BH);
-  SAV_CUDA_CHECK(cudaMemset(tickets_.get(), 0, BH * sizeof(unsigned)));
+  vg_.resize(M * d.C);
+  sig_.resize(2 * T * d.H);
+  kvx_.resize(2 * T * d.nbits * d.C);
+  ctl_.resize(2);
+  sig_.fill_bytes(0);  // tag 0 never matches (tags are odd)
+  kvx_.fill_bytes(0);
+  ctl_.fill_bytes(0);
   capacity_ = capacity;
 }
 
@@ -967,84 +961,83 @@ void vit_fused_forward(const FusedVitModel& m, int B, const float* images, float
             "vit_fused_forward: sizes outside the fused kernel (B=" << B << ", C=" << m.dims.C << ")");
   SAV_CHECK(images && logits && m.blocks && m.patch_w && m.head_w, "vit_fused_forward: null pointer");
   SAV_CHECK(ws.capacity() >= B, "vit_fused_forward: workspace for " << ws.capacity() << " images, batch " << B);
-  const auto [L, grid] = launch_for(m.dims);
+  const Plan pl = plan_for(m.dims, B);
+  SAV_CHECK(pl.CS > 0, "vit_fused_forward: the kernel does not fit this device at batch "
+                           << B << " (" << pl.L.total << " B shared memory, " << pl.T << " co-resident clusters)");
   KParams kp{};
   kp.m = m;
-  kp.patch.K = m.dims.Cin * m.dims.patch * m.dims.patch, kp.patch.F = m.dims.C, kp.patch.w0 = m.patch_w;
-  kp.patch.b32 = m.patch_b;
-  kp.B = B, kp.M = B * m.dims.N, kp.lda = kmax_of(m.dims) + 8, kp.nch = (m.dims.N + kChunk - 1) / kChunk;
+  kp.patch.K = patch_k(m.dims), kp.patch.F = m.dims.C, kp.patch.w0 = m.patch_w, kp.patch.b32 = m.patch_b;
+  kp.B = B, kp.T = pl.T, kp.tpi = tiles_per_image(m.dims.N), kp.CS = pl.CS, kp.L = pl.L, kp.P = prm_layout(m.dims);
   kp.images = images, kp.logits = logits;
-  kp.x = ws.x_.get(), kp.qkv = ws.qkv_.get(), kp.hid = ws.hid_.get(), kp.dist = ws.dist_.get();
-  kp.rowsum = ws.rowsum_.get(), kp.codes = ws.codes_.get(), kp.kvp = ws.kvp_.get(), kp.kv = ws.kv_.get();
-  kp.tickets = ws.tickets_.get();
+  kp.x = ws.x_.get(), kp.vg = ws.vg_.get(), kp.sig = ws.sig_.get(), kp.kvx = ws.kvx_.get(), kp.ctl = ws.ctl_.get();
   kp.trace = trace;
-  kp.o_as = unsigned(L.as), kp.o_ws = unsigned(L.ws), kp.o_cs = unsigned(L.cs), kp.o_u = unsigned(L.u);
-  kp.o_wr = unsigned(L.wr), kp.o_xs = unsigned(L.xs), kp.o_xres = unsigned(L.xres), kp.o_bias = unsigned(L.bias);
-  kp.o_misc = unsigned(L.misc);
-  void* args[] = {&kp};
-  SAV_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(vit_fused_kernel), dim3(grid),
-                                             dim3(kThreads), args, L.total, stream));
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(pl.T * pl.CS);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = pl.L.total;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = pl.CS, attr.val.clusterDim.y = 1, attr.val.clusterDim.z = 1;
+  cfg.attrs = &attr, cfg.numAttrs = 1;
+  SAV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, vit_fused_kernel, kp));
 }
 
 std::string vit_fused_trace(const FusedVitModel& m, int B, const float* images, float* logits, FusedVitWorkspace& ws,
                             cudaStream_t stream) {
-  const int phases = 1 + 5 * m.dims.depth + 1, grid = launch_for(m.dims).grid;
-  const size_t stride = size_t(grid) + 1;
-  std::vector<unsigned long long> h(size_t(phases + 1) * stride + size_t(phases) * grid * kStamps);
-  DeviceBuffer<unsigned long long> tr(h.size());
+  const int depth = m.dims.depth, n = 3 + depth * kStamps;
+  DeviceBuffer<unsigned long long> tr(2 * size_t(n));
   tr.fill_bytes(0);
   vit_fused_forward(m, B, images, logits, ws, stream, tr.get());
   SAV_CUDA_CHECK(cudaStreamSynchronize(stream));
-  SAV_CUDA_CHECK(cudaMemcpy(h.data(), tr.get(), h.size() * sizeof(unsigned long long), cudaMemcpyDeviceToHost));
-  // per phase: work = last CTA's end - the previous barrier's exit (CTA 0); barrier = exit - last CTA's end
-  const char* names[7] = {"E embed", "1 LN1+qk/v+D", "2 sigma/codes/KV", "3 attn+proj", "4 LN2+fc1", "5 fc2", "H head"};
-  double work[7] = {0}, bar[7] = {0};
-  int count[7] = {0};
-  unsigned long long prev = h[size_t(phases) * stride];
-  const unsigned long long start = prev;
-  for (int ph = 0; ph < phases; ++ph) {
-    unsigned long long last = 0;
-    for (int c = 0; c < grid; ++c) last = std::max(last, h[ph * stride + c]);
-    const int kind = ph == 0 ? 0 : ph == phases - 1 ? 6 : 1 + (ph - 1) % 5;
-    work[kind] += double(last - prev) * 1e-3;
-    const unsigned long long exit = ph == phases - 1 ? last : h[ph * stride + grid];
-    bar[kind] += double(exit - last) * 1e-3;
-    count[kind] += 1;
-    prev = exit;
-  }
-  // sub-phases of the CTAs' first tiles: mean over the CTAs that had one (stamps 0-4 ns; 5-6 clock64)
-  double sub[7][4] = {{0}}, clk = 0.0, inputs[7] = {0};
-  int subn[7] = {0};
-  const unsigned long long* S = h.data() + size_t(phases + 1) * stride;
-  for (int ph = 0; ph < phases; ++ph) {
-    const int kind = ph == 0 ? 0 : ph == phases - 1 ? 6 : 1 + (ph - 1) % 5;
-    for (int c = 0; c < grid; ++c) {
-      const unsigned long long* st = S + (size_t(ph) * grid + c) * kStamps;
-      if (st[0] == 0 || st[4] < st[0]) continue;
-      if (kind == 2) {
-        sub[kind][0] += double(st[4] - st[0]) * 1e-3;
-        if (st[7] >= st[0]) inputs[kind] += double(st[7] - st[0]) * 1e-3;
-      } else {
-        for (int k = 0; k < 4; ++k) sub[kind][k] += double(st[k + 1] - st[k]) * 1e-3;
-        if (st[7] >= st[0]) inputs[kind] += double(st[7] - st[0]) * 1e-3;
-        if (st[6] > st[5] && st[4] > st[0]) clk = std::max(clk, double(st[6] - st[5]) / double(st[4] - st[0]));
-      }
-      subn[kind] += 1;
+  const std::vector<unsigned long long> h = tr.download();
+  const Plan pl = plan_for(m.dims, B);
+  // the sub-step each stamp closes (kernel: bst(k))
+  const char* names[kStamps] = {"LN1 + qk/v slices + gather",
+                                "q / |q|, |a|^2",
+                                "distances D",
+                                "sigma partial published",
+                                "wait sigma partials (exchange 1)",
+                                "sigma, halo rows issued",
+                                "k = exp(-D/2s) - mu",
+                                "codes",
+                                "KV partial published, next KSH issued",
+                                "wait KV partials (exchange 2)",
+                                "KV gathered (cluster barrier)",
+                                "attention output",
+                                "proj router + product (mma)",
+                                "proj epilogue",
+                                "proj gathered (cluster barrier)",
+                                "LN2",
+                                "fc1 router",
+                                "fc1 product (mma)",
+                                "fc1 epilogue (GELU)",
+                                "hidden gathered (cluster barrier)",
+                                "fc2 router",
+                                "fc2 product (mma)",
+                                "fc2 epilogue",
+                                "x gathered (cluster barrier)"};
+  double us[kStamps] = {0}, cyc[kStamps] = {0};
+  for (int l = 0; l < depth; ++l) {
+    int prev = 1 + l * kStamps;
+    for (int k = 0; k < kStamps; ++k) {
+      const int i = 2 + l * kStamps + k;
+      if (h[i] == 0) continue;
+      us[k] += double(h[i] - h[prev]) * 1e-3 / depth;
+      cyc[k] += double(h[n + i] - h[n + prev]) / depth;
+      prev = i;
     }
   }
   std::ostringstream os;
   os.setf(std::ios::fixed);
   os.precision(2);
-  os << "fused kernel trace (" << grid << " CTAs, batch " << B << ", total " << double(prev - start) * 1e-3
-     << " us): per phase, us per occurrence (slowest CTA's work; barrier after it)\n";
-  for (int k = 0; k < 7; ++k)
-    if (count[k])
-      os << "  " << names[k] << ": x" << count[k] << "  work " << work[k] / count[k] << "  barrier "
-         << bar[k] / count[k] << "  | first tiles (mean of " << subn[k] << "): prologue "
-         << (subn[k] ? sub[k][0] / subn[k] : 0.0) << " (inputs in " << (subn[k] ? inputs[k] / subn[k] : 0.0)
-         << ") router " << (subn[k] ? sub[k][1] / subn[k] : 0.0) << " product " << (subn[k] ? sub[k][2] / subn[k] : 0.0)
-         << " epilogue " << (subn[k] ? sub[k][3] / subn[k] : 0.0) << "\n";
-  os << "  SM clock seen by the tiles (clock64 / globaltimer): " << clk * 1e3 << " MHz\n";
+  os << "fused kernel trace (" << pl.T << " clusters of " << pl.CS << " CTAs, batch " << B << ", CTA 0's clock): total "
+     << double(h[n - 1] - h[0]) * 1e-3 << " us, embedding " << double(h[1] - h[0]) * 1e-3 << " us, head "
+     << double(h[n - 1] - h[n - 2]) * 1e-3 << " us, SM clock "
+     << double(h[2 * n - 1] - h[n]) / double(h[n - 1] - h[0]) * 1e3 << " MHz; per block (mean of " << depth
+     << "), us and cycles:\n";
+  for (int k = 0; k < kStamps; ++k)
+    os << "  " << names[k] << ": " << us[k] << " us, " << static_cast<long>(cyc[k]) << " cycles\n";
   return os.str();
 }
 

@@ -1,44 +1,40 @@
-// shiftaddvit CUDA backend: the whole ShiftAddViT (ViT / DeiT) forward pass at small batch as ONE persistent
-// kernel (cooperative launch, grid-wide barriers between the phases of a block), for batch-1 latency.
+// shiftaddvit CUDA backend: the whole ShiftAddViT (ViT / DeiT) forward pass at small batch as ONE kernel launch of
+// thread-block clusters, for batch-1 latency.
 //
 //   using namespace sav::cuda;
 //   FusedVitModel fm = ...;                       // device pointers of the weights (ViTCuda builds it)
-//   if (vit_fused_supports(fm.dims, kinds, B)) {
-//     FusedVitWorkspace ws(fm.dims, B);          // activations + scratch for up to B images
+//   if (vit_fused_supports(fm.dims, B)) {
+//     FusedVitWorkspace ws(fm.dims, B);          // activations + exchange slots for up to B images
 //     vit_fused_forward(fm, B, images, logits, ws, stream);   // one kernel launch, no host round trip
 //   }
 //
 // Why: at batch 1 DeiT-Tiny's 197 tokens make every product a few microseconds of work, so the layered
 // forward (about 9 kernels per block, each a launch plus a ramp-up and a tail) is latency: ~0.9 us per graph
-// node and 3-5 us per small kernel (../shared/docs/ANCHORS.md). Here one CTA per SM (512 threads) stays resident
-// for the whole forward and walks through the phases below; a phase's tiles are spread over the CTAs and a
-// grid barrier (cooperative groups) separates phases that depend on each other across tiles.
+// node and 3-5 us per small kernel (../shared/docs/ANCHORS.md). A grid-wide barrier per dependent step is no better
+// (the previous version of this kernel: 5 barriers per block, 0.78 ms).
 //
-// Status (bench/RESULTS.md): on the H200 this kernel runs DeiT-Tiny ShiftAddViT at batch 1 in 0.78 ms against the
-// layered path's 0.60 ms, so ViTCuda's automatic choice keeps the layered path; vit_fused_trace shows where each
-// phase's time goes.
-//
-// Phases (M = B*N token rows; a row tile is 16 rows, row = b*N + n):
-//   E   embedding: im2col of 16 patches built in shared memory from the f32 images -> bf16, the patch
-//       product, + bias + pos (class rows: cls + pos) -> x (f32 residual stream).
-//   per block:
-//   1   LN1 (x rows, in the tile's prologue) -> [to_qk | to_v] product -> qkv (bf16). A to_qk tile is one
-//       head's 64 columns: its epilogue also normalises q, computes the distances D (m anchors) and each
-//       row's sum of D (double) for the KSH hash.
-//   2   per (image, head, 16 tokens): sigma from the row sums (double, fixed order), k = exp(-D/2sigma) - mu,
-//       y = A k, the codes; the chunk's MatAdd #1 partial (sum of v rows per set bit); the last chunk of a
-//       head to finish (atomic ticket) adds the partials in chunk order and scales by 1/pi -> KV.
-//   3   attention output of 16 rows built in the prologue (z = 0.5 v + sum of KV rows of set bits, z/|z|,
-//       + the 9-tap token conv of v) -> proj product + bias + residual -> x.
-//   4   LN2 prologue -> fc1 (+ GELU) -> hid (bf16).
-//   5   hid rows -> fc2 + bias + residual -> x.
-//   H   head: LayerNorm of the class rows, the classifier (a warp per class).
-// MoE linears (METHOD.md section 3): the router (f32 weights, from the bf16 inputs) picks the expert of
-// each row in the tile's prologue; the tile computes both experts' columns (the tile is small; at batch 1 the
-// products are latency) and the epilogue keeps the chosen one: (y_e + b_e) * gate, as moe_epilogue_forward.
-// Products: bf16 x bf16 on the tensor cores (mma.sync m16n8k16, f32 accumulation), a tile's weights staged
-// from L2 by cp.async into a shared-memory ring before its inputs exist. Everything else in f32 (norms and sigma in
-// double, as the CPU). Deterministic: every sum has a fixed order, no float atomics; reruns are bit-identical.
+// Work split: one cluster of CS CTAs (8 at batch 1: 13 tiles x 8 = 104 CTAs on the H200) owns one tile of 16
+// token rows of one image for the whole forward; the tile's residual rows live in the shared memory of each CTA of
+// the cluster; a product's output columns are split over the cluster and gathered through distributed shared
+// memory, so a tile's row-local chain (attention output, proj, LN2, fc1, fc2, LN1, qk/v) never leaves the cluster.
+// Only the two per-image reductions of Hamming attention cross tiles, through epoch-tagged words in global memory
+// (one L2 round trip, no grid barrier). Per block:
+//   1  LN1 -> [to_qk | to_v] column slices (bf16 mma) -> q, v of the tile in every CTA; v rows to global memory
+//   2  KSH: q / |q|, D = |q - a_j|^2 (every CTA); rank 0 publishes the tile's sum of D per head
+//   3  wait for every tile of the image: sigma = mean D; the v rows of the 4 neighbouring tokens each side
+//   4  k = exp(-D / 2 sigma) - mu, y = A k, codes; this CTA's columns of the tile's KV partial (sum of v rows per
+//      set bit) published
+//   5  wait for every tile's KV partial of this CTA's columns, add in tile order, / pi -> KV in every CTA
+//   6  attention output (0.5 v + sum of KV rows of set bits, / |.|, + the 9-tap token conv of v) -> proj slice
+//      + bias + residual -> x in every CTA
+//   7  LN2 -> fc1 slice + GELU -> hidden in every CTA
+//   8  fc2 slice + bias + residual -> x in every CTA
+// then the final LayerNorm of the class row and the classifier (classes split over the cluster).
+// MoE linears (METHOD.md section 3): every CTA routes the tile's rows (f32 router weights, bf16 inputs); the
+// slice computes both experts' columns (at batch 1 the products are latency, not work) and the epilogue keeps the
+// chosen one: (y_e + b_e) * gate, as moe_epilogue_forward.
+// Deterministic: every sum has a fixed order independent of the cluster size and of the batch (reruns are
+// bit-identical; a batch equals its single-image forwards bit for bit).
 //
 // Numerics differ from the layered path (ViTCuda's cuBLASLt forward) only by summation order and the router
 // (f32 weights here, a hi/lo bf16 split there): logits agree to ~1e-2 of max|logit| (the Hamming codes
@@ -98,16 +94,16 @@ struct FusedVitModel {
   const FusedBlock* blocks = nullptr;  // DEVICE array of dims.depth blocks
 };
 
-// Largest batch the fused kernel takes (its shared-memory staging of the class rows and of KV assumes few
-// images; larger batches fill the GPU through the layered path anyway).
+// Largest batch the fused kernel takes (every tile's cluster must be resident at once; larger batches fill the GPU
+// through the layered path anyway).
 constexpr int kFusedMaxBatch = 8;
 
-// Whether the fused kernel covers these sizes (pure of the device): every block Hamming attention with head
-// size 64, C % 64 == 0 and C <= 768, F % 64 == 0, Cin*p*p % 64 == 0, max(C, F, Cin*p*p) <= 1536, b <= 64,
-// m <= 64, N >= 16, 1 <= B <= kFusedMaxBatch; and the shared memory fits (needs a device to check).
+// Whether the fused kernel covers these sizes: every block Hamming attention with head size 64, H <= 12,
+// F % 64 == 0, Cin*p*p % 64 == 0, max(F, Cin*p*p) <= 1536, b <= 64, m <= 64, N >= 16, 1 <= B <= kFusedMaxBatch;
+// with a device, also that the shared memory fits and the B * ceil(N/16) clusters can be resident at once.
 bool vit_fused_supports(const FusedVitDims& d, int B);
 
-// Activations and scratch of the fused forward for up to `capacity` images.
+// Activations and exchange slots of the fused forward for up to `capacity` images.
 class FusedVitWorkspace {
  public:
   FusedVitWorkspace() = default;
@@ -120,11 +116,10 @@ class FusedVitWorkspace {
   friend void vit_fused_forward(const FusedVitModel&, int, const float*, float*, FusedVitWorkspace&, cudaStream_t,
                                 unsigned long long*);
   int capacity_ = 0;
-  DeviceBuffer<float> x_, dist_, kvp_, kv_;
-  DeviceBuffer<bf16> qkv_, hid_;
-  DeviceBuffer<double> rowsum_;
-  DeviceBuffer<unsigned long long> codes_;
-  DeviceBuffer<unsigned> tickets_;
+  DeviceBuffer<float> x_;
+  DeviceBuffer<bf16> vg_;
+  DeviceBuffer<unsigned long long> sig_, kvx_;
+  DeviceBuffer<unsigned> ctl_;
 };
 
 // logits (B,V) f32 = the model applied to images (B,Cin,S,S) f32 (device pointers), one cooperative kernel
@@ -133,8 +128,8 @@ class FusedVitWorkspace {
 void vit_fused_forward(const FusedVitModel& m, int B, const float* images, float* logits, FusedVitWorkspace& ws,
                        cudaStream_t stream, unsigned long long* trace = nullptr);
 
-// One forward with %globaltimer stamps at every phase boundary; returns a report per phase kind (E, 1-5, H):
-// the slowest CTA's work and the barrier after it, in us, averaged over the blocks. Synchronises the stream.
+// One forward with %globaltimer stamps of CTA 0 after each step; returns the time per step (1-8 above) averaged
+// over the blocks, the embedding and the head, in us. Synchronises the stream.
 std::string vit_fused_trace(const FusedVitModel& m, int B, const float* images, float* logits, FusedVitWorkspace& ws,
                             cudaStream_t stream);
 
