@@ -7,7 +7,8 @@
 #   bash scripts/h200_bench.sh                                  # everything
 #   SAV_H200_STEPS="build tests sanitize" bash scripts/h200_bench.sh
 #
-# SAV_H200_TARGETS overrides what the build step builds (default: sav_cuda_tests sav_cuda_bench).
+# SAV_H200_TARGETS overrides what the build step builds (default: sav_cuda_tests sav_cuda_bench); SAV_CUDA_FLAGS adds
+# nvcc flags (e.g. -lineinfo for ncu's source view), SAV_BUILD_DIR picks the build folder (default build-h200).
 # Steps: build tests bench bench_f32 release timm table profile sanitize (default: build tests bench timm
 # table). bench_f32 times the PVT models of SAV_MODELS again with IEEE f32 products; release times the
 # release's checkpoint (SAV_RELEASE_REF or .devrun/reference). profile
@@ -55,7 +56,7 @@ if has build; then
   {
     echo "== configure"
     cmake -S . -B "$BUILD" $GEN -DCMAKE_BUILD_TYPE=Release -DSAV_CUDA=ON -DSAV_BUILD_TESTS=ON \
-      -DCMAKE_CUDA_COMPILER="$NVCC" -DCMAKE_CUDA_ARCHITECTURES=90 \
+      -DCMAKE_CUDA_COMPILER="$NVCC" -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_CUDA_FLAGS="${SAV_CUDA_FLAGS:-}" \
       -DCMAKE_PREFIX_PATH="$DEPS/usr" -DCMAKE_POLICY_VERSION_MINIMUM=3.5 \
       -DOPENBLAS_INCLUDE="$DEPS/usr/include/x86_64-linux-gnu/openblas-openmp" \
       -DOPENBLAS_LIB="$ML/openblas-openmp/libopenblas.so" \

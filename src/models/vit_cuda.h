@@ -52,10 +52,10 @@
 namespace sav {
 
 // Which forward runs: `layered` = the kernels above (a CUDA graph per batch size); `fused` = the whole
-// forward as one persistent kernel (ops/cuda/vit_fused.h: every block Hamming attention, batch <= 8);
-// `automatic` = fused for batches up to kVitFusedAutoMaxBatch when the model allows it, else layered. On the
-// H200 the fused kernel is still slower than the layered path at every batch (bench/RESULTS.md: DeiT-Tiny
-// ShiftAddViT batch 1 0.74 vs 0.61 ms), so automatic currently never picks it (kVitFusedAutoMaxBatch = 0).
+// forward as one kernel launch of thread-block clusters (ops/cuda/vit_fused.h: every block Hamming attention,
+// batch <= 8); `automatic` = fused for batches up to kVitFusedAutoMaxBatch when the model allows it, else layered.
+// On the H200 the fused kernel is still slower than the layered path at every batch (bench/RESULTS.md: DeiT-Tiny
+// ShiftAddViT batch 1 0.67 vs 0.60 ms), so automatic currently never picks it (kVitFusedAutoMaxBatch = 0).
 enum class ViTCudaPath { automatic, layered, fused };
 constexpr int kVitFusedAutoMaxBatch = 0;
 

@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -196,6 +197,36 @@ TEST_F(VitFused, BatchInvariantBitForBit) {
       const auto& r = all.routing[i].second;
       const std::vector<int8_t> rb(r.begin() + size_t(b) * c.tokens(), r.begin() + size_t(b + 1) * c.tokens());
       EXPECT_TRUE(rb == single.routing[i].second) << "image " << b << " " << all.routing[i].first;
+    }
+  }
+}
+
+// Models of different sizes in one process, alternately (regression: a smaller model's launch plan once lowered the
+// kernel's shared-memory limit below a cached larger plan, whose next launch then failed): every forward runs, and
+// each model's rerun is bit-identical to its first forward.
+TEST_F(VitFused, ModelsOfDifferentSizesAlternate) {
+  VitConfig sc = small_config();
+  sc.mlp = "mmm", sc.attn_linear = "ddd";
+  Vit small_cpu(sc);
+  randomise_shiftadd(small_cpu, 81);
+  ViTCuda small(small_cpu);
+  const VitConfig tc = converted_deit_tiny();
+  Vit tiny_cpu(tc);
+  randomise_shiftadd(tiny_cpu, 82);
+  ViTCuda tiny(tiny_cpu);
+  const std::vector<float> xs = normal(size_t(sc.in_chans) * sc.img_size * sc.img_size, 83);
+  const std::vector<float> xt = normal(size_t(tc.in_chans) * tc.img_size * tc.img_size, 84);
+  std::vector<float> first_small, first_tiny;
+  for (int round = 0; round < 2; ++round) {
+    const PathRun b = run_path(tiny, ViTCudaPath::fused, xt, 1);  // the larger plan first
+    const PathRun a = run_path(small, ViTCudaPath::fused, xs, 1);
+    for (float v : a.logits) ASSERT_TRUE(std::isfinite(v));
+    for (float v : b.logits) ASSERT_TRUE(std::isfinite(v));
+    if (round == 0) {
+      first_small = a.logits, first_tiny = b.logits;
+    } else {
+      EXPECT_TRUE(bit_identical(first_small, a.logits));
+      EXPECT_TRUE(bit_identical(first_tiny, b.logits));
     }
   }
 }

@@ -65,6 +65,10 @@ constexpr float kInvPi = 0.318309886183790671538f;
 constexpr unsigned kFull = 0xffffffffu;
 
 __host__ __device__ __forceinline__ int round_up4(int x) { return (x + 3) & ~3; }
+// a / d for 0 <= a < 2^20 and 1 <= d < 2^10 by the float reciprocal inv = 1/d (exact there: a + 0.5 is at least
+// 0.5/d from a multiple of d, far beyond the rounding); the kernel's loop indices, without integer division's
+// ~20-instruction sequence.
+__device__ __forceinline__ int fdiv(int a, float inv) { return __float2int_rz((float(a) + 0.5f) * inv); }
 inline size_t align16(size_t x) { return (x + 15) / 16 * 16; }
 __host__ __device__ __forceinline__ int tiles_per_image(int N) { return (N + kRT - 1) / kRT; }
 // k blocks (32 wide) per product task: a function of K only (see the file comment)
@@ -178,6 +182,17 @@ __device__ __forceinline__ float tagged_value(unsigned long long w, const unsign
   return __uint_as_float(static_cast<unsigned>(w));
 }
 
+// 8 bf16 (16-byte aligned, shared memory) -> f32
+__device__ __forceinline__ void load8(float (&v)[8], const bf16* src) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(src);
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(h[i]);
+    v[2 * i] = f.x, v[2 * i + 1] = f.y;
+  }
+}
+
 __device__ __forceinline__ void cp_async4(void* dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_u32(dst)), "l"(src) : "memory");
 }
@@ -259,6 +274,7 @@ struct SliceProduct {
   const bf16* w0;
   const bf16* w1;
   int K, kbs, S, c0, Uh, E, Gh, groups;
+  uint4 wa[kMaxKbs];  // the warp's first task's weights (prefetch)
 
   __device__ __forceinline__ SliceProduct(const FusedLinear& L, int c0_, int Uh_) {
     w0 = L.w0, w1 = L.moe ? L.w1 : nullptr, K = L.K, kbs = kb_per_task(K / 32), S = K / 32 / kbs;
@@ -267,15 +283,15 @@ struct SliceProduct {
     groups = (Uh + Gh - 1) / Gh;
   }
   __device__ __forceinline__ int gcols(int g) const { return min(Gh, Uh - g * Gh); }
-  // The weights of this warp's tasks of group g into L1 (issued before the barrier that makes A ready; no
-  // registers held across it).
-  __device__ __forceinline__ void prefetch(int g = 0) const;
+  // The weights of this warp's first task of group g into registers (issued before the barrier that makes A ready)
+  // and those of its other tasks into L1.
+  __device__ __forceinline__ void prefetch(int g = 0);
 };
 
 // The lane's 16 bytes of W for k block 0 of `task` (n8 tile, split) of a group whose columns start at cbase.
 __device__ __forceinline__ const bf16* task_w(const bf16* w0, const bf16* w1, int K, int kbs, int S, int cbase,
                                               int tpe, int task) {
-  const int lane = threadIdx.x & 31, tile = task / S, sp = task - tile * S, e = tile / tpe;
+  const int lane = threadIdx.x & 31, tile = fdiv(task, 1.0f / S), sp = task - tile * S, e = tile >= tpe;
   const int n = cbase + (tile - e * tpe) * 8 + (lane >> 2);
   return (e ? w1 : w0) + size_t(n) * K + sp * kbs * 32 + 8 * (lane & 3);
 }
@@ -283,13 +299,20 @@ __device__ __forceinline__ const bf16* task_w(const bf16* w0, const bf16* w1, in
 __device__ __noinline__ void slice_prefetch(const bf16* w0, const bf16* w1, int K, int kbs, int S, int cbase, int gc,
                                             int E) {
   const int tpe = gc / 8, nt = E * tpe * S;
-  for (int task = threadIdx.x >> 5; task < nt; task += kWarps) {
+  for (int task = (threadIdx.x >> 5) + kWarps; task < nt; task += kWarps) {  // (the first task: registers)
     const bf16* w = task_w(w0, w1, K, kbs, S, cbase, tpe, task);
     for (int kb = 0; kb < kbs; ++kb) asm volatile("prefetch.global.L1 [%0];" ::"l"(w + kb * 32));
   }
 }
-__device__ __forceinline__ void SliceProduct::prefetch(int g) const {
-  slice_prefetch(w0, w1, K, kbs, S, c0 + g * Gh, gcols(g), E);
+__device__ __forceinline__ void SliceProduct::prefetch(int g) {
+  const int gc = gcols(g), task = threadIdx.x >> 5;
+  if (task < E * (gc / 8) * S) {
+    const bf16* src = task_w(w0, w1, K, kbs, S, c0 + g * Gh, gc / 8, task);
+#pragma unroll
+    for (int kb = 0; kb < kMaxKbs; ++kb)
+      if (kb < kbs) wa[kb] = __ldg(reinterpret_cast<const uint4*>(src + kb * 32));
+  }
+  slice_prefetch(w0, w1, K, kbs, S, c0 + g * Gh, gc, E);
 }
 
 // The epilogue's common part for one row and 8 columns of a group: the k splits of the chosen expert's columns
@@ -312,12 +335,13 @@ __device__ __noinline__ void finish8(float* Cs, int ncols, int S, int xoff, int 
   }
 }
 
-// One column group of a slice product: partials (S, 16, E * gc) into Cs. Out of line: one copy of the product loop
-// serves every linear (the kernel's code is far larger than the instruction cache). No barrier inside.
-__device__ __noinline__ void slice_run(const bf16* w0, const bf16* w1, int K, int kbs, int S, int cbase, int gc,
-                                       int E, const bf16* A, int lda, float* Cs) {
+// One column group of a slice product: partials (S, 16, E * gc) into Cs; `first` holds the warp's first task's
+// weights. No barrier inside.
+__device__ __forceinline__ void slice_run(const bf16* w0, const bf16* w1, int K, int kbs, int S, int cbase, int gc,
+                                          int E, const bf16* A, int lda, float* Cs, const uint4 (&first)[kMaxKbs]) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r = lane >> 2, q = lane & 3;
   const int tpe = gc / 8, nt = E * tpe * S, ncols = E * gc;
+  const float invS = 1.0f / S;
   uint4 wn[kMaxKbs];
   auto load = [&](uint4(&w)[kMaxKbs], int task) {
     if (task >= nt) return;
@@ -326,13 +350,14 @@ __device__ __noinline__ void slice_run(const bf16* w0, const bf16* w1, int K, in
     for (int kb = 0; kb < kMaxKbs; ++kb)
       if (kb < kbs) w[kb] = __ldg(reinterpret_cast<const uint4*>(src + kb * 32));
   };
-  load(wn, warp);
+#pragma unroll
+  for (int kb = 0; kb < kMaxKbs; ++kb) wn[kb] = first[kb];
   for (int task = warp; task < nt; task += kWarps) {
     uint4 w[kMaxKbs];
 #pragma unroll
     for (int kb = 0; kb < kMaxKbs; ++kb) w[kb] = wn[kb];
     load(wn, task + kWarps);
-    const int tile = task / S, sp = task - tile * S;
+    const int tile = fdiv(task, invS), sp = task - tile * S;
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     const bf16* a = A + r * lda + sp * kbs * 32 + 8 * q;
 #pragma unroll
@@ -357,17 +382,18 @@ struct NoMid {
   __device__ void operator()() const {}
 };
 template <class Out, class Mid = NoMid>
-__device__ __forceinline__ void product_out(const SliceProduct& P, const FusedLinear& L, const bf16* A, int lda,
+__device__ __forceinline__ void product_out(SliceProduct& P, const FusedLinear& L, const bf16* A, int lda,
                                             float* Cs, const int* rexp, const float* rgate, int nrows, Out&& out,
                                             Mid&& mid = Mid{}) {
   for (int g = 0; g < P.groups; ++g) {
     const int gc = P.gcols(g), c8 = gc / 8, ncols = P.E * gc;
     if (g > 0) P.prefetch(g);
-    slice_run(P.w0, P.w1, P.K, P.kbs, P.S, P.c0 + g * P.Gh, gc, P.E, A, lda, Cs);
+    slice_run(P.w0, P.w1, P.K, P.kbs, P.S, P.c0 + g * P.Gh, gc, P.E, A, lda, Cs, P.wa);
     __syncthreads();
     if (g == 0) mid();
+    const float inv8 = 1.0f / c8;
     for (int e = threadIdx.x; e < nrows * c8; e += kThreads) {
-      const int r = e / c8, c = (e - r * c8) * 8, col = P.c0 + g * P.Gh + c;
+      const int r = fdiv(e, inv8), c = (e - r * c8) * 8, col = P.c0 + g * P.Gh + c;
       const int x = L.moe ? rexp[r] : 0;
       const float* bf = L.moe ? (x ? L.b1 : L.b32) : L.b16 ? nullptr : L.b32;
       finish8(Cs, ncols, P.S, x * gc, r, c, L.moe ? rgate[r] : 1.0f, bf, L.moe ? nullptr : L.b16, col);
@@ -484,6 +510,7 @@ __global__ void __launch_bounds__(kThreads, 1) vit_fused_kernel(const __grid_con
   const int CS = p.CS, rank = static_cast<int>(cluster.block_rank()), t = blockIdx.x / CS;
   const int b = t / p.tpi, n0 = (t - b * p.tpi) * kRT, nrows = min(kRT, N - n0), row0 = b * N + n0;
   const int lda1 = p.L.lda1, lda2 = p.L.lda2, Cw = C / CS;
+  const float invH = 1.0f / H, invH8 = 1.0f / (H * 8), invm = 1.0f / m, invHm = 1.0f / (H * m), invCw = 1.0f / Cw;
   const Smem s{p.L, H};
   const bool stamps = p.trace && blockIdx.x == 0;
   const int nst = 3 + d.depth * kStamps;  // trace: nst %globaltimer stamps, then nst clock64 stamps
@@ -562,7 +589,7 @@ __global__ void __launch_bounds__(kThreads, 1) vit_fused_kernel(const __grid_con
     const unsigned tag = ((gen * 1024u + unsigned(l)) << 1) | 1u;
     // ---- LN1 -> [to_qk | to_v] slice -> QV (every CTA) and v rows -> global (the neighbours' token conv) ----
     const bool stacked = blk.v.F == 0;
-    const SliceProduct pq(blk.qk, stacked ? rank * (2 * Cw) : rank * Cw, stacked ? 2 * Cw : Cw);
+    SliceProduct pq(blk.qk, stacked ? rank * (2 * Cw) : rank * Cw, stacked ? 2 * Cw : Cw);
     pq.prefetch();
     ln_tile(s.A1(), lda1, s.Xs(), C, nrows, blk.ln1_w, blk.ln1_b, d.eps);
     __syncthreads();
@@ -576,7 +603,7 @@ __global__ void __launch_bounds__(kThreads, 1) vit_fused_kernel(const __grid_con
     } else {
       if (blk.qk.moe) route(blk.qk, s.A1(), lda1, p.m.gate, s.rexp(), s.rgate(), row0, nrows, rank == 0);
       if (blk.v.moe) route(blk.v, s.A1(), lda1, p.m.gate, s.rexp() + kRT, s.rgate() + kRT, row0, nrows, rank == 0);
-      const SliceProduct pv(blk.v, rank * Cw, Cw);
+      SliceProduct pv(blk.v, rank * Cw, Cw);
       pv.prefetch();
       product_out(pq, blk.qk, s.A1(), lda1, s.Cs(), s.rexp(), s.rgate(), nrows, put_qv);
       product_out(pv, blk.v, s.A1(), lda1, s.Cs(), s.rexp() + kRT, s.rgate() + kRT, nrows,
@@ -590,14 +617,12 @@ __global__ void __launch_bounds__(kThreads, 1) vit_fused_kernel(const __grid_con
     // ---- KSH distances (every CTA, the whole tile): q / |q|, D = |q - a|^2; rank 0 publishes sum D ----
     float* Qn = reinterpret_cast<float*>(s.A2());  // (16, C) f32
     for (int e = tid; e < kRT * H * 8; e += kThreads) {  // 8 aligned lanes per (row, head): whole warps
-      const int r = e / (H * 8), h = (e >> 3) % H, g8 = e & 7, c = h * kD + g8 * 8;
+      const int r = fdiv(e, invH8), rh = e >> 3, h = rh - fdiv(rh, invH) * H, g8 = e & 7, c = h * kD + g8 * 8;
       float q[8];
+      load8(q, s.QV() + r * 2 * C + c);
       double ss = 0.0;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        q[i] = __bfloat162float(s.QV()[r * 2 * C + c + i]);
-        ss += double(q[i]) * q[i];
-      }
+      for (int i = 0; i < 8; ++i) ss += double(q[i]) * q[i];
       ss += __shfl_xor_sync(kFull, ss, 1);
       ss += __shfl_xor_sync(kFull, ss, 2);
       ss += __shfl_xor_sync(kFull, ss, 4);
@@ -607,38 +632,55 @@ __global__ void __launch_bounds__(kThreads, 1) vit_fused_kernel(const __grid_con
       for (int i = 0; i < 8; ++i) {
         q[i] = q[i] / nrm;
         q2 = fmaf(q[i], q[i], q2);
-        Qn[r * C + c + i] = q[i];
       }
+      float4* dst = reinterpret_cast<float4*>(Qn + r * C + c);
+      dst[0] = make_float4(q[0], q[1], q[2], q[3]), dst[1] = make_float4(q[4], q[5], q[6], q[7]);
       q2 += __shfl_xor_sync(kFull, q2, 1);
       q2 += __shfl_xor_sync(kFull, q2, 2);
       q2 += __shfl_xor_sync(kFull, q2, 4);
       if (g8 == 0) s.qq()[r * H + h] = q2;
     }
-    for (int e = tid; e < H * m; e += kThreads) {  // |a_j|^2
-      const int h = e / m, j = e - h * m;
-      const float* a = s.At() + (h * m + j) * kAtLd;
-      float acc = 0.0f;
-#pragma unroll 8
-      for (int i = 0; i < kD; ++i) acc = fmaf(a[i], a[i], acc);
-      s.aa()[h * m4 + j] = acc;
+    {  // |a_j|^2: 8 aligned lanes per anchor (the loop bound rounded to whole warps)
+      const int n8 = H * m * 8, n8w = (n8 + 31) / 32 * 32;
+      for (int e = tid; e < n8w; e += kThreads) {
+        const bool ok = e < n8;
+        const int hj = e >> 3, g8 = e & 7;
+        float acc = 0.0f;
+        if (ok) {
+          const float4* a = reinterpret_cast<const float4*>(s.At() + hj * kAtLd + g8 * 8);
+          const float4 a0 = a[0], a1 = a[1];
+          acc = a0.x * a0.x + a0.y * a0.y + a0.z * a0.z + a0.w * a0.w + a1.x * a1.x + a1.y * a1.y + a1.z * a1.z +
+                a1.w * a1.w;
+        }
+        acc += __shfl_xor_sync(kFull, acc, 1);
+        acc += __shfl_xor_sync(kFull, acc, 2);
+        acc += __shfl_xor_sync(kFull, acc, 4);
+        const int h = fdiv(hj, invm);
+        if (ok && g8 == 0) s.aa()[h * m4 + hj - h * m] = acc;
+      }
     }
     __syncthreads();
     bst(1);  // q normalised, |a|^2
-    for (int task = warp; task < kRT * H; task += kWarps) {  // warp per (row, head), lane per anchor
-      const int r = task / H, h = task - r * H;
-      const float4* q = reinterpret_cast<const float4*>(Qn + r * C + h * kD);
-      for (int j = lane; j < m; j += 32) {
-        const float4* a = reinterpret_cast<const float4*>(s.At() + (h * m + j) * kAtLd);
-        float d4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int e = tid; e < 4 * H * m; e += kThreads) {  // thread per (4 rows, head, anchor): anchors read 4x less
+      const int rg = fdiv(e, invHm), hj = e - rg * (H * m), h = fdiv(hj, invm), j = hj - h * m;
+      const float4* a = reinterpret_cast<const float4*>(s.At() + hj * kAtLd);
+      float d4[4][4] = {};
+#pragma unroll 4
+      for (int i = 0; i < kD / 4; ++i) {
+        const float4 aa = a[i];
 #pragma unroll
-        for (int i = 0; i < kD / 4; ++i) {
-          const float4 qa = q[i], aa = a[i];
-          d4[0] = fmaf(qa.x, aa.x, d4[0]);
-          d4[1] = fmaf(qa.y, aa.y, d4[1]);
-          d4[2] = fmaf(qa.z, aa.z, d4[2]);
-          d4[3] = fmaf(qa.w, aa.w, d4[3]);
+        for (int rr = 0; rr < 4; ++rr) {
+          const float4 qa = reinterpret_cast<const float4*>(Qn + (rg * 4 + rr) * C + h * kD)[i];
+          d4[rr][0] = fmaf(qa.x, aa.x, d4[rr][0]);
+          d4[rr][1] = fmaf(qa.y, aa.y, d4[rr][1]);
+          d4[rr][2] = fmaf(qa.z, aa.z, d4[rr][2]);
+          d4[rr][3] = fmaf(qa.w, aa.w, d4[rr][3]);
         }
-        const float dot = (d4[0] + d4[1]) + (d4[2] + d4[3]);
+      }
+#pragma unroll
+      for (int rr = 0; rr < 4; ++rr) {
+        const int r = rg * 4 + rr;
+        const float dot = (d4[rr][0] + d4[rr][1]) + (d4[rr][2] + d4[rr][3]);
         s.Ds()[(r * H + h) * m4 + j] = fmaxf(s.qq()[r * H + h] + s.aa()[h * m4 + j] - 2.0f * dot, 0.0f);
       }
     }
@@ -647,10 +689,8 @@ __global__ void __launch_bounds__(kThreads, 1) vit_fused_kernel(const __grid_con
     if (rank == 0 && warp < H) {  // sum of D over the tile's rows and the anchors (double, fixed order)
       const int h = warp;
       double acc = 0.0;
-      for (int e = lane; e < nrows * m; e += 32) {
-        const int r = e / m, j = e - r * m;
-        acc += s.Ds()[(r * H + h) * m4 + j];
-      }
+      for (int r = 0; r < nrows; ++r)
+        for (int j = lane; j < m; j += 32) acc += s.Ds()[(r * H + h) * m4 + j];
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(kFull, acc, o);
       if (lane == 0) st_tag(p.sig + (size_t(par) * p.T + t) * H + h, static_cast<float>(acc), tag);
@@ -684,24 +724,22 @@ __global__ void __launch_bounds__(kThreads, 1) vit_fused_kernel(const __grid_con
     __syncthreads();
     bst(5);  // sigma known, halo issued
 
-    // ---- codes (every CTA): k = exp(-D / 2 sigma) - mu, y = A k, code = y > 0 ----
-    for (int e = tid; e < kRT * H * m; e += kThreads) {
-      const int rh = e / m, j = e - rh * m, h = rh % H;
-      float* dd = s.Ds() + rh * m4 + j;
-      *dd = expf(-*dd / s.tsig()[h]) - s.mu()[h * m4 + j];
-    }
-    __syncthreads();
-    bst(6);  // k
-    for (int task = warp; task < kRT * H; task += kWarps) {  // warp per (row, head), lane per bit
-      const int r = task / H, h = task - r * H;
-      const float* k = s.Ds() + task * m4;
+    // ---- codes (every CTA): k = exp(-D / 2 sigma) - mu, y = A k, code = y > 0; warp per (row, head): lane j
+    // computes k_j, lane b sums y_b (k_j by shuffle, j ascending) ----
+    for (int task = warp; task < kRT * H; task += kWarps) {
+      const int r = fdiv(task, invH), h = task - r * H;
+      const float* D = s.Ds() + task * m4;
+      const float ts = s.tsig()[h];
+      const float k_lo = lane < m ? expf(-D[lane] / ts) - s.mu()[h * m4 + lane] : 0.0f;
+      const float k_hi = lane + 32 < m ? expf(-D[lane + 32] / ts) - s.mu()[h * m4 + lane + 32] : 0.0f;
       unsigned long long code = 0ull;
       for (int b0 = 0; b0 < nb; b0 += 32) {
         const int bit = b0 + lane;
+        const float* Ar = s.Ab() + (size_t(h) * nb + min(bit, nb - 1)) * m;
         float y = 0.0f;
-        if (bit < nb) {
-          const float* Ar = s.Ab() + (size_t(h) * nb + bit) * m;
-          for (int j = 0; j < m; ++j) y = fmaf(Ar[j], k[j], y);
+        for (int j = 0; j < m; ++j) {
+          const float kj = __shfl_sync(kFull, j < 32 ? k_lo : k_hi, j & 31);
+          y = fmaf(Ar[j], kj, y);
         }
         const unsigned bal = __ballot_sync(kFull, bit < nb && y > 0.0f);
         code |= static_cast<unsigned long long>(bal) << b0;
@@ -712,7 +750,7 @@ __global__ void __launch_bounds__(kThreads, 1) vit_fused_kernel(const __grid_con
     bst(7);  // codes
     // this CTA's columns of the tile's KV partial: sum over the rows whose bit is set of v
     for (int e = tid; e < nb * Cw; e += kThreads) {
-      const int i = e / Cw, c = rank * Cw + (e - i * Cw), h = c / kD;
+      const int i = fdiv(e, invCw), c = rank * Cw + (e - i * Cw), h = c / kD;
       float acc = 0.0f;
       for (int r = 0; r < nrows; ++r)
         if ((s.codes()[r * H + h] >> i) & 1ull) acc += __bfloat162float(s.QV()[r * 2 * C + C + c]);
@@ -727,7 +765,7 @@ __global__ void __launch_bounds__(kThreads, 1) vit_fused_kernel(const __grid_con
 
     // ---- exchange 2: KV of the image (this CTA's columns, tiles in order) -> every CTA ----
     for (int e = tid; e < nb * Cw; e += kThreads) {
-      const int i = e / Cw, c = rank * Cw + (e - i * Cw);
+      const int i = fdiv(e, invCw), c = rank * Cw + (e - i * Cw);
       const unsigned long long* base = p.kvx + ((size_t(par) * p.T + b * tpi) * nb + i) * C + c;
       const size_t step = size_t(nb) * C;
       float acc = 0.0f;
@@ -754,12 +792,13 @@ __global__ void __launch_bounds__(kThreads, 1) vit_fused_kernel(const __grid_con
 
     // ---- attention output (every CTA, whole tile) -> A1: z = 0.5 v + sum KV rows of set bits, z/|z|, + conv ----
     for (int e = tid; e < kRT * H * 8; e += kThreads) {
-      const int r = e / (H * 8), h = (e >> 3) % H, g8 = e & 7, col = h * kD + g8 * 8;
+      const int r = fdiv(e, invH8), rh = e >> 3, h = rh - fdiv(rh, invH) * H, g8 = e & 7, col = h * kD + g8 * 8;
       const bool valid = r < nrows;
       const int n = n0 + r;
       float v[8], z[8];
+      load8(v, s.QV() + r * 2 * C + C + col);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) v[i] = valid ? __bfloat162float(s.QV()[r * 2 * C + C + col + i]) : 0.0f, z[i] = 0.0f;
+      for (int i = 0; i < 8; ++i) v[i] = valid ? v[i] : 0.0f, z[i] = 0.0f;
       unsigned long long code = valid ? s.codes()[r * H + h] : 0ull;
       while (code) {
         const int rb = __ffsll(static_cast<long long>(code)) - 1;
@@ -789,8 +828,10 @@ __global__ void __launch_bounds__(kThreads, 1) vit_fused_kernel(const __grid_con
         const bf16* vt = rr < 0 ? s.Vh() + (rr + 4) * C + col
                          : rr < kRT ? s.QV() + rr * 2 * C + C + col
                                     : s.Vh() + (rr - kRT + 4) * C + col;
+        float vv[8];
+        load8(vv, vt);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) z[i] = fmaf(w, __bfloat162float(vt[i]), z[i]);
+        for (int i = 0; i < 8; ++i) z[i] = fmaf(w, vv[i], z[i]);
       }
       __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(s.A1() + r * lda1 + col);
 #pragma unroll
@@ -905,8 +946,13 @@ Plan plan_for(const FusedVitDims& d, int B) {
   pl.L = layout_for(d);
   pl.T = B * tiles_per_image(d.N);
   if (pl.L.total <= size_t(max_smem_per_block())) {
-    SAV_CUDA_CHECK(
-        cudaFuncSetAttribute(vit_fused_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(pl.L.total)));
+    // the kernel's dynamic shared-memory limit only grows (a cached plan of a larger model must stay launchable)
+    static std::map<int, size_t> limit;
+    if (limit[dev] < pl.L.total) {
+      SAV_CUDA_CHECK(
+          cudaFuncSetAttribute(vit_fused_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(pl.L.total)));
+      limit[dev] = pl.L.total;
+    }
     for (const int cs : {8, 4, 2, 1}) {
       if (d.C % (8 * cs) || d.F % (8 * cs) || (2 * d.C) % (8 * cs)) continue;
       cudaLaunchConfig_t cfg{};
@@ -999,8 +1045,8 @@ std::string vit_fused_trace(const FusedVitModel& m, int B, const float* images, 
                                 "sigma partial published",
                                 "wait sigma partials (exchange 1)",
                                 "sigma, halo rows issued",
-                                "k = exp(-D/2s) - mu",
-                                "codes",
+                                "",
+                                "codes (k = exp(-D/2s) - mu, y = A k)",
                                 "KV partial published, next KSH issued",
                                 "wait KV partials (exchange 2)",
                                 "KV gathered (cluster barrier)",
@@ -1037,7 +1083,7 @@ std::string vit_fused_trace(const FusedVitModel& m, int B, const float* images, 
      << double(h[2 * n - 1] - h[n]) / double(h[n - 1] - h[0]) * 1e3 << " MHz; per block (mean of " << depth
      << "), us and cycles:\n";
   for (int k = 0; k < kStamps; ++k)
-    os << "  " << names[k] << ": " << us[k] << " us, " << static_cast<long>(cyc[k]) << " cycles\n";
+    if (names[k][0]) os << "  " << names[k] << ": " << us[k] << " us, " << static_cast<long>(cyc[k]) << " cycles\n";
   return os.str();
 }
 
