@@ -17,12 +17,10 @@
 //     sigma: per-token sums of D in double, reduced over the CTA in a fixed order;
 //     k_nj = exp(-D_nj / (2 sigma)) - mu_j in place (each lane half of the anchors), then y_nr for
 //     bits r = laneT + 2k, code bits OR-ed over the 2 lanes -> codes[n];
-//  2. bit planes: plane[r] = the tokens whose bit r is set (one ballot per 32 tokens);
-//  3. MatAdd #1 (additions only): warp per bit r, lanes over columns; walks the set tokens of plane[r] in
-//     increasing n: KV_r = sum of V rows (the CPU's order), then KV_r / pi as the CPU fast path;
-//  4. MatAdd #2 (additions only) + normalisation + conv, warp per token: hkv = sum over the set bits r
-//     (increasing) of KV_r / pi, z = hkv + 0.5 v, out = z / max(||z||, eps) (norm in double), then the 9
-//     taps added in order; bf16 stores.
+//  2. MatAdd #1: KV_r = sum of the V rows whose bit r is set, / pi, as a 0/1 x bf16 product on the tensor cores
+//     (matadd_mma: exact products, f32 sums; only the summation order differs from the CPU's);
+//  3. MatAdd #2 + normalisation + conv: hkv = h KV (tensor cores, KV split in three bf16 parts: f32-accurate),
+//     z = hkv + 0.5 v, out = z / max(||z||, eps) (norm in double), then the 9 taps added in order; bf16 stores.
 // Deterministic: every sum has a fixed order and no atomics, so reruns and graph replays are bit-identical.
 //
 // Cost (DeiT, N=197, d=64, b=16, m=25): the hash is ~0.3 MFMA per (b,h), the MatAdds ~0.2 M additions;
@@ -31,6 +29,7 @@
 #include <algorithm>
 
 #include "ops/cuda/ops.h"
+#include "ops/cuda/ptx.cuh"
 
 namespace sav::cuda {
 
@@ -56,14 +55,13 @@ struct HamParams {
   int ldo, ldqk, ldv;
   int B, N, C, H, d, nbits, m;
   int ldq;     // smem row stride of the staged qk (floats), 4 mod 32
-  int nwords;  // ceil(N / 32) words per bit plane
   bool vec;    // 16-byte loads of the qk and v rows (d % 8 == 0, strides and pointers aligned)
-  bool pairs;  // d even: lanes take column pairs in phases 3-4 (else columns lane, lane + 32)
+  bool pairs;  // d even and the output 4-byte aligned: bf16 pairs are stored at once
 };
 
 // Shared memory carve-up, the same on host and device.
 struct HamSmem {
-  size_t red, codes, q, v, at, aa, mu, a, kv, planes, total;  // byte offsets
+  size_t red, codes, q, v, at, aa, mu, a, kv, total;  // byte offsets
 };
 __host__ __device__ inline size_t align16(size_t x) { return (x + 15) / 16 * 16; }
 __host__ __device__ inline HamSmem ham_smem(const HamParams& p) {
@@ -78,7 +76,6 @@ __host__ __device__ inline HamSmem ham_smem(const HamParams& p) {
   s.mu = o, o = align16(o + kHamMaxM * sizeof(float));
   s.a = o, o = align16(o + size_t(p.nbits) * kRow * sizeof(float));
   s.kv = o, o = align16(o + size_t(p.nbits) * p.d * sizeof(float));
-  s.planes = o, o = align16(o + size_t(p.nbits) * p.nwords * sizeof(unsigned));
   s.total = o;
   return s;
 }
@@ -86,103 +83,129 @@ __host__ __device__ inline HamSmem ham_smem(const HamParams& p) {
 // Threads of the CTA: 2 per token, the tokens rounded up to 16 (whole warps), at least 4 warps.
 inline int ham_threads(int N) { return std::clamp(kTpt * ((N + 15) / 16 * 16), 128, 1024); }
 
-// Columns of lane in phases 3-4: (2 lane, 2 lane + 1) with pairs, else (lane, lane + 32).
-template <bool kPairs>
-__device__ __forceinline__ void lane_cols(int lane, int& c0, int& c1) {
-  c0 = kPairs ? 2 * lane : lane;
-  c1 = kPairs ? 2 * lane + 1 : lane + 32;
+// bf16 bit patterns of two 0/1 values, the first in the low half (an mma operand pair)
+__device__ __forceinline__ uint32_t bit_pair(unsigned long long c0, unsigned long long c1, int r) {
+  return (((c0 >> r) & 1ull) ? 0x3F80u : 0u) | (((c1 >> r) & 1ull) ? 0x3F800000u : 0u);
 }
-template <bool kPairs>
-__device__ __forceinline__ void load_cols(const float* row, int c0, int c1, int d, float& x0, float& x1) {
-  if (kPairs) {
-    if (c0 < d) {  // d even: c1 < d too
-      const float2 t = *reinterpret_cast<const float2*>(row + c0);
-      x0 = t.x, x1 = t.y;
-    } else {
-      x0 = x1 = 0.0f;
-    }
-  } else {
-    x0 = c0 < d ? row[c0] : 0.0f;
-    x1 = c1 < d ? row[c1] : 0.0f;
-  }
+__device__ __forceinline__ uint32_t bf16_pair(bf16 lo, bf16 hi) {
+  return uint32_t(__bfloat16_as_ushort(lo)) | (uint32_t(__bfloat16_as_ushort(hi)) << 16);
+}
+__device__ __forceinline__ bf16 v_at(const bf16* Vs, int d, int N, int n, int c) {
+  return n < N && c < d ? Vs[n * d + c] : __float2bfloat16_rn(0.0f);
+}
+// v[n][c], v[n][c + 1] in f32 (zero outside the head and past N)
+__device__ __forceinline__ float2 v_pair(const bf16* Vs, int d, int N, int n, int c) {
+  if (n < 0 || n >= N) return make_float2(0.0f, 0.0f);
+  if (c + 1 < d && d % 2 == 0) return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(Vs + n * d + c));
+  return make_float2(c < d ? __bfloat162float(Vs[n * d + c]) : 0.0f,
+                     c + 1 < d ? __bfloat162float(Vs[n * d + c + 1]) : 0.0f);
 }
 
-template <bool kPairs>
-__device__ __forceinline__ void load_cols(const bf16* row, int c0, int c1, int d, float& x0, float& x1) {
-  if (kPairs) {
-    if (c0 < d) {  // d even: c1 < d too
-      const float2 t = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(row + c0));
-      x0 = t.x, x1 = t.y;
-    } else {
-      x0 = x1 = 0.0f;
+// Phases 2-3, the two MatAdds, on the tensor cores (bf16 mma.sync m16n8k16, f32 accumulation). The codes are 0/1,
+// exact in bf16, and v is bf16 already, so KV = h^T V is exact products summed in f32; the second product takes KV
+// split in three bf16 parts (hi + mid + lo = KV to 2^-24), so Z = h KV is f32-accurate too. Against the CPU only
+// the summation order differs (the codes, computed before, are the same).
+//   2. KV (b x d) = h^T (b x N) V (N x d): warp per (16 bits, 8 columns) tile, k over the tokens in order; / pi.
+//   3. Z (N x d) = h (N x b) KV (b x d), warp per 16 tokens (all columns in its registers): z = Z + 0.5 v, the
+//      row norm by two shuffles (the 4 lanes of a row hold its d columns), z / max(|z|, eps), the 9 taps of v;
+//      bf16 stores.
+__device__ void matadd_mma(const HamParams& p, int b, int h, const unsigned long long* codes, const bf16* Vs,
+                           float* KVs) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, W = blockDim.x >> 5, g = lane >> 2, q = lane & 3;
+  const int d = p.d, N = p.N, nb = p.nbits, NT = (d + 7) / 8, MB = (nb + 15) / 16;
+  // ---- 2. KV ----
+  for (int task = warp; task < MB * NT; task += W) {
+    const int mt = task / NT, nt = task - mt * NT, r0 = mt * 16 + g, n = nt * 8 + g;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int k0 = 0; k0 < N; k0 += 16) {
+      const int ka = k0 + 2 * q, kb = ka + 8;
+      const unsigned long long c0 = ka < N ? codes[ka] : 0ull, c1 = ka + 1 < N ? codes[ka + 1] : 0ull;
+      const unsigned long long c2 = kb < N ? codes[kb] : 0ull, c3 = kb + 1 < N ? codes[kb + 1] : 0ull;
+      const uint32_t a[4] = {bit_pair(c0, c1, r0), bit_pair(c0, c1, r0 + 8), bit_pair(c2, c3, r0),
+                             bit_pair(c2, c3, r0 + 8)};
+      const uint32_t b0 = bf16_pair(v_at(Vs, d, N, ka, n), v_at(Vs, d, N, ka + 1, n));
+      const uint32_t b1 = bf16_pair(v_at(Vs, d, N, kb, n), v_at(Vs, d, N, kb + 1, n));
+      ptx::mma_bf16(acc, a, b0, b1);
     }
-  } else {
-    x0 = c0 < d ? __bfloat162float(row[c0]) : 0.0f;
-    x1 = c1 < d ? __bfloat162float(row[c1]) : 0.0f;
+    const int c = nt * 8 + 2 * q;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = r0 + (i >> 1) * 8, cc = c + (i & 1);
+      if (r < nb && cc < d) KVs[r * d + cc] = acc[i] * kInvPi;
+    }
   }
-}
-
-template <bool kPairs>
-__device__ void matadd_phases(const HamParams& p, int b, int h, const unsigned long long* codes, const bf16* Vs,
-                              float* KVs, const unsigned* planes) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, W = blockDim.x >> 5;
-  const int d = p.d, N = p.N;
-  int c0, c1;
-  lane_cols<kPairs>(lane, c0, c1);
+  __syncthreads();
+  // ---- 3. Z, normalisation, conv ----
   float cw[kTaps];
 #pragma unroll
   for (int t = 0; t < kTaps; ++t) cw[t] = p.conv_w[h * kTaps + t];
-  // ---- 3. MatAdd #1: KV_r = sum of the V rows whose bit r is set, then / pi (CPU fast path) ----
-  for (int r = warp; r < p.nbits; r += W) {
-    float a0 = 0.0f, a1 = 0.0f;
-    for (int wd = 0; wd < p.nwords; ++wd) {
-      for (unsigned msk = planes[r * p.nwords + wd]; msk; msk &= msk - 1) {
-        const int n = wd * 32 + __ffs(msk) - 1;
-        float x0, x1;
-        load_cols<kPairs>(Vs + n * d, c0, c1, d, x0, x1);
-        a0 += x0;
-        a1 += x1;
-      }
-    }
-    if (c0 < d) KVs[r * d + c0] = a0 * kInvPi;
-    if (c1 < d) KVs[r * d + c1] = a1 * kInvPi;
-  }
-  __syncthreads();
-  // ---- 4. MatAdd #2, normalisation, conv: warp per token ----
-  for (int n = warp; n < N; n += W) {
-    float z0 = 0.0f, z1 = 0.0f;
-    for (unsigned long long c = codes[n]; c; c &= c - 1) {
-      const int r = __ffsll(static_cast<long long>(c)) - 1;
-      float x0, x1;
-      load_cols<kPairs>(KVs + r * d, c0, c1, d, x0, x1);
-      z0 += x0;
-      z1 += x1;
-    }
-    float v0, v1;
-    load_cols<kPairs>(Vs + n * d, c0, c1, d, v0, v1);
-    z0 += 0.5f * v0;
-    z1 += 0.5f * v1;
-    double ss = double(z0) * z0 + double(z1) * z1;  // zero for columns >= d
+  for (int t0 = warp * 16; t0 < N; t0 += W * 16) {
+    const int ta = t0 + g, tb = ta + 8;
+    const unsigned long long ca = ta < N ? codes[ta] : 0ull, cb = tb < N ? codes[tb] : 0ull;
+    // z (rows ta, tb; columns c, c + 1 of column tile nt) = h KV + 0.5 v; recomputed by the second pass (the
+    // products are a few mma; keeping every tile's accumulators would exceed the 64 registers of two CTAs per SM)
+    auto tile_z = [&](int nt, float (&z)[4]) {
+      const int n = nt * 8 + g, c = nt * 8 + 2 * q;
+      z[0] = z[1] = z[2] = z[3] = 0.0f;
+      for (int kk = 0; kk < MB * 16; kk += 16) {
+        const int ra = kk + 2 * q, rb = ra + 8;
+        const uint32_t a[4] = {bit_pair(ca, ca >> 1, ra), bit_pair(cb, cb >> 1, ra), bit_pair(ca, ca >> 1, rb),
+                               bit_pair(cb, cb >> 1, rb)};
+        const int rows[4] = {ra, ra + 1, rb, rb + 1};  // KV rows of b0 (2) and b1 (2)
+        bf16 hi[4], mid[4], lo[4];
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-    const float zn = fmaxf(static_cast<float>(sqrt(ss)), kNormEps);
-    float o0 = z0 / zn, o1 = z1 / zn;
-#pragma unroll
-    for (int t = 0; t < kTaps; ++t) {
-      const int src = n + t - kPad;
-      if (src >= 0 && src < N) {
-        float x0, x1;
-        load_cols<kPairs>(Vs + src * d, c0, c1, d, x0, x1);
-        o0 = fmaf(cw[t], x0, o0);
-        o1 = fmaf(cw[t], x1, o1);
+        for (int i = 0; i < 4; ++i) {
+          const float x = rows[i] < nb && n < d ? KVs[rows[i] * d + n] : 0.0f;
+          hi[i] = __float2bfloat16_rn(x);
+          const float r1 = x - __bfloat162float(hi[i]);
+          mid[i] = __float2bfloat16_rn(r1);
+          lo[i] = __float2bfloat16_rn(r1 - __bfloat162float(mid[i]));
+        }
+        ptx::mma_bf16(z, a, bf16_pair(hi[0], hi[1]), bf16_pair(hi[2], hi[3]));
+        ptx::mma_bf16(z, a, bf16_pair(mid[0], mid[1]), bf16_pair(mid[2], mid[3]));
+        ptx::mma_bf16(z, a, bf16_pair(lo[0], lo[1]), bf16_pair(lo[2], lo[3]));
       }
+      const float2 va = v_pair(Vs, d, N, ta, c), vb = v_pair(Vs, d, N, tb, c);
+      z[0] += 0.5f * va.x, z[1] += 0.5f * va.y, z[2] += 0.5f * vb.x, z[3] += 0.5f * vb.y;
+    };
+    double ssa = 0.0, ssb = 0.0;  // the norms of rows ta and tb: the 4 lanes of a row hold its d columns
+    for (int nt = 0; nt < NT; ++nt) {
+      float z[4];
+      tile_z(nt, z);
+      ssa += double(z[0]) * z[0] + double(z[1]) * z[1];
+      ssb += double(z[2]) * z[2] + double(z[3]) * z[3];
     }
-    bf16* dst = p.out + (int64_t(b) * N + n) * p.ldo + h * d;
-    if (kPairs) {
-      if (c0 < d) *reinterpret_cast<__nv_bfloat162*>(dst + c0) = __floats2bfloat162_rn(o0, o1);
-    } else {
-      if (c0 < d) dst[c0] = __float2bfloat16_rn(o0);
-      if (c1 < d) dst[c1] = __float2bfloat16_rn(o1);
+    ssa += __shfl_xor_sync(0xffffffffu, ssa, 1);
+    ssa += __shfl_xor_sync(0xffffffffu, ssa, 2);
+    ssb += __shfl_xor_sync(0xffffffffu, ssb, 1);
+    ssb += __shfl_xor_sync(0xffffffffu, ssb, 2);
+    const float na = fmaxf(static_cast<float>(sqrt(ssa)), kNormEps);
+    const float nbr = fmaxf(static_cast<float>(sqrt(ssb)), kNormEps);
+    bf16* outa = p.out + (int64_t(b) * N + ta) * p.ldo + h * d;
+    bf16* outb = p.out + (int64_t(b) * N + tb) * p.ldo + h * d;
+    for (int nt = 0; nt < NT; ++nt) {
+      const int c = nt * 8 + 2 * q;
+      float z[4];
+      tile_z(nt, z);
+      float o[4] = {z[0] / na, z[1] / na, z[2] / nbr, z[3] / nbr};
+#pragma unroll
+      for (int t = 0; t < kTaps; ++t) {
+        const float2 xa = v_pair(Vs, d, N, ta + t - kPad, c), xb = v_pair(Vs, d, N, tb + t - kPad, c);
+        o[0] = fmaf(cw[t], xa.x, o[0]), o[1] = fmaf(cw[t], xa.y, o[1]);
+        o[2] = fmaf(cw[t], xb.x, o[2]), o[3] = fmaf(cw[t], xb.y, o[3]);
+      }
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        if ((half ? tb : ta) >= N || c >= d) continue;
+        bf16* dst = (half ? outb : outa) + c;
+        const float x0 = o[2 * half], x1 = o[2 * half + 1];
+        if (p.pairs && c + 1 < d) {
+          *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(x0, x1);
+        } else {
+          dst[0] = __float2bfloat16_rn(x0);
+          if (c + 1 < d) dst[1] = __float2bfloat16_rn(x1);
+        }
+      }
     }
   }
 }
@@ -199,7 +222,6 @@ __global__ void __launch_bounds__(1024) hamming_kernel(const __grid_constant__ H
   float* mus = reinterpret_cast<float*>(smem + L.mu);
   float* As = reinterpret_cast<float*>(smem + L.a);
   float* KVs = reinterpret_cast<float*>(smem + L.kv);
-  unsigned* planes = reinterpret_cast<unsigned*>(smem + L.planes);
 
   const int tid = threadIdx.x, T = blockDim.x, lane = tid & 31, warp = tid >> 5, W = T >> 5;
   const int bh = blockIdx.x, b = bh / p.H, h = bh - b * p.H;
@@ -329,20 +351,8 @@ __global__ void __launch_bounds__(1024) hamming_kernel(const __grid_constant__ H
   if (valid && laneT == 0) codes[n] = code;
   __syncthreads();
 
-  // ---- 2. bit planes: plane[r] word w bit t = bit r of the code of token 32 w + t ----
-  for (int i = warp; i < nb * p.nwords; i += W) {
-    const int r = i / p.nwords, wd = i - r * p.nwords, tok = wd * 32 + lane;
-    const bool bit = tok < N && ((codes[tok] >> r) & 1ull);
-    const unsigned plane = __ballot_sync(0xffffffffu, bit);
-    if (lane == 0) planes[i] = plane;
-  }
-  __syncthreads();
-
-  // ---- 3-4. the MatAdds, normalisation and conv ----
-  if (p.pairs)
-    matadd_phases<true>(p, b, h, codes, Vs, KVs, planes);
-  else
-    matadd_phases<false>(p, b, h, codes, Vs, KVs, planes);
+  // ---- 2-3. the MatAdds, normalisation and conv ----
+  matadd_mma(p, b, h, codes, Vs, KVs);
 }
 
 }  // namespace
@@ -353,7 +363,7 @@ bool hamming_attention_supports(int N, int C, int H, int nbits, int m) {
     return false;
   // The largest case (N 256, d 64, 64 bits) needs about 171 KB; sm_80 and later offer 163-227 KB.
   HamParams p{};
-  p.N = N, p.d = C / H, p.nbits = nbits, p.m = m, p.ldq = (p.d + 31) / 32 * 32 + 4, p.nwords = (N + 31) / 32;
+  p.N = N, p.d = C / H, p.nbits = nbits, p.m = m, p.ldq = (p.d + 31) / 32 * 32 + 4;
   return device_available() ? ham_smem(p).total <= size_t(max_smem_per_block()) : true;
 }
 
@@ -376,7 +386,6 @@ void hamming_attention_forward_ld(bf16* out, int ldo, const bf16* qk, int ldqk, 
   p.ldo = ldo, p.ldqk = ldqk, p.ldv = ldv;
   p.B = B, p.N = N, p.C = C, p.H = H, p.d = C / H, p.nbits = nbits, p.m = m;
   p.ldq = (p.d + 31) / 32 * 32 + 4;
-  p.nwords = (N + 31) / 32;
   auto a16 = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
   p.vec = p.d % 8 == 0 && ldqk % 8 == 0 && ldv % 8 == 0 && a16(qk) && a16(v);
   p.pairs = p.d % 2 == 0 && ldo % 2 == 0 && reinterpret_cast<uintptr_t>(out) % 4 == 0;
