@@ -142,6 +142,7 @@ __device__ void matadd_mma(const HamParams& p, int b, int h, const unsigned long
   for (int t0 = warp * 16; t0 < N; t0 += W * 16) {
     const int ta = t0 + g, tb = ta + 8;
     const unsigned long long ca = ta < N ? codes[ta] : 0ull, cb = tb < N ? codes[tb] : 0ull;
+    const bool interior = t0 >= kPad && t0 + 16 + kPad <= N && d % 8 == 0;  // uniform over the warp
     // z (rows ta, tb; columns c, c + 1 of column tile nt) = h KV + 0.5 v; recomputed by the second pass (the
     // products are a few mma; keeping every tile's accumulators would exceed the 64 registers of two CTAs per SM)
     auto tile_z = [&](int nt, float (&z)[4]) {
@@ -188,11 +189,22 @@ __device__ void matadd_mma(const HamParams& p, int b, int h, const unsigned long
       float z[4];
       tile_z(nt, z);
       float o[4] = {z[0] / na, z[1] / na, z[2] / nbr, z[3] / nbr};
+      if (interior) {  // every tap row inside the image, whole column pairs: no checks (the same sums)
+        const bf16* va = Vs + (ta - kPad) * d + c;
 #pragma unroll
-      for (int t = 0; t < kTaps; ++t) {
-        const float2 xa = v_pair(Vs, d, N, ta + t - kPad, c), xb = v_pair(Vs, d, N, tb + t - kPad, c);
-        o[0] = fmaf(cw[t], xa.x, o[0]), o[1] = fmaf(cw[t], xa.y, o[1]);
-        o[2] = fmaf(cw[t], xb.x, o[2]), o[3] = fmaf(cw[t], xb.y, o[3]);
+        for (int t = 0; t < kTaps; ++t) {
+          const float2 xa = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(va + t * d));
+          const float2 xb = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(va + (t + 8) * d));
+          o[0] = fmaf(cw[t], xa.x, o[0]), o[1] = fmaf(cw[t], xa.y, o[1]);
+          o[2] = fmaf(cw[t], xb.x, o[2]), o[3] = fmaf(cw[t], xb.y, o[3]);
+        }
+      } else {
+#pragma unroll
+        for (int t = 0; t < kTaps; ++t) {
+          const float2 xa = v_pair(Vs, d, N, ta + t - kPad, c), xb = v_pair(Vs, d, N, tb + t - kPad, c);
+          o[0] = fmaf(cw[t], xa.x, o[0]), o[1] = fmaf(cw[t], xa.y, o[1]);
+          o[2] = fmaf(cw[t], xb.x, o[2]), o[3] = fmaf(cw[t], xb.y, o[3]);
+        }
       }
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
@@ -259,8 +271,14 @@ __global__ void __launch_bounds__(1024) hamming_kernel(const __grid_constant__ H
   }
   for (int j = tid; j < kHamMaxM; j += T) {
     float s = 0.0f;
-    if (j < m)
-      for (int i = 0; i < d; ++i) s = fmaf(anc[j * d + i], anc[j * d + i], s);
+    if (j < m) {
+      float x[kHamMaxD];  // every load in flight at once (one round trip), then the sum in order
+#pragma unroll
+      for (int i = 0; i < kHamMaxD; ++i) x[i] = i < d ? anc[j * d + i] : 0.0f;
+#pragma unroll
+      for (int i = 0; i < kHamMaxD; ++i)
+        if (i < d) s = fmaf(x[i], x[i], s);
+    }
     aa[j] = s;
     mus[j] = j < m ? p.mu[h * m + j] : 0.0f;
   }
