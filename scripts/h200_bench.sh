@@ -152,7 +152,7 @@ for key in sorted(eng, key=lambda k: (k[0], k[2], order.get(k[1], 9), k[1])):
           f"{b['best_fp16_ms'] / e:7.2f}x {vs_dense}")
 print("speedup = timm best fp16 ms (the dense model) / engine ms (same run; > 1: the engine is faster);")
 print("vs_dense = the engine's dense ms / this variant's ms. shiftadd = Hamming attention + MoE(mult, shift) MLPs;")
-print("+fused = the whole forward as one persistent kernel (ops/cuda/vit_fused.h), else the layered kernels")
+print("+fused = the whole forward as one kernel launch of thread-block clusters (ops/cuda/vit_fused.h), else the layered kernels")
 EOF
 fi
 if has profile; then
