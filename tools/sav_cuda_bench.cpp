@@ -23,9 +23,9 @@
 // --weights times one checkpoint instead (any layout `shiftaddvit infer` reads, the release's included),
 // reported under its architecture's name with the variant "checkpoint".
 // --path (ViT models): which forward ViTCuda runs (models/vit_cuda.h): auto (default: ViTCuda's automatic
-// choice, see ViTCudaPath), layered, fused (the single persistent kernel where the model and batch allow it; other
-// rows keep auto), or both (one row per path). --trace: after each fused row, the time of each
-// phase of the fused kernel (%globaltimer stamps; ops/cuda/vit_fused.h vit_fused_trace).
+// choice, see ViTCudaPath), layered, fused (the single cluster-kernel launch where the model and batch allow it;
+// other rows keep auto), or both (one row per path). --trace: after each fused row, the time of each step of the
+// fused kernel per block (%globaltimer and clock64 stamps; ops/cuda/vit_fused.h vit_fused_trace).
 // --shift-paths: after each row of a ViT model with shift linears, the product each shift linear ran at that
 // batch (ViTCuda::shift_paths: cublas_decoded or packed_mma) with the two times the automatic choice measured.
 // Prints one line per (model, variant, batch, path): name, variant, batch, the path that ran, median ms,

@@ -38,6 +38,13 @@ VitConfig small_config() {
   return c;
 }
 
+// The small geometry with MoE MLPs and dense attention linears.
+VitConfig small_moe_config() {
+  VitConfig c = small_config();
+  c.mlp = "mmm", c.attn_linear = "ddd";
+  return c;
+}
+
 // DeiT-Tiny converted as the benchmark's shiftadd variant: Hamming attention everywhere, MoE MLPs, dense attention
 // linears.
 VitConfig converted_deit_tiny() {
@@ -94,8 +101,8 @@ double routing_diff_cpu(Vit& cpu, const PathRun& g) {
 }
 
 // Every kind of linear in a Hamming block (dense, shift, MoE attention linears; MoE, dense, shift MLPs), both
-// gate modes, batch 1 and 3 (batch 3 runs clusters of 2 CTAs, batch 1 of 8): fused vs the CPU and vs the layered path; the
-// fused rerun is bit-identical and routes identically.
+// gate modes, batch 1 and 3 (batch 3 runs clusters of 2 CTAs, batch 1 of 8): fused vs the CPU and vs the layered path;
+// the fused rerun is bit-identical and routes identically.
 TEST_F(VitFused, EveryLinearKindMatchesCpuAndLayeredPath) {
   for (const auto gate : {cpu::moe_gate_straight_through, cpu::moe_gate_prob}) {
     for (const int B : {1, 3}) {
@@ -205,8 +212,7 @@ TEST_F(VitFused, BatchInvariantBitForBit) {
 // kernel's shared-memory limit below a cached larger plan, whose next launch then failed): every forward runs, and
 // each model's rerun is bit-identical to its first forward.
 TEST_F(VitFused, ModelsOfDifferentSizesAlternate) {
-  VitConfig sc = small_config();
-  sc.mlp = "mmm", sc.attn_linear = "ddd";
+  const VitConfig sc = small_moe_config();
   Vit small_cpu(sc);
   randomise_shiftadd(small_cpu, 81);
   ViTCuda small(small_cpu);
@@ -235,8 +241,7 @@ TEST_F(VitFused, ModelsOfDifferentSizesAlternate) {
 // the layered path); forced, it runs up to the kernel's batch limit, layered beyond; models with softmax blocks
 // are layered (forcing fused throws).
 TEST_F(VitFused, PathChoice) {
-  VitConfig c = small_config();
-  c.mlp = "mmm", c.attn_linear = "ddd";
+  const VitConfig c = small_moe_config();
   Vit cpu(c);
   randomise_shiftadd(cpu, 61);
   ViTCuda net(cpu);

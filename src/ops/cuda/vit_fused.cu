@@ -8,14 +8,15 @@
 // CTA's copy through distributed shared memory, then the cluster barrier; cheap row-wise work (LayerNorm, the
 // router, the KSH distances and codes, the attention output) is done by every CTA of the cluster for the whole tile.
 //
-// Products (slice_product): bf16 mma.sync m16n8k16 with f32 accumulation. The weights are never staged in shared
-// memory: each lane loads 16 bytes of its weight row per 32-wide k block straight from global memory (L2) into
-// registers, 8 k blocks ahead, and the first 8 are issued BEFORE the barrier that makes the A operand ready, so
-// their latency hides behind it. Within a k block the k order is permuted (lane q holds k 8q..8q+7 of A and W: the
-// first mma takes 8q..8q+3, the second 8q+4..8q+7); A and W use the same permutation, so the product is unchanged
-// and both operands are single 16-byte loads. A task is one n8 column tile over kbs consecutive k blocks (kbs fixed
-// by K alone); its partial goes to Cs and the epilogue adds a column's partials in k order, so every output's sum
-// order is independent of the cluster size and the batch (a batch equals its single-image forwards bit for bit).
+// Products (SliceProduct, slice_run): bf16 mma.sync m16n8k16 with f32 accumulation. The weights are never staged
+// in shared memory: each lane loads 16 bytes of its weight row per 32-wide k block straight from global memory (L2)
+// into registers; a warp's first task is loaded BEFORE the barrier that makes the A operand ready (its latency
+// hides behind it), its later tasks are prefetched into L1 and loaded one task ahead. Within a k block the k order is
+// permuted (lane q holds k 8q..8q+7 of A and W: the first mma takes 8q..8q+3, the second 8q+4..8q+7); A and W use the
+// same permutation, so the product is unchanged and both operands are single 16-byte loads. A task is one n8 column
+// tile over kbs consecutive k blocks (kbs fixed by K alone); its partial goes to Cs and the epilogue adds a column's
+// partials in k order, so every output's sum order is independent of the cluster size and the batch (a batch equals its
+// single-image forwards bit for bit).
 //
 // Across tiles, the two per-image reductions of a Hamming block (sigma over all tokens, KV = h^T V) go through
 // global memory as tagged words: (tag << 32 | f32 bits), stored and polled with relaxed gpu-scope 64-bit accesses;
@@ -223,7 +224,7 @@ __device__ __forceinline__ void ln_row_warp(bf16* dst, const float* xr, const fl
 
 // A (16 rows, bf16) = LayerNorm of the tile's residual rows; rows past nrows zero. Warp w takes row w.
 __device__ __noinline__ void ln_tile(bf16* A, int lda, const float* Xs, int C, int nrows, const float* w,
-                                        const float* b, float eps) {
+                                     const float* b, float eps) {
   static_assert(kWarps == kRT, "one warp per row");
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (warp < nrows) {
@@ -236,7 +237,7 @@ __device__ __noinline__ void ln_tile(bf16* A, int lda, const float* Xs, int C, i
 // The MoE router of the tile's rows (warp w: row w), f32 weights on the bf16 inputs of the product; the choice and
 // the gate into rexp / rgate; rank 0 reports the choice of the valid rows.
 __device__ __noinline__ void route(const FusedLinear& L, const bf16* A, int lda, int gate, int* rexp, float* rgate,
-                                      int row0, int nrows, bool report) {
+                                   int row0, int nrows, bool report) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, K = L.K;
   float s0[2] = {0.0f, 0.0f}, s1[2] = {0.0f, 0.0f};  // two interleaved partial sums each
   const bf16* a = A + warp * lda;
@@ -289,8 +290,8 @@ struct SliceProduct {
 };
 
 // The lane's 16 bytes of W for k block 0 of `task` (n8 tile, split) of a group whose columns start at cbase.
-__device__ __forceinline__ const bf16* task_w(const bf16* w0, const bf16* w1, int K, int kbs, int S, int cbase,
-                                              int tpe, int task) {
+__device__ __forceinline__ const bf16* task_w(const bf16* w0, const bf16* w1, int K, int kbs, int S, int cbase, int tpe,
+                                              int task) {
   const int lane = threadIdx.x & 31, tile = fdiv(task, 1.0f / S), sp = task - tile * S, e = tile >= tpe;
   const int n = cbase + (tile - e * tpe) * 8 + (lane >> 2);
   return (e ? w1 : w0) + size_t(n) * K + sp * kbs * 32 + 8 * (lane & 3);
@@ -318,8 +319,8 @@ __device__ __forceinline__ void SliceProduct::prefetch(int g) {
 // The epilogue's common part for one row and 8 columns of a group: the k splits of the chosen expert's columns
 // added in order, + bias, x gate; the result back into split 0's columns [c, c+8) of the row (the same thread
 // reads them next). Out of line (one copy for every linear).
-__device__ __noinline__ void finish8(float* Cs, int ncols, int S, int xoff, int r, int c, float gate,
-                                     const float* bf, const bf16* bh, int col) {
+__device__ __noinline__ void finish8(float* Cs, int ncols, int S, int xoff, int r, int c, float gate, const float* bf,
+                                     const bf16* bh, int col) {
   const float* src = Cs + r * ncols + xoff + c;
   float v[8];
 #pragma unroll
@@ -382,8 +383,8 @@ struct NoMid {
   __device__ void operator()() const {}
 };
 template <class Out, class Mid = NoMid>
-__device__ __forceinline__ void product_out(SliceProduct& P, const FusedLinear& L, const bf16* A, int lda,
-                                            float* Cs, const int* rexp, const float* rgate, int nrows, Out&& out,
+__device__ __forceinline__ void product_out(SliceProduct& P, const FusedLinear& L, const bf16* A, int lda, float* Cs,
+                                            const int* rexp, const float* rgate, int nrows, Out&& out,
                                             Mid&& mid = Mid{}) {
   for (int g = 0; g < P.groups; ++g) {
     const int gc = P.gcols(g), c8 = gc / 8, ncols = P.E * gc;
@@ -528,7 +529,7 @@ __global__ void __launch_bounds__(kThreads, 1) vit_fused_kernel(const __grid_con
 #pragma unroll 1
     for (int q = 0; q < CS; ++q) *reinterpret_cast<uint4*>(peer[q] + off) = v;
   };
-  auto put_x = [&](int r, int col, const float (&v)[8]) {  // x[r][col..col+7]
+  auto put_x = [&](int r, int col, const float(&v)[8]) {  // x[r][col..col+7]
     const size_t off = p.L.xs + size_t(r * C + col) * 4;
     const float4 lo = make_float4(v[0], v[1], v[2], v[3]), hi = make_float4(v[4], v[5], v[6], v[7]);
 #pragma unroll 1
@@ -537,7 +538,7 @@ __global__ void __launch_bounds__(kThreads, 1) vit_fused_kernel(const __grid_con
       d4[0] = lo, d4[1] = hi;
     }
   };
-  auto pack8 = [](const float (&v)[8]) {
+  auto pack8 = [](const float(&v)[8]) {
     uint4 u;
     const __nv_bfloat162 h0 = __floats2bfloat162_rn(v[0], v[1]), h1 = __floats2bfloat162_rn(v[2], v[3]);
     const __nv_bfloat162 h2 = __floats2bfloat162_rn(v[4], v[5]), h3 = __floats2bfloat162_rn(v[6], v[7]);
@@ -570,11 +571,12 @@ __global__ void __launch_bounds__(kThreads, 1) vit_fused_kernel(const __grid_con
   }
   cluster.sync();  // every CTA of the cluster runs (distributed shared memory is safe) and A2 is complete
   const unsigned gen = gen_s;
-  product_out(pe, p.patch, s.A2(), lda2, s.Cs(), s.rexp(), s.rgate(), nrows, [&](int r, int col, float (&v)[8]) {
+  product_out(pe, p.patch, s.A2(), lda2, s.Cs(), s.rexp(), s.rgate(), nrows, [&](int r, int col, float(&v)[8]) {
     const int n = n0 + r;
 #pragma unroll
     for (int i = 0; i < 8; ++i)
-      v[i] = n == 0 ? __ldg(p.m.cls + col + i) + __ldg(p.m.pos + col + i) : v[i] + __ldg(p.m.pos + size_t(n) * C + col + i);
+      v[i] = n == 0 ? __ldg(p.m.cls + col + i) + __ldg(p.m.pos + col + i)
+                    : v[i] + __ldg(p.m.pos + size_t(n) * C + col + i);
     put_x(r, col, v);
   });
   const FusedBlock* blocks = p.m.blocks;
@@ -593,7 +595,7 @@ __global__ void __launch_bounds__(kThreads, 1) vit_fused_kernel(const __grid_con
     pq.prefetch();
     ln_tile(s.A1(), lda1, s.Xs(), C, nrows, blk.ln1_w, blk.ln1_b, d.eps);
     __syncthreads();
-    auto put_qv = [&](int r, int col, const float (&v)[8]) {  // col in [0, 2C): q then v
+    auto put_qv = [&](int r, int col, const float(&v)[8]) {  // col in [0, 2C): q then v
       const uint4 u = pack8(v);
       put16(p.L.qv + size_t(r * 2 * C + col) * 2, u);
       if (col >= C) *reinterpret_cast<uint4*>(p.vg + size_t(row0 + r) * C + col - C) = u;
@@ -607,7 +609,7 @@ __global__ void __launch_bounds__(kThreads, 1) vit_fused_kernel(const __grid_con
       pv.prefetch();
       product_out(pq, blk.qk, s.A1(), lda1, s.Cs(), s.rexp(), s.rgate(), nrows, put_qv);
       product_out(pv, blk.v, s.A1(), lda1, s.Cs(), s.rexp() + kRT, s.rgate() + kRT, nrows,
-                  [&](int r, int col, const float (&v)[8]) { put_qv(r, C + col, v); });
+                  [&](int r, int col, const float(&v)[8]) { put_qv(r, C + col, v); });
     }
     __threadfence();  // the v rows reach L2 before this CTA's tagged stores below
     cp_async_wait<0>();
@@ -615,7 +617,7 @@ __global__ void __launch_bounds__(kThreads, 1) vit_fused_kernel(const __grid_con
     bst(0);  // qk/v gathered
 
     // ---- KSH distances (every CTA, the whole tile): q / |q|, D = |q - a|^2; rank 0 publishes sum D ----
-    float* Qn = reinterpret_cast<float*>(s.A2());  // (16, C) f32
+    float* Qn = reinterpret_cast<float*>(s.A2());        // (16, C) f32
     for (int e = tid; e < kRT * H * 8; e += kThreads) {  // 8 aligned lanes per (row, head): whole warps
       const int r = fdiv(e, invH8), rh = e >> 3, h = rh - fdiv(rh, invH) * H, g8 = e & 7, c = h * kD + g8 * 8;
       float q[8];
@@ -660,7 +662,7 @@ __global__ void __launch_bounds__(kThreads, 1) vit_fused_kernel(const __grid_con
       }
     }
     __syncthreads();
-    bst(1);  // q normalised, |a|^2
+    bst(1);                                            // q normalised, |a|^2
     for (int e = tid; e < 4 * H * m; e += kThreads) {  // thread per (4 rows, head, anchor): anchors read 4x less
       const int rg = fdiv(e, invHm), hj = e - rg * (H * m), h = fdiv(hj, invm), j = hj - h * m;
       const float4* a = reinterpret_cast<const float4*>(s.At() + hj * kAtLd);
@@ -685,7 +687,7 @@ __global__ void __launch_bounds__(kThreads, 1) vit_fused_kernel(const __grid_con
       }
     }
     __syncthreads();
-    bst(2);  // D
+    bst(2);                       // D
     if (rank == 0 && warp < H) {  // sum of D over the tile's rows and the anchors (double, fixed order)
       const int h = warp;
       double acc = 0.0;
@@ -825,7 +827,7 @@ __global__ void __launch_bounds__(kThreads, 1) vit_fused_kernel(const __grid_con
         const int rr = r + tp - kTaps / 2, nn = n + tp - kTaps / 2;
         if (!valid || nn < 0 || nn >= N) continue;
         const float w = blk.conv[h * kTaps + tp];
-        const bf16* vt = rr < 0 ? s.Vh() + (rr + 4) * C + col
+        const bf16* vt = rr < 0     ? s.Vh() + (rr + 4) * C + col
                          : rr < kRT ? s.QV() + rr * 2 * C + C + col
                                     : s.Vh() + (rr - kRT + 4) * C + col;
         float vv[8];
@@ -841,14 +843,15 @@ __global__ void __launch_bounds__(kThreads, 1) vit_fused_kernel(const __grid_con
     bst(11);  // attention output
     if (blk.proj.moe) route(blk.proj, s.A1(), lda1, p.m.gate, s.rexp(), s.rgate(), row0, nrows, rank == 0);
     // ---- proj slice + bias + residual -> x (every CTA) ----
-    product_out(pp, blk.proj, s.A1(), lda1, s.Cs(), s.rexp(), s.rgate(), nrows,
-                [&](int r, int col, float (&v)[8]) {
+    product_out(
+        pp, blk.proj, s.A1(), lda1, s.Cs(), s.rexp(), s.rgate(), nrows,
+        [&](int r, int col, float(&v)[8]) {
 #pragma unroll
-                  for (int i = 0; i < 8; ++i) v[i] += s.Xs()[r * C + col + i];
-                  put_x(r, col, v);
-                },
-                [&] { bst(12); });  // proj product
-    bst(13);  // proj
+          for (int i = 0; i < 8; ++i) v[i] += s.Xs()[r * C + col + i];
+          put_x(r, col, v);
+        },
+        [&] { bst(12); });  // proj product
+    bst(13);                // proj
     const int Fw = F / CS;
     SliceProduct p1(blk.fc1, rank * Fw, Fw);
     p1.prefetch();
@@ -862,12 +865,15 @@ __global__ void __launch_bounds__(kThreads, 1) vit_fused_kernel(const __grid_con
     if (blk.fc1.moe) route(blk.fc1, s.A1(), lda1, p.m.gate, s.rexp(), s.rgate(), row0, nrows, rank == 0);
     bst(16);  // fc1 router (thread 0's)
     const bool moe_gelu = blk.fc1.moe;
-    product_out(p1, blk.fc1, s.A1(), lda1, s.Cs(), s.rexp(), s.rgate(), nrows, [&](int r, int col, float (&v)[8]) {
+    product_out(
+        p1, blk.fc1, s.A1(), lda1, s.Cs(), s.rexp(), s.rgate(), nrows,
+        [&](int r, int col, float(&v)[8]) {
 #pragma unroll
-      for (int i = 0; i < 8; ++i) v[i] = moe_gelu ? gelu_erf(v[i]) : gelu_tanh(v[i]);
-      put16(p.L.a2 + size_t(r * lda2 + col) * 2, pack8(v));
-    }, [&] { bst(17); });  // fc1 product
-    bst(18);  // fc1
+          for (int i = 0; i < 8; ++i) v[i] = moe_gelu ? gelu_erf(v[i]) : gelu_tanh(v[i]);
+          put16(p.L.a2 + size_t(r * lda2 + col) * 2, pack8(v));
+        },
+        [&] { bst(17); });  // fc1 product
+    bst(18);                // fc1
     SliceProduct p2(blk.fc2, rank * Cw, Cw);
     p2.prefetch();
     cluster.sync();
@@ -878,16 +884,19 @@ __global__ void __launch_bounds__(kThreads, 1) vit_fused_kernel(const __grid_con
     // (A2 rows past the image hold older values: their outputs are never stored, and rows do not mix)
     bst(20);  // fc2 router
     const bool last = l + 1 == d.depth;
-    product_out(p2, blk.fc2, s.A2(), lda2, s.Cs(), s.rexp(), s.rgate(), nrows, [&](int r, int col, float (&v)[8]) {
+    product_out(
+        p2, blk.fc2, s.A2(), lda2, s.Cs(), s.rexp(), s.rgate(), nrows,
+        [&](int r, int col, float(&v)[8]) {
 #pragma unroll
-      for (int i = 0; i < 8; ++i) v[i] += s.Xs()[r * C + col + i];
-      put_x(r, col, v);
-      if (last)
+          for (int i = 0; i < 8; ++i) v[i] += s.Xs()[r * C + col + i];
+          put_x(r, col, v);
+          if (last)
 #pragma unroll
-        for (int i = 0; i < 8; ++i) p.x[size_t(row0 + r) * C + col + i] = v[i];
-    }, [&] { bst(21); });  // fc2 product
-    bst(22);  // fc2
-    cp_async_wait<0>();  // the next block's KSH buffers
+            for (int i = 0; i < 8; ++i) p.x[size_t(row0 + r) * C + col + i] = v[i];
+        },
+        [&] { bst(21); });  // fc2 product
+    bst(22);                // fc2
+    cp_async_wait<0>();     // the next block's KSH buffers
     cluster.sync();
     bst(23);  // x after fc2 gathered
   }
@@ -921,10 +930,10 @@ __global__ void __launch_bounds__(kThreads, 1) vit_fused_kernel(const __grid_con
 bool dims_ok(const FusedVitDims& d, int B) {
   const int Kp = patch_k(d);
   return B >= 1 && B <= kFusedMaxBatch && d.depth >= 1 && d.depth < 1024 && d.H >= 1 && d.H <= kMaxH &&
-         d.C == d.H * kD && d.C <= kMaxC && d.F >= 64 && d.F % 64 == 0 && Kp % 64 == 0 &&
-         std::max(d.F, Kp) <= kMaxK && d.nbits >= 1 && d.nbits <= kMaxBits && d.m >= 1 && d.m <= kMaxM &&
-         d.N >= kRT && d.patch >= 4 && d.patch % 4 == 0 && d.S % d.patch == 0 && d.S % 4 == 0 &&
-         d.N == (d.S / d.patch) * (d.S / d.patch) + 1 && d.V >= 1;
+         d.C == d.H * kD && d.C <= kMaxC && d.F >= 64 && d.F % 64 == 0 && Kp % 64 == 0 && std::max(d.F, Kp) <= kMaxK &&
+         d.nbits >= 1 && d.nbits <= kMaxBits && d.m >= 1 && d.m <= kMaxM && d.N >= kRT && d.patch >= 4 &&
+         d.patch % 4 == 0 && d.S % d.patch == 0 && d.S % 4 == 0 && d.N == (d.S / d.patch) * (d.S / d.patch) + 1 &&
+         d.V >= 1;
 }
 
 // The launch for B images on the current device: the largest cluster size (8, 4, 2, 1) whose slices are whole n8
