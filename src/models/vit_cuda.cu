@@ -194,8 +194,10 @@ struct ViTCuda::Impl {
   DeviceBuffer<cuda::FusedBlock> fused_blocks;
   cuda::FusedVitWorkspace fused_ws;
 
-  // fused_model was checked with vit_fused_supports at batch 1; only the batch limit depends on B
-  bool fused_ok(int B) const { return fused_model && B >= 1 && B <= cuda::kFusedMaxBatch; }
+  // the model's sizes were checked at batch 1; B decides the clusters, which must all be resident (cached plan)
+  bool fused_ok(int B) const {
+    return fused_model && B >= 1 && B <= cuda::kFusedMaxBatch && cuda::vit_fused_supports(fused.dims, B);
+  }
   bool use_fused(int B) const {
     if (!fused_ok(B) || path_mode == ViTCudaPath::layered) return false;
     return path_mode == ViTCudaPath::fused || B <= kVitFusedAutoMaxBatch;

@@ -346,9 +346,7 @@ __global__ void __launch_bounds__(kThreads, 2) hamming_tiled_kernel(const __grid
       for (int j = tid >> 3; j < m4; j += kThreads / 8) {
         float s2 = 0.0f;
         for (int i = l8; i < d; i += 8) s2 = fmaf(At[i * m4 + j], At[i * m4 + j], s2);
-        s2 += __shfl_xor_sync(kFull, s2, 1);
-        s2 += __shfl_xor_sync(kFull, s2, 2);
-        s2 += __shfl_xor_sync(kFull, s2, 4);
+        s2 = sum_lanes8(s2);
         if (l8 == 0) aa[j] = s2;
       }
     }
@@ -367,9 +365,7 @@ __global__ void __launch_bounds__(kThreads, 2) hamming_tiled_kernel(const __grid
           x[k] = (k < kq && valid && i < d) ? to_f32(xs[size_t(tt) * d + i]) : 0.0f;
           if (k < kq) ss += double(x[k]) * x[k];
         }
-        ss += __shfl_xor_sync(kFull, ss, 1);
-        ss += __shfl_xor_sync(kFull, ss, 2);
-        ss += __shfl_xor_sync(kFull, ss, 4);
+        ss = sum_lanes8(ss);
         const float nrm = fmaxf(static_cast<float>(sqrt(ss)), kNormEps);
         float q2 = 0.0f;
 #pragma unroll
@@ -381,9 +377,7 @@ __global__ void __launch_bounds__(kThreads, 2) hamming_tiled_kernel(const __grid
             q2 = fmaf(q, q, q2);
           }
         }
-        q2 += __shfl_xor_sync(kFull, q2, 1);
-        q2 += __shfl_xor_sync(kFull, q2, 2);
-        q2 += __shfl_xor_sync(kFull, q2, 4);
+        q2 = sum_lanes8(q2);
         if (l8 == 0) qq[tt] = q2;
       }
     }

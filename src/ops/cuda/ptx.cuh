@@ -51,4 +51,14 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// The sum over the 8 aligned lanes of x's group (lanes 8k..8k+7), returned to every lane of the group, in a fixed
+// order (xor 1, 2, 4); the whole warp must call it.
+template <class T>
+__device__ __forceinline__ T sum_lanes8(T x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  x += __shfl_xor_sync(0xffffffffu, x, 2);
+  x += __shfl_xor_sync(0xffffffffu, x, 4);
+  return x;
+}
+
 }  // namespace sav::cuda::ptx

@@ -137,8 +137,9 @@ Layout layout_for(const FusedVitDims& d) {
   L.codes = take(size_t(kRT) * d.H * 8);
   L.cs = take(size_t(kCsFloats) * 4);
   L.misc = take(misc_bytes(d));
-  L.prm[0] = take(prm_layout(d).bytes);
-  L.prm[1] = take(prm_layout(d).bytes);
+  const size_t prm_bytes = prm_layout(d).bytes;
+  L.prm[0] = take(prm_bytes);
+  L.prm[1] = take(prm_bytes);
   L.total = o;
   return L;
 }
@@ -146,7 +147,7 @@ Layout layout_for(const FusedVitDims& d) {
 struct KParams {
   FusedVitModel m;
   FusedLinear patch;  // the patch embedding as a dense linear (K = Cin*p*p, F = C)
-  int B, T, tpi, CS;
+  int T, tpi, CS;
   Layout L;
   PrmLayout P;
   const float* images;
@@ -275,11 +276,12 @@ struct SliceProduct {
   const bf16* w0;
   const bf16* w1;
   int K, kbs, S, c0, Uh, E, Gh, groups;
+  float invS;         // 1 / S, for the task -> (tile, split) division
   uint4 wa[kMaxKbs];  // the warp's first task's weights (prefetch)
 
   __device__ __forceinline__ SliceProduct(const FusedLinear& L, int c0_, int Uh_) {
     w0 = L.w0, w1 = L.moe ? L.w1 : nullptr, K = L.K, kbs = kb_per_task(K / 32), S = K / 32 / kbs;
-    c0 = c0_, Uh = Uh_, E = L.moe ? 2 : 1;
+    c0 = c0_, Uh = Uh_, E = L.moe ? 2 : 1, invS = 1.0f / S;
     Gh = min(Uh, (kCsFloats / (S * kRT * E)) / 8 * 8);
     groups = (Uh + Gh - 1) / Gh;
   }
@@ -290,30 +292,30 @@ struct SliceProduct {
 };
 
 // The lane's 16 bytes of W for k block 0 of `task` (n8 tile, split) of a group whose columns start at cbase.
-__device__ __forceinline__ const bf16* task_w(const bf16* w0, const bf16* w1, int K, int kbs, int S, int cbase, int tpe,
-                                              int task) {
-  const int lane = threadIdx.x & 31, tile = fdiv(task, 1.0f / S), sp = task - tile * S, e = tile >= tpe;
+__device__ __forceinline__ const bf16* task_w(const bf16* w0, const bf16* w1, int K, int kbs, int S, float invS,
+                                              int cbase, int tpe, int task) {
+  const int lane = threadIdx.x & 31, tile = fdiv(task, invS), sp = task - tile * S, e = tile >= tpe;
   const int n = cbase + (tile - e * tpe) * 8 + (lane >> 2);
   return (e ? w1 : w0) + size_t(n) * K + sp * kbs * 32 + 8 * (lane & 3);
 }
 
-__device__ __noinline__ void slice_prefetch(const bf16* w0, const bf16* w1, int K, int kbs, int S, int cbase, int gc,
-                                            int E) {
+__device__ __noinline__ void slice_prefetch(const bf16* w0, const bf16* w1, int K, int kbs, int S, float invS,
+                                            int cbase, int gc, int E) {
   const int tpe = gc / 8, nt = E * tpe * S;
   for (int task = (threadIdx.x >> 5) + kWarps; task < nt; task += kWarps) {  // (the first task: registers)
-    const bf16* w = task_w(w0, w1, K, kbs, S, cbase, tpe, task);
+    const bf16* w = task_w(w0, w1, K, kbs, S, invS, cbase, tpe, task);
     for (int kb = 0; kb < kbs; ++kb) asm volatile("prefetch.global.L1 [%0];" ::"l"(w + kb * 32));
   }
 }
 __device__ __forceinline__ void SliceProduct::prefetch(int g) {
   const int gc = gcols(g), task = threadIdx.x >> 5;
   if (task < E * (gc / 8) * S) {
-    const bf16* src = task_w(w0, w1, K, kbs, S, c0 + g * Gh, gc / 8, task);
+    const bf16* src = task_w(w0, w1, K, kbs, S, invS, c0 + g * Gh, gc / 8, task);
 #pragma unroll
     for (int kb = 0; kb < kMaxKbs; ++kb)
       if (kb < kbs) wa[kb] = __ldg(reinterpret_cast<const uint4*>(src + kb * 32));
   }
-  slice_prefetch(w0, w1, K, kbs, S, c0 + g * Gh, gc, E);
+  slice_prefetch(w0, w1, K, kbs, S, invS, c0 + g * Gh, gc, E);
 }
 
 // The epilogue's common part for one row and 8 columns of a group: the k splits of the chosen expert's columns
@@ -336,23 +338,24 @@ __device__ __noinline__ void finish8(float* Cs, int ncols, int S, int xoff, int 
   }
 }
 
-// One column group of a slice product: partials (S, 16, E * gc) into Cs; `first` holds the warp's first task's
-// weights. No barrier inside.
-__device__ __forceinline__ void slice_run(const bf16* w0, const bf16* w1, int K, int kbs, int S, int cbase, int gc,
-                                          int E, const bf16* A, int lda, float* Cs, const uint4 (&first)[kMaxKbs]) {
+// Column group g of a slice product: partials (S, 16, E * gc) into Cs; P.wa holds the warp's first task's weights
+// (prefetch). No barrier inside.
+__device__ __forceinline__ void slice_run(const SliceProduct& P, int g, const bf16* A, int lda, float* Cs) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, r = lane >> 2, q = lane & 3;
+  const int K = P.K, kbs = P.kbs, S = P.S, E = P.E, gc = P.gcols(g), cbase = P.c0 + g * P.Gh;
   const int tpe = gc / 8, nt = E * tpe * S, ncols = E * gc;
-  const float invS = 1.0f / S;
+  const float invS = P.invS;
+  const bf16 *w0 = P.w0, *w1 = P.w1;
   uint4 wn[kMaxKbs];
   auto load = [&](uint4(&w)[kMaxKbs], int task) {
     if (task >= nt) return;
-    const bf16* src = task_w(w0, w1, K, kbs, S, cbase, tpe, task);
+    const bf16* src = task_w(w0, w1, K, kbs, S, invS, cbase, tpe, task);
 #pragma unroll
     for (int kb = 0; kb < kMaxKbs; ++kb)
       if (kb < kbs) w[kb] = __ldg(reinterpret_cast<const uint4*>(src + kb * 32));
   };
 #pragma unroll
-  for (int kb = 0; kb < kMaxKbs; ++kb) wn[kb] = first[kb];
+  for (int kb = 0; kb < kMaxKbs; ++kb) wn[kb] = P.wa[kb];
   for (int task = warp; task < nt; task += kWarps) {
     uint4 w[kMaxKbs];
 #pragma unroll
@@ -389,7 +392,7 @@ __device__ __forceinline__ void product_out(SliceProduct& P, const FusedLinear& 
   for (int g = 0; g < P.groups; ++g) {
     const int gc = P.gcols(g), c8 = gc / 8, ncols = P.E * gc;
     if (g > 0) P.prefetch(g);
-    slice_run(P.w0, P.w1, P.K, P.kbs, P.S, P.c0 + g * P.Gh, gc, P.E, A, lda, Cs, P.wa);
+    slice_run(P, g, A, lda, Cs);
     __syncthreads();
     if (g == 0) mid();
     const float inv8 = 1.0f / c8;
@@ -625,9 +628,7 @@ __global__ void __launch_bounds__(kThreads, 1) vit_fused_kernel(const __grid_con
       double ss = 0.0;
 #pragma unroll
       for (int i = 0; i < 8; ++i) ss += double(q[i]) * q[i];
-      ss += __shfl_xor_sync(kFull, ss, 1);
-      ss += __shfl_xor_sync(kFull, ss, 2);
-      ss += __shfl_xor_sync(kFull, ss, 4);
+      ss = sum_lanes8(ss);
       const float nrm = fmaxf(static_cast<float>(sqrt(ss)), kNormEps);
       float q2 = 0.0f;
 #pragma unroll
@@ -637,9 +638,7 @@ __global__ void __launch_bounds__(kThreads, 1) vit_fused_kernel(const __grid_con
       }
       float4* dst = reinterpret_cast<float4*>(Qn + r * C + c);
       dst[0] = make_float4(q[0], q[1], q[2], q[3]), dst[1] = make_float4(q[4], q[5], q[6], q[7]);
-      q2 += __shfl_xor_sync(kFull, q2, 1);
-      q2 += __shfl_xor_sync(kFull, q2, 2);
-      q2 += __shfl_xor_sync(kFull, q2, 4);
+      q2 = sum_lanes8(q2);
       if (g8 == 0) s.qq()[r * H + h] = q2;
     }
     {  // |a_j|^2: 8 aligned lanes per anchor (the loop bound rounded to whole warps)
@@ -654,9 +653,7 @@ __global__ void __launch_bounds__(kThreads, 1) vit_fused_kernel(const __grid_con
           acc = a0.x * a0.x + a0.y * a0.y + a0.z * a0.z + a0.w * a0.w + a1.x * a1.x + a1.y * a1.y + a1.z * a1.z +
                 a1.w * a1.w;
         }
-        acc += __shfl_xor_sync(kFull, acc, 1);
-        acc += __shfl_xor_sync(kFull, acc, 2);
-        acc += __shfl_xor_sync(kFull, acc, 4);
+        acc = sum_lanes8(acc);
         const int h = fdiv(hj, invm);
         if (ok && g8 == 0) s.aa()[h * m4 + hj - h * m] = acc;
       }
@@ -816,9 +813,7 @@ __global__ void __launch_bounds__(kThreads, 1) vit_fused_kernel(const __grid_con
         z[i] += 0.5f * v[i];
         ss += double(z[i]) * z[i];
       }
-      ss += __shfl_xor_sync(kFull, ss, 1);
-      ss += __shfl_xor_sync(kFull, ss, 2);
-      ss += __shfl_xor_sync(kFull, ss, 4);
+      ss = sum_lanes8(ss);
       const float nrm = fmaxf(static_cast<float>(sqrt(ss)), kNormEps);
 #pragma unroll
       for (int i = 0; i < 8; ++i) z[i] = z[i] / nrm;
@@ -843,15 +838,14 @@ __global__ void __launch_bounds__(kThreads, 1) vit_fused_kernel(const __grid_con
     bst(11);  // attention output
     if (blk.proj.moe) route(blk.proj, s.A1(), lda1, p.m.gate, s.rexp(), s.rgate(), row0, nrows, rank == 0);
     // ---- proj slice + bias + residual -> x (every CTA) ----
-    product_out(
-        pp, blk.proj, s.A1(), lda1, s.Cs(), s.rexp(), s.rgate(), nrows,
-        [&](int r, int col, float(&v)[8]) {
+    auto add_residual = [&](int r, int col, float(&v)[8]) {  // x[r][col..col+7] += v in every CTA
 #pragma unroll
-          for (int i = 0; i < 8; ++i) v[i] += s.Xs()[r * C + col + i];
-          put_x(r, col, v);
-        },
-        [&] { bst(12); });  // proj product
-    bst(13);                // proj
+      for (int i = 0; i < 8; ++i) v[i] += s.Xs()[r * C + col + i];
+      put_x(r, col, v);
+    };
+    product_out(pp, blk.proj, s.A1(), lda1, s.Cs(), s.rexp(), s.rgate(), nrows, add_residual,
+                [&] { bst(12); });  // proj product
+    bst(13);                        // proj
     const int Fw = F / CS;
     SliceProduct p1(blk.fc1, rank * Fw, Fw);
     p1.prefetch();
@@ -887,9 +881,7 @@ __global__ void __launch_bounds__(kThreads, 1) vit_fused_kernel(const __grid_con
     product_out(
         p2, blk.fc2, s.A2(), lda2, s.Cs(), s.rexp(), s.rgate(), nrows,
         [&](int r, int col, float(&v)[8]) {
-#pragma unroll
-          for (int i = 0; i < 8; ++i) v[i] += s.Xs()[r * C + col + i];
-          put_x(r, col, v);
+          add_residual(r, col, v);
           if (last)
 #pragma unroll
             for (int i = 0; i < 8; ++i) p.x[size_t(row0 + r) * C + col + i] = v[i];
@@ -941,8 +933,23 @@ bool dims_ok(const FusedVitDims& d, int B) {
 // run at once). Made once per (device, sizes, B).
 struct Plan {
   Layout L;
+  PrmLayout P;
   int CS = 0, T = 0;
 };
+
+// The cluster launch of T tiles x CS CTAs with `smem` bytes of shared memory (cfg points into attr).
+void cluster_launch_config(cudaLaunchConfig_t& cfg, cudaLaunchAttribute& attr, int T, int CS, size_t smem,
+                           cudaStream_t stream) {
+  cfg = cudaLaunchConfig_t{};
+  cfg.gridDim = dim3(T * CS);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  attr = cudaLaunchAttribute{};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = CS, attr.val.clusterDim.y = 1, attr.val.clusterDim.z = 1;
+  cfg.attrs = &attr, cfg.numAttrs = 1;
+}
 Plan plan_for(const FusedVitDims& d, int B) {
   static std::mutex mu;
   static std::map<std::tuple<int, int, int, int, int, int, int, int>, Plan> plans;
@@ -953,6 +960,7 @@ Plan plan_for(const FusedVitDims& d, int B) {
   if (const auto it = plans.find(key); it != plans.end()) return it->second;
   Plan pl;
   pl.L = layout_for(d);
+  pl.P = prm_layout(d);
   pl.T = B * tiles_per_image(d.N);
   if (pl.L.total <= size_t(max_smem_per_block())) {
     // the kernel's dynamic shared-memory limit only grows (a cached plan of a larger model must stay launchable)
@@ -964,14 +972,9 @@ Plan plan_for(const FusedVitDims& d, int B) {
     }
     for (const int cs : {8, 4, 2, 1}) {
       if (d.C % (8 * cs) || d.F % (8 * cs) || (2 * d.C) % (8 * cs)) continue;
-      cudaLaunchConfig_t cfg{};
-      cfg.gridDim = dim3(pl.T * cs);
-      cfg.blockDim = dim3(kThreads);
-      cfg.dynamicSmemBytes = pl.L.total;
-      cudaLaunchAttribute attr{};
-      attr.id = cudaLaunchAttributeClusterDimension;
-      attr.val.clusterDim.x = cs, attr.val.clusterDim.y = 1, attr.val.clusterDim.z = 1;
-      cfg.attrs = &attr, cfg.numAttrs = 1;
+      cudaLaunchConfig_t cfg;
+      cudaLaunchAttribute attr;
+      cluster_launch_config(cfg, attr, pl.T, cs, pl.L.total, nullptr);
       int clusters = 0;
       if (cudaOccupancyMaxActiveClusters(&clusters, vit_fused_kernel, &cfg) != cudaSuccess) {
         (void)cudaGetLastError();
@@ -1022,19 +1025,13 @@ void vit_fused_forward(const FusedVitModel& m, int B, const float* images, float
   KParams kp{};
   kp.m = m;
   kp.patch.K = patch_k(m.dims), kp.patch.F = m.dims.C, kp.patch.w0 = m.patch_w, kp.patch.b32 = m.patch_b;
-  kp.B = B, kp.T = pl.T, kp.tpi = tiles_per_image(m.dims.N), kp.CS = pl.CS, kp.L = pl.L, kp.P = prm_layout(m.dims);
+  kp.T = pl.T, kp.tpi = tiles_per_image(m.dims.N), kp.CS = pl.CS, kp.L = pl.L, kp.P = pl.P;
   kp.images = images, kp.logits = logits;
   kp.x = ws.x_.get(), kp.vg = ws.vg_.get(), kp.sig = ws.sig_.get(), kp.kvx = ws.kvx_.get(), kp.ctl = ws.ctl_.get();
   kp.trace = trace;
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(pl.T * pl.CS);
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = pl.L.total;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = pl.CS, attr.val.clusterDim.y = 1, attr.val.clusterDim.z = 1;
-  cfg.attrs = &attr, cfg.numAttrs = 1;
+  cudaLaunchConfig_t cfg;
+  cudaLaunchAttribute attr;
+  cluster_launch_config(cfg, attr, pl.T, pl.CS, pl.L.total, stream);
   SAV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, vit_fused_kernel, kp));
 }
 
