@@ -2,30 +2,34 @@
 // (image b, head h), everything in shared memory (N <= 256 tokens, d <= 64, m <= 32 anchors, b <= 64 bits).
 // Spec: cpu::hamming_attention_forward (ops/cpu/hamming.h); formulas in ops.h.
 //
-// Legend: B batch, N tokens, C channels, H heads, d = C/H, b = nbits hash bits, m anchors, T threads of the
-// CTA (2 per token, a multiple of 32, 128..1024), W = T/32 warps.
+// Legend: B batch, N tokens, C channels, H heads, d = C/H, b = nbits hash bits, m anchors; a "tile" is 16
+// tokens; the CTA has one warp per tile (at least 4 warps), so warp w owns tokens 16w..16w+15 from the hash to
+// the store and keeps their codes in registers. Every product runs on the tensor cores (bf16 mma.sync
+// m16n8k16, f32 accumulation) with f32 operands split in three bf16 parts (hi + mid + lo = x to 2^-24), so
+// they are f32-accurate; bf16 inputs (qk, v) and the 0/1 codes are exact in one part.
 //
 // Phases (a __syncthreads between each):
-//  0. stage the head's qk slice (bf16 -> f32) and its v slice (kept in bf16: exact, and half the shared
-//     memory, so two CTAs fit on an SM) and its KSH buffers in shared memory: anchors transposed (d,36) with
-//     ||a_j||^2, mu, A rows (b,36) (row stride 36 = 4 mod 32), zero padded to 32 anchors;
-//  1. hash, 2 threads per token (laneT takes dims laneT, laneT+2, ...): q = qk / max(||qk||, eps) (norm in
-//     double, as the CPU), the dot products q.a_j for all m anchors in registers, summed over the 2 lanes
-//     (both lanes get the same sums), D_nj = max(||q||^2 + ||a_j||^2 - 2 q.a_j, 0) (one FMA
-//     per (n,j,i) instead of a subtract and an FMA; the expansion differs from the CPU's sum of squared
-//     differences by a few ulp of D ~ 1), stored over the token's staged qk row;
-//     sigma: per-token sums of D in double, reduced over the CTA in a fixed order;
-//     k_nj = exp(-D_nj / (2 sigma)) - mu_j in place (each lane half of the anchors), then y_nr for
-//     bits r = laneT + 2k, code bits OR-ed over the 2 lanes -> codes[n];
-//  2. MatAdd #1: KV_r = sum of the V rows whose bit r is set, / pi, as a 0/1 x bf16 product on the tensor cores
-//     (matadd_mma: exact products, f32 sums; only the summation order differs from the CPU's);
-//  3. MatAdd #2 + normalisation + conv: hkv = h KV (tensor cores, KV split in three bf16 parts: f32-accurate),
-//     z = hkv + 0.5 v, out = z / max(||z||, eps) (norm in double), then the 9 taps added in order; bf16 stores.
+//  0. stage in shared memory, zero-padded so no later loop checks bounds: qk and v rows in bf16 (cp.async;
+//     v with 4 zero rows before and after the image, so the 9-tap conv reads zeros there), the anchors
+//     (m, d) and the projection A (b, m) split in three bf16 parts, ||a_j||^2 (f32, in order) and mu;
+//  1. hash, per warp and tile: the dot products qk.a_j (A = qk rows by ldmatrix, B = anchor parts: 3 mma per
+//     16 dims and 8 anchors) and ||qk||^2 (double, from the same fragments); q.a = qk.a / max(||qk||, eps),
+//     D_nj = max(||q||^2 + ||a_j||^2 - 2 q.a_j, 0) in the accumulators; sigma = mean D over the valid tokens
+//     (double, warp sums then warp 0 in order); k = exp(-D / (2 sigma)) - mu_j, and the accumulators of two
+//     anchor tiles are directly the A operand of y = k A^T (k and A both split: 6 mma per 16 anchors and 8
+//     bits); code bit r = 1[y_r > 0], OR-ed over the 4 lanes of a row -> codes[n];
+//  2. MatAdd #1: KV = h^T V / pi, a warp per (16 bits, 8 columns), 0/1 x bf16 (exact products, f32 sums; V
+//     fragments by ldmatrix.trans, 32 tokens per step); stored transposed and split in three bf16 parts;
+//  3. MatAdd #2 + normalisation + conv, per warp and tile: z = h KV + 0.5 v (3 mma per 16 bits and 8 columns),
+//     the row norm (double) by two shuffles over the 4 lanes of a row, out = z / max(||z||, eps) + the 9 taps of
+//     v in order; bf16 stores. z is recomputed in a second pass rather than kept (64 registers at 2 CTAs/SM).
 // Deterministic: every sum has a fixed order and no atomics, so reruns and graph replays are bit-identical.
+// Against the CPU: D is ||q||^2 + ||a||^2 - 2 q.a (a few ulp of D ~ 1 from the CPU's sum of squared
+// differences) and the sums run in other orders, so a code bit whose y lies within ~1e-7 of max|y| of 0 may
+// differ; with equal codes the output agrees to f32 summation order before the bf16 store.
 //
-// Cost (DeiT, N=197, d=64, b=16, m=25): the hash is ~0.3 MFMA per (b,h), the MatAdds ~0.2 M additions;
-// at batch 1 only B*H CTAs run (3 for DeiT-Tiny), a few microseconds each. Splitting a head over a cluster
-// of CTAs (distributed shared memory) is later work.
+// Cost (DeiT, N=197, d=64, b=16, m=25): per tile 48 mma for the distances, 24 for y, 16 for KV (per task), 48
+// for z (twice); the rest is staging (~60 KB per CTA) and the conv (9 bf16 pairs per output pair).
 #include <algorithm>
 
 #include "ops/cuda/ops.h"
@@ -39,10 +43,9 @@ constexpr int kHamMaxN = 256;
 constexpr int kHamMaxD = 64;
 constexpr int kHamMaxM = 32;
 constexpr int kHamMaxBits = 64;
-constexpr int kTpt = 2;             // threads per token in the hash phase
-constexpr int kRow = 36;            // smem row stride (floats) of the transposed anchors and of A: 4 mod 32
 constexpr int kTaps = 9;
 constexpr int kPad = kTaps / 2;
+constexpr int kLdA = kHamMaxM + 8;   // bf16 row stride of the split A rows (80 bytes: conflict-free pair loads)
 constexpr float kNormEps = 1e-6f;    // cpu::kHammingNormEps
 constexpr float kSigmaMin = 1e-12f;  // cpu::kHammingSigmaMin
 constexpr float kInvPi = 0.318309886183790671538f;
@@ -54,220 +57,136 @@ struct HamParams {
   const float *anchors, *mu, *A, *conv_w;
   int ldo, ldqk, ldv;
   int B, N, C, H, d, nbits, m;
-  int ldq;     // smem row stride of the staged qk (floats), 4 mod 32
-  bool vec;    // 16-byte loads of the qk and v rows (d % 8 == 0, strides and pointers aligned)
+  int tiles;  // ceil(N / 16): one warp each
+  int nk;     // N rounded up to 32: the token rows of the KV product (2 k-steps per ldmatrix.x4.trans)
+  int dp;     // d rounded up to 16: columns of every staged row that the products read
+  int ldb;    // dp + 8: bf16 row stride of the staged qk, v and anchor rows (16-byte rows, conflict-free)
+  int mt;     // ceil(m / 8) anchor tiles (<= 4)
+  int bt;     // ceil(nbits / 8) bit tiles of y
+  int mb;     // ceil(nbits / 16) bit tiles of KV = k-steps of z
+  int ldk;    // 16 mb + 8: bf16 row stride of the transposed KV parts
+  bool vec;   // 16-byte cp.async of the qk and v rows (d % 8 == 0, strides and pointers aligned)
   bool pairs;  // d even and the output 4-byte aligned: bf16 pairs are stored at once
 };
 
 // Shared memory carve-up, the same on host and device.
 struct HamSmem {
-  size_t red, codes, q, v, at, aa, mu, a, kv, total;  // byte offsets
+  size_t red, codes, q, v, anc, a, kv, aa, mu, total;  // byte offsets
 };
 __host__ __device__ inline size_t align16(size_t x) { return (x + 15) / 16 * 16; }
 __host__ __device__ inline HamSmem ham_smem(const HamParams& p) {
   HamSmem s{};
   size_t o = 0;
   s.red = o, o = align16(o + 33 * sizeof(double));
-  s.codes = o, o = align16(o + size_t(p.N) * sizeof(unsigned long long));
-  s.q = o, o = align16(o + size_t(p.N) * p.ldq * sizeof(float));
-  s.v = o, o = align16(o + size_t(p.N) * p.d * sizeof(bf16));
-  s.at = o, o = align16(o + size_t(p.d) * kRow * sizeof(float));
+  s.codes = o, o = align16(o + size_t(p.nk) * sizeof(unsigned long long));
+  s.q = o, o = align16(o + size_t(p.tiles) * 16 * p.ldb * sizeof(bf16));
+  s.v = o, o = align16(o + size_t(p.nk + 2 * kPad) * p.ldb * sizeof(bf16));
+  s.anc = o, o = align16(o + size_t(3) * kHamMaxM * p.ldb * sizeof(bf16));
+  s.a = o, o = align16(o + size_t(3) * p.bt * 8 * kLdA * sizeof(bf16));
+  s.kv = o, o = align16(o + size_t(3) * p.dp * p.ldk * sizeof(bf16));
   s.aa = o, o = align16(o + kHamMaxM * sizeof(float));
   s.mu = o, o = align16(o + kHamMaxM * sizeof(float));
-  s.a = o, o = align16(o + size_t(p.nbits) * kRow * sizeof(float));
-  s.kv = o, o = align16(o + size_t(p.nbits) * p.d * sizeof(float));
   s.total = o;
   return s;
 }
 
-// Threads of the CTA: 2 per token, the tokens rounded up to 16 (whole warps), at least 4 warps.
-inline int ham_threads(int N) { return std::clamp(kTpt * ((N + 15) / 16 * 16), 128, 1024); }
+HamParams ham_dims(int B, int N, int C, int H, int nbits, int m) {
+  HamParams p{};
+  p.B = B, p.N = N, p.C = C, p.H = H, p.d = C / H, p.nbits = nbits, p.m = m;
+  p.tiles = (N + 15) / 16, p.nk = (N + 31) / 32 * 32;
+  p.dp = (p.d + 15) / 16 * 16, p.ldb = p.dp + 8;
+  p.mt = (m + 7) / 8, p.bt = (nbits + 7) / 8, p.mb = (nbits + 15) / 16, p.ldk = 16 * p.mb + 8;
+  return p;
+}
+
+// One warp per 16-token tile, at least 4 warps (N <= 256: at most 16).
+inline int ham_threads(int N) { return 32 * std::max(4, (N + 15) / 16); }
 
 // bf16 bit patterns of two 0/1 values, the first in the low half (an mma operand pair)
 __device__ __forceinline__ uint32_t bit_pair(unsigned long long c0, unsigned long long c1, int r) {
   return (((c0 >> r) & 1ull) ? 0x3F80u : 0u) | (((c1 >> r) & 1ull) ? 0x3F800000u : 0u);
 }
-__device__ __forceinline__ uint32_t bf16_pair(bf16 lo, bf16 hi) {
-  return uint32_t(__bfloat16_as_ushort(lo)) | (uint32_t(__bfloat16_as_ushort(hi)) << 16);
+__device__ __forceinline__ uint32_t ld_pair(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+__device__ __forceinline__ float2 ld_float2(const bf16* p) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
 }
-__device__ __forceinline__ bf16 v_at(const bf16* Vs, int d, int N, int n, int c) {
-  return n < N && c < d ? Vs[n * d + c] : __float2bfloat16_rn(0.0f);
+// x = hi + mid + lo to 2^-24 relative, each part a bf16
+__device__ __forceinline__ void split3(float x, bf16& hi, bf16& mid, bf16& lo) {
+  hi = __float2bfloat16_rn(x);
+  const float r = x - __bfloat162float(hi);
+  mid = __float2bfloat16_rn(r);
+  lo = __float2bfloat16_rn(r - __bfloat162float(mid));
 }
-// v[n][c], v[n][c + 1] in f32 (zero outside the head and past N)
-__device__ __forceinline__ float2 v_pair(const bf16* Vs, int d, int N, int n, int c) {
-  if (n < 0 || n >= N) return make_float2(0.0f, 0.0f);
-  if (c + 1 < d && d % 2 == 0) return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(Vs + n * d + c));
-  return make_float2(c < d ? __bfloat162float(Vs[n * d + c]) : 0.0f,
-                     c + 1 < d ? __bfloat162float(Vs[n * d + c + 1]) : 0.0f);
-}
-
-// Phases 2-3, the two MatAdds, on the tensor cores (bf16 mma.sync m16n8k16, f32 accumulation). The codes are 0/1,
-// exact in bf16, and v is bf16 already, so KV = h^T V is exact products summed in f32; the second product takes KV
-// split in three bf16 parts (hi + mid + lo = KV to 2^-24), so Z = h KV is f32-accurate too. Against the CPU only
-// the summation order differs (the codes, computed before, are the same).
-//   2. KV (b x d) = h^T (b x N) V (N x d): warp per (16 bits, 8 columns) tile, k over the tokens in order; / pi.
-//   3. Z (N x d) = h (N x b) KV (b x d), warp per 16 tokens (all columns in its registers): z = Z + 0.5 v, the
-//      row norm by two shuffles (the 4 lanes of a row hold its d columns), z / max(|z|, eps), the 9 taps of v;
-//      bf16 stores.
-__device__ void matadd_mma(const HamParams& p, int b, int h, const unsigned long long* codes, const bf16* Vs,
-                           float* KVs) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, W = blockDim.x >> 5, g = lane >> 2, q = lane & 3;
-  const int d = p.d, N = p.N, nb = p.nbits, NT = (d + 7) / 8, MB = (nb + 15) / 16;
-  // ---- 2. KV ----
-  for (int task = warp; task < MB * NT; task += W) {
-    const int mt = task / NT, nt = task - mt * NT, r0 = mt * 16 + g, n = nt * 8 + g;
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int k0 = 0; k0 < N; k0 += 16) {
-      const int ka = k0 + 2 * q, kb = ka + 8;
-      const unsigned long long c0 = ka < N ? codes[ka] : 0ull, c1 = ka + 1 < N ? codes[ka + 1] : 0ull;
-      const unsigned long long c2 = kb < N ? codes[kb] : 0ull, c3 = kb + 1 < N ? codes[kb + 1] : 0ull;
-      const uint32_t a[4] = {bit_pair(c0, c1, r0), bit_pair(c0, c1, r0 + 8), bit_pair(c2, c3, r0),
-                             bit_pair(c2, c3, r0 + 8)};
-      const uint32_t b0 = bf16_pair(v_at(Vs, d, N, ka, n), v_at(Vs, d, N, ka + 1, n));
-      const uint32_t b1 = bf16_pair(v_at(Vs, d, N, kb, n), v_at(Vs, d, N, kb + 1, n));
-      ptx::mma_bf16(acc, a, b0, b1);
-    }
-    const int c = nt * 8 + 2 * q;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int r = r0 + (i >> 1) * 8, cc = c + (i & 1);
-      if (r < nb && cc < d) KVs[r * d + cc] = acc[i] * kInvPi;
-    }
-  }
-  __syncthreads();
-  // ---- 3. Z, normalisation, conv ----
-  float cw[kTaps];
-#pragma unroll
-  for (int t = 0; t < kTaps; ++t) cw[t] = p.conv_w[h * kTaps + t];
-  for (int t0 = warp * 16; t0 < N; t0 += W * 16) {
-    const int ta = t0 + g, tb = ta + 8;
-    const unsigned long long ca = ta < N ? codes[ta] : 0ull, cb = tb < N ? codes[tb] : 0ull;
-    const bool interior = t0 >= kPad && t0 + 16 + kPad <= N && d % 8 == 0;  // uniform over the warp
-    // z (rows ta, tb; columns c, c + 1 of column tile nt) = h KV + 0.5 v; recomputed by the second pass (the
-    // products are a few mma; keeping every tile's accumulators would exceed the 64 registers of two CTAs per SM)
-    auto tile_z = [&](int nt, float (&z)[4]) {
-      const int n = nt * 8 + g, c = nt * 8 + 2 * q;
-      z[0] = z[1] = z[2] = z[3] = 0.0f;
-      for (int kk = 0; kk < MB * 16; kk += 16) {
-        const int ra = kk + 2 * q, rb = ra + 8;
-        const uint32_t a[4] = {bit_pair(ca, ca >> 1, ra), bit_pair(cb, cb >> 1, ra), bit_pair(ca, ca >> 1, rb),
-                               bit_pair(cb, cb >> 1, rb)};
-        const int rows[4] = {ra, ra + 1, rb, rb + 1};  // KV rows of b0 (2) and b1 (2)
-        bf16 hi[4], mid[4], lo[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const float x = rows[i] < nb && n < d ? KVs[rows[i] * d + n] : 0.0f;
-          hi[i] = __float2bfloat16_rn(x);
-          const float r1 = x - __bfloat162float(hi[i]);
-          mid[i] = __float2bfloat16_rn(r1);
-          lo[i] = __float2bfloat16_rn(r1 - __bfloat162float(mid[i]));
-        }
-        ptx::mma_bf16(z, a, bf16_pair(hi[0], hi[1]), bf16_pair(hi[2], hi[3]));
-        ptx::mma_bf16(z, a, bf16_pair(mid[0], mid[1]), bf16_pair(mid[2], mid[3]));
-        ptx::mma_bf16(z, a, bf16_pair(lo[0], lo[1]), bf16_pair(lo[2], lo[3]));
-      }
-      const float2 va = v_pair(Vs, d, N, ta, c), vb = v_pair(Vs, d, N, tb, c);
-      z[0] += 0.5f * va.x, z[1] += 0.5f * va.y, z[2] += 0.5f * vb.x, z[3] += 0.5f * vb.y;
-    };
-    double ssa = 0.0, ssb = 0.0;  // the norms of rows ta and tb: the 4 lanes of a row hold its d columns
-    for (int nt = 0; nt < NT; ++nt) {
-      float z[4];
-      tile_z(nt, z);
-      ssa += double(z[0]) * z[0] + double(z[1]) * z[1];
-      ssb += double(z[2]) * z[2] + double(z[3]) * z[3];
-    }
-    ssa += __shfl_xor_sync(0xffffffffu, ssa, 1);
-    ssa += __shfl_xor_sync(0xffffffffu, ssa, 2);
-    ssb += __shfl_xor_sync(0xffffffffu, ssb, 1);
-    ssb += __shfl_xor_sync(0xffffffffu, ssb, 2);
-    const float na = fmaxf(static_cast<float>(sqrt(ssa)), kNormEps);
-    const float nbr = fmaxf(static_cast<float>(sqrt(ssb)), kNormEps);
-    bf16* outa = p.out + (int64_t(b) * N + ta) * p.ldo + h * d;
-    bf16* outb = p.out + (int64_t(b) * N + tb) * p.ldo + h * d;
-    for (int nt = 0; nt < NT; ++nt) {
-      const int c = nt * 8 + 2 * q;
-      float z[4];
-      tile_z(nt, z);
-      float o[4] = {z[0] / na, z[1] / na, z[2] / nbr, z[3] / nbr};
-      if (interior) {  // every tap row inside the image, whole column pairs: no checks (the same sums)
-        const bf16* va = Vs + (ta - kPad) * d + c;
-#pragma unroll
-        for (int t = 0; t < kTaps; ++t) {
-          const float2 xa = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(va + t * d));
-          const float2 xb = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(va + (t + 8) * d));
-          o[0] = fmaf(cw[t], xa.x, o[0]), o[1] = fmaf(cw[t], xa.y, o[1]);
-          o[2] = fmaf(cw[t], xb.x, o[2]), o[3] = fmaf(cw[t], xb.y, o[3]);
-        }
-      } else {
-#pragma unroll
-        for (int t = 0; t < kTaps; ++t) {
-          const float2 xa = v_pair(Vs, d, N, ta + t - kPad, c), xb = v_pair(Vs, d, N, tb + t - kPad, c);
-          o[0] = fmaf(cw[t], xa.x, o[0]), o[1] = fmaf(cw[t], xa.y, o[1]);
-          o[2] = fmaf(cw[t], xb.x, o[2]), o[3] = fmaf(cw[t], xb.y, o[3]);
-        }
-      }
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        if ((half ? tb : ta) >= N || c >= d) continue;
-        bf16* dst = (half ? outb : outa) + c;
-        const float x0 = o[2 * half], x1 = o[2 * half + 1];
-        if (p.pairs && c + 1 < d) {
-          *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(x0, x1);
-        } else {
-          dst[0] = __float2bfloat16_rn(x0);
-          if (c + 1 < d) dst[1] = __float2bfloat16_rn(x1);
-        }
-      }
-    }
-  }
+// The three parts of the pair (x0, x1), each packed as an mma operand register (x0 in the low half)
+__device__ __forceinline__ void split3_pair(float x0, float x1, uint32_t& hi, uint32_t& mid, uint32_t& lo) {
+  bf16 h0, m0, l0, h1, m1, l1;
+  split3(x0, h0, m0, l0);
+  split3(x1, h1, m1, l1);
+  auto pack = [](bf16 a, bf16 b) {
+    return uint32_t(__bfloat16_as_ushort(a)) | (uint32_t(__bfloat16_as_ushort(b)) << 16);
+  };
+  hi = pack(h0, h1), mid = pack(m0, m1), lo = pack(l0, l1);
 }
 
-__global__ void __launch_bounds__(1024) hamming_kernel(const __grid_constant__ HamParams p) {
+__global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__ HamParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   const HamSmem L = ham_smem(p);
   double* red = reinterpret_cast<double*>(smem + L.red);
   unsigned long long* codes = reinterpret_cast<unsigned long long*>(smem + L.codes);
-  float* Qs = reinterpret_cast<float*>(smem + L.q);
-  bf16* Vs = reinterpret_cast<bf16*>(smem + L.v);
-  float* At = reinterpret_cast<float*>(smem + L.at);
+  bf16* Qs = reinterpret_cast<bf16*>(smem + L.q);
+  bf16* Vs = reinterpret_cast<bf16*>(smem + L.v) + kPad * p.ldb;  // rows -kPad .. nk + kPad - 1
+  bf16* Anc = reinterpret_cast<bf16*>(smem + L.anc);             // [part][anchor][dim]
+  bf16* Apr = reinterpret_cast<bf16*>(smem + L.a);               // [part][bit][anchor]
+  bf16* KVt = reinterpret_cast<bf16*>(smem + L.kv);              // [part][column][bit]
   float* aa = reinterpret_cast<float*>(smem + L.aa);
   float* mus = reinterpret_cast<float*>(smem + L.mu);
-  float* As = reinterpret_cast<float*>(smem + L.a);
-  float* KVs = reinterpret_cast<float*>(smem + L.kv);
 
   const int tid = threadIdx.x, T = blockDim.x, lane = tid & 31, warp = tid >> 5, W = T >> 5;
+  const int g = lane >> 2, q4 = lane & 3;
   const int bh = blockIdx.x, b = bh / p.H, h = bh - b * p.H;
-  const int N = p.N, d = p.d, m = p.m, nb = p.nbits;
+  const int N = p.N, d = p.d, m = p.m, dp = p.dp, ldb = p.ldb;
 
-  // ---- 0. stage qk, v (bf16 -> f32) and the head's KSH buffers ----
+  // ---- 0. staging ----
   const bf16* qk = p.qk + int64_t(b) * N * p.ldqk + h * d;
   const bf16* vv = p.v + int64_t(b) * N * p.ldv + h * d;
+  const int qrows = p.tiles * 16, vrows = p.nk + 2 * kPad;
   if (p.vec) {
-    const int chunks = d / 8;
-    for (int i = tid; i < N * chunks; i += T) {
-      const int n = i / chunks, c = (i - n * chunks) * 8;
-      const uint4 rq = *reinterpret_cast<const uint4*>(qk + int64_t(n) * p.ldqk + c);
-      const uint4 rv = *reinterpret_cast<const uint4*>(vv + int64_t(n) * p.ldv + c);
-      const __nv_bfloat162* hq = reinterpret_cast<const __nv_bfloat162*>(&rq);
-      float* q = Qs + n * p.ldq + c;
-      *reinterpret_cast<uint4*>(Vs + n * d + c) = rv;  // d % 8 == 0: 16-byte aligned
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const float2 fq = __bfloat1622float2(hq[k]);
-        q[2 * k] = fq.x, q[2 * k + 1] = fq.y;
-      }
+    const int cpr = dp / 8;  // 16-byte chunks per staged row (zero beyond d)
+    for (int i = tid; i < qrows * cpr; i += T) {
+      const int n = i / cpr, c = (i - n * cpr) * 8;
+      const bool ok = n < N && c < d;
+      ptx::cp_async16(Qs + n * ldb + c, ok ? qk + int64_t(n) * p.ldqk + c : qk, ok);
     }
+    for (int i = tid; i < vrows * cpr; i += T) {
+      const int r = i / cpr, c = (i - r * cpr) * 8, n = r - kPad;
+      const bool ok = n >= 0 && n < N && c < d;
+      ptx::cp_async16(Vs + n * ldb + c, ok ? vv + int64_t(n) * p.ldv + c : vv, ok);
+    }
+    ptx::cp_async_commit();
   } else {
-    for (int i = tid; i < N * d; i += T) {
-      const int n = i / d, c = i - n * d;
-      Qs[n * p.ldq + c] = __bfloat162float(qk[int64_t(n) * p.ldqk + c]);
-      Vs[n * d + c] = vv[int64_t(n) * p.ldv + c];
+    const bf16 zero = __float2bfloat16_rn(0.0f);
+    for (int i = tid; i < qrows * dp; i += T) {
+      const int n = i / dp, c = i - n * dp;
+      Qs[n * ldb + c] = n < N && c < d ? qk[int64_t(n) * p.ldqk + c] : zero;
+    }
+    for (int i = tid; i < vrows * dp; i += T) {
+      const int r = i / dp, c = i - r * dp, n = r - kPad;
+      Vs[n * ldb + c] = n >= 0 && n < N && c < d ? vv[int64_t(n) * p.ldv + c] : zero;
     }
   }
   const float* anc = p.anchors + int64_t(h) * m * d;
-  for (int i = tid; i < d * kHamMaxM; i += T) {
-    const int di = i / kHamMaxM, j = i - di * kHamMaxM;
-    At[di * kRow + j] = j < m ? anc[j * d + di] : 0.0f;
+  for (int i = tid; i < kHamMaxM * dp; i += T) {
+    const int j = i / dp, c = i - j * dp;
+    bf16 hi, mid, lo;
+    split3(j < m && c < d ? anc[j * d + c] : 0.0f, hi, mid, lo);
+    Anc[j * ldb + c] = hi, Anc[(kHamMaxM + j) * ldb + c] = mid, Anc[(2 * kHamMaxM + j) * ldb + c] = lo;
+  }
+  const int arows = p.bt * 8;
+  for (int i = tid; i < arows * kHamMaxM; i += T) {
+    const int r = i / kHamMaxM, j = i - r * kHamMaxM;
+    bf16 hi, mid, lo;
+    split3(r < p.nbits && j < m ? p.A[(int64_t(h) * p.nbits + r) * m + j] : 0.0f, hi, mid, lo);
+    Apr[r * kLdA + j] = hi, Apr[(arows + r) * kLdA + j] = mid, Apr[(2 * arows + r) * kLdA + j] = lo;
   }
   for (int j = tid; j < kHamMaxM; j += T) {
     float s = 0.0f;
@@ -282,60 +201,64 @@ __global__ void __launch_bounds__(1024) hamming_kernel(const __grid_constant__ H
     aa[j] = s;
     mus[j] = j < m ? p.mu[h * m + j] : 0.0f;
   }
-  for (int i = tid; i < nb * kHamMaxM; i += T) {
-    const int r = i / kHamMaxM, j = i - r * kHamMaxM;
-    As[r * kRow + j] = j < m ? p.A[(int64_t(h) * nb + r) * m + j] : 0.0f;
-  }
+  for (int i = qrows + tid; i < p.nk; i += T) codes[i] = 0ull;  // rows no tile writes (read by the KV product)
+  if (p.vec) ptx::cp_async_wait<0>();
   __syncthreads();
 
-  // ---- 1. hash: 4 threads per token; the token's staged qk row is reused for D_nj, then k_nj ----
-  const int n = tid >> 1, laneT = tid & 1;
-  const bool valid = n < N;
-  float* qrow = Qs + (valid ? n : 0) * p.ldq;  // ldq >= 36: room for 32 anchors
-  double ssd = 0.0;
-  if (valid)
-    for (int i = laneT; i < d; i += kTpt) ssd += double(qrow[i]) * qrow[i];
-  ssd += __shfl_xor_sync(0xffffffffu, ssd, 1);
-  const float nrm = fmaxf(static_cast<float>(sqrt(ssd)), kNormEps);
-  float dot[kHamMaxM];
+  // ---- 1. hash, per warp and tile ----
+  const bool has_tile = warp < p.tiles;  // warp-uniform
+  const int t0 = warp * 16, ta = t0 + g, tb = ta + 8;
+  float acc[4][4];  // anchor tile nt: (ta, 8nt + 2q4 + {0,1}), (tb, ...): dots, then D, then k
 #pragma unroll
-  for (int j = 0; j < kHamMaxM; ++j) dot[j] = 0.0f;
-  float qq = 0.0f;
-  if (valid) {
-    for (int i = laneT; i < d; i += kTpt) {
-      const float q = qrow[i] / nrm;  // as the CPU: x / max(||x||, eps)
-      qq = fmaf(q, q, qq);
-      const float4* a4 = reinterpret_cast<const float4*>(At + i * kRow);
+  for (int nt = 0; nt < 4; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+  double ssa = 0.0, ssb = 0.0;
+  if (has_tile) {
+    for (int ks = 0; ks < dp; ks += 16) {
+      uint32_t a[4];
+      ptx::ldmatrix_x4(a, Qs + (t0 + (lane & 15)) * ldb + ks + (lane >> 4) * 8);
 #pragma unroll
-      for (int j4 = 0; j4 < kHamMaxM / 4; ++j4) {
-        if (4 * j4 < m) {
-          const float4 a = a4[j4];
-          dot[4 * j4] = fmaf(q, a.x, dot[4 * j4]);
-          dot[4 * j4 + 1] = fmaf(q, a.y, dot[4 * j4 + 1]);
-          dot[4 * j4 + 2] = fmaf(q, a.z, dot[4 * j4 + 2]);
-          dot[4 * j4 + 3] = fmaf(q, a.w, dot[4 * j4 + 3]);
+      for (int r = 0; r < 4; ++r) {
+        const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&a[r]));
+        const double s = double(f.x) * f.x + double(f.y) * f.y;
+        if (r & 1)
+          ssb += s;
+        else
+          ssa += s;
+      }
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        if (nt < p.mt) {
+#pragma unroll
+          for (int part = 0; part < 3; ++part) {
+            const bf16* bp = Anc + (part * kHamMaxM + nt * 8 + g) * ldb + ks + 2 * q4;
+            ptx::mma_bf16(acc[nt], a, ld_pair(bp), ld_pair(bp + 8));
+          }
         }
       }
     }
   }
-  qq += __shfl_xor_sync(0xffffffffu, qq, 1);
-  __syncwarp();  // the group's reads of qrow are done: it now receives D
+  ssa += __shfl_xor_sync(0xffffffffu, ssa, 1);
+  ssa += __shfl_xor_sync(0xffffffffu, ssa, 2);
+  ssb += __shfl_xor_sync(0xffffffffu, ssb, 1);
+  ssb += __shfl_xor_sync(0xffffffffu, ssb, 2);
+  const bool va = has_tile && ta < N, vb = has_tile && tb < N;
+  const float na = fmaxf(static_cast<float>(sqrt(ssa)), kNormEps), nrb = fmaxf(static_cast<float>(sqrt(ssb)), kNormEps);
+  const float qqa = static_cast<float>(ssa / (double(na) * na)), qqb = static_cast<float>(ssb / (double(nrb) * nrb));
   double dsum = 0.0;
 #pragma unroll
-  for (int j = 0; j < kHamMaxM; ++j) {
-    if (j < m) {  // m is uniform: the shuffles run on every lane or on none
-      float t = dot[j];
-      t += __shfl_xor_sync(0xffffffffu, t, 1);  // both lanes get the same sum
-      const float D = fmaxf(qq + aa[j] - 2.0f * t, 0.0f);
-      dsum += D;
-      if ((j & 1) == laneT && valid) qrow[j] = D;
+  for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int j = nt * 8 + 2 * q4 + (i & 1);
+      const bool rb = i >= 2;
+      const float D = fmaxf((rb ? qqb : qqa) + aa[j] - 2.0f * (acc[nt][i] / (rb ? nrb : na)), 0.0f);
+      acc[nt][i] = D;
+      if (nt < p.mt && j < m && (rb ? vb : va)) dsum += D;
     }
   }
-  // sigma = mean D over (n, j): one contribution per valid token, warp sums, then warp 0 in order
-  double part = (valid && laneT == 0) ? dsum : 0.0;
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
-  if (lane == 0) red[warp] = part;
+  for (int o = 16; o > 0; o >>= 1) dsum += __shfl_xor_sync(0xffffffffu, dsum, o);
+  if (lane == 0) red[warp] = dsum;
   __syncthreads();
   if (warp == 0) {
     double s = lane < W ? red[lane] : 0.0;
@@ -345,32 +268,138 @@ __global__ void __launch_bounds__(1024) hamming_kernel(const __grid_constant__ H
   }
   __syncthreads();
   const float two_sigma = 2.0f * static_cast<float>(red[32]);
-  const int m4 = (m + 3) / 4 * 4;
-  if (valid)  // k_nj = exp(-D_nj / (2 sigma)) - mu_j; zero in the padding up to a multiple of 4
-    for (int j = laneT; j < m4; j += kTpt) qrow[j] = j < m ? expf(-qrow[j] / two_sigma) - mus[j] : 0.0f;
-  __syncwarp();
-  unsigned long long code = 0;
-  if (valid) {
-    const float4* k4 = reinterpret_cast<const float4*>(qrow);
-    for (int r = laneT; r < nb; r += kTpt) {
-      const float4* a4 = reinterpret_cast<const float4*>(As + r * kRow);
-      float y = 0.0f;
-      for (int j4 = 0; j4 < m4 / 4; ++j4) {
-        const float4 a = a4[j4], k = k4[j4];
-        y = fmaf(a.x, k.x, y);
-        y = fmaf(a.y, k.y, y);
-        y = fmaf(a.z, k.z, y);
-        y = fmaf(a.w, k.w, y);
+  unsigned long long ca = 0, cb = 0;  // the codes of rows ta, tb (every lane of the row's quad)
+  if (has_tile) {
+    // k = exp(-D / (2 sigma)) - mu_j (0 past m), split: the A operand of y for anchors 16kk..16kk+15
+    uint32_t kh[2][4], km[2][4], kl[2][4];
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int nt = 2 * kk + (r >> 1), i0 = 2 * (r & 1), j = nt * 8 + 2 * q4;
+        const float k0 = j < m ? expf(-acc[nt][i0] / two_sigma) - mus[j] : 0.0f;
+        const float k1 = j + 1 < m ? expf(-acc[nt][i0 + 1] / two_sigma) - mus[j + 1] : 0.0f;
+        split3_pair(k0, k1, kh[kk][r], km[kk][r], kl[kk][r]);
       }
-      code |= static_cast<unsigned long long>(y > 0.0f) << r;
+    const int kks = (p.mt + 1) / 2, arows2 = p.bt * 8;
+    for (int bt = 0; bt < p.bt; ++bt) {
+      float y[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int kk = 0; kk < 2; ++kk) {
+        if (kk < kks) {
+          const bf16* bp = Apr + (bt * 8 + g) * kLdA + kk * 16 + 2 * q4;
+          const uint32_t bh0 = ld_pair(bp), bh1 = ld_pair(bp + 8);
+          const uint32_t bm0 = ld_pair(bp + arows2 * kLdA), bm1 = ld_pair(bp + arows2 * kLdA + 8);
+          const uint32_t bl0 = ld_pair(bp + 2 * arows2 * kLdA), bl1 = ld_pair(bp + 2 * arows2 * kLdA + 8);
+          ptx::mma_bf16(y, kh[kk], bh0, bh1);
+          ptx::mma_bf16(y, kh[kk], bm0, bm1);
+          ptx::mma_bf16(y, km[kk], bh0, bh1);
+          ptx::mma_bf16(y, kh[kk], bl0, bl1);
+          ptx::mma_bf16(y, kl[kk], bh0, bh1);
+          ptx::mma_bf16(y, km[kk], bm0, bm1);
+        }
+      }
+      const int r = bt * 8 + 2 * q4;  // bits past nbits: A rows are zero there, y = 0, no bit
+      ca |= (static_cast<unsigned long long>(y[0] > 0.0f) << r) | (static_cast<unsigned long long>(y[1] > 0.0f) << (r + 1));
+      cb |= (static_cast<unsigned long long>(y[2] > 0.0f) << r) | (static_cast<unsigned long long>(y[3] > 0.0f) << (r + 1));
     }
   }
-  code |= __shfl_xor_sync(0xffffffffu, code, 1);
-  if (valid && laneT == 0) codes[n] = code;
+  ca |= __shfl_xor_sync(0xffffffffu, ca, 1);
+  ca |= __shfl_xor_sync(0xffffffffu, ca, 2);
+  cb |= __shfl_xor_sync(0xffffffffu, cb, 1);
+  cb |= __shfl_xor_sync(0xffffffffu, cb, 2);
+  if (!va) ca = 0;
+  if (!vb) cb = 0;
+  if (has_tile && q4 == 0) codes[ta] = ca, codes[tb] = cb;
   __syncthreads();
 
-  // ---- 2-3. the MatAdds, normalisation and conv ----
-  matadd_mma(p, b, h, codes, Vs, KVs);
+  // ---- 2. KV = h^T V / pi, a warp per (16 bits, 8 columns); stored transposed, split in three parts ----
+  const int NT = dp / 8, kvpart = dp * p.ldk;
+  for (int task = warp; task < p.mb * NT; task += W) {
+    const int mt = task / NT, nt = task - mt * NT, r0 = mt * 16 + g;
+    float kv[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int k0 = 0; k0 < p.nk; k0 += 32) {
+      uint32_t bv[4];  // b0, b1 of tokens k0..k0+15, then of k0+16..k0+31 (columns 8nt..8nt+7)
+      ptx::ldmatrix_x4_trans(bv, Vs + (k0 + lane) * ldb + nt * 8);
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int ka = k0 + 16 * hf + 2 * q4;
+        const unsigned long long c0 = codes[ka], c1 = codes[ka + 1], c2 = codes[ka + 8], c3 = codes[ka + 9];
+        const uint32_t a[4] = {bit_pair(c0, c1, r0), bit_pair(c0, c1, r0 + 8), bit_pair(c2, c3, r0),
+                               bit_pair(c2, c3, r0 + 8)};
+        ptx::mma_bf16(kv, a, bv[2 * hf], bv[2 * hf + 1]);
+      }
+    }
+    const int c = nt * 8 + 2 * q4;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      bf16 hi, mid, lo;
+      split3(kv[i] * kInvPi, hi, mid, lo);
+      const int e = (c + (i & 1)) * p.ldk + r0 + (i >> 1) * 8;
+      KVt[e] = hi, KVt[kvpart + e] = mid, KVt[2 * kvpart + e] = lo;
+    }
+  }
+  __syncthreads();
+  if (!has_tile) return;
+
+  // ---- 3. z = h KV + 0.5 v, normalisation, conv, per warp and tile ----
+  float cw[kTaps];
+#pragma unroll
+  for (int t = 0; t < kTaps; ++t) cw[t] = p.conv_w[h * kTaps + t];
+  auto tile_z = [&](int nt, float (&z)[4]) {
+    const int c = nt * 8 + 2 * q4;
+    z[0] = z[1] = z[2] = z[3] = 0.0f;
+    for (int kk = 0; kk < p.mb; ++kk) {
+      const int ra = kk * 16 + 2 * q4, rb = ra + 8;
+      const uint32_t a[4] = {bit_pair(ca, ca >> 1, ra), bit_pair(cb, cb >> 1, ra), bit_pair(ca, ca >> 1, rb),
+                             bit_pair(cb, cb >> 1, rb)};
+      const bf16* bp = KVt + (nt * 8 + g) * p.ldk + ra;
+#pragma unroll
+      for (int part = 0; part < 3; ++part) ptx::mma_bf16(z, a, ld_pair(bp + part * kvpart), ld_pair(bp + part * kvpart + 8));
+    }
+    const float2 xa = ld_float2(Vs + ta * ldb + c), xb = ld_float2(Vs + tb * ldb + c);
+    z[0] += 0.5f * xa.x, z[1] += 0.5f * xa.y, z[2] += 0.5f * xb.x, z[3] += 0.5f * xb.y;
+  };
+  double za = 0.0, zb = 0.0;  // the norms of rows ta and tb: the 4 lanes of a row hold its columns
+  for (int nt = 0; nt < NT; ++nt) {
+    float z[4];
+    tile_z(nt, z);
+    za += double(z[0]) * z[0] + double(z[1]) * z[1];
+    zb += double(z[2]) * z[2] + double(z[3]) * z[3];
+  }
+  za += __shfl_xor_sync(0xffffffffu, za, 1);
+  za += __shfl_xor_sync(0xffffffffu, za, 2);
+  zb += __shfl_xor_sync(0xffffffffu, zb, 1);
+  zb += __shfl_xor_sync(0xffffffffu, zb, 2);
+  const float zna = fmaxf(static_cast<float>(sqrt(za)), kNormEps);
+  const float znb = fmaxf(static_cast<float>(sqrt(zb)), kNormEps);
+  bf16* outa = p.out + (int64_t(b) * N + ta) * p.ldo + h * d;
+  bf16* outb = p.out + (int64_t(b) * N + tb) * p.ldo + h * d;
+  for (int nt = 0; nt < NT; ++nt) {
+    const int c = nt * 8 + 2 * q4;
+    float z[4];
+    tile_z(nt, z);
+    float o[4] = {z[0] / zna, z[1] / zna, z[2] / znb, z[3] / znb};
+    const bf16* vt = Vs + (ta - kPad) * ldb + c;  // zero rows outside the image: no checks
+#pragma unroll
+    for (int t = 0; t < kTaps; ++t) {
+      const float2 xa = ld_float2(vt + t * ldb), xb = ld_float2(vt + (t + 8) * ldb);
+      o[0] = fmaf(cw[t], xa.x, o[0]), o[1] = fmaf(cw[t], xa.y, o[1]);
+      o[2] = fmaf(cw[t], xb.x, o[2]), o[3] = fmaf(cw[t], xb.y, o[3]);
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      if (!(half ? vb : va) || c >= d) continue;
+      bf16* dst = (half ? outb : outa) + c;
+      const float x0 = o[2 * half], x1 = o[2 * half + 1];
+      if (p.pairs && c + 1 < d) {
+        *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(x0, x1);
+      } else {
+        dst[0] = __float2bfloat16_rn(x0);
+        if (c + 1 < d) dst[1] = __float2bfloat16_rn(x1);
+      }
+    }
+  }
 }
 
 }  // namespace
@@ -379,9 +408,8 @@ bool hamming_attention_supports(int N, int C, int H, int nbits, int m) {
   if (!(N >= 1 && N <= kHamMaxN && H >= 1 && C >= H && C % H == 0 && C / H <= kHamMaxD && nbits >= 1 &&
         nbits <= kHamMaxBits && m >= 1 && m <= kHamMaxM))
     return false;
-  // The largest case (N 256, d 64, 64 bits) needs about 171 KB; sm_80 and later offer 163-227 KB.
-  HamParams p{};
-  p.N = N, p.d = C / H, p.nbits = nbits, p.m = m, p.ldq = (p.d + 31) / 32 * 32 + 4;
+  // The largest case (N 256, d 64, 64 bits) needs about 134 KB; sm_80 and later offer 163-227 KB.
+  const HamParams p = ham_dims(1, N, C, H, nbits, m);
   return device_available() ? ham_smem(p).total <= size_t(max_smem_per_block()) : true;
 }
 
@@ -399,11 +427,9 @@ void hamming_attention_forward_ld(bf16* out, int ldo, const bf16* qk, int ldqk, 
   SAV_CHECK(B >= 0, "hamming attention: negative batch " << B);
   if (B == 0) return;
   SAV_CHECK(int64_t(B) * H <= (int64_t(1) << 31) - 1, "hamming attention: B*H too large");
-  HamParams p{};
+  HamParams p = ham_dims(B, N, C, H, nbits, m);
   p.out = out, p.qk = qk, p.v = v, p.anchors = anchors, p.mu = mu, p.A = A, p.conv_w = conv_w;
   p.ldo = ldo, p.ldqk = ldqk, p.ldv = ldv;
-  p.B = B, p.N = N, p.C = C, p.H = H, p.d = C / H, p.nbits = nbits, p.m = m;
-  p.ldq = (p.d + 31) / 32 * 32 + 4;
   auto a16 = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
   p.vec = p.d % 8 == 0 && ldqk % 8 == 0 && ldv % 8 == 0 && a16(qk) && a16(v);
   p.pairs = p.d % 2 == 0 && ldo % 2 == 0 && reinterpret_cast<uintptr_t>(out) % 4 == 0;
