@@ -45,6 +45,7 @@ constexpr int kHamMaxM = 32;
 constexpr int kHamMaxBits = 64;
 constexpr int kTaps = 9;
 constexpr int kPad = kTaps / 2;
+constexpr int kStage = 8;  // anchor / A loads per thread in flight while staging
 constexpr int kLdA = kHamMaxM + 8;   // bf16 row stride of the split A rows (80 bytes: conflict-free pair loads)
 constexpr float kNormEps = 1e-6f;    // cpu::kHammingNormEps
 constexpr float kSigmaMin = 1e-12f;  // cpu::kHammingSigmaMin
@@ -102,10 +103,12 @@ HamParams ham_dims(int B, int N, int C, int H, int nbits, int m) {
 // One warp per 16-token tile, at least 4 warps (N <= 256: at most 16).
 inline int ham_threads(int N) { return 32 * std::max(4, (N + 15) / 16); }
 
-// bf16 bit patterns of two 0/1 values, the first in the low half (an mma operand pair)
-__device__ __forceinline__ uint32_t bit_pair(unsigned long long c0, unsigned long long c1, int r) {
-  return (((c0 >> r) & 1ull) ? 0x3F80u : 0u) | (((c1 >> r) & 1ull) ? 0x3F800000u : 0u);
+// bf16 bit patterns of two 0/1 values (an mma operand pair): bit r of w0 in the low half, bit r of w1 in the high
+__device__ __forceinline__ uint32_t bit_pair(uint32_t w0, uint32_t w1, int r) {
+  return (((w0 >> r) & 1u) | (((w1 >> r) & 1u) << 16)) * 0x3F80u;
 }
+// the same for bits r and r + 1 of one word (low half: bit r)
+__device__ __forceinline__ uint32_t bit_pair2(uint32_t w, int r) { return (((w >> r) & 3u) * 0x8001u & 0x10001u) * 0x3F80u; }
 __device__ __forceinline__ uint32_t ld_pair(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
 __device__ __forceinline__ float2 ld_float2(const bf16* p) {
   return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
@@ -174,19 +177,44 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
       Vs[n * ldb + c] = n >= 0 && n < N && c < d ? vv[int64_t(n) * p.ldv + c] : zero;
     }
   }
+  // the anchors (32 x dp) and A (8 bt x 32), split in three bf16 parts: kStage loads per thread in flight, then
+  // their splits (a plain loop would wait for each load)
   const float* anc = p.anchors + int64_t(h) * m * d;
-  for (int i = tid; i < kHamMaxM * dp; i += T) {
-    const int j = i / dp, c = i - j * dp;
-    bf16 hi, mid, lo;
-    split3(j < m && c < d ? anc[j * d + c] : 0.0f, hi, mid, lo);
-    Anc[j * ldb + c] = hi, Anc[(kHamMaxM + j) * ldb + c] = mid, Anc[(2 * kHamMaxM + j) * ldb + c] = lo;
-  }
   const int arows = p.bt * 8;
-  for (int i = tid; i < arows * kHamMaxM; i += T) {
-    const int r = i / kHamMaxM, j = i - r * kHamMaxM;
-    bf16 hi, mid, lo;
-    split3(r < p.nbits && j < m ? p.A[(int64_t(h) * p.nbits + r) * m + j] : 0.0f, hi, mid, lo);
-    Apr[r * kLdA + j] = hi, Apr[(arows + r) * kLdA + j] = mid, Apr[(2 * arows + r) * kLdA + j] = lo;
+  for (int i0 = 0; i0 < kHamMaxM * dp; i0 += kStage * T) {
+    float x[kStage];
+#pragma unroll
+    for (int u = 0; u < kStage; ++u) {
+      const int i = i0 + tid + u * T, j = i / dp, c = i - j * dp;
+      x[u] = j < m && c < d ? anc[j * d + c] : 0.0f;  // j < m implies i < 32 dp
+    }
+#pragma unroll
+    for (int u = 0; u < kStage; ++u) {
+      const int i = i0 + tid + u * T, j = i / dp, c = i - j * dp;
+      if (i < kHamMaxM * dp) {
+        bf16 hi, mid, lo;
+        split3(x[u], hi, mid, lo);
+        Anc[j * ldb + c] = hi, Anc[(kHamMaxM + j) * ldb + c] = mid, Anc[(2 * kHamMaxM + j) * ldb + c] = lo;
+      }
+    }
+  }
+  const float* Ah = p.A + int64_t(h) * p.nbits * m;
+  for (int i0 = 0; i0 < arows * kHamMaxM; i0 += kStage * T) {
+    float x[kStage];
+#pragma unroll
+    for (int u = 0; u < kStage; ++u) {
+      const int i = i0 + tid + u * T, r = i / kHamMaxM, j = i - r * kHamMaxM;
+      x[u] = r < p.nbits && j < m ? Ah[r * m + j] : 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < kStage; ++u) {
+      const int i = i0 + tid + u * T, r = i / kHamMaxM, j = i - r * kHamMaxM;
+      if (i < arows * kHamMaxM) {
+        bf16 hi, mid, lo;
+        split3(x[u], hi, mid, lo);
+        Apr[r * kLdA + j] = hi, Apr[(arows + r) * kLdA + j] = mid, Apr[(2 * arows + r) * kLdA + j] = lo;
+      }
+    }
   }
   for (int j = tid; j < kHamMaxM; j += T) {
     float s = 0.0f;
@@ -316,7 +344,8 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
   // ---- 2. KV = h^T V / pi, a warp per (16 bits, 8 columns); stored transposed, split in three parts ----
   const int NT = dp / 8, kvpart = dp * p.ldk;
   for (int task = warp; task < p.mb * NT; task += W) {
-    const int mt = task / NT, nt = task - mt * NT, r0 = mt * 16 + g;
+    const int mt = task / NT, nt = task - mt * NT, r0 = (mt & 1) * 16 + g, hw = mt >> 1;
+    const uint32_t* cw32 = reinterpret_cast<const uint32_t*>(codes) + hw;  // the 32-bit half holding bits 16mt..
     float kv[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int k0 = 0; k0 < p.nk; k0 += 32) {
       uint32_t bv[4];  // b0, b1 of tokens k0..k0+15, then of k0+16..k0+31 (columns 8nt..8nt+7)
@@ -324,7 +353,7 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         const int ka = k0 + 16 * hf + 2 * q4;
-        const unsigned long long c0 = codes[ka], c1 = codes[ka + 1], c2 = codes[ka + 8], c3 = codes[ka + 9];
+        const uint32_t c0 = cw32[2 * ka], c1 = cw32[2 * ka + 2], c2 = cw32[2 * ka + 16], c3 = cw32[2 * ka + 18];
         const uint32_t a[4] = {bit_pair(c0, c1, r0), bit_pair(c0, c1, r0 + 8), bit_pair(c2, c3, r0),
                                bit_pair(c2, c3, r0 + 8)};
         ptx::mma_bf16(kv, a, bv[2 * hf], bv[2 * hf + 1]);
@@ -335,7 +364,7 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
     for (int i = 0; i < 4; ++i) {
       bf16 hi, mid, lo;
       split3(kv[i] * kInvPi, hi, mid, lo);
-      const int e = (c + (i & 1)) * p.ldk + r0 + (i >> 1) * 8;
+      const int e = (c + (i & 1)) * p.ldk + mt * 16 + g + (i >> 1) * 8;
       KVt[e] = hi, KVt[kvpart + e] = mid, KVt[2 * kvpart + e] = lo;
     }
   }
@@ -346,14 +375,15 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
   float cw[kTaps];
 #pragma unroll
   for (int t = 0; t < kTaps; ++t) cw[t] = p.conv_w[h * kTaps + t];
+  const uint32_t ca_lo = uint32_t(ca), ca_hi = uint32_t(ca >> 32), cb_lo = uint32_t(cb), cb_hi = uint32_t(cb >> 32);
   auto tile_z = [&](int nt, float (&z)[4]) {
     const int c = nt * 8 + 2 * q4;
     z[0] = z[1] = z[2] = z[3] = 0.0f;
     for (int kk = 0; kk < p.mb; ++kk) {
-      const int ra = kk * 16 + 2 * q4, rb = ra + 8;
-      const uint32_t a[4] = {bit_pair(ca, ca >> 1, ra), bit_pair(cb, cb >> 1, ra), bit_pair(ca, ca >> 1, rb),
-                             bit_pair(cb, cb >> 1, rb)};
-      const bf16* bp = KVt + (nt * 8 + g) * p.ldk + ra;
+      const int ra = (kk & 1) * 16 + 2 * q4, rb = ra + 8;
+      const uint32_t wa = kk & 2 ? ca_hi : ca_lo, wb = kk & 2 ? cb_hi : cb_lo;
+      const uint32_t a[4] = {bit_pair2(wa, ra), bit_pair2(wb, ra), bit_pair2(wa, rb), bit_pair2(wb, rb)};
+      const bf16* bp = KVt + (nt * 8 + g) * p.ldk + kk * 16 + 2 * q4;
 #pragma unroll
       for (int part = 0; part < 3; ++part) ptx::mma_bf16(z, a, ld_pair(bp + part * kvpart), ld_pair(bp + part * kvpart + 8));
     }
