@@ -1,6 +1,7 @@
 // LayerNorm forward (f32 in, bf16 out), and the token assembly of the embedding fused with a LayerNorm.
-// One warp per row; the row stays in registers (C <= 1024: 32 values per lane), two-pass mean / variance
-// in f32 as cpu::layernorm_forward_ref.
+// A group of lanes per row: the whole warp, or half a warp (two rows per warp, three float4 loads per lane at
+// DeiT-Tiny's C = 192 instead of one or two) when the row is float4-aligned and C <= 512. The row stays in
+// registers (at most 32 values per lane), two-pass mean / variance in f32 as cpu::layernorm_forward_ref.
 #include "ops/cuda/ops.h"
 
 namespace sav::cuda {
@@ -14,8 +15,8 @@ constexpr int kLnWarps = 8;  // rows per block
 struct LnParams {
   bf16* y;  // (M,C) rows ldy apart, or nullptr (embed without norm)
   int ldy;
-  float* xout;       // embed mode: (M,C) f32 written, rows contiguous
-  const float* x;    // plain mode: (M,C) f32 rows ldx apart
+  float* xout;     // embed mode: (M,C) f32 written, rows contiguous
+  const float* x;  // plain mode: (M,C) f32 rows ldx apart
   int ldx;
   const float* pe;   // embed mode when non-null: (B,N-1,C)
   const float* cls;  // (C)
@@ -32,29 +33,32 @@ __device__ __forceinline__ float4 f4_add(float4 a, float4 b) {
   return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
 }
 
-// Vector path (C % 4 == 0, aligned rows): lane holds float4 number lane + 32 k. Scalar path: element
-// lane + 32 k. Both keep the row in 32 registers.
+// Vector path (C % 4 == 0, aligned rows): lane holds float4 number lane + kG k. Scalar path (kG = 32 only):
+// element lane + 32 k (compiled but never reached for kG = 16). Both keep the row in 32 registers. kG = 16: a
+// half warp past the last row computes on zeros and stores nothing (its other half may still need the shuffles).
+template <int kG>
 __global__ void layernorm_kernel(const LnParams p) {
-  const int lane = threadIdx.x & 31;
-  const int row = blockIdx.x * kLnWarps + (threadIdx.x >> 5);
-  if (row >= p.M) return;
+  const int lane = threadIdx.x % kG;
+  const int row = blockIdx.x * (kLnWarps * 32 / kG) + threadIdx.x / kG;
+  const bool valid = row < p.M;
+  if (kG == 32 && !valid) return;
   const int C = p.C;
   float s = 0.0f;
-  if (p.vec4) {
+  if (kG == 16 || p.vec4) {
     constexpr int kPer4 = kLnPerLane / 4;
     const int C4 = C / 4;
     float4 v[kPer4];
     if (p.pe) {
-      const int n = row % p.N, b = row / p.N;
-      const float4* src = reinterpret_cast<const float4*>(
-          n == 0 ? p.cls : p.pe + (int64_t(b) * (p.N - 1) + (n - 1)) * C);
+      const int n = valid ? row % p.N : 0, b = valid ? row / p.N : 0;
+      const float4* src =
+          reinterpret_cast<const float4*>(n == 0 ? p.cls : p.pe + (int64_t(b) * (p.N - 1) + (n - 1)) * C);
       const float4* pos = reinterpret_cast<const float4*>(p.pos + int64_t(n) * C);
       float4* xo = reinterpret_cast<float4*>(p.xout + int64_t(row) * C);
 #pragma unroll
       for (int k = 0; k < kPer4; ++k) {
-        const int c = lane + 32 * k;
+        const int c = lane + kG * k;
         v[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        if (c < C4) {
+        if (valid && c < C4) {
           v[k] = f4_add(src[c], pos[c]);
           xo[c] = v[k];
         }
@@ -63,34 +67,34 @@ __global__ void layernorm_kernel(const LnParams p) {
       const float4* xr = reinterpret_cast<const float4*>(p.x + int64_t(row) * p.ldx);
 #pragma unroll
       for (int k = 0; k < kPer4; ++k) {
-        const int c = lane + 32 * k;
-        v[k] = c < C4 ? xr[c] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        const int c = lane + kG * k;
+        v[k] = valid && c < C4 ? xr[c] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       }
     }
     if (!p.y) return;
 #pragma unroll
     for (int k = 0; k < kPer4; ++k) s += (v[k].x + v[k].y) + (v[k].z + v[k].w);
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    for (int o = kG / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
     const float mean = s / C;
     float q = 0.0f;
 #pragma unroll
     for (int k = 0; k < kPer4; ++k) {
-      if (lane + 32 * k < C4) {
+      if (lane + kG * k < C4) {
         const float a = v[k].x - mean, b = v[k].y - mean, c = v[k].z - mean, d = v[k].w - mean;
         q += (a * a + b * b) + (c * c + d * d);
       }
     }
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
+    for (int o = kG / 2; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
     const float rstd = rsqrtf(q / C + p.eps);
     const float4* w4 = reinterpret_cast<const float4*>(p.w);
     const float4* b4 = reinterpret_cast<const float4*>(p.b);
     uint2* yr = reinterpret_cast<uint2*>(p.y + int64_t(row) * p.ldy);
 #pragma unroll
     for (int k = 0; k < kPer4; ++k) {
-      const int c = lane + 32 * k;
-      if (c < C4) {
+      const int c = lane + kG * k;
+      if (valid && c < C4) {
         const float4 w = w4[c], b = b4[c];
         __align__(8) __nv_bfloat162 h[2] = {
             __floats2bfloat162_rn((v[k].x - mean) * rstd * w.x + b.x, (v[k].y - mean) * rstd * w.y + b.y),
@@ -152,10 +156,14 @@ void launch(LnParams p, cudaStream_t stream) {
   SAV_CHECK(p.M >= 0, "layernorm: negative row count " << p.M);
   if (p.M == 0) return;
   auto a16 = [](const void* q) { return q == nullptr || reinterpret_cast<uintptr_t>(q) % 16 == 0; };
-  p.vec4 = p.C % 4 == 0 && p.ldx % 4 == 0 && p.ldy % 4 == 0 && a16(p.x) && a16(p.xout) && a16(p.pe) &&
-           a16(p.cls) && a16(p.pos) && a16(p.w) && a16(p.b) && reinterpret_cast<uintptr_t>(p.y) % 8 == 0;
-  const int blocks = (p.M + kLnWarps - 1) / kLnWarps;
-  layernorm_kernel<<<blocks, kLnWarps * 32, 0, stream>>>(p);
+  p.vec4 = p.C % 4 == 0 && p.ldx % 4 == 0 && p.ldy % 4 == 0 && a16(p.x) && a16(p.xout) && a16(p.pe) && a16(p.cls) &&
+           a16(p.pos) && a16(p.w) && a16(p.b) && reinterpret_cast<uintptr_t>(p.y) % 8 == 0;
+  if (p.vec4 && p.C / 4 <= 16 * (kLnPerLane / 4)) {  // half a warp per row
+    const int rows = kLnWarps * 2;
+    layernorm_kernel<16><<<(p.M + rows - 1) / rows, kLnWarps * 32, 0, stream>>>(p);
+  } else {
+    layernorm_kernel<32><<<(p.M + kLnWarps - 1) / kLnWarps, kLnWarps * 32, 0, stream>>>(p);
+  }
   SAV_CUDA_CHECK_LAUNCH();
 }
 
