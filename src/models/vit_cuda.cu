@@ -2,6 +2,7 @@
 // weights stacked), activations sized for the largest batch seen, a CUDA graph per batch size. See
 // vit_cuda.h.
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <map>
@@ -32,20 +33,23 @@ constexpr size_t kNone = cuda::kNoOffset;
 
 // One linear layer on the device. dense / shift: w (F,K) bf16 (shift decoded, exact) with a bias in the
 // epilogue's type (b16 for bf16 outputs, b32 for f32 outputs). MoE: w the stacked (Fs,K) weight
-// (moe_stack_weights), f32 biases b0, b1 (F) and br (2), and its slot in the routing-choice buffer.
+// (moe_stack_weights), f32 biases b0, b1 (F) and br (2), the f32 router wr (2,K), and its slot in the
+// routing-choice buffer; a MoE layer that runs masked (straight-through gate, MoeMasked) also wa = W_aug (F,Ka)
+// (moe_masked_weights).
 // Shift: also its index in the shift-layer list (packed form, path choices) and, for bf16 outputs, bp = the
 // bf16-rounded bias in f32 (the packed kernel's bias: the values the cuBLASLt epilogue adds).
 struct LinOff {
   LinearKind kind = LinearKind::dense;
-  int K = 0, F = 0, Fs = 0, moe_slot = -1, shift = -1;
-  size_t w = kNone, b16 = kNone, b32 = kNone, b0 = kNone, b1 = kNone, br = kNone, wr = kNone, bp = kNone;
+  int K = 0, F = 0, Fs = 0, Ka = 0, moe_slot = -1, shift = -1;
+  size_t w = kNone, b16 = kNone, b32 = kNone, b0 = kNone, b1 = kNone, br = kNone, wr = kNone, bp = kNone, wa = kNone;
   std::string name;
 };
 struct Lin {
   LinearKind kind = LinearKind::dense;
-  int K = 0, F = 0, Fs = 0, moe_slot = -1, shift = -1;
+  int K = 0, F = 0, Fs = 0, Ka = 0, moe_slot = -1, shift = -1;
   const bf16* w = nullptr;
   const bf16* b16 = nullptr;
+  const bf16* wa = nullptr;  // MoE, masked: W_aug (F,Ka); nullptr: the stacked product + epilogue kernel
   const float *b32 = nullptr, *b0 = nullptr, *b1 = nullptr, *br = nullptr, *wr = nullptr, *bp = nullptr;
 };
 
@@ -62,6 +66,22 @@ struct ShiftLayer {
   cuda::ShiftPackedWeights packed;
   std::map<int, ShiftChoice> chosen;  // by M
 };
+
+// Which MoE linears of the layered path run the masked product (ops.h moe_route_mask_forward + one Gemm with the
+// epilogue fused) instead of the stacked product + epilogue kernel; only with the straight-through gate. Read once,
+// at construction, from the environment variable SAV_MOE_MASKED: "fc1" (default: the GELU layers), "all" (every
+// MoE linear whose output is contiguous: fc1, fc2, proj, a softmax block's qkv; a Hamming block's to_qk and to_v
+// write the halves of one buffer and stay stacked) or "off".
+enum class MoeMasked { off, fc1, all };
+
+MoeMasked moe_masked_from_env() {
+  const char* v = std::getenv("SAV_MOE_MASKED");
+  const std::string s = v ? v : "";
+  if (s.empty() || s == "fc1") return MoeMasked::fc1;
+  if (s == "all") return MoeMasked::all;
+  SAV_CHECK(s == "off", "ViTCuda: SAV_MOE_MASKED must be fc1, all or off, got '" << s << "'");
+  return MoeMasked::off;
+}
 
 // The fused kernel's view of a layer (vit_fused.h); choices: the layer's slot of the routing buffer.
 cuda::FusedLinear fused_linear(const Lin& L, int8_t* choices) {
@@ -108,10 +128,12 @@ void dense_or_shift(const ParamSet& ps, const std::string& prefix, LinearKind ki
 }
 
 // Adds the layers `prefixes` (same kind, same K; their outputs stacked: F = sum of theirs) to the pool.
-// MoE takes exactly one prefix. bias_bf16: the epilogue writes bf16 (bias in bf16), else f32. A shift layer is
-// also appended to `shifts` with its packed form (uploaded now) when ro's exponent range fits it.
+// MoE takes exactly one prefix; masked: also W_aug (the layer runs the masked product). bias_bf16: the epilogue
+// writes bf16 (bias in bf16), else f32. A shift layer is also appended to `shifts` with its packed form (uploaded
+// now) when ro's exponent range fits it.
 LinOff add_linear(WeightPool& pb, const ParamSet& ps, const std::vector<std::string>& prefixes, LinearKind kind, int K,
-                  int F1, bool bias_bf16, const ReparamOptions& ro, int* moe_count, std::vector<ShiftLayer>* shifts) {
+                  int F1, bool bias_bf16, const ReparamOptions& ro, int* moe_count, std::vector<ShiftLayer>* shifts,
+                  bool masked = false) {
   LinOff o;
   o.kind = kind, o.K = K, o.name = prefixes[0];
   if (kind == LinearKind::moe) {
@@ -127,7 +149,14 @@ LinOff add_linear(WeightPool& pb, const ParamSet& ps, const std::vector<std::str
     o.b0 = pb.add_f32(ps.get(p + ".experts.0.bias"));
     o.b1 = pb.add_f32(ps.get(p + ".experts.1.bias"));
     o.br = pb.add_f32(ps.get(p + ".router.bias"));
-    o.wr = pb.add_f32(ps.get(p + ".router.weight"));  // f32 router of the fused kernel
+    o.wr = pb.add_f32(ps.get(p + ".router.weight"));  // f32 router of the fused kernel and the masked form
+    if (masked) {
+      const std::vector<bf16> wa =
+          cuda::moe_masked_weights(ps.get(p + ".experts.0.weight").f32(), w1.data(),
+                                   ps.get(p + ".experts.0.bias").f32(), ps.get(p + ".experts.1.bias").f32(), F1, K);
+      o.Ka = cuda::moe_masked_cols(K);
+      o.wa = pb.add(wa.data(), wa.size() * sizeof(bf16));
+    }
     o.moe_slot = (*moe_count)++;
     return o;
   }
@@ -171,7 +200,8 @@ struct ViTCuda::Impl {
               *head_b = nullptr;
   std::vector<BlockWeights> blocks;
   std::vector<std::string> moe_names;    // by slot, in forward order
-  int moe_fs = 0;                        // widest stacked MoE weight (scratch columns)
+  int moe_fs = 0;                        // widest stacked MoE weight of a layer not run masked (scratch columns)
+  int moe_ka = 0;                        // widest W_aug of a masked MoE layer (x_aug scratch columns)
   std::vector<ShiftLayer> shift_layers;  // in forward order
   ViTCudaShiftPath shift_mode = ViTCudaShiftPath::automatic;
   std::map<std::tuple<int, int, int, int>, ShiftChoice> shift_shape_choices;  // (M, K, F, epilogue): timed once
@@ -182,7 +212,7 @@ struct ViTCuda::Impl {
   int capacity = 0;
   int last_rows = 0;  // rows (B*N) of the last forward, for moe_choices()
   DeviceBuffer<float> x, pe, moe_s;
-  DeviceBuffer<bf16> xn, qkv, ao, hid, cols, clsn;
+  DeviceBuffer<bf16> xn, qkv, ao, hid, cols, clsn, moe_xa;  // moe_xa: x_aug of the masked MoE layers
   DeviceBuffer<int8_t> choices;
   DeviceBuffer<unsigned char> ham_ws;  // Hamming kernels' workspace  // (MoE layers, capacity*N) expert of each token
   cuda::GraphCache graphs;
@@ -247,6 +277,7 @@ struct ViTCuda::Impl {
     cols.resize(size_t(B) * P * K);
     clsn.resize(size_t(B) * C);
     moe_s.resize(M * size_t(moe_fs));
+    moe_xa.resize(M * size_t(moe_ka));
     choices.resize(M * moe_names.size());
     // the Hamming kernels' plan (chunking) depends on the batch: room for every batch up to this one
     size_t ws = 1;
@@ -348,14 +379,24 @@ struct ViTCuda::Impl {
 
   // out (M, ldo) = the layer applied to x (M, K) with the epilogue: bf16 | GELU -> bf16 | f32 residual add.
   // dense: one cuBLASLt product with a fused epilogue (contiguous outputs: ldo == F); shift: that or the
-  // packed-mma kernel (shift_path_for); MoE: the stacked product into the f32 scratch, then the routing
-  // epilogue kernel.
+  // packed-mma kernel (shift_path_for); MoE, masked (L.wa): the router + mask kernel writes x_aug, then one
+  // cuBLASLt product with W_aug and the fused epilogue (GELU: the tanh form); MoE, stacked: the stacked product
+  // into the f32 scratch, then the routing epilogue kernel (GELU: the erf form).
   void linear(const Lin& L, const bf16* xin, int M, Epi epi, void* out, int ldo, cudaStream_t s) {
     if (L.kind != LinearKind::moe) {
       if (L.shift >= 0 && shift_path_for(L, xin, M, epi, s) == cuda::shift_path_packed_mma)
         packed_linear(L, xin, M, epi, out, ldo, s);
       else
         decoded_linear(L, xin, M, epi, out, ldo, s);
+      return;
+    }
+    if (L.wa) {
+      SAV_CHECK(ldo == L.F, "internal: strided output of a masked MoE linear");
+      cuda::moe_route_mask_forward(moe_xa.get(), L.Ka, choice_slot(L), xin, L.K, L.wr, L.br, M, L.K, s);
+      if (epi == Epi::residual)
+        gemm.linear_f32(static_cast<float*>(out), moe_xa.get(), L.wa, nullptr, M, L.Ka, L.F, true, s);
+      else
+        gemm.linear_bf16(static_cast<bf16*>(out), moe_xa.get(), L.wa, nullptr, M, L.Ka, L.F, epi == Epi::gelu, s);
       return;
     }
     gemm.linear_f32(moe_s.get(), xin, L.w, nullptr, M, L.K, L.Fs, false, s);
@@ -434,11 +475,16 @@ ViTCuda::ViTCuda(const Vit& model) : impl_(nullptr) {
   SAV_CHECK(c.is_dense() || !ro.release_compat,
             "ViTCuda computes METHOD.md's ShiftAddViT; the release compatibility mode (release_compat: log-exp "
             "MoE combine, fixed-point shift inputs) runs on the CPU only");
+  const MoeMasked masked_mode = moe_masked_from_env();
   SAV_CHECK(cuda::device_available(), "ViTCuda: no CUDA device is available");
   impl_ = std::make_unique<Impl>();
   Impl& m = *impl_;
   m.cfg = c;
   m.gate = ro.gate == cpu::moe_gate_prob ? cuda::moe_gate_prob : cuda::moe_gate_straight_through;
+  // which MoE linears run masked (straight-through gate only): the GELU layers (fc1), or every one whose output is
+  // contiguous (not a Hamming block's to_qk / to_v)
+  const bool st = m.gate == cuda::moe_gate_straight_through;
+  const bool mask_fc1 = st && masked_mode != MoeMasked::off, mask_all = st && masked_mode == MoeMasked::all;
   const ParamSet& ps = model.params();
   auto T = [&](const std::string& n) -> const Tensor& { return ps.get(n); };
   const ParamSet* bufs = mv.buffers();
@@ -458,7 +504,7 @@ ViTCuda::ViTCuda(const Vit& model) : impl_(nullptr) {
     o.ln1_w = pb.add_f32(T(p + "norm1.weight"));
     o.ln1_b = pb.add_f32(T(p + "norm1.bias"));
     if (o.attn == 's') {
-      o.qkv = add_linear(pb, ps, {p + "attn.qkv"}, ak, C, 3 * C, true, ro, &moe_count, &m.shift_layers);
+      o.qkv = add_linear(pb, ps, {p + "attn.qkv"}, ak, C, 3 * C, true, ro, &moe_count, &m.shift_layers, mask_all);
     } else {
       if (ak == LinearKind::moe) {
         o.to_qk = add_linear(pb, ps, {p + "attn.to_qk"}, ak, C, C, true, ro, &moe_count, &m.shift_layers);
@@ -473,11 +519,11 @@ ViTCuda::ViTCuda(const Vit& model) : impl_(nullptr) {
       o.A = pb.add_f32(bufs->get(p + "attn.ksh.A"));
       o.conv = pb.add_f32(T(p + "attn.dwconv.weight"));
     }
-    o.proj = add_linear(pb, ps, {p + "attn.proj"}, ak, C, C, false, ro, &moe_count, &m.shift_layers);
+    o.proj = add_linear(pb, ps, {p + "attn.proj"}, ak, C, C, false, ro, &moe_count, &m.shift_layers, mask_all);
     o.ln2_w = pb.add_f32(T(p + "norm2.weight"));
     o.ln2_b = pb.add_f32(T(p + "norm2.bias"));
-    o.fc1 = add_linear(pb, ps, {p + "mlp.fc1"}, mk, C, F, true, ro, &moe_count, &m.shift_layers);
-    o.fc2 = add_linear(pb, ps, {p + "mlp.fc2"}, mk, F, C, false, ro, &moe_count, &m.shift_layers);
+    o.fc1 = add_linear(pb, ps, {p + "mlp.fc1"}, mk, C, F, true, ro, &moe_count, &m.shift_layers, mask_fc1);
+    o.fc2 = add_linear(pb, ps, {p + "mlp.fc2"}, mk, F, C, false, ro, &moe_count, &m.shift_layers, mask_all);
   }
   const size_t o_norm_w = pb.add_f32(T("norm.weight"));
   const size_t o_norm_b = pb.add_f32(T("norm.bias"));
@@ -497,12 +543,15 @@ ViTCuda::ViTCuda(const Vit& model) : impl_(nullptr) {
   m.moe_names.resize(moe_count);
   auto lin = [&](const LinOff& o) {
     Lin L;
-    L.kind = o.kind, L.K = o.K, L.F = o.F, L.Fs = o.Fs, L.moe_slot = o.moe_slot, L.shift = o.shift;
+    L.kind = o.kind, L.K = o.K, L.F = o.F, L.Fs = o.Fs, L.Ka = o.Ka, L.moe_slot = o.moe_slot, L.shift = o.shift;
     L.w = B16(o.w), L.b16 = B16(o.b16), L.b32 = F32(o.b32), L.b0 = F32(o.b0), L.b1 = F32(o.b1), L.br = F32(o.br);
-    L.wr = F32(o.wr), L.bp = F32(o.bp);
+    L.wr = F32(o.wr), L.bp = F32(o.bp), L.wa = B16(o.wa);
     if (o.kind == LinearKind::moe) {
       m.moe_names[o.moe_slot] = o.name;
-      m.moe_fs = std::max(m.moe_fs, o.Fs);
+      if (L.wa)
+        m.moe_ka = std::max(m.moe_ka, o.Ka);
+      else
+        m.moe_fs = std::max(m.moe_fs, o.Fs);
     }
     return L;
   };

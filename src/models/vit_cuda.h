@@ -9,7 +9,7 @@
 //
 // Precision: matrices in bf16 (weights and the activations fed to products), f32 accumulation, the
 // residual stream, LayerNorm statistics and the softmax in f32; GELU is cuBLASLt's tanh form (gemm.h) in
-// dense and shift fc1 layers, the erf form (the CPU's) in MoE fc1 layers.
+// dense, shift and masked MoE fc1 layers, the erf form (the CPU's) in stacked MoE fc1 layers (see below).
 // Logits agree with the f32 CPU engine to about 1e-2 of max|logit| for dense models
 // (tests/cuda/test_vit_cuda.cpp; converted models: see there).
 //
@@ -27,10 +27,16 @@
 //                 (layer shape, batch size) the faster one runs (set_shift_path, shift_paths). The bias of a
 //                 bf16-output layer is the bf16-rounded one on both paths. ReparamOptions::int_kernel, a CPU
 //                 path, is not used here;
-//   MoE linear    one product with the stacked weight [W0; W1; router] into an f32 scratch, then one kernel
-//                 that routes each token (top-1 argmax, ties -> mult expert), applies the gate
+//   MoE linear    stacked: one product with the stacked weight [W0; W1; router] into an f32 scratch, then one
+//                 kernel that routes each token (top-1 argmax, ties -> mult expert), applies the gate
 //                 (ReparamOptions::gate: straight-through = 1, prob = p) and the layer's epilogue
-//                 (ops/cuda/ops.h moe_epilogue_forward); both experts are computed for every token;
+//                 (ops/cuda/ops.h moe_epilogue_forward); masked (straight-through gate only): one kernel routes
+//                 each token (f32 router) and writes the doubled input [x s0 | x s1 | s0 s0 s1 s1], then one
+//                 product with [W0 | W1 | biases] and the layer's epilogue fused in cuBLASLt (no f32 scratch;
+//                 ops.h moe_route_mask_forward). The environment variable SAV_MOE_MASKED, read at construction,
+//                 picks the masked layers: fc1 (default), all (every MoE linear with a contiguous output: fc1,
+//                 fc2, proj, softmax qkv; not a Hamming block's to_qk / to_v) or off. Both forms compute both
+//                 experts for every token;
 //   Hamming attn  to_qk and to_v as one product on the stacked [W_qk; W_v] (dense / shift) or two MoE
 //                 linears writing the two halves of one (M, 2C) buffer, then the fused Hamming kernel
 //                 (ops/cuda/hamming_tiled.cu: split over many CTAs per image and head), then proj.
@@ -80,9 +86,9 @@ class ViTCuda {
  public:
   // Copies the parameters (and the KSH buffers) of `model` to the current CUDA device, decoding shift
   // weights and stacking MoE weights, and reads the model's ReparamOptions (gate mode, shift exponent
-  // range). Throws sav::Error for sizes the kernels do not cover (softmax blocks: N <= 256 and head size <= 64; C <=
-  // 1024; Hamming blocks: ops/cuda/hamming_tiled.h hamming_tiled_supports) and for ReparamOptions::release_compat (a
-  // CPU-only mode), before touching the device.
+  // range) and SAV_MOE_MASKED (above). Throws sav::Error for sizes the kernels do not cover (softmax blocks: N <= 256
+  // and head size <= 64; C <= 1024; Hamming blocks: ops/cuda/hamming_tiled.h hamming_tiled_supports), for
+  // ReparamOptions::release_compat (a CPU-only mode) and for an unknown SAV_MOE_MASKED, before touching the device.
   explicit ViTCuda(const Vit& model);
   ~ViTCuda();
   ViTCuda(const ViTCuda&) = delete;

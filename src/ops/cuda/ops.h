@@ -7,6 +7,7 @@
 //   attention_forward(out, qkv, B, N, C, H, stream);
 //   hamming_attention_forward(out, qk, v, anchors, mu, A, conv_w, B, N, C, H, nbits, m, stream);
 //   moe_epilogue_forward(out, ldo, choice, s, lds, b0, b1, br, M, F, gate, epi, stream);  // after the stacked Gemm
+//   moe_route_mask_forward(xa, Ka, choice, x, K, wr, br, M, K, stream);  // before the masked Gemm (Ka columns)
 //
 // Shape legend (as ops/cpu/ops.h): B batch, N tokens, C channels, H heads, d = C/H, M rows, P patches per
 // image, p patch side, Cin image channels, S image side, K = Cin*p*p (in-features of a linear), F
@@ -79,7 +80,7 @@ bool hamming_attention_supports(int N, int C, int H, int nbits, int m);
 // [0,F) expert 0 (mult), [F,2F) expert 1 (shift, decoded to its exact bf16 powers of two), [2F,2F+2) the
 // router's bf16 high part, [2F+2,2F+4) its bf16 remainder (so the router keeps ~16 bits of its f32 weight:
 // the routing is a discrete decision), then zero padding to a multiple of 16 rows.
-// Step 2 (this kernel, one warp per token row): logits l_e = s[2F+e] + s[2F+2+e] + br[e]; e = argmax (ties
+// Step 2 (this kernel, one thread per float4 of the output): logits l_e = s[2F+e] + s[2F+2+e] + br[e]; e = argmax (ties
 // -> expert 0, as cpu::moe_router_forward); gate g = 1 (straight-through: p / stop_grad(p) is 1 in the
 // forward) or the softmax probability of e (prob); y = (s[e*F + j] + b_e[j]) * g; then the epilogue:
 //   moe_epilogue_bf16:          out (M,ldo) bf16 = y                      (qkv, to_qk, to_v)
@@ -88,8 +89,8 @@ bool hamming_attention_supports(int N, int C, int H, int nbits, int m);
 // choice (M) int8 receives e (nullptr: not written). b0, b1 (F) f32, br (2) f32.
 // Both experts are computed for every token: free at batch 1 (the products are launch-bound); at large
 // batch twice the FLOPs of one expert plus the f32 scratch written and half read back (DeiT-Base fc1 at
-// batch 64: 310 MB). A gathered per-expert product, or the routing fused into the product's epilogue, is
-// later work.
+// batch 64: 310 MB). The masked form below avoids the scratch for the straight-through gate; a gathered
+// per-expert product is later work.
 enum MoeEpilogue { moe_epilogue_bf16 = 0, moe_epilogue_bf16_gelu = 1, moe_epilogue_f32_residual = 2 };
 enum MoeGate { moe_gate_straight_through = 0, moe_gate_prob = 1 };
 void moe_epilogue_forward(void* out, int ldo, int8_t* choice, const float* s, int lds, const float* b0,
@@ -100,6 +101,28 @@ int moe_stack_rows(int F);
 // Host: the stacked weight (moe_stack_rows(F), K) in bf16. w0 (F,K) dense expert, w1 (F,K) shift expert
 // decoded to floats (cpu::shift_linear_weights: exact in bf16), wr (2,K) router.
 std::vector<bf16> moe_stack_weights(const float* w0, const float* w1, const float* wr, int F, int K);
+
+// Masked form, straight-through gate only (the gate is exactly 1 in the forward): the chosen expert's output is
+// ONE product over a doubled input. With s_e = 1 if the token chose expert e, else 0:
+//   x_aug (M,Ka) bf16 = [ x s0 | x s1 | s0 s0 s1 s1 | 0 ... ]            (exact copies of x and exact zeros)
+//   W_aug (F,Ka) bf16 = [ W0 | W1 | b0_hi b0_lo b1_hi b1_lo | 0 ... ]    (moe_masked_weights)
+//   x_aug W_aug^T = x W_e^T + b_e_hi + b_e_lo   for the chosen e, f32 accumulation
+// with b_hi = bf16(b), b_lo = bf16(b - b_hi): the bias to ~16 bits (|b - b_hi - b_lo| <= 2^-17 |b|). Then
+//   Gemm::linear_bf16(out, xa, W_aug, nullptr, M, Ka, F, gelu, stream)     (bf16 / GELU: cuBLASLt's tanh form)
+//   Gemm::linear_f32(out, xa, W_aug, nullptr, M, Ka, F, true, stream)      (f32 residual add)
+// so no f32 scratch and no epilogue pass: the output is written once, in its final type. The product's work,
+// M F Ka ~ 2 M F K, is the stacked form's M Fs K (both experts are still computed, the other one on zeros).
+// moe_route_mask_forward (one warp per token row): router logits in f32 from the bf16 x and the f32 router
+// weight, l_e = sum_k x_k wr[e,k] + br[e] (fmaf, a fixed order: deterministic; about 24 bits, against the stacked
+// form's ~16); e = 1 if l1 > l0, else 0 (ties and NaN -> expert 0, as cpu::moe_router_forward); choice (M) int8
+// receives e (nullptr: not written); xa rows ldxa >= Ka apart (the Gemm needs ldxa == Ka), columns [0, Ka)
+// written, the rest untouched; x (M,K) bf16 rows ldx >= K apart; wr (2,K) f32, br (2) f32. Any K >= 1.
+int moe_masked_cols(int K);  // Ka = roundup(2K + 4, 16)
+void moe_route_mask_forward(bf16* xa, int ldxa, int8_t* choice, const bf16* x, int ldx, const float* wr,
+                            const float* br, int M, int K, cudaStream_t stream);
+// Host: W_aug (F, moe_masked_cols(K)) in bf16. w0 (F,K) dense expert, w1 (F,K) shift expert decoded to floats
+// (exact in bf16), b0, b1 (F) f32 biases.
+std::vector<bf16> moe_masked_weights(const float* w0, const float* w1, const float* b0, const float* b1, int F, int K);
 
 // ---- conversions ----
 // y (n) bf16 = x (n) f32, round to nearest even
