@@ -377,6 +377,15 @@ struct ViTCuda::Impl {
     return it->second.path;
   }
 
+  // A masked MoE layer's product of x_aug (moe_xa, written by a router + mask kernel) with W_aug, epilogue fused.
+  void masked_product(const Lin& L, int M, Epi epi, void* out, int ldo, cudaStream_t s) {
+    SAV_CHECK(ldo == L.F, "internal: strided output of a masked MoE linear");
+    if (epi == Epi::residual)
+      gemm.linear_f32(static_cast<float*>(out), moe_xa.get(), L.wa, nullptr, M, L.Ka, L.F, true, s);
+    else
+      gemm.linear_bf16(static_cast<bf16*>(out), moe_xa.get(), L.wa, nullptr, M, L.Ka, L.F, epi == Epi::gelu, s);
+  }
+
   // out (M, ldo) = the layer applied to x (M, K) with the epilogue: bf16 | GELU -> bf16 | f32 residual add.
   // dense: one cuBLASLt product with a fused epilogue (contiguous outputs: ldo == F); shift: that or the
   // packed-mma kernel (shift_path_for); MoE, masked (L.wa): the router + mask kernel writes x_aug, then one
@@ -391,12 +400,8 @@ struct ViTCuda::Impl {
       return;
     }
     if (L.wa) {
-      SAV_CHECK(ldo == L.F, "internal: strided output of a masked MoE linear");
       cuda::moe_route_mask_forward(moe_xa.get(), L.Ka, choice_slot(L), xin, L.K, L.wr, L.br, M, L.K, s);
-      if (epi == Epi::residual)
-        gemm.linear_f32(static_cast<float*>(out), moe_xa.get(), L.wa, nullptr, M, L.Ka, L.F, true, s);
-      else
-        gemm.linear_bf16(static_cast<bf16*>(out), moe_xa.get(), L.wa, nullptr, M, L.Ka, L.F, epi == Epi::gelu, s);
+      masked_product(L, M, epi, out, ldo, s);
       return;
     }
     gemm.linear_f32(moe_s.get(), xin, L.w, nullptr, M, L.K, L.Fs, false, s);
@@ -444,8 +449,14 @@ struct ViTCuda::Impl {
         }
       }
       linear(w.proj, ao.get(), M, Epi::residual, x.get(), C, s);
-      cuda::layernorm_forward(xn.get(), C, x.get(), C, w.ln2_w, w.ln2_b, M, C, eps, s);
-      linear(w.fc1, xn.get(), M, Epi::gelu, hid.get(), F, s);
+      if (w.fc1.wa && cuda::moe_ln_route_mask_supports(C)) {  // masked fc1: its LayerNorm fused into the router
+        cuda::moe_ln_route_mask_forward(moe_xa.get(), w.fc1.Ka, choice_slot(w.fc1), x.get(), C, w.ln2_w, w.ln2_b, eps,
+                                        w.fc1.wr, w.fc1.br, M, C, s);
+        masked_product(w.fc1, M, Epi::gelu, hid.get(), F, s);
+      } else {
+        cuda::layernorm_forward(xn.get(), C, x.get(), C, w.ln2_w, w.ln2_b, M, C, eps, s);
+        linear(w.fc1, xn.get(), M, Epi::gelu, hid.get(), F, s);
+      }
       linear(w.fc2, hid.get(), M, Epi::residual, x.get(), C, s);
     }
     // final norm on the class tokens (rows b*N), then the head

@@ -175,6 +175,84 @@ TEST_F(MoeMasked, RouteMaskMatchesCpuReference) {
   }
 }
 
+// The LayerNorm fused into the router + mask kernel (moe_ln_route_mask_forward) against layernorm_forward's bf16
+// output routed by the CPU reference: every x_aug element bit for bit [xn s0 | xn s1 | s0 s0 s1 s1 | 0] with xn the
+// LayerNorm kernel's output (the same arithmetic) and the kernel's own choice; the choices equal the CPU's on
+// unambiguous rows (the header's bound, on xn); nothing written past Ka; a rerun bit-identical. K from 4 to 512
+// (the half-warp limit), rows past a whole half warp (M odd), strided rows.
+TEST_F(MoeMasked, LayerNormRouteMaskMatchesLayerNormThenCpuRouter) {
+  struct Case {
+    int M, K, ldx_pad, ldxa_pad;
+  };
+  for (const Case cs : {Case{37, 192, 0, 0}, Case{197, 48, 4, 4}, Case{5, 4, 0, 0}, Case{33, 512, 0, 8},
+                        Case{394, 384, 0, 0}, Case{1, 100, 8, 0}}) {
+    const int M = cs.M, K = cs.K, Ka = cuda::moe_masked_cols(K), ldx = K + cs.ldx_pad, ldxa = Ka + cs.ldxa_pad;
+    SCOPED_TRACE(dims({{"M", M}, {"K", K}, {"ldx", ldx}, {"ldxa", ldxa}}));
+    ASSERT_TRUE(cuda::moe_ln_route_mask_supports(K));
+    std::vector<float> xs = normal(size_t(M) * ldx, 300 + K, 2.0f);
+    for (auto& v : xs) v += 0.7f;  // a mean to remove
+    const std::vector<float> lw = uniform(K, 301, 0.5f, 1.5f), lb = uniform(K, 302, -0.5f, 0.5f);
+    auto dx = upload(xs), dlw = upload(lw), dlb = upload(lb);
+    DeviceBuffer<bf16> dxn(size_t(M) * K);
+    cuda::layernorm_forward(dxn.get(), K, dx.get(), ldx, dlw.get(), dlb.get(), M, K, 1e-6f, nullptr);
+    device_sync();
+    const std::vector<bf16> xn = dxn.download();
+    RouterCase rc = router_case(M, K, 303 + K, false);
+    for (size_t i = 0; i < xn.size(); ++i) rc.x[i] = sav::bf16_to_float(bits(xn[i]));
+    const RouterRef ref = router_ref(rc);
+    auto dwr = upload(rc.wr), dbr = upload(rc.br);
+    auto dxa = poisoned<bf16>(size_t(M) * ldxa);
+    auto dch = poisoned<int8_t>(M);
+    cuda::moe_ln_route_mask_forward(dxa.get(), ldxa, dch.get(), dx.get(), ldx, dlw.get(), dlb.get(), 1e-6f, dwr.get(),
+                                    dbr.get(), M, K, nullptr);
+    device_sync();
+    const std::vector<bf16> xa = dxa.download();
+    const std::vector<int8_t> ch = dch.download();
+    int ambiguous = 0, wrong = 0, to_shift = 0;
+    size_t bad = 0, gap_written = 0;
+    for (int t = 0; t < M; ++t) {
+      ASSERT_TRUE(ch[t] == 0 || ch[t] == 1) << "choice of row " << t << " not written";
+      const int e = ch[t];
+      to_shift += e;
+      if (ref.ambiguous[t])
+        ++ambiguous;
+      else
+        wrong += e != ref.choice[t];
+      for (int j = 0; j < Ka; ++j) {
+        uint16_t want = 0;
+        if (j < K)
+          want = e == 0 ? bits(xn[size_t(t) * K + j]) : 0;
+        else if (j < 2 * K)
+          want = e == 1 ? bits(xn[size_t(t) * K + j - K]) : 0;
+        else if (j < 2 * K + 4)
+          want = (j - 2 * K) / 2 == e ? 0x3F80 : 0;
+        bad += bits(xa[size_t(t) * ldxa + j]) != want;
+      }
+      for (int j = Ka; j < ldxa; ++j) gap_written += bits(xa[size_t(t) * ldxa + j]) != 0xFFFF;
+    }
+    EXPECT_EQ(bad, 0u) << "x_aug differs from [LayerNorm(x) s0 | LayerNorm(x) s1 | s0 s0 s1 s1 | 0]";
+    EXPECT_EQ(gap_written, 0u) << "wrote past Ka";
+    EXPECT_EQ(wrong, 0) << "routing differs from the CPU on unambiguous rows (" << ambiguous << " ambiguous)";
+    EXPECT_LE(ambiguous, 1 + M / 50) << "too many near-ties for random logits";
+    if (M >= 37) {
+      EXPECT_GT(to_shift, M / 5) << "both experts should get tokens";
+      EXPECT_LT(to_shift, M - M / 5);
+    }
+    auto dxa2 = poisoned<bf16>(size_t(M) * ldxa);
+    cuda::moe_ln_route_mask_forward(dxa2.get(), ldxa, nullptr, dx.get(), ldx, dlw.get(), dlb.get(), 1e-6f, dwr.get(),
+                                    dbr.get(), M, K, nullptr);
+    device_sync();
+    EXPECT_TRUE(bit_identical(dxa2.download(), xa)) << "rerun differs";
+  }
+  EXPECT_FALSE(cuda::moe_ln_route_mask_supports(516));
+  EXPECT_FALSE(cuda::moe_ln_route_mask_supports(190));
+  DeviceBuffer<bf16> xa(64);
+  DeviceBuffer<float> x(64);
+  EXPECT_THROW(cuda::moe_ln_route_mask_forward(xa.get(), 32, nullptr, x.get(), 6, x.get(), x.get(), 1e-6f, x.get(),
+                                               x.get(), 1, 6, nullptr),
+               sav::Error);
+}
+
 // Identical router rows (wr[1] = wr[0], br[1] = br[0]): both logits are summed in the same order, so every row is
 // an exact tie and goes to expert 0, on both kernel paths.
 TEST_F(MoeMasked, ExactTiesGoToExpertZero) {

@@ -2,6 +2,7 @@
 // A group of lanes per row: the whole warp, or half a warp (two rows per warp, three float4 loads per lane at
 // DeiT-Tiny's C = 192 instead of one or two) when the row is float4-aligned and C <= 512. The row stays in
 // registers (at most 32 values per lane), two-pass mean / variance in f32 as cpu::layernorm_forward_ref.
+#include "ops/cuda/layernorm.cuh"
 #include "ops/cuda/ops.h"
 
 namespace sav::cuda {
@@ -10,6 +11,7 @@ namespace {
 
 constexpr int kLnMaxC = 1024;
 constexpr int kLnPerLane = kLnMaxC / 32;
+static_assert(ln::kMaxPer4 == kLnPerLane / 4, "the vector path keeps 8 float4 a lane");
 constexpr int kLnWarps = 8;  // rows per block
 
 struct LnParams {
@@ -72,35 +74,15 @@ __global__ void layernorm_kernel(const LnParams p) {
       }
     }
     if (!p.y) return;
-#pragma unroll
-    for (int k = 0; k < kPer4; ++k) s += (v[k].x + v[k].y) + (v[k].z + v[k].w);
-#pragma unroll
-    for (int o = kG / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    const float mean = s / C;
-    float q = 0.0f;
-#pragma unroll
-    for (int k = 0; k < kPer4; ++k) {
-      if (lane + kG * k < C4) {
-        const float a = v[k].x - mean, b = v[k].y - mean, c = v[k].z - mean, d = v[k].w - mean;
-        q += (a * a + b * b) + (c * c + d * d);
-      }
-    }
-#pragma unroll
-    for (int o = kG / 2; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
-    const float rstd = rsqrtf(q / C + p.eps);
+    float mean, rstd;
+    ln::row_stats<kG>(v, lane, C, p.eps, mean, rstd);
     const float4* w4 = reinterpret_cast<const float4*>(p.w);
     const float4* b4 = reinterpret_cast<const float4*>(p.b);
     uint2* yr = reinterpret_cast<uint2*>(p.y + int64_t(row) * p.ldy);
 #pragma unroll
     for (int k = 0; k < kPer4; ++k) {
       const int c = lane + kG * k;
-      if (valid && c < C4) {
-        const float4 w = w4[c], b = b4[c];
-        __align__(8) __nv_bfloat162 h[2] = {
-            __floats2bfloat162_rn((v[k].x - mean) * rstd * w.x + b.x, (v[k].y - mean) * rstd * w.y + b.y),
-            __floats2bfloat162_rn((v[k].z - mean) * rstd * w.z + b.z, (v[k].w - mean) * rstd * w.w + b.w)};
-        yr[c] = *reinterpret_cast<const uint2*>(h);
-      }
+      if (valid && c < C4) yr[c] = ln::apply4(v[k], mean, rstd, w4[c], b4[c]);
     }
     return;
   }

@@ -30,6 +30,7 @@
 #include <cmath>
 
 #include "core/tensor.h"
+#include "ops/cuda/layernorm.cuh"
 #include "ops/cuda/ops.h"
 
 namespace sav::cuda {
@@ -205,6 +206,82 @@ __global__ void __launch_bounds__(kMaskRowsPerBlock * 32)
   if (lane == 0 && p.choice) p.choice[row] = static_cast<int8_t>(e);
 }
 
+struct MoeLnMaskParams {
+  bf16* xa;
+  int8_t* choice;
+  const float *x, *ln_w, *ln_b, *wr, *br;
+  float eps;
+  int ldxa, ldx, M, K, Ka;
+};
+
+constexpr int kLnMaskGroup = 16;                                            // lanes per row
+constexpr int kLnMaskRowsPerBlock = kMaskRowsPerBlock * 32 / kLnMaskGroup;  // 16
+
+// LayerNorm (ln::row_stats / apply4, as layernorm_kernel<16>) + router + mask, half a warp per row: lane l holds
+// float4 number l + 16 k of the row, normalises it to four bf16, adds their products with the router weights to
+// its two partial logits (in k order), the 16 partials are summed by a butterfly, and the lane writes its four
+// bf16 (8 bytes) into the chosen half of x_aug and zeros into the other. A half warp past the last row computes on
+// zeros and stores nothing.
+__global__ void __launch_bounds__(kMaskRowsPerBlock * 32)
+    moe_ln_route_mask_kernel(const __grid_constant__ MoeLnMaskParams p) {
+  constexpr int kG = kLnMaskGroup;
+  const int lane = threadIdx.x % kG;
+  const int row = blockIdx.x * kLnMaskRowsPerBlock + threadIdx.x / kG;
+  const bool valid = row < p.M;
+  const int K = p.K, K4 = K / 4;
+  float4 v[ln::kMaxPer4];
+  const float4* xr = reinterpret_cast<const float4*>(p.x + int64_t(row) * p.ldx);
+#pragma unroll
+  for (int k = 0; k < ln::kMaxPer4; ++k) {
+    const int c = lane + kG * k;
+    v[k] = valid && c < K4 ? xr[c] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  }
+  float mean, rstd;
+  ln::row_stats<kG>(v, lane, K, p.eps, mean, rstd);
+  const float4 *w4 = reinterpret_cast<const float4*>(p.ln_w), *b4 = reinterpret_cast<const float4*>(p.ln_b);
+  const float4 *r0 = reinterpret_cast<const float4*>(p.wr), *r1 = reinterpret_cast<const float4*>(p.wr + K);
+  uint2 y[ln::kMaxPer4];
+  float a0 = 0.0f, a1 = 0.0f;
+#pragma unroll
+  for (int k = 0; k < ln::kMaxPer4; ++k) {
+    const int c = lane + kG * k;
+    y[k] = make_uint2(0u, 0u);
+    if (c < K4) {
+      y[k] = ln::apply4(v[k], mean, rstd, w4[c], b4[c]);
+      const float4 q0 = r0[c], q1 = r1[c];
+      const float e0 = __uint_as_float(y[k].x << 16), e1 = __uint_as_float(y[k].x & 0xFFFF0000u);
+      const float e2 = __uint_as_float(y[k].y << 16), e3 = __uint_as_float(y[k].y & 0xFFFF0000u);
+      a0 = fmaf(e0, q0.x, a0), a1 = fmaf(e0, q1.x, a1);
+      a0 = fmaf(e1, q0.y, a0), a1 = fmaf(e1, q1.y, a1);
+      a0 = fmaf(e2, q0.z, a0), a1 = fmaf(e2, q1.z, a1);
+      a0 = fmaf(e3, q0.w, a0), a1 = fmaf(e3, q1.w, a1);
+    }
+  }
+#pragma unroll
+  for (int o = kG / 2; o > 0; o >>= 1) {
+    a0 += __shfl_xor_sync(0xffffffffu, a0, o);
+    a1 += __shfl_xor_sync(0xffffffffu, a1, o);
+  }
+  if (!valid) return;
+  const float l0 = a0 + p.br[0], l1 = a1 + p.br[1];
+  const int e = l1 > l0 ? 1 : 0;  // ties and NaN -> expert 0
+  uint2* o2 = reinterpret_cast<uint2*>(p.xa + int64_t(row) * p.ldxa);
+  const uint2 z = make_uint2(0u, 0u);
+#pragma unroll
+  for (int k = 0; k < ln::kMaxPer4; ++k) {
+    const int c = lane + kG * k;
+    if (c < K4) {
+      o2[c] = e ? z : y[k];
+      o2[K4 + c] = e ? y[k] : z;
+    }
+  }
+  // columns [2K, Ka): s0 s0 s1 s1 (bf16 1.0 = 0x3F80), then zeros
+  constexpr uint32_t kOnes = 0x3F803F80u;
+  for (int c = 2 * K4 + lane; c < p.Ka / 4; c += kG)
+    o2[c] = c == 2 * K4 ? make_uint2(e ? 0u : kOnes, e ? kOnes : 0u) : z;
+  if (lane == 0 && p.choice) p.choice[row] = static_cast<int8_t>(e);
+}
+
 bool aligned(const void* q, int a) { return reinterpret_cast<uintptr_t>(q) % a == 0; }
 
 }  // namespace
@@ -285,6 +362,29 @@ void moe_route_mask_forward(bf16* xa, int ldxa, int8_t* choice, const bf16* x, i
   p.vec = K % 8 == 0 && ldx % 8 == 0 && ldxa % 8 == 0 && aligned(x, 16) && aligned(xa, 16) && aligned(wr, 16);
   const int blocks = (M + kMaskRowsPerBlock - 1) / kMaskRowsPerBlock;
   moe_route_mask_kernel<<<blocks, kMaskRowsPerBlock * 32, 0, stream>>>(p);
+  SAV_CUDA_CHECK_LAUNCH();
+}
+
+bool moe_ln_route_mask_supports(int K) { return K >= 4 && K % 4 == 0 && K / 4 <= kLnMaskGroup * ln::kMaxPer4; }
+
+void moe_ln_route_mask_forward(bf16* xa, int ldxa, int8_t* choice, const float* x, int ldx, const float* ln_w,
+                               const float* ln_b, float eps, const float* wr, const float* br, int M, int K,
+                               cudaStream_t stream) {
+  SAV_CHECK(xa && x && ln_w && ln_b && wr && br, "moe layernorm+route+mask: null pointer");
+  SAV_CHECK(moe_ln_route_mask_supports(K), "moe layernorm+route+mask: K=" << K
+                                                                          << " not supported (K % 4 == 0, 4 <= K <= "
+                                                                          << 4 * kLnMaskGroup * ln::kMaxPer4 << ")");
+  const int Ka = moe_masked_cols(K);
+  SAV_CHECK(M >= 0 && ldx >= K && ldxa >= Ka && ldx % 4 == 0 && ldxa % 4 == 0,
+            "moe layernorm+route+mask: bad sizes M=" << M << " K=" << K << " ldx=" << ldx << " ldxa=" << ldxa);
+  SAV_CHECK(aligned(x, 16) && aligned(ln_w, 16) && aligned(ln_b, 16) && aligned(wr, 16) && aligned(xa, 8),
+            "moe layernorm+route+mask: misaligned pointers");
+  if (M == 0) return;
+  MoeLnMaskParams p{};
+  p.xa = xa, p.choice = choice, p.x = x, p.ln_w = ln_w, p.ln_b = ln_b, p.wr = wr, p.br = br, p.eps = eps;
+  p.ldxa = ldxa, p.ldx = ldx, p.M = M, p.K = K, p.Ka = Ka;
+  const int blocks = (M + kLnMaskRowsPerBlock - 1) / kLnMaskRowsPerBlock;
+  moe_ln_route_mask_kernel<<<blocks, kMaskRowsPerBlock * 32, 0, stream>>>(p);
   SAV_CUDA_CHECK_LAUNCH();
 }
 

@@ -120,6 +120,15 @@ std::vector<bf16> moe_stack_weights(const float* w0, const float* w1, const floa
 int moe_masked_cols(int K);  // Ka = roundup(2K + 4, 16)
 void moe_route_mask_forward(bf16* xa, int ldxa, int8_t* choice, const bf16* x, int ldx, const float* wr,
                             const float* br, int M, int K, cudaStream_t stream);
+// The same with the LayerNorm before it fused (one kernel instead of two): x (M,K) f32 rows ldx apart, ln_w, ln_b
+// (K) f32; the x_aug columns are bit for bit those of layernorm_forward's bf16 output (same arithmetic), the
+// router sums them in another order than moe_route_mask_forward (a choice may differ at near-ties). Half a warp
+// per row: K % 4 == 0 and K <= 512 (moe_ln_route_mask_supports); ldx, ldxa multiples of 4, x, ln_w, ln_b, wr
+// 16-byte and xa 8-byte aligned, else it throws.
+bool moe_ln_route_mask_supports(int K);
+void moe_ln_route_mask_forward(bf16* xa, int ldxa, int8_t* choice, const float* x, int ldx, const float* ln_w,
+                               const float* ln_b, float eps, const float* wr, const float* br, int M, int K,
+                               cudaStream_t stream);
 // Host: W_aug (F, moe_masked_cols(K)) in bf16. w0 (F,K) dense expert, w1 (F,K) shift expert decoded to floats
 // (exact in bf16), b0, b1 (F) f32 biases.
 std::vector<bf16> moe_masked_weights(const float* w0, const float* w1, const float* b0, const float* b1, int F, int K);

@@ -1,0 +1,49 @@
+// shiftaddvit CUDA backend: the row LayerNorm arithmetic that more than one kernel computes (the LayerNorm
+// kernel, and the MoE router + mask kernel with the LayerNorm before it fused), so they agree bit for bit.
+// Device code only; include from .cu files.
+//
+// A row of C floats (C % 4 == 0) is held by a group of kG aligned lanes of a warp (kG = 16 or 32): lane l holds
+// float4 number l + kG k in v[k] (zeros past C / 4). Two-pass mean / variance in f32, as
+// cpu::layernorm_forward_ref; every lane of the group gets the same bits.
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+namespace sav::cuda::ln {
+
+constexpr int kMaxPer4 = 8;  // float4 per lane: C <= 4 kG kMaxPer4
+
+template <int kG>
+__device__ __forceinline__ void row_stats(const float4 (&v)[kMaxPer4], int lane, int C, float eps, float& mean,
+                                          float& rstd) {
+  const int C4 = C / 4;
+  float s = 0.0f;
+#pragma unroll
+  for (int k = 0; k < kMaxPer4; ++k) s += (v[k].x + v[k].y) + (v[k].z + v[k].w);
+#pragma unroll
+  for (int o = kG / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  mean = s / C;
+  float q = 0.0f;
+#pragma unroll
+  for (int k = 0; k < kMaxPer4; ++k) {
+    if (lane + kG * k < C4) {
+      const float a = v[k].x - mean, b = v[k].y - mean, c = v[k].z - mean, d = v[k].w - mean;
+      q += (a * a + b * b) + (c * c + d * d);
+    }
+  }
+#pragma unroll
+  for (int o = kG / 2; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
+  rstd = rsqrtf(q / C + eps);
+}
+
+// (v - mean) rstd w + b as four bf16 (rounded once), packed in 8 bytes in column order
+__device__ __forceinline__ uint2 apply4(float4 v, float mean, float rstd, float4 w, float4 b) {
+  __align__(8)
+      __nv_bfloat162 h[2] = {__floats2bfloat162_rn((v.x - mean) * rstd * w.x + b.x, (v.y - mean) * rstd * w.y + b.y),
+                             __floats2bfloat162_rn((v.z - mean) * rstd * w.z + b.z, (v.w - mean) * rstd * w.w + b.w)};
+  return *reinterpret_cast<const uint2*>(h);
+}
+
+}  // namespace sav::cuda::ln
