@@ -377,6 +377,11 @@ struct ViTCuda::Impl {
     return it->second.path;
   }
 
+  // A stacked MoE layer's product into the f32 scratch moe_s (both experts and the split router; then an epilogue).
+  void stacked_product(const Lin& L, const bf16* xin, int M, cudaStream_t s) {
+    gemm.linear_f32(moe_s.get(), xin, L.w, nullptr, M, L.K, L.Fs, false, s);
+  }
+
   // A masked MoE layer's product of x_aug (moe_xa, written by a router + mask kernel) with W_aug, epilogue fused.
   void masked_product(const Lin& L, int M, Epi epi, void* out, int ldo, cudaStream_t s) {
     SAV_CHECK(ldo == L.F, "internal: strided output of a masked MoE linear");
@@ -404,7 +409,7 @@ struct ViTCuda::Impl {
       masked_product(L, M, epi, out, ldo, s);
       return;
     }
-    gemm.linear_f32(moe_s.get(), xin, L.w, nullptr, M, L.K, L.Fs, false, s);
+    stacked_product(L, xin, M, s);
     const cuda::MoeEpilogue me = epi == Epi::residual ? cuda::moe_epilogue_f32_residual
                                  : epi == Epi::gelu   ? cuda::moe_epilogue_bf16_gelu
                                                       : cuda::moe_epilogue_bf16;
@@ -422,9 +427,10 @@ struct ViTCuda::Impl {
     cuda::embed_layernorm_forward(has_blocks ? xn.get() : nullptr, x.get(), pe.get(), cls, pos,
                                   has_blocks ? blocks[0].ln1_w : nullptr, has_blocks ? blocks[0].ln1_b : nullptr, B, N,
                                   C, eps, s);
+    bool ln1_done = true;  // block 0's LayerNorm ran with the embedding
     for (size_t l = 0; l < blocks.size(); ++l) {
       const BlockWeights& w = blocks[l];
-      if (l > 0) cuda::layernorm_forward(xn.get(), C, x.get(), C, w.ln1_w, w.ln1_b, M, C, eps, s);
+      if (!ln1_done) cuda::layernorm_forward(xn.get(), C, x.get(), C, w.ln1_w, w.ln1_b, M, C, eps, s);
       if (w.attn == 's') {
         linear(w.qkv, xn.get(), M, Epi::bf16, qkv.get(), 3 * C, s);
         cuda::attention_forward(ao.get(), qkv.get(), B, N, C, H, s);
@@ -457,7 +463,17 @@ struct ViTCuda::Impl {
         cuda::layernorm_forward(xn.get(), C, x.get(), C, w.ln2_w, w.ln2_b, M, C, eps, s);
         linear(w.fc1, xn.get(), M, Epi::gelu, hid.get(), F, s);
       }
-      linear(w.fc2, hid.get(), M, Epi::residual, x.get(), C, s);
+      // a stacked MoE fc2: its residual epilogue fused with the next block's LayerNorm
+      ln1_done = l + 1 < blocks.size() && w.fc2.kind == LinearKind::moe && !w.fc2.wa &&
+                 cuda::moe_epilogue_residual_ln_supports(C);
+      if (ln1_done) {
+        stacked_product(w.fc2, hid.get(), M, s);
+        cuda::moe_epilogue_residual_ln_forward(x.get(), C, choice_slot(w.fc2), moe_s.get(), w.fc2.Fs, w.fc2.b0,
+                                               w.fc2.b1, w.fc2.br, M, C, gate, xn.get(), C, blocks[l + 1].ln1_w,
+                                               blocks[l + 1].ln1_b, eps, s);
+      } else {
+        linear(w.fc2, hid.get(), M, Epi::residual, x.get(), C, s);
+      }
     }
     // final norm on the class tokens (rows b*N), then the head
     cuda::layernorm_forward(clsn.get(), C, x.get(), N * C, norm_w, norm_b, B, C, eps, s);

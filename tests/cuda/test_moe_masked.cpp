@@ -253,6 +253,50 @@ TEST_F(MoeMasked, LayerNormRouteMaskMatchesLayerNormThenCpuRouter) {
                sav::Error);
 }
 
+// The stacked form's residual epilogue with the next LayerNorm fused (moe_epilogue_residual_ln_forward) against
+// moe_epilogue_forward (f32 residual) then layernorm_forward: the residual stream, the LayerNorm output and the
+// choices bit for bit, both gates, F from 4 to 512, strided rows.
+TEST_F(MoeMasked, EpilogueResidualLayerNormMatchesEpilogueThenLayerNorm) {
+  struct Case {
+    int M, F, ldx_pad, ldxn_pad;
+  };
+  for (const auto gate : {cuda::moe_gate_straight_through, cuda::moe_gate_prob})
+    for (const Case cs :
+         {Case{37, 192, 0, 0}, Case{197, 48, 4, 8}, Case{5, 4, 0, 0}, Case{33, 512, 0, 4}, Case{394, 384, 0, 0}}) {
+      const int M = cs.M, F = cs.F, lds = cuda::moe_stack_rows(F), ldx = F + cs.ldx_pad, ldxn = F + cs.ldxn_pad;
+      SCOPED_TRACE(dims({{"M", M}, {"F", F}, {"ldx", ldx}, {"ldxn", ldxn}, {"gate", int(gate)}}));
+      ASSERT_TRUE(cuda::moe_epilogue_residual_ln_supports(F));
+      std::vector<float> sc = normal(size_t(M) * lds, 400 + F);
+      for (int t = 0; t < M; ++t)  // router columns: logits ~ N(0, 1), both experts used
+        for (int j = 2 * F; j < 2 * F + 4; ++j) sc[size_t(t) * lds + j] *= j < 2 * F + 2 ? 1.0f : 1e-3f;
+      std::vector<float> xs = normal(size_t(M) * ldx, 401 + F, 2.0f);
+      for (auto& v : xs) v += 0.7f;
+      const std::vector<float> b0 = normal(F, 402), b1 = normal(F, 403), br = normal(2, 404, 0.1f);
+      const std::vector<float> lw = uniform(F, 405, 0.5f, 1.5f), lb = uniform(F, 406, -0.5f, 0.5f);
+      auto ds = upload(sc), db0 = upload(b0), db1 = upload(b1), dbr = upload(br), dlw = upload(lw), dlb = upload(lb);
+      auto xa = upload(xs), xb = upload(xs);
+      auto ca = poisoned<int8_t>(M), cb = poisoned<int8_t>(M);
+      auto na = poisoned<bf16>(size_t(M) * ldxn), nb = poisoned<bf16>(size_t(M) * ldxn);
+      cuda::moe_epilogue_forward(xa.get(), ldx, ca.get(), ds.get(), lds, db0.get(), db1.get(), dbr.get(), M, F, gate,
+                                 cuda::moe_epilogue_f32_residual, nullptr);
+      cuda::layernorm_forward(na.get(), ldxn, xa.get(), ldx, dlw.get(), dlb.get(), M, F, 1e-6f, nullptr);
+      cuda::moe_epilogue_residual_ln_forward(xb.get(), ldx, cb.get(), ds.get(), lds, db0.get(), db1.get(), dbr.get(), M,
+                                             F, gate, nb.get(), ldxn, dlw.get(), dlb.get(), 1e-6f, nullptr);
+      device_sync();
+      const std::vector<int8_t> cha = ca.download();
+      EXPECT_TRUE(bit_identical(xb.download(), xa.download())) << "residual stream differs";
+      EXPECT_TRUE(bit_identical(nb.download(), na.download())) << "LayerNorm output (and the gaps) differ";
+      EXPECT_TRUE(cb.download() == cha) << "choices differ";
+      int to_shift = 0;
+      for (int8_t c : cha) to_shift += c;
+      if (M >= 37) {
+        EXPECT_GT(to_shift, M / 5) << "both experts should get tokens";
+        EXPECT_LT(to_shift, M - M / 5);
+      }
+    }
+  EXPECT_FALSE(cuda::moe_epilogue_residual_ln_supports(516));
+}
+
 // Identical router rows (wr[1] = wr[0], br[1] = br[0]): both logits are summed in the same order, so every row is
 // an exact tie and goes to expert 0, on both kernel paths.
 TEST_F(MoeMasked, ExactTiesGoToExpertZero) {

@@ -4,7 +4,8 @@
 //
 // A row of C floats (C % 4 == 0) is held by a group of kG aligned lanes of a warp (kG = 16 or 32): lane l holds
 // float4 number l + kG k in v[k] (zeros past C / 4). Two-pass mean / variance in f32, as
-// cpu::layernorm_forward_ref; every lane of the group gets the same bits.
+// cpu::layernorm_forward_ref; every lane of the group gets the same bits. The products are written as explicit
+// fmas, so no kernel that inlines this can contract them differently.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -30,7 +31,7 @@ __device__ __forceinline__ void row_stats(const float4 (&v)[kMaxPer4], int lane,
   for (int k = 0; k < kMaxPer4; ++k) {
     if (lane + kG * k < C4) {
       const float a = v[k].x - mean, b = v[k].y - mean, c = v[k].z - mean, d = v[k].w - mean;
-      q += (a * a + b * b) + (c * c + d * d);
+      q += fmaf(a, a, b * b) + fmaf(c, c, d * d);
     }
   }
 #pragma unroll
@@ -38,11 +39,11 @@ __device__ __forceinline__ void row_stats(const float4 (&v)[kMaxPer4], int lane,
   rstd = rsqrtf(q / C + eps);
 }
 
-// (v - mean) rstd w + b as four bf16 (rounded once), packed in 8 bytes in column order
+// fma((v - mean) rstd, w, b) as four bf16 (rounded once), packed in 8 bytes in column order
 __device__ __forceinline__ uint2 apply4(float4 v, float mean, float rstd, float4 w, float4 b) {
-  __align__(8)
-      __nv_bfloat162 h[2] = {__floats2bfloat162_rn((v.x - mean) * rstd * w.x + b.x, (v.y - mean) * rstd * w.y + b.y),
-                             __floats2bfloat162_rn((v.z - mean) * rstd * w.z + b.z, (v.w - mean) * rstd * w.w + b.w)};
+  __align__(8) __nv_bfloat162 h[2] = {
+      __floats2bfloat162_rn(fmaf((v.x - mean) * rstd, w.x, b.x), fmaf((v.y - mean) * rstd, w.y, b.y)),
+      __floats2bfloat162_rn(fmaf((v.z - mean) * rstd, w.z, b.z), fmaf((v.w - mean) * rstd, w.w, b.w))};
   return *reinterpret_cast<const uint2*>(h);
 }
 

@@ -53,6 +53,11 @@ struct MoeEpiParams {
   bool vec;     // float4 path
 };
 
+// x + t, each component rounded once (no contraction with the product that made t)
+__device__ __forceinline__ float4 res_add(float4 x, float4 t) {
+  return make_float4(__fadd_rn(x.x, t.x), __fadd_rn(x.y, t.y), __fadd_rn(x.z, t.z), __fadd_rn(x.w, t.w));
+}
+
 __device__ __forceinline__ float gelu_erf(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
 
 __global__ void __launch_bounds__(kMoeEpiThreads) moe_epilogue_kernel(const __grid_constant__ MoeEpiParams p) {
@@ -83,9 +88,10 @@ __global__ void __launch_bounds__(kMoeEpiThreads) moe_epilogue_kernel(const __gr
   const float* bias = e ? p.b1 : p.b0;
   if (p.vec) {
     const float4 a = reinterpret_cast<const float4*>(y)[c], bb = reinterpret_cast<const float4*>(bias)[c];
-    float4 t = make_float4((a.x + bb.x) * g, (a.y + bb.y) * g, (a.z + bb.z) * g, (a.w + bb.w) * g);
+    float4 t = make_float4(__fmul_rn(a.x + bb.x, g), __fmul_rn(a.y + bb.y, g), __fmul_rn(a.z + bb.z, g),
+                           __fmul_rn(a.w + bb.w, g));  // _rn: never contracted into an fma with the residual add
     if (res) {
-      reinterpret_cast<float4*>(of)[c] = make_float4(x4.x + t.x, x4.y + t.y, x4.z + t.z, x4.w + t.w);
+      reinterpret_cast<float4*>(of)[c] = res_add(x4, t);
     } else {
       if (p.epi == moe_epilogue_bf16_gelu) t = make_float4(gelu_erf(t.x), gelu_erf(t.y), gelu_erf(t.z), gelu_erf(t.w));
       __align__(8) __nv_bfloat162 hv[2] = {__floats2bfloat162_rn(t.x, t.y), __floats2bfloat162_rn(t.z, t.w)};
@@ -93,9 +99,9 @@ __global__ void __launch_bounds__(kMoeEpiThreads) moe_epilogue_kernel(const __gr
           *reinterpret_cast<const uint2*>(hv);
     }
   } else {
-    const float t = (y[c] + bias[c]) * g;
+    const float t = __fmul_rn(y[c] + bias[c], g);
     if (res) {
-      of[c] = x1 + t;
+      of[c] = __fadd_rn(x1, t);
     } else {
       static_cast<bf16*>(p.out)[int64_t(row) * p.ldo + c] =
           __float2bfloat16_rn(p.epi == moe_epilogue_bf16_gelu ? gelu_erf(t) : t);
@@ -282,6 +288,58 @@ __global__ void __launch_bounds__(kMaskRowsPerBlock * 32)
   if (lane == 0 && p.choice) p.choice[row] = static_cast<int8_t>(e);
 }
 
+struct MoeEpiLnParams {
+  float* x;
+  int8_t* choice;
+  const float *s, *b0, *b1, *br, *ln_w, *ln_b;
+  bf16* xn;
+  float eps;
+  int ldx, lds, ldxn, M, F, gate;
+};
+
+// The residual epilogue (moe_epilogue_kernel's arithmetic per element) and the LayerNorm after it (ln::row_stats /
+// apply4, as layernorm_kernel<16>), half a warp per row: lane l handles float4 number l + 16 k of the row.
+__global__ void __launch_bounds__(kMaskRowsPerBlock * 32)
+    moe_epilogue_residual_ln_kernel(const __grid_constant__ MoeEpiLnParams p) {
+  constexpr int kG = kLnMaskGroup;
+  const int lane = threadIdx.x % kG;
+  const int row = blockIdx.x * kLnMaskRowsPerBlock + threadIdx.x / kG;
+  const bool valid = row < p.M;
+  const int F = p.F, F4 = F / 4;
+  const float* sr = p.s + int64_t(valid ? row : 0) * p.lds;
+  const float l0 = sr[2 * F] + sr[2 * F + 2] + p.br[0];
+  const float l1 = sr[2 * F + 1] + sr[2 * F + 3] + p.br[1];
+  const int e = l1 > l0 ? 1 : 0;  // ties (and NaN) -> expert 0, as cpu::moe_router_forward
+  const float g = p.gate == moe_gate_prob ? 1.0f / (1.0f + expf(e ? l0 - l1 : l1 - l0)) : 1.0f;
+  const float4* y4 = reinterpret_cast<const float4*>(sr + e * F);
+  const float4* bias4 = reinterpret_cast<const float4*>(e ? p.b1 : p.b0);
+  float4* x4 = reinterpret_cast<float4*>(p.x + int64_t(row) * p.ldx);
+  float4 v[ln::kMaxPer4];
+#pragma unroll
+  for (int k = 0; k < ln::kMaxPer4; ++k) {
+    const int c = lane + kG * k;
+    v[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (valid && c < F4) {
+      const float4 a = y4[c], bb = bias4[c], xo = x4[c];
+      const float4 t = make_float4(__fmul_rn(a.x + bb.x, g), __fmul_rn(a.y + bb.y, g), __fmul_rn(a.z + bb.z, g),
+                                   __fmul_rn(a.w + bb.w, g));  // as moe_epilogue_kernel
+      v[k] = res_add(xo, t);
+      x4[c] = v[k];
+    }
+  }
+  float mean, rstd;
+  ln::row_stats<kG>(v, lane, F, p.eps, mean, rstd);
+  if (!valid) return;
+  const float4 *w4 = reinterpret_cast<const float4*>(p.ln_w), *b4 = reinterpret_cast<const float4*>(p.ln_b);
+  uint2* yn = reinterpret_cast<uint2*>(p.xn + int64_t(row) * p.ldxn);
+#pragma unroll
+  for (int k = 0; k < ln::kMaxPer4; ++k) {
+    const int c = lane + kG * k;
+    if (c < F4) yn[c] = ln::apply4(v[k], mean, rstd, w4[c], b4[c]);
+  }
+  if (lane == 0 && p.choice) p.choice[row] = static_cast<int8_t>(e);
+}
+
 bool aligned(const void* q, int a) { return reinterpret_cast<uintptr_t>(q) % a == 0; }
 
 }  // namespace
@@ -385,6 +443,32 @@ void moe_ln_route_mask_forward(bf16* xa, int ldxa, int8_t* choice, const float* 
   p.ldxa = ldxa, p.ldx = ldx, p.M = M, p.K = K, p.Ka = Ka;
   const int blocks = (M + kLnMaskRowsPerBlock - 1) / kLnMaskRowsPerBlock;
   moe_ln_route_mask_kernel<<<blocks, kMaskRowsPerBlock * 32, 0, stream>>>(p);
+  SAV_CUDA_CHECK_LAUNCH();
+}
+
+bool moe_epilogue_residual_ln_supports(int F) { return moe_ln_route_mask_supports(F); }
+
+void moe_epilogue_residual_ln_forward(float* x, int ldx, int8_t* choice, const float* s, int lds, const float* b0,
+                                      const float* b1, const float* br, int M, int F, MoeGate gate, bf16* xn, int ldxn,
+                                      const float* ln_w, const float* ln_b, float eps, cudaStream_t stream) {
+  SAV_CHECK(x && s && b0 && b1 && br && xn && ln_w && ln_b, "moe epilogue+layernorm: null pointer");
+  SAV_CHECK(moe_epilogue_residual_ln_supports(F),
+            "moe epilogue+layernorm: F=" << F << " not supported (F % 4 == 0, 4 <= F <= "
+                                         << 4 * kLnMaskGroup * ln::kMaxPer4 << ")");
+  SAV_CHECK(M >= 0 && ldx >= F && ldxn >= F && lds >= 2 * F + 4 && ldx % 4 == 0 && lds % 4 == 0 && ldxn % 4 == 0,
+            "moe epilogue+layernorm: bad sizes M=" << M << " F=" << F << " ldx=" << ldx << " lds=" << lds
+                                                   << " ldxn=" << ldxn);
+  SAV_CHECK(gate == moe_gate_straight_through || gate == moe_gate_prob,
+            "moe epilogue+layernorm: unknown gate " << int(gate));
+  SAV_CHECK(aligned(x, 16) && aligned(s, 16) && aligned(b0, 16) && aligned(b1, 16) && aligned(ln_w, 16) &&
+                aligned(ln_b, 16) && aligned(xn, 8),
+            "moe epilogue+layernorm: misaligned pointers");
+  if (M == 0) return;
+  MoeEpiLnParams p{};
+  p.x = x, p.choice = choice, p.s = s, p.b0 = b0, p.b1 = b1, p.br = br, p.ln_w = ln_w, p.ln_b = ln_b, p.xn = xn;
+  p.eps = eps, p.ldx = ldx, p.lds = lds, p.ldxn = ldxn, p.M = M, p.F = F, p.gate = gate;
+  const int blocks = (M + kLnMaskRowsPerBlock - 1) / kLnMaskRowsPerBlock;
+  moe_epilogue_residual_ln_kernel<<<blocks, kMaskRowsPerBlock * 32, 0, stream>>>(p);
   SAV_CUDA_CHECK_LAUNCH();
 }
 

@@ -96,6 +96,15 @@ enum MoeGate { moe_gate_straight_through = 0, moe_gate_prob = 1 };
 void moe_epilogue_forward(void* out, int ldo, int8_t* choice, const float* s, int lds, const float* b0,
                           const float* b1, const float* br, int M, int F, MoeGate gate, MoeEpilogue epi,
                           cudaStream_t stream);
+// The residual epilogue (moe_epilogue_f32_residual: x (M,ldx) += the chosen expert's output) with the next
+// LayerNorm fused: xn (M,ldxn) bf16 = LayerNorm(x) (ln_w, ln_b (F) f32). Bit for bit moe_epilogue_forward then
+// layernorm_forward (the same arithmetic). Half a warp per row: F % 4 == 0, F <= 512
+// (moe_epilogue_residual_ln_supports); ldx, lds, ldxn multiples of 4, x, s, b0, b1, ln_w, ln_b 16-byte and xn 8-byte
+// aligned, else it throws.
+bool moe_epilogue_residual_ln_supports(int F);
+void moe_epilogue_residual_ln_forward(float* x, int ldx, int8_t* choice, const float* s, int lds, const float* b0,
+                                      const float* b1, const float* br, int M, int F, MoeGate gate, bf16* xn, int ldxn,
+                                      const float* ln_w, const float* ln_b, float eps, cudaStream_t stream);
 // Rows of the stacked weight: roundup(2F + 4, 16).
 int moe_stack_rows(int F);
 // Host: the stacked weight (moe_stack_rows(F), K) in bf16. w0 (F,K) dense expert, w1 (F,K) shift expert
