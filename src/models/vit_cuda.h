@@ -39,7 +39,11 @@
 //                 experts for every token;
 //   Hamming attn  to_qk and to_v as one product on the stacked [W_qk; W_v] (dense / shift) or two MoE
 //                 linears writing the two halves of one (M, 2C) buffer, then the fused Hamming kernel
-//                 (ops/cuda/hamming_tiled.cu: split over many CTAs per image and head), then proj.
+//                 (ops/cuda/hamming.cu, one CTA per image and head, when B*H fills the GPU; else
+//                 ops/cuda/hamming_tiled.cu, a cluster of CTAs per image and head), then proj;
+//   LayerNorms    fused where a MoE kernel touches the same rows (C <= 512): a masked fc1's LayerNorm runs in its
+//                 router kernel, a stacked fc2's residual epilogue also writes the next block's LayerNorm (both
+//                 bit for bit the separate kernels' results).
 //
 // Legend: B batch, N tokens, C width, H heads, F mlp hidden, V classes, Cin channels, S image side,
 // M = B*N rows.

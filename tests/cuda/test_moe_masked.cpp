@@ -94,6 +94,42 @@ RouterRef router_ref(const RouterCase& rc) {
   return r;
 }
 
+// Checks the rows of x_aug (M, ldxa) against [src s0 | src s1 | s0 s0 s1 s1 | 0] for the kernel's own choices ch
+// (src row t at src + t ld_src, bf16 bits) and the choices against the CPU's (ref) on its unambiguous rows.
+struct XaugCheck {
+  int unwritten = 0, ambiguous = 0, wrong = 0, to_shift = 0;
+  size_t bad = 0, gap_written = 0;
+};
+XaugCheck check_xaug(const std::vector<bf16>& xa, int ldxa, const std::vector<int8_t>& ch, const RouterRef& ref,
+                     const bf16* src, size_t ld_src, int M, int K) {
+  XaugCheck r;
+  const int Ka = cuda::moe_masked_cols(K);
+  for (int t = 0; t < M; ++t) {
+    if (ch[t] != 0 && ch[t] != 1) {
+      ++r.unwritten;
+      continue;
+    }
+    const int e = ch[t];
+    r.to_shift += e;
+    if (ref.ambiguous[t])
+      ++r.ambiguous;
+    else
+      r.wrong += e != ref.choice[t];
+    for (int j = 0; j < Ka; ++j) {
+      uint16_t want = 0;
+      if (j < K)
+        want = e == 0 ? bits(src[size_t(t) * ld_src + j]) : 0;
+      else if (j < 2 * K)
+        want = e == 1 ? bits(src[size_t(t) * ld_src + j - K]) : 0;
+      else if (j < 2 * K + 4)
+        want = (j - 2 * K) / 2 == e ? 0x3F80 : 0;
+      r.bad += bits(xa[size_t(t) * ldxa + j]) != want;
+    }
+    for (int j = Ka; j < ldxa; ++j) r.gap_written += bits(xa[size_t(t) * ldxa + j]) != 0xFFFF;
+  }
+  return r;
+}
+
 }  // namespace
 
 // Every element of x_aug checked bit for bit against the row's expected layout [x s0 | x s1 | s0 s0 s1 s1 | 0]
@@ -127,39 +163,18 @@ TEST_F(MoeMasked, RouteMaskMatchesCpuReference) {
     const std::vector<bf16> xa = dxa.download();
     const std::vector<int8_t> ch = dch.download();
     const std::vector<bf16> xb = sav::cuda::to_bf16(xs.data(), xs.size());
-    const uint16_t one = 0x3F80;
-    int ambiguous = 0, wrong = 0, to_shift = 0;
-    size_t bad = 0, gap_written = 0;
-    for (int t = 0; t < M; ++t) {
-      ASSERT_TRUE(ch[t] == 0 || ch[t] == 1) << "choice of row " << t << " not written";
-      const int e = ch[t];
-      to_shift += e;
-      if (ref.ambiguous[t])
-        ++ambiguous;
-      else
-        wrong += e != ref.choice[t];
-      for (int j = 0; j < Ka; ++j) {
-        uint16_t want = 0;
-        if (j < K)
-          want = e == 0 ? bits(xb[size_t(t) * ldx + j]) : 0;
-        else if (j < 2 * K)
-          want = e == 1 ? bits(xb[size_t(t) * ldx + j - K]) : 0;
-        else if (j < 2 * K + 4)
-          want = (j - 2 * K) / 2 == e ? one : 0;
-        bad += bits(xa[size_t(t) * ldxa + j]) != want;
-      }
-      for (int j = Ka; j < ldxa; ++j) gap_written += bits(xa[size_t(t) * ldxa + j]) != 0xFFFF;
-    }
-    EXPECT_EQ(bad, 0u) << "x_aug elements differ from [x s0 | x s1 | s0 s0 s1 s1 | 0]";
-    EXPECT_EQ(gap_written, 0u) << "wrote past Ka";
-    EXPECT_EQ(wrong, 0) << "routing differs from the CPU on unambiguous rows (" << ambiguous << " ambiguous)";
-    EXPECT_LE(ambiguous, 1 + M / 50) << "too many near-ties for random logits";
+    const XaugCheck r = check_xaug(xa, ldxa, ch, ref, xb.data(), ldx, M, K);
+    ASSERT_EQ(r.unwritten, 0) << "choices not written";
+    EXPECT_EQ(r.bad, 0u) << "x_aug elements differ from [x s0 | x s1 | s0 s0 s1 s1 | 0]";
+    EXPECT_EQ(r.gap_written, 0u) << "wrote past Ka";
+    EXPECT_EQ(r.wrong, 0) << "routing differs from the CPU on unambiguous rows (" << r.ambiguous << " ambiguous)";
+    EXPECT_LE(r.ambiguous, 1 + M / 50) << "too many near-ties for random logits";
     if (M > 2) {
       EXPECT_EQ(ch[1], 0) << "a NaN logit goes to expert 0";
     }
     if (M >= 37) {
-      EXPECT_GT(to_shift, M / 5) << "both experts should get tokens";
-      EXPECT_LT(to_shift, M - M / 5);
+      EXPECT_GT(r.to_shift, M / 5) << "both experts should get tokens";
+      EXPECT_LT(r.to_shift, M - M / 5);
     }
     // rerun: the same bits; without a choice pointer: the same x_aug, the choices untouched
     auto dxa2 = poisoned<bf16>(size_t(M) * ldxa);
@@ -208,35 +223,15 @@ TEST_F(MoeMasked, LayerNormRouteMaskMatchesLayerNormThenCpuRouter) {
     device_sync();
     const std::vector<bf16> xa = dxa.download();
     const std::vector<int8_t> ch = dch.download();
-    int ambiguous = 0, wrong = 0, to_shift = 0;
-    size_t bad = 0, gap_written = 0;
-    for (int t = 0; t < M; ++t) {
-      ASSERT_TRUE(ch[t] == 0 || ch[t] == 1) << "choice of row " << t << " not written";
-      const int e = ch[t];
-      to_shift += e;
-      if (ref.ambiguous[t])
-        ++ambiguous;
-      else
-        wrong += e != ref.choice[t];
-      for (int j = 0; j < Ka; ++j) {
-        uint16_t want = 0;
-        if (j < K)
-          want = e == 0 ? bits(xn[size_t(t) * K + j]) : 0;
-        else if (j < 2 * K)
-          want = e == 1 ? bits(xn[size_t(t) * K + j - K]) : 0;
-        else if (j < 2 * K + 4)
-          want = (j - 2 * K) / 2 == e ? 0x3F80 : 0;
-        bad += bits(xa[size_t(t) * ldxa + j]) != want;
-      }
-      for (int j = Ka; j < ldxa; ++j) gap_written += bits(xa[size_t(t) * ldxa + j]) != 0xFFFF;
-    }
-    EXPECT_EQ(bad, 0u) << "x_aug differs from [LayerNorm(x) s0 | LayerNorm(x) s1 | s0 s0 s1 s1 | 0]";
-    EXPECT_EQ(gap_written, 0u) << "wrote past Ka";
-    EXPECT_EQ(wrong, 0) << "routing differs from the CPU on unambiguous rows (" << ambiguous << " ambiguous)";
-    EXPECT_LE(ambiguous, 1 + M / 50) << "too many near-ties for random logits";
+    const XaugCheck r = check_xaug(xa, ldxa, ch, ref, xn.data(), K, M, K);
+    ASSERT_EQ(r.unwritten, 0) << "choices not written";
+    EXPECT_EQ(r.bad, 0u) << "x_aug differs from [LayerNorm(x) s0 | LayerNorm(x) s1 | s0 s0 s1 s1 | 0]";
+    EXPECT_EQ(r.gap_written, 0u) << "wrote past Ka";
+    EXPECT_EQ(r.wrong, 0) << "routing differs from the CPU on unambiguous rows (" << r.ambiguous << " ambiguous)";
+    EXPECT_LE(r.ambiguous, 1 + M / 50) << "too many near-ties for random logits";
     if (M >= 37) {
-      EXPECT_GT(to_shift, M / 5) << "both experts should get tokens";
-      EXPECT_LT(to_shift, M - M / 5);
+      EXPECT_GT(r.to_shift, M / 5) << "both experts should get tokens";
+      EXPECT_LT(r.to_shift, M - M / 5);
     }
     auto dxa2 = poisoned<bf16>(size_t(M) * ldxa);
     cuda::moe_ln_route_mask_forward(dxa2.get(), ldxa, nullptr, dx.get(), ldx, dlw.get(), dlb.get(), 1e-6f, dwr.get(),

@@ -28,8 +28,9 @@
 // differences) and the sums run in other orders, so a code bit whose y lies within ~1e-7 of max|y| of 0 may
 // differ; with equal codes the output agrees to f32 summation order before the bf16 store.
 //
-// Cost (DeiT, N=197, d=64, b=16, m=25): per tile 48 mma for the distances, 24 for y, 16 for KV (per task), 48
-// for z (twice); the rest is staging (~60 KB per CTA) and the conv (9 bf16 pairs per output pair).
+// Cost (DeiT, N=197, d=64, b=16, m=25): per tile 48 mma for the distances, 24 for y, 24 for z in each of its two
+// passes; 14 per KV task (8 tasks); the rest is staging (~60 KB per CTA) and the conv (9 bf16 pairs per output
+// pair). H200, DeiT-Tiny batch 64: ~41 us per call (CudaHammingTiled.TimingPrinted).
 #include <algorithm>
 
 #include "ops/cuda/ops.h"
@@ -45,7 +46,7 @@ constexpr int kHamMaxM = 32;
 constexpr int kHamMaxBits = 64;
 constexpr int kTaps = 9;
 constexpr int kPad = kTaps / 2;
-constexpr int kStage = 8;  // anchor / A loads per thread in flight while staging
+constexpr int kStage = 8;            // anchor / A loads per thread in flight while staging
 constexpr int kLdA = kHamMaxM + 8;   // bf16 row stride of the split A rows (80 bytes: conflict-free pair loads)
 constexpr float kNormEps = 1e-6f;    // cpu::kHammingNormEps
 constexpr float kSigmaMin = 1e-12f;  // cpu::kHammingSigmaMin
@@ -58,15 +59,15 @@ struct HamParams {
   const float *anchors, *mu, *A, *conv_w;
   int ldo, ldqk, ldv;
   int B, N, C, H, d, nbits, m;
-  int tiles;  // ceil(N / 16): one warp each
-  int nk;     // N rounded up to 32: the token rows of the KV product (2 k-steps per ldmatrix.x4.trans)
-  int dp;     // d rounded up to 16: columns of every staged row that the products read
-  int ldb;    // dp + 8: bf16 row stride of the staged qk, v and anchor rows (16-byte rows, conflict-free)
-  int mt;     // ceil(m / 8) anchor tiles (<= 4)
-  int bt;     // ceil(nbits / 8) bit tiles of y
-  int mb;     // ceil(nbits / 16) bit tiles of KV = k-steps of z
-  int ldk;    // 16 mb + 8: bf16 row stride of the transposed KV parts
-  bool vec;   // 16-byte cp.async of the qk and v rows (d % 8 == 0, strides and pointers aligned)
+  int tiles;   // ceil(N / 16): one warp each
+  int nk;      // N rounded up to 32: the token rows of the KV product (2 k-steps per ldmatrix.x4.trans)
+  int dp;      // d rounded up to 16: columns of every staged row that the products read
+  int ldb;     // dp + 8: bf16 row stride of the staged qk, v and anchor rows (16-byte rows, conflict-free)
+  int mt;      // ceil(m / 8) anchor tiles (<= 4)
+  int bt;      // ceil(nbits / 8) bit tiles of y
+  int mb;      // ceil(nbits / 16) bit tiles of KV = k-steps of z
+  int ldk;     // 16 mb + 8: bf16 row stride of the transposed KV parts
+  bool vec;    // 16-byte cp.async of the qk and v rows (d % 8 == 0, strides and pointers aligned)
   bool pairs;  // d even and the output 4-byte aligned: bf16 pairs are stored at once
 };
 
@@ -108,7 +109,9 @@ __device__ __forceinline__ uint32_t bit_pair(uint32_t w0, uint32_t w1, int r) {
   return (((w0 >> r) & 1u) | (((w1 >> r) & 1u) << 16)) * 0x3F80u;
 }
 // the same for bits r and r + 1 of one word (low half: bit r)
-__device__ __forceinline__ uint32_t bit_pair2(uint32_t w, int r) { return (((w >> r) & 3u) * 0x8001u & 0x10001u) * 0x3F80u; }
+__device__ __forceinline__ uint32_t bit_pair2(uint32_t w, int r) {
+  return (((w >> r) & 3u) * 0x8001u & 0x10001u) * 0x3F80u;
+}
 __device__ __forceinline__ uint32_t ld_pair(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
 __device__ __forceinline__ float2 ld_float2(const bf16* p) {
   return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
@@ -131,6 +134,30 @@ __device__ __forceinline__ void split3_pair(float x0, float x1, uint32_t& hi, ui
   hi = pack(h0, h1), mid = pack(m0, m1), lo = pack(l0, l1);
 }
 
+// Stages an R x cols f32 matrix split in three bf16 parts: element (r, c) = load(r, c), part k at
+// dst[(k R + r) ld + c]; kStage loads per thread in flight before their splits (a plain loop would wait for each).
+template <class Load>
+__device__ __forceinline__ void stage_split3(bf16* dst, int ld, int R, int cols, Load load) {
+  const int tid = threadIdx.x, T = blockDim.x, n = R * cols;
+  for (int i0 = 0; i0 < n; i0 += kStage * T) {
+    float x[kStage];
+#pragma unroll
+    for (int u = 0; u < kStage; ++u) {
+      const int i = i0 + tid + u * T, r = i / cols, c = i - r * cols;
+      x[u] = i < n ? load(r, c) : 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < kStage; ++u) {
+      const int i = i0 + tid + u * T, r = i / cols, c = i - r * cols;
+      if (i < n) {
+        bf16 hi, mid, lo;
+        split3(x[u], hi, mid, lo);
+        dst[r * ld + c] = hi, dst[(R + r) * ld + c] = mid, dst[(2 * R + r) * ld + c] = lo;
+      }
+    }
+  }
+}
+
 __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__ HamParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   const HamSmem L = ham_smem(p);
@@ -138,9 +165,9 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
   unsigned long long* codes = reinterpret_cast<unsigned long long*>(smem + L.codes);
   bf16* Qs = reinterpret_cast<bf16*>(smem + L.q);
   bf16* Vs = reinterpret_cast<bf16*>(smem + L.v) + kPad * p.ldb;  // rows -kPad .. nk + kPad - 1
-  bf16* Anc = reinterpret_cast<bf16*>(smem + L.anc);             // [part][anchor][dim]
-  bf16* Apr = reinterpret_cast<bf16*>(smem + L.a);               // [part][bit][anchor]
-  bf16* KVt = reinterpret_cast<bf16*>(smem + L.kv);              // [part][column][bit]
+  bf16* Anc = reinterpret_cast<bf16*>(smem + L.anc);              // [part][anchor][dim]
+  bf16* Apr = reinterpret_cast<bf16*>(smem + L.a);                // [part][bit][anchor]
+  bf16* KVt = reinterpret_cast<bf16*>(smem + L.kv);               // [part][column][bit]
   float* aa = reinterpret_cast<float*>(smem + L.aa);
   float* mus = reinterpret_cast<float*>(smem + L.mu);
 
@@ -177,45 +204,12 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
       Vs[n * ldb + c] = n >= 0 && n < N && c < d ? vv[int64_t(n) * p.ldv + c] : zero;
     }
   }
-  // the anchors (32 x dp) and A (8 bt x 32), split in three bf16 parts: kStage loads per thread in flight, then
-  // their splits (a plain loop would wait for each load)
+  // the anchors (32 x dp) and A (8 bt x 32), split in three bf16 parts
   const float* anc = p.anchors + int64_t(h) * m * d;
-  const int arows = p.bt * 8;
-  for (int i0 = 0; i0 < kHamMaxM * dp; i0 += kStage * T) {
-    float x[kStage];
-#pragma unroll
-    for (int u = 0; u < kStage; ++u) {
-      const int i = i0 + tid + u * T, j = i / dp, c = i - j * dp;
-      x[u] = j < m && c < d ? anc[j * d + c] : 0.0f;  // j < m implies i < 32 dp
-    }
-#pragma unroll
-    for (int u = 0; u < kStage; ++u) {
-      const int i = i0 + tid + u * T, j = i / dp, c = i - j * dp;
-      if (i < kHamMaxM * dp) {
-        bf16 hi, mid, lo;
-        split3(x[u], hi, mid, lo);
-        Anc[j * ldb + c] = hi, Anc[(kHamMaxM + j) * ldb + c] = mid, Anc[(2 * kHamMaxM + j) * ldb + c] = lo;
-      }
-    }
-  }
   const float* Ah = p.A + int64_t(h) * p.nbits * m;
-  for (int i0 = 0; i0 < arows * kHamMaxM; i0 += kStage * T) {
-    float x[kStage];
-#pragma unroll
-    for (int u = 0; u < kStage; ++u) {
-      const int i = i0 + tid + u * T, r = i / kHamMaxM, j = i - r * kHamMaxM;
-      x[u] = r < p.nbits && j < m ? Ah[r * m + j] : 0.0f;
-    }
-#pragma unroll
-    for (int u = 0; u < kStage; ++u) {
-      const int i = i0 + tid + u * T, r = i / kHamMaxM, j = i - r * kHamMaxM;
-      if (i < arows * kHamMaxM) {
-        bf16 hi, mid, lo;
-        split3(x[u], hi, mid, lo);
-        Apr[r * kLdA + j] = hi, Apr[(arows + r) * kLdA + j] = mid, Apr[(2 * arows + r) * kLdA + j] = lo;
-      }
-    }
-  }
+  stage_split3(Anc, ldb, kHamMaxM, dp, [&](int j, int c) { return j < m && c < d ? anc[j * d + c] : 0.0f; });
+  stage_split3(Apr, kLdA, p.bt * 8, kHamMaxM,
+               [&](int r, int j) { return r < p.nbits && j < m ? Ah[r * m + j] : 0.0f; });
   for (int j = tid; j < kHamMaxM; j += T) {
     float s = 0.0f;
     if (j < m) {
@@ -309,7 +303,7 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
         const float k1 = j + 1 < m ? expf(-acc[nt][i0 + 1] / two_sigma) - mus[j + 1] : 0.0f;
         split3_pair(k0, k1, kh[kk][r], km[kk][r], kl[kk][r]);
       }
-    const int kks = (p.mt + 1) / 2, arows2 = p.bt * 8;
+    const int kks = (p.mt + 1) / 2, arows = p.bt * 8;
     for (int bt = 0; bt < p.bt; ++bt) {
       float y[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
@@ -317,8 +311,8 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
         if (kk < kks) {
           const bf16* bp = Apr + (bt * 8 + g) * kLdA + kk * 16 + 2 * q4;
           const uint32_t bh0 = ld_pair(bp), bh1 = ld_pair(bp + 8);
-          const uint32_t bm0 = ld_pair(bp + arows2 * kLdA), bm1 = ld_pair(bp + arows2 * kLdA + 8);
-          const uint32_t bl0 = ld_pair(bp + 2 * arows2 * kLdA), bl1 = ld_pair(bp + 2 * arows2 * kLdA + 8);
+          const uint32_t bm0 = ld_pair(bp + arows * kLdA), bm1 = ld_pair(bp + arows * kLdA + 8);
+          const uint32_t bl0 = ld_pair(bp + 2 * arows * kLdA), bl1 = ld_pair(bp + 2 * arows * kLdA + 8);
           ptx::mma_bf16(y, kh[kk], bh0, bh1);
           ptx::mma_bf16(y, kh[kk], bm0, bm1);
           ptx::mma_bf16(y, km[kk], bh0, bh1);
@@ -328,8 +322,10 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
         }
       }
       const int r = bt * 8 + 2 * q4;  // bits past nbits: A rows are zero there, y = 0, no bit
-      ca |= (static_cast<unsigned long long>(y[0] > 0.0f) << r) | (static_cast<unsigned long long>(y[1] > 0.0f) << (r + 1));
-      cb |= (static_cast<unsigned long long>(y[2] > 0.0f) << r) | (static_cast<unsigned long long>(y[3] > 0.0f) << (r + 1));
+      ca |= (static_cast<unsigned long long>(y[0] > 0.0f) << r) |
+            (static_cast<unsigned long long>(y[1] > 0.0f) << (r + 1));
+      cb |= (static_cast<unsigned long long>(y[2] > 0.0f) << r) |
+            (static_cast<unsigned long long>(y[3] > 0.0f) << (r + 1));
     }
   }
   ca |= __shfl_xor_sync(0xffffffffu, ca, 1);
@@ -376,7 +372,7 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
 #pragma unroll
   for (int t = 0; t < kTaps; ++t) cw[t] = p.conv_w[h * kTaps + t];
   const uint32_t ca_lo = uint32_t(ca), ca_hi = uint32_t(ca >> 32), cb_lo = uint32_t(cb), cb_hi = uint32_t(cb >> 32);
-  auto tile_z = [&](int nt, float (&z)[4]) {
+  auto tile_z = [&](int nt, float(&z)[4]) {
     const int c = nt * 8 + 2 * q4;
     z[0] = z[1] = z[2] = z[3] = 0.0f;
     for (int kk = 0; kk < p.mb; ++kk) {
@@ -385,7 +381,8 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
       const uint32_t a[4] = {bit_pair2(wa, ra), bit_pair2(wb, ra), bit_pair2(wa, rb), bit_pair2(wb, rb)};
       const bf16* bp = KVt + (nt * 8 + g) * p.ldk + kk * 16 + 2 * q4;
 #pragma unroll
-      for (int part = 0; part < 3; ++part) ptx::mma_bf16(z, a, ld_pair(bp + part * kvpart), ld_pair(bp + part * kvpart + 8));
+      for (int part = 0; part < 3; ++part)
+        ptx::mma_bf16(z, a, ld_pair(bp + part * kvpart), ld_pair(bp + part * kvpart + 8));
     }
     const float2 xa = ld_float2(Vs + ta * ldb + c), xb = ld_float2(Vs + tb * ldb + c);
     z[0] += 0.5f * xa.x, z[1] += 0.5f * xa.y, z[2] += 0.5f * xb.x, z[3] += 0.5f * xb.y;
@@ -464,13 +461,13 @@ void hamming_attention_forward_ld(bf16* out, int ldo, const bf16* qk, int ldqk, 
   p.vec = p.d % 8 == 0 && ldqk % 8 == 0 && ldv % 8 == 0 && a16(qk) && a16(v);
   p.pairs = p.d % 2 == 0 && ldo % 2 == 0 && reinterpret_cast<uintptr_t>(out) % 4 == 0;
   const size_t smem = ham_smem(p).total;
-  SAV_CHECK(smem <= size_t(max_smem_per_block()), "hamming attention: needs " << smem
-                                                      << " bytes of shared memory, the device offers "
+  SAV_CHECK(smem <= size_t(max_smem_per_block()), "hamming attention: needs "
+                                                      << smem << " bytes of shared memory, the device offers "
                                                       << max_smem_per_block());
   static bool attr_set = false;  // once per process (before any graph capture: the first call is eager)
   if (!attr_set) {
-    SAV_CUDA_CHECK(cudaFuncSetAttribute(hamming_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        max_smem_per_block()));
+    SAV_CUDA_CHECK(
+        cudaFuncSetAttribute(hamming_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem_per_block()));
     attr_set = true;
   }
   hamming_kernel<<<static_cast<unsigned>(int64_t(B) * H), ham_threads(N), smem, stream>>>(p);
