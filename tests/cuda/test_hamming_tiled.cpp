@@ -340,8 +340,9 @@ TEST_F(CudaHammingTiled, RejectsUnsupportedSizes) {
   SAV_CUDA_CHECK(cudaDeviceSynchronize());  // nothing was launched
 }
 
-// Latency per call (printed, not asserted): the tiled kernel vs the existing one-CTA-per-head kernel at
-// DeiT-Tiny batch 1, and the tiled kernel at DeiT-Tiny batch 64 and PVTv2-B0 stage 1 (batch 1 and 64), bf16.
+// Latency per call (printed, not asserted): the tiled kernel vs the one-CTA-per-head kernel at DeiT-Tiny batch 1 to 64
+// and DeiT-Small batch 8 and 16 (where ViTCuda switches between them), and the tiled kernel at PVTv2-B0 stage 1
+// (batch 1 and 64), bf16.
 // Eager: back-to-back launches; graph: 20 calls captured in one graph, replayed.
 TEST_F(CudaHammingTiled, TimingPrinted) {
   struct T {
@@ -349,7 +350,15 @@ TEST_F(CudaHammingTiled, TimingPrinted) {
     cuda::HammingTiledDims dims;
     bool old_kernel;
   };
-  for (const T tc : {T{"DeiT-Tiny b1", {1, 197, 192, 3, 16, 25}, true}, T{"DeiT-Tiny b64", {64, 197, 192, 3, 16, 25}, true},
+  for (const T tc : {T{"DeiT-Tiny b1", {1, 197, 192, 3, 16, 25}, true},
+                     T{"DeiT-Tiny b2", {2, 197, 192, 3, 16, 25}, true},
+                     T{"DeiT-Tiny b4", {4, 197, 192, 3, 16, 25}, true},
+                     T{"DeiT-Tiny b8", {8, 197, 192, 3, 16, 25}, true},
+                     T{"DeiT-Tiny b16", {16, 197, 192, 3, 16, 25}, true},
+                     T{"DeiT-Tiny b32", {32, 197, 192, 3, 16, 25}, true},
+                     T{"DeiT-Tiny b64", {64, 197, 192, 3, 16, 25}, true},
+                     T{"DeiT-Small b8", {8, 197, 384, 6, 16, 25}, true},
+                     T{"DeiT-Small b16", {16, 197, 384, 6, 16, 25}, true},
                      T{"PVTv2-B0 s1 b1", {1, 3136, 32, 1, 16, 25}, false},
                      T{"PVTv2-B0 s1 b64", {64, 3136, 32, 1, 16, 25}, false}}) {
     const auto& d = tc.dims;
