@@ -60,9 +60,10 @@ bool attention_supports(int N, int C, int H);  // 1 <= N <= 256, C % H == 0, 1 <
 // out (B,N,C) bf16, head h at columns h*d..h*d+d-1; qk, v (B,N,C) bf16 (the to_qk / to_v outputs);
 // anchors (H,m,d), mu (H,m), A (H,b,m), conv_w (H,9), all f32. Deterministic (fixed summation orders). D
 // is computed as ||q||^2 + ||a||^2 - 2 q.a (a few ulp from the CPU's sum of squared differences, so a bit
-// whose y is within ~1e-7 of 0 may differ); the MatAdds run on the tensor cores (the 0/1 codes and bf16 v are
-// exact in bf16, KV enters the second product split in three bf16 parts), so KV and z agree with the CPU's up to
-// the f32 summation order when the codes agree.
+// whose y is within ~1e-7 of 0 may differ); every product runs on the tensor cores: the hash's q.a and y = k A^T
+// with their f32 operands split in three bf16 parts, the MatAdds on the exact 0/1 codes and bf16 v (KV enters the
+// second product split in three parts), so KV and z agree with the CPU's up to the f32 summation order when the
+// codes agree.
 void hamming_attention_forward(bf16* out, const bf16* qk, const bf16* v, const float* anchors, const float* mu,
                                const float* A, const float* conv_w, int B, int N, int C, int H, int nbits, int m,
                                cudaStream_t stream);
