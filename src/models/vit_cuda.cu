@@ -442,11 +442,9 @@ struct ViTCuda::Impl {
         } else {
           linear(w.qkv, xn.get(), M, Epi::bf16, qkv.get(), 2 * C, s);
         }
-        // One CTA per (image, head) once the tiled kernel's clusters of 8 CTAs per (image, head) no longer fit
-        // in one wave (8 B H > SMs), else the tiled kernel. H200, DeiT-Tiny (CudaHammingTiled.TimingPrinted, us
-        // per call in a graph): per-head 29.5-29.9 at batch 1-32, 40.8 at 64; tiled 24.7-25.3 at batch 1-4,
-        // 30.5 at 8, 59.2 at 16, 77.4 at 32, 120.1 at 64.
-        if (8 * B * H > cuda::sm_count() && cuda::hamming_attention_supports(N, C, H, cfg.hash_bits, cfg.anchors)) {
+        // The per-head kernel (a cluster of G CTAs per image and head, G from hamming_attention_cluster) where it
+        // covers the sizes, else the tiled kernel (any N).
+        if (cuda::hamming_attention_supports(N, C, H, cfg.hash_bits, cfg.anchors)) {
           cuda::hamming_attention_forward_ld(ao.get(), C, qkv.get(), 2 * C, qkv.get() + C, 2 * C, w.anchors, w.mu, w.A,
                                              w.conv, B, N, C, H, cfg.hash_bits, cfg.anchors, s);
         } else {

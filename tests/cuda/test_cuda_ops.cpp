@@ -310,11 +310,27 @@ TEST_F(CudaOps, HammingAttentionMatchesCpuOnOddShapes) {
     EXPECT_LE(excluded * 4, B * H) << "too many heads off by ambiguous codes";
     EXPECT_LT(norm_err(got_u, ref_u), 1e-2);
 
-    // rerun: bit-identical
+    // rerun: bit-identical; and every cluster size (CTAs per head: hash tiles and columns split, partial sums
+    // exchanged through distributed shared memory) gives the same bits as the auto choice
     cuda::hamming_attention_forward_ld(dout.get(), ldo, pqk, ldin, pv, ldin, da.get(), dmu.get(), dA.get(),
                                        dconv.get(), B, N, C, H, nb, m, nullptr);
     SAV_CUDA_CHECK(cudaDeviceSynchronize());
     EXPECT_TRUE(bit_identical(download_f32(dout), outp));
+    const int tiles8 = (d + 15) / 16 * 2;
+    for (int G : {1, 2, 4, 8}) {
+      if (tiles8 % G) {
+        EXPECT_THROW(cuda::hamming_attention_forward_ld(dout.get(), ldo, pqk, ldin, pv, ldin, da.get(), dmu.get(),
+                                                        dA.get(), dconv.get(), B, N, C, H, nb, m, nullptr, G),
+                     sav::Error);
+        continue;
+      }
+      SCOPED_TRACE("cluster " + std::to_string(G));
+      dout.fill_bytes(0xFF);
+      cuda::hamming_attention_forward_ld(dout.get(), ldo, pqk, ldin, pv, ldin, da.get(), dmu.get(), dA.get(),
+                                         dconv.get(), B, N, C, H, nb, m, nullptr, G);
+      SAV_CUDA_CHECK(cudaDeviceSynchronize());
+      EXPECT_TRUE(bit_identical(download_f32(dout), outp));
+    }
   }
 }
 

@@ -340,7 +340,7 @@ TEST_F(CudaHammingTiled, RejectsUnsupportedSizes) {
   SAV_CUDA_CHECK(cudaDeviceSynchronize());  // nothing was launched
 }
 
-// Latency per call (printed, not asserted): the tiled kernel vs the one-CTA-per-head kernel at DeiT-Tiny batch 1 to 64
+// Latency per call (printed, not asserted): the tiled kernel vs the per-head kernel (cluster sizes 1-8) at DeiT-Tiny batch 1 to 64
 // and DeiT-Small batch 8 and 16 (where ViTCuda switches between them), and the tiled kernel at PVTv2-B0 stage 1
 // (batch 1 and 64), bf16.
 // Eager: back-to-back launches; graph: 20 calls captured in one graph, replayed.
@@ -348,7 +348,7 @@ TEST_F(CudaHammingTiled, TimingPrinted) {
   struct T {
     const char* name;
     cuda::HammingTiledDims dims;
-    bool old_kernel;
+    bool per_head;
   };
   for (const T tc : {T{"DeiT-Tiny b1", {1, 197, 192, 3, 16, 25}, true},
                      T{"DeiT-Tiny b2", {2, 197, 192, 3, 16, 25}, true},
@@ -380,10 +380,11 @@ TEST_F(CudaHammingTiled, TimingPrinted) {
                                           dmu.get(), dA.get(), dconv.get(), d, ws.size() ? ws.get() : nullptr,
                                           stream.get());
     };
-    auto old = [&] {
+    int G = 0;  // cluster size of the per-head kernel
+    auto per_head = [&] {
       cuda::hamming_attention_forward_ld(out.get(), d.C, qkv.get(), 2 * d.C, qkv.get() + d.C, 2 * d.C, da.get(),
                                          dmu.get(), dA.get(), dconv.get(), d.B, d.N, d.C, d.H, d.nbits, d.m,
-                                         stream.get());
+                                         stream.get(), G);
     };
     auto time_us = [&](auto&& fn) {
       constexpr int kCalls = 20, kReps = 10;
@@ -419,10 +420,13 @@ TEST_F(CudaHammingTiled, TimingPrinted) {
     std::printf("[ info ] %-16s tiled (G=%d chunk=%d %s, %d CTAs): %.2f us eager, %.2f us in a graph\n", tc.name,
                 p.cluster, p.chunk, p.cached ? "cached" : "uncached", p.cluster * d.B * d.H, t_new.first,
                 t_new.second);
-    if (tc.old_kernel && cuda::hamming_attention_supports(d.N, d.C, d.H, d.nbits, d.m)) {
-      const auto t_old = time_us(old);
-      std::printf("[ info ] %-16s existing one-CTA-per-head kernel: %.2f us eager, %.2f us in a graph\n", tc.name,
-                  t_old.first, t_old.second);
+    if (tc.per_head && cuda::hamming_attention_supports(d.N, d.C, d.H, d.nbits, d.m)) {
+      const int pick = cuda::hamming_attention_cluster(d.B, d.C, d.H);
+      for (G = 1; G <= 8; G *= 2) {
+        const auto t = time_us(per_head);
+        std::printf("[ info ] %-16s per-head kernel, cluster %d (%d CTAs)%s: %.2f us eager, %.2f us in a graph\n",
+                    tc.name, G, G * d.B * d.H, G == pick ? " [auto]" : "", t.first, t.second);
+      }
     }
     EXPECT_GT(t_new.second, 0.0);
   }

@@ -21,7 +21,7 @@ bool device_available() {
 
 namespace {
 struct DeviceInfo {
-  int sms = 0, smem_optin = 0;
+  int sms = 0, smem_optin = 0, cc_major = 0;
 };
 DeviceInfo device_info() {
   static std::mutex mu;
@@ -34,6 +34,7 @@ DeviceInfo device_info() {
   if (d.sms == 0) {
     SAV_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev));
     SAV_CUDA_CHECK(cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    SAV_CUDA_CHECK(cudaDeviceGetAttribute(&d.cc_major, cudaDevAttrComputeCapabilityMajor, dev));
   }
   return d;
 }
@@ -41,6 +42,7 @@ DeviceInfo device_info() {
 
 int sm_count() { return device_info().sms; }
 int max_smem_per_block() { return device_info().smem_optin; }
+int device_cc_major() { return device_info().cc_major; }
 
 std::vector<bf16> to_bf16(const float* x, size_t n) {
   std::vector<bf16> y(n);

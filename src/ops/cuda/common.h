@@ -43,6 +43,8 @@ bool device_available();
 int sm_count();
 // Opt-in shared memory per block of the current device, in bytes.
 int max_smem_per_block();
+// Compute capability major of the current device (cached per device; 9 for Hopper: thread-block clusters).
+int device_cc_major();
 // Blocks for a grid-stride loop over `work` items with `threads` per block: enough to cover the work, at most
 // 16 per SM, at least 1.
 inline int grid_stride_blocks(int64_t work, int threads) {

@@ -31,6 +31,8 @@
 // Cost (DeiT, N=197, d=64, b=16, m=25): per tile 48 mma for the distances, 24 for y, 24 for z in each of its two
 // passes; 14 per KV task (8 tasks); the rest is staging (~60 KB per CTA) and the conv (9 bf16 pairs per output
 // pair). H200, DeiT-Tiny batch 64: ~41 us per call (CudaHammingTiled.TimingPrinted).
+#include <cooperative_groups.h>
+
 #include <algorithm>
 
 #include "ops/cuda/ops.h"
@@ -39,6 +41,8 @@
 namespace sav::cuda {
 
 namespace {
+
+namespace cg = cooperative_groups;
 
 constexpr int kHamMaxN = 256;
 constexpr int kHamMaxD = 64;
@@ -67,19 +71,22 @@ struct HamParams {
   int bt;      // ceil(nbits / 8) bit tiles of y
   int mb;      // ceil(nbits / 16) bit tiles of KV = k-steps of z
   int ldk;     // 16 mb + 8: bf16 row stride of the transposed KV parts
+  int G;       // CTAs per (image, head): the cluster size (1, 2, 4 or 8; divides dp / 8)
+  int ntg;     // dp / (8 G): the column tiles (8 wide) of each CTA
   bool vec;    // 16-byte cp.async of the qk and v rows (d % 8 == 0, strides and pointers aligned)
   bool pairs;  // d even and the output 4-byte aligned: bf16 pairs are stored at once
 };
 
 // Shared memory carve-up, the same on host and device.
 struct HamSmem {
-  size_t red, codes, q, v, anc, a, kv, aa, mu, total;  // byte offsets
+  size_t red, zsq, codes, q, v, anc, a, kv, aa, mu, total;  // byte offsets
 };
 __host__ __device__ inline size_t align16(size_t x) { return (x + 15) / 16 * 16; }
 __host__ __device__ inline HamSmem ham_smem(const HamParams& p) {
   HamSmem s{};
   size_t o = 0;
-  s.red = o, o = align16(o + 33 * sizeof(double));
+  s.red = o, o = align16(o + kHamMaxN / 16 * sizeof(double));
+  s.zsq = o, o = align16(o + size_t(p.tiles) * 16 * (p.dp / 8) * sizeof(double));
   s.codes = o, o = align16(o + size_t(p.nk) * sizeof(unsigned long long));
   s.q = o, o = align16(o + size_t(p.tiles) * 16 * p.ldb * sizeof(bf16));
   s.v = o, o = align16(o + size_t(p.nk + 2 * kPad) * p.ldb * sizeof(bf16));
@@ -98,6 +105,7 @@ HamParams ham_dims(int B, int N, int C, int H, int nbits, int m) {
   p.tiles = (N + 15) / 16, p.nk = (N + 31) / 32 * 32;
   p.dp = (p.d + 15) / 16 * 16, p.ldb = p.dp + 8;
   p.mt = (m + 7) / 8, p.bt = (nbits + 7) / 8, p.mb = (nbits + 15) / 16, p.ldk = 16 * p.mb + 8;
+  p.G = 1, p.ntg = p.dp / 8;
   return p;
 }
 
@@ -159,9 +167,13 @@ __device__ __forceinline__ void stage_split3(bf16* dst, int ld, int R, int cols,
 }
 
 __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__ HamParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();  // thread-block clusters need sm_90; the launcher refuses older devices
+#else
   extern __shared__ __align__(16) unsigned char smem[];
   const HamSmem L = ham_smem(p);
-  double* red = reinterpret_cast<double*>(smem + L.red);
+  double* tsum = reinterpret_cast<double*>(smem + L.red);  // sigma partial of each tile
+  double* zsq = reinterpret_cast<double*>(smem + L.zsq);   // (token, column tile): sum of z^2 over its 8 columns
   unsigned long long* codes = reinterpret_cast<unsigned long long*>(smem + L.codes);
   bf16* Qs = reinterpret_cast<bf16*>(smem + L.q);
   bf16* Vs = reinterpret_cast<bf16*>(smem + L.v) + kPad * p.ldb;  // rows -kPad .. nk + kPad - 1
@@ -171,36 +183,57 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
   float* aa = reinterpret_cast<float*>(smem + L.aa);
   float* mus = reinterpret_cast<float*>(smem + L.mu);
 
+  cg::cluster_group cluster = cg::this_cluster();
+  const int G = p.G, rank = G == 1 ? 0 : static_cast<int>(cluster.block_rank());
   const int tid = threadIdx.x, T = blockDim.x, lane = tid & 31, warp = tid >> 5, W = T >> 5;
   const int g = lane >> 2, q4 = lane & 3;
-  const int bh = blockIdx.x, b = bh / p.H, h = bh - b * p.H;
-  const int N = p.N, d = p.d, m = p.m, dp = p.dp, ldb = p.ldb;
+  const int bh = static_cast<int>(blockIdx.x) / G, b = bh / p.H, h = bh - b * p.H;
+  const int N = p.N, d = p.d, m = p.m, dp = p.dp, ldb = p.ldb, NT = dp / 8;
+  const int ntg = p.ntg, nt0 = rank * ntg;           // this CTA's column tiles (8 wide): nt0 .. nt0 + ntg - 1
+  const int own = (p.tiles - rank + G - 1) / G;      // this CTA's hash tiles: rank, rank + G, ...
+  // x into slot i of `base` in every CTA of the cluster (G = 1: this CTA)
+  auto bcast = [&](auto* base, int i, auto x) {
+    if (G == 1) {
+      base[i] = x;
+    } else {
+      for (int r = 0; r < G; ++r) cluster.map_shared_rank(base, r)[i] = x;
+    }
+  };
+  auto csync = [&] {
+    if (G == 1)
+      __syncthreads();
+    else
+      cluster.sync();
+  };
+  // no remote shared-memory write before every CTA of the cluster runs: arrive now, wait before the first one
+  auto started = G == 1 ? decltype(cluster.barrier_arrive()){} : cluster.barrier_arrive();
 
-  // ---- 0. staging ----
+  // ---- 0. staging: qk rows of this CTA's hash tiles, v columns of its column tiles ----
   const bf16* qk = p.qk + int64_t(b) * N * p.ldqk + h * d;
   const bf16* vv = p.v + int64_t(b) * N * p.ldv + h * d;
-  const int qrows = p.tiles * 16, vrows = p.nk + 2 * kPad;
+  const int vrows = p.nk + 2 * kPad;
   if (p.vec) {
-    const int cpr = dp / 8;  // 16-byte chunks per staged row (zero beyond d)
-    for (int i = tid; i < qrows * cpr; i += T) {
-      const int n = i / cpr, c = (i - n * cpr) * 8;
+    const int cpr = dp / 8, per_tile = 16 * cpr;  // 16-byte chunks per staged row (zero beyond d)
+    for (int i = tid; i < own * per_tile; i += T) {
+      const int li = i / per_tile, e = i - li * per_tile, n = (rank + G * li) * 16 + e / cpr, c = (e % cpr) * 8;
       const bool ok = n < N && c < d;
       ptx::cp_async16(Qs + n * ldb + c, ok ? qk + int64_t(n) * p.ldqk + c : qk, ok);
     }
-    for (int i = tid; i < vrows * cpr; i += T) {
-      const int r = i / cpr, c = (i - r * cpr) * 8, n = r - kPad;
+    for (int i = tid; i < vrows * ntg; i += T) {
+      const int r = i / ntg, c = (nt0 + i - r * ntg) * 8, n = r - kPad;
       const bool ok = n >= 0 && n < N && c < d;
       ptx::cp_async16(Vs + n * ldb + c, ok ? vv + int64_t(n) * p.ldv + c : vv, ok);
     }
     ptx::cp_async_commit();
   } else {
     const bf16 zero = __float2bfloat16_rn(0.0f);
-    for (int i = tid; i < qrows * dp; i += T) {
-      const int n = i / dp, c = i - n * dp;
+    const int per_tile = 16 * dp, vc = 8 * ntg;
+    for (int i = tid; i < own * per_tile; i += T) {
+      const int li = i / per_tile, e = i - li * per_tile, n = (rank + G * li) * 16 + e / dp, c = e % dp;
       Qs[n * ldb + c] = n < N && c < d ? qk[int64_t(n) * p.ldqk + c] : zero;
     }
-    for (int i = tid; i < vrows * dp; i += T) {
-      const int r = i / dp, c = i - r * dp, n = r - kPad;
+    for (int i = tid; i < vrows * vc; i += T) {
+      const int r = i / vc, c = nt0 * 8 + i - r * vc, n = r - kPad;
       Vs[n * ldb + c] = n >= 0 && n < N && c < d ? vv[int64_t(n) * p.ldv + c] : zero;
     }
   }
@@ -223,124 +256,126 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
     aa[j] = s;
     mus[j] = j < m ? p.mu[h * m + j] : 0.0f;
   }
-  for (int i = qrows + tid; i < p.nk; i += T) codes[i] = 0ull;  // rows no tile writes (read by the KV product)
+  for (int i = p.tiles * 16 + tid; i < p.nk; i += T) codes[i] = 0ull;  // rows no tile writes (read by KV)
   if (p.vec) ptx::cp_async_wait<0>();
   __syncthreads();
 
-  // ---- 1. hash, per warp and tile ----
-  const bool has_tile = warp < p.tiles;  // warp-uniform
-  const int t0 = warp * 16, ta = t0 + g, tb = ta + 8;
-  float acc[4][4];  // anchor tile nt: (ta, 8nt + 2q4 + {0,1}), (tb, ...): dots, then D, then k
+  // ---- 1. hash, per warp and tile (this CTA's tiles) ----
+  {
+    const bool has_tile = warp < own;  // warp-uniform
+    const int tile = rank + G * warp, t0 = tile * 16, ta = t0 + g, tb = ta + 8;
+    float acc[4][4];  // anchor tile nt: (ta, 8nt + 2q4 + {0,1}), (tb, ...): dots, then D, then k
 #pragma unroll
-  for (int nt = 0; nt < 4; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
-  double ssa = 0.0, ssb = 0.0;
-  if (has_tile) {
-    for (int ks = 0; ks < dp; ks += 16) {
-      uint32_t a[4];
-      ptx::ldmatrix_x4(a, Qs + (t0 + (lane & 15)) * ldb + ks + (lane >> 4) * 8);
+    for (int nt = 0; nt < 4; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+    double ssa = 0.0, ssb = 0.0;
+    if (has_tile) {
+      for (int ks = 0; ks < dp; ks += 16) {
+        uint32_t a[4];
+        ptx::ldmatrix_x4(a, Qs + (t0 + (lane & 15)) * ldb + ks + (lane >> 4) * 8);
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&a[r]));
-        const double s = double(f.x) * f.x + double(f.y) * f.y;
-        if (r & 1)
-          ssb += s;
-        else
-          ssa += s;
-      }
+        for (int r = 0; r < 4; ++r) {
+          const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&a[r]));
+          const double s = double(f.x) * f.x + double(f.y) * f.y;
+          if (r & 1)
+            ssb += s;
+          else
+            ssa += s;
+        }
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-        if (nt < p.mt) {
+        for (int nt = 0; nt < 4; ++nt) {
+          if (nt < p.mt) {
 #pragma unroll
-          for (int part = 0; part < 3; ++part) {
-            const bf16* bp = Anc + (part * kHamMaxM + nt * 8 + g) * ldb + ks + 2 * q4;
-            ptx::mma_bf16(acc[nt], a, ld_pair(bp), ld_pair(bp + 8));
+            for (int part = 0; part < 3; ++part) {
+              const bf16* bp = Anc + (part * kHamMaxM + nt * 8 + g) * ldb + ks + 2 * q4;
+              ptx::mma_bf16(acc[nt], a, ld_pair(bp), ld_pair(bp + 8));
+            }
           }
         }
       }
     }
-  }
-  ssa += __shfl_xor_sync(0xffffffffu, ssa, 1);
-  ssa += __shfl_xor_sync(0xffffffffu, ssa, 2);
-  ssb += __shfl_xor_sync(0xffffffffu, ssb, 1);
-  ssb += __shfl_xor_sync(0xffffffffu, ssb, 2);
-  const bool va = has_tile && ta < N, vb = has_tile && tb < N;
-  const float na = fmaxf(static_cast<float>(sqrt(ssa)), kNormEps), nrb = fmaxf(static_cast<float>(sqrt(ssb)), kNormEps);
-  const float qqa = static_cast<float>(ssa / (double(na) * na)), qqb = static_cast<float>(ssb / (double(nrb) * nrb));
-  double dsum = 0.0;
+    ssa += __shfl_xor_sync(0xffffffffu, ssa, 1);
+    ssa += __shfl_xor_sync(0xffffffffu, ssa, 2);
+    ssb += __shfl_xor_sync(0xffffffffu, ssb, 1);
+    ssb += __shfl_xor_sync(0xffffffffu, ssb, 2);
+    const bool va = has_tile && ta < N, vb = has_tile && tb < N;
+    const float na = fmaxf(static_cast<float>(sqrt(ssa)), kNormEps);
+    const float nrb = fmaxf(static_cast<float>(sqrt(ssb)), kNormEps);
+    const float qqa = static_cast<float>(ssa / (double(na) * na)), qqb = static_cast<float>(ssb / (double(nrb) * nrb));
+    double dsum = 0.0;
 #pragma unroll
-  for (int nt = 0; nt < 4; ++nt) {
+    for (int nt = 0; nt < 4; ++nt) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int j = nt * 8 + 2 * q4 + (i & 1);
-      const bool rb = i >= 2;
-      const float D = fmaxf((rb ? qqb : qqa) + aa[j] - 2.0f * (acc[nt][i] / (rb ? nrb : na)), 0.0f);
-      acc[nt][i] = D;
-      if (nt < p.mt && j < m && (rb ? vb : va)) dsum += D;
+      for (int i = 0; i < 4; ++i) {
+        const int j = nt * 8 + 2 * q4 + (i & 1);
+        const bool rb = i >= 2;
+        const float D = fmaxf((rb ? qqb : qqa) + aa[j] - 2.0f * (acc[nt][i] / (rb ? nrb : na)), 0.0f);
+        acc[nt][i] = D;
+        if (nt < p.mt && j < m && (rb ? vb : va)) dsum += D;
+      }
     }
-  }
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) dsum += __shfl_xor_sync(0xffffffffu, dsum, o);
-  if (lane == 0) red[warp] = dsum;
-  __syncthreads();
-  if (warp == 0) {
-    double s = lane < W ? red[lane] : 0.0;
+    for (int o = 16; o > 0; o >>= 1) dsum += __shfl_xor_sync(0xffffffffu, dsum, o);
+    if (G > 1) cluster.barrier_wait(std::move(started));
+    if (has_tile && lane == 0) bcast(tsum, tile, dsum);
+    csync();
+    // sigma = mean D: the tiles' partials summed in tile order (lane t holds tile t), the same in every warp
+    double s = lane < p.tiles ? tsum[lane] : 0.0;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    if (lane == 0) red[32] = double(fmaxf(static_cast<float>(s / (double(N) * m)), kSigmaMin));
-  }
-  __syncthreads();
-  const float two_sigma = 2.0f * static_cast<float>(red[32]);
-  unsigned long long ca = 0, cb = 0;  // the codes of rows ta, tb (every lane of the row's quad)
-  if (has_tile) {
-    // k = exp(-D / (2 sigma)) - mu_j (0 past m), split: the A operand of y for anchors 16kk..16kk+15
-    uint32_t kh[2][4], km[2][4], kl[2][4];
+    const float two_sigma = 2.0f * fmaxf(static_cast<float>(s / (double(N) * m)), kSigmaMin);
+    unsigned long long ca = 0, cb = 0;  // the codes of rows ta, tb (every lane of the row's quad)
+    if (has_tile) {
+      // k = exp(-D / (2 sigma)) - mu_j (0 past m), split: the A operand of y for anchors 16kk..16kk+15
+      uint32_t kh[2][4], km[2][4], kl[2][4];
 #pragma unroll
-    for (int kk = 0; kk < 2; ++kk)
+      for (int kk = 0; kk < 2; ++kk)
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int nt = 2 * kk + (r >> 1), i0 = 2 * (r & 1), j = nt * 8 + 2 * q4;
-        const float k0 = j < m ? expf(-acc[nt][i0] / two_sigma) - mus[j] : 0.0f;
-        const float k1 = j + 1 < m ? expf(-acc[nt][i0 + 1] / two_sigma) - mus[j + 1] : 0.0f;
-        split3_pair(k0, k1, kh[kk][r], km[kk][r], kl[kk][r]);
-      }
-    const int kks = (p.mt + 1) / 2, arows = p.bt * 8;
-    for (int bt = 0; bt < p.bt; ++bt) {
-      float y[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-      for (int kk = 0; kk < 2; ++kk) {
-        if (kk < kks) {
-          const bf16* bp = Apr + (bt * 8 + g) * kLdA + kk * 16 + 2 * q4;
-          const uint32_t bh0 = ld_pair(bp), bh1 = ld_pair(bp + 8);
-          const uint32_t bm0 = ld_pair(bp + arows * kLdA), bm1 = ld_pair(bp + arows * kLdA + 8);
-          const uint32_t bl0 = ld_pair(bp + 2 * arows * kLdA), bl1 = ld_pair(bp + 2 * arows * kLdA + 8);
-          ptx::mma_bf16(y, kh[kk], bh0, bh1);
-          ptx::mma_bf16(y, kh[kk], bm0, bm1);
-          ptx::mma_bf16(y, km[kk], bh0, bh1);
-          ptx::mma_bf16(y, kh[kk], bl0, bl1);
-          ptx::mma_bf16(y, kl[kk], bh0, bh1);
-          ptx::mma_bf16(y, km[kk], bm0, bm1);
+        for (int r = 0; r < 4; ++r) {
+          const int nt = 2 * kk + (r >> 1), i0 = 2 * (r & 1), j = nt * 8 + 2 * q4;
+          const float k0 = j < m ? expf(-acc[nt][i0] / two_sigma) - mus[j] : 0.0f;
+          const float k1 = j + 1 < m ? expf(-acc[nt][i0 + 1] / two_sigma) - mus[j + 1] : 0.0f;
+          split3_pair(k0, k1, kh[kk][r], km[kk][r], kl[kk][r]);
         }
+      const int kks = (p.mt + 1) / 2, arows = p.bt * 8;
+      for (int bt = 0; bt < p.bt; ++bt) {
+        float y[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int kk = 0; kk < 2; ++kk) {
+          if (kk < kks) {
+            const bf16* bp = Apr + (bt * 8 + g) * kLdA + kk * 16 + 2 * q4;
+            const uint32_t bh0 = ld_pair(bp), bh1 = ld_pair(bp + 8);
+            const uint32_t bm0 = ld_pair(bp + arows * kLdA), bm1 = ld_pair(bp + arows * kLdA + 8);
+            const uint32_t bl0 = ld_pair(bp + 2 * arows * kLdA), bl1 = ld_pair(bp + 2 * arows * kLdA + 8);
+            ptx::mma_bf16(y, kh[kk], bh0, bh1);
+            ptx::mma_bf16(y, kh[kk], bm0, bm1);
+            ptx::mma_bf16(y, km[kk], bh0, bh1);
+            ptx::mma_bf16(y, kh[kk], bl0, bl1);
+            ptx::mma_bf16(y, kl[kk], bh0, bh1);
+            ptx::mma_bf16(y, km[kk], bm0, bm1);
+          }
+        }
+        const int r = bt * 8 + 2 * q4;  // bits past nbits: A rows are zero there, y = 0, no bit
+        ca |= (static_cast<unsigned long long>(y[0] > 0.0f) << r) |
+              (static_cast<unsigned long long>(y[1] > 0.0f) << (r + 1));
+        cb |= (static_cast<unsigned long long>(y[2] > 0.0f) << r) |
+              (static_cast<unsigned long long>(y[3] > 0.0f) << (r + 1));
       }
-      const int r = bt * 8 + 2 * q4;  // bits past nbits: A rows are zero there, y = 0, no bit
-      ca |= (static_cast<unsigned long long>(y[0] > 0.0f) << r) |
-            (static_cast<unsigned long long>(y[1] > 0.0f) << (r + 1));
-      cb |= (static_cast<unsigned long long>(y[2] > 0.0f) << r) |
-            (static_cast<unsigned long long>(y[3] > 0.0f) << (r + 1));
     }
+    ca |= __shfl_xor_sync(0xffffffffu, ca, 1);
+    ca |= __shfl_xor_sync(0xffffffffu, ca, 2);
+    cb |= __shfl_xor_sync(0xffffffffu, cb, 1);
+    cb |= __shfl_xor_sync(0xffffffffu, cb, 2);
+    if (!va) ca = 0;
+    if (!vb) cb = 0;
+    // every CTA needs every token's code (MatAdd #1 over all tokens, MatAdd #2 over all tiles)
+    if (has_tile && q4 < 2) bcast(codes, q4 ? tb : ta, q4 ? cb : ca);
   }
-  ca |= __shfl_xor_sync(0xffffffffu, ca, 1);
-  ca |= __shfl_xor_sync(0xffffffffu, ca, 2);
-  cb |= __shfl_xor_sync(0xffffffffu, cb, 1);
-  cb |= __shfl_xor_sync(0xffffffffu, cb, 2);
-  if (!va) ca = 0;
-  if (!vb) cb = 0;
-  if (has_tile && q4 == 0) codes[ta] = ca, codes[tb] = cb;
-  __syncthreads();
+  csync();
 
-  // ---- 2. KV = h^T V / pi, a warp per (16 bits, 8 columns); stored transposed, split in three parts ----
-  const int NT = dp / 8, kvpart = dp * p.ldk;
-  for (int task = warp; task < p.mb * NT; task += W) {
-    const int mt = task / NT, nt = task - mt * NT, r0 = (mt & 1) * 16 + g, hw = mt >> 1;
+  // ---- 2. KV = h^T V / pi for this CTA's columns, a warp per (16 bits, 8 columns); transposed, split ----
+  const int kvpart = dp * p.ldk;
+  for (int task = warp; task < p.mb * ntg; task += W) {
+    const int mt = task / ntg, nt = nt0 + task - mt * ntg, r0 = (mt & 1) * 16 + g, hw = mt >> 1;
     const uint32_t* cw32 = reinterpret_cast<const uint32_t*>(codes) + hw;  // the 32-bit half holding bits 16mt..
     float kv[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int k0 = 0; k0 < p.nk; k0 += 32) {
@@ -365,12 +400,12 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
     }
   }
   __syncthreads();
-  if (!has_tile) return;
 
-  // ---- 3. z = h KV + 0.5 v, normalisation, conv, per warp and tile ----
-  float cw[kTaps];
-#pragma unroll
-  for (int t = 0; t < kTaps; ++t) cw[t] = p.conv_w[h * kTaps + t];
+  // ---- 3. z = h KV + 0.5 v for this CTA's columns, per warp and tile (every tile); norm; conv ----
+  const bool has_z = warp < p.tiles;  // warp-uniform
+  const int ta = warp * 16 + g, tb = ta + 8;
+  const bool va = ta < N, vb = tb < N;
+  const unsigned long long ca = codes[ta], cb = codes[tb];
   const uint32_t ca_lo = uint32_t(ca), ca_hi = uint32_t(ca >> 32), cb_lo = uint32_t(cb), cb_hi = uint32_t(cb >> 32);
   auto tile_z = [&](int nt, float(&z)[4]) {
     const int c = nt * 8 + 2 * q4;
@@ -387,25 +422,44 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
     const float2 xa = ld_float2(Vs + ta * ldb + c), xb = ld_float2(Vs + tb * ldb + c);
     z[0] += 0.5f * xa.x, z[1] += 0.5f * xa.y, z[2] += 0.5f * xb.x, z[3] += 0.5f * xb.y;
   };
-  double za = 0.0, zb = 0.0;  // the norms of rows ta and tb: the 4 lanes of a row hold its columns
-  for (int nt = 0; nt < NT; ++nt) {
-    float z[4];
-    tile_z(nt, z);
-    za += double(z[0]) * z[0] + double(z[1]) * z[1];
-    zb += double(z[2]) * z[2] + double(z[3]) * z[3];
+  // the squared norm of rows ta, tb over column tile nt (the 4 lanes of a row hold its 8 columns) -> every CTA
+  auto put_norm = [&](int nt, const float(&z)[4]) {
+    double sa = double(z[0]) * z[0] + double(z[1]) * z[1], sb = double(z[2]) * z[2] + double(z[3]) * z[3];
+    sa += __shfl_xor_sync(0xffffffffu, sa, 1);
+    sa += __shfl_xor_sync(0xffffffffu, sa, 2);
+    sb += __shfl_xor_sync(0xffffffffu, sb, 1);
+    sb += __shfl_xor_sync(0xffffffffu, sb, 2);
+    if (q4 < 2) bcast(zsq, (q4 ? tb : ta) * NT + nt, q4 ? sb : sa);
+  };
+  // z is kept in registers when this CTA has at most 2 column tiles, else recomputed in the second pass
+  const bool keep = ntg <= 2;
+  float zk[2][4];
+  if (has_z) {
+    if (keep) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        if (j < ntg) tile_z(nt0 + j, zk[j]), put_norm(nt0 + j, zk[j]);
+    } else {
+      for (int j = 0; j < ntg; ++j) {
+        float z[4];
+        tile_z(nt0 + j, z);
+        put_norm(nt0 + j, z);
+      }
+    }
   }
-  za += __shfl_xor_sync(0xffffffffu, za, 1);
-  za += __shfl_xor_sync(0xffffffffu, za, 2);
-  zb += __shfl_xor_sync(0xffffffffu, zb, 1);
-  zb += __shfl_xor_sync(0xffffffffu, zb, 2);
+  csync();  // the last cluster barrier: after it no CTA touches another's shared memory
+  if (!has_z) return;
+  double za = 0.0, zb = 0.0;  // the column tiles' partials in order: the same for every cluster size
+  for (int nt = 0; nt < NT; ++nt) za += zsq[ta * NT + nt], zb += zsq[tb * NT + nt];
   const float zna = fmaxf(static_cast<float>(sqrt(za)), kNormEps);
   const float znb = fmaxf(static_cast<float>(sqrt(zb)), kNormEps);
+  float cw[kTaps];
+#pragma unroll
+  for (int t = 0; t < kTaps; ++t) cw[t] = p.conv_w[h * kTaps + t];
   bf16* outa = p.out + (int64_t(b) * N + ta) * p.ldo + h * d;
   bf16* outb = p.out + (int64_t(b) * N + tb) * p.ldo + h * d;
-  for (int nt = 0; nt < NT; ++nt) {
+  auto emit = [&](int nt, const float(&z)[4]) {
     const int c = nt * 8 + 2 * q4;
-    float z[4];
-    tile_z(nt, z);
     float o[4] = {z[0] / zna, z[1] / zna, z[2] / znb, z[3] / znb};
     const bf16* vt = Vs + (ta - kPad) * ldb + c;  // zero rows outside the image: no checks
 #pragma unroll
@@ -426,7 +480,19 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
         if (c + 1 < d) dst[1] = __float2bfloat16_rn(x1);
       }
     }
+  };
+  if (keep) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      if (j < ntg) emit(nt0 + j, zk[j]);
+  } else {
+    for (int j = 0; j < ntg; ++j) {
+      float z[4];
+      tile_z(nt0 + j, z);
+      emit(nt0 + j, z);
+    }
   }
+#endif
 }
 
 }  // namespace
@@ -437,12 +503,12 @@ bool hamming_attention_supports(int N, int C, int H, int nbits, int m) {
     return false;
   // The largest case (N 256, d 64, 64 bits) needs about 134 KB; sm_80 and later offer 163-227 KB.
   const HamParams p = ham_dims(1, N, C, H, nbits, m);
-  return device_available() ? ham_smem(p).total <= size_t(max_smem_per_block()) : true;
+  return device_available() ? device_cc_major() >= 9 && ham_smem(p).total <= size_t(max_smem_per_block()) : true;
 }
 
 void hamming_attention_forward_ld(bf16* out, int ldo, const bf16* qk, int ldqk, const bf16* v, int ldv,
                                   const float* anchors, const float* mu, const float* A, const float* conv_w, int B,
-                                  int N, int C, int H, int nbits, int m, cudaStream_t stream) {
+                                  int N, int C, int H, int nbits, int m, cudaStream_t stream, int cluster) {
   SAV_CHECK(out && qk && v && anchors && mu && A && conv_w, "hamming attention: null pointer");
   SAV_CHECK(N >= 1 && N <= kHamMaxN && H >= 1 && C % H == 0 && C / H >= 1 && C / H <= kHamMaxD && nbits >= 1 &&
                 nbits <= kHamMaxBits && m >= 1 && m <= kHamMaxM,
@@ -460,6 +526,13 @@ void hamming_attention_forward_ld(bf16* out, int ldo, const bf16* qk, int ldqk, 
   auto a16 = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
   p.vec = p.d % 8 == 0 && ldqk % 8 == 0 && ldv % 8 == 0 && a16(qk) && a16(v);
   p.pairs = p.d % 2 == 0 && ldo % 2 == 0 && reinterpret_cast<uintptr_t>(out) % 4 == 0;
+  const int NT = p.dp / 8;
+  if (cluster == 0) cluster = hamming_attention_cluster(B, C, H);
+  SAV_CHECK((cluster == 1 || cluster == 2 || cluster == 4 || cluster == 8) && NT % cluster == 0,
+            "hamming attention: cluster size " << cluster << " must be 1, 2, 4 or 8 and divide " << NT
+                                               << " (the head's 8-column tiles)");
+  SAV_CHECK(device_cc_major() >= 9, "hamming attention: needs a compute capability 9.0 device (thread-block clusters)");
+  p.G = cluster, p.ntg = NT / cluster;
   const size_t smem = ham_smem(p).total;
   SAV_CHECK(smem <= size_t(max_smem_per_block()), "hamming attention: needs "
                                                       << smem << " bytes of shared memory, the device offers "
@@ -470,14 +543,34 @@ void hamming_attention_forward_ld(bf16* out, int ldo, const bf16* qk, int ldqk, 
         cudaFuncSetAttribute(hamming_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem_per_block()));
     attr_set = true;
   }
-  hamming_kernel<<<static_cast<unsigned>(int64_t(B) * H), ham_threads(N), smem, stream>>>(p);
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(int64_t(B) * H * cluster), 1, 1);  // cluster c: CTAs cG .. cG + G - 1
+  cfg.blockDim = dim3(static_cast<unsigned>(ham_threads(N)), 1, 1);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(cluster);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = cluster > 1 ? 1 : 0;
+  SAV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, hamming_kernel, p));
   SAV_CUDA_CHECK_LAUNCH();
+}
+
+int hamming_attention_cluster(int B, int C, int H) {
+  const int NT = (C / H + 15) / 16 * 2;  // the head's 8-column tiles (d rounded up to 16)
+  const int64_t sms = device_available() ? sm_count() : 132;
+  for (int g = 8; g > 1; g /= 2)
+    if (NT % g == 0 && int64_t(B) * H * g <= sms) return g;
+  return 1;
 }
 
 void hamming_attention_forward(bf16* out, const bf16* qk, const bf16* v, const float* anchors, const float* mu,
                                const float* A, const float* conv_w, int B, int N, int C, int H, int nbits, int m,
                                cudaStream_t stream) {
-  hamming_attention_forward_ld(out, C, qk, C, v, C, anchors, mu, A, conv_w, B, N, C, H, nbits, m, stream);
+  hamming_attention_forward_ld(out, C, qk, C, v, C, anchors, mu, A, conv_w, B, N, C, H, nbits, m, stream, 0);
 }
 
 }  // namespace sav::cuda

@@ -679,13 +679,6 @@ __global__ void __launch_bounds__(kThreads, 2) hamming_tiled_kernel(const __grid
 
 bool aligned(const void* ptr, size_t a) { return reinterpret_cast<uintptr_t>(ptr) % a == 0; }
 
-int device_cc_major() {
-  int dev = 0, major = 0;
-  SAV_CUDA_CHECK(cudaGetDevice(&dev));
-  SAV_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  return major;
-}
-
 template <class T, bool kVec4>
 void launch(const TiledParams<T>& prm, const Plan& pl, int64_t bh, cudaStream_t stream) {
   void (*kernel)(TiledParams<T>) = hamming_tiled_kernel<T, kVec4>;

@@ -69,9 +69,14 @@ void hamming_attention_forward(bf16* out, const bf16* qk, const bf16* v, const f
                                cudaStream_t stream);
 // The same with row strides (elements) for the token-major tensors: out rows ldo apart, qk rows ldqk apart,
 // v rows ldv apart (e.g. qk = buf, v = buf + C, ldqk = ldv = 2C for the stacked [to_qk; to_v] product).
+// cluster: CTAs per (image, head), a thread-block cluster (1, 2, 4 or 8, dividing ceil(d / 16) * 2; 0 picks
+// hamming_attention_cluster). The output is bit-identical for every cluster size.
 void hamming_attention_forward_ld(bf16* out, int ldo, const bf16* qk, int ldqk, const bf16* v, int ldv,
                                   const float* anchors, const float* mu, const float* A, const float* conv_w, int B,
-                                  int N, int C, int H, int nbits, int m, cudaStream_t stream);
+                                  int N, int C, int H, int nbits, int m, cudaStream_t stream, int cluster = 0);
+// The cluster size the launcher picks: the largest of 8, 4, 2 that divides the head's 8-column tiles with
+// B H G CTAs still at most one per SM, else 1.
+int hamming_attention_cluster(int B, int C, int H);
 // 1 <= N <= 256, C % H == 0, 1 <= d <= 64, 1 <= nbits <= 64, 1 <= m <= 32 (and the shared memory fits)
 bool hamming_attention_supports(int N, int C, int H, int nbits, int m);
 

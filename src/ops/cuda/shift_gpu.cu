@@ -134,18 +134,7 @@ using IntSmall = IntTile<64, 64>;
 using MmaBig = MmaTile<128, 128, 2, 4>;
 using MmaSmall = MmaTile<64, 64, 2, 2>;
 
-// Compute capability major of the current device, cached per device (a forward asks on every call).
-int cc_major() {
-  static std::mutex mu;
-  static int cache[64] = {};
-  int dev = 0;
-  SAV_CUDA_CHECK(cudaGetDevice(&dev));
-  SAV_CHECK(dev >= 0 && dev < 64, "CUDA device index " << dev << " out of range");
-  std::lock_guard<std::mutex> lock(mu);
-  if (cache[dev] == 0) SAV_CUDA_CHECK(cudaDeviceGetAttribute(&cache[dev], cudaDevAttrComputeCapabilityMajor, dev));
-  return cache[dev];
-}
-bool clusters_supported() { return cc_major() >= 9; }
+bool clusters_supported() { return device_cc_major() >= 9; }
 
 // Big tiles when they alone give a CTA per SM; else small tiles, with K split over a cluster (at least
 // min_tiles k-tiles per CTA) until they do.
@@ -632,7 +621,7 @@ void launch(void (*kernel)(P), const P& prm, dim3 grid, int threads, size_t smem
 }
 
 void check_device_cc80(const char* op) {
-  SAV_CHECK(cc_major() >= 8, op << ": needs a compute capability 8.0 or newer device (cp.async, bf16 mma.sync)");
+  SAV_CHECK(device_cc_major() >= 8, op << ": needs a compute capability 8.0 or newer device (cp.async, bf16 mma.sync)");
 }
 
 template <class XT>
