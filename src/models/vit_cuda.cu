@@ -109,6 +109,7 @@ struct BlockWeights {
   const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
   Lin qkv, to_qk, to_v, proj, fc1, fc2;
   const float *anchors = nullptr, *mu = nullptr, *A = nullptr, *conv = nullptr;
+  const void* ham_prep = nullptr;  // Hamming: the per-head kernel's prepared hash weights (hamming_attention_prepare)
 };
 
 // Host f32 weight (F,K) and bias (F) of a dense or shift layer `prefix` (shift decoded: s * 2^p).
@@ -214,7 +215,8 @@ struct ViTCuda::Impl {
   DeviceBuffer<float> x, pe, moe_s;
   DeviceBuffer<bf16> xn, qkv, ao, hid, cols, clsn, moe_xa;  // moe_xa: x_aug of the masked MoE layers
   DeviceBuffer<int8_t> choices;
-  DeviceBuffer<unsigned char> ham_ws;  // Hamming kernels' workspace  // (MoE layers, capacity*N) expert of each token
+  DeviceBuffer<unsigned char> ham_ws;    // Hamming kernels' workspace
+  DeviceBuffer<unsigned char> ham_prep;  // the Hamming blocks' prepared hash weights, one slice per block  // (MoE layers, capacity*N) expert of each token
   cuda::GraphCache graphs;
 
   // the fused single-kernel path (vit_fused.h): every block Hamming attention, sizes it covers
@@ -444,9 +446,9 @@ struct ViTCuda::Impl {
         }
         // The per-head kernel (a cluster of G CTAs per image and head, G from hamming_attention_cluster) where it
         // covers the sizes, else the tiled kernel (any N).
-        if (cuda::hamming_attention_supports(N, C, H, cfg.hash_bits, cfg.anchors)) {
-          cuda::hamming_attention_forward_ld(ao.get(), C, qkv.get(), 2 * C, qkv.get() + C, 2 * C, w.anchors, w.mu, w.A,
-                                             w.conv, B, N, C, H, cfg.hash_bits, cfg.anchors, s);
+        if (w.ham_prep) {
+          cuda::hamming_attention_forward_ld(ao.get(), C, qkv.get(), 2 * C, qkv.get() + C, 2 * C, w.ham_prep, w.conv, B,
+                                             N, C, H, cfg.hash_bits, cfg.anchors, s);
         } else {
           const cuda::HammingTiledDims hd{B, N, C, H, cfg.hash_bits, cfg.anchors};
           cuda::hamming_attention_tiled<bf16>(ao.get(), C, qkv.get(), 2 * C, qkv.get() + C, 2 * C, w.anchors, w.mu, w.A,
@@ -592,6 +594,21 @@ ViTCuda::ViTCuda(const Vit& model) : impl_(nullptr) {
     w.proj = lin(o.proj), w.fc1 = lin(o.fc1), w.fc2 = lin(o.fc2);
     w.anchors = F32(o.anchors), w.mu = F32(o.mu), w.A = F32(o.A), w.conv = F32(o.conv);
     m.blocks.push_back(w);
+  }
+  // the per-head Hamming kernel's prepared weights, where it covers the sizes (else the tiled kernel runs)
+  if (cuda::hamming_attention_supports(N, C, H, c.hash_bits, c.anchors)) {
+    const size_t per_block = cuda::hamming_attention_prepared_bytes(C, H, c.hash_bits);  // a multiple of 16
+    size_t n = 0;
+    for (const BlockWeights& w : m.blocks) n += w.anchors ? per_block : 0;
+    m.ham_prep.resize(n);
+    unsigned char* at = m.ham_prep.get();
+    for (BlockWeights& w : m.blocks) {
+      if (!w.anchors) continue;
+      cuda::hamming_attention_prepare(at, w.anchors, w.mu, w.A, C, H, c.hash_bits, c.anchors, nullptr);
+      w.ham_prep = at;
+      at += per_block;
+    }
+    SAV_CUDA_CHECK(cudaDeviceSynchronize());
   }
   // the fused kernel: every block Hamming attention, sizes within vit_fused_supports (batch 1 as the probe)
   cuda::FusedVitDims& fd = m.fused.dims;

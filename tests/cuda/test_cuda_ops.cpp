@@ -269,9 +269,12 @@ TEST_F(CudaOps, HammingAttentionMatchesCpuOnOddShapes) {
       pqk = dqk.get(), pv = dv.get();
     }
     auto da = upload(hw.anchors), dmu = upload(hw.mu), dA = upload(hw.A), dconv = upload(hw.conv);
+    DeviceBuffer<unsigned char> prep(cuda::hamming_attention_prepared_bytes(C, H, nb));
+    prep.fill_bytes(0xA5);  // every byte must be written
+    cuda::hamming_attention_prepare(prep.get(), da.get(), dmu.get(), dA.get(), C, H, nb, m, nullptr);
     DeviceBuffer<bf16> dout(M * ldo);
     dout.fill_bytes(0xFF);
-    cuda::hamming_attention_forward_ld(dout.get(), ldo, pqk, ldin, pv, ldin, da.get(), dmu.get(), dA.get(),
+    cuda::hamming_attention_forward_ld(dout.get(), ldo, pqk, ldin, pv, ldin, prep.get(),
                                        dconv.get(), B, N, C, H, nb, m, nullptr);
     SAV_CUDA_CHECK(cudaDeviceSynchronize());
     const std::vector<float> outp = download_f32(dout);
@@ -312,21 +315,21 @@ TEST_F(CudaOps, HammingAttentionMatchesCpuOnOddShapes) {
 
     // rerun: bit-identical; and every cluster size (CTAs per head: hash tiles and columns split, partial sums
     // exchanged through distributed shared memory) gives the same bits as the auto choice
-    cuda::hamming_attention_forward_ld(dout.get(), ldo, pqk, ldin, pv, ldin, da.get(), dmu.get(), dA.get(),
+    cuda::hamming_attention_forward_ld(dout.get(), ldo, pqk, ldin, pv, ldin, prep.get(),
                                        dconv.get(), B, N, C, H, nb, m, nullptr);
     SAV_CUDA_CHECK(cudaDeviceSynchronize());
     EXPECT_TRUE(bit_identical(download_f32(dout), outp));
     const int tiles8 = (d + 15) / 16 * 2;
     for (int G : {1, 2, 4, 8}) {
       if (tiles8 % G) {
-        EXPECT_THROW(cuda::hamming_attention_forward_ld(dout.get(), ldo, pqk, ldin, pv, ldin, da.get(), dmu.get(),
-                                                        dA.get(), dconv.get(), B, N, C, H, nb, m, nullptr, G),
+        EXPECT_THROW(cuda::hamming_attention_forward_ld(dout.get(), ldo, pqk, ldin, pv, ldin, prep.get(),
+                                                        dconv.get(), B, N, C, H, nb, m, nullptr, G),
                      sav::Error);
         continue;
       }
       SCOPED_TRACE("cluster " + std::to_string(G));
       dout.fill_bytes(0xFF);
-      cuda::hamming_attention_forward_ld(dout.get(), ldo, pqk, ldin, pv, ldin, da.get(), dmu.get(), dA.get(),
+      cuda::hamming_attention_forward_ld(dout.get(), ldo, pqk, ldin, pv, ldin, prep.get(),
                                          dconv.get(), B, N, C, H, nb, m, nullptr, G);
       SAV_CUDA_CHECK(cudaDeviceSynchronize());
       EXPECT_TRUE(bit_identical(download_f32(dout), outp));
@@ -342,9 +345,16 @@ TEST_F(CudaOps, HammingAttentionRejectsUnsupportedSizes) {
   EXPECT_TRUE(cuda::hamming_attention_supports(256, 768, 12, 64, 32));
   DeviceBuffer<bf16> a(64), b(64);
   DeviceBuffer<float> f(64);
-  EXPECT_THROW(cuda::hamming_attention_forward(a.get(), b.get(), b.get(), f.get(), f.get(), f.get(), f.get(), 1, 300,
-                                               16, 1, 16, 25, nullptr),
-               sav::Error);
+  DeviceBuffer<unsigned char> prep(cuda::hamming_attention_prepared_bytes(16, 1, 16));
+  EXPECT_THROW(cuda::hamming_attention_forward_ld(a.get(), 16, b.get(), 16, b.get(), 16, prep.get(), f.get(), 1, 300,
+                                                  16, 1, 16, 25, nullptr),
+               sav::Error);  // tokens
+  EXPECT_THROW(cuda::hamming_attention_forward_ld(a.get(), 16, b.get(), 16, b.get(), 16, prep.get() + 8, f.get(), 1, 3,
+                                                  16, 1, 16, 25, nullptr),
+               sav::Error);  // prepared buffer misaligned
+  EXPECT_THROW(cuda::hamming_attention_prepare(prep.get(), f.get(), f.get(), f.get(), 16, 1, 16, 33, nullptr),
+               sav::Error);  // anchors
+  SAV_CUDA_CHECK(cudaDeviceSynchronize());  // nothing was launched
 }
 
 // ---- MoE(mult, shift) linear: stacked product + routing epilogue ----

@@ -380,11 +380,12 @@ TEST_F(CudaHammingTiled, TimingPrinted) {
                                           dmu.get(), dA.get(), dconv.get(), d, ws.size() ? ws.get() : nullptr,
                                           stream.get());
     };
+    DeviceBuffer<unsigned char> prep(cuda::hamming_attention_prepared_bytes(d.C, d.H, d.nbits));
+    cuda::hamming_attention_prepare(prep.get(), da.get(), dmu.get(), dA.get(), d.C, d.H, d.nbits, d.m, nullptr);
     int G = 0;  // cluster size of the per-head kernel
     auto per_head = [&] {
-      cuda::hamming_attention_forward_ld(out.get(), d.C, qkv.get(), 2 * d.C, qkv.get() + d.C, 2 * d.C, da.get(),
-                                         dmu.get(), dA.get(), dconv.get(), d.B, d.N, d.C, d.H, d.nbits, d.m,
-                                         stream.get(), G);
+      cuda::hamming_attention_forward_ld(out.get(), d.C, qkv.get(), 2 * d.C, qkv.get() + d.C, 2 * d.C, prep.get(),
+                                         dconv.get(), d.B, d.N, d.C, d.H, d.nbits, d.m, stream.get(), G);
     };
     auto time_us = [&](auto&& fn) {
       constexpr int kCalls = 20, kReps = 10;

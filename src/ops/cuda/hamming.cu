@@ -50,7 +50,6 @@ constexpr int kHamMaxM = 32;
 constexpr int kHamMaxBits = 64;
 constexpr int kTaps = 9;
 constexpr int kPad = kTaps / 2;
-constexpr int kStage = 8;            // anchor / A loads per thread in flight while staging
 constexpr int kLdA = kHamMaxM + 8;   // bf16 row stride of the split A rows (80 bytes: conflict-free pair loads)
 constexpr float kNormEps = 1e-6f;    // cpu::kHammingNormEps
 constexpr float kSigmaMin = 1e-12f;  // cpu::kHammingSigmaMin
@@ -60,7 +59,8 @@ struct HamParams {
   bf16* out;
   const bf16* qk;
   const bf16* v;
-  const float *anchors, *mu, *A, *conv_w;
+  const unsigned char* prep;  // hamming_attention_prepare's buffer: one PrepLayout block per head
+  const float* conv_w;
   int ldo, ldqk, ldv;
   int B, N, C, H, d, nbits, m;
   int tiles;   // ceil(N / 16): one warp each
@@ -77,11 +77,27 @@ struct HamParams {
   bool pairs;  // d even and the output 4-byte aligned: bf16 pairs are stored at once
 };
 
+__host__ __device__ inline size_t align16(size_t x) { return (x + 15) / 16 * 16; }
+// One head's prepared hash weights (hamming_attention_prepare), byte offsets within the block; the kernel copies
+// the block into shared memory as it is: the anchors (32 x ldb) and A (8 bt x kLdA) each split in three bf16
+// parts (part k at rows k R ..), zero-padded, then ||a_j||^2 and mu (32 f32 each, zero past m).
+struct PrepLayout {
+  size_t anc, a, aa, mu, bytes;
+};
+__host__ __device__ inline PrepLayout prep_layout(int dp, int bt) {
+  PrepLayout P{};
+  size_t o = 0;
+  P.anc = o, o = align16(o + size_t(3) * kHamMaxM * (dp + 8) * sizeof(bf16));
+  P.a = o, o = align16(o + size_t(3) * bt * 8 * kLdA * sizeof(bf16));
+  P.aa = o, o = align16(o + kHamMaxM * sizeof(float));
+  P.mu = o, o = align16(o + kHamMaxM * sizeof(float));
+  P.bytes = o;
+  return P;
+}
 // Shared memory carve-up, the same on host and device.
 struct HamSmem {
-  size_t red, zsq, codes, q, v, anc, a, kv, aa, mu, total;  // byte offsets
+  size_t red, zsq, codes, q, v, prep, kv, total;  // byte offsets
 };
-__host__ __device__ inline size_t align16(size_t x) { return (x + 15) / 16 * 16; }
 __host__ __device__ inline HamSmem ham_smem(const HamParams& p) {
   HamSmem s{};
   size_t o = 0;
@@ -90,11 +106,8 @@ __host__ __device__ inline HamSmem ham_smem(const HamParams& p) {
   s.codes = o, o = align16(o + size_t(p.nk) * sizeof(unsigned long long));
   s.q = o, o = align16(o + size_t(p.tiles) * 16 * p.ldb * sizeof(bf16));
   s.v = o, o = align16(o + size_t(p.nk + 2 * kPad) * p.ldb * sizeof(bf16));
-  s.anc = o, o = align16(o + size_t(3) * kHamMaxM * p.ldb * sizeof(bf16));
-  s.a = o, o = align16(o + size_t(3) * p.bt * 8 * kLdA * sizeof(bf16));
+  s.prep = o, o += prep_layout(p.dp, p.bt).bytes;
   s.kv = o, o = align16(o + size_t(3) * p.dp * p.ldk * sizeof(bf16));
-  s.aa = o, o = align16(o + kHamMaxM * sizeof(float));
-  s.mu = o, o = align16(o + kHamMaxM * sizeof(float));
   s.total = o;
   return s;
 }
@@ -142,30 +155,20 @@ __device__ __forceinline__ void split3_pair(float x0, float x1, uint32_t& hi, ui
   hi = pack(h0, h1), mid = pack(m0, m1), lo = pack(l0, l1);
 }
 
-// Stages an R x cols f32 matrix split in three bf16 parts: element (r, c) = load(r, c), part k at
-// dst[(k R + r) ld + c]; kStage loads per thread in flight before their splits (a plain loop would wait for each).
-template <class Load>
-__device__ __forceinline__ void stage_split3(bf16* dst, int ld, int R, int cols, Load load) {
-  const int tid = threadIdx.x, T = blockDim.x, n = R * cols;
-  for (int i0 = 0; i0 < n; i0 += kStage * T) {
-    float x[kStage];
-#pragma unroll
-    for (int u = 0; u < kStage; ++u) {
-      const int i = i0 + tid + u * T, r = i / cols, c = i - r * cols;
-      x[u] = i < n ? load(r, c) : 0.0f;
-    }
-#pragma unroll
-    for (int u = 0; u < kStage; ++u) {
-      const int i = i0 + tid + u * T, r = i / cols, c = i - r * cols;
-      if (i < n) {
-        bf16 hi, mid, lo;
-        split3(x[u], hi, mid, lo);
-        dst[r * ld + c] = hi, dst[(R + r) * ld + c] = mid, dst[(2 * R + r) * ld + c] = lo;
-      }
-    }
+#ifdef SAV_HAM_TRACE
+__device__ unsigned g_ham_calls;
+#define SAV_HAM_STAMP(i) st[i] = clock64()
+#define SAV_HAM_DUMP()                                                                                        \
+  if (tid == 0 && (blockIdx.x == 0 || blockIdx.x == gridDim.x - 1)) {                                         \
+    const unsigned call = blockIdx.x == 0 ? atomicAdd(&g_ham_calls, 1) : 0;                                   \
+    if (blockIdx.x == 0 && call % 200 == 100)                                                                 \
+      printf("[trace] G=%d grid=%d: stage %lld hash %lld sigma %lld codes %lld kv %lld z %lld out %lld\n", G, \
+             gridDim.x, st[1] - st[0], st[2] - st[1], st[3] - st[2], st[4] - st[3], st[5] - st[4], st[6] - st[5], st[7] - st[6]);           \
   }
-}
-
+#else
+#define SAV_HAM_STAMP(i)
+#define SAV_HAM_DUMP()
+#endif
 __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__ HamParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // thread-block clusters need sm_90; the launcher refuses older devices
@@ -177,11 +180,12 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
   unsigned long long* codes = reinterpret_cast<unsigned long long*>(smem + L.codes);
   bf16* Qs = reinterpret_cast<bf16*>(smem + L.q);
   bf16* Vs = reinterpret_cast<bf16*>(smem + L.v) + kPad * p.ldb;  // rows -kPad .. nk + kPad - 1
-  bf16* Anc = reinterpret_cast<bf16*>(smem + L.anc);              // [part][anchor][dim]
-  bf16* Apr = reinterpret_cast<bf16*>(smem + L.a);                // [part][bit][anchor]
-  bf16* KVt = reinterpret_cast<bf16*>(smem + L.kv);               // [part][column][bit]
-  float* aa = reinterpret_cast<float*>(smem + L.aa);
-  float* mus = reinterpret_cast<float*>(smem + L.mu);
+  const PrepLayout P = prep_layout(p.dp, p.bt);
+  const bf16* Anc = reinterpret_cast<const bf16*>(smem + L.prep + P.anc);  // [part][anchor][dim]
+  const bf16* Apr = reinterpret_cast<const bf16*>(smem + L.prep + P.a);    // [part][bit][anchor]
+  const float* aa = reinterpret_cast<const float*>(smem + L.prep + P.aa);
+  const float* mus = reinterpret_cast<const float*>(smem + L.prep + P.mu);
+  bf16* KVt = reinterpret_cast<bf16*>(smem + L.kv);  // [part][column][bit]
 
   cg::cluster_group cluster = cg::this_cluster();
   const int G = p.G, rank = G == 1 ? 0 : static_cast<int>(cluster.block_rank());
@@ -207,6 +211,10 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
   };
   // no remote shared-memory write before every CTA of the cluster runs: arrive now, wait before the first one
   auto started = G == 1 ? decltype(cluster.barrier_arrive()){} : cluster.barrier_arrive();
+#ifdef SAV_HAM_TRACE
+  long long st[8];
+#endif
+  SAV_HAM_STAMP(0);
 
   // ---- 0. staging: qk rows of this CTA's hash tiles, v columns of its column tiles ----
   const bf16* qk = p.qk + int64_t(b) * N * p.ldqk + h * d;
@@ -237,28 +245,16 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
       Vs[n * ldb + c] = n >= 0 && n < N && c < d ? vv[int64_t(n) * p.ldv + c] : zero;
     }
   }
-  // the anchors (32 x dp) and A (8 bt x 32), split in three bf16 parts
-  const float* anc = p.anchors + int64_t(h) * m * d;
-  const float* Ah = p.A + int64_t(h) * p.nbits * m;
-  stage_split3(Anc, ldb, kHamMaxM, dp, [&](int j, int c) { return j < m && c < d ? anc[j * d + c] : 0.0f; });
-  stage_split3(Apr, kLdA, p.bt * 8, kHamMaxM,
-               [&](int r, int j) { return r < p.nbits && j < m ? Ah[r * m + j] : 0.0f; });
-  for (int j = tid; j < kHamMaxM; j += T) {
-    float s = 0.0f;
-    if (j < m) {
-      float x[kHamMaxD];  // every load in flight at once (one round trip), then the sum in order
-#pragma unroll
-      for (int i = 0; i < kHamMaxD; ++i) x[i] = i < d ? anc[j * d + i] : 0.0f;
-#pragma unroll
-      for (int i = 0; i < kHamMaxD; ++i)
-        if (i < d) s = fmaf(x[i], x[i], s);
-    }
-    aa[j] = s;
-    mus[j] = j < m ? p.mu[h * m + j] : 0.0f;
+  // the head's prepared hash weights: one contiguous copy
+  {
+    const unsigned char* src = p.prep + int64_t(h) * P.bytes;
+    for (int i = tid * 16; i < int(P.bytes); i += T * 16) ptx::cp_async16(smem + L.prep + i, src + i);
+    ptx::cp_async_commit();
   }
   for (int i = p.tiles * 16 + tid; i < p.nk; i += T) codes[i] = 0ull;  // rows no tile writes (read by KV)
-  if (p.vec) ptx::cp_async_wait<0>();
+  ptx::cp_async_wait<0>();
   __syncthreads();
+  SAV_HAM_STAMP(1);
 
   // ---- 1. hash, per warp and tile (this CTA's tiles) ----
   {
@@ -301,6 +297,7 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
     const float na = fmaxf(static_cast<float>(sqrt(ssa)), kNormEps);
     const float nrb = fmaxf(static_cast<float>(sqrt(ssb)), kNormEps);
     const float qqa = static_cast<float>(ssa / (double(na) * na)), qqb = static_cast<float>(ssb / (double(nrb) * nrb));
+    const float ina = 1.0f / na, inb = 1.0f / nrb;
     double dsum = 0.0;
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {
@@ -308,21 +305,23 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
       for (int i = 0; i < 4; ++i) {
         const int j = nt * 8 + 2 * q4 + (i & 1);
         const bool rb = i >= 2;
-        const float D = fmaxf((rb ? qqb : qqa) + aa[j] - 2.0f * (acc[nt][i] / (rb ? nrb : na)), 0.0f);
+        const float D = fmaxf((rb ? qqb : qqa) + aa[j] - 2.0f * (acc[nt][i] * (rb ? inb : ina)), 0.0f);
         acc[nt][i] = D;
         if (nt < p.mt && j < m && (rb ? vb : va)) dsum += D;
       }
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) dsum += __shfl_xor_sync(0xffffffffu, dsum, o);
+    SAV_HAM_STAMP(2);
     if (G > 1) cluster.barrier_wait(std::move(started));
     if (has_tile && lane == 0) bcast(tsum, tile, dsum);
     csync();
+    SAV_HAM_STAMP(3);
     // sigma = mean D: the tiles' partials summed in tile order (lane t holds tile t), the same in every warp
     double s = lane < p.tiles ? tsum[lane] : 0.0;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    const float two_sigma = 2.0f * fmaxf(static_cast<float>(s / (double(N) * m)), kSigmaMin);
+    const float neg_inv_2sigma = -1.0f / (2.0f * fmaxf(static_cast<float>(s / (double(N) * m)), kSigmaMin));
     unsigned long long ca = 0, cb = 0;  // the codes of rows ta, tb (every lane of the row's quad)
     if (has_tile) {
       // k = exp(-D / (2 sigma)) - mu_j (0 past m), split: the A operand of y for anchors 16kk..16kk+15
@@ -332,11 +331,12 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
           const int nt = 2 * kk + (r >> 1), i0 = 2 * (r & 1), j = nt * 8 + 2 * q4;
-          const float k0 = j < m ? expf(-acc[nt][i0] / two_sigma) - mus[j] : 0.0f;
-          const float k1 = j + 1 < m ? expf(-acc[nt][i0 + 1] / two_sigma) - mus[j + 1] : 0.0f;
+          const float k0 = j < m ? expf(acc[nt][i0] * neg_inv_2sigma) - mus[j] : 0.0f;
+          const float k1 = j + 1 < m ? expf(acc[nt][i0 + 1] * neg_inv_2sigma) - mus[j + 1] : 0.0f;
           split3_pair(k0, k1, kh[kk][r], km[kk][r], kl[kk][r]);
         }
       const int kks = (p.mt + 1) / 2, arows = p.bt * 8;
+#pragma unroll 2
       for (int bt = 0; bt < p.bt; ++bt) {
         float y[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
@@ -371,6 +371,7 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
     if (has_tile && q4 < 2) bcast(codes, q4 ? tb : ta, q4 ? cb : ca);
   }
   csync();
+  SAV_HAM_STAMP(4);
 
   // ---- 2. KV = h^T V / pi for this CTA's columns, a warp per (16 bits, 8 columns); transposed, split ----
   const int kvpart = dp * p.ldk;
@@ -400,6 +401,7 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
     }
   }
   __syncthreads();
+  SAV_HAM_STAMP(5);
 
   // ---- 3. z = h KV + 0.5 v for this CTA's columns, per warp and tile (every tile); norm; conv ----
   const bool has_z = warp < p.tiles;  // warp-uniform
@@ -448,11 +450,12 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
     }
   }
   csync();  // the last cluster barrier: after it no CTA touches another's shared memory
+  SAV_HAM_STAMP(6);
   if (!has_z) return;
   double za = 0.0, zb = 0.0;  // the column tiles' partials in order: the same for every cluster size
   for (int nt = 0; nt < NT; ++nt) za += zsq[ta * NT + nt], zb += zsq[tb * NT + nt];
-  const float zna = fmaxf(static_cast<float>(sqrt(za)), kNormEps);
-  const float znb = fmaxf(static_cast<float>(sqrt(zb)), kNormEps);
+  const float inv_za = 1.0f / fmaxf(static_cast<float>(sqrt(za)), kNormEps);
+  const float inv_zb = 1.0f / fmaxf(static_cast<float>(sqrt(zb)), kNormEps);
   float cw[kTaps];
 #pragma unroll
   for (int t = 0; t < kTaps; ++t) cw[t] = p.conv_w[h * kTaps + t];
@@ -460,7 +463,7 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
   bf16* outb = p.out + (int64_t(b) * N + tb) * p.ldo + h * d;
   auto emit = [&](int nt, const float(&z)[4]) {
     const int c = nt * 8 + 2 * q4;
-    float o[4] = {z[0] / zna, z[1] / zna, z[2] / znb, z[3] / znb};
+    float o[4] = {z[0] * inv_za, z[1] * inv_za, z[2] * inv_zb, z[3] * inv_zb};
     const bf16* vt = Vs + (ta - kPad) * ldb + c;  // zero rows outside the image: no checks
 #pragma unroll
     for (int t = 0; t < kTaps; ++t) {
@@ -492,10 +495,72 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
       emit(nt0 + j, z);
     }
   }
+  SAV_HAM_STAMP(7); SAV_HAM_DUMP();
 #endif
 }
 
+// x = hi + mid + lo (bf16 parts), stored at dst[0], dst[part_stride], dst[2 part_stride]
+__device__ __forceinline__ void store_split3(bf16* dst, size_t part_stride, float x) {
+  bf16 hi, mid, lo;
+  split3(x, hi, mid, lo);
+  dst[0] = hi, dst[part_stride] = mid, dst[2 * part_stride] = lo;
+}
+
+// One CTA per head: its PrepLayout block, every byte written (padding zero).
+__global__ void hamming_prepare_kernel(unsigned char* prep, const float* anchors, const float* mu, const float* A,
+                                       int d, int dp, int nbits, int bt, int m) {
+  const int h = blockIdx.x, tid = threadIdx.x, T = blockDim.x, ldb = dp + 8;
+  const PrepLayout P = prep_layout(dp, bt);
+  unsigned char* base = prep + int64_t(h) * P.bytes;
+  for (size_t i = tid; i < P.bytes; i += T) base[i] = 0;
+  __syncthreads();
+  const float* anc = anchors + int64_t(h) * m * d;
+  const float* Ah = A + int64_t(h) * nbits * m;
+  bf16* Anc = reinterpret_cast<bf16*>(base + P.anc);
+  bf16* Apr = reinterpret_cast<bf16*>(base + P.a);
+  for (int i = tid; i < m * d; i += T) {
+    const int j = i / d, c = i - j * d;
+    store_split3(Anc + j * ldb + c, size_t(kHamMaxM) * ldb, anc[i]);
+  }
+  for (int i = tid; i < nbits * m; i += T) {
+    const int r = i / m, j = i - r * m;
+    store_split3(Apr + r * kLdA + j, size_t(bt) * 8 * kLdA, Ah[i]);
+  }
+  for (int j = tid; j < m; j += T) {
+    float s = 0.0f;  // in order, as the CPU's
+    for (int i = 0; i < d; ++i) s = fmaf(anc[j * d + i], anc[j * d + i], s);
+    reinterpret_cast<float*>(base + P.aa)[j] = s;
+    reinterpret_cast<float*>(base + P.mu)[j] = mu[h * m + j];
+  }
+}
+
+void check_dims(int N, int C, int H, int nbits, int m) {
+  SAV_CHECK(N >= 1 && N <= kHamMaxN && H >= 1 && C % H == 0 && C / H >= 1 && C / H <= kHamMaxD && nbits >= 1 &&
+                nbits <= kHamMaxBits && m >= 1 && m <= kHamMaxM,
+            "hamming attention: N=" << N << " C=" << C << " H=" << H << " nbits=" << nbits << " m=" << m
+                                    << " not supported (N <= " << kHamMaxN << ", head size <= " << kHamMaxD
+                                    << ", nbits <= " << kHamMaxBits << ", anchors <= " << kHamMaxM << ")");
+}
+
 }  // namespace
+
+size_t hamming_attention_prepared_bytes(int C, int H, int nbits) {
+  SAV_CHECK(H >= 1 && C % H == 0 && C / H >= 1 && nbits >= 1, "hamming attention: C=" << C << " H=" << H
+                                                                  << " nbits=" << nbits << " not supported");
+  const HamParams p = ham_dims(1, 1, C, H, nbits, 1);
+  return size_t(H) * prep_layout(p.dp, p.bt).bytes;
+}
+
+void hamming_attention_prepare(void* prep, const float* anchors, const float* mu, const float* A, int C, int H,
+                               int nbits, int m, cudaStream_t stream) {
+  SAV_CHECK(prep && anchors && mu && A, "hamming attention prepare: null pointer");
+  SAV_CHECK(reinterpret_cast<uintptr_t>(prep) % 16 == 0, "hamming attention prepare: buffer not 16-byte aligned");
+  check_dims(1, C, H, nbits, m);
+  const HamParams p = ham_dims(1, 1, C, H, nbits, m);
+  hamming_prepare_kernel<<<H, 256, 0, stream>>>(static_cast<unsigned char*>(prep), anchors, mu, A, p.d, p.dp, nbits,
+                                                p.bt, m);
+  SAV_CUDA_CHECK_LAUNCH();
+}
 
 bool hamming_attention_supports(int N, int C, int H, int nbits, int m) {
   if (!(N >= 1 && N <= kHamMaxN && H >= 1 && C >= H && C % H == 0 && C / H <= kHamMaxD && nbits >= 1 &&
@@ -507,21 +572,18 @@ bool hamming_attention_supports(int N, int C, int H, int nbits, int m) {
 }
 
 void hamming_attention_forward_ld(bf16* out, int ldo, const bf16* qk, int ldqk, const bf16* v, int ldv,
-                                  const float* anchors, const float* mu, const float* A, const float* conv_w, int B,
-                                  int N, int C, int H, int nbits, int m, cudaStream_t stream, int cluster) {
-  SAV_CHECK(out && qk && v && anchors && mu && A && conv_w, "hamming attention: null pointer");
-  SAV_CHECK(N >= 1 && N <= kHamMaxN && H >= 1 && C % H == 0 && C / H >= 1 && C / H <= kHamMaxD && nbits >= 1 &&
-                nbits <= kHamMaxBits && m >= 1 && m <= kHamMaxM,
-            "hamming attention: N=" << N << " C=" << C << " H=" << H << " nbits=" << nbits << " m=" << m
-                                    << " not supported (N <= " << kHamMaxN << ", head size <= " << kHamMaxD
-                                    << ", nbits <= " << kHamMaxBits << ", anchors <= " << kHamMaxM << ")");
+                                  const void* prep, const float* conv_w, int B, int N, int C, int H, int nbits, int m,
+                                  cudaStream_t stream, int cluster) {
+  SAV_CHECK(out && qk && v && prep && conv_w, "hamming attention: null pointer");
+  SAV_CHECK(reinterpret_cast<uintptr_t>(prep) % 16 == 0, "hamming attention: prepared buffer not 16-byte aligned");
+  check_dims(N, C, H, nbits, m);
   SAV_CHECK(ldo >= C && ldqk >= C && ldv >= C,
             "hamming attention: row strides " << ldo << ", " << ldqk << ", " << ldv << " below the width " << C);
   SAV_CHECK(B >= 0, "hamming attention: negative batch " << B);
   if (B == 0) return;
   SAV_CHECK(int64_t(B) * H <= (int64_t(1) << 31) - 1, "hamming attention: B*H too large");
   HamParams p = ham_dims(B, N, C, H, nbits, m);
-  p.out = out, p.qk = qk, p.v = v, p.anchors = anchors, p.mu = mu, p.A = A, p.conv_w = conv_w;
+  p.out = out, p.qk = qk, p.v = v, p.prep = static_cast<const unsigned char*>(prep), p.conv_w = conv_w;
   p.ldo = ldo, p.ldqk = ldqk, p.ldv = ldv;
   auto a16 = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
   p.vec = p.d % 8 == 0 && ldqk % 8 == 0 && ldv % 8 == 0 && a16(qk) && a16(v);
@@ -565,12 +627,6 @@ int hamming_attention_cluster(int B, int C, int H) {
   for (int g = 8; g > 1; g /= 2)
     if (NT % g == 0 && int64_t(B) * H * g <= sms) return g;
   return 1;
-}
-
-void hamming_attention_forward(bf16* out, const bf16* qk, const bf16* v, const float* anchors, const float* mu,
-                               const float* A, const float* conv_w, int B, int N, int C, int H, int nbits, int m,
-                               cudaStream_t stream) {
-  hamming_attention_forward_ld(out, C, qk, C, v, C, anchors, mu, A, conv_w, B, N, C, H, nbits, m, stream, 0);
 }
 
 }  // namespace sav::cuda

@@ -5,7 +5,8 @@
 //   embed_layernorm_forward(y, x, pe, cls, pos, w, b, B, N, C, eps, stream);
 //   layernorm_forward(y, C, x, C, w, b, M, C, eps, stream);
 //   attention_forward(out, qkv, B, N, C, H, stream);
-//   hamming_attention_forward(out, qk, v, anchors, mu, A, conv_w, B, N, C, H, nbits, m, stream);
+//   hamming_attention_prepare(prep, anchors, mu, A, C, H, nbits, m, stream);  // once per layer's weights
+//   hamming_attention_forward_ld(out, C, qk, C, v, C, prep, conv_w, B, N, C, H, nbits, m, stream);
 //   moe_epilogue_forward(out, ldo, choice, s, lds, b0, b1, br, M, F, gate, epi, stream);  // after the stacked Gemm
 //   moe_route_mask_forward(xa, Ka, choice, x, K, wr, br, M, K, stream);  // before the masked Gemm (Ka columns)
 //
@@ -51,7 +52,7 @@ void attention_forward(bf16* out, const bf16* qkv, int B, int N, int C, int H, c
 bool attention_supports(int N, int C, int H);  // 1 <= N <= 256, C % H == 0, 1 <= d <= 64
 
 // ---- Hamming attention core (METHOD.md section 1; spec: cpu::hamming_attention_forward, ops/cpu/hamming.h) ----
-// Between to_qk / to_v and proj. One CTA per (image, head), everything in shared memory:
+// Between to_qk / to_v and proj. A cluster of 1-8 CTAs per (image, head), everything in shared memory:
 //   q = qk / max(||qk||, 1e-6);  D_nj = ||q_n - a_j||^2;  sigma = max(mean_{n,j} D, 1e-12)
 //   y_nr = sum_j A_rj (exp(-D_nj / (2 sigma)) - mu_j);  code bit r = 1[y_nr > 0]
 //   KV_r = sum of the V rows whose bit r is set        (MatAdd #1, additions only)
@@ -64,16 +65,20 @@ bool attention_supports(int N, int C, int H);  // 1 <= N <= 256, C % H == 0, 1 <
 // with their f32 operands split in three bf16 parts, the MatAdds on the exact 0/1 codes and bf16 v (KV enters the
 // second product split in three parts), so KV and z agree with the CPU's up to the f32 summation order when the
 // codes agree.
-void hamming_attention_forward(bf16* out, const bf16* qk, const bf16* v, const float* anchors, const float* mu,
-                               const float* A, const float* conv_w, int B, int N, int C, int H, int nbits, int m,
-                               cudaStream_t stream);
-// The same with row strides (elements) for the token-major tensors: out rows ldo apart, qk rows ldqk apart,
-// v rows ldv apart (e.g. qk = buf, v = buf + C, ldqk = ldv = 2C for the stacked [to_qk; to_v] product).
+// The KSH weights anchors (H,m,d), mu (H,m) and A (H,b,m) (f32) enter the kernel prepared once (they are frozen
+// buffers): hamming_attention_prepare writes, per head, the anchors and A split in three bf16 parts, ||a_j||^2
+// and mu in the kernel's shared-memory layout into `prep` (hamming_attention_prepared_bytes(C, H, nbits) bytes,
+// 16-byte aligned), so each CTA stages them with one contiguous copy.
+size_t hamming_attention_prepared_bytes(int C, int H, int nbits);
+void hamming_attention_prepare(void* prep, const float* anchors, const float* mu, const float* A, int C, int H,
+                               int nbits, int m, cudaStream_t stream);
+// qk rows ldqk apart, v rows ldv apart, out rows ldo apart (elements; e.g. qk = buf, v = buf + C, ldqk = ldv = 2C
+// for the stacked [to_qk; to_v] product).
 // cluster: CTAs per (image, head), a thread-block cluster (1, 2, 4 or 8, dividing ceil(d / 16) * 2; 0 picks
 // hamming_attention_cluster). The output is bit-identical for every cluster size.
 void hamming_attention_forward_ld(bf16* out, int ldo, const bf16* qk, int ldqk, const bf16* v, int ldv,
-                                  const float* anchors, const float* mu, const float* A, const float* conv_w, int B,
-                                  int N, int C, int H, int nbits, int m, cudaStream_t stream, int cluster = 0);
+                                  const void* prep, const float* conv_w, int B, int N, int C, int H, int nbits, int m,
+                                  cudaStream_t stream, int cluster = 0);
 // The cluster size the launcher picks: the largest of 8, 4, 2 that divides the head's 8-column tiles with
 // B H G CTAs still at most one per SM, else 1.
 int hamming_attention_cluster(int B, int C, int H);
