@@ -1,36 +1,42 @@
-// Hamming attention core (binary-code linear attention, METHOD.md section 1) for one GPU: one CTA per
-// (image b, head h), everything in shared memory (N <= 256 tokens, d <= 64, m <= 32 anchors, b <= 64 bits).
-// Spec: cpu::hamming_attention_forward (ops/cpu/hamming.h); formulas in ops.h.
+// Hamming attention core (binary-code linear attention, METHOD.md section 1) for one GPU: a thread-block cluster
+// of G CTAs (1, 2, 4 or 8) per (image b, head h), everything in shared memory (N <= 256 tokens, d <= 64, m <= 32
+// anchors, b <= 64 bits). Spec: cpu::hamming_attention_forward (ops/cpu/hamming.h); formulas in ops.h.
 //
 // Legend: B batch, N tokens, C channels, H heads, d = C/H, b = nbits hash bits, m anchors; a "tile" is 16
-// tokens; the CTA has one warp per tile (at least 4 warps), so warp w owns tokens 16w..16w+15 from the hash to
-// the store and keeps their codes in registers. Every product runs on the tensor cores (bf16 mma.sync
-// m16n8k16, f32 accumulation) with f32 operands split in three bf16 parts (hi + mid + lo = x to 2^-24), so
-// they are f32-accurate; bf16 inputs (qk, v) and the 0/1 codes are exact in one part.
+// tokens, a "column tile" 8 of the head's d columns (dp = d rounded up to 16, NT = dp / 8 of them); CTA r of a
+// cluster owns the column tiles r NT/G .. (r+1) NT/G - 1. The CTA has one warp per tile (at least 4 warps).
+// Every product runs on the tensor cores (bf16 mma.sync m16n8k16, f32 accumulation) with f32 operands split in
+// three bf16 parts (hi + mid + lo = x to 2^-24), so they are f32-accurate; bf16 inputs (qk, v) and the 0/1 codes
+// are exact in one part.
 //
 // Phases (a __syncthreads between each):
-//  0. stage in shared memory, zero-padded so no later loop checks bounds: qk and v rows in bf16 (cp.async;
-//     v with 4 zero rows before and after the image, so the 9-tap conv reads zeros there), the anchors
-//     (m, d) and the projection A (b, m) split in three bf16 parts, ||a_j||^2 (f32, in order) and mu;
-//  1. hash, per warp and tile: the dot products qk.a_j (A = qk rows by ldmatrix, B = anchor parts: 3 mma per
-//     16 dims and 8 anchors) and ||qk||^2 (double, from the same fragments); q.a = qk.a / max(||qk||, eps),
-//     D_nj = max(||q||^2 + ||a_j||^2 - 2 q.a_j, 0) in the accumulators; sigma = mean D over the valid tokens
-//     (double, warp sums then warp 0 in order); k = exp(-D / (2 sigma)) - mu_j, and the accumulators of two
-//     anchor tiles are directly the A operand of y = k A^T (k and A both split: 6 mma per 16 anchors and 8
-//     bits); code bit r = 1[y_r > 0], OR-ed over the 4 lanes of a row -> codes[n];
-//  2. MatAdd #1: KV = h^T V / pi, a warp per (16 bits, 8 columns), 0/1 x bf16 (exact products, f32 sums; V
-//     fragments by ldmatrix.trans, 32 tokens per step); stored transposed and split in three bf16 parts;
-//  3. MatAdd #2 + normalisation + conv, per warp and tile: z = h KV + 0.5 v (3 mma per 16 bits and 8 columns),
-//     the row norm (double) by two shuffles over the 4 lanes of a row, out = z / max(||z||, eps) + the 9 taps of
-//     v in order; bf16 stores. z is recomputed in a second pass rather than kept (64 registers at 2 CTAs/SM).
-// Deterministic: every sum has a fixed order and no atomics, so reruns and graph replays are bit-identical.
-// Against the CPU: D is ||q||^2 + ||a||^2 - 2 q.a (a few ulp of D ~ 1 from the CPU's sum of squared
-// differences) and the sums run in other orders, so a code bit whose y lies within ~1e-7 of max|y| of 0 may
-// differ; with equal codes the output agrees to f32 summation order before the bf16 store.
+//  0. stage in shared memory, zero-padded so no later loop checks bounds (cp.async): the head's prepared hash
+//     weights (hamming_attention_prepare: anchors and A split in three parts, ||a_j||^2, mu; one contiguous
+//     copy), every qk row, and v's rows in the CTA's column tiles (with 4 zero rows before and after the image,
+//     so the 9-tap conv reads zeros there);
+//  1. hash, per warp and tile, in EVERY CTA of the cluster (the same bits: the hash is a chain per tile, so
+//     repeating it costs no latency and saves two cluster exchanges): the dot products qk.a_j (A = qk rows by
+//     ldmatrix, B = anchor parts: 3 mma per 16 dims and 8 anchors) and ||qk||^2 (from the same fragments);
+//     q.a = qk.a / max(||qk||, eps), D_nj = max(||q||^2 + ||a_j||^2 - 2 q.a_j, 0) in the accumulators; sigma =
+//     mean D over the valid tokens (double: each tile's sum, then the tiles' sums in tile order);
+//     k = exp(-D / (2 sigma)) - mu_j, and the accumulators of two anchor tiles are directly the A operand of
+//     y = k A^T (k and A both split: 6 mma per 16 anchors and 8 bits); code bit r = 1[y_r > 0], OR-ed over the 4
+//     lanes of a row -> codes[n];
+//  2. MatAdd #1 for the CTA's columns: KV = h^T V / pi, a warp per (16 bits, column tile), 0/1 x bf16 (exact
+//     products, f32 sums; V fragments by ldmatrix.trans, 32 tokens per step); stored transposed, split in three;
+//  3. MatAdd #2 + normalisation + conv, per warp and tile, for the CTA's columns: z = h KV + 0.5 v (3 mma per 16
+//     bits and column tile); each (row, column tile)'s sum of z^2 (double, over the 4 lanes of the row) goes to
+//     every CTA of the cluster (distributed shared memory), then the one cluster barrier; ||z||^2 = those sums in
+//     column-tile order, out = z / max(||z||, eps) + the 9 taps of v in order; bf16 stores. z stays in registers
+//     when a CTA has at most 2 column tiles, else it is recomputed (64 registers at 2 CTAs/SM).
+// Deterministic: every sum has a fixed order, independent of G, and no atomics, so reruns, graph replays and every
+// cluster size give the same bits. Against the CPU: D is ||q||^2 + ||a||^2 - 2 q.a (a few ulp of D ~ 1 from the
+// CPU's sum of squared differences) and the sums run in other orders, so a code bit whose y lies within ~1e-7 of
+// max|y| of 0 may differ; with equal codes the output agrees to f32 summation order before the bf16 store.
 //
-// Cost (DeiT, N=197, d=64, b=16, m=25): per tile 48 mma for the distances, 24 for y, 24 for z in each of its two
-// passes; 14 per KV task (8 tasks); the rest is staging (~60 KB per CTA) and the conv (9 bf16 pairs per output
-// pair). H200, DeiT-Tiny batch 64: ~41 us per call (CudaHammingTiled.TimingPrinted).
+// Cost (DeiT, N=197, d=64, b=16, m=25): per tile 48 mma for the distances and 24 for y; 24 for z per tile in each
+// of its two passes at G = 1 (3 at G = 8); 14 per KV task (8 tasks at G = 1, 1 at G = 8); staging ~64 KB per CTA.
+// The launcher's G (hamming_attention_cluster) spreads a small batch over the SMs.
 #include <cooperative_groups.h>
 
 #include <algorithm>
@@ -155,20 +161,6 @@ __device__ __forceinline__ void split3_pair(float x0, float x1, uint32_t& hi, ui
   hi = pack(h0, h1), mid = pack(m0, m1), lo = pack(l0, l1);
 }
 
-#ifdef SAV_HAM_TRACE
-__device__ unsigned g_ham_calls;
-#define SAV_HAM_STAMP(i) st[i] = clock64()
-#define SAV_HAM_DUMP()                                                                                        \
-  if (tid == 0 && (blockIdx.x == 0 || blockIdx.x == gridDim.x - 1)) {                                         \
-    const unsigned call = blockIdx.x == 0 ? atomicAdd(&g_ham_calls, 1) : 0;                                   \
-    if (blockIdx.x == 0 && call % 200 == 100)                                                                 \
-      printf("[trace] G=%d grid=%d: stage %lld hash %lld sigma %lld codes %lld kv %lld z %lld out %lld\n", G, \
-             gridDim.x, st[1] - st[0], st[2] - st[1], st[3] - st[2], st[4] - st[3], st[5] - st[4], st[6] - st[5], st[7] - st[6]);           \
-  }
-#else
-#define SAV_HAM_STAMP(i)
-#define SAV_HAM_DUMP()
-#endif
 __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__ HamParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // thread-block clusters need sm_90; the launcher refuses older devices
@@ -194,7 +186,6 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
   const int bh = static_cast<int>(blockIdx.x) / G, b = bh / p.H, h = bh - b * p.H;
   const int N = p.N, d = p.d, m = p.m, dp = p.dp, ldb = p.ldb, NT = dp / 8;
   const int ntg = p.ntg, nt0 = rank * ntg;           // this CTA's column tiles (8 wide): nt0 .. nt0 + ntg - 1
-  const int own = (p.tiles - rank + G - 1) / G;      // this CTA's hash tiles: rank, rank + G, ...
   // x into slot i of `base` in every CTA of the cluster (G = 1: this CTA)
   auto bcast = [&](auto* base, int i, auto x) {
     if (G == 1) {
@@ -211,19 +202,15 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
   };
   // no remote shared-memory write before every CTA of the cluster runs: arrive now, wait before the first one
   auto started = G == 1 ? decltype(cluster.barrier_arrive()){} : cluster.barrier_arrive();
-#ifdef SAV_HAM_TRACE
-  long long st[8];
-#endif
-  SAV_HAM_STAMP(0);
 
-  // ---- 0. staging: qk rows of this CTA's hash tiles, v columns of its column tiles ----
+  // ---- 0. staging: qk rows, v columns of this CTA's column tiles ----
   const bf16* qk = p.qk + int64_t(b) * N * p.ldqk + h * d;
   const bf16* vv = p.v + int64_t(b) * N * p.ldv + h * d;
   const int vrows = p.nk + 2 * kPad;
   if (p.vec) {
-    const int cpr = dp / 8, per_tile = 16 * cpr;  // 16-byte chunks per staged row (zero beyond d)
-    for (int i = tid; i < own * per_tile; i += T) {
-      const int li = i / per_tile, e = i - li * per_tile, n = (rank + G * li) * 16 + e / cpr, c = (e % cpr) * 8;
+    const int cpr = dp / 8;  // 16-byte chunks per staged row (zero beyond d)
+    for (int i = tid; i < p.tiles * 16 * cpr; i += T) {
+      const int n = i / cpr, c = (i - n * cpr) * 8;
       const bool ok = n < N && c < d;
       ptx::cp_async16(Qs + n * ldb + c, ok ? qk + int64_t(n) * p.ldqk + c : qk, ok);
     }
@@ -235,9 +222,9 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
     ptx::cp_async_commit();
   } else {
     const bf16 zero = __float2bfloat16_rn(0.0f);
-    const int per_tile = 16 * dp, vc = 8 * ntg;
-    for (int i = tid; i < own * per_tile; i += T) {
-      const int li = i / per_tile, e = i - li * per_tile, n = (rank + G * li) * 16 + e / dp, c = e % dp;
+    const int vc = 8 * ntg;
+    for (int i = tid; i < p.tiles * 16 * dp; i += T) {
+      const int n = i / dp, c = i - n * dp;
       Qs[n * ldb + c] = n < N && c < d ? qk[int64_t(n) * p.ldqk + c] : zero;
     }
     for (int i = tid; i < vrows * vc; i += T) {
@@ -254,16 +241,16 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
   for (int i = p.tiles * 16 + tid; i < p.nk; i += T) codes[i] = 0ull;  // rows no tile writes (read by KV)
   ptx::cp_async_wait<0>();
   __syncthreads();
-  SAV_HAM_STAMP(1);
 
-  // ---- 1. hash, per warp and tile (this CTA's tiles) ----
+  // ---- 1. hash, per warp and tile: every CTA of the cluster hashes every tile (the same bits), so sigma and the
+  // codes need no exchange ----
   {
-    const bool has_tile = warp < own;  // warp-uniform
-    const int tile = rank + G * warp, t0 = tile * 16, ta = t0 + g, tb = ta + 8;
+    const bool has_tile = warp < p.tiles;  // warp-uniform
+    const int t0 = warp * 16, ta = t0 + g, tb = ta + 8;
     float acc[4][4];  // anchor tile nt: (ta, 8nt + 2q4 + {0,1}), (tb, ...): dots, then D, then k
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
-    double ssa = 0.0, ssb = 0.0;
+    float ssa = 0.0f, ssb = 0.0f;
     if (has_tile) {
       for (int ks = 0; ks < dp; ks += 16) {
         uint32_t a[4];
@@ -271,7 +258,7 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
           const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&a[r]));
-          const double s = double(f.x) * f.x + double(f.y) * f.y;
+          const float s = fmaf(f.x, f.x, f.y * f.y);
           if (r & 1)
             ssb += s;
           else
@@ -294,10 +281,8 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
     ssb += __shfl_xor_sync(0xffffffffu, ssb, 1);
     ssb += __shfl_xor_sync(0xffffffffu, ssb, 2);
     const bool va = has_tile && ta < N, vb = has_tile && tb < N;
-    const float na = fmaxf(static_cast<float>(sqrt(ssa)), kNormEps);
-    const float nrb = fmaxf(static_cast<float>(sqrt(ssb)), kNormEps);
-    const float qqa = static_cast<float>(ssa / (double(na) * na)), qqb = static_cast<float>(ssb / (double(nrb) * nrb));
-    const float ina = 1.0f / na, inb = 1.0f / nrb;
+    const float ina = 1.0f / fmaxf(sqrtf(ssa), kNormEps), inb = 1.0f / fmaxf(sqrtf(ssb), kNormEps);
+    const float qqa = ssa * ina * ina, qqb = ssb * inb * inb;  // ||q||^2 (1, or less for a row below eps)
     double dsum = 0.0;
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {
@@ -312,11 +297,8 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) dsum += __shfl_xor_sync(0xffffffffu, dsum, o);
-    SAV_HAM_STAMP(2);
-    if (G > 1) cluster.barrier_wait(std::move(started));
-    if (has_tile && lane == 0) bcast(tsum, tile, dsum);
-    csync();
-    SAV_HAM_STAMP(3);
+    if (lane == 0) tsum[warp] = dsum;
+    __syncthreads();
     // sigma = mean D: the tiles' partials summed in tile order (lane t holds tile t), the same in every warp
     double s = lane < p.tiles ? tsum[lane] : 0.0;
 #pragma unroll
@@ -367,11 +349,9 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
     cb |= __shfl_xor_sync(0xffffffffu, cb, 2);
     if (!va) ca = 0;
     if (!vb) cb = 0;
-    // every CTA needs every token's code (MatAdd #1 over all tokens, MatAdd #2 over all tiles)
-    if (has_tile && q4 < 2) bcast(codes, q4 ? tb : ta, q4 ? cb : ca);
+    if (has_tile && q4 < 2) codes[q4 ? tb : ta] = q4 ? cb : ca;
   }
-  csync();
-  SAV_HAM_STAMP(4);
+  __syncthreads();
 
   // ---- 2. KV = h^T V / pi for this CTA's columns, a warp per (16 bits, 8 columns); transposed, split ----
   const int kvpart = dp * p.ldk;
@@ -401,7 +381,6 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
     }
   }
   __syncthreads();
-  SAV_HAM_STAMP(5);
 
   // ---- 3. z = h KV + 0.5 v for this CTA's columns, per warp and tile (every tile); norm; conv ----
   const bool has_z = warp < p.tiles;  // warp-uniform
@@ -433,6 +412,7 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
     sb += __shfl_xor_sync(0xffffffffu, sb, 2);
     if (q4 < 2) bcast(zsq, (q4 ? tb : ta) * NT + nt, q4 ? sb : sa);
   };
+  if (G > 1) cluster.barrier_wait(std::move(started));  // before the first remote write
   // z is kept in registers when this CTA has at most 2 column tiles, else recomputed in the second pass
   const bool keep = ntg <= 2;
   float zk[2][4];
@@ -450,7 +430,6 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
     }
   }
   csync();  // the last cluster barrier: after it no CTA touches another's shared memory
-  SAV_HAM_STAMP(6);
   if (!has_z) return;
   double za = 0.0, zb = 0.0;  // the column tiles' partials in order: the same for every cluster size
   for (int nt = 0; nt < NT; ++nt) za += zsq[ta * NT + nt], zb += zsq[tb * NT + nt];
@@ -495,7 +474,6 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
       emit(nt0 + j, z);
     }
   }
-  SAV_HAM_STAMP(7); SAV_HAM_DUMP();
 #endif
 }
 
