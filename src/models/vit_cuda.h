@@ -39,9 +39,9 @@
 //                 experts for every token;
 //   Hamming attn  to_qk and to_v as one product on the stacked [W_qk; W_v] (dense / shift) or two MoE
 //                 linears writing the two halves of one (M, 2C) buffer, then the fused Hamming kernel
-//                 (ops/cuda/hamming.cu, one CTA per image and head, once 8 B H > SMs; else
-//                 ops/cuda/hamming_tiled.cu, a cluster of 8 CTAs per image and head), then proj;
-//   LayerNorms    fused where a MoE kernel touches the same rows (C <= 512): a masked fc1's LayerNorm runs in its
+//                 (ops/cuda/hamming.cu, a cluster of 1-8 CTAs per image and head with the hash weights prepared
+//                 at load; ops/cuda/hamming_tiled.cu where N > 256), then proj;
+//   LayerNorms    fused where a MoE kernel touches the same rows (C <= 1024): a masked fc1's LayerNorm runs in its
 //                 router kernel, a stacked fc2's residual epilogue also writes the next block's LayerNorm (both
 //                 bit for bit the separate kernels' results).
 //

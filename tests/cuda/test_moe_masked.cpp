@@ -194,13 +194,14 @@ TEST_F(MoeMasked, RouteMaskMatchesCpuReference) {
 // output routed by the CPU reference: every x_aug element bit for bit [xn s0 | xn s1 | s0 s0 s1 s1 | 0] with xn the
 // LayerNorm kernel's output (the same arithmetic) and the kernel's own choice; the choices equal the CPU's on
 // unambiguous rows (the header's bound, on xn); nothing written past Ka; a rerun bit-identical. K from 4 to 512
-// (the half-warp limit), rows past a whole half warp (M odd), strided rows.
+// (half a warp per row) and 516 to 1024 (a warp per row), rows past a whole row group (M odd), strided rows.
 TEST_F(MoeMasked, LayerNormRouteMaskMatchesLayerNormThenCpuRouter) {
   struct Case {
     int M, K, ldx_pad, ldxa_pad;
   };
   for (const Case cs : {Case{37, 192, 0, 0}, Case{197, 48, 4, 4}, Case{5, 4, 0, 0}, Case{33, 512, 0, 8},
-                        Case{394, 384, 0, 0}, Case{1, 100, 8, 0}}) {
+                        Case{394, 384, 0, 0}, Case{1, 100, 8, 0}, Case{197, 768, 0, 0}, Case{11, 516, 4, 8},
+                        Case{9, 1024, 0, 0}}) {
     const int M = cs.M, K = cs.K, Ka = cuda::moe_masked_cols(K), ldx = K + cs.ldx_pad, ldxa = Ka + cs.ldxa_pad;
     SCOPED_TRACE(dims({{"M", M}, {"K", K}, {"ldx", ldx}, {"ldxa", ldxa}}));
     ASSERT_TRUE(cuda::moe_ln_route_mask_supports(K));
@@ -239,7 +240,7 @@ TEST_F(MoeMasked, LayerNormRouteMaskMatchesLayerNormThenCpuRouter) {
     device_sync();
     EXPECT_TRUE(bit_identical(dxa2.download(), xa)) << "rerun differs";
   }
-  EXPECT_FALSE(cuda::moe_ln_route_mask_supports(516));
+  EXPECT_FALSE(cuda::moe_ln_route_mask_supports(1028));
   EXPECT_FALSE(cuda::moe_ln_route_mask_supports(190));
   DeviceBuffer<bf16> xa(64);
   DeviceBuffer<float> x(64);
@@ -250,14 +251,15 @@ TEST_F(MoeMasked, LayerNormRouteMaskMatchesLayerNormThenCpuRouter) {
 
 // The stacked form's residual epilogue with the next LayerNorm fused (moe_epilogue_residual_ln_forward) against
 // moe_epilogue_forward (f32 residual) then layernorm_forward: the residual stream, the LayerNorm output and the
-// choices bit for bit, both gates, F from 4 to 512, strided rows.
+// choices bit for bit, both gates, F from 4 to 1024 (both row groups), strided rows.
 TEST_F(MoeMasked, EpilogueResidualLayerNormMatchesEpilogueThenLayerNorm) {
   struct Case {
     int M, F, ldx_pad, ldxn_pad;
   };
   for (const auto gate : {cuda::moe_gate_straight_through, cuda::moe_gate_prob})
     for (const Case cs :
-         {Case{37, 192, 0, 0}, Case{197, 48, 4, 8}, Case{5, 4, 0, 0}, Case{33, 512, 0, 4}, Case{394, 384, 0, 0}}) {
+         {Case{37, 192, 0, 0}, Case{197, 48, 4, 8}, Case{5, 4, 0, 0}, Case{33, 512, 0, 4}, Case{394, 384, 0, 0},
+          Case{197, 768, 0, 0}, Case{13, 516, 4, 8}, Case{9, 1024, 0, 4}}) {
       const int M = cs.M, F = cs.F, lds = cuda::moe_stack_rows(F), ldx = F + cs.ldx_pad, ldxn = F + cs.ldxn_pad;
       SCOPED_TRACE(dims({{"M", M}, {"F", F}, {"ldx", ldx}, {"ldxn", ldxn}, {"gate", int(gate)}}));
       ASSERT_TRUE(cuda::moe_epilogue_residual_ln_supports(F));
@@ -289,7 +291,8 @@ TEST_F(MoeMasked, EpilogueResidualLayerNormMatchesEpilogueThenLayerNorm) {
         EXPECT_LT(to_shift, M - M / 5);
       }
     }
-  EXPECT_FALSE(cuda::moe_epilogue_residual_ln_supports(516));
+  EXPECT_FALSE(cuda::moe_epilogue_residual_ln_supports(1028));
+  EXPECT_FALSE(cuda::moe_epilogue_residual_ln_supports(190));
 }
 
 // Identical router rows (wr[1] = wr[0], br[1] = br[0]): both logits are summed in the same order, so every row is

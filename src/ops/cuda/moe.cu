@@ -220,19 +220,25 @@ struct MoeLnMaskParams {
   int ldxa, ldx, M, K, Ka;
 };
 
-constexpr int kLnMaskGroup = 16;                                            // lanes per row
-constexpr int kLnMaskRowsPerBlock = kMaskRowsPerBlock * 32 / kLnMaskGroup;  // 16
+// Lanes per row of the kernels with a LayerNorm fused: half a warp up to 512 columns, a warp up to 1024 (the
+// groups of layernorm_kernel, so the normalised rows agree bit for bit).
+constexpr int kLnMaxCols = 4 * 32 * ln::kMaxPer4;  // 1024
+inline int ln_group(int C) { return C <= 4 * 16 * ln::kMaxPer4 ? 16 : 32; }
+inline int ln_blocks(int M, int group) {
+  const int rows = kMaskRowsPerBlock * 32 / group;
+  return (M + rows - 1) / rows;
+}
 
-// LayerNorm (ln::row_stats / apply4, as layernorm_kernel<16>) + router + mask, half a warp per row: lane l holds
-// float4 number l + 16 k of the row, normalises it to four bf16, adds their products with the router weights to
-// its two partial logits (in k order), the 16 partials are summed by a butterfly, and the lane writes its four
-// bf16 (8 bytes) into the chosen half of x_aug and zeros into the other. A half warp past the last row computes on
-// zeros and stores nothing.
+// LayerNorm (ln::row_stats / apply4, as layernorm_kernel<kG>) + router + mask, kG lanes per row (ln_group): lane
+// l holds float4 number l + kG k of the row, normalises it to four bf16, adds their products with the router
+// weights to its two partial logits (in k order), the kG partials are summed by a butterfly, and the lane writes
+// its four bf16 (8 bytes) into the chosen half of x_aug and zeros into the other. A group past the last row
+// computes on zeros and stores nothing.
+template <int kG>
 __global__ void __launch_bounds__(kMaskRowsPerBlock * 32)
     moe_ln_route_mask_kernel(const __grid_constant__ MoeLnMaskParams p) {
-  constexpr int kG = kLnMaskGroup;
   const int lane = threadIdx.x % kG;
-  const int row = blockIdx.x * kLnMaskRowsPerBlock + threadIdx.x / kG;
+  const int row = blockIdx.x * (kMaskRowsPerBlock * 32 / kG) + threadIdx.x / kG;
   const bool valid = row < p.M;
   const int K = p.K, K4 = K / 4;
   float4 v[ln::kMaxPer4];
@@ -298,12 +304,12 @@ struct MoeEpiLnParams {
 };
 
 // The residual epilogue (moe_epilogue_kernel's arithmetic per element) and the LayerNorm after it (ln::row_stats /
-// apply4, as layernorm_kernel<16>), half a warp per row: lane l handles float4 number l + 16 k of the row.
+// apply4, as layernorm_kernel<kG>), kG lanes per row (ln_group): lane l handles float4 number l + kG k of the row.
+template <int kG>
 __global__ void __launch_bounds__(kMaskRowsPerBlock * 32)
     moe_epilogue_residual_ln_kernel(const __grid_constant__ MoeEpiLnParams p) {
-  constexpr int kG = kLnMaskGroup;
   const int lane = threadIdx.x % kG;
-  const int row = blockIdx.x * kLnMaskRowsPerBlock + threadIdx.x / kG;
+  const int row = blockIdx.x * (kMaskRowsPerBlock * 32 / kG) + threadIdx.x / kG;
   const bool valid = row < p.M;
   const int F = p.F, F4 = F / 4;
   const float* sr = p.s + int64_t(valid ? row : 0) * p.lds;
@@ -423,7 +429,7 @@ void moe_route_mask_forward(bf16* xa, int ldxa, int8_t* choice, const bf16* x, i
   SAV_CUDA_CHECK_LAUNCH();
 }
 
-bool moe_ln_route_mask_supports(int K) { return K >= 4 && K % 4 == 0 && K / 4 <= kLnMaskGroup * ln::kMaxPer4; }
+bool moe_ln_route_mask_supports(int K) { return K >= 4 && K % 4 == 0 && K <= kLnMaxCols; }
 
 void moe_ln_route_mask_forward(bf16* xa, int ldxa, int8_t* choice, const float* x, int ldx, const float* ln_w,
                                const float* ln_b, float eps, const float* wr, const float* br, int M, int K,
@@ -431,7 +437,7 @@ void moe_ln_route_mask_forward(bf16* xa, int ldxa, int8_t* choice, const float* 
   SAV_CHECK(xa && x && ln_w && ln_b && wr && br, "moe layernorm+route+mask: null pointer");
   SAV_CHECK(moe_ln_route_mask_supports(K), "moe layernorm+route+mask: K=" << K
                                                                           << " not supported (K % 4 == 0, 4 <= K <= "
-                                                                          << 4 * kLnMaskGroup * ln::kMaxPer4 << ")");
+                                                                          << kLnMaxCols << ")");
   const int Ka = moe_masked_cols(K);
   SAV_CHECK(M >= 0 && ldx >= K && ldxa >= Ka && ldx % 4 == 0 && ldxa % 4 == 0,
             "moe layernorm+route+mask: bad sizes M=" << M << " K=" << K << " ldx=" << ldx << " ldxa=" << ldxa);
@@ -441,8 +447,10 @@ void moe_ln_route_mask_forward(bf16* xa, int ldxa, int8_t* choice, const float* 
   MoeLnMaskParams p{};
   p.xa = xa, p.choice = choice, p.x = x, p.ln_w = ln_w, p.ln_b = ln_b, p.wr = wr, p.br = br, p.eps = eps;
   p.ldxa = ldxa, p.ldx = ldx, p.M = M, p.K = K, p.Ka = Ka;
-  const int blocks = (M + kLnMaskRowsPerBlock - 1) / kLnMaskRowsPerBlock;
-  moe_ln_route_mask_kernel<<<blocks, kMaskRowsPerBlock * 32, 0, stream>>>(p);
+  if (ln_group(K) == 16)
+    moe_ln_route_mask_kernel<16><<<ln_blocks(M, 16), kMaskRowsPerBlock * 32, 0, stream>>>(p);
+  else
+    moe_ln_route_mask_kernel<32><<<ln_blocks(M, 32), kMaskRowsPerBlock * 32, 0, stream>>>(p);
   SAV_CUDA_CHECK_LAUNCH();
 }
 
@@ -454,7 +462,7 @@ void moe_epilogue_residual_ln_forward(float* x, int ldx, int8_t* choice, const f
   SAV_CHECK(x && s && b0 && b1 && br && xn && ln_w && ln_b, "moe epilogue+layernorm: null pointer");
   SAV_CHECK(moe_epilogue_residual_ln_supports(F),
             "moe epilogue+layernorm: F=" << F << " not supported (F % 4 == 0, 4 <= F <= "
-                                         << 4 * kLnMaskGroup * ln::kMaxPer4 << ")");
+                                         << kLnMaxCols << ")");
   SAV_CHECK(M >= 0 && ldx >= F && ldxn >= F && lds >= 2 * F + 4 && ldx % 4 == 0 && lds % 4 == 0 && ldxn % 4 == 0,
             "moe epilogue+layernorm: bad sizes M=" << M << " F=" << F << " ldx=" << ldx << " lds=" << lds
                                                    << " ldxn=" << ldxn);
@@ -467,8 +475,10 @@ void moe_epilogue_residual_ln_forward(float* x, int ldx, int8_t* choice, const f
   MoeEpiLnParams p{};
   p.x = x, p.choice = choice, p.s = s, p.b0 = b0, p.b1 = b1, p.br = br, p.ln_w = ln_w, p.ln_b = ln_b, p.xn = xn;
   p.eps = eps, p.ldx = ldx, p.lds = lds, p.ldxn = ldxn, p.M = M, p.F = F, p.gate = gate;
-  const int blocks = (M + kLnMaskRowsPerBlock - 1) / kLnMaskRowsPerBlock;
-  moe_epilogue_residual_ln_kernel<<<blocks, kMaskRowsPerBlock * 32, 0, stream>>>(p);
+  if (ln_group(F) == 16)
+    moe_epilogue_residual_ln_kernel<16><<<ln_blocks(M, 16), kMaskRowsPerBlock * 32, 0, stream>>>(p);
+  else
+    moe_epilogue_residual_ln_kernel<32><<<ln_blocks(M, 32), kMaskRowsPerBlock * 32, 0, stream>>>(p);
   SAV_CUDA_CHECK_LAUNCH();
 }
 

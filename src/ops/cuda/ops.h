@@ -109,7 +109,7 @@ void moe_epilogue_forward(void* out, int ldo, int8_t* choice, const float* s, in
                           cudaStream_t stream);
 // The residual epilogue (moe_epilogue_f32_residual: x (M,ldx) += the chosen expert's output) with the next
 // LayerNorm fused: xn (M,ldxn) bf16 = LayerNorm(x) (ln_w, ln_b (F) f32). Bit for bit moe_epilogue_forward then
-// layernorm_forward (the same arithmetic). Half a warp per row: F % 4 == 0, F <= 512
+// layernorm_forward (the same arithmetic). Half a warp per row up to 512, a warp up to F = 1024; F % 4 == 0
 // (moe_epilogue_residual_ln_supports); ldx, lds, ldxn multiples of 4, x, s, b0, b1, ln_w, ln_b 16-byte and xn 8-byte
 // aligned, else it throws.
 bool moe_epilogue_residual_ln_supports(int F);
@@ -143,7 +143,7 @@ void moe_route_mask_forward(bf16* xa, int ldxa, int8_t* choice, const bf16* x, i
 // The same with the LayerNorm before it fused (one kernel instead of two): x (M,K) f32 rows ldx apart, ln_w, ln_b
 // (K) f32; the x_aug columns are bit for bit those of layernorm_forward's bf16 output (same arithmetic), the
 // router sums them in another order than moe_route_mask_forward (a choice may differ at near-ties). Half a warp
-// per row: K % 4 == 0 and K <= 512 (moe_ln_route_mask_supports); ldx, ldxa multiples of 4, x, ln_w, ln_b, wr
+// per row up to 512, a warp up to K = 1024; K % 4 == 0 (moe_ln_route_mask_supports); ldx, ldxa multiples of 4, x, ln_w, ln_b, wr
 // 16-byte and xa 8-byte aligned, else it throws.
 bool moe_ln_route_mask_supports(int K);
 void moe_ln_route_mask_forward(bf16* xa, int ldxa, int8_t* choice, const float* x, int ldx, const float* ln_w,
