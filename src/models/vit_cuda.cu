@@ -214,9 +214,9 @@ struct ViTCuda::Impl {
   int last_rows = 0;  // rows (B*N) of the last forward, for moe_choices()
   DeviceBuffer<float> x, pe, moe_s;
   DeviceBuffer<bf16> xn, qkv, ao, hid, cols, clsn, moe_xa;  // moe_xa: x_aug of the masked MoE layers
-  DeviceBuffer<int8_t> choices;
+  DeviceBuffer<int8_t> choices;          // (MoE layers, capacity*N) expert of each token
   DeviceBuffer<unsigned char> ham_ws;    // Hamming kernels' workspace
-  DeviceBuffer<unsigned char> ham_prep;  // the Hamming blocks' prepared hash weights, one slice per block  // (MoE layers, capacity*N) expert of each token
+  DeviceBuffer<unsigned char> ham_prep;  // the Hamming blocks' prepared hash weights, one slice per block
   cuda::GraphCache graphs;
 
   // the fused single-kernel path (vit_fused.h): every block Hamming attention, sizes it covers

@@ -274,8 +274,8 @@ TEST_F(CudaOps, HammingAttentionMatchesCpuOnOddShapes) {
     cuda::hamming_attention_prepare(prep.get(), da.get(), dmu.get(), dA.get(), C, H, nb, m, nullptr);
     DeviceBuffer<bf16> dout(M * ldo);
     dout.fill_bytes(0xFF);
-    cuda::hamming_attention_forward_ld(dout.get(), ldo, pqk, ldin, pv, ldin, prep.get(),
-                                       dconv.get(), B, N, C, H, nb, m, nullptr);
+    cuda::hamming_attention_forward_ld(dout.get(), ldo, pqk, ldin, pv, ldin, prep.get(), dconv.get(), B, N, C, H, nb, m,
+                                       nullptr);
     SAV_CUDA_CHECK(cudaDeviceSynchronize());
     const std::vector<float> outp = download_f32(dout);
     std::vector<float> out(M * C);
@@ -315,22 +315,22 @@ TEST_F(CudaOps, HammingAttentionMatchesCpuOnOddShapes) {
 
     // rerun: bit-identical; and every cluster size (CTAs per head: hash tiles and columns split, partial sums
     // exchanged through distributed shared memory) gives the same bits as the auto choice
-    cuda::hamming_attention_forward_ld(dout.get(), ldo, pqk, ldin, pv, ldin, prep.get(),
-                                       dconv.get(), B, N, C, H, nb, m, nullptr);
+    cuda::hamming_attention_forward_ld(dout.get(), ldo, pqk, ldin, pv, ldin, prep.get(), dconv.get(), B, N, C, H, nb, m,
+                                       nullptr);
     SAV_CUDA_CHECK(cudaDeviceSynchronize());
     EXPECT_TRUE(bit_identical(download_f32(dout), outp));
     const int tiles8 = (d + 15) / 16 * 2;
     for (int G : {1, 2, 4, 8}) {
       if (tiles8 % G) {
-        EXPECT_THROW(cuda::hamming_attention_forward_ld(dout.get(), ldo, pqk, ldin, pv, ldin, prep.get(),
-                                                        dconv.get(), B, N, C, H, nb, m, nullptr, G),
+        EXPECT_THROW(cuda::hamming_attention_forward_ld(dout.get(), ldo, pqk, ldin, pv, ldin, prep.get(), dconv.get(),
+                                                        B, N, C, H, nb, m, nullptr, G),
                      sav::Error);
         continue;
       }
       SCOPED_TRACE("cluster " + std::to_string(G));
       dout.fill_bytes(0xFF);
-      cuda::hamming_attention_forward_ld(dout.get(), ldo, pqk, ldin, pv, ldin, prep.get(),
-                                         dconv.get(), B, N, C, H, nb, m, nullptr, G);
+      cuda::hamming_attention_forward_ld(dout.get(), ldo, pqk, ldin, pv, ldin, prep.get(), dconv.get(), B, N, C, H, nb,
+                                         m, nullptr, G);
       SAV_CUDA_CHECK(cudaDeviceSynchronize());
       EXPECT_TRUE(bit_identical(download_f32(dout), outp));
     }
@@ -352,8 +352,9 @@ TEST_F(CudaOps, HammingAttentionRejectsUnsupportedSizes) {
   EXPECT_THROW(cuda::hamming_attention_forward_ld(a.get(), 16, b.get(), 16, b.get(), 16, prep.get() + 8, f.get(), 1, 3,
                                                   16, 1, 16, 25, nullptr),
                sav::Error);  // prepared buffer misaligned
+  // 33 anchors
   EXPECT_THROW(cuda::hamming_attention_prepare(prep.get(), f.get(), f.get(), f.get(), 16, 1, 16, 33, nullptr),
-               sav::Error);  // anchors
+               sav::Error);
   SAV_CUDA_CHECK(cudaDeviceSynchronize());  // nothing was launched
 }
 

@@ -340,9 +340,9 @@ TEST_F(CudaHammingTiled, RejectsUnsupportedSizes) {
   SAV_CUDA_CHECK(cudaDeviceSynchronize());  // nothing was launched
 }
 
-// Latency per call (printed, not asserted): the tiled kernel vs the per-head kernel (cluster sizes 1-8) at DeiT-Tiny batch 1 to 64
-// and DeiT-Small batch 8 and 16 (where ViTCuda switches between them), and the tiled kernel at PVTv2-B0 stage 1
-// (batch 1 and 64), bf16.
+// Latency per call (printed, not asserted): the tiled kernel vs the per-head kernel with clusters of 1, 2, 4 and 8
+// CTAs (the launcher's choice marked) at DeiT-Tiny batch 1 to 64 and DeiT-Small batch 8 and 16, and the tiled
+// kernel at PVTv2-B0 stage 1 (batch 1 and 64), bf16.
 // Eager: back-to-back launches; graph: 20 calls captured in one graph, replayed.
 TEST_F(CudaHammingTiled, TimingPrinted) {
   struct T {

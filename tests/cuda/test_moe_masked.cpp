@@ -199,9 +199,9 @@ TEST_F(MoeMasked, LayerNormRouteMaskMatchesLayerNormThenCpuRouter) {
   struct Case {
     int M, K, ldx_pad, ldxa_pad;
   };
-  for (const Case cs : {Case{37, 192, 0, 0}, Case{197, 48, 4, 4}, Case{5, 4, 0, 0}, Case{33, 512, 0, 8},
-                        Case{394, 384, 0, 0}, Case{1, 100, 8, 0}, Case{197, 768, 0, 0}, Case{11, 516, 4, 8},
-                        Case{9, 1024, 0, 0}}) {
+  for (const Case cs :
+       {Case{37, 192, 0, 0}, Case{197, 48, 4, 4}, Case{5, 4, 0, 0}, Case{33, 512, 0, 8}, Case{394, 384, 0, 0},
+        Case{1, 100, 8, 0}, Case{197, 768, 0, 0}, Case{11, 516, 4, 8}, Case{9, 1024, 0, 0}}) {
     const int M = cs.M, K = cs.K, Ka = cuda::moe_masked_cols(K), ldx = K + cs.ldx_pad, ldxa = Ka + cs.ldxa_pad;
     SCOPED_TRACE(dims({{"M", M}, {"K", K}, {"ldx", ldx}, {"ldxa", ldxa}}));
     ASSERT_TRUE(cuda::moe_ln_route_mask_supports(K));
@@ -257,9 +257,8 @@ TEST_F(MoeMasked, EpilogueResidualLayerNormMatchesEpilogueThenLayerNorm) {
     int M, F, ldx_pad, ldxn_pad;
   };
   for (const auto gate : {cuda::moe_gate_straight_through, cuda::moe_gate_prob})
-    for (const Case cs :
-         {Case{37, 192, 0, 0}, Case{197, 48, 4, 8}, Case{5, 4, 0, 0}, Case{33, 512, 0, 4}, Case{394, 384, 0, 0},
-          Case{197, 768, 0, 0}, Case{13, 516, 4, 8}, Case{9, 1024, 0, 4}}) {
+    for (const Case cs : {Case{37, 192, 0, 0}, Case{197, 48, 4, 8}, Case{5, 4, 0, 0}, Case{33, 512, 0, 4},
+                          Case{394, 384, 0, 0}, Case{197, 768, 0, 0}, Case{13, 516, 4, 8}, Case{9, 1024, 0, 4}}) {
       const int M = cs.M, F = cs.F, lds = cuda::moe_stack_rows(F), ldx = F + cs.ldx_pad, ldxn = F + cs.ldxn_pad;
       SCOPED_TRACE(dims({{"M", M}, {"F", F}, {"ldx", ldx}, {"ldxn", ldxn}, {"gate", int(gate)}}));
       ASSERT_TRUE(cuda::moe_epilogue_residual_ln_supports(F));

@@ -41,6 +41,7 @@
 
 #include <algorithm>
 
+#include "ops/cuda/launch.cuh"
 #include "ops/cuda/ops.h"
 #include "ops/cuda/ptx.cuh"
 
@@ -185,7 +186,7 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
   const int g = lane >> 2, q4 = lane & 3;
   const int bh = static_cast<int>(blockIdx.x) / G, b = bh / p.H, h = bh - b * p.H;
   const int N = p.N, d = p.d, m = p.m, dp = p.dp, ldb = p.ldb, NT = dp / 8;
-  const int ntg = p.ntg, nt0 = rank * ntg;           // this CTA's column tiles (8 wide): nt0 .. nt0 + ntg - 1
+  const int ntg = p.ntg, nt0 = rank * ntg;  // this CTA's column tiles (8 wide): nt0 .. nt0 + ntg - 1
   // x into slot i of `base` in every CTA of the cluster (G = 1: this CTA)
   auto bcast = [&](auto* base, int i, auto x) {
     if (G == 1) {
@@ -386,7 +387,7 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
   const bool has_z = warp < p.tiles;  // warp-uniform
   const int ta = warp * 16 + g, tb = ta + 8;
   const bool va = ta < N, vb = tb < N;
-  const unsigned long long ca = codes[ta], cb = codes[tb];
+  const unsigned long long ca = has_z ? codes[ta] : 0ull, cb = has_z ? codes[tb] : 0ull;
   const uint32_t ca_lo = uint32_t(ca), ca_hi = uint32_t(ca >> 32), cb_lo = uint32_t(cb), cb_hi = uint32_t(cb >> 32);
   auto tile_z = [&](int nt, float(&z)[4]) {
     const int c = nt * 8 + 2 * q4;
@@ -523,8 +524,8 @@ void check_dims(int N, int C, int H, int nbits, int m) {
 }  // namespace
 
 size_t hamming_attention_prepared_bytes(int C, int H, int nbits) {
-  SAV_CHECK(H >= 1 && C % H == 0 && C / H >= 1 && nbits >= 1, "hamming attention: C=" << C << " H=" << H
-                                                                  << " nbits=" << nbits << " not supported");
+  SAV_CHECK(H >= 1 && C % H == 0 && C / H >= 1 && nbits >= 1,
+            "hamming attention: C=" << C << " H=" << H << " nbits=" << nbits << " not supported");
   const HamParams p = ham_dims(1, 1, C, H, nbits, 1);
   return size_t(H) * prep_layout(p.dp, p.bt).bytes;
 }
@@ -583,20 +584,8 @@ void hamming_attention_forward_ld(bf16* out, int ldo, const bf16* qk, int ldqk, 
         cudaFuncSetAttribute(hamming_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem_per_block()));
     attr_set = true;
   }
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(int64_t(B) * H * cluster), 1, 1);  // cluster c: CTAs cG .. cG + G - 1
-  cfg.blockDim = dim3(static_cast<unsigned>(ham_threads(N)), 1, 1);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(cluster);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = cluster > 1 ? 1 : 0;
-  SAV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, hamming_kernel, p));
-  SAV_CUDA_CHECK_LAUNCH();
+  launch_cluster(hamming_kernel, dim3(static_cast<unsigned>(int64_t(B) * H * cluster)),
+                 dim3(static_cast<unsigned>(ham_threads(N))), smem, cluster, stream, p);
 }
 
 int hamming_attention_cluster(int B, int C, int H) {

@@ -41,6 +41,7 @@
 #include <utility>
 
 #include "ops/cuda/hamming_tiled.h"
+#include "ops/cuda/launch.cuh"
 #include "ops/cuda/ptx.cuh"
 
 namespace sav::cuda {
@@ -688,20 +689,7 @@ void launch(const TiledParams<T>& prm, const Plan& pl, int64_t bh, cudaStream_t 
     return true;
   }();
   (void)attr_set;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(bh * pl.G), 1, 1);  // cluster c = CTAs c*G .. c*G + G - 1
-  cfg.blockDim = dim3(kThreads, 1, 1);
-  cfg.dynamicSmemBytes = pl.L.total;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(pl.G);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  SAV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, prm));
-  SAV_CUDA_CHECK_LAUNCH();
+  launch_cluster(kernel, dim3(static_cast<unsigned>(bh * pl.G)), dim3(kThreads), pl.L.total, pl.G, stream, prm);
 }
 
 }  // namespace

@@ -435,9 +435,8 @@ void moe_ln_route_mask_forward(bf16* xa, int ldxa, int8_t* choice, const float* 
                                const float* ln_b, float eps, const float* wr, const float* br, int M, int K,
                                cudaStream_t stream) {
   SAV_CHECK(xa && x && ln_w && ln_b && wr && br, "moe layernorm+route+mask: null pointer");
-  SAV_CHECK(moe_ln_route_mask_supports(K), "moe layernorm+route+mask: K=" << K
-                                                                          << " not supported (K % 4 == 0, 4 <= K <= "
-                                                                          << kLnMaxCols << ")");
+  SAV_CHECK(moe_ln_route_mask_supports(K),
+            "moe layernorm+route+mask: K=" << K << " not supported (K % 4 == 0, 4 <= K <= " << kLnMaxCols << ")");
   const int Ka = moe_masked_cols(K);
   SAV_CHECK(M >= 0 && ldx >= K && ldxa >= Ka && ldx % 4 == 0 && ldxa % 4 == 0,
             "moe layernorm+route+mask: bad sizes M=" << M << " K=" << K << " ldx=" << ldx << " ldxa=" << ldxa);
@@ -461,8 +460,7 @@ void moe_epilogue_residual_ln_forward(float* x, int ldx, int8_t* choice, const f
                                       const float* ln_w, const float* ln_b, float eps, cudaStream_t stream) {
   SAV_CHECK(x && s && b0 && b1 && br && xn && ln_w && ln_b, "moe epilogue+layernorm: null pointer");
   SAV_CHECK(moe_epilogue_residual_ln_supports(F),
-            "moe epilogue+layernorm: F=" << F << " not supported (F % 4 == 0, 4 <= F <= "
-                                         << kLnMaxCols << ")");
+            "moe epilogue+layernorm: F=" << F << " not supported (F % 4 == 0, 4 <= F <= " << kLnMaxCols << ")");
   SAV_CHECK(M >= 0 && ldx >= F && ldxn >= F && lds >= 2 * F + 4 && ldx % 4 == 0 && lds % 4 == 0 && ldxn % 4 == 0,
             "moe epilogue+layernorm: bad sizes M=" << M << " F=" << F << " ldx=" << ldx << " lds=" << lds
                                                    << " ldxn=" << ldxn);

@@ -143,8 +143,8 @@ void moe_route_mask_forward(bf16* xa, int ldxa, int8_t* choice, const bf16* x, i
 // The same with the LayerNorm before it fused (one kernel instead of two): x (M,K) f32 rows ldx apart, ln_w, ln_b
 // (K) f32; the x_aug columns are bit for bit those of layernorm_forward's bf16 output (same arithmetic), the
 // router sums them in another order than moe_route_mask_forward (a choice may differ at near-ties). Half a warp
-// per row up to 512, a warp up to K = 1024; K % 4 == 0 (moe_ln_route_mask_supports); ldx, ldxa multiples of 4, x, ln_w, ln_b, wr
-// 16-byte and xa 8-byte aligned, else it throws.
+// per row up to 512, a warp up to K = 1024; K % 4 == 0 (moe_ln_route_mask_supports); ldx, ldxa multiples of 4, x, ln_w,
+// ln_b, wr 16-byte and xa 8-byte aligned, else it throws.
 bool moe_ln_route_mask_supports(int K);
 void moe_ln_route_mask_forward(bf16* xa, int ldxa, int8_t* choice, const float* x, int ldx, const float* ln_w,
                                const float* ln_b, float eps, const float* wr, const float* br, int M, int K,

@@ -71,6 +71,7 @@
 
 #include "core/error.h"
 #include "ops/cuda/gemm.h"
+#include "ops/cuda/launch.cuh"
 #include "ops/cuda/ptx.cuh"
 #include "ops/cuda/shift_gpu.h"
 
@@ -600,24 +601,7 @@ void allow_smem(const void* kernel, size_t smem) {
 template <class P>
 void launch(void (*kernel)(P), const P& prm, dim3 grid, int threads, size_t smem, int splits, cudaStream_t stream) {
   allow_smem(reinterpret_cast<const void*>(kernel), smem);
-  if (splits > 1) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(threads, 1, 1);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = static_cast<unsigned>(splits);
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    SAV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, prm));
-  } else {
-    kernel<<<grid, threads, smem, stream>>>(prm);
-  }
-  SAV_CUDA_CHECK_LAUNCH();
+  launch_cluster(kernel, grid, dim3(threads), smem, splits, stream, prm);
 }
 
 void check_device_cc80(const char* op) {
