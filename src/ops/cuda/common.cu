@@ -2,6 +2,8 @@
 #include <algorithm>
 #include <cstring>
 #include <mutex>
+#include <utility>
+#include <vector>
 
 #include "core/tensor.h"
 #include "ops/cuda/common.h"
@@ -43,6 +45,20 @@ DeviceInfo device_info() {
 int sm_count() { return device_info().sms; }
 int max_smem_per_block() { return device_info().smem_optin; }
 int device_cc_major() { return device_info().cc_major; }
+
+void allow_dynamic_smem(const void* kernel, size_t smem) {
+  if (smem <= 48 * 1024) return;
+  static std::mutex mu;
+  static std::vector<std::pair<const void*, size_t>> done;
+  std::lock_guard<std::mutex> lock(mu);
+  for (const auto& d : done)
+    if (d.first == kernel && d.second >= smem) return;
+  SAV_CHECK(smem <= size_t(max_smem_per_block()), "a kernel needs "
+                                                      << smem << " bytes of shared memory per block, the device offers "
+                                                      << max_smem_per_block());
+  SAV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  done.emplace_back(kernel, smem);
+}
 
 std::vector<bf16> to_bf16(const float* x, size_t n) {
   std::vector<bf16> y(n);

@@ -43,6 +43,10 @@ bool device_available();
 int sm_count();
 // Opt-in shared memory per block of the current device, in bytes.
 int max_smem_per_block();
+// Lets `kernel` (a __global__ function) take `smem` bytes of dynamic shared memory (cudaFuncSetAttribute past the
+// 48 KB default; remembered per kernel, so a later call, e.g. while a graph is captured, sets nothing). Throws if
+// the device offers less.
+void allow_dynamic_smem(const void* kernel, size_t smem);
 // Compute capability major of the current device (cached per device; 9 for Hopper: thread-block clusters).
 int device_cc_major();
 // Blocks for a grid-stride loop over `work` items with `threads` per block: enough to cover the work, at most

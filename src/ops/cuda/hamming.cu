@@ -28,7 +28,8 @@
 //     bits and column tile); each (row, column tile)'s sum of z^2 (double, over the 4 lanes of the row) goes to
 //     every CTA of the cluster (distributed shared memory), then the one cluster barrier; ||z||^2 = those sums in
 //     column-tile order, out = z / max(||z||, eps) + the 9 taps of v in order; bf16 stores. z stays in registers
-//     when a CTA has at most 2 column tiles, else it is recomputed (64 registers at 2 CTAs/SM).
+//     when a CTA has at most 2 column tiles (4 in the 128-register instantiation that clusters use), else it is
+//     recomputed (64 registers at 2 CTAs/SM).
 // Deterministic: every sum has a fixed order, independent of G, and no atomics, so reruns, graph replays and every
 // cluster size give the same bits. Against the CPU: D is ||q||^2 + ||a||^2 - 2 q.a (a few ulp of D ~ 1 from the
 // CPU's sum of squared differences) and the sums run in other orders, so a code bit whose y lies within ~1e-7 of
@@ -162,7 +163,11 @@ __device__ __forceinline__ void split3_pair(float x0, float x1, uint32_t& hi, ui
   hi = pack(h0, h1), mid = pack(m0, m1), lo = pack(l0, l1);
 }
 
-__global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__ HamParams p) {
+// kMinBlocks: CTAs per SM the register budget is cut for (2: 64 registers, the large-batch grids of one CTA per
+// head; 1: 128 registers, the clustered small batches, where a CTA has its SM to itself). The same code, the same
+// bits.
+template <int kMinBlocks>
+__global__ void __launch_bounds__(512, kMinBlocks) hamming_kernel(const __grid_constant__ HamParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // thread-block clusters need sm_90; the launcher refuses older devices
 #else
@@ -414,13 +419,14 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
     if (q4 < 2) bcast(zsq, (q4 ? tb : ta) * NT + nt, q4 ? sb : sa);
   };
   if (G > 1) cluster.barrier_wait(std::move(started));  // before the first remote write
-  // z is kept in registers when this CTA has at most 2 column tiles, else recomputed in the second pass
-  const bool keep = ntg <= 2;
-  float zk[2][4];
+  // z is kept in registers when this CTA has at most kKeep column tiles, else recomputed in the second pass
+  constexpr int kKeep = kMinBlocks == 1 ? 4 : 2;
+  const bool keep = ntg <= kKeep;
+  float zk[kKeep][4];
   if (has_z) {
     if (keep) {
 #pragma unroll
-      for (int j = 0; j < 2; ++j)
+      for (int j = 0; j < kKeep; ++j)
         if (j < ntg) tile_z(nt0 + j, zk[j]), put_norm(nt0 + j, zk[j]);
     } else {
       for (int j = 0; j < ntg; ++j) {
@@ -466,7 +472,7 @@ __global__ void __launch_bounds__(512, 2) hamming_kernel(const __grid_constant__
   };
   if (keep) {
 #pragma unroll
-    for (int j = 0; j < 2; ++j)
+    for (int j = 0; j < kKeep; ++j)
       if (j < ntg) emit(nt0 + j, zk[j]);
   } else {
     for (int j = 0; j < ntg; ++j) {
@@ -578,14 +584,9 @@ void hamming_attention_forward_ld(bf16* out, int ldo, const bf16* qk, int ldqk, 
   SAV_CHECK(smem <= size_t(max_smem_per_block()), "hamming attention: needs "
                                                       << smem << " bytes of shared memory, the device offers "
                                                       << max_smem_per_block());
-  static bool attr_set = false;  // once per process (before any graph capture: the first call is eager)
-  if (!attr_set) {
-    SAV_CUDA_CHECK(
-        cudaFuncSetAttribute(hamming_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem_per_block()));
-    attr_set = true;
-  }
-  launch_cluster(hamming_kernel, dim3(static_cast<unsigned>(int64_t(B) * H * cluster)),
-                 dim3(static_cast<unsigned>(ham_threads(N))), smem, cluster, stream, p);
+  launch_cluster(cluster > 1 ? hamming_kernel<1> : hamming_kernel<2>,
+                 dim3(static_cast<unsigned>(int64_t(B) * H * cluster)), dim3(static_cast<unsigned>(ham_threads(N))),
+                 smem, cluster, stream, p);
 }
 
 int hamming_attention_cluster(int B, int C, int H) {

@@ -683,12 +683,6 @@ bool aligned(const void* ptr, size_t a) { return reinterpret_cast<uintptr_t>(ptr
 template <class T, bool kVec4>
 void launch(const TiledParams<T>& prm, const Plan& pl, int64_t bh, cudaStream_t stream) {
   void (*kernel)(TiledParams<T>) = hamming_tiled_kernel<T, kVec4>;
-  // Once per process and instantiation (the first call is normally eager, before any graph capture).
-  static const bool attr_set = [kernel] {
-    SAV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem_per_block()));
-    return true;
-  }();
-  (void)attr_set;
   launch_cluster(kernel, dim3(static_cast<unsigned>(bh * pl.G)), dim3(kThreads), pl.L.total, pl.G, stream, prm);
 }
 

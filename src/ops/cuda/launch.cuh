@@ -11,11 +11,12 @@
 
 namespace sav::cuda {
 
-// `kernel` on `grid` x `block` with `smem` dynamic shared memory bytes, in clusters of `cluster` consecutive CTAs
-// along x (1: no cluster attribute, an ordinary launch), on `stream`; checked.
+// `kernel` on `grid` x `block` with `smem` dynamic shared memory bytes (allowed first: allow_dynamic_smem), in
+// clusters of `cluster` consecutive CTAs along x (1: no cluster attribute, an ordinary launch), on `stream`; checked.
 template <class... Params, class... Args>
 void launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, int cluster, cudaStream_t stream,
                     Args&&... args) {
+  allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;

@@ -581,26 +581,10 @@ __global__ void __launch_bounds__(MmaTile<BM, BN, WM, WN>::kThreads, BM == 128 ?
 
 // Opts a kernel in to `smem` bytes of dynamic shared memory, once per kernel and size (cudaFuncSetAttribute is
 // not a stream operation, so this is also fine while a stream is being captured).
-void allow_smem(const void* kernel, size_t smem) {
-  if (smem <= 48 * 1024) return;
-  static std::mutex mu;
-  static std::vector<std::pair<const void*, size_t>> done;
-  std::lock_guard<std::mutex> lock(mu);
-  for (const auto& d : done)
-    if (d.first == kernel && d.second >= smem) return;
-  SAV_CHECK(smem <= size_t(max_smem_per_block()), "shift kernels: need " << smem
-                                                                         << " bytes of shared memory per block, the "
-                                                                            "device offers "
-                                                                         << max_smem_per_block());
-  SAV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  done.emplace_back(kernel, smem);
-}
-
 // grid.x = n tiles x splits: with splits > 1 the CTAs [c splits, (c+1) splits) of a row of the grid form one
 // cluster (rank = blockIdx.x % splits), launched with the cluster-dimension attribute.
 template <class P>
 void launch(void (*kernel)(P), const P& prm, dim3 grid, int threads, size_t smem, int splits, cudaStream_t stream) {
-  allow_smem(reinterpret_cast<const void*>(kernel), smem);
   launch_cluster(kernel, grid, dim3(threads), smem, splits, stream, prm);
 }
 
