@@ -32,6 +32,7 @@ MODELS=${SAV_MODELS:-deit_tiny_patch16_224,deit_small_patch16_224,deit_base_patc
 BATCHES=${SAV_BATCHES:-1,64}
 VARIANTS=${SAV_VARIANTS:-dense,shiftadd}  # engine variants: dense, shiftadd (the converted DeiT; sav_cuda_bench)
 PATHS=${SAV_PATHS:-both}  # ViT forward paths: auto, layered, fused, both (sav_cuda_bench --path)
+ROWS=${SAV_ROW_FUSION:-both}  # the rows-fused kernels: on, off, both (sav_cuda_bench --row-fusion)
 has() { [[ "$STEPS" == *" $1 "* ]]; }
 status=0
 
@@ -93,7 +94,7 @@ if has bench; then
   echo "[h200] sav_cuda_bench"
   rm -f "$OUT/engine.jsonl"
   "$BUILD/sav_cuda_bench" --models "$MODELS" --batches "$BATCHES" --variants "$VARIANTS" --iters 100 \
-    --path "$PATHS" --json "$OUT/engine.jsonl" 2>&1 |
+    --path "$PATHS" --row-fusion "$ROWS" --json "$OUT/engine.jsonl" 2>&1 |
     tee "$OUT/bench.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
@@ -131,15 +132,15 @@ if has table && [ -f "$OUT/engine.jsonl" ] && [ -f "$OUT/timm.jsonl" ]; then
   python3 - "$OUT/engine.jsonl" "$OUT/timm.jsonl" <<'EOF' | tee "$OUT/table.txt"
 import json, sys
 # engine rows: (model, variant, batch); rows without a variant (older runs) are dense; rows of the fused
-# single-kernel forward get the variant "<variant>+fused"
+# single-kernel forward get the variant "<variant>+fused", layered rows without the rows-fused kernels "+norows"
 def variant(r):
-    return r.get("variant", "dense") + ("+fused" if r.get("path") == "fused" else "")
+    return r.get("variant", "dense") + {"fused": "+fused", "layered-norows": "+norows"}.get(r.get("path"), "")
 eng = {(r["model"], variant(r), r["batch"]): r for r in map(json.loads, open(sys.argv[1]))}
 base = {(r["model"], r["batch"]): r for r in map(json.loads, open(sys.argv[2]))}
 print(f"{'model':26} {'variant':14} {'batch':>5} {'engine_ms':>10} {'timm_graph16':>12} {'timm_best16':>11} "
       f"{'speedup':>8} {'vs_dense':>8}")
-order = {"dense": 0, "dense-f32": 1, "shiftadd": 2, "shiftadd+fused": 3, "shiftadd-f32": 4, "checkpoint": 5,
-         "checkpoint-f32": 6}
+order = {"dense": 0, "dense-f32": 1, "shiftadd": 2, "shiftadd+norows": 3, "shiftadd+fused": 4, "shiftadd-f32": 5,
+         "checkpoint": 6, "checkpoint-f32": 7}
 for key in sorted(eng, key=lambda k: (k[0], k[2], order.get(k[1], 9), k[1])):
     model, variant, batch = key
     e, b = eng[key]["engine_ms"], base.get((model, batch))
@@ -152,7 +153,8 @@ for key in sorted(eng, key=lambda k: (k[0], k[2], order.get(k[1], 9), k[1])):
           f"{b['best_fp16_ms'] / e:7.2f}x {vs_dense}")
 print("speedup = timm best fp16 ms (the dense model) / engine ms (same run; > 1: the engine is faster);")
 print("vs_dense = the engine's dense ms / this variant's ms. shiftadd = Hamming attention + MoE(mult, shift) MLPs;")
-print("+fused = the whole forward as one kernel launch of thread-block clusters (ops/cuda/vit_fused.h), else the layered kernels")
+print("+fused = the whole forward as one kernel launch of thread-block clusters (ops/cuda/vit_fused.h), else the layered kernels;")
+print("+norows = the layered kernels without the rows-fused kernels (ViTCuda::set_row_fusion(false)); shiftadd rows use them")
 EOF
 fi
 if has profile; then
@@ -165,7 +167,7 @@ if has profile; then
   timeout 400 "$NCU" --profile-from-start off --clock-control none --cache-control none --print-units base \
     --metrics "$M" --csv "$BUILD/sav_cuda_bench" --profile \
     --models "${SAV_PROFILE_MODELS:-deit_tiny_patch16_224}" --batches "$BATCHES" --variants "$VARIANTS" \
-    >/tmp/sav_ncu.csv 2>&1
+    --row-fusion "$ROWS" >/tmp/sav_ncu.csv 2>&1
   python3 - /tmp/sav_ncu.csv <<'EOF' | tee "$OUT/profile.txt"
 import csv, sys
 rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]

@@ -3,7 +3,7 @@
 //
 //   sav_cuda_bench [--models deit_tiny_patch16_224,...] [--batches 1,64] [--iters 50] [--json out.jsonl]
 //                  [--variants dense,shiftadd,shift] [--math f32|tf32] [--weights checkpoint.safetensors]
-//                  [--path auto|layered|fused|both] [--trace] [--shift-paths]
+//                  [--path auto|layered|fused|both] [--row-fusion on|off|both] [--trace] [--shift-paths]
 //   sav_cuda_bench --profile ...   # one eager forward per (model, variant, batch) between
 //                                  # cudaProfilerStart/Stop, for `ncu --profile-from-start off` (after an
 //                                  # unprofiled warm-up)
@@ -26,6 +26,8 @@
 // choice, see ViTCudaPath), layered, fused (the single cluster-kernel launch where the model and batch allow it;
 // other rows keep auto), or both (one row per path). --trace: after each fused row, the time of each step of the
 // fused kernel per block (%globaltimer and clock64 stamps; ops/cuda/vit_fused.h vit_fused_trace).
+// --row-fusion (ViT models, layered path): the rows-fused kernels at small batch (ViTCuda::set_row_fusion; on by
+// default), off (path "layered-norows": every product by cuBLASLt and its row kernel), or both (one row each).
 // --shift-paths: after each row of a ViT model with shift linears, the product each shift linear ran at that
 // batch (ViTCuda::shift_paths: cublas_decoded or packed_mma) with the two times the automatic choice measured.
 // Prints one line per (model, variant, batch, path): name, variant, batch, the path that ran, median ms,
@@ -218,7 +220,7 @@ int main(int argc, char** argv) {
   std::string batches = "1,64", json, variants = "dense,shiftadd";
   int iters = 50;
   bool profile = false, trace = false, shift_paths = false;
-  std::string math_s = "tf32", weights, path_s = "auto";
+  std::string math_s = "tf32", weights, path_s = "auto", rows_s = "on";
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -246,6 +248,8 @@ int main(int argc, char** argv) {
       weights = next();
     else if (a == "--path")
       path_s = next();
+    else if (a == "--row-fusion")
+      rows_s = next();
     else if (a == "--trace")
       trace = true;
     else if (a == "--shift-paths")
@@ -254,7 +258,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr,
                    "usage: sav_cuda_bench [--models a,b] [--batches 1,64] [--iters 50] [--json file] "
                    "[--variants dense,shiftadd,shift] [--math f32|tf32] [--weights ckpt] [--profile] "
-                   "[--path auto|layered|fused|both] [--trace] [--shift-paths]\n");
+                   "[--path auto|layered|fused|both] [--row-fusion on|off|both] [--trace] [--shift-paths]\n");
       return 2;
     }
   }
@@ -267,6 +271,13 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "sav_cuda_bench: --path is auto, layered, fused or both, got '%s'\n", path_s.c_str());
     return 2;
   }
+  if (rows_s != "on" && rows_s != "off" && rows_s != "both") {
+    std::fprintf(stderr, "sav_cuda_bench: --row-fusion is on, off or both, got '%s'\n", rows_s.c_str());
+    return 2;
+  }
+  std::vector<bool> row_fusions;
+  if (rows_s != "off") row_fusions.push_back(true);
+  if (rows_s != "on") row_fusions.push_back(false);
   std::vector<sav::ViTCudaPath> paths;
   if (path_s == "auto") paths = {sav::ViTCudaPath::automatic};
   if (path_s == "layered" || path_s == "both") paths.push_back(sav::ViTCudaPath::layered);
@@ -300,54 +311,59 @@ int main(int argc, char** argv) {
         // PVT models run f32 products: their rows say which math unless it is the default (tf32)
         const std::string vname = variant + (net.pvt && math == sav::cuda::F32Math::f32 ? "-f32" : "");
         for (const std::string& bs : split(batches))
-          for (const sav::ViTCudaPath path : paths) {
-            const int B = std::atoi(bs.c_str());
-            std::string path_name = "layered";
-            if (net.vit) {
-              // a forced fused path falls back to automatic where the model or the batch is outside the kernel
-              if (path != sav::ViTCudaPath::fused || net.vit->fused_supported(B)) {
-                net.vit->set_path(path);
-              } else {
-                if (path_s == "both") continue;  // the layered row is the only one
-                net.vit->set_path(sav::ViTCudaPath::automatic);
+          for (const sav::ViTCudaPath path : paths)
+            for (const bool rows : row_fusions) {
+              const int B = std::atoi(bs.c_str());
+              std::string path_name = "layered";
+              if (net.vit) {
+                if (!rows && (path == sav::ViTCudaPath::fused || variant == "dense")) continue;  // nothing to fuse
+                net.vit->set_row_fusion(rows);
+                // a forced fused path falls back to automatic where the model or the batch is outside the kernel
+                if (path != sav::ViTCudaPath::fused || net.vit->fused_supported(B)) {
+                  net.vit->set_path(path);
+                } else {
+                  if (path_s == "both") continue;  // the layered row is the only one
+                  net.vit->set_path(sav::ViTCudaPath::automatic);
+                }
+                path_name = net.vit->path_name(B);
+                if (!rows && path_name == "layered") path_name = "layered-norows";
+              } else if (!rows) {
+                continue;  // PVT: no rows-fused kernels
               }
-              path_name = net.vit->path_name(B);
-            }
-            if (profile) {
-              sav::cuda::DeviceBuffer<float> img(size_t(B) * net.in_elems), logits(size_t(B) * net.classes);
-              img.fill_bytes(0);
-              net.forward_eager(img.get(), logits.get(), B);  // warm-up: algorithm choice, module loads
-              SAV_CUDA_CHECK(cudaDeviceSynchronize());
-              SAV_CUDA_CHECK(cudaProfilerStart());
-              net.forward_eager(img.get(), logits.get(), B);
-              SAV_CUDA_CHECK(cudaDeviceSynchronize());
-              SAV_CUDA_CHECK(cudaProfilerStop());
-              std::printf("%-28s %-9s %5d %-8s profiled one eager forward\n", name.c_str(), vname.c_str(), B,
-                          path_name.c_str());
+              if (profile) {
+                sav::cuda::DeviceBuffer<float> img(size_t(B) * net.in_elems), logits(size_t(B) * net.classes);
+                img.fill_bytes(0);
+                net.forward_eager(img.get(), logits.get(), B);  // warm-up: algorithm choice, module loads
+                SAV_CUDA_CHECK(cudaDeviceSynchronize());
+                SAV_CUDA_CHECK(cudaProfilerStart());
+                net.forward_eager(img.get(), logits.get(), B);
+                SAV_CUDA_CHECK(cudaDeviceSynchronize());
+                SAV_CUDA_CHECK(cudaProfilerStop());
+                std::printf("%-28s %-9s %5d %-8s profiled one eager forward\n", name.c_str(), vname.c_str(), B,
+                            path_name.c_str());
+                if (shift_paths) print_shift_paths(net, B, path_name);
+                continue;
+              }
+              const double ms = net.median_ms(B, iters);
+              std::string share = "-";
+              if (sa || !weights.empty()) {  // tokens to the shift expert over every MoE layer of the last
+                                             // (random-image) forward
+                size_t n = 0, shift = 0;
+                for (const auto& [layer, ch] : net.moe_choices())
+                  for (int8_t e : ch) n += 1, shift += e == 1;
+                char buf[32];
+                std::snprintf(buf, sizeof buf, "%.1f%%", n ? 100.0 * shift / n : 0.0);
+                share = buf;
+              }
+              std::printf("%-28s %-9s %5d %-8s %10.4f %12.1f %9s\n", name.c_str(), vname.c_str(), B, path_name.c_str(),
+                          ms, B * 1000.0 / ms, share.c_str());
+              if (trace && path_name == "fused") std::printf("%s", net.vit->fused_trace(B).c_str());
               if (shift_paths) print_shift_paths(net, B, path_name);
-              continue;
+              std::fflush(stdout);
+              if (js)
+                js << "{\"model\": \"" << name << "\", \"variant\": \"" << vname << "\", \"batch\": " << B
+                   << ", \"path\": \"" << path_name << "\", \"engine_ms\": " << ms << "}\n";
             }
-            const double ms = net.median_ms(B, iters);
-            std::string share = "-";
-            if (sa ||
-                !weights
-                     .empty()) {  // tokens to the shift expert over every MoE layer of the last (random-image) forward
-              size_t n = 0, shift = 0;
-              for (const auto& [layer, ch] : net.moe_choices())
-                for (int8_t e : ch) n += 1, shift += e == 1;
-              char buf[32];
-              std::snprintf(buf, sizeof buf, "%.1f%%", n ? 100.0 * shift / n : 0.0);
-              share = buf;
-            }
-            std::printf("%-28s %-9s %5d %-8s %10.4f %12.1f %9s\n", name.c_str(), vname.c_str(), B, path_name.c_str(),
-                        ms, B * 1000.0 / ms, share.c_str());
-            if (trace && path_name == "fused") std::printf("%s", net.vit->fused_trace(B).c_str());
-            if (shift_paths) print_shift_paths(net, B, path_name);
-            std::fflush(stdout);
-            if (js)
-              js << "{\"model\": \"" << name << "\", \"variant\": \"" << vname << "\", \"batch\": " << B
-                 << ", \"path\": \"" << path_name << "\", \"engine_ms\": " << ms << "}\n";
-          }
       }
     }
   } catch (const sav::Error& e) {

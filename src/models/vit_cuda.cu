@@ -6,6 +6,7 @@
 #include <cstring>
 #include <limits>
 #include <map>
+#include <set>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -65,6 +66,7 @@ struct ShiftLayer {
   bool packed_ok = false;
   cuda::ShiftPackedWeights packed;
   std::map<int, ShiftChoice> chosen;  // by M
+  std::set<int> rows_fused;           // the M whose forward ran this layer in a rows-fused kernel
 };
 
 // Which MoE linears of the layered path run the masked product (ops.h moe_route_mask_forward + one Gemm with the
@@ -205,6 +207,7 @@ struct ViTCuda::Impl {
   int moe_ka = 0;                        // widest W_aug of a masked MoE layer (x_aug scratch columns)
   std::vector<ShiftLayer> shift_layers;  // in forward order
   ViTCudaShiftPath shift_mode = ViTCudaShiftPath::automatic;
+  bool row_fusion = false;                                                    // set_row_fusion
   std::map<std::tuple<int, int, int, int>, ShiftChoice> shift_shape_choices;  // (M, K, F, epilogue): timed once
   cuda::Gemm gemm;
   cuda::Stream capture_stream;
@@ -418,6 +421,21 @@ struct ViTCuda::Impl {
     cuda::moe_epilogue_forward(out, ldo, choice_slot(L), moe_s.get(), L.Fs, L.b0, L.b1, L.br, M, L.F, gate, me, s);
   }
 
+  // Whether a product of M rows (K in, C out, Fc product columns) with a whole-row epilogue runs as one rows-fused
+  // kernel (ops.h rows_linear_ln_mask_forward / rows_moe_residual_ln_forward): small M only (a cluster of at least 4
+  // CTAs per 16-row tile fits the SMs: batch 1-2 of 197 tokens), where it fits shared memory.
+  bool rows_fused_ok(int M, int K, int C, int Fc) const {
+    const int G = cuda::rows_fused_cluster(M);
+    return row_fusion && G >= 4 && cuda::rows_fused_supports(K, C, Fc, G);
+  }
+  // A proj linear (dense, or shift on the automatic path) with its residual add, fused with the next masked MoE
+  // fc1's LayerNorm + router + mask.
+  bool proj_rows_fused(const BlockWeights& w, int M) const {
+    const Lin &pj = w.proj, &f1 = w.fc1;
+    return pj.kind != LinearKind::moe && pj.b32 && (pj.shift < 0 || shift_mode == ViTCudaShiftPath::automatic) &&
+           f1.wa && rows_fused_ok(M, pj.K, cfg.dim, cfg.dim);
+  }
+
   void enqueue(const float* images, float* logits, int B, cudaStream_t s) {
     const int N = cfg.tokens(), C = cfg.dim, F = cfg.mlp_hidden, H = cfg.heads, P = cfg.num_patches();
     const int K = cfg.in_chans * cfg.patch * cfg.patch, M = B * N;
@@ -444,7 +462,7 @@ struct ViTCuda::Impl {
         } else {
           linear(w.qkv, xn.get(), M, Epi::bf16, qkv.get(), 2 * C, s);
         }
-        // The per-head kernel (a cluster of G CTAs per image and head, G from hamming_attention_cluster) where it
+        // The per-head kernel (G CTAs per image and head, G from hamming_attention_split) where it
         // covers the sizes, else the tiled kernel (any N).
         if (w.ham_prep) {
           cuda::hamming_attention_forward_ld(ao.get(), C, qkv.get(), 2 * C, qkv.get() + C, 2 * C, w.ham_prep, w.conv, B,
@@ -455,19 +473,30 @@ struct ViTCuda::Impl {
                                               w.conv, hd, ham_ws.get(), s);
         }
       }
-      linear(w.proj, ao.get(), M, Epi::residual, x.get(), C, s);
-      if (w.fc1.wa && cuda::moe_ln_route_mask_supports(C)) {  // masked fc1: its LayerNorm fused into the router
+      if (proj_rows_fused(w, M)) {  // proj + residual + LN2 + fc1's router and mask: one kernel
+        cuda::rows_linear_ln_mask_forward(x.get(), C, ao.get(), C, w.proj.w, w.proj.b32, M, w.proj.K, C, w.ln2_w,
+                                          w.ln2_b, eps, w.fc1.wr, w.fc1.br, moe_xa.get(), w.fc1.Ka, choice_slot(w.fc1),
+                                          s);
+        if (w.proj.shift >= 0) shift_layers[w.proj.shift].rows_fused.insert(M);
+        masked_product(w.fc1, M, Epi::gelu, hid.get(), F, s);
+      } else if (w.fc1.wa && cuda::moe_ln_route_mask_supports(C)) {  // masked fc1: its LayerNorm fused into the router
+        linear(w.proj, ao.get(), M, Epi::residual, x.get(), C, s);
         cuda::moe_ln_route_mask_forward(moe_xa.get(), w.fc1.Ka, choice_slot(w.fc1), x.get(), C, w.ln2_w, w.ln2_b, eps,
                                         w.fc1.wr, w.fc1.br, M, C, s);
         masked_product(w.fc1, M, Epi::gelu, hid.get(), F, s);
       } else {
+        linear(w.proj, ao.get(), M, Epi::residual, x.get(), C, s);
         cuda::layernorm_forward(xn.get(), C, x.get(), C, w.ln2_w, w.ln2_b, M, C, eps, s);
         linear(w.fc1, xn.get(), M, Epi::gelu, hid.get(), F, s);
       }
       // a stacked MoE fc2: its residual epilogue fused with the next block's LayerNorm
       ln1_done = l + 1 < blocks.size() && w.fc2.kind == LinearKind::moe && !w.fc2.wa &&
                  cuda::moe_epilogue_residual_ln_supports(C);
-      if (ln1_done) {
+      if (ln1_done && rows_fused_ok(M, w.fc2.K, C, w.fc2.Fs)) {  // product + epilogue + LN1: one kernel
+        cuda::rows_moe_residual_ln_forward(x.get(), C, choice_slot(w.fc2), hid.get(), F, w.fc2.w, w.fc2.b0, w.fc2.b1,
+                                           w.fc2.br, M, w.fc2.K, C, gate, xn.get(), C, blocks[l + 1].ln1_w,
+                                           blocks[l + 1].ln1_b, eps, s);
+      } else if (ln1_done) {
         stacked_product(w.fc2, hid.get(), M, s);
         cuda::moe_epilogue_residual_ln_forward(x.get(), C, choice_slot(w.fc2), moe_s.get(), w.fc2.Fs, w.fc2.b0,
                                                w.fc2.b1, w.fc2.br, M, C, gate, xn.get(), C, blocks[l + 1].ln1_w,
@@ -654,6 +683,11 @@ std::vector<ViTCudaShiftChoice> ViTCuda::shift_choices(int B) const {
     c.layer = sl.name;
     cuda::ShiftPath path = cuda::shift_path_cublas_decoded;
     const bool can_pack = sl.packed_ok && M <= cuda::shift_gpu_max_rows;  // as Impl::shift_path_for
+    if (sl.rows_fused.count(M)) {
+      c.path = "rows_fused";
+      out.push_back(std::move(c));
+      continue;
+    }
     if (can_pack && m.shift_mode == ViTCudaShiftPath::packed_mma) {
       path = cuda::shift_path_packed_mma;
     } else if (can_pack && m.shift_mode == ViTCudaShiftPath::automatic) {
@@ -701,6 +735,17 @@ void ViTCuda::forward(const float* images, float* logits, int B, cudaStream_t st
   SAV_CHECK(images && logits, "ViTCuda: null images or logits pointer");
   impl_->run(images, logits, B, stream, true);
 }
+
+void ViTCuda::set_row_fusion(bool on) {
+  Impl& m = *impl_;
+  if (on == m.row_fusion) return;
+  m.row_fusion = on;
+  SAV_CUDA_CHECK(cudaDeviceSynchronize());  // replays in flight
+  m.graphs.clear();                         // captured with the other kernels
+  for (ShiftLayer& sl : m.shift_layers) sl.rows_fused.clear();
+}
+
+bool ViTCuda::row_fusion() const { return impl_->row_fusion; }
 
 void ViTCuda::set_path(ViTCudaPath path) {
   SAV_CHECK(path != ViTCudaPath::fused || impl_->fused_model,

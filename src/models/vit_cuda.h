@@ -39,11 +39,16 @@
 //                 experts for every token;
 //   Hamming attn  to_qk and to_v as one product on the stacked [W_qk; W_v] (dense / shift) or two MoE
 //                 linears writing the two halves of one (M, 2C) buffer, then the fused Hamming kernel
-//                 (ops/cuda/hamming.cu, a cluster of 1-8 CTAs per image and head with the hash weights prepared
-//                 at load; ops/cuda/hamming_tiled.cu where N > 256), then proj;
+//                 (ops/cuda/hamming.cu, 1 CTA per image and head at large batch, up to one per 16-token tile at
+//                 small batch, with the hash weights prepared at load; ops/cuda/hamming_tiled.cu where N > 256),
+//                 then proj;
 //   LayerNorms    fused where a MoE kernel touches the same rows (C <= 1024): a masked fc1's LayerNorm runs in its
 //                 router kernel, a stacked fc2's residual epilogue also writes the next block's LayerNorm (both
-//                 bit for bit the separate kernels' results).
+//                 bit for bit the separate kernels' results);
+//   rows-fused    at small batch (set_row_fusion): proj + residual + LN2 + fc1's router and mask as one kernel,
+//                 and a stacked fc2 + its residual epilogue + the next LN1 as one kernel (thread-block clusters
+//                 per 16-row tile). A DeiT ShiftAddViT block at batch 1 is then 6 kernels: qk/v product,
+//                 Hamming, proj-fused, masked fc1 product, fc2-fused (and the last block's fc2 unfused).
 //
 // Legend: B batch, N tokens, C width, H heads, F mlp hidden, V classes, Cin channels, S image side,
 // M = B*N rows.
@@ -118,6 +123,15 @@ class ViTCuda {
   // (cuda::vit_fused_trace). Throws if the fused kernel does not cover B.
   std::string fused_trace(int B);
 
+  // Rows-fused kernels at small batch (ops/cuda/ops.h rows_linear_ln_mask_forward, rows_moe_residual_ln_forward;
+  // default off: slower on the H200 so far, bench/RESULTS.md): where a cluster of at least 4 CTAs per 16-row tile
+  // fits the SMs (batch 1-2 of DeiT's 197 tokens) and the weights fit shared memory, a proj linear (dense, or shift
+  // on the automatic path) runs with its residual and the masked fc1's LayerNorm + router + mask in one kernel, and
+  // a stacked fc2 with its residual epilogue and the next LayerNorm in one kernel (products in their own f32 order:
+  // the last bits differ from cuBLASLt's). Off: the layered kernels above at every batch. Drops the captured graphs.
+  void set_row_fusion(bool on);
+  bool row_fusion() const;
+
   // Forces or frees the shift linears' product (default automatic); drops the captured graphs (the next
   // forward of each batch size re-captures).
   void set_shift_path(ViTCudaShiftPath path);
@@ -125,7 +139,8 @@ class ViTCuda {
   // Shift linears of the layered path, in forward order: 0 for models without shift linears.
   int shift_layer_count() const;
   // (layer, path) of every shift linear for a forward of B images: the forced path, or what the automatic choice
-  // picked (the first forward of B times them). Empty when the model has no shift linears, when the automatic
+  // picked (the first forward of B times them), or "rows_fused" for a proj run in a rows-fused kernel
+  // (set_row_fusion). Empty when the model has no shift linears, when the automatic
   // choice has not run for B yet, or when B runs the fused kernel (path_name(B) == "fused"). Layer names: the
   // checkpoint prefix ("blocks.3.mlp.fc1"); a Hamming block's stacked to_qk and to_v (one product, one packed
   // weight of 2C rows) is "blocks.{i}.attn.to_qk+to_v". Shift linears stay on (and report) cublas_decoded in

@@ -313,21 +313,21 @@ TEST_F(CudaOps, HammingAttentionMatchesCpuOnOddShapes) {
     EXPECT_LE(excluded * 4, B * H) << "too many heads off by ambiguous codes";
     EXPECT_LT(norm_err(got_u, ref_u), 1e-2);
 
-    // rerun: bit-identical; and every cluster size (CTAs per head: hash tiles and columns split, partial sums
-    // exchanged through distributed shared memory) gives the same bits as the auto choice
+    // rerun: bit-identical; and every split (CTAs per head, each writing the rows of its token tiles) gives the
+    // same bits as the auto choice; a split beyond the tiles is refused
     cuda::hamming_attention_forward_ld(dout.get(), ldo, pqk, ldin, pv, ldin, prep.get(), dconv.get(), B, N, C, H, nb, m,
                                        nullptr);
     SAV_CUDA_CHECK(cudaDeviceSynchronize());
     EXPECT_TRUE(bit_identical(download_f32(dout), outp));
-    const int tiles8 = (d + 15) / 16 * 2;
-    for (int G : {1, 2, 4, 8}) {
-      if (tiles8 % G) {
+    const int tiles = (N + 15) / 16;
+    for (int G : {1, 2, 3, 4, 8, 13, tiles, tiles + 1}) {
+      if (G > tiles) {
         EXPECT_THROW(cuda::hamming_attention_forward_ld(dout.get(), ldo, pqk, ldin, pv, ldin, prep.get(), dconv.get(),
                                                         B, N, C, H, nb, m, nullptr, G),
                      sav::Error);
         continue;
       }
-      SCOPED_TRACE("cluster " + std::to_string(G));
+      SCOPED_TRACE("split " + std::to_string(G));
       dout.fill_bytes(0xFF);
       cuda::hamming_attention_forward_ld(dout.get(), ldo, pqk, ldin, pv, ldin, prep.get(), dconv.get(), B, N, C, H, nb,
                                          m, nullptr, G);

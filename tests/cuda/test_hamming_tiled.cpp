@@ -382,7 +382,7 @@ TEST_F(CudaHammingTiled, TimingPrinted) {
     };
     DeviceBuffer<unsigned char> prep(cuda::hamming_attention_prepared_bytes(d.C, d.H, d.nbits));
     cuda::hamming_attention_prepare(prep.get(), da.get(), dmu.get(), dA.get(), d.C, d.H, d.nbits, d.m, nullptr);
-    int G = 0;  // cluster size of the per-head kernel
+    int G = 0;  // CTAs per (image, head) of the per-head kernel
     auto per_head = [&] {
       cuda::hamming_attention_forward_ld(out.get(), d.C, qkv.get(), 2 * d.C, qkv.get() + d.C, 2 * d.C, prep.get(),
                                          dconv.get(), d.B, d.N, d.C, d.H, d.nbits, d.m, stream.get(), G);
@@ -422,10 +422,10 @@ TEST_F(CudaHammingTiled, TimingPrinted) {
                 p.cluster, p.chunk, p.cached ? "cached" : "uncached", p.cluster * d.B * d.H, t_new.first,
                 t_new.second);
     if (tc.per_head && cuda::hamming_attention_supports(d.N, d.C, d.H, d.nbits, d.m)) {
-      const int pick = cuda::hamming_attention_cluster(d.B, d.C, d.H);
-      for (G = 1; G <= 8; G *= 2) {
+      const int pick = cuda::hamming_attention_split(d.B, d.N, d.H), tiles = (d.N + 15) / 16;
+      for (G = 1; G <= tiles; G = G < 8 ? 2 * G : G < tiles ? tiles : tiles + 1) {
         const auto t = time_us(per_head);
-        std::printf("[ info ] %-16s per-head kernel, cluster %d (%d CTAs)%s: %.2f us eager, %.2f us in a graph\n",
+        std::printf("[ info ] %-16s per-head kernel, split %d (%d CTAs)%s: %.2f us eager, %.2f us in a graph\n",
                     tc.name, G, G * d.B * d.H, G == pick ? " [auto]" : "", t.first, t.second);
       }
     }

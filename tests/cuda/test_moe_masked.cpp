@@ -130,6 +130,22 @@ XaugCheck check_xaug(const std::vector<bf16>& xa, int ldxa, const std::vector<in
   return r;
 }
 
+// The assertions on a check_xaug result of M rows: every choice written (fatal), no element of x_aug off its layout
+// (bad_msg: the layout expected), nothing written past Ka, the CPU's choices on unambiguous rows, few near-ties, and
+// (M >= 37) both experts used. Call as ASSERT_NO_FATAL_FAILURE(expect_xaug_ok(...)) to stop the test when a choice
+// is missing.
+void expect_xaug_ok(const XaugCheck& r, int M, const char* bad_msg) {
+  ASSERT_EQ(r.unwritten, 0) << "choices not written";
+  EXPECT_EQ(r.bad, 0u) << bad_msg;
+  EXPECT_EQ(r.gap_written, 0u) << "wrote past Ka";
+  EXPECT_EQ(r.wrong, 0) << "routing differs from the CPU on unambiguous rows (" << r.ambiguous << " ambiguous)";
+  EXPECT_LE(r.ambiguous, 1 + M / 50) << "too many near-ties for random logits";
+  if (M >= 37) {
+    EXPECT_GT(r.to_shift, M / 5) << "both experts should get tokens";
+    EXPECT_LT(r.to_shift, M - M / 5);
+  }
+}
+
 }  // namespace
 
 // Every element of x_aug checked bit for bit against the row's expected layout [x s0 | x s1 | s0 s0 s1 s1 | 0]
@@ -163,18 +179,10 @@ TEST_F(MoeMasked, RouteMaskMatchesCpuReference) {
     const std::vector<bf16> xa = dxa.download();
     const std::vector<int8_t> ch = dch.download();
     const std::vector<bf16> xb = sav::cuda::to_bf16(xs.data(), xs.size());
-    const XaugCheck r = check_xaug(xa, ldxa, ch, ref, xb.data(), ldx, M, K);
-    ASSERT_EQ(r.unwritten, 0) << "choices not written";
-    EXPECT_EQ(r.bad, 0u) << "x_aug elements differ from [x s0 | x s1 | s0 s0 s1 s1 | 0]";
-    EXPECT_EQ(r.gap_written, 0u) << "wrote past Ka";
-    EXPECT_EQ(r.wrong, 0) << "routing differs from the CPU on unambiguous rows (" << r.ambiguous << " ambiguous)";
-    EXPECT_LE(r.ambiguous, 1 + M / 50) << "too many near-ties for random logits";
+    ASSERT_NO_FATAL_FAILURE(expect_xaug_ok(check_xaug(xa, ldxa, ch, ref, xb.data(), ldx, M, K), M,
+                                           "x_aug elements differ from [x s0 | x s1 | s0 s0 s1 s1 | 0]"));
     if (M > 2) {
       EXPECT_EQ(ch[1], 0) << "a NaN logit goes to expert 0";
-    }
-    if (M >= 37) {
-      EXPECT_GT(r.to_shift, M / 5) << "both experts should get tokens";
-      EXPECT_LT(r.to_shift, M - M / 5);
     }
     // rerun: the same bits; without a choice pointer: the same x_aug, the choices untouched
     auto dxa2 = poisoned<bf16>(size_t(M) * ldxa);
@@ -224,16 +232,8 @@ TEST_F(MoeMasked, LayerNormRouteMaskMatchesLayerNormThenCpuRouter) {
     device_sync();
     const std::vector<bf16> xa = dxa.download();
     const std::vector<int8_t> ch = dch.download();
-    const XaugCheck r = check_xaug(xa, ldxa, ch, ref, xn.data(), K, M, K);
-    ASSERT_EQ(r.unwritten, 0) << "choices not written";
-    EXPECT_EQ(r.bad, 0u) << "x_aug differs from [LayerNorm(x) s0 | LayerNorm(x) s1 | s0 s0 s1 s1 | 0]";
-    EXPECT_EQ(r.gap_written, 0u) << "wrote past Ka";
-    EXPECT_EQ(r.wrong, 0) << "routing differs from the CPU on unambiguous rows (" << r.ambiguous << " ambiguous)";
-    EXPECT_LE(r.ambiguous, 1 + M / 50) << "too many near-ties for random logits";
-    if (M >= 37) {
-      EXPECT_GT(r.to_shift, M / 5) << "both experts should get tokens";
-      EXPECT_LT(r.to_shift, M - M / 5);
-    }
+    ASSERT_NO_FATAL_FAILURE(expect_xaug_ok(check_xaug(xa, ldxa, ch, ref, xn.data(), K, M, K), M,
+                                           "x_aug differs from [LayerNorm(x) s0 | LayerNorm(x) s1 | s0 s0 s1 s1 | 0]"));
     auto dxa2 = poisoned<bf16>(size_t(M) * ldxa);
     cuda::moe_ln_route_mask_forward(dxa2.get(), ldxa, nullptr, dx.get(), ldx, dlw.get(), dlb.get(), 1e-6f, dwr.get(),
                                     dbr.get(), M, K, nullptr);
@@ -670,4 +670,41 @@ TEST(MoeMaskedConfig, UnknownModeThrows) {
   } catch (const sav::Error& e) {
     EXPECT_NE(std::string(e.what()).find("SAV_MOE_MASKED"), std::string::npos) << e.what();
   }
+}
+
+// The rows-fused kernels (ViTCuda::set_row_fusion, on by default at small batch) against the layered kernels on the
+// same model: the products sum in another f32 order than cuBLASLt's, so the logits agree within the converted
+// models' bound and the routing nearly everywhere; the graph replays and eager runs of each are bit-identical
+// (run_mode), and shift_paths reports the fused proj as "rows_fused".
+TEST_F(MoeMasked, VitCudaRowFusionMatchesLayered) {
+  const VitConfig c = every_kind_config();
+  Vit cpu(c);
+  randomise_shiftadd(cpu, 31);
+  const int B = 3;
+  const std::vector<float> images = normal(size_t(B) * c.in_chans * c.img_size * c.img_size, 32);
+  cpu.forward(images.data(), B, false);
+  const std::vector<float> ref(cpu.logits(), cpu.logits() + size_t(B) * c.num_classes);
+  ViTCuda net(cpu);
+  net.set_row_fusion(false);
+  const ModeRun off = run_mode(net, images, B);
+  const auto paths_off = net.shift_paths(B);
+  net.set_row_fusion(true);
+  const ModeRun on = run_mode(net, images, B);
+  const auto paths_on = net.shift_paths(B);
+  EXPECT_EQ(count_nonfinite(on.logits), 0u);
+  const double e_off = norm_err(on.logits, off.logits), e_cpu = norm_err(on.logits, ref);
+  const double rt = routing_vs_cpu(cpu, on);
+  std::printf("[ info ] rows fused vs layered %.3e, vs CPU %.3e, routing vs CPU %.3f\n", e_off, e_cpu, rt);
+  EXPECT_LT(e_off, 3e-2);
+  EXPECT_LT(e_cpu, 3e-2);
+  EXPECT_LT(rt, 0.02);
+  // block 1: a shift proj before a masked MoE fc1 (attn_linear "dsmdsm", mlp "mmsdmm")
+  auto path_of = [](const std::vector<std::pair<std::string, std::string>>& v, const std::string& layer) {
+    for (const auto& [name, path] : v)
+      if (name == layer) return path;
+    return std::string("(missing)");
+  };
+  EXPECT_EQ(path_of(paths_on, "blocks.1.attn.proj"), "rows_fused");
+  EXPECT_NE(path_of(paths_off, "blocks.1.attn.proj"), "rows_fused");
+  EXPECT_NE(path_of(paths_off, "blocks.1.attn.proj"), "(missing)");
 }

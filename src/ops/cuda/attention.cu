@@ -313,12 +313,8 @@ void attention_forward(bf16* out, const bf16* qkv, int B, int N, int C, int H, c
   const size_t smem = smem_bytes(p);
   SAV_CHECK(smem <= size_t(max_smem_per_block()),
             "attention: needs " << smem << " bytes of shared memory, the device offers " << max_smem_per_block());
-  static bool attr_set = false;  // once per process (before any graph capture: the first call is eager)
-  if (!attr_set) {
-    SAV_CUDA_CHECK(
-        cudaFuncSetAttribute(attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem_per_block()));
-    attr_set = true;
-  }
+  // the whole opt-in limit at once: the first (eager) call sets it, so no later one (in a graph capture) has to
+  allow_dynamic_smem(reinterpret_cast<const void*>(attention_kernel), size_t(max_smem_per_block()));
   const int qtile = 16 * (p.warps / p.split);
   const dim3 grid((N + qtile - 1) / qtile, B * H);
   attention_kernel<<<grid, p.warps * 32, smem, stream>>>(p);

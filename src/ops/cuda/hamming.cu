@@ -1,45 +1,43 @@
-// Hamming attention core (binary-code linear attention, METHOD.md section 1) for one GPU: a thread-block cluster
-// of G CTAs (1, 2, 4 or 8) per (image b, head h), everything in shared memory (N <= 256 tokens, d <= 64, m <= 32
-// anchors, b <= 64 bits). Spec: cpu::hamming_attention_forward (ops/cpu/hamming.h); formulas in ops.h.
+// Hamming attention core (binary-code linear attention, METHOD.md section 1) for one GPU: G CTAs per (image b, head
+// h), everything in shared memory (N <= 256 tokens, d <= 64, m <= 32 anchors, b <= 64 bits). Spec:
+// cpu::hamming_attention_forward (ops/cpu/hamming.h); formulas in ops.h.
 //
 // Legend: B batch, N tokens, C channels, H heads, d = C/H, b = nbits hash bits, m anchors; a "tile" is 16
-// tokens, a "column tile" 8 of the head's d columns (dp = d rounded up to 16, NT = dp / 8 of them); CTA r of a
-// cluster owns the column tiles r NT/G .. (r+1) NT/G - 1. The CTA has one warp per tile (at least 4 warps).
-// Every product runs on the tensor cores (bf16 mma.sync m16n8k16, f32 accumulation) with f32 operands split in
-// three bf16 parts (hi + mid + lo = x to 2^-24), so they are f32-accurate; bf16 inputs (qk, v) and the 0/1 codes
-// are exact in one part.
+// tokens, a "column tile" 8 of the head's d columns (dp = d rounded up to 16, NT = dp / 8 of them); CTA r of an
+// (image, head) owns the tiles r tiles / G .. (r+1) tiles / G - 1 (its output rows). The CTA has one warp per tile
+// (at least 4 warps). Every product runs on the tensor cores (bf16 mma.sync m16n8k16, f32 accumulation) with f32
+// operands split in three bf16 parts (hi + mid + lo = x to 2^-24), so they are f32-accurate; bf16 inputs (qk, v)
+// and the 0/1 codes are exact in one part.
 //
 // Phases (a __syncthreads between each):
 //  0. stage in shared memory, zero-padded so no later loop checks bounds (cp.async): the head's prepared hash
 //     weights (hamming_attention_prepare: anchors and A split in three parts, ||a_j||^2, mu; one contiguous
-//     copy), every qk row, and v's rows in the CTA's column tiles (with 4 zero rows before and after the image,
-//     so the 9-tap conv reads zeros there);
-//  1. hash, per warp and tile, in EVERY CTA of the cluster (the same bits: the hash is a chain per tile, so
-//     repeating it costs no latency and saves two cluster exchanges): the dot products qk.a_j (A = qk rows by
-//     ldmatrix, B = anchor parts: 3 mma per 16 dims and 8 anchors) and ||qk||^2 (from the same fragments);
+//     copy), every qk row and every v row (with 4 zero rows before and after the image, so the 9-tap conv reads
+//     zeros there);
+//  1. hash, per warp and tile, in EVERY CTA of the (image, head) (the same bits: the hash is a chain per tile, so
+//     repeating it costs no latency and needs no exchange between the CTAs): the dot products qk.a_j (A = qk rows
+//     by ldmatrix, B = anchor parts: 3 mma per 16 dims and 8 anchors) and ||qk||^2 (from the same fragments);
 //     q.a = qk.a / max(||qk||, eps), D_nj = max(||q||^2 + ||a_j||^2 - 2 q.a_j, 0) in the accumulators; sigma =
 //     mean D over the valid tokens (double: each tile's sum, then the tiles' sums in tile order);
 //     k = exp(-D / (2 sigma)) - mu_j, and the accumulators of two anchor tiles are directly the A operand of
 //     y = k A^T (k and A both split: 6 mma per 16 anchors and 8 bits); code bit r = 1[y_r > 0], OR-ed over the 4
 //     lanes of a row -> codes[n];
-//  2. MatAdd #1 for the CTA's columns: KV = h^T V / pi, a warp per (16 bits, column tile), 0/1 x bf16 (exact
-//     products, f32 sums; V fragments by ldmatrix.trans, 32 tokens per step); stored transposed, split in three;
-//  3. MatAdd #2 + normalisation + conv, per warp and tile, for the CTA's columns: z = h KV + 0.5 v (3 mma per 16
-//     bits and column tile); each (row, column tile)'s sum of z^2 (double, over the 4 lanes of the row) goes to
-//     every CTA of the cluster (distributed shared memory), then the one cluster barrier; ||z||^2 = those sums in
-//     column-tile order, out = z / max(||z||, eps) + the 9 taps of v in order; bf16 stores. z stays in registers
-//     when a CTA has at most 2 column tiles (4 in the 128-register instantiation that clusters use), else it is
-//     recomputed (64 registers at 2 CTAs/SM).
+//  2. MatAdd #1 in every CTA: KV = h^T V / pi, a warp per (16 bits, column tile), 0/1 x bf16 (exact products, f32
+//     sums; V fragments by ldmatrix.trans, 32 tokens per step); stored transposed, split in three;
+//  3. MatAdd #2 + normalisation + conv for the CTA's tiles, a warp per range of units (tile, column tile): z = h KV
+//     + 0.5 v (3 mma per 16 bits and unit); each (row, column tile)'s sum of z^2 (double, over the 4 lanes of the
+//     row) to shared memory; ||z||^2 = those sums in column-tile order; out = z / max(||z||, eps) + the 9 taps of v
+//     in order; bf16 stores. z stays in registers when no warp has more than 2 units (4 in the 128-register
+//     instantiation that G > 1 uses), else it is recomputed (64 registers at 2 CTAs/SM).
 // Deterministic: every sum has a fixed order, independent of G, and no atomics, so reruns, graph replays and every
-// cluster size give the same bits. Against the CPU: D is ||q||^2 + ||a||^2 - 2 q.a (a few ulp of D ~ 1 from the
-// CPU's sum of squared differences) and the sums run in other orders, so a code bit whose y lies within ~1e-7 of
-// max|y| of 0 may differ; with equal codes the output agrees to f32 summation order before the bf16 store.
+// G give the same bits. Against the CPU: D is ||q||^2 + ||a||^2 - 2 q.a (a few ulp of D ~ 1 from the CPU's sum of
+// squared differences) and the sums run in other orders, so a code bit whose y lies within ~1e-7 of max|y| of 0 may
+// differ; with equal codes the output agrees to f32 summation order before the bf16 store.
 //
-// Cost (DeiT, N=197, d=64, b=16, m=25): per tile 48 mma for the distances and 24 for y; 24 for z per tile in each
-// of its two passes at G = 1 (3 at G = 8); 14 per KV task (8 tasks at G = 1, 1 at G = 8); staging ~64 KB per CTA.
-// The launcher's G (hamming_attention_cluster) spreads a small batch over the SMs.
-#include <cooperative_groups.h>
-
+// Cost (DeiT, N=197, d=64, b=16, m=25): per tile 48 mma for the distances and 24 for y; 3 for z per unit (twice at
+// G = 1); 14 per KV task (8 tasks); staging ~90 KB per CTA. The launcher's G (hamming_attention_split) spreads a
+// small batch over the SMs: at batch 1 a CTA per tile. (Sessions 9's form split the columns over a thread-block
+// cluster and exchanged the z norms through distributed shared memory; splitting the rows needs no exchange.)
 #include <algorithm>
 
 #include "ops/cuda/launch.cuh"
@@ -49,8 +47,6 @@
 namespace sav::cuda {
 
 namespace {
-
-namespace cg = cooperative_groups;
 
 constexpr int kHamMaxN = 256;
 constexpr int kHamMaxD = 64;
@@ -79,8 +75,7 @@ struct HamParams {
   int bt;      // ceil(nbits / 8) bit tiles of y
   int mb;      // ceil(nbits / 16) bit tiles of KV = k-steps of z
   int ldk;     // 16 mb + 8: bf16 row stride of the transposed KV parts
-  int G;       // CTAs per (image, head): the cluster size (1, 2, 4 or 8; divides dp / 8)
-  int ntg;     // dp / (8 G): the column tiles (8 wide) of each CTA
+  int G;       // CTAs per (image, head), 1 .. tiles: CTA r owns the token tiles r tiles / G .. (r+1) tiles / G - 1
   bool vec;    // 16-byte cp.async of the qk and v rows (d % 8 == 0, strides and pointers aligned)
   bool pairs;  // d even and the output 4-byte aligned: bf16 pairs are stored at once
 };
@@ -104,13 +99,14 @@ __host__ __device__ inline PrepLayout prep_layout(int dp, int bt) {
 }
 // Shared memory carve-up, the same on host and device.
 struct HamSmem {
-  size_t red, zsq, codes, q, v, prep, kv, total;  // byte offsets
+  size_t tsum, zsq, inv, codes, q, v, prep, kv, total;  // byte offsets
 };
 __host__ __device__ inline HamSmem ham_smem(const HamParams& p) {
   HamSmem s{};
   size_t o = 0;
-  s.red = o, o = align16(o + kHamMaxN / 16 * sizeof(double));
+  s.tsum = o, o = align16(o + kHamMaxN / 16 * sizeof(double));
   s.zsq = o, o = align16(o + size_t(p.tiles) * 16 * (p.dp / 8) * sizeof(double));
+  s.inv = o, o = align16(o + size_t(p.tiles) * 16 * sizeof(float));
   s.codes = o, o = align16(o + size_t(p.nk) * sizeof(unsigned long long));
   s.q = o, o = align16(o + size_t(p.tiles) * 16 * p.ldb * sizeof(bf16));
   s.v = o, o = align16(o + size_t(p.nk + 2 * kPad) * p.ldb * sizeof(bf16));
@@ -126,7 +122,7 @@ HamParams ham_dims(int B, int N, int C, int H, int nbits, int m) {
   p.tiles = (N + 15) / 16, p.nk = (N + 31) / 32 * 32;
   p.dp = (p.d + 15) / 16 * 16, p.ldb = p.dp + 8;
   p.mt = (m + 7) / 8, p.bt = (nbits + 7) / 8, p.mb = (nbits + 15) / 16, p.ldk = 16 * p.mb + 8;
-  p.G = 1, p.ntg = p.dp / 8;
+  p.G = 1;
   return p;
 }
 
@@ -164,17 +160,18 @@ __device__ __forceinline__ void split3_pair(float x0, float x1, uint32_t& hi, ui
 }
 
 // kMinBlocks: CTAs per SM the register budget is cut for (2: 64 registers, the large-batch grids of one CTA per
-// head; 1: 128 registers, the clustered small batches, where a CTA has its SM to itself). The same code, the same
-// bits.
+// head; 1: 128 registers, the small batches split over G > 1 CTAs per head, where a CTA has its SM to itself).
+// The same code, the same bits.
 template <int kMinBlocks>
 __global__ void __launch_bounds__(512, kMinBlocks) hamming_kernel(const __grid_constant__ HamParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-  __trap();  // thread-block clusters need sm_90; the launcher refuses older devices
+  __trap();  // built for sm_90; the launcher refuses older devices
 #else
   extern __shared__ __align__(16) unsigned char smem[];
   const HamSmem L = ham_smem(p);
-  double* tsum = reinterpret_cast<double*>(smem + L.red);  // sigma partial of each tile
+  double* tsum = reinterpret_cast<double*>(smem + L.tsum);  // sigma partial of each tile
   double* zsq = reinterpret_cast<double*>(smem + L.zsq);   // (token, column tile): sum of z^2 over its 8 columns
+  float* inv_norm = reinterpret_cast<float*>(smem + L.inv);  // (token): 1 / max(||z||, eps)
   unsigned long long* codes = reinterpret_cast<unsigned long long*>(smem + L.codes);
   bf16* Qs = reinterpret_cast<bf16*>(smem + L.q);
   bf16* Vs = reinterpret_cast<bf16*>(smem + L.v) + kPad * p.ldb;  // rows -kPad .. nk + kPad - 1
@@ -185,29 +182,11 @@ __global__ void __launch_bounds__(512, kMinBlocks) hamming_kernel(const __grid_c
   const float* mus = reinterpret_cast<const float*>(smem + L.prep + P.mu);
   bf16* KVt = reinterpret_cast<bf16*>(smem + L.kv);  // [part][column][bit]
 
-  cg::cluster_group cluster = cg::this_cluster();
-  const int G = p.G, rank = G == 1 ? 0 : static_cast<int>(cluster.block_rank());
+  const int G = p.G, rank = static_cast<int>(blockIdx.x) % G;
   const int tid = threadIdx.x, T = blockDim.x, lane = tid & 31, warp = tid >> 5, W = T >> 5;
   const int g = lane >> 2, q4 = lane & 3;
   const int bh = static_cast<int>(blockIdx.x) / G, b = bh / p.H, h = bh - b * p.H;
   const int N = p.N, d = p.d, m = p.m, dp = p.dp, ldb = p.ldb, NT = dp / 8;
-  const int ntg = p.ntg, nt0 = rank * ntg;  // this CTA's column tiles (8 wide): nt0 .. nt0 + ntg - 1
-  // x into slot i of `base` in every CTA of the cluster (G = 1: this CTA)
-  auto bcast = [&](auto* base, int i, auto x) {
-    if (G == 1) {
-      base[i] = x;
-    } else {
-      for (int r = 0; r < G; ++r) cluster.map_shared_rank(base, r)[i] = x;
-    }
-  };
-  auto csync = [&] {
-    if (G == 1)
-      __syncthreads();
-    else
-      cluster.sync();
-  };
-  // no remote shared-memory write before every CTA of the cluster runs: arrive now, wait before the first one
-  auto started = G == 1 ? decltype(cluster.barrier_arrive()){} : cluster.barrier_arrive();
 
   // ---- 0. staging: qk rows, v columns of this CTA's column tiles ----
   const bf16* qk = p.qk + int64_t(b) * N * p.ldqk + h * d;
@@ -220,21 +199,21 @@ __global__ void __launch_bounds__(512, kMinBlocks) hamming_kernel(const __grid_c
       const bool ok = n < N && c < d;
       ptx::cp_async16(Qs + n * ldb + c, ok ? qk + int64_t(n) * p.ldqk + c : qk, ok);
     }
-    for (int i = tid; i < vrows * ntg; i += T) {
-      const int r = i / ntg, c = (nt0 + i - r * ntg) * 8, n = r - kPad;
+    for (int i = tid; i < vrows * NT; i += T) {
+      const int r = i / NT, c = (i - r * NT) * 8, n = r - kPad;
       const bool ok = n >= 0 && n < N && c < d;
       ptx::cp_async16(Vs + n * ldb + c, ok ? vv + int64_t(n) * p.ldv + c : vv, ok);
     }
     ptx::cp_async_commit();
   } else {
     const bf16 zero = __float2bfloat16_rn(0.0f);
-    const int vc = 8 * ntg;
+    const int vc = dp;
     for (int i = tid; i < p.tiles * 16 * dp; i += T) {
       const int n = i / dp, c = i - n * dp;
       Qs[n * ldb + c] = n < N && c < d ? qk[int64_t(n) * p.ldqk + c] : zero;
     }
     for (int i = tid; i < vrows * vc; i += T) {
-      const int r = i / vc, c = nt0 * 8 + i - r * vc, n = r - kPad;
+      const int r = i / vc, c = i - r * vc, n = r - kPad;
       Vs[n * ldb + c] = n >= 0 && n < N && c < d ? vv[int64_t(n) * p.ldv + c] : zero;
     }
   }
@@ -248,8 +227,8 @@ __global__ void __launch_bounds__(512, kMinBlocks) hamming_kernel(const __grid_c
   ptx::cp_async_wait<0>();
   __syncthreads();
 
-  // ---- 1. hash, per warp and tile: every CTA of the cluster hashes every tile (the same bits), so sigma and the
-  // codes need no exchange ----
+  // ---- 1. hash, per warp and tile: every CTA of the (image, head) hashes every tile (the same bits), so sigma
+  // and the codes need no exchange ----
   {
     const bool has_tile = warp < p.tiles;  // warp-uniform
     const int t0 = warp * 16, ta = t0 + g, tb = ta + 8;
@@ -359,10 +338,10 @@ __global__ void __launch_bounds__(512, kMinBlocks) hamming_kernel(const __grid_c
   }
   __syncthreads();
 
-  // ---- 2. KV = h^T V / pi for this CTA's columns, a warp per (16 bits, 8 columns); transposed, split ----
+  // ---- 2. KV = h^T V / pi, a warp per (16 bits, 8 columns); transposed, split ----
   const int kvpart = dp * p.ldk;
-  for (int task = warp; task < p.mb * ntg; task += W) {
-    const int mt = task / ntg, nt = nt0 + task - mt * ntg, r0 = (mt & 1) * 16 + g, hw = mt >> 1;
+  for (int task = warp; task < p.mb * NT; task += W) {
+    const int mt = task / NT, nt = task - mt * NT, r0 = (mt & 1) * 16 + g, hw = mt >> 1;
     const uint32_t* cw32 = reinterpret_cast<const uint32_t*>(codes) + hw;  // the 32-bit half holding bits 16mt..
     float kv[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int k0 = 0; k0 < p.nk; k0 += 32) {
@@ -388,69 +367,82 @@ __global__ void __launch_bounds__(512, kMinBlocks) hamming_kernel(const __grid_c
   }
   __syncthreads();
 
-  // ---- 3. z = h KV + 0.5 v for this CTA's columns, per warp and tile (every tile); norm; conv ----
-  const bool has_z = warp < p.tiles;  // warp-uniform
-  const int ta = warp * 16 + g, tb = ta + 8;
-  const bool va = ta < N, vb = tb < N;
-  const unsigned long long ca = has_z ? codes[ta] : 0ull, cb = has_z ? codes[tb] : 0ull;
-  const uint32_t ca_lo = uint32_t(ca), ca_hi = uint32_t(ca >> 32), cb_lo = uint32_t(cb), cb_hi = uint32_t(cb >> 32);
-  auto tile_z = [&](int nt, float(&z)[4]) {
+  // ---- 3. z = h KV + 0.5 v per unit (a 16-token tile of this CTA, a column tile); norms; conv ----
+  // The CTA's token tiles t0 .. t1 - 1; its units (tile, column tile) in tile-major order, warp w takes the
+  // contiguous range u0 .. u1 - 1 (G = 1 with a warp per tile: warp w = tile w, every column tile).
+  const int t0 = rank * p.tiles / G, t1 = (rank + 1) * p.tiles / G, U = (t1 - t0) * NT;
+  const int u0 = warp * U / W, u1 = (warp + 1) * U / W;
+  struct UnitRows {
+    int ta, tb;                       // the lane's two token rows
+    uint32_t a_lo, a_hi, b_lo, b_hi;  // their codes
+  };
+  auto unit_rows = [&](int u) {
+    UnitRows r;
+    r.ta = (t0 + u / NT) * 16 + g, r.tb = r.ta + 8;
+    const unsigned long long ca = codes[r.ta], cb = codes[r.tb];
+    r.a_lo = uint32_t(ca), r.a_hi = uint32_t(ca >> 32), r.b_lo = uint32_t(cb), r.b_hi = uint32_t(cb >> 32);
+    return r;
+  };
+  auto tile_z = [&](const UnitRows& r, int nt, float(&z)[4]) {
     const int c = nt * 8 + 2 * q4;
     z[0] = z[1] = z[2] = z[3] = 0.0f;
     for (int kk = 0; kk < p.mb; ++kk) {
       const int ra = (kk & 1) * 16 + 2 * q4, rb = ra + 8;
-      const uint32_t wa = kk & 2 ? ca_hi : ca_lo, wb = kk & 2 ? cb_hi : cb_lo;
+      const uint32_t wa = kk & 2 ? r.a_hi : r.a_lo, wb = kk & 2 ? r.b_hi : r.b_lo;
       const uint32_t a[4] = {bit_pair2(wa, ra), bit_pair2(wb, ra), bit_pair2(wa, rb), bit_pair2(wb, rb)};
       const bf16* bp = KVt + (nt * 8 + g) * p.ldk + kk * 16 + 2 * q4;
 #pragma unroll
       for (int part = 0; part < 3; ++part)
         ptx::mma_bf16(z, a, ld_pair(bp + part * kvpart), ld_pair(bp + part * kvpart + 8));
     }
-    const float2 xa = ld_float2(Vs + ta * ldb + c), xb = ld_float2(Vs + tb * ldb + c);
+    const float2 xa = ld_float2(Vs + r.ta * ldb + c), xb = ld_float2(Vs + r.tb * ldb + c);
     z[0] += 0.5f * xa.x, z[1] += 0.5f * xa.y, z[2] += 0.5f * xb.x, z[3] += 0.5f * xb.y;
   };
-  // the squared norm of rows ta, tb over column tile nt (the 4 lanes of a row hold its 8 columns) -> every CTA
-  auto put_norm = [&](int nt, const float(&z)[4]) {
+  // the squared norm of rows ta, tb over column tile nt (the 4 lanes of a row hold its 8 columns)
+  auto put_norm = [&](const UnitRows& r, int nt, const float(&z)[4]) {
     double sa = double(z[0]) * z[0] + double(z[1]) * z[1], sb = double(z[2]) * z[2] + double(z[3]) * z[3];
     sa += __shfl_xor_sync(0xffffffffu, sa, 1);
     sa += __shfl_xor_sync(0xffffffffu, sa, 2);
     sb += __shfl_xor_sync(0xffffffffu, sb, 1);
     sb += __shfl_xor_sync(0xffffffffu, sb, 2);
-    if (q4 < 2) bcast(zsq, (q4 ? tb : ta) * NT + nt, q4 ? sb : sa);
+    if (q4 < 2) zsq[(q4 ? r.tb : r.ta) * NT + nt] = q4 ? sb : sa;
   };
-  if (G > 1) cluster.barrier_wait(std::move(started));  // before the first remote write
-  // z is kept in registers when this CTA has at most kKeep column tiles, else recomputed in the second pass
+  // z is kept in registers when no warp has more than kKeep units, else recomputed in the second pass
   constexpr int kKeep = kMinBlocks == 1 ? 4 : 2;
-  const bool keep = ntg <= kKeep;
+  const bool keep = (U + W - 1) / W <= kKeep;
   float zk[kKeep][4];
-  if (has_z) {
-    if (keep) {
+  if (keep) {
 #pragma unroll
-      for (int j = 0; j < kKeep; ++j)
-        if (j < ntg) tile_z(nt0 + j, zk[j]), put_norm(nt0 + j, zk[j]);
-    } else {
-      for (int j = 0; j < ntg; ++j) {
-        float z[4];
-        tile_z(nt0 + j, z);
-        put_norm(nt0 + j, z);
+    for (int j = 0; j < kKeep; ++j)
+      if (u0 + j < u1) {
+        const UnitRows r = unit_rows(u0 + j);
+        tile_z(r, (u0 + j) % NT, zk[j]);
+        put_norm(r, (u0 + j) % NT, zk[j]);
       }
+  } else {
+    for (int u = u0; u < u1; ++u) {
+      const UnitRows r = unit_rows(u);
+      float z[4];
+      tile_z(r, u % NT, z);
+      put_norm(r, u % NT, z);
     }
   }
-  csync();  // the last cluster barrier: after it no CTA touches another's shared memory
-  if (!has_z) return;
-  double za = 0.0, zb = 0.0;  // the column tiles' partials in order: the same for every cluster size
-  for (int nt = 0; nt < NT; ++nt) za += zsq[ta * NT + nt], zb += zsq[tb * NT + nt];
-  const float inv_za = 1.0f / fmaxf(static_cast<float>(sqrt(za)), kNormEps);
-  const float inv_zb = 1.0f / fmaxf(static_cast<float>(sqrt(zb)), kNormEps);
+  __syncthreads();
+  // 1 / max(||z||, eps) of the CTA's rows: the column tiles' partials added in order (the same for every G)
+  for (int i = t0 * 16 + tid; i < t1 * 16; i += T) {
+    double zz = 0.0;
+    for (int nt = 0; nt < NT; ++nt) zz += zsq[i * NT + nt];
+    inv_norm[i] = 1.0f / fmaxf(static_cast<float>(sqrt(zz)), kNormEps);
+  }
+  __syncthreads();
   float cw[kTaps];
 #pragma unroll
   for (int t = 0; t < kTaps; ++t) cw[t] = p.conv_w[h * kTaps + t];
-  bf16* outa = p.out + (int64_t(b) * N + ta) * p.ldo + h * d;
-  bf16* outb = p.out + (int64_t(b) * N + tb) * p.ldo + h * d;
-  auto emit = [&](int nt, const float(&z)[4]) {
+  auto emit = [&](const UnitRows& r, int nt, const float(&z)[4]) {
     const int c = nt * 8 + 2 * q4;
+    const float inv_za = inv_norm[r.ta], inv_zb = inv_norm[r.tb];
     float o[4] = {z[0] * inv_za, z[1] * inv_za, z[2] * inv_zb, z[3] * inv_zb};
-    const bf16* vt = Vs + (ta - kPad) * ldb + c;  // zero rows outside the image: no checks
+    const bf16* vt = Vs + (r.ta - kPad) * ldb + c;  // zero rows outside the image: no checks
 #pragma unroll
     for (int t = 0; t < kTaps; ++t) {
       const float2 xa = ld_float2(vt + t * ldb), xb = ld_float2(vt + (t + 8) * ldb);
@@ -459,8 +451,9 @@ __global__ void __launch_bounds__(512, kMinBlocks) hamming_kernel(const __grid_c
     }
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      if (!(half ? vb : va) || c >= d) continue;
-      bf16* dst = (half ? outb : outa) + c;
+      const int row = half ? r.tb : r.ta;
+      if (row >= N || c >= d) continue;
+      bf16* dst = p.out + (int64_t(b) * N + row) * p.ldo + h * d + c;
       const float x0 = o[2 * half], x1 = o[2 * half + 1];
       if (p.pairs && c + 1 < d) {
         *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(x0, x1);
@@ -473,12 +466,13 @@ __global__ void __launch_bounds__(512, kMinBlocks) hamming_kernel(const __grid_c
   if (keep) {
 #pragma unroll
     for (int j = 0; j < kKeep; ++j)
-      if (j < ntg) emit(nt0 + j, zk[j]);
+      if (u0 + j < u1) emit(unit_rows(u0 + j), (u0 + j) % NT, zk[j]);
   } else {
-    for (int j = 0; j < ntg; ++j) {
+    for (int u = u0; u < u1; ++u) {
+      const UnitRows r = unit_rows(u);
       float z[4];
-      tile_z(nt0 + j, z);
-      emit(nt0 + j, z);
+      tile_z(r, u % NT, z);
+      emit(r, u % NT, z);
     }
   }
 #endif
@@ -558,7 +552,7 @@ bool hamming_attention_supports(int N, int C, int H, int nbits, int m) {
 
 void hamming_attention_forward_ld(bf16* out, int ldo, const bf16* qk, int ldqk, const bf16* v, int ldv,
                                   const void* prep, const float* conv_w, int B, int N, int C, int H, int nbits, int m,
-                                  cudaStream_t stream, int cluster) {
+                                  cudaStream_t stream, int split) {
   SAV_CHECK(out && qk && v && prep && conv_w, "hamming attention: null pointer");
   SAV_CHECK(reinterpret_cast<uintptr_t>(prep) % 16 == 0, "hamming attention: prepared buffer not 16-byte aligned");
   check_dims(N, C, H, nbits, m);
@@ -573,28 +567,23 @@ void hamming_attention_forward_ld(bf16* out, int ldo, const bf16* qk, int ldqk, 
   auto a16 = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
   p.vec = p.d % 8 == 0 && ldqk % 8 == 0 && ldv % 8 == 0 && a16(qk) && a16(v);
   p.pairs = p.d % 2 == 0 && ldo % 2 == 0 && reinterpret_cast<uintptr_t>(out) % 4 == 0;
-  const int NT = p.dp / 8;
-  if (cluster == 0) cluster = hamming_attention_cluster(B, C, H);
-  SAV_CHECK((cluster == 1 || cluster == 2 || cluster == 4 || cluster == 8) && NT % cluster == 0,
-            "hamming attention: cluster size " << cluster << " must be 1, 2, 4 or 8 and divide " << NT
-                                               << " (the head's 8-column tiles)");
-  SAV_CHECK(device_cc_major() >= 9, "hamming attention: needs a compute capability 9.0 device (thread-block clusters)");
-  p.G = cluster, p.ntg = NT / cluster;
+  if (split == 0) split = hamming_attention_split(B, N, H);
+  SAV_CHECK(split >= 1 && split <= p.tiles,
+            "hamming attention: " << split << " CTAs per (image, head); 1 to " << p.tiles << " (its 16-token tiles)");
+  SAV_CHECK(device_cc_major() >= 9, "hamming attention: needs a compute capability 9.0 device");
+  SAV_CHECK(int64_t(B) * H * split <= (int64_t(1) << 31) - 1, "hamming attention: B*H*split too large");
+  p.G = split;
   const size_t smem = ham_smem(p).total;
   SAV_CHECK(smem <= size_t(max_smem_per_block()), "hamming attention: needs "
                                                       << smem << " bytes of shared memory, the device offers "
                                                       << max_smem_per_block());
-  launch_cluster(cluster > 1 ? hamming_kernel<1> : hamming_kernel<2>,
-                 dim3(static_cast<unsigned>(int64_t(B) * H * cluster)), dim3(static_cast<unsigned>(ham_threads(N))),
-                 smem, cluster, stream, p);
+  launch_cluster(split > 1 ? hamming_kernel<1> : hamming_kernel<2>, dim3(static_cast<unsigned>(int64_t(B) * H * split)),
+                 dim3(static_cast<unsigned>(ham_threads(N))), smem, 1, stream, p);
 }
 
-int hamming_attention_cluster(int B, int C, int H) {
-  const int NT = (C / H + 15) / 16 * 2;  // the head's 8-column tiles (d rounded up to 16)
-  const int64_t sms = device_available() ? sm_count() : 132;
-  for (int g = 8; g > 1; g /= 2)
-    if (NT % g == 0 && int64_t(B) * H * g <= sms) return g;
-  return 1;
+int hamming_attention_split(int B, int N, int H) {
+  const int64_t tiles = (std::max(N, 1) + 15) / 16, sms = device_available() ? sm_count() : 132;
+  return static_cast<int>(std::clamp<int64_t>(sms / std::max<int64_t>(int64_t(B) * H, 1), 1, tiles));
 }
 
 }  // namespace sav::cuda

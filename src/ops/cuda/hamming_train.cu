@@ -655,16 +655,6 @@ WsLayout ws_layout(const sav::cpu::HammingDims& dims, const Sizes& s) {
   return w;
 }
 
-// Opts the kernel in to `bytes` of dynamic shared memory when that exceeds the default 48 KB.
-template <class Kernel>
-void allow_smem(Kernel* kernel, size_t bytes, const char* name) {
-  if (bytes <= 48 * 1024) return;
-  SAV_CHECK(bytes <= size_t(max_smem_per_block()), "hamming_train: " << name << " needs " << bytes
-                                                                     << " bytes of shared memory, the device allows "
-                                                                     << max_smem_per_block());
-  SAV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-}
-
 void check_supported(const sav::cpu::HammingDims& dims, const char* fn) {
   SAV_CHECK(hamming_train_supports(dims), fn << ": unsupported sizes B=" << dims.B << " N=" << dims.N << " C=" << dims.C
                                              << " H=" << dims.H << " nbits=" << dims.nbits << " m=" << dims.m
@@ -715,13 +705,13 @@ void hamming_train_forward(float* out, int ldo, const sav::cpu::HammingSaved& sa
 
   const unsigned row_blocks = unsigned(s.BH * s.tiles);
   const size_t smem1 = (size_t(s.m) * odd_stride(int(s.d)) + size_t(kWarps) * s.d) * sizeof(float);
-  allow_smem(fwd_norm_dist_kernel, smem1, "fwd_norm_dist");
+  allow_dynamic_smem(reinterpret_cast<const void*>(fwd_norm_dist_kernel), smem1);
   fwd_norm_dist_kernel<<<row_blocks, kThreads, smem1, stream>>>(p);
   SAV_CUDA_CHECK_LAUNCH();
   fwd_sigma_kernel<<<unsigned(s.BH), kThreads, 0, stream>>>(p);
   SAV_CUDA_CHECK_LAUNCH();
   const size_t smem3 = (size_t(s.nb) * odd_stride(int(s.m)) + size_t(s.m) * (1 + kWarps)) * sizeof(float);
-  allow_smem(fwd_hash_kernel, smem3, "fwd_hash");
+  allow_dynamic_smem(reinterpret_cast<const void*>(fwd_hash_kernel), smem3);
   fwd_hash_kernel<<<row_blocks, kThreads, smem3, stream>>>(p);
   SAV_CUDA_CHECK_LAUNCH();
   fwd_kv_kernel<<<unsigned(s.BH * s.chunks), kThreads, 0, stream>>>(p);
@@ -777,13 +767,13 @@ void hamming_train_backward(float* dqk, int lddqk, float* dv, int lddv, float* d
   bwd_dkv_kernel<<<unsigned(s.BH * s.chunks), kThreads, 0, stream>>>(p);
   SAV_CUDA_CHECK_LAUNCH();
   const size_t smem3 = (2 * size_t(s.nb) * odd_stride(int(s.d)) + 2 * size_t(kWarps) * s.d) * sizeof(float);
-  allow_smem(bwd_dv_dcode_kernel, smem3, "bwd_dv_dcode");
+  allow_dynamic_smem(reinterpret_cast<const void*>(bwd_dv_dcode_kernel), smem3);
   bwd_dv_dcode_kernel<<<row_blocks, kThreads, smem3, stream>>>(p);
   SAV_CUDA_CHECK_LAUNCH();
   if (!dqk) return;
 
   const size_t smem4 = (size_t(s.nb) * s.m + size_t(kWarps) * s.nb) * sizeof(float);
-  allow_smem(bwd_dsig_rows_kernel, smem4, "bwd_dsig_rows");
+  allow_dynamic_smem(reinterpret_cast<const void*>(bwd_dsig_rows_kernel), smem4);
   bwd_dsig_rows_kernel<<<row_blocks, kThreads, smem4, stream>>>(p);
   SAV_CUDA_CHECK_LAUNCH();
   bwd_dsig_kernel<<<unsigned(s.BH), kThreads, 0, stream>>>(p);
@@ -791,7 +781,7 @@ void hamming_train_backward(float* dqk, int lddqk, float* dv, int lddv, float* d
   const size_t smem6 =
       size_t(kWarps) * s.m * sizeof(double) +
       (size_t(s.m) * odd_stride(int(s.d)) + size_t(s.nb) * s.m + size_t(kWarps) * s.nb) * sizeof(float);
-  allow_smem(bwd_dq_kernel, smem6, "bwd_dq");
+  allow_dynamic_smem(reinterpret_cast<const void*>(bwd_dq_kernel), smem6);
   bwd_dq_kernel<<<row_blocks, kThreads, smem6, stream>>>(p);
   SAV_CUDA_CHECK_LAUNCH();
 }

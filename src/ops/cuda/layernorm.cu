@@ -140,7 +140,7 @@ void launch(LnParams p, cudaStream_t stream) {
   auto a16 = [](const void* q) { return q == nullptr || reinterpret_cast<uintptr_t>(q) % 16 == 0; };
   p.vec4 = p.C % 4 == 0 && p.ldx % 4 == 0 && p.ldy % 4 == 0 && a16(p.x) && a16(p.xout) && a16(p.pe) && a16(p.cls) &&
            a16(p.pos) && a16(p.w) && a16(p.b) && reinterpret_cast<uintptr_t>(p.y) % 8 == 0;
-  if (p.vec4 && p.C / 4 <= 16 * (kLnPerLane / 4)) {  // half a warp per row
+  if (p.vec4 && ln::row_group(p.C) == 16) {  // half a warp per row
     const int rows = kLnWarps * 2;
     layernorm_kernel<16><<<(p.M + rows - 1) / rows, kLnWarps * 32, 0, stream>>>(p);
   } else {

@@ -15,6 +15,11 @@
 namespace sav::cuda::ln {
 
 constexpr int kMaxPer4 = 8;  // float4 per lane: C <= 4 kG kMaxPer4
+constexpr int kMaxCols = 4 * 32 * kMaxPer4;  // 1024
+
+// The lanes per row of a float4-aligned row of C columns: half a warp up to 512, a warp up to 1024. Every kernel
+// that normalises rows with row_stats picks its group by this, so they agree bit for bit.
+__host__ __device__ constexpr int row_group(int C) { return C <= 4 * 16 * kMaxPer4 ? 16 : 32; }
 
 template <int kG>
 __device__ __forceinline__ void row_stats(const float4 (&v)[kMaxPer4], int lane, int C, float eps, float& mean,

@@ -31,11 +31,14 @@
 
 #include "core/tensor.h"
 #include "ops/cuda/layernorm.cuh"
+#include "ops/cuda/moe_rows.cuh"
 #include "ops/cuda/ops.h"
 
 namespace sav::cuda {
 
 namespace {
+
+using moe_rows::res_add;
 
 constexpr int kMoeEpiThreads = 256;
 constexpr int kMaskRowsPerBlock = 8;
@@ -52,11 +55,6 @@ struct MoeEpiParams {
   int epi;      // MoeEpilogue
   bool vec;     // float4 path
 };
-
-// x + t, each component rounded once (no contraction with the product that made t)
-__device__ __forceinline__ float4 res_add(float4 x, float4 t) {
-  return make_float4(__fadd_rn(x.x, t.x), __fadd_rn(x.y, t.y), __fadd_rn(x.z, t.z), __fadd_rn(x.w, t.w));
-}
 
 __device__ __forceinline__ float gelu_erf(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
 
@@ -220,27 +218,21 @@ struct MoeLnMaskParams {
   int ldxa, ldx, M, K, Ka;
 };
 
-// Lanes per row of the kernels with a LayerNorm fused: half a warp up to 512 columns, a warp up to 1024 (the
-// groups of layernorm_kernel, so the normalised rows agree bit for bit).
-constexpr int kLnMaxCols = 4 * 32 * ln::kMaxPer4;  // 1024
-inline int ln_group(int C) { return C <= 4 * 16 * ln::kMaxPer4 ? 16 : 32; }
+// Rows per block of the kernels with a LayerNorm fused (ln::row_group lanes per row).
 inline int ln_blocks(int M, int group) {
   const int rows = kMaskRowsPerBlock * 32 / group;
   return (M + rows - 1) / rows;
 }
 
-// LayerNorm (ln::row_stats / apply4, as layernorm_kernel<kG>) + router + mask, kG lanes per row (ln_group): lane
-// l holds float4 number l + kG k of the row, normalises it to four bf16, adds their products with the router
-// weights to its two partial logits (in k order), the kG partials are summed by a butterfly, and the lane writes
-// its four bf16 (8 bytes) into the chosen half of x_aug and zeros into the other. A group past the last row
-// computes on zeros and stores nothing.
+// LayerNorm + router + mask (moe_rows::ln_route_mask), kG lanes per row (ln::row_group): lane l loads float4 number
+// l + kG k of its row.
 template <int kG>
 __global__ void __launch_bounds__(kMaskRowsPerBlock * 32)
     moe_ln_route_mask_kernel(const __grid_constant__ MoeLnMaskParams p) {
   const int lane = threadIdx.x % kG;
   const int row = blockIdx.x * (kMaskRowsPerBlock * 32 / kG) + threadIdx.x / kG;
   const bool valid = row < p.M;
-  const int K = p.K, K4 = K / 4;
+  const int K4 = p.K / 4;
   float4 v[ln::kMaxPer4];
   const float4* xr = reinterpret_cast<const float4*>(p.x + int64_t(row) * p.ldx);
 #pragma unroll
@@ -248,50 +240,8 @@ __global__ void __launch_bounds__(kMaskRowsPerBlock * 32)
     const int c = lane + kG * k;
     v[k] = valid && c < K4 ? xr[c] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
   }
-  float mean, rstd;
-  ln::row_stats<kG>(v, lane, K, p.eps, mean, rstd);
-  const float4 *w4 = reinterpret_cast<const float4*>(p.ln_w), *b4 = reinterpret_cast<const float4*>(p.ln_b);
-  const float4 *r0 = reinterpret_cast<const float4*>(p.wr), *r1 = reinterpret_cast<const float4*>(p.wr + K);
-  uint2 y[ln::kMaxPer4];
-  float a0 = 0.0f, a1 = 0.0f;
-#pragma unroll
-  for (int k = 0; k < ln::kMaxPer4; ++k) {
-    const int c = lane + kG * k;
-    y[k] = make_uint2(0u, 0u);
-    if (c < K4) {
-      y[k] = ln::apply4(v[k], mean, rstd, w4[c], b4[c]);
-      const float4 q0 = r0[c], q1 = r1[c];
-      const float e0 = __uint_as_float(y[k].x << 16), e1 = __uint_as_float(y[k].x & 0xFFFF0000u);
-      const float e2 = __uint_as_float(y[k].y << 16), e3 = __uint_as_float(y[k].y & 0xFFFF0000u);
-      a0 = fmaf(e0, q0.x, a0), a1 = fmaf(e0, q1.x, a1);
-      a0 = fmaf(e1, q0.y, a0), a1 = fmaf(e1, q1.y, a1);
-      a0 = fmaf(e2, q0.z, a0), a1 = fmaf(e2, q1.z, a1);
-      a0 = fmaf(e3, q0.w, a0), a1 = fmaf(e3, q1.w, a1);
-    }
-  }
-#pragma unroll
-  for (int o = kG / 2; o > 0; o >>= 1) {
-    a0 += __shfl_xor_sync(0xffffffffu, a0, o);
-    a1 += __shfl_xor_sync(0xffffffffu, a1, o);
-  }
-  if (!valid) return;
-  const float l0 = a0 + p.br[0], l1 = a1 + p.br[1];
-  const int e = l1 > l0 ? 1 : 0;  // ties and NaN -> expert 0
-  uint2* o2 = reinterpret_cast<uint2*>(p.xa + int64_t(row) * p.ldxa);
-  const uint2 z = make_uint2(0u, 0u);
-#pragma unroll
-  for (int k = 0; k < ln::kMaxPer4; ++k) {
-    const int c = lane + kG * k;
-    if (c < K4) {
-      o2[c] = e ? z : y[k];
-      o2[K4 + c] = e ? y[k] : z;
-    }
-  }
-  // columns [2K, Ka): s0 s0 s1 s1 (bf16 1.0 = 0x3F80), then zeros
-  constexpr uint32_t kOnes = 0x3F803F80u;
-  for (int c = 2 * K4 + lane; c < p.Ka / 4; c += kG)
-    o2[c] = c == 2 * K4 ? make_uint2(e ? 0u : kOnes, e ? kOnes : 0u) : z;
-  if (lane == 0 && p.choice) p.choice[row] = static_cast<int8_t>(e);
+  moe_rows::ln_route_mask<kG>(v, lane, valid, p.K, p.Ka, p.eps, p.ln_w, p.ln_b, p.wr, p.br,
+                              p.xa + int64_t(row) * p.ldxa, p.choice ? p.choice + row : nullptr);
 }
 
 struct MoeEpiLnParams {
@@ -303,47 +253,16 @@ struct MoeEpiLnParams {
   int ldx, lds, ldxn, M, F, gate;
 };
 
-// The residual epilogue (moe_epilogue_kernel's arithmetic per element) and the LayerNorm after it (ln::row_stats /
-// apply4, as layernorm_kernel<kG>), kG lanes per row (ln_group): lane l handles float4 number l + kG k of the row.
+// The residual epilogue and the LayerNorm after it (moe_rows::epilogue_residual_ln), kG lanes per row.
 template <int kG>
 __global__ void __launch_bounds__(kMaskRowsPerBlock * 32)
     moe_epilogue_residual_ln_kernel(const __grid_constant__ MoeEpiLnParams p) {
   const int lane = threadIdx.x % kG;
   const int row = blockIdx.x * (kMaskRowsPerBlock * 32 / kG) + threadIdx.x / kG;
   const bool valid = row < p.M;
-  const int F = p.F, F4 = F / 4;
-  const float* sr = p.s + int64_t(valid ? row : 0) * p.lds;
-  const float l0 = sr[2 * F] + sr[2 * F + 2] + p.br[0];
-  const float l1 = sr[2 * F + 1] + sr[2 * F + 3] + p.br[1];
-  const int e = l1 > l0 ? 1 : 0;  // ties (and NaN) -> expert 0, as cpu::moe_router_forward
-  const float g = p.gate == moe_gate_prob ? 1.0f / (1.0f + expf(e ? l0 - l1 : l1 - l0)) : 1.0f;
-  const float4* y4 = reinterpret_cast<const float4*>(sr + e * F);
-  const float4* bias4 = reinterpret_cast<const float4*>(e ? p.b1 : p.b0);
-  float4* x4 = reinterpret_cast<float4*>(p.x + int64_t(row) * p.ldx);
-  float4 v[ln::kMaxPer4];
-#pragma unroll
-  for (int k = 0; k < ln::kMaxPer4; ++k) {
-    const int c = lane + kG * k;
-    v[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    if (valid && c < F4) {
-      const float4 a = y4[c], bb = bias4[c], xo = x4[c];
-      const float4 t = make_float4(__fmul_rn(a.x + bb.x, g), __fmul_rn(a.y + bb.y, g), __fmul_rn(a.z + bb.z, g),
-                                   __fmul_rn(a.w + bb.w, g));  // as moe_epilogue_kernel
-      v[k] = res_add(xo, t);
-      x4[c] = v[k];
-    }
-  }
-  float mean, rstd;
-  ln::row_stats<kG>(v, lane, F, p.eps, mean, rstd);
-  if (!valid) return;
-  const float4 *w4 = reinterpret_cast<const float4*>(p.ln_w), *b4 = reinterpret_cast<const float4*>(p.ln_b);
-  uint2* yn = reinterpret_cast<uint2*>(p.xn + int64_t(row) * p.ldxn);
-#pragma unroll
-  for (int k = 0; k < ln::kMaxPer4; ++k) {
-    const int c = lane + kG * k;
-    if (c < F4) yn[c] = ln::apply4(v[k], mean, rstd, w4[c], b4[c]);
-  }
-  if (lane == 0 && p.choice) p.choice[row] = static_cast<int8_t>(e);
+  moe_rows::epilogue_residual_ln<kG>(p.s + int64_t(valid ? row : 0) * p.lds, p.x + int64_t(row) * p.ldx,
+                                     p.xn + int64_t(row) * p.ldxn, p.choice ? p.choice + row : nullptr, valid, lane,
+                                     p.F, p.gate, p.eps, p.b0, p.b1, p.br, p.ln_w, p.ln_b);
 }
 
 bool aligned(const void* q, int a) { return reinterpret_cast<uintptr_t>(q) % a == 0; }
@@ -429,14 +348,14 @@ void moe_route_mask_forward(bf16* xa, int ldxa, int8_t* choice, const bf16* x, i
   SAV_CUDA_CHECK_LAUNCH();
 }
 
-bool moe_ln_route_mask_supports(int K) { return K >= 4 && K % 4 == 0 && K <= kLnMaxCols; }
+bool moe_ln_route_mask_supports(int K) { return K >= 4 && K % 4 == 0 && K <= ln::kMaxCols; }
 
 void moe_ln_route_mask_forward(bf16* xa, int ldxa, int8_t* choice, const float* x, int ldx, const float* ln_w,
                                const float* ln_b, float eps, const float* wr, const float* br, int M, int K,
                                cudaStream_t stream) {
   SAV_CHECK(xa && x && ln_w && ln_b && wr && br, "moe layernorm+route+mask: null pointer");
   SAV_CHECK(moe_ln_route_mask_supports(K),
-            "moe layernorm+route+mask: K=" << K << " not supported (K % 4 == 0, 4 <= K <= " << kLnMaxCols << ")");
+            "moe layernorm+route+mask: K=" << K << " not supported (K % 4 == 0, 4 <= K <= " << ln::kMaxCols << ")");
   const int Ka = moe_masked_cols(K);
   SAV_CHECK(M >= 0 && ldx >= K && ldxa >= Ka && ldx % 4 == 0 && ldxa % 4 == 0,
             "moe layernorm+route+mask: bad sizes M=" << M << " K=" << K << " ldx=" << ldx << " ldxa=" << ldxa);
@@ -446,7 +365,7 @@ void moe_ln_route_mask_forward(bf16* xa, int ldxa, int8_t* choice, const float* 
   MoeLnMaskParams p{};
   p.xa = xa, p.choice = choice, p.x = x, p.ln_w = ln_w, p.ln_b = ln_b, p.wr = wr, p.br = br, p.eps = eps;
   p.ldxa = ldxa, p.ldx = ldx, p.M = M, p.K = K, p.Ka = Ka;
-  if (ln_group(K) == 16)
+  if (ln::row_group(K) == 16)
     moe_ln_route_mask_kernel<16><<<ln_blocks(M, 16), kMaskRowsPerBlock * 32, 0, stream>>>(p);
   else
     moe_ln_route_mask_kernel<32><<<ln_blocks(M, 32), kMaskRowsPerBlock * 32, 0, stream>>>(p);
@@ -460,7 +379,7 @@ void moe_epilogue_residual_ln_forward(float* x, int ldx, int8_t* choice, const f
                                       const float* ln_w, const float* ln_b, float eps, cudaStream_t stream) {
   SAV_CHECK(x && s && b0 && b1 && br && xn && ln_w && ln_b, "moe epilogue+layernorm: null pointer");
   SAV_CHECK(moe_epilogue_residual_ln_supports(F),
-            "moe epilogue+layernorm: F=" << F << " not supported (F % 4 == 0, 4 <= F <= " << kLnMaxCols << ")");
+            "moe epilogue+layernorm: F=" << F << " not supported (F % 4 == 0, 4 <= F <= " << ln::kMaxCols << ")");
   SAV_CHECK(M >= 0 && ldx >= F && ldxn >= F && lds >= 2 * F + 4 && ldx % 4 == 0 && lds % 4 == 0 && ldxn % 4 == 0,
             "moe epilogue+layernorm: bad sizes M=" << M << " F=" << F << " ldx=" << ldx << " lds=" << lds
                                                    << " ldxn=" << ldxn);
@@ -473,7 +392,7 @@ void moe_epilogue_residual_ln_forward(float* x, int ldx, int8_t* choice, const f
   MoeEpiLnParams p{};
   p.x = x, p.choice = choice, p.s = s, p.b0 = b0, p.b1 = b1, p.br = br, p.ln_w = ln_w, p.ln_b = ln_b, p.xn = xn;
   p.eps = eps, p.ldx = ldx, p.lds = lds, p.ldxn = ldxn, p.M = M, p.F = F, p.gate = gate;
-  if (ln_group(F) == 16)
+  if (ln::row_group(F) == 16)
     moe_epilogue_residual_ln_kernel<16><<<ln_blocks(M, 16), kMaskRowsPerBlock * 32, 0, stream>>>(p);
   else
     moe_epilogue_residual_ln_kernel<32><<<ln_blocks(M, 32), kMaskRowsPerBlock * 32, 0, stream>>>(p);

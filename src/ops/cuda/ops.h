@@ -74,14 +74,14 @@ void hamming_attention_prepare(void* prep, const float* anchors, const float* mu
                                int nbits, int m, cudaStream_t stream);
 // qk rows ldqk apart, v rows ldv apart, out rows ldo apart (elements; e.g. qk = buf, v = buf + C, ldqk = ldv = 2C
 // for the stacked [to_qk; to_v] product).
-// cluster: CTAs per (image, head), a thread-block cluster (1, 2, 4 or 8, dividing ceil(d / 16) * 2; 0 picks
-// hamming_attention_cluster). The output is bit-identical for every cluster size.
+// split: CTAs per (image, head), 1 .. ceil(N / 16) (each writes the rows of its 16-token tiles; every one hashes all
+// tokens); 0 picks hamming_attention_split. The output is bit-identical for every split.
 void hamming_attention_forward_ld(bf16* out, int ldo, const bf16* qk, int ldqk, const bf16* v, int ldv,
                                   const void* prep, const float* conv_w, int B, int N, int C, int H, int nbits, int m,
-                                  cudaStream_t stream, int cluster = 0);
-// The cluster size the launcher picks: the largest of 8, 4, 2 that divides the head's 8-column tiles with
-// B H G CTAs still at most one per SM, else 1.
-int hamming_attention_cluster(int B, int C, int H);
+                                  cudaStream_t stream, int split = 0);
+// The split the launcher picks: as many CTAs per (image, head) as the SMs allow with B H of them (at most one per
+// 16-token tile, at least 1).
+int hamming_attention_split(int B, int N, int H);
 // 1 <= N <= 256, C % H == 0, 1 <= d <= 64, 1 <= nbits <= 64, 1 <= m <= 32 (and the shared memory fits)
 bool hamming_attention_supports(int N, int C, int H, int nbits, int m);
 
@@ -152,6 +152,39 @@ void moe_ln_route_mask_forward(bf16* xa, int ldxa, int8_t* choice, const float* 
 // Host: W_aug (F, moe_masked_cols(K)) in bf16. w0 (F,K) dense expert, w1 (F,K) shift expert decoded to floats
 // (exact in bf16), b0, b1 (F) f32 biases.
 std::vector<bf16> moe_masked_weights(const float* w0, const float* w1, const float* b0, const float* b1, int F, int K);
+
+// ---- Small-M products with a whole-row epilogue in one launch (ops/cuda/rows_fused.cu) ----
+// For few rows (batch 1: M = 197) a cuBLASLt product and the row kernel after it each cost a launch and a drain
+// (~3.5 us in a graph); these kernels do both in one. A thread-block cluster of G CTAs (1, 2, 4 or 8) owns a tile of
+// 16 rows: CTA r computes the 8-column tiles r nt / G .. (r+1) nt / G - 1 of the tile's output (nt = the output's
+// column tiles; bf16 mma.sync, f32 accumulation) and sends row i of the tile to CTA i / (16 / G) through
+// distributed shared memory; after one cluster barrier each CTA runs the epilogue of its 16 / G rows with the
+// arithmetic of the separate row kernel named below.
+// Sums: output (i, j) = the sum, over k blocks of 64 in increasing order, of each block's 4-mma chain: independent
+// of G and M (every cluster size and batch gives the same bits), not cuBLASLt's order (so the layered path's
+// products differ from these in the last bits, and a near-tie routing decision may differ).
+// Sizes: K % 8 == 0 and the input's row stride a multiple of 8 (16-byte rows), C % 4 == 0, C <= 1024, the other
+// row strides multiples of 4, the pointers 16-byte aligned (xa, xn 8-byte); the CTA's weight slice and the row tile
+// must fit in shared memory (rows_fused_supports). cluster 0: rows_fused_cluster(M).
+//
+// rows_linear_ln_mask_forward: a linear with a residual add, then a masked MoE layer's LayerNorm + router + mask:
+//   x (M,C) f32 (rows ldx apart) = x + (a (M,K) bf16 W^T + b), W (C,K) bf16 (rows K apart), b (C) f32: t = s + b,
+//   then x + t, each rounded once; then exactly moe_ln_route_mask_forward(xa, ldxa, choice, x, ldx, ln_w, ln_b, eps,
+//   wr, br, M, C) on the new x (bit for bit: the same row arithmetic), xa (M, moe_masked_cols(C)) bf16.
+// rows_moe_residual_ln_forward: a stacked MoE layer with a residual epilogue and the next LayerNorm:
+//   s (16, Fs) f32 = h (rows of the tile, K) bf16 ws^T per tile, kept in shared memory (ws the stacked
+//   (moe_stack_rows(C), K) weight of moe_stack_weights), then exactly moe_epilogue_residual_ln_forward's arithmetic
+//   on s: x (M,C) += the chosen expert's output, choice (M) (nullptr: not written), xn (M,C) bf16 = LayerNorm(x).
+bool rows_fused_supports(int K, int C, int Fcols, int cluster = 8);  // Fcols: C or moe_stack_rows(C)
+int rows_fused_cluster(int M);
+void rows_linear_ln_mask_forward(float* x, int ldx, const bf16* a, int lda, const bf16* w, const float* b, int M, int K,
+                                 int C, const float* ln_w, const float* ln_b, float eps, const float* wr,
+                                 const float* br, bf16* xa, int ldxa, int8_t* choice, cudaStream_t stream,
+                                 int cluster = 0);
+void rows_moe_residual_ln_forward(float* x, int ldx, int8_t* choice, const bf16* h, int ldh, const bf16* ws,
+                                  const float* b0, const float* b1, const float* br, int M, int K, int C, MoeGate gate,
+                                  bf16* xn, int ldxn, const float* ln_w, const float* ln_b, float eps,
+                                  cudaStream_t stream, int cluster = 0);
 
 // ---- conversions ----
 // y (n) bf16 = x (n) f32, round to nearest even

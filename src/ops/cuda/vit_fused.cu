@@ -964,12 +964,7 @@ Plan plan_for(const FusedVitDims& d, int B) {
   pl.T = B * tiles_per_image(d.N);
   if (pl.L.total <= size_t(max_smem_per_block())) {
     // the kernel's dynamic shared-memory limit only grows (a cached plan of a larger model must stay launchable)
-    static std::map<int, size_t> limit;
-    if (limit[dev] < pl.L.total) {
-      SAV_CUDA_CHECK(
-          cudaFuncSetAttribute(vit_fused_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(pl.L.total)));
-      limit[dev] = pl.L.total;
-    }
+    allow_dynamic_smem(reinterpret_cast<const void*>(vit_fused_kernel), pl.L.total);
     for (const int cs : {8, 4, 2, 1}) {
       if (d.C % (8 * cs) || d.F % (8 * cs) || (2 * d.C) % (8 * cs)) continue;
       cudaLaunchConfig_t cfg;

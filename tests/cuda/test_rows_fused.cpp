@@ -1,0 +1,699 @@
+// The small-M fused product + row epilogue kernels (ops/cuda/ops.h rows_linear_ln_mask_forward,
+// rows_moe_residual_ln_forward, rows_fused_supports, rows_fused_cluster) against their definitions:
+//   - rows_linear_ln_mask_forward: x against a CPU double reference x0 + (a W^T + b) within a tolerance; x_aug and
+//     the choices bit for bit moe_ln_route_mask_forward run on the kernel's own output x (the spec: the same row
+//     arithmetic);
+//   - rows_moe_residual_ln_forward: s = h ws^T computed on the CPU in double (from the bf16 values), rounded to f32
+//     and fed to moe_epilogue_residual_ln_forward as the reference; the choices equal the reference's except on
+//     near-tie rows, x within a tolerance on the rows routed alike, xn bit for bit layernorm_forward of the kernel's
+//     own x (every row);
+//   - both: every cluster size (1, 2, 4, 8 and the launcher's pick) and a rerun give the same bits; a batch of two
+//     images gives each image's bits of a run on that image alone; row strides honoured (NaN in the input rows'
+//     gaps, which a kernel reading them would spread; the output rows' gaps must keep their bytes); the 16 rows after
+//     the M rows of every output stay poisoned (a partial 16-row tile writes nothing past M); bad arguments throw
+//     sav::Error.
+// Shapes: M from 1 to 394 (partial 16-row tiles), C with C % 8 == 0 and C % 8 == 4, K % 64 != 0, DeiT-Tiny's
+// proj (K = C = 192) and fc2 (K = 768, C = 192).
+//
+// Product tolerance. The kernels sum the K products a_k w_k (exact in f32: bf16 x bf16) in f32 on the tensor
+// cores, in blocks of 64 (4 mma steps each) summed in order; the tensor cores' f32 accumulation may truncate, so
+// count 2 ulp per step: with n = K/16 + K/64 + 4 roundings on any term's path the error is at most 2 n 2^-24 sum|a_k
+// w_k| (< 8e-6 sum|terms| for K <= 776), plus one rounding each of s + b and x + t (2^-24 of |x0| + |t|). Stated
+// bound kRel = 1e-5 of (|x0| + sum_k |a_k w_k| + |b|); the reference is double. The router logits of the MoE kernel
+// are l_e = s[2C+e] + s[2C+2+e] + br[e] (hi/lo router columns): the kernel's and the reference's logits are each
+// within kRel of their scale sum|terms| of the exact ones, so a row whose exact logits differ by less than
+// kAmbiguous (10x margin) of the scale may route either way ("ambiguous"); x is compared on rows routed alike. The
+// prob gate's probability moves by at most |d(l1 - l0)| relative, which the tolerance adds (times |y|).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "cuda_test_util.h"
+#include "ops/cuda/ops.h"
+
+using namespace sav;
+using namespace sav::test;
+using sav::cuda::bf16;
+using sav::cuda::DeviceBuffer;
+
+namespace {
+
+class RowsFused : public CudaTest {};
+
+constexpr float kEps = 1e-6f;
+constexpr double kRel = 1e-5;        // product + residual tolerance, relative to the sum of |terms| (header)
+constexpr double kAmbiguous = 1e-4;  // router logits closer than this (relative to their scale) may route either way
+constexpr int kClusters[] = {1, 2, 4, 8};
+constexpr int kTail = 16;  // poisoned rows after the M rows of every output (a partial tile must not write them)
+
+int round_up8(int n) { return (n + 7) / 8 * 8; }
+
+bf16 bf16_from_bits(uint16_t u) {
+  bf16 v;
+  std::memcpy(static_cast<void*>(&v), &u, 2);
+  return v;
+}
+uint16_t bits(bf16 v) {
+  uint16_t u;
+  std::memcpy(&u, &v, 2);
+  return u;
+}
+
+// Rows [r0, r0 + n) of a row-major buffer with rows ld apart.
+template <class T>
+std::vector<T> rows_of(const std::vector<T>& v, size_t ld, int r0, int n) {
+  return std::vector<T>(v.begin() + r0 * ld, v.begin() + (r0 + n) * ld);
+}
+
+// (M, ld) bf16 rows holding the (M, K) values v (bf16-exact), the gap columns NaN (0xFFFF).
+std::vector<bf16> strided_bf16(const std::vector<float>& v, int M, int K, int ld) {
+  std::vector<bf16> r(size_t(M) * ld, bf16_from_bits(0xFFFF));
+  const std::vector<bf16> b = sav::cuda::to_bf16(v.data(), v.size());
+  for (int t = 0; t < M; ++t)
+    for (int k = 0; k < K; ++k) r[size_t(t) * ld + k] = b[size_t(t) * K + k];
+  return r;
+}
+
+// (M, ld) f32 rows: normal values in the first C columns, the gap columns NaN (every byte 0xFF).
+std::vector<float> strided_x0(int M, int C, int ld, uint64_t seed) {
+  std::vector<float> x = normal(size_t(M) * ld, seed);
+  float nan;
+  std::memset(&nan, 0xFF, 4);
+  for (int t = 0; t < M; ++t)
+    for (int j = C; j < ld; ++j) x[size_t(t) * ld + j] = nan;
+  return x;
+}
+
+// Gap columns [C, ld) of x that differ from x0's bytes (the kernel must leave them alone).
+size_t gap_changed(const std::vector<float>& x, const std::vector<float>& x0, int M, int C, int ld) {
+  size_t n = 0;
+  for (int t = 0; t < M; ++t)
+    for (int j = C; j < ld; ++j) n += std::memcmp(&x[size_t(t) * ld + j], &x0[size_t(t) * ld + j], 4) != 0;
+  return n;
+}
+
+// A device copy of v followed by `tail` poisoned elements (every byte 0xFF): rows past M that a kernel must not write.
+template <class T>
+DeviceBuffer<T> with_tail(const std::vector<T>& v, size_t tail) {
+  auto d = poisoned<T>(v.size() + tail);
+  if (!v.empty()) d.upload(v.data(), v.size());
+  return d;
+}
+
+// Downloads d, expects its elements from `n` on still poisoned, and returns the first n.
+template <class T>
+std::vector<T> download_head(const DeviceBuffer<T>& d, size_t n) {
+  std::vector<T> v = d.download();
+  size_t written = 0;
+  for (size_t i = n; i < v.size(); ++i) {
+    const auto* p = reinterpret_cast<const unsigned char*>(&v[i]);
+    for (size_t k = 0; k < sizeof(T); ++k) written += p[k] != 0xFF;
+  }
+  EXPECT_EQ(written, 0u) << "wrote rows past M";
+  v.resize(n);
+  return v;
+}
+
+int count_shift(const std::vector<int8_t>& ch) {
+  int n = 0;
+  for (int8_t c : ch) n += c == 1;
+  return n;
+}
+int count_invalid(const std::vector<int8_t>& ch) {
+  int n = 0;
+  for (int8_t c : ch) n += c != 0 && c != 1;
+  return n;
+}
+
+// ---- rows_linear_ln_mask_forward ----
+
+// a (M,K) bf16-rounded normal in rows lda = K + 8 apart (NaN gaps), W (C,K) bf16-rounded normal / sqrt(K), b small,
+// x0 (M,C) normal in rows ldx apart (NaN gaps), LayerNorm weights around 1 / 0, router wr (2,C) normal / sqrt(C)
+// (logits ~ N(0,1): both experts get tokens), br small; x_aug rows ldxa = Ka + 16 apart.
+struct LinCase {
+  int M = 0, K = 0, C = 0, lda = 0, ldx = 0, ldxa = 0;
+  std::vector<float> af, wf;  // a (M,K), W (C,K): the bf16 values, as floats
+  std::vector<bf16> a, w;     // a (M,lda), W (C,K)
+  std::vector<float> b, x0, lw, lb, wr, br;
+};
+
+LinCase lin_case(int M, int K, int C, uint64_t seed) {
+  LinCase c;
+  c.M = M, c.K = K, c.C = C, c.lda = K + 8, c.ldx = round_up8(C) + 8, c.ldxa = cuda::moe_masked_cols(C) + 16;
+  c.af = round_bf16(normal(size_t(M) * K, seed));
+  c.wf = round_bf16(normal(size_t(C) * K, seed + 1, 1.0f / std::sqrt(float(K))));
+  c.a = strided_bf16(c.af, M, K, c.lda);
+  c.w = sav::cuda::to_bf16(c.wf.data(), c.wf.size());
+  c.b = normal(C, seed + 2, 0.1f);
+  c.x0 = strided_x0(M, C, c.ldx, seed + 3);
+  c.lw = uniform(C, seed + 4, 0.5f, 1.5f);
+  c.lb = uniform(C, seed + 5, -0.5f, 0.5f);
+  c.wr = normal(size_t(2) * C, seed + 6, 1.0f / std::sqrt(float(C)));
+  c.br = normal(2, seed + 7, 0.1f);
+  return c;
+}
+
+// The first n rows of image r0.. (same weights).
+LinCase lin_rows(const LinCase& c, int r0, int n) {
+  LinCase s = c;
+  s.M = n;
+  s.af = rows_of(c.af, c.K, r0, n);
+  s.a = rows_of(c.a, c.lda, r0, n);
+  s.x0 = rows_of(c.x0, c.ldx, r0, n);
+  return s;
+}
+
+struct LinDev {
+  DeviceBuffer<bf16> w;
+  DeviceBuffer<float> b, lw, lb, wr, br;
+  explicit LinDev(const LinCase& c)
+      : w(upload(c.w)), b(upload(c.b)), lw(upload(c.lw)), lb(upload(c.lb)), wr(upload(c.wr)), br(upload(c.br)) {}
+};
+
+struct LinOut {
+  std::vector<float> x;
+  std::vector<bf16> xa;
+  std::vector<int8_t> ch;
+};
+
+// One launch from x0 (x_aug and the choices poisoned).
+LinOut run_lin(const LinCase& c, const LinDev& d, int cluster) {
+  auto da = upload(c.a);
+  auto dx = with_tail(c.x0, size_t(kTail) * c.ldx);
+  auto dxa = poisoned<bf16>(size_t(c.M + kTail) * c.ldxa);
+  auto dch = poisoned<int8_t>(c.M + kTail);
+  cuda::rows_linear_ln_mask_forward(dx.get(), c.ldx, da.get(), c.lda, d.w.get(), d.b.get(), c.M, c.K, c.C, d.lw.get(),
+                                    d.lb.get(), kEps, d.wr.get(), d.br.get(), dxa.get(), c.ldxa, dch.get(), nullptr,
+                                    cluster);
+  device_sync();
+  return {download_head(dx, c.x0.size()), download_head(dxa, size_t(c.M) * c.ldxa), download_head(dch, c.M)};
+}
+
+// moe_ln_route_mask_forward on the rows x (M, ldx): x_aug (poisoned, ldxa) and choices.
+LinOut route_ref(const LinCase& c, const LinDev& d, const std::vector<float>& x) {
+  auto dx = upload(x);
+  auto dxa = poisoned<bf16>(size_t(c.M) * c.ldxa);
+  auto dch = poisoned<int8_t>(c.M);
+  cuda::moe_ln_route_mask_forward(dxa.get(), c.ldxa, dch.get(), dx.get(), c.ldx, d.lw.get(), d.lb.get(), kEps,
+                                  d.wr.get(), d.br.get(), c.M, c.C, nullptr);
+  device_sync();
+  return {x, dxa.download(), dch.download()};
+}
+
+// x elements (first C columns) outside the tolerance of x0 + (a W^T + b) in double (NaN counts as outside).
+size_t lin_x_bad(const LinCase& c, const std::vector<float>& x) {
+  size_t bad = 0;
+  for (int t = 0; t < c.M; ++t)
+    for (int j = 0; j < c.C; ++j) {
+      double acc = 0.0, mag = 0.0;
+      for (int k = 0; k < c.K; ++k) {
+        const double p = double(c.af[size_t(t) * c.K + k]) * c.wf[size_t(j) * c.K + k];
+        acc += p, mag += std::fabs(p);
+      }
+      const double x0 = c.x0[size_t(t) * c.ldx + j];
+      const double ref = x0 + (acc + c.b[j]);
+      const double tol = kRel * (std::fabs(x0) + mag + std::fabs(c.b[j])) + 1e-30;
+      bad += !(std::fabs(double(x[size_t(t) * c.ldx + j]) - ref) <= tol);
+    }
+  return bad;
+}
+
+// x_aug columns past Ka that were written (poison 0xFFFF expected).
+size_t xa_gap_written(const std::vector<bf16>& xa, int M, int Ka, int ldxa) {
+  size_t n = 0;
+  for (int t = 0; t < M; ++t)
+    for (int j = Ka; j < ldxa; ++j) n += bits(xa[size_t(t) * ldxa + j]) != 0xFFFF;
+  return n;
+}
+
+// ---- rows_moe_residual_ln_forward ----
+
+// h (M,K) bf16-rounded normal in rows ldh = K + 8 apart (NaN gaps); w0, w1 (C,K) bf16-rounded normal / sqrt(K),
+// wr (2,K) normal / sqrt(K) (f32: moe_stack_weights splits it hi/lo); ws their stacked (Fs,K) bf16 weight; b0, b1,
+// br small; x0 (M,C) normal in rows ldx apart (NaN gaps); LayerNorm weights; xn rows ldxn apart.
+struct MoeCase {
+  int M = 0, K = 0, C = 0, Fs = 0, ldh = 0, ldx = 0, ldxn = 0;
+  std::vector<float> hf, wsf;  // h (M,K), ws (Fs,K): the bf16 values, as floats
+  std::vector<bf16> h, ws;     // h (M,ldh), ws (Fs,K)
+  std::vector<float> b0, b1, br, x0, lw, lb;
+};
+
+MoeCase moe_case(int M, int K, int C, uint64_t seed) {
+  MoeCase c;
+  c.M = M, c.K = K, c.C = C, c.Fs = cuda::moe_stack_rows(C), c.ldh = K + 8, c.ldx = c.ldxn = round_up8(C) + 8;
+  const float ws_std = 1.0f / std::sqrt(float(K));
+  c.hf = round_bf16(normal(size_t(M) * K, seed));
+  const std::vector<float> w0 = round_bf16(normal(size_t(C) * K, seed + 1, ws_std));
+  const std::vector<float> w1 = round_bf16(normal(size_t(C) * K, seed + 2, ws_std));
+  const std::vector<float> wr = normal(size_t(2) * K, seed + 3, ws_std);
+  c.ws = cuda::moe_stack_weights(w0.data(), w1.data(), wr.data(), C, K);
+  c.wsf = sav::cuda::from_bf16(c.ws);
+  c.h = strided_bf16(c.hf, M, K, c.ldh);
+  c.b0 = normal(C, seed + 4, 0.1f);
+  c.b1 = normal(C, seed + 5, 0.1f);
+  c.br = normal(2, seed + 6, 0.1f);
+  c.x0 = strided_x0(M, C, c.ldx, seed + 7);
+  c.lw = uniform(C, seed + 8, 0.5f, 1.5f);
+  c.lb = uniform(C, seed + 9, -0.5f, 0.5f);
+  return c;
+}
+
+MoeCase moe_rows(const MoeCase& c, int r0, int n) {
+  MoeCase s = c;
+  s.M = n;
+  s.hf = rows_of(c.hf, c.K, r0, n);
+  s.h = rows_of(c.h, c.ldh, r0, n);
+  s.x0 = rows_of(c.x0, c.ldx, r0, n);
+  return s;
+}
+
+struct MoeDev {
+  DeviceBuffer<bf16> ws;
+  DeviceBuffer<float> b0, b1, br, lw, lb;
+  explicit MoeDev(const MoeCase& c)
+      : ws(upload(c.ws)), b0(upload(c.b0)), b1(upload(c.b1)), br(upload(c.br)), lw(upload(c.lw)), lb(upload(c.lb)) {}
+};
+
+struct MoeOut {
+  std::vector<float> x;
+  std::vector<bf16> xn;
+  std::vector<int8_t> ch;  // empty: run without a choice pointer
+};
+
+// One launch from x0 (xn and the choices poisoned).
+MoeOut run_moe(const MoeCase& c, const MoeDev& d, cuda::MoeGate gate, int cluster, bool with_choice = true) {
+  auto dh = upload(c.h);
+  auto dx = with_tail(c.x0, size_t(kTail) * c.ldx);
+  auto dxn = poisoned<bf16>(size_t(c.M + kTail) * c.ldxn);
+  auto dch = poisoned<int8_t>(c.M + kTail);
+  cuda::rows_moe_residual_ln_forward(dx.get(), c.ldx, with_choice ? dch.get() : nullptr, dh.get(), c.ldh, d.ws.get(),
+                                     d.b0.get(), d.b1.get(), d.br.get(), c.M, c.K, c.C, gate, dxn.get(), c.ldxn,
+                                     d.lw.get(), d.lb.get(), kEps, nullptr, cluster);
+  device_sync();
+  MoeOut o{download_head(dx, c.x0.size()), download_head(dxn, size_t(c.M) * c.ldxn), {}};
+  const std::vector<int8_t> ch = download_head(dch, c.M);
+  if (with_choice) o.ch = ch;
+  return o;
+}
+
+// s (M,Fs) = h ws^T in double from the bf16 values, and sum_k |h_k ws_jk| per element.
+struct MoeProduct {
+  std::vector<double> s, mag;
+};
+MoeProduct moe_product(const MoeCase& c) {
+  MoeProduct p{std::vector<double>(size_t(c.M) * c.Fs), std::vector<double>(size_t(c.M) * c.Fs)};
+  for (int t = 0; t < c.M; ++t)
+    for (int j = 0; j < c.Fs; ++j) {
+      double acc = 0.0, mag = 0.0;
+      for (int k = 0; k < c.K; ++k) {
+        const double q = double(c.hf[size_t(t) * c.K + k]) * c.wsf[size_t(j) * c.K + k];
+        acc += q, mag += std::fabs(q);
+      }
+      p.s[size_t(t) * c.Fs + j] = acc, p.mag[size_t(t) * c.Fs + j] = mag;
+    }
+  return p;
+}
+
+// The reference: moe_epilogue_residual_ln_forward on s rounded to f32 (lds = Fs), from x0.
+MoeOut moe_ref(const MoeCase& c, const MoeDev& d, const MoeProduct& p, cuda::MoeGate gate) {
+  std::vector<float> sf(p.s.begin(), p.s.end());
+  auto ds = upload(sf);
+  auto dx = upload(c.x0);
+  auto dxn = poisoned<bf16>(size_t(c.M) * c.ldxn);
+  auto dch = poisoned<int8_t>(c.M);
+  cuda::moe_epilogue_residual_ln_forward(dx.get(), c.ldx, dch.get(), ds.get(), c.Fs, d.b0.get(), d.b1.get(), d.br.get(),
+                                         c.M, c.C, gate, dxn.get(), c.ldxn, d.lw.get(), d.lb.get(), kEps, nullptr);
+  device_sync();
+  return {dx.download(), dxn.download(), dch.download()};
+}
+
+// layernorm_forward of the rows x (M, ldx) into poisoned rows ldxn apart.
+std::vector<bf16> layernorm_of(const MoeCase& c, const MoeDev& d, const std::vector<float>& x) {
+  auto dx = upload(x);
+  auto dxn = poisoned<bf16>(size_t(c.M) * c.ldxn);
+  cuda::layernorm_forward(dxn.get(), c.ldxn, dx.get(), c.ldx, d.lw.get(), d.lb.get(), c.M, c.C, kEps, nullptr);
+  device_sync();
+  return dxn.download();
+}
+
+struct MoeCheck {
+  int ambiguous = 0, wrong = 0, flipped = 0;
+  size_t x_bad = 0;
+};
+
+// The kernel's choices and x against the reference (header: ambiguous rows may route either way; x compared on the
+// rows routed alike).
+MoeCheck check_moe(const MoeCase& c, const MoeProduct& p, cuda::MoeGate gate, const MoeOut& got, const MoeOut& ref) {
+  MoeCheck r;
+  const int C = c.C, Fs = c.Fs;
+  for (int t = 0; t < c.M; ++t) {
+    const double* s = p.s.data() + size_t(t) * Fs;
+    const double* mag = p.mag.data() + size_t(t) * Fs;
+    double l[2], scale = 0.0;
+    for (int e = 0; e < 2; ++e) {
+      l[e] = s[2 * C + e] + s[2 * C + 2 + e] + c.br[e];
+      scale += mag[2 * C + e] + mag[2 * C + 2 + e] + std::fabs(c.br[e]);
+    }
+    const bool amb = std::fabs(l[1] - l[0]) <= kAmbiguous * scale;
+    r.ambiguous += amb;
+    if (got.ch[t] != ref.ch[t]) {
+      ++r.flipped;
+      r.wrong += !amb;
+      continue;
+    }
+    const int e = ref.ch[t];
+    const std::vector<float>& be = e ? c.b1 : c.b0;
+    const double dgate = gate == cuda::moe_gate_prob ? 2 * kRel * scale : 0.0;  // relative change of the probability
+    for (int j = 0; j < C; ++j) {
+      const size_t i = size_t(t) * c.ldx + j;
+      const double magy = mag[size_t(e) * C + j] + std::fabs(be[j]);
+      const double tol = kRel * (std::fabs(c.x0[i]) + magy) + magy * dgate + 1e-30;
+      r.x_bad += !(std::fabs(double(got.x[i]) - ref.x[i]) <= tol);
+    }
+  }
+  return r;
+}
+
+}  // namespace
+
+// The DeiT-Tiny shapes run at cluster 8, the launcher's pick is a valid cluster size, and the documented limits.
+TEST_F(RowsFused, SupportsDeiTTinyAndLimits) {
+  EXPECT_TRUE(cuda::rows_fused_supports(192, 192, 192, 8)) << "DeiT-Tiny proj";
+  EXPECT_TRUE(cuda::rows_fused_supports(768, 192, cuda::moe_stack_rows(192), 8)) << "DeiT-Tiny fc2";
+  for (const int M : {1, 15, 16, 17, 197, 394, 4096}) {
+    const int g = cuda::rows_fused_cluster(M);
+    EXPECT_TRUE(g == 1 || g == 2 || g == 4 || g == 8) << "M=" << M << ": cluster " << g;
+  }
+  EXPECT_FALSE(cuda::rows_fused_supports(192, 192, 192, 3)) << "cluster 3";
+  EXPECT_FALSE(cuda::rows_fused_supports(192, 192, 192, 16)) << "cluster 16";
+  EXPECT_FALSE(cuda::rows_fused_supports(196, 192, 192, 8)) << "K % 8 != 0";
+  EXPECT_FALSE(cuda::rows_fused_supports(192, 190, 190, 8)) << "C % 4 != 0";
+  EXPECT_FALSE(cuda::rows_fused_supports(192, 1028, 1028, 8)) << "C > 1024";
+  EXPECT_FALSE(cuda::rows_fused_supports(8192, 1024, 1024, 1)) << "a 16 MB weight slice in shared memory";
+}
+
+// rows_linear_ln_mask_forward: x against x0 + (a W^T + b) in double (header tolerance), every element written and
+// the gap columns untouched; x_aug and the choices bit for bit moe_ln_route_mask_forward on the kernel's output x
+// (columns past Ka untouched); both experts used; every supported cluster size, the launcher's pick and a rerun
+// give the same bits.
+TEST_F(RowsFused, LinearLnMaskMatchesDefinition) {
+  struct Case {
+    int M, K, C;
+  };
+  for (const Case cs : {Case{197, 192, 192}, Case{1, 192, 192}, Case{15, 264, 200}, Case{16, 776, 388},
+                        Case{17, 192, 516}, Case{37, 264, 388}, Case{197, 776, 200}, Case{37, 192, 1024}}) {
+    const int M = cs.M, K = cs.K, C = cs.C;
+    SCOPED_TRACE(dims({{"M", M}, {"K", K}, {"C", C}}));
+    const LinCase c = lin_case(M, K, C, 1000 + 7 * M + K + C);
+    const LinDev d(c);
+    std::optional<LinOut> first;
+    std::string skipped;
+    for (const int g : kClusters) {
+      SCOPED_TRACE(dims({{"cluster", g}}));
+      if (!cuda::rows_fused_supports(K, C, C, g)) {
+        skipped += " " + std::to_string(g);
+        continue;
+      }
+      const LinOut o = run_lin(c, d, g);
+      if (first) {
+        EXPECT_TRUE(bit_identical(o.x, first->x)) << "x depends on the cluster size";
+        EXPECT_TRUE(bit_identical(o.xa, first->xa)) << "x_aug depends on the cluster size";
+        EXPECT_TRUE(o.ch == first->ch) << "choices depend on the cluster size";
+        continue;
+      }
+      EXPECT_EQ(lin_x_bad(c, o.x), 0u) << "x differs from x0 + (a W^T + b) (or not written)";
+      EXPECT_EQ(gap_changed(o.x, c.x0, M, C, c.ldx), 0u) << "x's gap columns changed";
+      ASSERT_EQ(count_invalid(o.ch), 0) << "choices not written";
+      const LinOut r = route_ref(c, d, o.x);
+      EXPECT_TRUE(bit_identical(o.xa, r.xa)) << "x_aug differs from moe_ln_route_mask_forward on the output x";
+      EXPECT_TRUE(o.ch == r.ch) << "choices differ from moe_ln_route_mask_forward on the output x";
+      EXPECT_EQ(xa_gap_written(o.xa, M, cuda::moe_masked_cols(C), c.ldxa), 0u) << "wrote past Ka";
+      if (M >= 37) {
+        const int to_shift = count_shift(o.ch);
+        EXPECT_GT(to_shift, M / 5) << "both experts should get tokens";
+        EXPECT_LT(to_shift, M - M / 5);
+      }
+      const LinOut again = run_lin(c, d, g);
+      EXPECT_TRUE(bit_identical(again.x, o.x) && bit_identical(again.xa, o.xa) && again.ch == o.ch) << "rerun differs";
+      first = o;
+    }
+    ASSERT_TRUE(first.has_value()) << "no cluster size supports the shape";
+    const int pick = cuda::rows_fused_cluster(M);
+    if (cuda::rows_fused_supports(K, C, C, pick)) {
+      const LinOut o = run_lin(c, d, 0);
+      EXPECT_TRUE(bit_identical(o.x, first->x) && bit_identical(o.xa, first->xa) && o.ch == first->ch)
+          << "cluster 0 (the launcher's pick, " << pick << ") differs";
+    }
+    if (!skipped.empty()) std::printf("[ info ] M=%d K=%d C=%d: clusters not supported:%s\n", M, K, C, skipped.c_str());
+  }
+}
+
+// rows_moe_residual_ln_forward against moe_epilogue_residual_ln_forward on s = h ws^T computed in double (header):
+// choices equal except on ambiguous rows, x within the tolerance on the rows routed alike (the gap columns
+// untouched everywhere), xn bit for bit layernorm_forward of the kernel's own x (gap columns untouched); both
+// gates; every supported cluster size, the launcher's pick, a rerun and a null choice pointer give the same bits.
+TEST_F(RowsFused, MoeResidualLnMatchesDefinition) {
+  struct Case {
+    int M, K, C;
+  };
+  for (const Case cs : {Case{197, 768, 192}, Case{197, 192, 192}, Case{1, 264, 200}, Case{15, 264, 388},
+                        Case{16, 192, 516}, Case{17, 776, 200}, Case{37, 264, 516}, Case{197, 264, 388}}) {
+    const int M = cs.M, K = cs.K, C = cs.C, Fs = cuda::moe_stack_rows(C);
+    const MoeCase c = moe_case(M, K, C, 2000 + 7 * M + K + C);
+    const MoeDev d(c);
+    const MoeProduct p = moe_product(c);
+    for (const auto gate : {cuda::moe_gate_straight_through, cuda::moe_gate_prob}) {
+      SCOPED_TRACE(dims({{"M", M}, {"K", K}, {"C", C}, {"gate", int(gate)}}));
+      const MoeOut ref = moe_ref(c, d, p, gate);
+      std::optional<MoeOut> first;
+      std::string skipped;
+      for (const int g : kClusters) {
+        SCOPED_TRACE(dims({{"cluster", g}}));
+        if (!cuda::rows_fused_supports(K, C, Fs, g)) {
+          skipped += " " + std::to_string(g);
+          continue;
+        }
+        const MoeOut o = run_moe(c, d, gate, g);
+        if (first) {
+          EXPECT_TRUE(bit_identical(o.x, first->x)) << "x depends on the cluster size";
+          EXPECT_TRUE(bit_identical(o.xn, first->xn)) << "xn depends on the cluster size";
+          EXPECT_TRUE(o.ch == first->ch) << "choices depend on the cluster size";
+          continue;
+        }
+        ASSERT_EQ(count_invalid(o.ch), 0) << "choices not written";
+        const MoeCheck r = check_moe(c, p, gate, o, ref);
+        EXPECT_EQ(r.wrong, 0) << "routing differs from the reference on unambiguous rows (" << r.ambiguous
+                              << " ambiguous)";
+        EXPECT_LE(r.ambiguous, 1 + M / 50) << "too many near-ties for random logits";
+        EXPECT_EQ(r.x_bad, 0u) << "x differs from the reference (or not written)";
+        EXPECT_EQ(gap_changed(o.x, c.x0, M, C, c.ldx), 0u) << "x's gap columns changed";
+        EXPECT_TRUE(bit_identical(o.xn, layernorm_of(c, d, o.x)))
+            << "xn differs from layernorm_forward of the output x (or its gap columns were written)";
+        if (M >= 37) {
+          const int to_shift = count_shift(o.ch);
+          EXPECT_GT(to_shift, M / 5) << "both experts should get tokens";
+          EXPECT_LT(to_shift, M - M / 5);
+        }
+        if (r.flipped) std::printf("[ info ] M=%d K=%d C=%d: %d near-tie rows routed otherwise\n", M, K, C, r.flipped);
+        const MoeOut again = run_moe(c, d, gate, g);
+        EXPECT_TRUE(bit_identical(again.x, o.x) && bit_identical(again.xn, o.xn) && again.ch == o.ch)
+            << "rerun differs";
+        const MoeOut nochoice = run_moe(c, d, gate, g, false);
+        EXPECT_TRUE(bit_identical(nochoice.x, o.x) && bit_identical(nochoice.xn, o.xn))
+            << "a null choice pointer changes the outputs";
+        first = o;
+      }
+      ASSERT_TRUE(first.has_value()) << "no cluster size supports the shape";
+      const int pick = cuda::rows_fused_cluster(M);
+      if (cuda::rows_fused_supports(K, C, Fs, pick)) {
+        const MoeOut o = run_moe(c, d, gate, 0);
+        EXPECT_TRUE(bit_identical(o.x, first->x) && bit_identical(o.xn, first->xn) && o.ch == first->ch)
+            << "cluster 0 (the launcher's pick, " << pick << ") differs";
+      }
+      if (!skipped.empty())
+        std::printf("[ info ] M=%d K=%d C=%d: clusters not supported:%s\n", M, K, C, skipped.c_str());
+    }
+  }
+}
+
+// Two images (M = 394) give each image's bits of a run on that image's 197 rows alone (the sums do not depend on
+// M), at cluster 8 (DeiT-Tiny's proj and fc2 shapes) and at the launcher's pick where supported.
+TEST_F(RowsFused, BatchIndependent) {
+  const int N = 197, M = 2 * N;
+  {
+    const int K = 192, C = 192;
+    ASSERT_TRUE(cuda::rows_fused_supports(K, C, C, 8));
+    const LinCase c = lin_case(M, K, C, 3001);
+    const LinDev d(c);
+    for (const int g : {8, 0}) {
+      if (g == 0 && !(cuda::rows_fused_supports(K, C, C, cuda::rows_fused_cluster(M)) &&
+                      cuda::rows_fused_supports(K, C, C, cuda::rows_fused_cluster(N))))
+        continue;
+      SCOPED_TRACE(dims({{"linear_ln_mask cluster", g}}));
+      const LinOut both = run_lin(c, d, g);
+      for (int img = 0; img < 2; ++img) {
+        SCOPED_TRACE(dims({{"image", img}}));
+        const LinOut one = run_lin(lin_rows(c, img * N, N), d, g);
+        EXPECT_TRUE(bit_identical(one.x, rows_of(both.x, c.ldx, img * N, N))) << "x depends on the batch";
+        EXPECT_TRUE(bit_identical(one.xa, rows_of(both.xa, c.ldxa, img * N, N))) << "x_aug depends on the batch";
+        EXPECT_TRUE(one.ch == rows_of(both.ch, 1, img * N, N)) << "choices depend on the batch";
+      }
+    }
+  }
+  {
+    const int K = 768, C = 192, Fs = cuda::moe_stack_rows(C);
+    ASSERT_TRUE(cuda::rows_fused_supports(K, C, Fs, 8));
+    const MoeCase c = moe_case(M, K, C, 3002);
+    const MoeDev d(c);
+    for (const auto gate : {cuda::moe_gate_straight_through, cuda::moe_gate_prob})
+      for (const int g : {8, 0}) {
+        if (g == 0 && !(cuda::rows_fused_supports(K, C, Fs, cuda::rows_fused_cluster(M)) &&
+                        cuda::rows_fused_supports(K, C, Fs, cuda::rows_fused_cluster(N))))
+          continue;
+        SCOPED_TRACE(dims({{"moe_residual_ln cluster", g}, {"gate", int(gate)}}));
+        const MoeOut both = run_moe(c, d, gate, g);
+        for (int img = 0; img < 2; ++img) {
+          SCOPED_TRACE(dims({{"image", img}}));
+          const MoeOut one = run_moe(moe_rows(c, img * N, N), d, gate, g);
+          EXPECT_TRUE(bit_identical(one.x, rows_of(both.x, c.ldx, img * N, N))) << "x depends on the batch";
+          EXPECT_TRUE(bit_identical(one.xn, rows_of(both.xn, c.ldxn, img * N, N))) << "xn depends on the batch";
+          EXPECT_TRUE(one.ch == rows_of(both.ch, 1, img * N, N)) << "choices depend on the batch";
+        }
+      }
+  }
+}
+
+// Bad arguments throw sav::Error before any launch: null pointers, K % 8 != 0, C % 4 != 0, C > 1024, strides below
+// the width, a bf16 input stride (lda, ldh) not a multiple of 8 elements, pointers one element off their
+// alignment, cluster sizes 3 and 16, a shape rows_fused_supports refuses, an unknown gate. M = 0 is a no-op. (Every
+// buffer is large enough for the largest bad call, so a missing check reads and writes inside allocations.)
+TEST_F(RowsFused, BadArgumentsThrow) {
+  DeviceBuffer<float> x(1 << 15), b(1 << 13), b1(1 << 13), lw(1 << 13), lb(1 << 13), wr(1 << 13), br(1 << 13);
+  DeviceBuffer<bf16> a(1 << 17), w(1 << 23), xa(1 << 16), xn(1 << 15);
+  DeviceBuffer<int8_t> ch(64);
+  for (auto* buf : {&x, &b, &b1, &lw, &lb, &wr, &br}) buf->fill_bytes(0);
+  for (auto* buf : {&a, &w, &xa, &xn}) buf->fill_bytes(0);
+  ch.fill_bytes(0);
+
+  struct LinArgs {
+    float* x;
+    int ldx;
+    const bf16* a;
+    int lda;
+    const bf16* w;
+    int M, K, C;
+    const float* lw;
+    const float* wr;
+    bf16* xa;
+    int ldxa, cluster;
+  };
+  auto lin = [&](const LinArgs& p) {
+    cuda::rows_linear_ln_mask_forward(p.x, p.ldx, p.a, p.lda, p.w, b.get(), p.M, p.K, p.C, p.lw, lb.get(), kEps, p.wr,
+                                      br.get(), p.xa, p.ldxa, ch.get(), nullptr, p.cluster);
+  };
+  const LinArgs lbase{x.get(), 200, a.get(), 200, w.get(), 16, 192, 192, lw.get(), wr.get(), xa.get(), 416, 8};
+  ASSERT_EQ(cuda::moe_masked_cols(192) + 16, lbase.ldxa);
+  ASSERT_TRUE(cuda::rows_fused_supports(192, 192, 192, 8));
+  ASSERT_NO_THROW(lin(lbase)) << "the valid baseline call";
+  device_sync();
+  auto lin_bad = [&](const char* what, auto&& mutate) {
+    SCOPED_TRACE(std::string("rows_linear_ln_mask_forward: ") + what);
+    LinArgs p = lbase;
+    mutate(p);
+    EXPECT_THROW(lin(p), sav::Error);
+  };
+  lin_bad("x null", [](LinArgs& p) { p.x = nullptr; });
+  lin_bad("a null", [](LinArgs& p) { p.a = nullptr; });
+  lin_bad("w null", [](LinArgs& p) { p.w = nullptr; });
+  lin_bad("ln_w null", [](LinArgs& p) { p.lw = nullptr; });
+  lin_bad("wr null", [](LinArgs& p) { p.wr = nullptr; });
+  lin_bad("xa null", [](LinArgs& p) { p.xa = nullptr; });
+  lin_bad("K % 8 != 0", [](LinArgs& p) { p.K = 196, p.lda = 208; });
+  lin_bad("C % 4 != 0", [](LinArgs& p) { p.C = 190; });
+  lin_bad("C > 1024", [](LinArgs& p) { p.C = 1028, p.ldx = 1032, p.ldxa = cuda::moe_masked_cols(1028) + 16; });
+  lin_bad("ldx < C", [](LinArgs& p) { p.ldx = 184; });
+  lin_bad("lda < K", [](LinArgs& p) { p.lda = 184; });
+  lin_bad("lda % 8 != 0", [](LinArgs& p) { p.lda = 196; });
+  lin_bad("ldxa < Ka", [](LinArgs& p) { p.ldxa = cuda::moe_masked_cols(192) - 16; });
+  lin_bad("x misaligned", [](LinArgs& p) { p.x += 1; });
+  lin_bad("a misaligned", [](LinArgs& p) { p.a += 1; });
+  lin_bad("w misaligned", [](LinArgs& p) { p.w += 1; });
+  lin_bad("xa misaligned", [](LinArgs& p) { p.xa += 1; });
+  lin_bad("cluster 3", [](LinArgs& p) { p.cluster = 3; });
+  lin_bad("cluster 16", [](LinArgs& p) { p.cluster = 16; });
+  ASSERT_FALSE(cuda::rows_fused_supports(4096, 1024, 1024, 1));
+  lin_bad("unsupported shape", [](LinArgs& p) {
+    p.K = 4096, p.lda = 4104, p.C = 1024, p.ldx = 1032, p.ldxa = cuda::moe_masked_cols(1024), p.cluster = 1;
+  });
+  {
+    LinArgs p = lbase;
+    p.M = 0;
+    EXPECT_NO_THROW(lin(p)) << "M = 0 is a no-op";
+    device_sync();
+  }
+
+  struct MoeArgs {
+    float* x;
+    int ldx;
+    const bf16* h;
+    int ldh;
+    const bf16* ws;
+    const float* b0;
+    int M, K, C;
+    cuda::MoeGate gate;
+    bf16* xn;
+    int ldxn;
+    const float* lw;
+    int cluster;
+  };
+  auto moe = [&](const MoeArgs& p) {
+    cuda::rows_moe_residual_ln_forward(p.x, p.ldx, ch.get(), p.h, p.ldh, p.ws, p.b0, b1.get(), br.get(), p.M, p.K, p.C,
+                                       p.gate, p.xn, p.ldxn, p.lw, lb.get(), kEps, nullptr, p.cluster);
+  };
+  const MoeArgs mbase{x.get(),  200, a.get(),  776, w.get(), b.get(), 16, 768, 192, cuda::moe_gate_straight_through,
+                      xn.get(), 200, lw.get(), 8};
+  ASSERT_TRUE(cuda::rows_fused_supports(768, 192, cuda::moe_stack_rows(192), 8));
+  ASSERT_NO_THROW(moe(mbase)) << "the valid baseline call";
+  device_sync();
+  auto moe_bad = [&](const char* what, auto&& mutate) {
+    SCOPED_TRACE(std::string("rows_moe_residual_ln_forward: ") + what);
+    MoeArgs p = mbase;
+    mutate(p);
+    EXPECT_THROW(moe(p), sav::Error);
+  };
+  moe_bad("x null", [](MoeArgs& p) { p.x = nullptr; });
+  moe_bad("h null", [](MoeArgs& p) { p.h = nullptr; });
+  moe_bad("ws null", [](MoeArgs& p) { p.ws = nullptr; });
+  moe_bad("b0 null", [](MoeArgs& p) { p.b0 = nullptr; });
+  moe_bad("xn null", [](MoeArgs& p) { p.xn = nullptr; });
+  moe_bad("ln_w null", [](MoeArgs& p) { p.lw = nullptr; });
+  moe_bad("K % 8 != 0", [](MoeArgs& p) { p.K = 772, p.ldh = 784; });
+  moe_bad("C % 4 != 0", [](MoeArgs& p) { p.C = 190; });
+  moe_bad("C > 1024", [](MoeArgs& p) { p.C = 1028, p.ldx = 1032, p.ldxn = 1032; });
+  moe_bad("ldx < C", [](MoeArgs& p) { p.ldx = 184; });
+  moe_bad("ldh < K", [](MoeArgs& p) { p.ldh = 760; });
+  moe_bad("ldh % 8 != 0", [](MoeArgs& p) { p.ldh = 772; });
+  moe_bad("ldxn < C", [](MoeArgs& p) { p.ldxn = 184; });
+  moe_bad("x misaligned", [](MoeArgs& p) { p.x += 1; });
+  moe_bad("h misaligned", [](MoeArgs& p) { p.h += 1; });
+  moe_bad("ws misaligned", [](MoeArgs& p) { p.ws += 1; });
+  moe_bad("xn misaligned", [](MoeArgs& p) { p.xn += 1; });
+  moe_bad("cluster 3", [](MoeArgs& p) { p.cluster = 3; });
+  moe_bad("cluster 16", [](MoeArgs& p) { p.cluster = 16; });
+  moe_bad("unknown gate", [](MoeArgs& p) { p.gate = static_cast<cuda::MoeGate>(2); });
+  ASSERT_FALSE(cuda::rows_fused_supports(2048, 1024, cuda::moe_stack_rows(1024), 1));
+  moe_bad("unsupported shape",
+          [](MoeArgs& p) { p.K = 2048, p.ldh = 2056, p.C = 1024, p.ldx = 1032, p.ldxn = 1032, p.cluster = 1; });
+  {
+    MoeArgs p = mbase;
+    p.M = 0;
+    EXPECT_NO_THROW(moe(p)) << "M = 0 is a no-op";
+    device_sync();
+  }
+}
