@@ -14,26 +14,27 @@
 
 namespace sav::cuda::ln {
 
-constexpr int kMaxPer4 = 8;  // float4 per lane: C <= 4 kG kMaxPer4
+constexpr int kMaxPer4 = 8;                  // float4 per lane: C <= 4 kG kMaxPer4
 constexpr int kMaxCols = 4 * 32 * kMaxPer4;  // 1024
 
 // The lanes per row of a float4-aligned row of C columns: half a warp up to 512, a warp up to 1024. Every kernel
 // that normalises rows with row_stats picks its group by this, so they agree bit for bit.
 __host__ __device__ constexpr int row_group(int C) { return C <= 4 * 16 * kMaxPer4 ? 16 : 32; }
 
-template <int kG>
-__device__ __forceinline__ void row_stats(const float4 (&v)[kMaxPer4], int lane, int C, float eps, float& mean,
-                                          float& rstd) {
+// kS float4 slots per lane (kS <= kMaxPer4, C <= 4 kG kS): a kernel sized for its widths keeps fewer registers and
+// less code; the zeros of the missing slots add nothing, so every kS gives the same bits.
+template <int kG, int kS = kMaxPer4>
+__device__ __forceinline__ void row_stats(const float4 (&v)[kS], int lane, int C, float eps, float& mean, float& rstd) {
   const int C4 = C / 4;
   float s = 0.0f;
 #pragma unroll
-  for (int k = 0; k < kMaxPer4; ++k) s += (v[k].x + v[k].y) + (v[k].z + v[k].w);
+  for (int k = 0; k < kS; ++k) s += (v[k].x + v[k].y) + (v[k].z + v[k].w);
 #pragma unroll
   for (int o = kG / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
   mean = s / C;
   float q = 0.0f;
 #pragma unroll
-  for (int k = 0; k < kMaxPer4; ++k) {
+  for (int k = 0; k < kS; ++k) {
     if (lane + kG * k < C4) {
       const float a = v[k].x - mean, b = v[k].y - mean, c = v[k].z - mean, d = v[k].w - mean;
       q += fmaf(a, a, b * b) + fmaf(c, c, d * d);

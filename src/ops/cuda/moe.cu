@@ -260,9 +260,10 @@ __global__ void __launch_bounds__(kMaskRowsPerBlock * 32)
   const int lane = threadIdx.x % kG;
   const int row = blockIdx.x * (kMaskRowsPerBlock * 32 / kG) + threadIdx.x / kG;
   const bool valid = row < p.M;
-  moe_rows::epilogue_residual_ln<kG>(p.s + int64_t(valid ? row : 0) * p.lds, p.x + int64_t(row) * p.ldx,
-                                     p.xn + int64_t(row) * p.ldxn, p.choice ? p.choice + row : nullptr, valid, lane,
-                                     p.F, p.gate, p.eps, p.b0, p.b1, p.br, p.ln_w, p.ln_b);
+  float* xr = p.x + int64_t(row) * p.ldx;
+  moe_rows::epilogue_residual_ln<kG>(p.s + int64_t(valid ? row : 0) * p.lds, xr, xr, p.xn + int64_t(row) * p.ldxn,
+                                     p.choice ? p.choice + row : nullptr, valid, lane, p.F, p.gate, p.eps, p.b0, p.b1,
+                                     p.br, p.ln_w, p.ln_b);
 }
 
 bool aligned(const void* q, int a) { return reinterpret_cast<uintptr_t>(q) % a == 0; }

@@ -2,8 +2,8 @@
 // the cluster kernels of rows_fused.cu so that they agree bit for bit. Device code only; include from .cu files.
 //
 // A row of C columns (C % 4 == 0) is handled by a group of kG aligned lanes of a warp (kG = ln::row_group(C)): lane
-// l handles float4 number l + kG k. A group past the last row (`valid` false) computes on zeros, joins the shuffles
-// and stores nothing.
+// l handles float4 number l + kG k, k < kS (ln::row_stats). A group past the last row (`valid` false) computes on
+// zeros, joins the shuffles and stores nothing.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -25,19 +25,19 @@ __device__ __forceinline__ float4 res_add(float4 x, float4 t) {
 // logits (in k order), the kG partials are summed by a butterfly, l_e = partial + br[e], e = l1 > l0 (ties and NaN:
 // 0); the lane writes its four bf16 into the chosen half of xa_row (Ka columns) and zeros into the other, then
 // [2K, Ka) = s0 s0 s1 s1 0 ...; lane 0 stores e in *choice (nullptr: not stored).
-template <int kG>
-__device__ __forceinline__ void ln_route_mask(const float4 (&v)[ln::kMaxPer4], int lane, bool valid, int K, int Ka,
-                                              float eps, const float* ln_w, const float* ln_b, const float* wr,
-                                              const float* br, bf16* xa_row, int8_t* choice) {
+template <int kG, int kS = ln::kMaxPer4>
+__device__ __forceinline__ void ln_route_mask(const float4 (&v)[kS], int lane, bool valid, int K, int Ka, float eps,
+                                              const float* ln_w, const float* ln_b, const float* wr, const float* br,
+                                              bf16* xa_row, int8_t* choice) {
   const int K4 = K / 4;
   float mean, rstd;
-  ln::row_stats<kG>(v, lane, K, eps, mean, rstd);
+  ln::row_stats<kG, kS>(v, lane, K, eps, mean, rstd);
   const float4 *w4 = reinterpret_cast<const float4*>(ln_w), *b4 = reinterpret_cast<const float4*>(ln_b);
   const float4 *r0 = reinterpret_cast<const float4*>(wr), *r1 = reinterpret_cast<const float4*>(wr + K);
-  uint2 y[ln::kMaxPer4];
+  uint2 y[kS];
   float a0 = 0.0f, a1 = 0.0f;
 #pragma unroll
-  for (int k = 0; k < ln::kMaxPer4; ++k) {
+  for (int k = 0; k < kS; ++k) {
     const int c = lane + kG * k;
     y[k] = make_uint2(0u, 0u);
     if (c < K4) {
@@ -62,7 +62,7 @@ __device__ __forceinline__ void ln_route_mask(const float4 (&v)[ln::kMaxPer4], i
   uint2* o2 = reinterpret_cast<uint2*>(xa_row);
   const uint2 z = make_uint2(0u, 0u);
 #pragma unroll
-  for (int k = 0; k < ln::kMaxPer4; ++k) {
+  for (int k = 0; k < kS; ++k) {
     const int c = lane + kG * k;
     if (c < K4) {
       o2[c] = e ? z : y[k];
@@ -76,14 +76,15 @@ __device__ __forceinline__ void ln_route_mask(const float4 (&v)[ln::kMaxPer4], i
 }
 
 // The stacked form's residual epilogue (ops.h moe_epilogue_forward, moe_epilogue_f32_residual) and the LayerNorm
-// after it, for one row: sr the row of s (2F + 4 columns: both experts, the split router), x_row (F) f32 updated
-// in place, xn_row (F) bf16 = LayerNorm(x_row) (as layernorm_kernel), lane 0 stores the expert in *choice (nullptr:
-// not stored). sr must be readable even when !valid (its router columns are read).
-template <int kG>
-__device__ __forceinline__ void epilogue_residual_ln(const float* sr, float* x_row, bf16* xn_row, int8_t* choice,
-                                                     bool valid, int lane, int F, int gate, float eps, const float* b0,
-                                                     const float* b1, const float* br, const float* ln_w,
-                                                     const float* ln_b) {
+// after it, for one row: sr the row of s (2F + 4 columns: both experts, the split router), x_in (F) f32 the
+// residual row, x_out (F) = x_in + the expert's output (may be x_in), xn_row (F) bf16 = LayerNorm(x_out) (as
+// layernorm_kernel), lane 0 stores the expert in *choice (nullptr: not stored). sr must be readable even when
+// !valid (its router columns are read). Any of the inputs may be in shared memory.
+template <int kG, int kS = ln::kMaxPer4>
+__device__ __forceinline__ void epilogue_residual_ln(const float* sr, const float* x_in, float* x_out, bf16* xn_row,
+                                                     int8_t* choice, bool valid, int lane, int F, int gate, float eps,
+                                                     const float* b0, const float* b1, const float* br,
+                                                     const float* ln_w, const float* ln_b) {
   const int F4 = F / 4;
   const float l0 = sr[2 * F] + sr[2 * F + 2] + br[0];
   const float l1 = sr[2 * F + 1] + sr[2 * F + 3] + br[1];
@@ -91,27 +92,28 @@ __device__ __forceinline__ void epilogue_residual_ln(const float* sr, float* x_r
   const float g = gate == moe_gate_prob ? 1.0f / (1.0f + expf(e ? l0 - l1 : l1 - l0)) : 1.0f;
   const float4* y4 = reinterpret_cast<const float4*>(sr + e * F);
   const float4* bias4 = reinterpret_cast<const float4*>(e ? b1 : b0);
-  float4* x4 = reinterpret_cast<float4*>(x_row);
-  float4 v[ln::kMaxPer4];
+  const float4* xi4 = reinterpret_cast<const float4*>(x_in);
+  float4* xo4 = reinterpret_cast<float4*>(x_out);
+  float4 v[kS];
 #pragma unroll
-  for (int k = 0; k < ln::kMaxPer4; ++k) {
+  for (int k = 0; k < kS; ++k) {
     const int c = lane + kG * k;
     v[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     if (valid && c < F4) {
-      const float4 a = y4[c], bb = bias4[c], xo = x4[c];
+      const float4 a = y4[c], bb = bias4[c], xo = xi4[c];
       const float4 t = make_float4(__fmul_rn(a.x + bb.x, g), __fmul_rn(a.y + bb.y, g), __fmul_rn(a.z + bb.z, g),
                                    __fmul_rn(a.w + bb.w, g));  // as moe_epilogue_kernel
       v[k] = res_add(xo, t);
-      x4[c] = v[k];
+      xo4[c] = v[k];
     }
   }
   float mean, rstd;
-  ln::row_stats<kG>(v, lane, F, eps, mean, rstd);
+  ln::row_stats<kG, kS>(v, lane, F, eps, mean, rstd);
   if (!valid) return;
   const float4 *w4 = reinterpret_cast<const float4*>(ln_w), *b4 = reinterpret_cast<const float4*>(ln_b);
   uint2* yn = reinterpret_cast<uint2*>(xn_row);
 #pragma unroll
-  for (int k = 0; k < ln::kMaxPer4; ++k) {
+  for (int k = 0; k < kS; ++k) {
     const int c = lane + kG * k;
     if (c < F4) yn[c] = ln::apply4(v[k], mean, rstd, w4[c], b4[c]);
   }

@@ -4,6 +4,7 @@
 //
 //   using namespace sav::cuda::ptx;
 //   cp_async16(smem_dst, gmem_src);              // 16 bytes global -> shared, through L2 only (.cg)
+//   cp_async4(smem_dst, gmem_src);               // 4 bytes (.ca)
 //   cp_async_commit();  cp_async_wait<0>();      // then __syncthreads() before other threads read
 //   mma_bf16(acc, a, b0, b1);                    // acc (16x8 f32) += a (16x16 bf16, row) b (16x8 bf16, col)
 #pragma once
@@ -24,6 +25,10 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0)
                : "memory");
 }
+// 4-byte global -> shared copy through L1 (.ca: the only form for 4 bytes); for small, 4-byte aligned operands.
+__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_u32(dst)), "l"(src) : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 // Waits until at most kPending of this thread's committed groups are in flight.
 template <int kPending>
@@ -40,6 +45,49 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_u32(p)));
+}
+
+// Thread-block cluster barrier halves (sm_90; every thread of every CTA of the cluster executes both, in order).
+// relaxed: no memory ordering (e.g. "every CTA has started" before the first distributed shared-memory store);
+// release / acquire: the arriving CTA's shared-memory stores (its own and remote ones) are visible after the wait.
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void cluster_arrive_release() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void cluster_wait_acquire() {
+  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+
+// mbarriers (shared memory, 8 bytes) for bulk copies: init with the expected arrival count; the arriving thread
+// also announces the bytes the copies will deliver (expect_tx); waiters poll the phase's parity.
+__device__ __forceinline__ void mbar_init(uint64_t* bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ bool mbar_test_parity(uint64_t* bar, unsigned parity) {
+  unsigned done;
+  asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+               : "=r"(done)
+               : "r"(smem_u32(bar)), "r"(parity)
+               : "memory");
+  return done != 0;
+}
+__device__ __forceinline__ void mbar_wait_parity(uint64_t* bar, unsigned parity) {
+  while (!mbar_test_parity(bar, parity)) {
+  }
+}
+// Bulk (TMA, one-dimensional) copy of `bytes` (a multiple of 16; both addresses 16-byte aligned) from global to this
+// CTA's shared memory; its completion counts against `bar`'s expected bytes.
+__device__ __forceinline__ void bulk_copy_g2s(void* dst, const void* src, unsigned bytes, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(smem_u32(dst)),
+      "l"(src), "r"(bytes), "r"(smem_u32(bar))
+      : "memory");
 }
 
 // d (16x8 f32) += a (16x16 bf16, row-major fragments) * b (16x8 bf16, column-major fragments), m16n8k16.

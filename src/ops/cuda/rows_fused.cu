@@ -8,13 +8,15 @@
 // 256) parts.
 //
 // Phases:
-//  0. staging (cp.async, zero-filled past M, K and Fc, so no later loop checks bounds): the tile's 16 rows of the
-//     input and the CTA's ntl x 8 rows of the weight, one commit group per k part;
-//  1. products, part by part as each group lands: a task is (column tile, k block), warp w takes tasks w, w + 16, ...
-//     of the part; a task is a fresh 4-mma chain (A by ldmatrix from the row tile, B by ldmatrix from the weight
-//     rows) whose 16 x 8 partial goes to shared memory;
-//  2. per output (row, column): the k blocks' partials added in order, sent to the CTA that owns the row's epilogue
-//     (distributed shared memory), then the one cluster barrier;
+//  0. staging, zero-filled past M, K and Fc (so no later loop checks bounds): the tile's 16 rows of the input and
+//     the CTA's ntl x 8 rows of the weight by bulk copies (cp.async.bulk: the TMA unit, one copy per row and k part,
+//     an mbarrier per k part: per-thread cp.async moved only ~12 bytes a cycle per SM here), and the epilogue's
+//     operands (its residual rows, biases, LayerNorm and router weights) by cp.async, off its critical path;
+//  1. products: warp w owns the CTA's column tiles w, w + 16, ...; per k block a fresh 4-mma chain (A by ldmatrix
+//     from the row tile, B by ldmatrix from the weight rows; two blocks in flight), the blocks' results added in
+//     order in registers as their k parts land;
+//  2. each row's columns sent from the registers to the CTA that owns the row's epilogue (distributed shared
+//     memory), then the one cluster barrier;
 //  3. the epilogue of the CTA's rpc rows, ln::row_group(C) lanes per row, with moe_rows' arithmetic (the same as
 //     the separate row kernels').
 // Deterministic, and the same bits for every G and M: a column's sum runs over fixed k blocks (K only), in order.
@@ -40,6 +42,7 @@ constexpr int kBlockK = 64;     // columns of K per k block (4 k-steps)
 constexpr int kPartBlocks = 4;  // k blocks per k part
 constexpr int kMaxParts = 4;    // K <= 1024
 constexpr int kPartK = kBlockK * kPartBlocks;
+constexpr int kTilesPerWarp = 4;  // column tiles per CTA <= 64
 
 enum RowsEpi { rows_epi_linear_ln_mask = 0, rows_epi_moe_residual_ln = 1 };
 
@@ -69,77 +72,86 @@ __host__ __device__ inline int ld_k(int Kp) { return Kp + 8; }  // bf16 row stri
 __host__ __device__ inline int max_local_tiles(int nt, int G) { return (nt + G - 1) / G; }
 
 struct RowsSmem {
-  size_t as, ws, ps, rs, total;  // byte offsets
+  size_t bar, as, ws, rs, ep, total;  // byte offsets
 };
+// The epilogue's operands, staged at the start (f32, offsets in floats from RowsSmem::ep): the rpc residual rows, then
+// C each of b0 (the linear's bias), b1, ln_w, ln_b, 2C of wr, 4 of br.
+struct EpiOperands {
+  int x, b0, b1, lnw, lnb, wr, br, floats;
+};
+__host__ __device__ inline EpiOperands epi_operands(int C, int rpc) {
+  EpiOperands e{};
+  int o = 0;
+  e.x = o, o += rpc * C;
+  e.b0 = o, o += C;
+  e.b1 = o, o += C;
+  e.lnw = o, o += C;
+  e.lnb = o, o += C;
+  e.wr = o, o += 2 * C;
+  e.br = o, o += 4;
+  e.floats = o;
+  return e;
+}
 __host__ __device__ inline int k_blocks(int Kp) { return (Kp + kBlockK - 1) / kBlockK; }
-__host__ __device__ inline RowsSmem rows_smem(int Kp, int Fc, int nt, int G) {
+__host__ __device__ inline RowsSmem rows_smem(int Kp, int Fc, int C, int nt, int G) {
   const int ntl = max_local_tiles(nt, G), ld = ld_k(Kp);
   RowsSmem s{};
   size_t o = 0;
+  s.bar = o, o = align16(o + kMaxParts * sizeof(uint64_t));
   s.as = o, o = align16(o + size_t(kRT) * ld * sizeof(bf16));
   s.ws = o, o = align16(o + size_t(ntl) * 8 * ld * sizeof(bf16));
-  s.ps = o, o = align16(o + size_t(ntl) * k_blocks(Kp) * kRT * 8 * sizeof(float));
   s.rs = o, o = align16(o + size_t(kRT / G) * Fc * sizeof(float));
+  s.ep = o, o = align16(o + size_t(epi_operands(C, kRT / G).floats) * sizeof(float));
   s.total = o;
   return s;
 }
 
-// cp.async.wait_group with a run-time count (at most kMaxParts - 1 groups left in flight)
-__device__ __forceinline__ void wait_parts(int pending) {
-  switch (pending) {
-    case 3:
-      ptx::cp_async_wait<3>();
-      break;
-    case 2:
-      ptx::cp_async_wait<2>();
-      break;
-    case 1:
-      ptx::cp_async_wait<1>();
-      break;
-    default:
-      ptx::cp_async_wait<0>();
-  }
-}
-
-template <int kG>
-__device__ __forceinline__ void epilogue_row(const RowsParams& p, const float* sr, int row, int lane) {
+// The epilogue of one row: sr its product row, xs its residual row and ep the other operands (shared memory).
+template <int kG, int kS>
+__device__ __forceinline__ void epilogue_row(const RowsParams& p, const float* sr, const float* xs, const float* ep,
+                                             const EpiOperands& E, int row, int lane) {
   const bool valid = row < p.M;
   const int64_t r = valid ? row : 0;
+  float* xg = p.x + r * p.ldx;
   if (p.epi == rows_epi_moe_residual_ln) {
-    moe_rows::epilogue_residual_ln<kG>(sr, p.x + r * p.ldx, p.xn + r * p.ldxn, p.choice ? p.choice + r : nullptr, valid,
-                                       lane, p.C, p.gate, p.eps, p.b0, p.b1, p.br, p.ln_w, p.ln_b);
+    moe_rows::epilogue_residual_ln<kG, kS>(sr, xs, xg, p.xn + r * p.ldxn, p.choice ? p.choice + r : nullptr, valid,
+                                           lane, p.C, p.gate, p.eps, ep + E.b0, ep + E.b1, ep + E.br, ep + E.lnw,
+                                           ep + E.lnb);
     return;
   }
   // x += s + b (t = s + b, then x + t), then the LayerNorm + router + mask of the new row
   const int C4 = p.C / 4;
-  float4* x4 = reinterpret_cast<float4*>(p.x + r * p.ldx);
-  const float4 *s4 = reinterpret_cast<const float4*>(sr), *b4 = reinterpret_cast<const float4*>(p.b);
-  float4 v[ln::kMaxPer4];
+  const float4 *s4 = reinterpret_cast<const float4*>(sr), *b4 = reinterpret_cast<const float4*>(ep + E.b0);
+  const float4* xi4 = reinterpret_cast<const float4*>(xs);
+  float4* xo4 = reinterpret_cast<float4*>(xg);
+  float4 v[kS];
 #pragma unroll
-  for (int k = 0; k < ln::kMaxPer4; ++k) {
+  for (int k = 0; k < kS; ++k) {
     const int c = lane + kG * k;
     v[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     if (valid && c < C4) {
       const float4 s = s4[c], bb = b4[c];
       v[k] = moe_rows::res_add(
-          x4[c], make_float4(__fadd_rn(s.x, bb.x), __fadd_rn(s.y, bb.y), __fadd_rn(s.z, bb.z), __fadd_rn(s.w, bb.w)));
-      x4[c] = v[k];
+          xi4[c], make_float4(__fadd_rn(s.x, bb.x), __fadd_rn(s.y, bb.y), __fadd_rn(s.z, bb.z), __fadd_rn(s.w, bb.w)));
+      xo4[c] = v[k];
     }
   }
-  moe_rows::ln_route_mask<kG>(v, lane, valid, p.C, p.Ka, p.eps, p.ln_w, p.ln_b, p.wr, p.br, p.xa + r * p.ldxa,
-                              p.choice ? p.choice + r : nullptr);
+  moe_rows::ln_route_mask<kG, kS>(v, lane, valid, p.C, p.Ka, p.eps, ep + E.lnw, ep + E.lnb, ep + E.wr, ep + E.br,
+                                  p.xa + r * p.ldxa, p.choice ? p.choice + r : nullptr);
 }
 
+// kG lanes per epilogue row (ln::row_group(C)), kS float4 slots per lane (C <= 4 kG kS): only the epilogue depends on
+// them.
+template <int kG, int kS>
 __global__ void __launch_bounds__(kThreads, 1) rows_fused_kernel(const __grid_constant__ RowsParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // thread-block clusters need sm_90; the launcher refuses older devices
 #else
   extern __shared__ __align__(16) unsigned char smem[];
   const int G = p.G, Kp = p.Kp, ld = ld_k(Kp), parts = p.parts;
-  const RowsSmem L = rows_smem(Kp, p.Fc, p.nt, G);
+  const RowsSmem L = rows_smem(Kp, p.Fc, p.C, p.nt, G);
   bf16* As = reinterpret_cast<bf16*>(smem + L.as);
   bf16* Ws = reinterpret_cast<bf16*>(smem + L.ws);
-  float* Ps = reinterpret_cast<float*>(smem + L.ps);  // [local tile][k block][row][8]
   float* Rs = reinterpret_cast<float*>(smem + L.rs);  // [rpc][Fc]: the rows whose epilogue this CTA runs
 
   cg::cluster_group cluster = cg::this_cluster();
@@ -148,83 +160,131 @@ __global__ void __launch_bounds__(kThreads, 1) rows_fused_kernel(const __grid_co
   const int tile = static_cast<int>(blockIdx.x) / G, row0 = tile * kRT;
   const int n0 = rank * p.nt / G, ntl = (rank + 1) * p.nt / G - n0;  // this CTA's column tiles
   const int rpc = kRT / G;
-  // no remote shared-memory write before every CTA of the cluster runs: arrive now, wait before the first one
-  auto started = G == 1 ? decltype(cluster.barrier_arrive()){} : cluster.barrier_arrive();
+  const EpiOperands E = epi_operands(p.C, rpc);
+  float* ep = reinterpret_cast<float*>(smem + L.ep);
+  // no remote shared-memory write before every CTA of the cluster runs: arrive now (no ordering needed), wait before
+  // the first one
+  if (G > 1) ptx::cluster_arrive_relaxed();
 
-  // ---- 0. staging, one commit group per k part ----
-  const int cpr = Kp / 8;  // 16-byte chunks of a staged row
-  for (int s = 0; s < parts; ++s) {
-    const int c0 = s * (kPartK / 8), c1 = min(cpr, c0 + kPartK / 8), cw = c1 - c0;
-    for (int i = tid; i < kRT * cw; i += kThreads) {
-      const int rr = i / cw, c = (c0 + i - rr * cw) * 8, row = row0 + rr;
-      const bool ok = row < p.M && c < p.K;
-      ptx::cp_async16(As + rr * ld + c, ok ? p.a + int64_t(row) * p.lda + c : p.a, ok);
+  // ---- 0. staging: the tile's rows and the CTA's weight rows by bulk copies, one mbarrier per k part (k < K;
+  // zeros past K, M and Fc by plain stores); the epilogue's operands by cp.async ----
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + L.bar);
+  const int arows = min(kRT, p.M - row0), wrows = min(ntl * 8, p.Fc - n0 * 8);  // rows that exist
+  auto part_k = [&](int s, int& k0, int& k1) { k0 = s * kPartK, k1 = min(p.K, k0 + kPartK); };
+  if (tid == 0) {
+    for (int s = 0; s < parts; ++s) {
+      int k0, k1;
+      part_k(s, k0, k1);
+      ptx::mbar_init(bars + s, 1);
+      ptx::mbar_arrive_expect_tx(bars + s, unsigned(arows + wrows) * unsigned(max(k1 - k0, 0)) * 2u);
     }
-    for (int i = tid; i < ntl * 8 * cw; i += kThreads) {
-      const int rr = i / cw, c = (c0 + i - rr * cw) * 8, f = n0 * 8 + rr;
-      const bool ok = f < p.Fc && c < p.K;
-      ptx::cp_async16(Ws + rr * ld + c, ok ? p.w + int64_t(f) * p.K + c : p.w, ok);
+  }
+  {
+    const bf16 zero = __float2bfloat16_rn(0.0f);
+    for (int i = tid; i < (kRT + ntl * 8) * (Kp - p.K); i += kThreads) {  // columns K .. Kp - 1 of every row
+      const int rr = i / (Kp - p.K), c = p.K + i - rr * (Kp - p.K);
+      (rr < kRT ? As + rr * ld : Ws + (rr - kRT) * ld)[c] = zero;
     }
+    for (int i = tid; i < (kRT - arows) * p.K; i += kThreads) As[(arows + i / p.K) * ld + i % p.K] = zero;
+    for (int i = tid; i < (ntl * 8 - wrows) * p.K; i += kThreads) Ws[(wrows + i / p.K) * ld + i % p.K] = zero;
+    const int C4 = p.C / 4;
+    for (int i = tid; i < rpc * C4; i += kThreads) {  // this CTA's residual rows (zeros past M)
+      const int rr = i / C4, c = (i - rr * C4) * 4, row = row0 + rank * rpc + rr;
+      ptx::cp_async16(ep + E.x + rr * p.C + c, row < p.M ? p.x + int64_t(row) * p.ldx + c : p.x, row < p.M);
+    }
+    const bool moe = p.epi == rows_epi_moe_residual_ln;
+    for (int c = tid * 4; c < p.C; c += kThreads * 4) {
+      ptx::cp_async16(ep + E.b0 + c, (moe ? p.b0 : p.b) + c);
+      if (moe) ptx::cp_async16(ep + E.b1 + c, p.b1 + c);
+      ptx::cp_async16(ep + E.lnw + c, p.ln_w + c);
+      ptx::cp_async16(ep + E.lnb + c, p.ln_b + c);
+    }
+    if (!moe)
+      for (int c = tid * 4; c < 2 * p.C; c += kThreads * 4) ptx::cp_async16(ep + E.wr + c, p.wr + c);
+    if (tid < 2) ptx::cp_async4(ep + E.br + tid, p.br + tid);
     ptx::cp_async_commit();
   }
+  __syncthreads();  // the barriers are initialised (and armed) before any copy signals them
+  for (int i = tid; i < (arows + wrows) * parts; i += kThreads) {
+    const int rr = i / parts, s = i - rr * parts;
+    int k0, k1;
+    part_k(s, k0, k1);
+    if (k1 <= k0) continue;
+    const bool arow = rr < arows;
+    const bf16* src = arow ? p.a + int64_t(row0 + rr) * p.lda : p.w + int64_t(n0 * 8 + rr - arows) * p.K;
+    bf16* dst = arow ? As + rr * ld : Ws + (rr - arows) * ld;
+    ptx::bulk_copy_g2s(dst + k0, src + k0, unsigned(k1 - k0) * 2u, bars + s);
+  }
 
-  // ---- 1. products, k part by k part: task (local column tile, k block), a fresh 4-mma chain each ----
+  // ---- 1. products: warp w owns the column tiles w, w + 16, ... (at most kTilesPerWarp); per k block a fresh 4-mma
+  // chain (two blocks in flight), the blocks' results added in order as their k parts land ----
   const int g = lane >> 2, q4 = lane & 3;
   const int ksteps = Kp / 16, KB = k_blocks(Kp);  // Kp % 32 == 0: k-steps come in pairs
-  for (int s = 0; s < parts; ++s) {
-    wait_parts(parts - 1 - s);
-    __syncthreads();
-    const int kb0 = s * kPartBlocks, nkb = min(kPartBlocks, KB - kb0);
-    for (int t = warp; t < ntl * nkb; t += kWarps) {
-      const int nl = t / nkb, kb = kb0 + t - nl * nkb;
-      const bf16* wrow = Ws + (nl * 8 + (lane & 7)) * ld + (lane >> 3) * 8;
-      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  float sum[kTilesPerWarp][4];
+  auto block_product = [&](const bf16* wrow, int kb, float(&acc)[4]) {
+    acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
 #pragma unroll
-      for (int h = 0; h < kBlockK / 32; ++h) {  // two k-steps per B ldmatrix.x4
-        const int ks = kb * (kBlockK / 16) + 2 * h;
-        if (ks >= ksteps) break;
-        uint32_t bw[4];
-        ptx::ldmatrix_x4(bw, wrow + ks * 16);  // b0, b1 of k-step ks, then of ks + 1
+    for (int h = 0; h < kBlockK / 32; ++h) {  // two k-steps per B ldmatrix.x4
+      const int ks = kb * (kBlockK / 16) + 2 * h;
+      if (ks >= ksteps) break;
+      uint32_t bw[4];
+      ptx::ldmatrix_x4(bw, wrow + ks * 16);  // b0, b1 of k-step ks, then of ks + 1
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          uint32_t af[4];
-          ptx::ldmatrix_x4(af, As + (lane & 15) * ld + (ks + j) * 16 + (lane >> 4) * 8);
-          ptx::mma_bf16(acc, af, bw[2 * j], bw[2 * j + 1]);
+      for (int j = 0; j < 2; ++j) {
+        uint32_t af[4];
+        ptx::ldmatrix_x4(af, As + (lane & 15) * ld + (ks + j) * 16 + (lane >> 4) * 8);
+        ptx::mma_bf16(acc, af, bw[2 * j], bw[2 * j + 1]);
+      }
+    }
+  };
+#pragma unroll
+  for (int j = 0; j < kTilesPerWarp; ++j) {
+    const int nl = warp + kWarps * j;
+    if (nl >= ntl) break;
+    const bf16* wrow = Ws + (nl * 8 + (lane & 7)) * ld + (lane >> 3) * 8;
+    for (int s = 0; s < parts; ++s) {
+      if (j == 0) ptx::mbar_wait_parity(bars + s, 0);
+      const int kb1 = min(KB, (s + 1) * kPartBlocks);
+      for (int kb = s * kPartBlocks; kb < kb1; kb += 2) {
+        float a0[4], a1[4];
+        block_product(wrow, kb, a0);
+        if (kb + 1 < kb1) block_product(wrow, kb + 1, a1);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          sum[j][i] = kb == 0 ? a0[i] : sum[j][i] + a0[i];
+          if (kb + 1 < kb1) sum[j][i] += a1[i];
         }
       }
-      float* ps = Ps + (nl * KB + kb) * (kRT * 8);
-      ps[g * 8 + 2 * q4] = acc[0], ps[g * 8 + 2 * q4 + 1] = acc[1];
-      ps[(g + 8) * 8 + 2 * q4] = acc[2], ps[(g + 8) * 8 + 2 * q4 + 1] = acc[3];
     }
   }
-  __syncthreads();
+  ptx::cp_async_wait<0>();  // the epilogue's operands
 
-  // ---- 2. the k blocks' sums, in order, to the CTA that runs the row's epilogue ----
-  if (G > 1) cluster.barrier_wait(std::move(started));
-  for (int i = tid; i < ntl * kRT * 8; i += kThreads) {
-    const int nl = i / (kRT * 8), e = i - nl * (kRT * 8), rr = e / 8, col = (n0 + nl) * 8 + (e & 7);
-    if (col >= p.Fc) continue;
-    const float* ps = Ps + nl * KB * (kRT * 8) + e;
-    float v = ps[0];
-    for (int kb = 1; kb < KB; ++kb) v += ps[kb * (kRT * 8)];
-    const int dst = rr / rpc, slot = rr - dst * rpc;
-    float* rs = G == 1 ? Rs : cluster.map_shared_rank(Rs, dst);
-    rs[slot * p.Fc + col] = v;
+  // ---- 2. each row's columns to the CTA that runs the row's epilogue (distributed shared memory) ----
+  if (G > 1) ptx::cluster_wait_acquire();  // every CTA of the cluster has started
+#pragma unroll
+  for (int j = 0; j < kTilesPerWarp; ++j) {
+    const int nl = warp + kWarps * j;
+    if (nl >= ntl) break;
+    const int col = (n0 + nl) * 8 + 2 * q4;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int rr = g + 8 * half, dst = rr / rpc, slot = rr - dst * rpc;
+      float* rs = (G == 1 ? Rs : cluster.map_shared_rank(Rs, dst)) + slot * p.Fc + col;
+      if (col < p.Fc) rs[0] = sum[j][2 * half];
+      if (col + 1 < p.Fc) rs[1] = sum[j][2 * half + 1];
+    }
   }
-  if (G > 1)
-    cluster.sync();
-  else
+  if (G > 1) {
+    ptx::cluster_arrive_release();
+    ptx::cluster_wait_acquire();
+  } else {
     __syncthreads();
+  }
 
   // ---- 3. the epilogue of this CTA's rows ----
-  const int kG = ln::row_group(p.C);
   const int grp = tid / kG, glane = tid % kG;
   if (grp >= rpc) return;  // whole warps: rpc kG is a multiple of 32 (rpc >= 2 when kG = 16)
-  const int row = row0 + rank * rpc + grp;
-  if (kG == 16)
-    epilogue_row<16>(p, Rs + grp * p.Fc, row, glane);
-  else
-    epilogue_row<32>(p, Rs + grp * p.Fc, row, glane);
+  epilogue_row<kG, kS>(p, Rs + grp * p.Fc, ep + E.x + grp * p.C, ep, E, row0 + rank * rpc + grp, glane);
 #endif
 }
 
@@ -257,10 +317,16 @@ void check_rows(const char* what, const bf16* a, int lda, const bf16* w, int M, 
 
 void launch_rows(const RowsParams& p, cudaStream_t stream) {
   if (p.M == 0) return;
-  const size_t smem = rows_smem(p.Kp, p.Fc, p.nt, p.G).total;
+  const size_t smem = rows_smem(p.Kp, p.Fc, p.C, p.nt, p.G).total;
   const int64_t tiles = (int64_t(p.M) + kRT - 1) / kRT;
   SAV_CHECK(tiles * p.G <= 0x7FFFFFFF, "rows fused: " << p.M << " rows exceed the grid");
-  launch_cluster(rows_fused_kernel, dim3(static_cast<unsigned>(tiles * p.G)), dim3(kThreads), smem, p.G, stream, p);
+  // the epilogue's lanes per row and float4 slots per lane: the smallest instantiation that holds C
+  const int kg = ln::row_group(p.C), slots = (p.C / 4 + kg - 1) / kg;
+  void (*kernel)(RowsParams) = kg == 32     ? rows_fused_kernel<32, 8>
+                               : slots <= 2 ? rows_fused_kernel<16, 2>
+                               : slots <= 4 ? rows_fused_kernel<16, 4>
+                                            : rows_fused_kernel<16, 8>;
+  launch_cluster(kernel, dim3(static_cast<unsigned>(tiles * p.G)), dim3(kThreads), smem, p.G, stream, p);
 }
 
 }  // namespace
@@ -270,7 +336,8 @@ bool rows_fused_supports(int K, int C, int Fcols, int cluster) {
         (cluster == 1 || cluster == 2 || cluster == 4 || cluster == 8)))
     return false;
   const int Kp = (K + 31) / 32 * 32, nt = (Fcols + 7) / 8;
-  const size_t smem = rows_smem(Kp, Fcols, nt, cluster).total;
+  if (max_local_tiles(nt, cluster) > kTilesPerWarp * kWarps) return false;
+  const size_t smem = rows_smem(Kp, Fcols, C, nt, cluster).total;
   return device_available() ? smem <= size_t(max_smem_per_block()) : smem <= size_t(227) * 1024;
 }
 

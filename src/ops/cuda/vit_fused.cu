@@ -195,10 +195,6 @@ __device__ __forceinline__ void load8(float (&v)[8], const bf16* src) {
   }
 }
 
-__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_u32(dst)), "l"(src) : "memory");
-}
-
 __device__ __forceinline__ float gelu_erf(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
 // cuBLASLt's GELU epilogue (the tanh form), which the layered path uses for dense fc1 layers
 __device__ __forceinline__ float gelu_tanh(float x) {
