@@ -284,9 +284,12 @@ struct ViTCuda::Impl {
     moe_s.resize(M * size_t(moe_fs));
     moe_xa.resize(M * size_t(moe_ka));
     choices.resize(M * moe_names.size());
-    // the Hamming kernels' plan (chunking) depends on the batch: room for every batch up to this one
+    // the tiled Hamming kernel's plan (chunking) depends on the batch: room for every batch up to this one, when a
+    // Hamming block runs it (N > 256: no prepared per-head kernel)
+    const bool tiled = std::any_of(blocks.begin(), blocks.end(),
+                                   [](const BlockWeights& w) { return w.attn == 'h' && !w.ham_prep; });
     size_t ws = 1;
-    for (int bb = 1; bb <= B && cfg.hash_bits > 0; ++bb)
+    for (int bb = 1; bb <= B && tiled; ++bb)
       ws = std::max(
           ws, cuda::hamming_tiled_workspace_bytes({bb, cfg.tokens(), cfg.dim, cfg.heads, cfg.hash_bits, cfg.anchors}));
     ham_ws.resize(ws);

@@ -155,7 +155,9 @@ std::vector<bf16> moe_masked_weights(const float* w0, const float* w1, const flo
 
 // ---- Small-M products with a whole-row epilogue in one launch (ops/cuda/rows_fused.cu) ----
 // For few rows (batch 1: M = 197) a cuBLASLt product and the row kernel after it each cost a launch and a drain
-// (~3.5 us in a graph); these kernels do both in one. A thread-block cluster of G CTAs (1, 2, 4 or 8) owns a tile of
+// (~3.5 us in a graph); these kernels do both in one. On the H200 they are still slower than the pair they replace
+// (bench/RESULTS.md, session 10: the row epilogue's latency chain stays, and the weight slices of 13 row tiles load
+// slower than cuBLASLt's), so ViTCuda runs them only on request (ViTCuda::set_row_fusion). A thread-block cluster of G CTAs (1, 2, 4 or 8) owns a tile of
 // 16 rows: CTA r computes the 8-column tiles r nt / G .. (r+1) nt / G - 1 of the tile's output (nt = the output's
 // column tiles; bf16 mma.sync, f32 accumulation) and sends row i of the tile to CTA i / (16 / G) through
 // distributed shared memory; after one cluster barrier each CTA runs the epilogue of its 16 / G rows with the
