@@ -32,7 +32,7 @@ MODELS=${SAV_MODELS:-deit_tiny_patch16_224,deit_small_patch16_224,deit_base_patc
 BATCHES=${SAV_BATCHES:-1,64}
 VARIANTS=${SAV_VARIANTS:-dense,shiftadd}  # engine variants: dense, shiftadd (the converted DeiT; sav_cuda_bench)
 PATHS=${SAV_PATHS:-both}  # ViT forward paths: auto, layered, fused, both (sav_cuda_bench --path)
-ROWS=${SAV_ROW_FUSION:-both}  # the rows-fused kernels: on, off, both (sav_cuda_bench --row-fusion)
+ROWS=${SAV_ROW_FUSION:-auto,off}  # the rows-fused kernels' modes: auto, on, off (sav_cuda_bench --row-fusion)
 has() { [[ "$STEPS" == *" $1 "* ]]; }
 status=0
 
@@ -132,15 +132,17 @@ if has table && [ -f "$OUT/engine.jsonl" ] && [ -f "$OUT/timm.jsonl" ]; then
   python3 - "$OUT/engine.jsonl" "$OUT/timm.jsonl" <<'EOF' | tee "$OUT/table.txt"
 import json, sys
 # engine rows: (model, variant, batch); rows without a variant (older runs) are dense; rows of the fused
-# single-kernel forward get the variant "<variant>+fused", layered rows without the rows-fused kernels "+norows"
+# single-kernel forward get the variant "<variant>+fused", layered rows with the rows-fused kernels forced on / off
+# "+rows" / "+norows"
 def variant(r):
-    return r.get("variant", "dense") + {"fused": "+fused", "layered-norows": "+norows"}.get(r.get("path"), "")
+    return r.get("variant", "dense") + {"fused": "+fused", "layered-norows": "+norows", "layered-rows": "+rows"}.get(
+        r.get("path"), "")
 eng = {(r["model"], variant(r), r["batch"]): r for r in map(json.loads, open(sys.argv[1]))}
 base = {(r["model"], r["batch"]): r for r in map(json.loads, open(sys.argv[2]))}
 print(f"{'model':26} {'variant':14} {'batch':>5} {'engine_ms':>10} {'timm_graph16':>12} {'timm_best16':>11} "
       f"{'speedup':>8} {'vs_dense':>8}")
-order = {"dense": 0, "dense-f32": 1, "shiftadd": 2, "shiftadd+norows": 3, "shiftadd+fused": 4, "shiftadd-f32": 5,
-         "checkpoint": 6, "checkpoint-f32": 7}
+order = {"dense": 0, "dense-f32": 1, "shiftadd": 2, "shiftadd+rows": 3, "shiftadd+norows": 4, "shiftadd+fused": 5,
+         "shiftadd-f32": 6, "checkpoint": 7, "checkpoint-f32": 8}
 for key in sorted(eng, key=lambda k: (k[0], k[2], order.get(k[1], 9), k[1])):
     model, variant, batch = key
     e, b = eng[key]["engine_ms"], base.get((model, batch))
@@ -154,7 +156,8 @@ for key in sorted(eng, key=lambda k: (k[0], k[2], order.get(k[1], 9), k[1])):
 print("speedup = timm best fp16 ms (the dense model) / engine ms (same run; > 1: the engine is faster);")
 print("vs_dense = the engine's dense ms / this variant's ms. shiftadd = Hamming attention + MoE(mult, shift) MLPs;")
 print("+fused = the whole forward as one kernel launch of thread-block clusters (ops/cuda/vit_fused.h), else the layered kernels;")
-print("+norows = the layered kernels without the rows-fused kernels (ViTCuda::set_row_fusion(false)); shiftadd rows use them")
+print("+rows / +norows = the layered kernels with the rows-fused kernels forced on / off (ViTCuda::set_row_fusion);")
+print("shiftadd rows choose per shape by timing (ViTCudaRowFusion::automatic)")
 EOF
 fi
 if has profile; then

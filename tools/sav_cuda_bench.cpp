@@ -3,7 +3,7 @@
 //
 //   sav_cuda_bench [--models deit_tiny_patch16_224,...] [--batches 1,64] [--iters 50] [--json out.jsonl]
 //                  [--variants dense,shiftadd,shift] [--math f32|tf32] [--weights checkpoint.safetensors]
-//                  [--path auto|layered|fused|both] [--row-fusion on|off|both] [--trace] [--shift-paths]
+//                  [--path auto|layered|fused|both] [--row-fusion auto,on,off] [--trace] [--shift-paths]
 //   sav_cuda_bench --profile ...   # one eager forward per (model, variant, batch) between
 //                                  # cudaProfilerStart/Stop, for `ncu --profile-from-start off` (after an
 //                                  # unprofiled warm-up)
@@ -26,8 +26,9 @@
 // choice, see ViTCudaPath), layered, fused (the single cluster-kernel launch where the model and batch allow it;
 // other rows keep auto), or both (one row per path). --trace: after each fused row, the time of each step of the
 // fused kernel per block (%globaltimer and clock64 stamps; ops/cuda/vit_fused.h vit_fused_trace).
-// --row-fusion (ViT models, layered path): the rows-fused kernels at small batch (ViTCuda::set_row_fusion; on by
-// default), off (path "layered-norows": every product by cuBLASLt and its row kernel), or both (one row each).
+// --row-fusion (ViT models, layered path): a comma list of the rows-fused kernels' modes (ViTCudaRowFusion), one row
+// each: auto (default: timed per shape, path "layered"; the automatic choices print after the row), on ("layered-rows")
+// and off ("layered-norows": every product by cuBLASLt and its row kernel).
 // --shift-paths: after each row of a ViT model with shift linears, the product each shift linear ran at that
 // batch (ViTCuda::shift_paths: cublas_decoded or packed_mma) with the two times the automatic choice measured.
 // Prints one line per (model, variant, batch, path): name, variant, batch, the path that ran, median ms,
@@ -220,7 +221,7 @@ int main(int argc, char** argv) {
   std::string batches = "1,64", json, variants = "dense,shiftadd";
   int iters = 50;
   bool profile = false, trace = false, shift_paths = false;
-  std::string math_s = "tf32", weights, path_s = "auto", rows_s = "on";
+  std::string math_s = "tf32", weights, path_s = "auto", rows_s = "auto";
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -258,7 +259,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr,
                    "usage: sav_cuda_bench [--models a,b] [--batches 1,64] [--iters 50] [--json file] "
                    "[--variants dense,shiftadd,shift] [--math f32|tf32] [--weights ckpt] [--profile] "
-                   "[--path auto|layered|fused|both] [--row-fusion on|off|both] [--trace] [--shift-paths]\n");
+                   "[--path auto|layered|fused|both] [--row-fusion auto,on,off] [--trace] [--shift-paths]\n");
       return 2;
     }
   }
@@ -271,13 +272,16 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "sav_cuda_bench: --path is auto, layered, fused or both, got '%s'\n", path_s.c_str());
     return 2;
   }
-  if (rows_s != "on" && rows_s != "off" && rows_s != "both") {
-    std::fprintf(stderr, "sav_cuda_bench: --row-fusion is on, off or both, got '%s'\n", rows_s.c_str());
-    return 2;
+  std::vector<sav::ViTCudaRowFusion> row_fusions;
+  for (const std::string& r : split(rows_s)) {
+    if (r != "auto" && r != "on" && r != "off") {
+      std::fprintf(stderr, "sav_cuda_bench: --row-fusion takes auto, on, off (a comma list), got '%s'\n", r.c_str());
+      return 2;
+    }
+    row_fusions.push_back(r == "auto" ? sav::ViTCudaRowFusion::automatic
+                          : r == "on" ? sav::ViTCudaRowFusion::on
+                                      : sav::ViTCudaRowFusion::off);
   }
-  std::vector<bool> row_fusions;
-  if (rows_s != "off") row_fusions.push_back(true);
-  if (rows_s != "on") row_fusions.push_back(false);
   std::vector<sav::ViTCudaPath> paths;
   if (path_s == "auto") paths = {sav::ViTCudaPath::automatic};
   if (path_s == "layered" || path_s == "both") paths.push_back(sav::ViTCudaPath::layered);
@@ -312,11 +316,12 @@ int main(int argc, char** argv) {
         const std::string vname = variant + (net.pvt && math == sav::cuda::F32Math::f32 ? "-f32" : "");
         for (const std::string& bs : split(batches))
           for (const sav::ViTCudaPath path : paths)
-            for (const bool rows : row_fusions) {
+            for (const sav::ViTCudaRowFusion rows : row_fusions) {
+              const bool auto_rows = rows == sav::ViTCudaRowFusion::automatic;
               const int B = std::atoi(bs.c_str());
               std::string path_name = "layered";
               if (net.vit) {
-                if (!rows && (path == sav::ViTCudaPath::fused || variant == "dense")) continue;  // nothing to fuse
+                if (!auto_rows && (path == sav::ViTCudaPath::fused || variant == "dense")) continue;  // nothing to fuse
                 net.vit->set_row_fusion(rows);
                 // a forced fused path falls back to automatic where the model or the batch is outside the kernel
                 if (path != sav::ViTCudaPath::fused || net.vit->fused_supported(B)) {
@@ -326,8 +331,9 @@ int main(int argc, char** argv) {
                   net.vit->set_path(sav::ViTCudaPath::automatic);
                 }
                 path_name = net.vit->path_name(B);
-                if (!rows && path_name == "layered") path_name = "layered-norows";
-              } else if (!rows) {
+                if (path_name == "layered" && !auto_rows)
+                  path_name = rows == sav::ViTCudaRowFusion::on ? "layered-rows" : "layered-norows";
+              } else if (!auto_rows) {
                 continue;  // PVT: no rows-fused kernels
               }
               if (profile) {
@@ -359,6 +365,11 @@ int main(int argc, char** argv) {
                           ms, B * 1000.0 / ms, share.c_str());
               if (trace && path_name == "fused") std::printf("%s", net.vit->fused_trace(B).c_str());
               if (shift_paths) print_shift_paths(net, B, path_name);
+              if (net.vit && auto_rows && path_name == "layered")
+                for (const sav::ViTCudaRowChoice& c : net.vit->row_fusion_choices(B))
+                  std::printf(
+                      "  row fusion, %-4s M=%d K=%d C=%d: %s (two kernels %.2f us, fused %.2f us, in a graph)\n",
+                      c.form.c_str(), c.M, c.K, c.C, c.fused ? "fused" : "two kernels", c.pair_us, c.fused_us);
               std::fflush(stdout);
               if (js)
                 js << "{\"model\": \"" << name << "\", \"variant\": \"" << vname << "\", \"batch\": " << B

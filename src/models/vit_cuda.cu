@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <map>
 #include <set>
@@ -207,7 +208,9 @@ struct ViTCuda::Impl {
   int moe_ka = 0;                        // widest W_aug of a masked MoE layer (x_aug scratch columns)
   std::vector<ShiftLayer> shift_layers;  // in forward order
   ViTCudaShiftPath shift_mode = ViTCudaShiftPath::automatic;
-  bool row_fusion = false;                                                    // set_row_fusion
+  ViTCudaRowFusion row_mode = ViTCudaRowFusion::automatic;                    // set_row_fusion
+  // automatic row fusion: per (form, M, K, C) the timed choice (row_choice)
+  std::map<std::tuple<int, int, int, int>, ViTCudaRowChoice> row_choices;
   std::map<std::tuple<int, int, int, int>, ShiftChoice> shift_shape_choices;  // (M, K, F, epilogue): timed once
   cuda::Gemm gemm;
   cuda::Stream capture_stream;
@@ -424,19 +427,79 @@ struct ViTCuda::Impl {
     cuda::moe_epilogue_forward(out, ldo, choice_slot(L), moe_s.get(), L.Fs, L.b0, L.b1, L.br, M, L.F, gate, me, s);
   }
 
-  // Whether a product of M rows (K in, C out, Fc product columns) with a whole-row epilogue runs as one rows-fused
+  // Whether a product of M rows (K in, C out, Fc product columns) with a whole-row epilogue can run as one rows-fused
   // kernel (ops.h rows_linear_ln_mask_forward / rows_moe_residual_ln_forward): small M only (a cluster of at least 4
   // CTAs per 16-row tile fits the SMs: batch 1-2 of 197 tokens), where it fits shared memory.
-  bool rows_fused_ok(int M, int K, int C, int Fc) const {
+  bool rows_fusable(int M, int K, int C, int Fc) const {
     const int G = cuda::rows_fused_cluster(M);
-    return row_fusion && G >= 4 && cuda::rows_fused_supports(K, C, Fc, G);
+    return row_mode != ViTCudaRowFusion::off && G >= 4 && cuda::rows_fused_supports(K, C, Fc, G);
   }
-  // A proj linear (dense, or shift on the automatic path) with its residual add, fused with the next masked MoE
-  // fc1's LayerNorm + router + mask.
-  bool proj_rows_fused(const BlockWeights& w, int M) const {
+  // A proj linear (dense, or shift on the automatic path) with its residual add, before a masked MoE fc1 (whose
+  // LayerNorm + router + mask the fused kernel runs too).
+  bool proj_fusable(const BlockWeights& w, int M) const {
     const Lin &pj = w.proj, &f1 = w.fc1;
     return pj.kind != LinearKind::moe && pj.b32 && (pj.shift < 0 || shift_mode == ViTCudaShiftPath::automatic) &&
-           f1.wa && rows_fused_ok(M, pj.K, cfg.dim, cfg.dim);
+           f1.wa && rows_fusable(M, pj.K, cfg.dim, cfg.dim);
+  }
+
+  // The two forms and their two ways, writing x (the residual stream), the bf16 output (x_aug of the next masked
+  // fc1 / the next block's LayerNorm) and the routing choices (nullptr: not written) where they are told.
+  //   proj: x += proj(ao), then LN2 + fc1's router + mask -> x_aug
+  //   fc2:  x += the stacked MoE fc2 of hid (its routing epilogue), then the next block's LN1 -> xn
+  void proj_rows(const BlockWeights& w, int M, bool fused, float* xo, bf16* xa, int8_t* ch, cudaStream_t s) {
+    const int C = cfg.dim;
+    if (fused) {
+      cuda::rows_linear_ln_mask_forward(xo, C, ao.get(), C, w.proj.w, w.proj.b32, M, w.proj.K, C, w.ln2_w, w.ln2_b,
+                                        cfg.ln_eps, w.fc1.wr, w.fc1.br, xa, w.fc1.Ka, ch, s);
+    } else {
+      linear(w.proj, ao.get(), M, Epi::residual, xo, C, s);
+      cuda::moe_ln_route_mask_forward(xa, w.fc1.Ka, ch, xo, C, w.ln2_w, w.ln2_b, cfg.ln_eps, w.fc1.wr, w.fc1.br, M, C,
+                                      s);
+    }
+  }
+  void fc2_rows(const BlockWeights& w, const BlockWeights& next, int M, bool fused, float* xo, bf16* xno, int8_t* ch,
+                cudaStream_t s) {
+    const int C = cfg.dim;
+    if (fused) {
+      cuda::rows_moe_residual_ln_forward(xo, C, ch, hid.get(), cfg.mlp_hidden, w.fc2.w, w.fc2.b0, w.fc2.b1, w.fc2.br,
+                                         M, w.fc2.K, C, gate, xno, C, next.ln1_w, next.ln1_b, cfg.ln_eps, s);
+    } else {
+      stacked_product(w.fc2, hid.get(), M, s);
+      cuda::moe_epilogue_residual_ln_forward(xo, C, ch, moe_s.get(), w.fc2.Fs, w.fc2.b0, w.fc2.b1, w.fc2.br, M, C, gate,
+                                             xno, C, next.ln1_w, next.ln1_b, cfg.ln_eps, s);
+    }
+  }
+
+  // Whether form `form` ("proj" | "fc2") of a fusable layer runs fused for M rows: forced on / off, or the automatic
+  // choice of its shape (form, M, K, C), made on the first eager forward that meets it: both ways timed inside a CUDA
+  // graph (cuda::median_graph_us, on scratch outputs and the capture stream after synchronising `s`), the faster kept
+  // (ties: the unfused pair). While `s` is being captured a shape without a choice runs unfused.
+  bool row_choice(const char* form, int M, int K, cudaStream_t s,
+                  const std::function<void(bool, float*, bf16*, cudaStream_t)>& run) {
+    if (row_mode != ViTCudaRowFusion::automatic) return row_mode == ViTCudaRowFusion::on;
+    const int C = cfg.dim;
+    const auto key = std::make_tuple(form[0] == 'p' ? 0 : 1, M, K, C);
+    if (const auto it = row_choices.find(key); it != row_choices.end()) return it->second.fused;
+    cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+    SAV_CUDA_CHECK(cudaStreamIsCapturing(s, &cap));
+    if (cap != cudaStreamCaptureStatusNone) return false;
+    constexpr int kReps = 8, kRuns = 5;
+    DeviceBuffer<float> xs(size_t(M) * C);
+    DeviceBuffer<bf16> o16(size_t(M) * std::max(C, moe_ka));
+    SAV_CUDA_CHECK(cudaStreamSynchronize(s));  // the inputs (ao, hid) are ready
+    const cudaStream_t ts = capture_stream.get();
+    SAV_CUDA_CHECK(cudaMemsetAsync(xs.get(), 0, xs.bytes(), ts));
+    ViTCudaRowChoice ch;
+    ch.form = form, ch.M = M, ch.K = K, ch.C = C;
+    for (const bool fused : {false, true}) {
+      run(fused, xs.get(), o16.get(), ts);  // outside the capture: lazy choices (cuBLASLt plans, shift paths)
+      const float us = static_cast<float>(
+          cuda::median_graph_us([&](cudaStream_t st) { run(fused, xs.get(), o16.get(), st); }, ts, kReps, kRuns));
+      (fused ? ch.fused_us : ch.pair_us) = us;
+    }
+    ch.fused = ch.fused_us < ch.pair_us;
+    row_choices.emplace(key, ch);
+    return ch.fused;
   }
 
   void enqueue(const float* images, float* logits, int B, cudaStream_t s) {
@@ -476,11 +539,12 @@ struct ViTCuda::Impl {
                                               w.conv, hd, ham_ws.get(), s);
         }
       }
-      if (proj_rows_fused(w, M)) {  // proj + residual + LN2 + fc1's router and mask: one kernel
-        cuda::rows_linear_ln_mask_forward(x.get(), C, ao.get(), C, w.proj.w, w.proj.b32, M, w.proj.K, C, w.ln2_w,
-                                          w.ln2_b, eps, w.fc1.wr, w.fc1.br, moe_xa.get(), w.fc1.Ka, choice_slot(w.fc1),
-                                          s);
-        if (w.proj.shift >= 0) shift_layers[w.proj.shift].rows_fused.insert(M);
+      if (proj_fusable(w, M)) {  // proj + residual, then LN2 + fc1's router and mask: one kernel or two
+        const bool fused = row_choice("proj", M, w.proj.K, s, [&](bool f, float* xo, bf16* xa, cudaStream_t st) {
+          proj_rows(w, M, f, xo, xa, nullptr, st);
+        });
+        proj_rows(w, M, fused, x.get(), moe_xa.get(), choice_slot(w.fc1), s);
+        if (fused && w.proj.shift >= 0) shift_layers[w.proj.shift].rows_fused.insert(M);
         masked_product(w.fc1, M, Epi::gelu, hid.get(), F, s);
       } else if (w.fc1.wa && cuda::moe_ln_route_mask_supports(C)) {  // masked fc1: its LayerNorm fused into the router
         linear(w.proj, ao.get(), M, Epi::residual, x.get(), C, s);
@@ -495,15 +559,13 @@ struct ViTCuda::Impl {
       // a stacked MoE fc2: its residual epilogue fused with the next block's LayerNorm
       ln1_done = l + 1 < blocks.size() && w.fc2.kind == LinearKind::moe && !w.fc2.wa &&
                  cuda::moe_epilogue_residual_ln_supports(C);
-      if (ln1_done && rows_fused_ok(M, w.fc2.K, C, w.fc2.Fs)) {  // product + epilogue + LN1: one kernel
-        cuda::rows_moe_residual_ln_forward(x.get(), C, choice_slot(w.fc2), hid.get(), F, w.fc2.w, w.fc2.b0, w.fc2.b1,
-                                           w.fc2.br, M, w.fc2.K, C, gate, xn.get(), C, blocks[l + 1].ln1_w,
-                                           blocks[l + 1].ln1_b, eps, s);
-      } else if (ln1_done) {
-        stacked_product(w.fc2, hid.get(), M, s);
-        cuda::moe_epilogue_residual_ln_forward(x.get(), C, choice_slot(w.fc2), moe_s.get(), w.fc2.Fs, w.fc2.b0,
-                                               w.fc2.b1, w.fc2.br, M, C, gate, xn.get(), C, blocks[l + 1].ln1_w,
-                                               blocks[l + 1].ln1_b, eps, s);
+      if (ln1_done) {  // product + routing epilogue + the next LN1: one kernel or two
+        const BlockWeights& next = blocks[l + 1];
+        const bool fused = rows_fusable(M, w.fc2.K, C, w.fc2.Fs) &&
+                           row_choice("fc2", M, w.fc2.K, s, [&](bool f, float* xo, bf16* xno, cudaStream_t st) {
+                             fc2_rows(w, next, M, f, xo, xno, nullptr, st);
+                           });
+        fc2_rows(w, next, M, fused, x.get(), xn.get(), choice_slot(w.fc2), s);
       } else {
         linear(w.fc2, hid.get(), M, Epi::residual, x.get(), C, s);
       }
@@ -739,16 +801,23 @@ void ViTCuda::forward(const float* images, float* logits, int B, cudaStream_t st
   impl_->run(images, logits, B, stream, true);
 }
 
-void ViTCuda::set_row_fusion(bool on) {
+void ViTCuda::set_row_fusion(ViTCudaRowFusion mode) {
   Impl& m = *impl_;
-  if (on == m.row_fusion) return;
-  m.row_fusion = on;
+  if (mode == m.row_mode) return;
+  m.row_mode = mode;
   SAV_CUDA_CHECK(cudaDeviceSynchronize());  // replays in flight
   m.graphs.clear();                         // captured with the other kernels
   for (ShiftLayer& sl : m.shift_layers) sl.rows_fused.clear();
 }
 
-bool ViTCuda::row_fusion() const { return impl_->row_fusion; }
+ViTCudaRowFusion ViTCuda::row_fusion() const { return impl_->row_mode; }
+
+std::vector<ViTCudaRowChoice> ViTCuda::row_fusion_choices(int B) const {
+  std::vector<ViTCudaRowChoice> out;
+  for (const auto& [key, ch] : impl_->row_choices)
+    if (ch.M == B * impl_->cfg.tokens()) out.push_back(ch);
+  return out;
+}
 
 void ViTCuda::set_path(ViTCudaPath path) {
   SAV_CHECK(path != ViTCudaPath::fused || impl_->fused_model,

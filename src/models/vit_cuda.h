@@ -45,10 +45,9 @@
 //   LayerNorms    fused where a MoE kernel touches the same rows (C <= 1024): a masked fc1's LayerNorm runs in its
 //                 router kernel, a stacked fc2's residual epilogue also writes the next block's LayerNorm (both
 //                 bit for bit the separate kernels' results);
-//   rows-fused    at small batch (set_row_fusion): proj + residual + LN2 + fc1's router and mask as one kernel,
+//   rows-fused    at small batch (ViTCudaRowFusion): proj + residual + LN2 + fc1's router and mask as one kernel,
 //                 and a stacked fc2 + its residual epilogue + the next LN1 as one kernel (thread-block clusters
-//                 per 16-row tile). A DeiT ShiftAddViT block at batch 1 is then 6 kernels: qk/v product,
-//                 Hamming, proj-fused, masked fc1 product, fc2-fused (and the last block's fc2 unfused).
+//                 per 16-row tile), where timing shows them faster than the two kernels each replaces.
 //
 // Legend: B batch, N tokens, C width, H heads, F mlp hidden, V classes, Cin channels, S image side,
 // M = B*N rows.
@@ -73,6 +72,22 @@ namespace sav {
 // ShiftAddViT batch 1 0.67 vs 0.60 ms), so automatic currently never picks it (kVitFusedAutoMaxBatch = 0).
 enum class ViTCudaPath { automatic, layered, fused };
 constexpr int kVitFusedAutoMaxBatch = 0;
+
+// Rows-fused kernels at small batch (ops/cuda/ops.h rows_linear_ln_mask_forward, rows_moe_residual_ln_forward): where
+// a cluster of at least 4 CTAs per 16-row tile fits the SMs (batch 1-2 of DeiT's 197 tokens) and the weights fit
+// shared memory, two forms of the layered path can run as one kernel instead of two: "proj" (a proj linear, dense or
+// shift on the automatic shift path, with its residual, then a masked MoE fc1's LayerNorm + router + mask) and "fc2"
+// (a stacked MoE fc2 with its residual routing epilogue and the next block's LayerNorm). Their products sum in their
+// own f32 order (the last bits differ from cuBLASLt's). `automatic` (default) times both ways of each form per shape
+// inside a CUDA graph on the first eager forward of a batch size and keeps the faster (on the H200 the fused proj wins
+// at DeiT-Small's width and loses at DeiT-Tiny's: bench/RESULTS.md); `off` / `on` force them.
+enum class ViTCudaRowFusion { automatic, off, on };
+struct ViTCudaRowChoice {
+  std::string form;  // "proj" | "fc2"
+  int M = 0, K = 0, C = 0;
+  bool fused = false;
+  float pair_us = -1.0f, fused_us = -1.0f;  // per call, in a graph
+};
 
 // Which product runs a shift linear (LinearKind::shift) of the layered path (ops/cuda/shift_gpu.h):
 // `cublas_decoded` = cuBLASLt on the weights decoded once to bf16; `packed_mma` = the packed 5-bit codes
@@ -124,13 +139,11 @@ class ViTCuda {
   std::string fused_trace(int B);
 
   // Rows-fused kernels at small batch (ops/cuda/ops.h rows_linear_ln_mask_forward, rows_moe_residual_ln_forward;
-  // default off: slower on the H200 so far, bench/RESULTS.md): where a cluster of at least 4 CTAs per 16-row tile
-  // fits the SMs (batch 1-2 of DeiT's 197 tokens) and the weights fit shared memory, a proj linear (dense, or shift
-  // on the automatic path) runs with its residual and the masked fc1's LayerNorm + router + mask in one kernel, and
-  // a stacked fc2 with its residual epilogue and the next LayerNorm in one kernel (products in their own f32 order:
-  // the last bits differ from cuBLASLt's). Off: the layered kernels above at every batch. Drops the captured graphs.
-  void set_row_fusion(bool on);
-  bool row_fusion() const;
+  // ViTCudaRowFusion above). Drops the captured graphs.
+  void set_row_fusion(ViTCudaRowFusion mode);
+  ViTCudaRowFusion row_fusion() const;
+  // The automatic choices made for forwards of B images (empty before the first one, or when no layer is fusable).
+  std::vector<ViTCudaRowChoice> row_fusion_choices(int B) const;
 
   // Forces or frees the shift linears' product (default automatic); drops the captured graphs (the next
   // forward of each batch size re-captures).

@@ -672,11 +672,12 @@ TEST(MoeMaskedConfig, UnknownModeThrows) {
   }
 }
 
-// The rows-fused kernels (ViTCuda::set_row_fusion, on by default at small batch) against the layered kernels on the
-// same model: the products sum in another f32 order than cuBLASLt's, so the logits agree within the converted
-// models' bound and the routing nearly everywhere; the graph replays and eager runs of each are bit-identical
-// (run_mode), and shift_paths reports the fused proj as "rows_fused".
-TEST_F(MoeMasked, VitCudaRowFusionMatchesLayered) {
+// The rows-fused kernels (ViTCuda::set_row_fusion) forced on against forced off on the same model: the products sum in
+// another f32 order than cuBLASLt's, so the logits agree within the converted models' bound and the routing nearly
+// everywhere; graph replays and eager runs of each mode are bit-identical (run_mode), shift_paths reports a fused
+// proj as "rows_fused", and the automatic mode times both ways of each form (both times positive) and keeps the
+// faster.
+TEST_F(MoeMasked, VitCudaRowFusionModesAgree) {
   const VitConfig c = every_kind_config();
   Vit cpu(c);
   randomise_shiftadd(cpu, 31);
@@ -685,20 +686,37 @@ TEST_F(MoeMasked, VitCudaRowFusionMatchesLayered) {
   cpu.forward(images.data(), B, false);
   const std::vector<float> ref(cpu.logits(), cpu.logits() + size_t(B) * c.num_classes);
   ViTCuda net(cpu);
-  net.set_row_fusion(false);
+  EXPECT_EQ(net.row_fusion(), ViTCudaRowFusion::automatic) << "the default";
+  net.set_row_fusion(ViTCudaRowFusion::off);
   const ModeRun off = run_mode(net, images, B);
   const auto paths_off = net.shift_paths(B);
-  net.set_row_fusion(true);
+  net.set_row_fusion(ViTCudaRowFusion::on);
   const ModeRun on = run_mode(net, images, B);
   const auto paths_on = net.shift_paths(B);
-  EXPECT_EQ(count_nonfinite(on.logits), 0u);
-  const double e_off = norm_err(on.logits, off.logits), e_cpu = norm_err(on.logits, ref);
-  const double rt = routing_vs_cpu(cpu, on);
-  std::printf("[ info ] rows fused vs layered %.3e, vs CPU %.3e, routing vs CPU %.3f\n", e_off, e_cpu, rt);
-  EXPECT_LT(e_off, 3e-2);
-  EXPECT_LT(e_cpu, 3e-2);
-  EXPECT_LT(rt, 0.02);
-  // block 1: a shift proj before a masked MoE fc1 (attn_linear "dsmdsm", mlp "mmsdmm")
+  EXPECT_TRUE(net.row_fusion_choices(B).empty()) << "forced modes time nothing";
+  net.set_row_fusion(ViTCudaRowFusion::automatic);
+  const ModeRun au = run_mode(net, images, B);
+  const std::vector<ViTCudaRowChoice> choices = net.row_fusion_choices(B);
+  for (const ModeRun* r : {&on, &au}) {
+    EXPECT_EQ(count_nonfinite(r->logits), 0u);
+    const double e_off = norm_err(r->logits, off.logits), e_cpu = norm_err(r->logits, ref);
+    std::printf("[ info ] rows %s: vs forced off %.3e, vs CPU %.3e, routing vs CPU %.3f\n", r == &on ? "on" : "auto",
+                e_off, e_cpu, routing_vs_cpu(cpu, *r));
+    EXPECT_LT(e_off, 3e-2);
+    EXPECT_LT(e_cpu, 3e-2);
+    EXPECT_LT(routing_vs_cpu(cpu, *r), 0.02);
+  }
+  // blocks 0, 1, 4: proj (dense or shift) before a masked MoE fc1; blocks 0, 1, 4: a stacked MoE fc2 before a block
+  // (attn_linear "dsmdsm", mlp "mmsdmm"); one shape each at M = 3 * 50
+  ASSERT_EQ(choices.size(), 2u);
+  for (const ViTCudaRowChoice& ch : choices) {
+    std::printf("[ info ] automatic %s M=%d K=%d C=%d: two kernels %.2f us, fused %.2f us -> %s\n", ch.form.c_str(),
+                ch.M, ch.K, ch.C, ch.pair_us, ch.fused_us, ch.fused ? "fused" : "two kernels");
+    EXPECT_EQ(ch.M, B * c.tokens());
+    EXPECT_GT(ch.pair_us, 0.0f);
+    EXPECT_GT(ch.fused_us, 0.0f);
+    EXPECT_EQ(ch.fused, ch.fused_us < ch.pair_us);
+  }
   auto path_of = [](const std::vector<std::pair<std::string, std::string>>& v, const std::string& layer) {
     for (const auto& [name, path] : v)
       if (name == layer) return path;

@@ -111,4 +111,40 @@ double median_launch_us(const std::function<void()>& launch, cudaStream_t stream
   return 1000.0 * ms[ms.size() / 2];
 }
 
+double median_graph_us(const std::function<void(cudaStream_t)>& launch, cudaStream_t stream, int reps, int runs) {
+  SAV_CHECK(reps >= 1 && runs >= 1, "median_graph_us: reps " << reps << ", runs " << runs);
+  SAV_CUDA_CHECK(cudaStreamSynchronize(stream));
+  cudaGraph_t graph = nullptr;
+  SAV_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  try {
+    for (int i = 0; i < reps; ++i) launch(stream);
+  } catch (...) {
+    cudaStreamEndCapture(stream, &graph);  // leave the stream usable
+    if (graph) cudaGraphDestroy(graph);
+    throw;
+  }
+  SAV_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t inst = cudaGraphInstantiate(&exec, graph, 0);
+  cudaGraphDestroy(graph);
+  SAV_CUDA_CHECK(inst);
+  std::vector<float> ms(static_cast<size_t>(runs));
+  cudaError_t err = cudaGraphLaunch(exec, stream);
+  {
+    Event e0, e1;
+    for (size_t i = 0; i < ms.size() && err == cudaSuccess; ++i) {
+      err = cudaEventRecord(e0.get(), stream);
+      if (err == cudaSuccess) err = cudaGraphLaunch(exec, stream);
+      if (err == cudaSuccess) err = cudaEventRecord(e1.get(), stream);
+      if (err == cudaSuccess) err = cudaEventSynchronize(e1.get());
+      if (err == cudaSuccess) err = cudaEventElapsedTime(&ms[i], e0.get(), e1.get());
+    }
+  }
+  cudaStreamSynchronize(stream);
+  cudaGraphExecDestroy(exec);
+  SAV_CUDA_CHECK(err);
+  std::sort(ms.begin(), ms.end());
+  return 1000.0 * ms[ms.size() / 2] / reps;
+}
+
 }  // namespace sav::cuda

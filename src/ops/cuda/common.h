@@ -165,5 +165,10 @@ std::vector<float> from_bf16(const std::vector<bf16>& x);
 // untimed calls and a stream synchronisation (benchmarks, the engine's per-shape path choices). Synchronises
 // `stream`; runs >= 1; not during stream capture.
 double median_launch_us(const std::function<void()>& launch, cudaStream_t stream, int warmups, int runs);
+// Median microseconds of one call of launch(stream) inside a CUDA graph, the way a model's forward runs it: `reps`
+// calls captured on `stream` (one that may be captured: not the legacy default stream), the graph replayed `runs`
+// times after one untimed replay, CUDA events around each; the median replay / reps. Run launch once outside the
+// capture first when it makes lazy choices (algorithms, plans). Synchronises `stream`; reps, runs >= 1.
+double median_graph_us(const std::function<void(cudaStream_t)>& launch, cudaStream_t stream, int reps, int runs);
 
 }  // namespace sav::cuda
