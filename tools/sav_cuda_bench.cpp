@@ -367,9 +367,8 @@ int main(int argc, char** argv) {
               if (shift_paths) print_shift_paths(net, B, path_name);
               if (net.vit && auto_rows && path_name == "layered")
                 for (const sav::ViTCudaRowChoice& c : net.vit->row_fusion_choices(B))
-                  std::printf(
-                      "  row fusion, %-4s M=%d K=%d C=%d: %s (two kernels %.2f us, fused %.2f us, in a graph)\n",
-                      c.form.c_str(), c.M, c.K, c.C, c.fused ? "fused" : "two kernels", c.pair_us, c.fused_us);
+                  std::printf("  row fusion: proj %-3s fc2 %-3s forward %8.2f us in a graph%s\n", c.proj ? "on" : "off",
+                              c.fc2 ? "on" : "off", c.forward_us, c.chosen ? "  <- chosen" : "");
               std::fflush(stdout);
               if (js)
                 js << "{\"model\": \"" << name << "\", \"variant\": \"" << vname << "\", \"batch\": " << B

@@ -209,8 +209,13 @@ struct ViTCuda::Impl {
   std::vector<ShiftLayer> shift_layers;  // in forward order
   ViTCudaShiftPath shift_mode = ViTCudaShiftPath::automatic;
   ViTCudaRowFusion row_mode = ViTCudaRowFusion::automatic;                    // set_row_fusion
-  // automatic row fusion: per (form, M, K, C) the timed choice (row_choice)
-  std::map<std::tuple<int, int, int, int>, ViTCudaRowChoice> row_choices;
+  // automatic row fusion: per M the whole-forward timing of each set of forms (choose_rows) and the set chosen
+  struct RowForms {
+    bool proj = false, fc2 = false;
+  };
+  std::map<int, std::vector<ViTCudaRowChoice>> row_timings;
+  std::map<int, RowForms> row_chosen;
+  const RowForms* row_trial = nullptr;                                        // the set a timing forward runs
   std::map<std::tuple<int, int, int, int>, ShiftChoice> shift_shape_choices;  // (M, K, F, epilogue): timed once
   cuda::Gemm gemm;
   cuda::Stream capture_stream;
@@ -308,6 +313,7 @@ struct ViTCuda::Impl {
       cuda::vit_fused_forward(fused, B, images, logits, fused_ws, s);  // one launch: no graph needed
       last_rows = B * cfg.tokens();
     } else if (graph) {
+      choose_rows(images, logits, B, s);
       graphs.launch(B, images, logits, s, capture_stream.get(),
                     [&](cudaStream_t cs) { enqueue(images, logits, B, cs); });
       last_rows = B * cfg.tokens();
@@ -470,36 +476,59 @@ struct ViTCuda::Impl {
     }
   }
 
-  // Whether form `form` ("proj" | "fc2") of a fusable layer runs fused for M rows: forced on / off, or the automatic
-  // choice of its shape (form, M, K, C), made on the first eager forward that meets it: both ways timed inside a CUDA
-  // graph (cuda::median_graph_us, on scratch outputs and the capture stream after synchronising `s`), the faster kept
-  // (ties: the unfused pair). While `s` is being captured a shape without a choice runs unfused.
-  bool row_choice(const char* form, int M, int K, cudaStream_t s,
-                  const std::function<void(bool, float*, bf16*, cudaStream_t)>& run) {
-    if (row_mode != ViTCudaRowFusion::automatic) return row_mode == ViTCudaRowFusion::on;
-    const int C = cfg.dim;
-    const auto key = std::make_tuple(form[0] == 'p' ? 0 : 1, M, K, C);
-    if (const auto it = row_choices.find(key); it != row_choices.end()) return it->second.fused;
-    cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
-    SAV_CUDA_CHECK(cudaStreamIsCapturing(s, &cap));
-    if (cap != cudaStreamCaptureStatusNone) return false;
-    constexpr int kReps = 8, kRuns = 5;
-    DeviceBuffer<float> xs(size_t(M) * C);
-    DeviceBuffer<bf16> o16(size_t(M) * std::max(C, moe_ka));
-    SAV_CUDA_CHECK(cudaStreamSynchronize(s));  // the inputs (ao, hid) are ready
-    const cudaStream_t ts = capture_stream.get();
-    SAV_CUDA_CHECK(cudaMemsetAsync(xs.get(), 0, xs.bytes(), ts));
-    ViTCudaRowChoice ch;
-    ch.form = form, ch.M = M, ch.K = K, ch.C = C;
-    for (const bool fused : {false, true}) {
-      run(fused, xs.get(), o16.get(), ts);  // outside the capture: lazy choices (cuBLASLt plans, shift paths)
-      const float us = static_cast<float>(
-          cuda::median_graph_us([&](cudaStream_t st) { run(fused, xs.get(), o16.get(), st); }, ts, kReps, kRuns));
-      (fused ? ch.fused_us : ch.pair_us) = us;
+  // The forms that run fused for M rows: forced on / off, the set a timing forward tries, the automatic choice made
+  // for M, or none (no choice yet: an eager forward before the first graph forward of its batch size).
+  RowForms forms_for(int M) const {
+    if (row_mode != ViTCudaRowFusion::automatic)
+      return {row_mode == ViTCudaRowFusion::on, row_mode == ViTCudaRowFusion::on};
+    if (row_trial) return *row_trial;
+    const auto it = row_chosen.find(M);
+    return it == row_chosen.end() ? RowForms{} : it->second;
+  }
+  // The automatic choice for B images (first graph forward of B, outside any capture): each set of the forms that
+  // some layer can run fused is tried on a whole forward, captured as a CUDA graph on the capture stream and timed
+  // (cuda::median_graph_us: the median of 15 replays, after an eager forward that makes the lazy choices), and the
+  // fastest set is kept (ties: fewer fused forms). Timing the forms alone, in a graph of repeated calls, picked the
+  // wrong side on the H200 (bench/RESULTS.md): what a fused kernel saves depends on its neighbours.
+  void choose_rows(const float* images, float* logits, int B, cudaStream_t s) {
+    const int M = B * cfg.tokens();
+    if (row_mode != ViTCudaRowFusion::automatic || row_chosen.count(M)) return;
+    bool any_proj = false, any_fc2 = false;
+    for (size_t l = 0; l < blocks.size(); ++l) {
+      const BlockWeights& w = blocks[l];
+      any_proj = any_proj || proj_fusable(w, M);
+      any_fc2 =
+          any_fc2 || (l + 1 < blocks.size() && w.fc2.kind == LinearKind::moe && !w.fc2.wa &&
+                      cuda::moe_epilogue_residual_ln_supports(cfg.dim) && rows_fusable(M, w.fc2.K, cfg.dim, w.fc2.Fs));
     }
-    ch.fused = ch.fused_us < ch.pair_us;
-    row_choices.emplace(key, ch);
-    return ch.fused;
+    if (!any_proj && !any_fc2) {
+      row_chosen[M] = RowForms{};
+      return;
+    }
+    std::vector<ViTCudaRowChoice> timings;
+    RowForms best{};
+    double best_us = 0.0;
+    for (const RowForms f :
+         {RowForms{false, false}, RowForms{true, false}, RowForms{false, true}, RowForms{true, true}}) {
+      if ((f.proj && !any_proj) || (f.fc2 && !any_fc2)) continue;
+      row_trial = &f;
+      try {
+        enqueue(images, logits, B, s);  // eager: lazy choices (cuBLASLt plans, shift paths) before the capture
+        SAV_CUDA_CHECK(cudaStreamSynchronize(s));
+        const double us = cuda::median_graph_us([&](cudaStream_t st) { enqueue(images, logits, B, st); },
+                                                capture_stream.get(), 1, 15);
+        row_trial = nullptr;
+        timings.push_back({f.proj, f.fc2, static_cast<float>(us), false});
+        if (timings.size() == 1 || us < best_us) best = f, best_us = us;
+      } catch (...) {
+        row_trial = nullptr;
+        throw;
+      }
+    }
+    for (ShiftLayer& sl : shift_layers) sl.rows_fused.erase(M);  // the trials' records; the real forwards write it
+    for (ViTCudaRowChoice& t : timings) t.chosen = t.proj == best.proj && t.fc2 == best.fc2;
+    row_timings[M] = std::move(timings);
+    row_chosen[M] = best;
   }
 
   void enqueue(const float* images, float* logits, int B, cudaStream_t s) {
@@ -540,9 +569,7 @@ struct ViTCuda::Impl {
         }
       }
       if (proj_fusable(w, M)) {  // proj + residual, then LN2 + fc1's router and mask: one kernel or two
-        const bool fused = row_choice("proj", M, w.proj.K, s, [&](bool f, float* xo, bf16* xa, cudaStream_t st) {
-          proj_rows(w, M, f, xo, xa, nullptr, st);
-        });
+        const bool fused = forms_for(M).proj;
         proj_rows(w, M, fused, x.get(), moe_xa.get(), choice_slot(w.fc1), s);
         if (fused && w.proj.shift >= 0) shift_layers[w.proj.shift].rows_fused.insert(M);
         masked_product(w.fc1, M, Epi::gelu, hid.get(), F, s);
@@ -561,10 +588,7 @@ struct ViTCuda::Impl {
                  cuda::moe_epilogue_residual_ln_supports(C);
       if (ln1_done) {  // product + routing epilogue + the next LN1: one kernel or two
         const BlockWeights& next = blocks[l + 1];
-        const bool fused = rows_fusable(M, w.fc2.K, C, w.fc2.Fs) &&
-                           row_choice("fc2", M, w.fc2.K, s, [&](bool f, float* xo, bf16* xno, cudaStream_t st) {
-                             fc2_rows(w, next, M, f, xo, xno, nullptr, st);
-                           });
+        const bool fused = rows_fusable(M, w.fc2.K, C, w.fc2.Fs) && forms_for(M).fc2;
         fc2_rows(w, next, M, fused, x.get(), xn.get(), choice_slot(w.fc2), s);
       } else {
         linear(w.fc2, hid.get(), M, Epi::residual, x.get(), C, s);
@@ -813,10 +837,8 @@ void ViTCuda::set_row_fusion(ViTCudaRowFusion mode) {
 ViTCudaRowFusion ViTCuda::row_fusion() const { return impl_->row_mode; }
 
 std::vector<ViTCudaRowChoice> ViTCuda::row_fusion_choices(int B) const {
-  std::vector<ViTCudaRowChoice> out;
-  for (const auto& [key, ch] : impl_->row_choices)
-    if (ch.M == B * impl_->cfg.tokens()) out.push_back(ch);
-  return out;
+  const auto it = impl_->row_timings.find(B * impl_->cfg.tokens());
+  return it == impl_->row_timings.end() ? std::vector<ViTCudaRowChoice>{} : it->second;
 }
 
 void ViTCuda::set_path(ViTCudaPath path) {

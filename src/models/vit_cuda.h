@@ -47,7 +47,7 @@
 //                 bit for bit the separate kernels' results);
 //   rows-fused    at small batch (ViTCudaRowFusion): proj + residual + LN2 + fc1's router and mask as one kernel,
 //                 and a stacked fc2 + its residual epilogue + the next LN1 as one kernel (thread-block clusters
-//                 per 16-row tile), where timing shows them faster than the two kernels each replaces.
+//                 per 16-row tile), where timing the whole forward shows them faster.
 //
 // Legend: B batch, N tokens, C width, H heads, F mlp hidden, V classes, Cin channels, S image side,
 // M = B*N rows.
@@ -78,15 +78,17 @@ constexpr int kVitFusedAutoMaxBatch = 0;
 // shared memory, two forms of the layered path can run as one kernel instead of two: "proj" (a proj linear, dense or
 // shift on the automatic shift path, with its residual, then a masked MoE fc1's LayerNorm + router + mask) and "fc2"
 // (a stacked MoE fc2 with its residual routing epilogue and the next block's LayerNorm). Their products sum in their
-// own f32 order (the last bits differ from cuBLASLt's). `automatic` (default) times both ways of each form per shape
-// inside a CUDA graph on the first eager forward of a batch size and keeps the faster (on the H200 the fused proj wins
-// at DeiT-Small's width and loses at DeiT-Tiny's: bench/RESULTS.md); `off` / `on` force them.
+// own f32 order (the last bits differ from cuBLASLt's). `automatic` (default): the first graph forward of a batch size
+// times a whole forward (a CUDA graph) with each set of the forms fused and keeps the fastest (on the H200 the fused
+// proj wins at DeiT-Small's width and loses at DeiT-Tiny's: bench/RESULTS.md); an eager forward before that runs them
+// unfused. `off` / `on` force them.
 enum class ViTCudaRowFusion { automatic, off, on };
+// One set of forms the automatic choice timed: fused forms, the forward's median microseconds (a graph replay), and
+// whether it was kept.
 struct ViTCudaRowChoice {
-  std::string form;  // "proj" | "fc2"
-  int M = 0, K = 0, C = 0;
-  bool fused = false;
-  float pair_us = -1.0f, fused_us = -1.0f;  // per call, in a graph
+  bool proj = false, fc2 = false;
+  float forward_us = -1.0f;
+  bool chosen = false;
 };
 
 // Which product runs a shift linear (LinearKind::shift) of the layered path (ops/cuda/shift_gpu.h):
@@ -142,7 +144,8 @@ class ViTCuda {
   // ViTCudaRowFusion above). Drops the captured graphs.
   void set_row_fusion(ViTCudaRowFusion mode);
   ViTCudaRowFusion row_fusion() const;
-  // The automatic choices made for forwards of B images (empty before the first one, or when no layer is fusable).
+  // The automatic choice's timings for forwards of B images (empty before the first graph forward of B, in forced
+  // modes, or when no layer is fusable at B).
   std::vector<ViTCudaRowChoice> row_fusion_choices(int B) const;
 
   // Forces or frees the shift linears' product (default automatic); drops the captured graphs (the next
