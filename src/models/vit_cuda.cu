@@ -312,13 +312,15 @@ struct ViTCuda::Impl {
       fused_ws.ensure(fused.dims, B);
       cuda::vit_fused_forward(fused, B, images, logits, fused_ws, s);  // one launch: no graph needed
       last_rows = B * cfg.tokens();
-    } else if (graph) {
-      choose_rows(images, logits, B, s);
-      graphs.launch(B, images, logits, s, capture_stream.get(),
-                    [&](cudaStream_t cs) { enqueue(images, logits, B, cs); });
-      last_rows = B * cfg.tokens();
     } else {
-      enqueue(images, logits, B, s);
+      choose_rows(images, logits, B, s);  // first forward of B (eager or graph): the same kernels in both
+      if (graph) {
+        graphs.launch(B, images, logits, s, capture_stream.get(),
+                      [&](cudaStream_t cs) { enqueue(images, logits, B, cs); });
+        last_rows = B * cfg.tokens();
+      } else {
+        enqueue(images, logits, B, s);
+      }
     }
   }
 
@@ -477,7 +479,7 @@ struct ViTCuda::Impl {
   }
 
   // The forms that run fused for M rows: forced on / off, the set a timing forward tries, the automatic choice made
-  // for M, or none (no choice yet: an eager forward before the first graph forward of its batch size).
+  // for M, or none (no choice: a forward enqueued inside the caller's stream capture).
   RowForms forms_for(int M) const {
     if (row_mode != ViTCudaRowFusion::automatic)
       return {row_mode == ViTCudaRowFusion::on, row_mode == ViTCudaRowFusion::on};
@@ -485,14 +487,17 @@ struct ViTCuda::Impl {
     const auto it = row_chosen.find(M);
     return it == row_chosen.end() ? RowForms{} : it->second;
   }
-  // The automatic choice for B images (first graph forward of B, outside any capture): each set of the forms that
-  // some layer can run fused is tried on a whole forward, captured as a CUDA graph on the capture stream and timed
+  // The automatic choice for B images (first forward of B, eager or graph, outside any capture): each set of the forms
+  // that some layer can run fused is tried on a whole forward, captured as a CUDA graph on the capture stream and timed
   // (cuda::median_graph_us: the median of 15 replays, after an eager forward that makes the lazy choices), and the
   // fastest set is kept (ties: fewer fused forms). Timing the forms alone, in a graph of repeated calls, picked the
   // wrong side on the H200 (bench/RESULTS.md): what a fused kernel saves depends on its neighbours.
   void choose_rows(const float* images, float* logits, int B, cudaStream_t s) {
     const int M = B * cfg.tokens();
     if (row_mode != ViTCudaRowFusion::automatic || row_chosen.count(M)) return;
+    cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+    SAV_CUDA_CHECK(cudaStreamIsCapturing(s, &cap));
+    if (cap != cudaStreamCaptureStatusNone) return;  // inside the caller's capture: unfused, no choice recorded
     bool any_proj = false, any_fc2 = false;
     for (size_t l = 0; l < blocks.size(); ++l) {
       const BlockWeights& w = blocks[l];

@@ -78,10 +78,10 @@ constexpr int kVitFusedAutoMaxBatch = 0;
 // shared memory, two forms of the layered path can run as one kernel instead of two: "proj" (a proj linear, dense or
 // shift on the automatic shift path, with its residual, then a masked MoE fc1's LayerNorm + router + mask) and "fc2"
 // (a stacked MoE fc2 with its residual routing epilogue and the next block's LayerNorm). Their products sum in their
-// own f32 order (the last bits differ from cuBLASLt's). `automatic` (default): the first graph forward of a batch size
-// times a whole forward (a CUDA graph) with each set of the forms fused and keeps the fastest (on the H200 the fused
-// proj wins at DeiT-Small's width and loses at DeiT-Tiny's: bench/RESULTS.md); an eager forward before that runs them
-// unfused. `off` / `on` force them.
+// own f32 order (the last bits differ from cuBLASLt's). `automatic` (default): the first forward of a batch size
+// (eager or graph) times a whole forward (a CUDA graph) with each set of the forms fused and keeps the fastest (on the
+// H200 the fused proj wins at DeiT-Small's width and loses at DeiT-Tiny's: bench/RESULTS.md); a forward enqueued inside
+// the caller's own stream capture before that runs them unfused. `off` / `on` force them.
 enum class ViTCudaRowFusion { automatic, off, on };
 // One set of forms the automatic choice timed: fused forms, the forward's median microseconds (a graph replay), and
 // whether it was kept.
@@ -144,8 +144,8 @@ class ViTCuda {
   // ViTCudaRowFusion above). Drops the captured graphs.
   void set_row_fusion(ViTCudaRowFusion mode);
   ViTCudaRowFusion row_fusion() const;
-  // The automatic choice's timings for forwards of B images (empty before the first graph forward of B, in forced
-  // modes, or when no layer is fusable at B).
+  // The automatic choice's timings for forwards of B images (empty before the first forward of B, in forced modes,
+  // or when no layer is fusable at B).
   std::vector<ViTCudaRowChoice> row_fusion_choices(int B) const;
 
   // Forces or frees the shift linears' product (default automatic); drops the captured graphs (the next

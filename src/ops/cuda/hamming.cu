@@ -376,9 +376,9 @@ __global__ void __launch_bounds__(512, kMinBlocks) hamming_kernel(const __grid_c
     int ta, tb;                       // the lane's two token rows
     uint32_t a_lo, a_hi, b_lo, b_hi;  // their codes
   };
-  auto unit_rows = [&](int u) {
+  auto tile_rows = [&](int tl) {  // the lane's rows of the CTA's tile tl
     UnitRows r;
-    r.ta = (t0 + u / NT) * 16 + g, r.tb = r.ta + 8;
+    r.ta = (t0 + tl) * 16 + g, r.tb = r.ta + 8;
     const unsigned long long ca = codes[r.ta], cb = codes[r.tb];
     r.a_lo = uint32_t(ca), r.a_hi = uint32_t(ca >> 32), r.b_lo = uint32_t(cb), r.b_hi = uint32_t(cb >> 32);
     return r;
@@ -407,24 +407,42 @@ __global__ void __launch_bounds__(512, kMinBlocks) hamming_kernel(const __grid_c
     sb += __shfl_xor_sync(0xffffffffu, sb, 2);
     if (q4 < 2) zsq[(q4 ? r.tb : r.ta) * NT + nt] = q4 ? sb : sa;
   };
+  // The warp's units in order: a cursor (tile, column tile) advanced without divisions; the codes are read again only
+  // when the tile changes (G = 1: once).
+  struct Cursor {
+    int tl, nt;
+    UnitRows r;
+  };
+  auto first_unit = [&] {
+    Cursor c;
+    c.tl = u0 / NT, c.nt = u0 - c.tl * NT;
+    c.r = tile_rows(c.tl);
+    return c;
+  };
+  auto next_unit = [&](Cursor& c, bool more) {  // more: another unit follows
+    if (++c.nt == NT && more) c.nt = 0, c.r = tile_rows(++c.tl);
+  };
   // z is kept in registers when no warp has more than kKeep units, else recomputed in the second pass
   constexpr int kKeep = kMinBlocks == 1 ? 4 : 2;
   const bool keep = (U + W - 1) / W <= kKeep;
   float zk[kKeep][4];
-  if (keep) {
+  if (u0 < u1) {
+    Cursor c = first_unit();
+    if (keep) {
 #pragma unroll
-    for (int j = 0; j < kKeep; ++j)
-      if (u0 + j < u1) {
-        const UnitRows r = unit_rows(u0 + j);
-        tile_z(r, (u0 + j) % NT, zk[j]);
-        put_norm(r, (u0 + j) % NT, zk[j]);
+      for (int j = 0; j < kKeep; ++j)
+        if (u0 + j < u1) {
+          tile_z(c.r, c.nt, zk[j]);
+          put_norm(c.r, c.nt, zk[j]);
+          next_unit(c, u0 + j + 1 < u1);
+        }
+    } else {
+      for (int u = u0; u < u1; ++u) {
+        float z[4];
+        tile_z(c.r, c.nt, z);
+        put_norm(c.r, c.nt, z);
+        next_unit(c, u + 1 < u1);
       }
-  } else {
-    for (int u = u0; u < u1; ++u) {
-      const UnitRows r = unit_rows(u);
-      float z[4];
-      tile_z(r, u % NT, z);
-      put_norm(r, u % NT, z);
     }
   }
   __syncthreads();
@@ -463,16 +481,22 @@ __global__ void __launch_bounds__(512, kMinBlocks) hamming_kernel(const __grid_c
       }
     }
   };
-  if (keep) {
+  if (u0 < u1) {
+    Cursor c = first_unit();
+    if (keep) {
 #pragma unroll
-    for (int j = 0; j < kKeep; ++j)
-      if (u0 + j < u1) emit(unit_rows(u0 + j), (u0 + j) % NT, zk[j]);
-  } else {
-    for (int u = u0; u < u1; ++u) {
-      const UnitRows r = unit_rows(u);
-      float z[4];
-      tile_z(r, u % NT, z);
-      emit(r, u % NT, z);
+      for (int j = 0; j < kKeep; ++j)
+        if (u0 + j < u1) {
+          emit(c.r, c.nt, zk[j]);
+          next_unit(c, u0 + j + 1 < u1);
+        }
+    } else {
+      for (int u = u0; u < u1; ++u) {
+        float z[4];
+        tile_z(c.r, c.nt, z);
+        emit(c.r, c.nt, z);
+        next_unit(c, u + 1 < u1);
+      }
     }
   }
 #endif
