@@ -373,7 +373,9 @@ TEST(EnergyPvt, HammingStagesDropTheSpatialReductionAndSave) {
       EXPECT_EQ(L.tokens, 784);  // all tokens, not the reduced ones
       EXPECT_EQ(L.out, 64);
     }
-    if (L.name.find("mlp.fc") != std::string::npos) EXPECT_EQ(L.kind, LayerKind::linear_shift) << L.name;
+    if (L.name.find("mlp.fc") != std::string::npos) {
+      EXPECT_EQ(L.kind, LayerKind::linear_shift) << L.name;
+    }
   }
   EXPECT_EQ(ham, 6);
   const double d = sav::energy_report(dense).total.compute_pj, c = sav::energy_report(conv).total.compute_pj;
