@@ -7,7 +7,8 @@
 #   bash scripts/h200_bench.sh                                  # everything
 #   SAV_H200_STEPS="build tests sanitize" bash scripts/h200_bench.sh
 #
-# SAV_H200_TARGETS overrides what the build step builds (default: sav_cuda_tests sav_cuda_bench); SAV_CUDA_FLAGS adds
+# SAV_PATHS (ViT forward paths, default both) and SAV_ROW_FUSION (the rows-fused kernels' modes, default auto,off) pick
+# the bench rows. SAV_H200_TARGETS overrides what the build step builds (default: sav_cuda_tests sav_cuda_bench); SAV_CUDA_FLAGS adds
 # nvcc flags (e.g. -lineinfo for ncu's source view), SAV_BUILD_DIR picks the build folder (default build-h200).
 # Steps: build tests bench bench_f32 release timm table profile sanitize (default: build tests bench timm
 # table). bench_f32 times the PVT models of SAV_MODELS again with IEEE f32 products; release times the
