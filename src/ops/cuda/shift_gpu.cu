@@ -66,7 +66,6 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <mutex>
 #include <type_traits>
 
 #include "core/error.h"
@@ -579,8 +578,6 @@ __global__ void __launch_bounds__(MmaTile<BM, BN, WM, WN>::kThreads, BM == 128 ?
 // ---------------------------------------------------------------------------------------------------------
 // Launchers.
 
-// Opts a kernel in to `smem` bytes of dynamic shared memory, once per kernel and size (cudaFuncSetAttribute is
-// not a stream operation, so this is also fine while a stream is being captured).
 // grid.x = n tiles x splits: with splits > 1 the CTAs [c splits, (c+1) splits) of a row of the grid form one
 // cluster (rank = blockIdx.x % splits), launched with the cluster-dimension attribute.
 template <class P>
