@@ -60,6 +60,13 @@ void allow_dynamic_smem(const void* kernel, size_t smem) {
   done.emplace_back(kernel, smem);
 }
 
+namespace {
+thread_local bool t_dependent_launch = false;
+}
+bool dependent_launch() { return t_dependent_launch; }
+DependentLaunchScope::DependentLaunchScope(bool on) : prev_(t_dependent_launch) { t_dependent_launch = on; }
+DependentLaunchScope::~DependentLaunchScope() { t_dependent_launch = prev_; }
+
 std::vector<bf16> to_bf16(const float* x, size_t n) {
   std::vector<bf16> y(n);
   for (size_t i = 0; i < n; ++i) {

@@ -1,9 +1,10 @@
-// shiftaddvit CUDA backend: launching a kernel over thread-block clusters (host code of .cu files, sm_90).
+// shiftaddvit CUDA backend: one launcher for the engine's own kernels that honours DependentLaunchScope
+// (common.h). Include from .cu files.
 //
-//   launch_cluster(kernel, grid, block, smem, cluster, stream, params);  // cluster c = CTAs c G .. c G + G - 1
+//   cuda::launch(my_kernel, grid, block, smem, stream, arg0, arg1);   // my_kernel calls ptx::pdl_trigger() at its
+//                                                                     // start and ptx::pdl_wait() before it reads
+//                                                                     // an activation or writes anything
 #pragma once
-
-#include <cuda_runtime.h>
 
 #include <utility>
 
@@ -11,26 +12,22 @@
 
 namespace sav::cuda {
 
-// `kernel` on `grid` x `block` with `smem` dynamic shared memory bytes (allowed first: allow_dynamic_smem), in
-// clusters of `cluster` consecutive CTAs along x (1: no cluster attribute, an ordinary launch), on `stream`; checked.
-template <class... Params, class... Args>
-void launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, int cluster, cudaStream_t stream,
-                    Args&&... args) {
-  allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
-  cudaLaunchConfig_t cfg = {};
+// Launches kernel<<<grid, block, smem, stream>>>(args...), with programmatic stream serialization allowed when the
+// calling thread is inside a DependentLaunchScope(true). Only for kernels that wait (ptx::pdl_wait) before touching
+// data a predecessor writes or reads. Reports launch errors as sav::Error.
+template <class... P, class... A>
+void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, A&&... args) {
+  cudaLaunchConfig_t cfg{};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(cluster);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = cluster > 1 ? 1 : 0;
-  SAV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
-  SAV_CUDA_CHECK_LAUNCH();
+  cfg.numAttrs = dependent_launch() ? 1 : 0;
+  SAV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...));
 }
 
 }  // namespace sav::cuda

@@ -90,6 +90,20 @@ __device__ __forceinline__ void bulk_copy_g2s(void* dst, const void* src, unsign
       : "memory");
 }
 
+// Programmatic dependent launch (common.h DependentLaunchScope). trigger: this CTA lets the next kernel on the
+// stream start (it takes effect when every CTA has triggered or exited); wait: blocks until the previous kernel
+// has finished and its memory is visible. Both are no-ops for a kernel launched without the attribute.
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 // d (16x8 f32) += a (16x16 bf16, row-major fragments) * b (16x8 bf16, column-major fragments), m16n8k16.
 __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm volatile(
