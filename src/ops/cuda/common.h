@@ -50,11 +50,11 @@ void allow_dynamic_smem(const void* kernel, size_t smem);
 // Compute capability major of the current device (cached per device; 9 for Hopper: thread-block clusters).
 int device_cc_major();
 // Programmatic dependent launch (sm_90) of the engine's own kernels. Inside a DependentLaunchScope(true) on a
-// thread, the launchers that support it (cuda::launch, launch.cuh) launch with cudaLaunchAttributeProgrammatic-
-// StreamSerialization: such a kernel may start while its predecessor on the stream still runs, stages what does not
-// depend on it (weights), then waits (griddepcontrol.wait) for the predecessor's end and memory before it reads an
-// activation or writes anything. Every such kernel lets its own dependents start at its beginning. Outside a scope
-// (the default) every launch is ordinary stream order. Scopes nest; the flag is per thread.
+// thread, the kernels launched by launch_dependent (launch.cuh) carry the programmatic-stream-serialization
+// attribute: such a kernel may start while its predecessor on the stream still runs, stages what does not depend on
+// it (weights), then waits (griddepcontrol.wait) for the predecessor's end and memory before it reads an activation
+// or writes anything. Each such kernel lets its own dependents start at its beginning. Outside a scope (the default) every
+// launch keeps ordinary stream order. Scopes nest; the flag is per thread.
 bool dependent_launch();
 class DependentLaunchScope {
  public:

@@ -122,10 +122,8 @@ void run(const Args& a, size_t ysize, cudaStream_t stream) {
                 reinterpret_cast<uintptr_t>(a.y) % (2 * ysize) == 0,
             "small_linear: x and w must be 16-byte aligned, y aligned to two elements");
   SAV_CHECK(device_cc_major() >= 9, "small_linear: needs compute capability 9 (griddepcontrol)");
-  const size_t smem = smem_bytes(a.K);
-  allow_dynamic_smem(reinterpret_cast<const void*>(small_linear_kernel), smem);
   const dim3 grid((a.M + kBM - 1) / kBM, (a.F + kBN - 1) / kBN);
-  launch(small_linear_kernel, grid, dim3(kThreads), smem, stream, a);
+  launch_dependent(small_linear_kernel, grid, dim3(kThreads), smem_bytes(a.K), 1, stream, a);
 }
 
 }  // namespace
