@@ -53,8 +53,8 @@ int device_cc_major();
 // thread, the kernels launched by launch_dependent (launch.cuh) carry the programmatic-stream-serialization
 // attribute: such a kernel may start while its predecessor on the stream still runs, stages what does not depend on
 // it (weights), then waits (griddepcontrol.wait) for the predecessor's end and memory before it reads an activation
-// or writes anything. Each such kernel lets its own dependents start at its beginning. Outside a scope (the default) every
-// launch keeps ordinary stream order. Scopes nest; the flag is per thread.
+// or writes anything. Each such kernel lets its own dependents start at its beginning. Outside a scope (the
+// default) every launch keeps ordinary stream order. Scopes nest; the flag is per thread.
 bool dependent_launch();
 class DependentLaunchScope {
  public:
