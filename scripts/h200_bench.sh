@@ -7,8 +7,8 @@
 #   bash scripts/h200_bench.sh                                  # everything
 #   SAV_H200_STEPS="build tests sanitize" bash scripts/h200_bench.sh
 #
-# SAV_PATHS (ViT forward paths, default both) and SAV_ROW_FUSION (the rows-fused kernels' modes, default auto,off) pick
-# the bench rows. SAV_H200_TARGETS overrides what the build step builds (default: sav_cuda_tests sav_cuda_bench); SAV_CUDA_FLAGS adds
+# SAV_PATHS (ViT forward paths, default both), SAV_ROW_FUSION (the rows-fused kernels' modes, default auto,off) and
+# SAV_DEPENDENT (dependent-launch modes, default auto) pick the bench rows. SAV_H200_TARGETS overrides what the build step builds (default: sav_cuda_tests sav_cuda_bench); SAV_CUDA_FLAGS adds
 # nvcc flags (e.g. -lineinfo for ncu's source view), SAV_BUILD_DIR picks the build folder (default build-h200).
 # Steps: build tests bench bench_f32 release timm table profile sanitize (default: build tests bench timm
 # table). bench_f32 times the PVT models of SAV_MODELS again with IEEE f32 products; release times the
@@ -34,6 +34,7 @@ BATCHES=${SAV_BATCHES:-1,64}
 VARIANTS=${SAV_VARIANTS:-dense,shiftadd}  # engine variants: dense, shiftadd (the converted DeiT; sav_cuda_bench)
 PATHS=${SAV_PATHS:-both}  # ViT forward paths: auto, layered, fused, both (sav_cuda_bench --path)
 ROWS=${SAV_ROW_FUSION:-auto,off}  # the rows-fused kernels' modes: auto, on, off (sav_cuda_bench --row-fusion)
+DEP=${SAV_DEPENDENT:-auto}        # dependent-launch modes: auto, on, off (sav_cuda_bench --dependent-launch)
 has() { [[ "$STEPS" == *" $1 "* ]]; }
 status=0
 
@@ -95,7 +96,7 @@ if has bench; then
   echo "[h200] sav_cuda_bench"
   rm -f "$OUT/engine.jsonl"
   "$BUILD/sav_cuda_bench" --models "$MODELS" --batches "$BATCHES" --variants "$VARIANTS" --iters 100 \
-    --path "$PATHS" --row-fusion "$ROWS" --json "$OUT/engine.jsonl" 2>&1 |
+    --path "$PATHS" --row-fusion "$ROWS" --dependent-launch "$DEP" --json "$OUT/engine.jsonl" 2>&1 |
     tee "$OUT/bench.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi

@@ -3,7 +3,8 @@
 //
 //   sav_cuda_bench [--models deit_tiny_patch16_224,...] [--batches 1,64] [--iters 50] [--json out.jsonl]
 //                  [--variants dense,shiftadd,shift] [--math f32|tf32] [--weights checkpoint.safetensors]
-//                  [--path auto|layered|fused|both] [--row-fusion auto,on,off] [--trace] [--shift-paths]
+//                  [--path auto|layered|fused|both] [--row-fusion auto,on,off]
+//                  [--dependent-launch auto,on,off] [--trace] [--shift-paths]
 //   sav_cuda_bench --profile ...   # one eager forward per (model, variant, batch) between
 //                                  # cudaProfilerStart/Stop, for `ncu --profile-from-start off` (after an
 //                                  # unprofiled warm-up)
@@ -29,6 +30,9 @@
 // --row-fusion (ViT models, layered path): a comma list of the rows-fused kernels' modes (ViTCudaRowFusion), one row
 // each: auto (default: timed per shape, path "layered"; the automatic choices print after the row), on ("layered-rows")
 // and off ("layered-norows": every product by cuBLASLt and its row kernel).
+// --dependent-launch (ViT models, layered path): a comma list of ViTCudaDependentLaunch modes, one row each inside each
+// row-fusion mode: auto (default: timed with the row-fusion sets), on (path suffix "+dep": dependent launch and the
+// engine's small-M products) and off ("+nodep": ordinary launches, cuBLASLt products).
 // --shift-paths: after each row of a ViT model with shift linears, the product each shift linear ran at that
 // batch (ViTCuda::shift_paths: cublas_decoded or packed_mma) with the two times the automatic choice measured.
 // Prints one line per (model, variant, batch, path): name, variant, batch, the path that ran, median ms,
@@ -221,7 +225,7 @@ int main(int argc, char** argv) {
   std::string batches = "1,64", json, variants = "dense,shiftadd";
   int iters = 50;
   bool profile = false, trace = false, shift_paths = false;
-  std::string math_s = "tf32", weights, path_s = "auto", rows_s = "auto";
+  std::string math_s = "tf32", weights, path_s = "auto", rows_s = "auto", dep_s = "auto";
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -251,15 +255,19 @@ int main(int argc, char** argv) {
       path_s = next();
     else if (a == "--row-fusion")
       rows_s = next();
+    else if (a == "--dependent-launch")
+      dep_s = next();
     else if (a == "--trace")
       trace = true;
     else if (a == "--shift-paths")
       shift_paths = true;
     else {
-      std::fprintf(stderr,
-                   "usage: sav_cuda_bench [--models a,b] [--batches 1,64] [--iters 50] [--json file] "
-                   "[--variants dense,shiftadd,shift] [--math f32|tf32] [--weights ckpt] [--profile] "
-                   "[--path auto|layered|fused|both] [--row-fusion auto,on,off] [--trace] [--shift-paths]\n");
+      std::fprintf(
+          stderr,
+          "usage: sav_cuda_bench [--models a,b] [--batches 1,64] [--iters 50] [--json file] "
+          "[--variants dense,shiftadd,shift] [--math f32|tf32] [--weights ckpt] [--profile] "
+          "[--path auto|layered|fused|both] [--row-fusion auto,on,off] [--dependent-launch auto,on,off] [--trace] "
+          "[--shift-paths]\n");
       return 2;
     }
   }
@@ -281,6 +289,17 @@ int main(int argc, char** argv) {
     row_fusions.push_back(r == "auto" ? sav::ViTCudaRowFusion::automatic
                           : r == "on" ? sav::ViTCudaRowFusion::on
                                       : sav::ViTCudaRowFusion::off);
+  }
+  std::vector<sav::ViTCudaDependentLaunch> dep_modes;
+  for (const std::string& r : split(dep_s)) {
+    if (r != "auto" && r != "on" && r != "off") {
+      std::fprintf(stderr, "sav_cuda_bench: --dependent-launch takes auto, on, off (a comma list), got '%s'\n",
+                   r.c_str());
+      return 2;
+    }
+    dep_modes.push_back(r == "auto" ? sav::ViTCudaDependentLaunch::automatic
+                        : r == "on" ? sav::ViTCudaDependentLaunch::on
+                                    : sav::ViTCudaDependentLaunch::off);
   }
   std::vector<sav::ViTCudaPath> paths;
   if (path_s == "auto") paths = {sav::ViTCudaPath::automatic};
@@ -316,64 +335,72 @@ int main(int argc, char** argv) {
         const std::string vname = variant + (net.pvt && math == sav::cuda::F32Math::f32 ? "-f32" : "");
         for (const std::string& bs : split(batches))
           for (const sav::ViTCudaPath path : paths)
-            for (const sav::ViTCudaRowFusion rows : row_fusions) {
-              const bool auto_rows = rows == sav::ViTCudaRowFusion::automatic;
-              const int B = std::atoi(bs.c_str());
-              std::string path_name = "layered";
-              if (net.vit) {
-                if (!auto_rows && (path == sav::ViTCudaPath::fused || variant == "dense")) continue;  // nothing to fuse
-                net.vit->set_row_fusion(rows);
-                // a forced fused path falls back to automatic where the model or the batch is outside the kernel
-                if (path != sav::ViTCudaPath::fused || net.vit->fused_supported(B)) {
-                  net.vit->set_path(path);
-                } else {
-                  if (path_s == "both") continue;  // the layered row is the only one
-                  net.vit->set_path(sav::ViTCudaPath::automatic);
+            for (const sav::ViTCudaRowFusion rows : row_fusions)
+              for (const sav::ViTCudaDependentLaunch dep : dep_modes) {
+                const bool auto_rows = rows == sav::ViTCudaRowFusion::automatic;
+                const bool auto_dep = dep == sav::ViTCudaDependentLaunch::automatic;
+                const int B = std::atoi(bs.c_str());
+                std::string path_name = "layered";
+                if (net.vit) {
+                  if (!auto_rows && (path == sav::ViTCudaPath::fused || variant == "dense"))
+                    continue;  // nothing to fuse
+                  if (!auto_dep && path == sav::ViTCudaPath::fused) continue;
+                  net.vit->set_row_fusion(rows);
+                  net.vit->set_dependent_launch(dep);
+                  // a forced fused path falls back to automatic where the model or the batch is outside the kernel
+                  if (path != sav::ViTCudaPath::fused || net.vit->fused_supported(B)) {
+                    net.vit->set_path(path);
+                  } else {
+                    if (path_s == "both") continue;  // the layered row is the only one
+                    net.vit->set_path(sav::ViTCudaPath::automatic);
+                  }
+                  path_name = net.vit->path_name(B);
+                  if (path_name == "layered" && !auto_rows)
+                    path_name = rows == sav::ViTCudaRowFusion::on ? "layered-rows" : "layered-norows";
+                  if (path_name.rfind("layered", 0) == 0 && !auto_dep)
+                    path_name += dep == sav::ViTCudaDependentLaunch::on ? "+dep" : "+nodep";
+                } else if (!auto_rows || !auto_dep) {
+                  continue;  // PVT: no rows-fused kernels
                 }
-                path_name = net.vit->path_name(B);
-                if (path_name == "layered" && !auto_rows)
-                  path_name = rows == sav::ViTCudaRowFusion::on ? "layered-rows" : "layered-norows";
-              } else if (!auto_rows) {
-                continue;  // PVT: no rows-fused kernels
-              }
-              if (profile) {
-                sav::cuda::DeviceBuffer<float> img(size_t(B) * net.in_elems), logits(size_t(B) * net.classes);
-                img.fill_bytes(0);
-                net.forward_eager(img.get(), logits.get(), B);  // warm-up: algorithm choice, module loads
-                SAV_CUDA_CHECK(cudaDeviceSynchronize());
-                SAV_CUDA_CHECK(cudaProfilerStart());
-                net.forward_eager(img.get(), logits.get(), B);
-                SAV_CUDA_CHECK(cudaDeviceSynchronize());
-                SAV_CUDA_CHECK(cudaProfilerStop());
-                std::printf("%-28s %-9s %5d %-8s profiled one eager forward\n", name.c_str(), vname.c_str(), B,
-                            path_name.c_str());
+                if (profile) {
+                  sav::cuda::DeviceBuffer<float> img(size_t(B) * net.in_elems), logits(size_t(B) * net.classes);
+                  img.fill_bytes(0);
+                  net.forward_eager(img.get(), logits.get(), B);  // warm-up: algorithm choice, module loads
+                  SAV_CUDA_CHECK(cudaDeviceSynchronize());
+                  SAV_CUDA_CHECK(cudaProfilerStart());
+                  net.forward_eager(img.get(), logits.get(), B);
+                  SAV_CUDA_CHECK(cudaDeviceSynchronize());
+                  SAV_CUDA_CHECK(cudaProfilerStop());
+                  std::printf("%-28s %-9s %5d %-8s profiled one eager forward\n", name.c_str(), vname.c_str(), B,
+                              path_name.c_str());
+                  if (shift_paths) print_shift_paths(net, B, path_name);
+                  continue;
+                }
+                const double ms = net.median_ms(B, iters);
+                std::string share = "-";
+                if (sa || !weights.empty()) {  // tokens to the shift expert over every MoE layer of the last
+                                               // (random-image) forward
+                  size_t n = 0, shift = 0;
+                  for (const auto& [layer, ch] : net.moe_choices())
+                    for (int8_t e : ch) n += 1, shift += e == 1;
+                  char buf[32];
+                  std::snprintf(buf, sizeof buf, "%.1f%%", n ? 100.0 * shift / n : 0.0);
+                  share = buf;
+                }
+                std::printf("%-28s %-9s %5d %-8s %10.4f %12.1f %9s\n", name.c_str(), vname.c_str(), B,
+                            path_name.c_str(), ms, B * 1000.0 / ms, share.c_str());
+                if (trace && path_name == "fused") std::printf("%s", net.vit->fused_trace(B).c_str());
                 if (shift_paths) print_shift_paths(net, B, path_name);
-                continue;
+                if (net.vit && (auto_rows || auto_dep) && path_name.rfind("layered", 0) == 0)
+                  for (const sav::ViTCudaRowChoice& c : net.vit->row_fusion_choices(B))
+                    std::printf("  row fusion: proj %-3s fc2 %-3s dependent %-3s forward %8.2f us in a graph%s\n",
+                                c.proj ? "on" : "off", c.fc2 ? "on" : "off", c.dependent ? "on" : "off", c.forward_us,
+                                c.chosen ? "  <- chosen" : "");
+                std::fflush(stdout);
+                if (js)
+                  js << "{\"model\": \"" << name << "\", \"variant\": \"" << vname << "\", \"batch\": " << B
+                     << ", \"path\": \"" << path_name << "\", \"engine_ms\": " << ms << "}\n";
               }
-              const double ms = net.median_ms(B, iters);
-              std::string share = "-";
-              if (sa || !weights.empty()) {  // tokens to the shift expert over every MoE layer of the last
-                                             // (random-image) forward
-                size_t n = 0, shift = 0;
-                for (const auto& [layer, ch] : net.moe_choices())
-                  for (int8_t e : ch) n += 1, shift += e == 1;
-                char buf[32];
-                std::snprintf(buf, sizeof buf, "%.1f%%", n ? 100.0 * shift / n : 0.0);
-                share = buf;
-              }
-              std::printf("%-28s %-9s %5d %-8s %10.4f %12.1f %9s\n", name.c_str(), vname.c_str(), B, path_name.c_str(),
-                          ms, B * 1000.0 / ms, share.c_str());
-              if (trace && path_name == "fused") std::printf("%s", net.vit->fused_trace(B).c_str());
-              if (shift_paths) print_shift_paths(net, B, path_name);
-              if (net.vit && auto_rows && path_name == "layered")
-                for (const sav::ViTCudaRowChoice& c : net.vit->row_fusion_choices(B))
-                  std::printf("  row fusion: proj %-3s fc2 %-3s forward %8.2f us in a graph%s\n", c.proj ? "on" : "off",
-                              c.fc2 ? "on" : "off", c.forward_us, c.chosen ? "  <- chosen" : "");
-              std::fflush(stdout);
-              if (js)
-                js << "{\"model\": \"" << name << "\", \"variant\": \"" << vname << "\", \"batch\": " << B
-                   << ", \"path\": \"" << path_name << "\", \"engine_ms\": " << ms << "}\n";
-            }
       }
     }
   } catch (const sav::Error& e) {

@@ -20,6 +20,7 @@
 #include "ops/cuda/hamming_tiled.h"
 #include "ops/cuda/ops.h"
 #include "ops/cuda/shift_gpu.h"
+#include "ops/cuda/small_gemm.h"
 #include "ops/cuda/vit_fused.h"
 
 namespace sav {
@@ -207,11 +208,14 @@ struct ViTCuda::Impl {
   int moe_ka = 0;                        // widest W_aug of a masked MoE layer (x_aug scratch columns)
   std::vector<ShiftLayer> shift_layers;  // in forward order
   ViTCudaShiftPath shift_mode = ViTCudaShiftPath::automatic;
-  ViTCudaRowFusion row_mode = ViTCudaRowFusion::automatic;                    // set_row_fusion
+  ViTCudaRowFusion row_mode = ViTCudaRowFusion::automatic;  // set_row_fusion
   // automatic row fusion: per M the whole-forward timing of each set of forms (choose_rows) and the set chosen
+  ViTCudaDependentLaunch dep_mode = ViTCudaDependentLaunch::automatic;  // set_dependent_launch
   struct RowForms {
     bool proj = false, fc2 = false;
+    bool dependent = false;  // dependent launch and the engine's own small-M products (vit_cuda.h)
   };
+  bool small_products = false;  // the forward being enqueued runs dense products by cuda::small_linear_*
   std::map<int, std::vector<ViTCudaRowChoice>> row_timings;
   std::map<int, RowForms> row_chosen;
   const RowForms* row_trial = nullptr;                                        // the set a timing forward runs
@@ -224,8 +228,8 @@ struct ViTCuda::Impl {
   int last_rows = 0;  // rows (B*N) of the last forward, for moe_choices()
   DeviceBuffer<float> x, pe, moe_s;
   DeviceBuffer<bf16> xn, qkv, ao, hid, cols, clsn, moe_xa;  // moe_xa: x_aug of the masked MoE layers
-  DeviceBuffer<int8_t> choices;          // (MoE layers, capacity*N) expert of each token
-  DeviceBuffer<unsigned char> ham_ws;    // Hamming kernels' workspace
+  DeviceBuffer<int8_t> choices;                             // (MoE layers, capacity*N) expert of each token
+  DeviceBuffer<unsigned char> ham_ws;                       // Hamming kernels' workspace
   DeviceBuffer<unsigned char> ham_prep;  // the Hamming blocks' prepared hash weights, one slice per block
   cuda::GraphCache graphs;
 
@@ -293,8 +297,8 @@ struct ViTCuda::Impl {
     choices.resize(M * moe_names.size());
     // the tiled Hamming kernel's plan (chunking) depends on the batch: room for every batch up to this one, when a
     // Hamming block runs it (N > 256: no prepared per-head kernel)
-    const bool tiled = std::any_of(blocks.begin(), blocks.end(),
-                                   [](const BlockWeights& w) { return w.attn == 'h' && !w.ham_prep; });
+    const bool tiled =
+        std::any_of(blocks.begin(), blocks.end(), [](const BlockWeights& w) { return w.attn == 'h' && !w.ham_prep; });
     size_t ws = 1;
     for (int bb = 1; bb <= B && tiled; ++bb)
       ws = std::max(
@@ -328,10 +332,25 @@ struct ViTCuda::Impl {
   // dense / shift on the decoded bf16 weights: one cuBLASLt product with a fused epilogue (contiguous outputs).
   void decoded_linear(const Lin& L, const bf16* xin, int M, Epi epi, void* out, int ldo, cudaStream_t s) {
     SAV_CHECK(ldo == L.F, "internal: strided output of a dense / shift linear");
-    if (epi == Epi::residual)
-      gemm.linear_f32(static_cast<float*>(out), xin, L.w, L.b32, M, L.K, L.F, true, s);
-    else
-      gemm.linear_bf16(static_cast<bf16*>(out), xin, L.w, L.b16, M, L.K, L.F, epi == Epi::gelu, s);
+    product(xin, L.w, epi == Epi::residual ? static_cast<const void*>(L.b32) : L.b16, M, L.K, L.F, epi, out, s);
+  }
+  // out (M, F) contiguous = [epi](x W^T + b), b f32 (residual) or bf16 (else) or nullptr: cuBLASLt, or the engine's
+  // small-M kernel when the forward runs them (RowForms::dependent).
+  void product(const bf16* x, const bf16* w, const void* b, int M, int K, int F, Epi epi, void* out, cudaStream_t s) {
+    const bool small = small_products && cuda::small_linear_supports(M, K, F);
+    if (epi == Epi::residual) {
+      const float* b32 = static_cast<const float*>(b);
+      if (small)
+        cuda::small_linear_f32(static_cast<float*>(out), F, x, w, b32, M, K, F, true, s);
+      else
+        gemm.linear_f32(static_cast<float*>(out), x, w, b32, M, K, F, true, s);
+    } else {
+      const bf16* b16 = static_cast<const bf16*>(b);
+      if (small)
+        cuda::small_linear_bf16(static_cast<bf16*>(out), F, x, w, b16, M, K, F, epi == Epi::gelu, s);
+      else
+        gemm.linear_bf16(static_cast<bf16*>(out), x, w, b16, M, K, F, epi == Epi::gelu, s);
+    }
   }
 
   // A shift linear by the packed-mma kernel with the same epilogue (f32 bias: b32, or the bf16-rounded bp).
@@ -397,16 +416,16 @@ struct ViTCuda::Impl {
 
   // A stacked MoE layer's product into the f32 scratch moe_s (both experts and the split router; then an epilogue).
   void stacked_product(const Lin& L, const bf16* xin, int M, cudaStream_t s) {
-    gemm.linear_f32(moe_s.get(), xin, L.w, nullptr, M, L.K, L.Fs, false, s);
+    if (small_products && cuda::small_linear_supports(M, L.K, L.Fs))
+      cuda::small_linear_f32(moe_s.get(), L.Fs, xin, L.w, nullptr, M, L.K, L.Fs, false, s);
+    else
+      gemm.linear_f32(moe_s.get(), xin, L.w, nullptr, M, L.K, L.Fs, false, s);
   }
 
   // A masked MoE layer's product of x_aug (moe_xa, written by a router + mask kernel) with W_aug, epilogue fused.
   void masked_product(const Lin& L, int M, Epi epi, void* out, int ldo, cudaStream_t s) {
     SAV_CHECK(ldo == L.F, "internal: strided output of a masked MoE linear");
-    if (epi == Epi::residual)
-      gemm.linear_f32(static_cast<float*>(out), moe_xa.get(), L.wa, nullptr, M, L.Ka, L.F, true, s);
-    else
-      gemm.linear_bf16(static_cast<bf16*>(out), moe_xa.get(), L.wa, nullptr, M, L.Ka, L.F, epi == Epi::gelu, s);
+    product(moe_xa.get(), L.wa, nullptr, M, L.Ka, L.F, epi, out, s);
   }
 
   // out (M, ldo) = the layer applied to x (M, K) with the epilogue: bf16 | GELU -> bf16 | f32 residual add.
@@ -468,8 +487,8 @@ struct ViTCuda::Impl {
                 cudaStream_t s) {
     const int C = cfg.dim;
     if (fused) {
-      cuda::rows_moe_residual_ln_forward(xo, C, ch, hid.get(), cfg.mlp_hidden, w.fc2.w, w.fc2.b0, w.fc2.b1, w.fc2.br,
-                                         M, w.fc2.K, C, gate, xno, C, next.ln1_w, next.ln1_b, cfg.ln_eps, s);
+      cuda::rows_moe_residual_ln_forward(xo, C, ch, hid.get(), cfg.mlp_hidden, w.fc2.w, w.fc2.b0, w.fc2.b1, w.fc2.br, M,
+                                         w.fc2.K, C, gate, xno, C, next.ln1_w, next.ln1_b, cfg.ln_eps, s);
     } else {
       stacked_product(w.fc2, hid.get(), M, s);
       cuda::moe_epilogue_residual_ln_forward(xo, C, ch, moe_s.get(), w.fc2.Fs, w.fc2.b0, w.fc2.b1, w.fc2.br, M, C, gate,
@@ -480,49 +499,60 @@ struct ViTCuda::Impl {
   // The forms that run fused for M rows: forced on / off, the set a timing forward tries, the automatic choice made
   // for M, or none (no choice: a forward enqueued inside the caller's stream capture).
   RowForms forms_for(int M) const {
-    if (row_mode != ViTCudaRowFusion::automatic)
-      return {row_mode == ViTCudaRowFusion::on, row_mode == ViTCudaRowFusion::on};
-    if (row_trial) return *row_trial;
-    const auto it = row_chosen.find(M);
-    return it == row_chosen.end() ? RowForms{} : it->second;
+    RowForms f{};
+    if (row_trial) {
+      f = *row_trial;
+    } else if (const auto it = row_chosen.find(M); it != row_chosen.end()) {
+      f = it->second;
+    }
+    if (row_mode != ViTCudaRowFusion::automatic) f.proj = f.fc2 = row_mode == ViTCudaRowFusion::on;
+    if (dep_mode != ViTCudaDependentLaunch::automatic) f.dependent = dep_mode == ViTCudaDependentLaunch::on;
+    return f;
   }
   // The automatic choice for B images (first forward of B, eager or graph, outside any capture): each set of the forms
-  // that some layer can run fused is tried on a whole forward, captured as a CUDA graph on the capture stream and timed
-  // (cuda::median_graph_us: the median of 15 replays, after an eager forward that makes the lazy choices), and the
-  // fastest set is kept (ties: fewer fused forms). Timing the forms alone, in a graph of repeated calls, picked the
+  // that some layer can run fused, without and (M <= kVitDependentAutoMaxRows) with dependent launch, is tried on a
+  // whole forward, captured as a CUDA graph on the capture stream and timed (cuda::median_graph_us: the median of 15
+  // replays, after an eager forward that makes the lazy choices), and the fastest set is kept (ties: the first tried:
+  // fewer fused forms, no dependent launch). Timing the forms alone, in a graph of repeated calls, picked the
   // wrong side on the H200 (bench/RESULTS.md): what a fused kernel saves depends on its neighbours.
   void choose_rows(const float* images, float* logits, int B, cudaStream_t s) {
     const int M = B * cfg.tokens();
-    if (row_mode != ViTCudaRowFusion::automatic || row_chosen.count(M)) return;
+    const bool auto_rows = row_mode == ViTCudaRowFusion::automatic;
+    const bool auto_dep = dep_mode == ViTCudaDependentLaunch::automatic && M <= kVitDependentAutoMaxRows;
+    if ((!auto_rows && !auto_dep) || row_chosen.count(M)) return;
     cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
     SAV_CUDA_CHECK(cudaStreamIsCapturing(s, &cap));
     if (cap != cudaStreamCaptureStatusNone) return;  // inside the caller's capture: unfused, no choice recorded
     bool any_proj = false, any_fc2 = false;
-    for (size_t l = 0; l < blocks.size(); ++l) {
+    for (size_t l = 0; auto_rows && l < blocks.size(); ++l) {
       const BlockWeights& w = blocks[l];
       any_proj = any_proj || proj_fusable(w, M);
       any_fc2 =
           any_fc2 || (l + 1 < blocks.size() && w.fc2.kind == LinearKind::moe && !w.fc2.wa &&
                       cuda::moe_epilogue_residual_ln_supports(cfg.dim) && rows_fusable(M, w.fc2.K, cfg.dim, w.fc2.Fs));
     }
-    if (!any_proj && !any_fc2) {
+    if (!any_proj && !any_fc2 && !auto_dep) {
       row_chosen[M] = RowForms{};
       return;
     }
     std::vector<ViTCudaRowChoice> timings;
     RowForms best{};
     double best_us = 0.0;
-    for (const RowForms f :
-         {RowForms{false, false}, RowForms{true, false}, RowForms{false, true}, RowForms{true, true}}) {
-      if ((f.proj && !any_proj) || (f.fc2 && !any_fc2)) continue;
+    std::vector<RowForms> sets;
+    for (const bool dep : {false, true})
+      for (const RowForms f :
+           {RowForms{false, false}, RowForms{true, false}, RowForms{false, true}, RowForms{true, true}})
+        if ((!f.proj || any_proj) && (!f.fc2 || any_fc2) && (!dep || auto_dep)) sets.push_back({f.proj, f.fc2, dep});
+    for (const RowForms& f : sets) {
       row_trial = &f;
       try {
         enqueue(images, logits, B, s);  // eager: lazy choices (cuBLASLt plans, shift paths) before the capture
         SAV_CUDA_CHECK(cudaStreamSynchronize(s));
         const double us = cuda::median_graph_us([&](cudaStream_t st) { enqueue(images, logits, B, st); },
                                                 capture_stream.get(), 1, 15);
+        const RowForms ran = forms_for(M);  // the trial as the forced modes leave it
         row_trial = nullptr;
-        timings.push_back({f.proj, f.fc2, static_cast<float>(us), false});
+        timings.push_back({ran.proj, ran.fc2, ran.dependent, static_cast<float>(us), false});
         if (timings.size() == 1 || us < best_us) best = f, best_us = us;
       } catch (...) {
         row_trial = nullptr;
@@ -530,7 +560,8 @@ struct ViTCuda::Impl {
       }
     }
     for (ShiftLayer& sl : shift_layers) sl.rows_fused.erase(M);  // the trials' records; the real forwards write it
-    for (ViTCudaRowChoice& t : timings) t.chosen = t.proj == best.proj && t.fc2 == best.fc2;
+    for (ViTCudaRowChoice& t : timings)
+      t.chosen = t.proj == best.proj && t.fc2 == best.fc2 && t.dependent == best.dependent;
     row_timings[M] = std::move(timings);
     row_chosen[M] = best;
   }
@@ -540,6 +571,9 @@ struct ViTCuda::Impl {
     const int K = cfg.in_chans * cfg.patch * cfg.patch, M = B * N;
     const float eps = cfg.ln_eps;
     last_rows = M;
+    const RowForms forms = forms_for(M);
+    const cuda::DependentLaunchScope dependent(forms.dependent);  // the engine's kernels (launch_dependent)
+    small_products = forms.dependent;
     cuda::im2col_forward(cols.get(), images, B, cfg.in_chans, cfg.img_size, cfg.patch, s);
     gemm.linear_f32(pe.get(), cols.get(), patch_w, patch_b, B * P, K, C, false, s);
     const bool has_blocks = !blocks.empty();
@@ -573,7 +607,7 @@ struct ViTCuda::Impl {
         }
       }
       if (proj_fusable(w, M)) {  // proj + residual, then LN2 + fc1's router and mask: one kernel or two
-        const bool fused = forms_for(M).proj;
+        const bool fused = forms.proj;
         proj_rows(w, M, fused, x.get(), moe_xa.get(), choice_slot(w.fc1), s);
         if (fused && w.proj.shift >= 0) shift_layers[w.proj.shift].rows_fused.insert(M);
         masked_product(w.fc1, M, Epi::gelu, hid.get(), F, s);
@@ -592,7 +626,7 @@ struct ViTCuda::Impl {
                  cuda::moe_epilogue_residual_ln_supports(C);
       if (ln1_done) {  // product + routing epilogue + the next LN1: one kernel or two
         const BlockWeights& next = blocks[l + 1];
-        const bool fused = rows_fusable(M, w.fc2.K, C, w.fc2.Fs) && forms_for(M).fc2;
+        const bool fused = rows_fusable(M, w.fc2.K, C, w.fc2.Fs) && forms.fc2;
         fc2_rows(w, next, M, fused, x.get(), xn.get(), choice_slot(w.fc2), s);
       } else {
         linear(w.fc2, hid.get(), M, Epi::residual, x.get(), C, s);
@@ -839,6 +873,18 @@ void ViTCuda::set_row_fusion(ViTCudaRowFusion mode) {
 }
 
 ViTCudaRowFusion ViTCuda::row_fusion() const { return impl_->row_mode; }
+
+void ViTCuda::set_dependent_launch(ViTCudaDependentLaunch mode) {
+  Impl& m = *impl_;
+  if (mode == m.dep_mode) return;
+  m.dep_mode = mode;
+  SAV_CUDA_CHECK(cudaDeviceSynchronize());  // replays in flight
+  m.graphs.clear();
+  m.row_chosen.clear();  // the automatic choices were made with the other mode
+  m.row_timings.clear();
+}
+
+ViTCudaDependentLaunch ViTCuda::dependent_launch() const { return impl_->dep_mode; }
 
 std::vector<ViTCudaRowChoice> ViTCuda::row_fusion_choices(int B) const {
   const auto it = impl_->row_timings.find(B * impl_->cfg.tokens());

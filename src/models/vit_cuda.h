@@ -83,10 +83,19 @@ constexpr int kVitFusedAutoMaxBatch = 0;
 // H200 the fused proj wins at DeiT-Small's width and loses at DeiT-Tiny's: bench/RESULTS.md); a forward enqueued inside
 // the caller's own stream capture before that runs them unfused. `off` / `on` force them.
 enum class ViTCudaRowFusion { automatic, off, on };
-// One set of forms the automatic choice timed: fused forms, the forward's median microseconds (a graph replay), and
-// whether it was kept.
+// Dependent launch at small batch: the engine's own kernels (Hamming, the MoE row kernels, LayerNorms, the rows-fused
+// and packed shift kernels) launched with programmatic stream serialization (ops/cuda/common.h
+// DependentLaunchScope), so each may start while its predecessor runs, stage its weights, and wait for the
+// predecessor's output; and the layer products that cuBLASLt would run (dense, decoded shift, MoE stacked / masked)
+// run by the engine's small-M kernel instead (ops/cuda/small_gemm.h), because cuBLASLt's kernels let no successor
+// start early. Another f32 summation order than cuBLASLt's (the last bits differ). `automatic` (default): tried with
+// the row-fusion sets above by timing whole forwards, for M = B*N <= kVitDependentAutoMaxRows; `off` / `on` force it.
+enum class ViTCudaDependentLaunch { automatic, off, on };
+constexpr int kVitDependentAutoMaxRows = 1024;
+// One set of forms the automatic choice timed: fused forms, dependent launch, the forward's median microseconds (a
+// graph replay), and whether it was kept.
 struct ViTCudaRowChoice {
-  bool proj = false, fc2 = false;
+  bool proj = false, fc2 = false, dependent = false;
   float forward_us = -1.0f;
   bool chosen = false;
 };
@@ -144,8 +153,12 @@ class ViTCuda {
   // ViTCudaRowFusion above). Drops the captured graphs.
   void set_row_fusion(ViTCudaRowFusion mode);
   ViTCudaRowFusion row_fusion() const;
-  // The automatic choice's timings for forwards of B images (empty before the first forward of B, in forced modes,
-  // or when no layer is fusable at B).
+  // Dependent launch and the small-M products (ViTCudaDependentLaunch above). Drops the captured graphs and the
+  // automatic choices.
+  void set_dependent_launch(ViTCudaDependentLaunch mode);
+  ViTCudaDependentLaunch dependent_launch() const;
+  // The automatic choice's timings (row fusion and dependent launch) for forwards of B images (empty before the first
+  // forward of B, when both modes are forced, or when nothing is fusable at B and dependent launch is not tried).
   std::vector<ViTCudaRowChoice> row_fusion_choices(int B) const;
 
   // Forces or frees the shift linears' product (default automatic); drops the captured graphs (the next

@@ -687,6 +687,7 @@ TEST_F(MoeMasked, VitCudaRowFusionModesAgree) {
   const std::vector<float> ref(cpu.logits(), cpu.logits() + size_t(B) * c.num_classes);
   ViTCuda net(cpu);
   EXPECT_EQ(net.row_fusion(), ViTCudaRowFusion::automatic) << "the default";
+  net.set_dependent_launch(ViTCudaDependentLaunch::off);  // the row-fusion sets alone (dependent launch: below)
   net.set_row_fusion(ViTCudaRowFusion::off);
   const ModeRun off = run_mode(net, images, B);
   const auto paths_off = net.shift_paths(B);
@@ -731,4 +732,53 @@ TEST_F(MoeMasked, VitCudaRowFusionModesAgree) {
   EXPECT_EQ(path_of(paths_on, "blocks.1.attn.proj"), "rows_fused");
   EXPECT_NE(path_of(paths_off, "blocks.1.attn.proj"), "rows_fused");
   EXPECT_NE(path_of(paths_off, "blocks.1.attn.proj"), "(missing)");
+}
+
+// Dependent launch (ViTCudaDependentLaunch): forced on, the engine's small-M products and dependent launches of its
+// kernels give logits and routing within the tolerances of forced off (cuBLASLt, ordinary launches) and of the CPU,
+// graph replays and eager runs bit-identical (run_mode); with row fusion forced too; automatic tries every row-fusion
+// set with and without it (8 forward timings) and keeps the fastest.
+TEST_F(MoeMasked, VitCudaDependentLaunchModesAgree) {
+  const VitConfig c = every_kind_config();
+  Vit cpu(c);
+  randomise_shiftadd(cpu, 41);
+  const int B = 2;
+  const std::vector<float> images = normal(size_t(B) * c.in_chans * c.img_size * c.img_size, 42);
+  cpu.forward(images.data(), B, false);
+  const std::vector<float> ref(cpu.logits(), cpu.logits() + size_t(B) * c.num_classes);
+  ViTCuda net(cpu);
+  EXPECT_EQ(net.dependent_launch(), ViTCudaDependentLaunch::automatic) << "the default";
+  net.set_row_fusion(ViTCudaRowFusion::off);
+  net.set_dependent_launch(ViTCudaDependentLaunch::off);
+  const ModeRun off = run_mode(net, images, B);
+  net.set_dependent_launch(ViTCudaDependentLaunch::on);
+  const ModeRun on = run_mode(net, images, B);
+  net.set_row_fusion(ViTCudaRowFusion::on);
+  const ModeRun on_rows = run_mode(net, images, B);
+  EXPECT_TRUE(net.row_fusion_choices(B).empty()) << "forced modes time nothing";
+  net.set_row_fusion(ViTCudaRowFusion::automatic);
+  net.set_dependent_launch(ViTCudaDependentLaunch::automatic);
+  const ModeRun au = run_mode(net, images, B);
+  for (const ModeRun* r : {&on, &on_rows, &au}) {
+    EXPECT_EQ(count_nonfinite(r->logits), 0u);
+    const double e_off = norm_err(r->logits, off.logits), e_cpu = norm_err(r->logits, ref);
+    std::printf("[ info ] dependent %s: vs forced off %.3e, vs CPU %.3e, routing vs CPU %.3f\n",
+                r == &on ? "on" : r == &on_rows ? "on + rows" : "auto", e_off, e_cpu, routing_vs_cpu(cpu, *r));
+    EXPECT_LT(e_off, 3e-2);
+    EXPECT_LT(e_cpu, 3e-2);
+    EXPECT_LT(routing_vs_cpu(cpu, *r), 0.02);
+  }
+  EXPECT_FALSE(bit_identical(on.logits, off.logits)) << "the small-M products did not run (same bits as cuBLASLt)";
+  const std::vector<ViTCudaRowChoice> choices = net.row_fusion_choices(B);
+  ASSERT_EQ(choices.size(), 8u);
+  int chosen = 0, dependent = 0;
+  for (const ViTCudaRowChoice& ch : choices) {
+    std::printf("[ info ] automatic: proj %d fc2 %d dependent %d forward %.2f us%s\n", ch.proj, ch.fc2, ch.dependent,
+                ch.forward_us, ch.chosen ? " (chosen)" : "");
+    EXPECT_GT(ch.forward_us, 0.0f);
+    chosen += ch.chosen;
+    dependent += ch.dependent;
+  }
+  EXPECT_EQ(chosen, 1);
+  EXPECT_EQ(dependent, 4);
 }

@@ -169,8 +169,8 @@ __global__ void __launch_bounds__(512, kMinBlocks) hamming_kernel(const __grid_c
 #else
   extern __shared__ __align__(16) unsigned char smem[];
   const HamSmem L = ham_smem(p);
-  double* tsum = reinterpret_cast<double*>(smem + L.tsum);  // sigma partial of each tile
-  double* zsq = reinterpret_cast<double*>(smem + L.zsq);   // (token, column tile): sum of z^2 over its 8 columns
+  double* tsum = reinterpret_cast<double*>(smem + L.tsum);   // sigma partial of each tile
+  double* zsq = reinterpret_cast<double*>(smem + L.zsq);     // (token, column tile): sum of z^2 over its 8 columns
   float* inv_norm = reinterpret_cast<float*>(smem + L.inv);  // (token): 1 / max(||z||, eps)
   unsigned long long* codes = reinterpret_cast<unsigned long long*>(smem + L.codes);
   bf16* Qs = reinterpret_cast<bf16*>(smem + L.q);
@@ -188,7 +188,15 @@ __global__ void __launch_bounds__(512, kMinBlocks) hamming_kernel(const __grid_c
   const int bh = static_cast<int>(blockIdx.x) / G, b = bh / p.H, h = bh - b * p.H;
   const int N = p.N, d = p.d, m = p.m, dp = p.dp, ldb = p.ldb, NT = dp / 8;
 
-  // ---- 0. staging: qk rows, v columns of this CTA's column tiles ----
+  // ---- 0. staging: the head's prepared hash weights (before the dependent-launch wait: they do not depend on
+  // the previous kernel), then the qk rows and v columns ----
+  ptx::pdl_trigger();
+  {
+    const unsigned char* src = p.prep + int64_t(h) * P.bytes;
+    for (int i = tid * 16; i < int(P.bytes); i += T * 16) ptx::cp_async16(smem + L.prep + i, src + i);
+    ptx::cp_async_commit();
+  }
+  ptx::pdl_wait();
   const bf16* qk = p.qk + int64_t(b) * N * p.ldqk + h * d;
   const bf16* vv = p.v + int64_t(b) * N * p.ldv + h * d;
   const int vrows = p.nk + 2 * kPad;
@@ -216,12 +224,6 @@ __global__ void __launch_bounds__(512, kMinBlocks) hamming_kernel(const __grid_c
       const int r = i / vc, c = i - r * vc, n = r - kPad;
       Vs[n * ldb + c] = n >= 0 && n < N && c < d ? vv[int64_t(n) * p.ldv + c] : zero;
     }
-  }
-  // the head's prepared hash weights: one contiguous copy
-  {
-    const unsigned char* src = p.prep + int64_t(h) * P.bytes;
-    for (int i = tid * 16; i < int(P.bytes); i += T * 16) ptx::cp_async16(smem + L.prep + i, src + i);
-    ptx::cp_async_commit();
   }
   for (int i = p.tiles * 16 + tid; i < p.nk; i += T) codes[i] = 0ull;  // rows no tile writes (read by KV)
   ptx::cp_async_wait<0>();
@@ -601,8 +603,9 @@ void hamming_attention_forward_ld(bf16* out, int ldo, const bf16* qk, int ldqk, 
   SAV_CHECK(smem <= size_t(max_smem_per_block()), "hamming attention: needs "
                                                       << smem << " bytes of shared memory, the device offers "
                                                       << max_smem_per_block());
-  launch_cluster(split > 1 ? hamming_kernel<1> : hamming_kernel<2>, dim3(static_cast<unsigned>(int64_t(B) * H * split)),
-                 dim3(static_cast<unsigned>(ham_threads(N))), smem, 1, stream, p);
+  launch_dependent(split > 1 ? hamming_kernel<1> : hamming_kernel<2>,
+                   dim3(static_cast<unsigned>(int64_t(B) * H * split)), dim3(static_cast<unsigned>(ham_threads(N))),
+                   smem, 1, stream, p);
 }
 
 int hamming_attention_split(int B, int N, int H) {

@@ -2,8 +2,10 @@
 // A group of lanes per row: the whole warp, or half a warp (two rows per warp, three float4 loads per lane at
 // DeiT-Tiny's C = 192 instead of one or two) when the row is float4-aligned and C <= 512. The row stays in
 // registers (at most 32 values per lane), two-pass mean / variance in f32 as cpu::layernorm_forward_ref.
+#include "ops/cuda/launch.cuh"
 #include "ops/cuda/layernorm.cuh"
 #include "ops/cuda/ops.h"
+#include "ops/cuda/ptx.cuh"
 
 namespace sav::cuda {
 
@@ -40,6 +42,8 @@ __device__ __forceinline__ float4 f4_add(float4 a, float4 b) {
 // half warp past the last row computes on zeros and stores nothing (its other half may still need the shuffles).
 template <int kG>
 __global__ void layernorm_kernel(const LnParams p) {
+  ptx::pdl_trigger();  // dependent launch (common.h): let the next kernel start; wait before touching data
+  ptx::pdl_wait();
   const int lane = threadIdx.x % kG;
   const int row = blockIdx.x * (kLnWarps * 32 / kG) + threadIdx.x / kG;
   const bool valid = row < p.M;
@@ -142,9 +146,9 @@ void launch(LnParams p, cudaStream_t stream) {
            a16(p.pos) && a16(p.w) && a16(p.b) && reinterpret_cast<uintptr_t>(p.y) % 8 == 0;
   if (p.vec4 && ln::row_group(p.C) == 16) {  // half a warp per row
     const int rows = kLnWarps * 2;
-    layernorm_kernel<16><<<(p.M + rows - 1) / rows, kLnWarps * 32, 0, stream>>>(p);
+    launch_dependent(layernorm_kernel<16>, dim3((p.M + rows - 1) / rows), dim3(kLnWarps * 32), 0, 1, stream, p);
   } else {
-    layernorm_kernel<32><<<(p.M + kLnWarps - 1) / kLnWarps, kLnWarps * 32, 0, stream>>>(p);
+    launch_dependent(layernorm_kernel<32>, dim3((p.M + kLnWarps - 1) / kLnWarps), dim3(kLnWarps * 32), 0, 1, stream, p);
   }
   SAV_CUDA_CHECK_LAUNCH();
 }

@@ -30,9 +30,11 @@
 #include <cmath>
 
 #include "core/tensor.h"
+#include "ops/cuda/launch.cuh"
 #include "ops/cuda/layernorm.cuh"
 #include "ops/cuda/moe_rows.cuh"
 #include "ops/cuda/ops.h"
+#include "ops/cuda/ptx.cuh"
 
 namespace sav::cuda {
 
@@ -59,6 +61,8 @@ struct MoeEpiParams {
 __device__ __forceinline__ float gelu_erf(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
 
 __global__ void __launch_bounds__(kMoeEpiThreads) moe_epilogue_kernel(const __grid_constant__ MoeEpiParams p) {
+  ptx::pdl_trigger();  // dependent launch (common.h): let the next kernel start; wait before touching data
+  ptx::pdl_wait();
   const int64_t i = int64_t(blockIdx.x) * kMoeEpiThreads + threadIdx.x;
   if (i >= int64_t(p.M) * p.per_row) return;
   const int row = static_cast<int>(i / p.per_row), c = static_cast<int>(i - int64_t(row) * p.per_row);
@@ -142,6 +146,8 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 __global__ void __launch_bounds__(kMaskRowsPerBlock * 32)
     moe_route_mask_kernel(const __grid_constant__ MoeMaskParams p) {
+  ptx::pdl_trigger();  // dependent launch (common.h): let the next kernel start; wait before touching data
+  ptx::pdl_wait();
   const int lane = threadIdx.x & 31;
   const int row = blockIdx.x * kMaskRowsPerBlock + (threadIdx.x >> 5);
   if (row >= p.M) return;  // whole warps: the shuffles below see all 32 lanes
@@ -229,6 +235,8 @@ inline int ln_blocks(int M, int group) {
 template <int kG>
 __global__ void __launch_bounds__(kMaskRowsPerBlock * 32)
     moe_ln_route_mask_kernel(const __grid_constant__ MoeLnMaskParams p) {
+  ptx::pdl_trigger();  // dependent launch (common.h): let the next kernel start; wait before touching data
+  ptx::pdl_wait();
   const int lane = threadIdx.x % kG;
   const int row = blockIdx.x * (kMaskRowsPerBlock * 32 / kG) + threadIdx.x / kG;
   const bool valid = row < p.M;
@@ -257,6 +265,8 @@ struct MoeEpiLnParams {
 template <int kG>
 __global__ void __launch_bounds__(kMaskRowsPerBlock * 32)
     moe_epilogue_residual_ln_kernel(const __grid_constant__ MoeEpiLnParams p) {
+  ptx::pdl_trigger();  // dependent launch (common.h): let the next kernel start; wait before touching data
+  ptx::pdl_wait();
   const int lane = threadIdx.x % kG;
   const int row = blockIdx.x * (kMaskRowsPerBlock * 32 / kG) + threadIdx.x / kG;
   const bool valid = row < p.M;
@@ -288,9 +298,8 @@ std::vector<bf16> moe_stack_weights(const float* w0, const float* w1, const floa
   return to_bf16(st.data(), st.size());
 }
 
-void moe_epilogue_forward(void* out, int ldo, int8_t* choice, const float* s, int lds, const float* b0,
-                          const float* b1, const float* br, int M, int F, MoeGate gate, MoeEpilogue epi,
-                          cudaStream_t stream) {
+void moe_epilogue_forward(void* out, int ldo, int8_t* choice, const float* s, int lds, const float* b0, const float* b1,
+                          const float* br, int M, int F, MoeGate gate, MoeEpilogue epi, cudaStream_t stream) {
   SAV_CHECK(out && s && b0 && b1 && br, "moe epilogue: null pointer");
   SAV_CHECK(M >= 0 && F >= 1 && ldo >= F && lds >= 2 * F + 4,
             "moe epilogue: bad sizes M=" << M << " F=" << F << " ldo=" << ldo << " lds=" << lds
@@ -308,7 +317,7 @@ void moe_epilogue_forward(void* out, int ldo, int8_t* choice, const float* s, in
   const int64_t threads = int64_t(M) * p.per_row;
   const int64_t blocks = (threads + kMoeEpiThreads - 1) / kMoeEpiThreads;
   SAV_CHECK(blocks <= 0x7FFFFFFF, "moe epilogue: " << M << " x " << F << " outputs exceed the grid");
-  moe_epilogue_kernel<<<static_cast<unsigned>(blocks), kMoeEpiThreads, 0, stream>>>(p);
+  launch_dependent(moe_epilogue_kernel, dim3(static_cast<unsigned>(blocks)), dim3(kMoeEpiThreads), 0, 1, stream, p);
   SAV_CUDA_CHECK_LAUNCH();
 }
 
@@ -345,7 +354,7 @@ void moe_route_mask_forward(bf16* xa, int ldxa, int8_t* choice, const bf16* x, i
   p.ldxa = ldxa, p.ldx = ldx, p.M = M, p.K = K, p.Ka = Ka;
   p.vec = K % 8 == 0 && ldx % 8 == 0 && ldxa % 8 == 0 && aligned(x, 16) && aligned(xa, 16) && aligned(wr, 16);
   const int blocks = (M + kMaskRowsPerBlock - 1) / kMaskRowsPerBlock;
-  moe_route_mask_kernel<<<blocks, kMaskRowsPerBlock * 32, 0, stream>>>(p);
+  launch_dependent(moe_route_mask_kernel, dim3(blocks), dim3(kMaskRowsPerBlock * 32), 0, 1, stream, p);
   SAV_CUDA_CHECK_LAUNCH();
 }
 
@@ -367,9 +376,11 @@ void moe_ln_route_mask_forward(bf16* xa, int ldxa, int8_t* choice, const float* 
   p.xa = xa, p.choice = choice, p.x = x, p.ln_w = ln_w, p.ln_b = ln_b, p.wr = wr, p.br = br, p.eps = eps;
   p.ldxa = ldxa, p.ldx = ldx, p.M = M, p.K = K, p.Ka = Ka;
   if (ln::row_group(K) == 16)
-    moe_ln_route_mask_kernel<16><<<ln_blocks(M, 16), kMaskRowsPerBlock * 32, 0, stream>>>(p);
+    launch_dependent(moe_ln_route_mask_kernel<16>, dim3(ln_blocks(M, 16)), dim3(kMaskRowsPerBlock * 32), 0, 1, stream,
+                     p);
   else
-    moe_ln_route_mask_kernel<32><<<ln_blocks(M, 32), kMaskRowsPerBlock * 32, 0, stream>>>(p);
+    launch_dependent(moe_ln_route_mask_kernel<32>, dim3(ln_blocks(M, 32)), dim3(kMaskRowsPerBlock * 32), 0, 1, stream,
+                     p);
   SAV_CUDA_CHECK_LAUNCH();
 }
 
@@ -394,9 +405,11 @@ void moe_epilogue_residual_ln_forward(float* x, int ldx, int8_t* choice, const f
   p.x = x, p.choice = choice, p.s = s, p.b0 = b0, p.b1 = b1, p.br = br, p.ln_w = ln_w, p.ln_b = ln_b, p.xn = xn;
   p.eps = eps, p.ldx = ldx, p.lds = lds, p.ldxn = ldxn, p.M = M, p.F = F, p.gate = gate;
   if (ln::row_group(F) == 16)
-    moe_epilogue_residual_ln_kernel<16><<<ln_blocks(M, 16), kMaskRowsPerBlock * 32, 0, stream>>>(p);
+    launch_dependent(moe_epilogue_residual_ln_kernel<16>, dim3(ln_blocks(M, 16)), dim3(kMaskRowsPerBlock * 32), 0, 1,
+                     stream, p);
   else
-    moe_epilogue_residual_ln_kernel<32><<<ln_blocks(M, 32), kMaskRowsPerBlock * 32, 0, stream>>>(p);
+    launch_dependent(moe_epilogue_residual_ln_kernel<32>, dim3(ln_blocks(M, 32)), dim3(kMaskRowsPerBlock * 32), 0, 1,
+                     stream, p);
   SAV_CUDA_CHECK_LAUNCH();
 }
 

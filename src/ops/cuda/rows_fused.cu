@@ -165,6 +165,7 @@ __global__ void __launch_bounds__(kThreads, 1) rows_fused_kernel(const __grid_co
   // no remote shared-memory write before every CTA of the cluster runs: arrive now (no ordering needed), wait before
   // the first one
   if (G > 1) ptx::cluster_arrive_relaxed();
+  ptx::pdl_trigger();  // dependent launch (common.h): what depends on the previous kernel is staged after pdl_wait
 
   // ---- 0. staging: the tile's rows and the CTA's weight rows by bulk copies, one mbarrier per k part (k < K;
   // zeros past K, M and Fc by plain stores); the epilogue's operands by cp.async ----
@@ -187,11 +188,6 @@ __global__ void __launch_bounds__(kThreads, 1) rows_fused_kernel(const __grid_co
     }
     for (int i = tid; i < (kRT - arows) * p.K; i += kThreads) As[(arows + i / p.K) * ld + i % p.K] = zero;
     for (int i = tid; i < (ntl * 8 - wrows) * p.K; i += kThreads) Ws[(wrows + i / p.K) * ld + i % p.K] = zero;
-    const int C4 = p.C / 4;
-    for (int i = tid; i < rpc * C4; i += kThreads) {  // this CTA's residual rows (zeros past M)
-      const int rr = i / C4, c = (i - rr * C4) * 4, row = row0 + rank * rpc + rr;
-      ptx::cp_async16(ep + E.x + rr * p.C + c, row < p.M ? p.x + int64_t(row) * p.ldx + c : p.x, row < p.M);
-    }
     const bool moe = p.epi == rows_epi_moe_residual_ln;
     for (int c = tid * 4; c < p.C; c += kThreads * 4) {
       ptx::cp_async16(ep + E.b0 + c, (moe ? p.b0 : p.b) + c);
@@ -205,15 +201,27 @@ __global__ void __launch_bounds__(kThreads, 1) rows_fused_kernel(const __grid_co
     ptx::cp_async_commit();
   }
   __syncthreads();  // the barriers are initialised (and armed) before any copy signals them
-  for (int i = tid; i < (arows + wrows) * parts; i += kThreads) {
-    const int rr = i / parts, s = i - rr * parts;
-    int k0, k1;
-    part_k(s, k0, k1);
-    if (k1 <= k0) continue;
-    const bool arow = rr < arows;
-    const bf16* src = arow ? p.a + int64_t(row0 + rr) * p.lda : p.w + int64_t(n0 * 8 + rr - arows) * p.K;
-    bf16* dst = arow ? As + rr * ld : Ws + (rr - arows) * ld;
-    ptx::bulk_copy_g2s(dst + k0, src + k0, unsigned(k1 - k0) * 2u, bars + s);
+  // the weight rows first, then (after the previous kernel has finished) the tile's rows and residual rows
+  auto copy_rows = [&](int rows, bool arow) {
+    for (int i = tid; i < rows * parts; i += kThreads) {
+      const int rr = i / parts, s = i - rr * parts;
+      int k0, k1;
+      part_k(s, k0, k1);
+      if (k1 <= k0) continue;
+      const bf16* src = arow ? p.a + int64_t(row0 + rr) * p.lda : p.w + int64_t(n0 * 8 + rr) * p.K;
+      ptx::bulk_copy_g2s((arow ? As : Ws) + rr * ld + k0, src + k0, unsigned(k1 - k0) * 2u, bars + s);
+    }
+  };
+  copy_rows(wrows, false);
+  ptx::pdl_wait();
+  copy_rows(arows, true);
+  {
+    const int C4 = p.C / 4;
+    for (int i = tid; i < rpc * C4; i += kThreads) {  // this CTA's residual rows (zeros past M)
+      const int rr = i / C4, c = (i - rr * C4) * 4, row = row0 + rank * rpc + rr;
+      ptx::cp_async16(ep + E.x + rr * p.C + c, row < p.M ? p.x + int64_t(row) * p.ldx + c : p.x, row < p.M);
+    }
+    ptx::cp_async_commit();
   }
 
   // ---- 1. products: warp w owns the column tiles w, w + 16, ... (at most kTilesPerWarp); per k block a fresh 4-mma
@@ -326,7 +334,7 @@ void launch_rows(const RowsParams& p, cudaStream_t stream) {
                                : slots <= 2 ? rows_fused_kernel<16, 2>
                                : slots <= 4 ? rows_fused_kernel<16, 4>
                                             : rows_fused_kernel<16, 8>;
-  launch_cluster(kernel, dim3(static_cast<unsigned>(tiles * p.G)), dim3(kThreads), smem, p.G, stream, p);
+  launch_dependent(kernel, dim3(static_cast<unsigned>(tiles * p.G)), dim3(kThreads), smem, p.G, stream, p);
 }
 
 }  // namespace

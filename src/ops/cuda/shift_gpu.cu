@@ -451,6 +451,8 @@ __global__ void __launch_bounds__(MmaTile<BM, BN, WM, WN>::kThreads, BM == 128 ?
   constexpr int T = Tl::kThreads, MI = Tl::kMI, NI = Tl::kNI, LDA = Tl::kLdA, LDC = Tl::kLdC;
   extern __shared__ __align__(16) unsigned char smem[];
 
+  ptx::pdl_trigger();  // dependent launch (common.h): let the next kernel start; wait before touching data
+  ptx::pdl_wait();
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp % WM, wn = warp / WM;
   const int g = lane >> 2, t = lane & 3;
@@ -582,7 +584,7 @@ __global__ void __launch_bounds__(MmaTile<BM, BN, WM, WN>::kThreads, BM == 128 ?
 // cluster (rank = blockIdx.x % splits), launched with the cluster-dimension attribute.
 template <class P>
 void launch(void (*kernel)(P), const P& prm, dim3 grid, int threads, size_t smem, int splits, cudaStream_t stream) {
-  launch_cluster(kernel, grid, dim3(threads), smem, splits, stream, prm);
+  launch_dependent(kernel, grid, dim3(threads), smem, splits, stream, prm);
 }
 
 void check_device_cc80(const char* op) {
