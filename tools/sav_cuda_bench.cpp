@@ -4,7 +4,7 @@
 //   sav_cuda_bench [--models deit_tiny_patch16_224,...] [--batches 1,64] [--iters 50] [--json out.jsonl]
 //                  [--variants dense,shiftadd,shift] [--math f32|tf32] [--weights checkpoint.safetensors]
 //                  [--path auto|layered|fused|both] [--row-fusion auto,on,off]
-//                  [--dependent-launch auto,on,off] [--trace] [--shift-paths]
+//                  [--dependent-launch auto,on,small,off] [--trace] [--shift-paths]
 //   sav_cuda_bench --profile ...   # one eager forward per (model, variant, batch) between
 //                                  # cudaProfilerStart/Stop, for `ncu --profile-from-start off` (after an
 //                                  # unprofiled warm-up)
@@ -31,8 +31,8 @@
 // each: auto (default: timed per shape, path "layered"; the automatic choices print after the row), on ("layered-rows")
 // and off ("layered-norows": every product by cuBLASLt and its row kernel).
 // --dependent-launch (ViT models, layered path): a comma list of ViTCudaDependentLaunch modes, one row each inside each
-// row-fusion mode: auto (default: timed with the row-fusion sets), on (path suffix "+dep": dependent launch and the
-// engine's small-M products) and off ("+nodep": ordinary launches, cuBLASLt products).
+// row-fusion mode: auto (default: timed with the row-fusion sets), on (path suffix "+dep": dependent launch of the
+// engine's kernels), small ("+dep+small": and the engine's small-M products instead of cuBLASLt) and off ("+nodep").
 // --shift-paths: after each row of a ViT model with shift linears, the product each shift linear ran at that
 // batch (ViTCuda::shift_paths: cublas_decoded or packed_mma) with the two times the automatic choice measured.
 // Prints one line per (model, variant, batch, path): name, variant, batch, the path that ran, median ms,
@@ -262,12 +262,12 @@ int main(int argc, char** argv) {
     else if (a == "--shift-paths")
       shift_paths = true;
     else {
-      std::fprintf(
-          stderr,
-          "usage: sav_cuda_bench [--models a,b] [--batches 1,64] [--iters 50] [--json file] "
-          "[--variants dense,shiftadd,shift] [--math f32|tf32] [--weights ckpt] [--profile] "
-          "[--path auto|layered|fused|both] [--row-fusion auto,on,off] [--dependent-launch auto,on,off] [--trace] "
-          "[--shift-paths]\n");
+      std::fprintf(stderr,
+                   "usage: sav_cuda_bench [--models a,b] [--batches 1,64] [--iters 50] [--json file] "
+                   "[--variants dense,shiftadd,shift] [--math f32|tf32] [--weights ckpt] [--profile] "
+                   "[--path auto|layered|fused|both] [--row-fusion auto,on,off] [--dependent-launch auto,on,small,off] "
+                   "[--trace] "
+                   "[--shift-paths]\n");
       return 2;
     }
   }
@@ -292,14 +292,15 @@ int main(int argc, char** argv) {
   }
   std::vector<sav::ViTCudaDependentLaunch> dep_modes;
   for (const std::string& r : split(dep_s)) {
-    if (r != "auto" && r != "on" && r != "off") {
-      std::fprintf(stderr, "sav_cuda_bench: --dependent-launch takes auto, on, off (a comma list), got '%s'\n",
+    if (r != "auto" && r != "on" && r != "small" && r != "off") {
+      std::fprintf(stderr, "sav_cuda_bench: --dependent-launch takes auto, on, small, off (a comma list), got '%s'\n",
                    r.c_str());
       return 2;
     }
-    dep_modes.push_back(r == "auto" ? sav::ViTCudaDependentLaunch::automatic
-                        : r == "on" ? sav::ViTCudaDependentLaunch::on
-                                    : sav::ViTCudaDependentLaunch::off);
+    dep_modes.push_back(r == "auto"    ? sav::ViTCudaDependentLaunch::automatic
+                        : r == "on"    ? sav::ViTCudaDependentLaunch::on
+                        : r == "small" ? sav::ViTCudaDependentLaunch::small_products
+                                       : sav::ViTCudaDependentLaunch::off);
   }
   std::vector<sav::ViTCudaPath> paths;
   if (path_s == "auto") paths = {sav::ViTCudaPath::automatic};
@@ -358,7 +359,9 @@ int main(int argc, char** argv) {
                   if (path_name == "layered" && !auto_rows)
                     path_name = rows == sav::ViTCudaRowFusion::on ? "layered-rows" : "layered-norows";
                   if (path_name.rfind("layered", 0) == 0 && !auto_dep)
-                    path_name += dep == sav::ViTCudaDependentLaunch::on ? "+dep" : "+nodep";
+                    path_name += dep == sav::ViTCudaDependentLaunch::on               ? "+dep"
+                                 : dep == sav::ViTCudaDependentLaunch::small_products ? "+dep+small"
+                                                                                      : "+nodep";
                 } else if (!auto_rows || !auto_dep) {
                   continue;  // PVT: no rows-fused kernels
                 }

@@ -213,7 +213,7 @@ struct ViTCuda::Impl {
   ViTCudaDependentLaunch dep_mode = ViTCudaDependentLaunch::automatic;  // set_dependent_launch
   struct RowForms {
     bool proj = false, fc2 = false;
-    bool dependent = false;  // dependent launch and the engine's own small-M products (vit_cuda.h)
+    bool dependent = false;  // dependent launch (vit_cuda.h ViTCudaDependentLaunch)
   };
   bool small_products = false;  // the forward being enqueued runs dense products by cuda::small_linear_*
   std::map<int, std::vector<ViTCudaRowChoice>> row_timings;
@@ -506,7 +506,7 @@ struct ViTCuda::Impl {
       f = it->second;
     }
     if (row_mode != ViTCudaRowFusion::automatic) f.proj = f.fc2 = row_mode == ViTCudaRowFusion::on;
-    if (dep_mode != ViTCudaDependentLaunch::automatic) f.dependent = dep_mode == ViTCudaDependentLaunch::on;
+    if (dep_mode != ViTCudaDependentLaunch::automatic) f.dependent = dep_mode != ViTCudaDependentLaunch::off;
     return f;
   }
   // The automatic choice for B images (first forward of B, eager or graph, outside any capture): each set of the forms
@@ -573,7 +573,7 @@ struct ViTCuda::Impl {
     last_rows = M;
     const RowForms forms = forms_for(M);
     const cuda::DependentLaunchScope dependent(forms.dependent);  // the engine's kernels (launch_dependent)
-    small_products = forms.dependent;
+    small_products = forms.dependent && dep_mode == ViTCudaDependentLaunch::small_products;
     cuda::im2col_forward(cols.get(), images, B, cfg.in_chans, cfg.img_size, cfg.patch, s);
     gemm.linear_f32(pe.get(), cols.get(), patch_w, patch_b, B * P, K, C, false, s);
     const bool has_blocks = !blocks.empty();

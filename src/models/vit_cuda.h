@@ -86,11 +86,13 @@ enum class ViTCudaRowFusion { automatic, off, on };
 // Dependent launch at small batch: the engine's own kernels (Hamming, the MoE row kernels, LayerNorms, the rows-fused
 // and packed shift kernels) launched with programmatic stream serialization (ops/cuda/common.h
 // DependentLaunchScope), so each may start while its predecessor runs, stage its weights, and wait for the
-// predecessor's output; and the layer products that cuBLASLt would run (dense, decoded shift, MoE stacked / masked)
-// run by the engine's small-M kernel instead (ops/cuda/small_gemm.h), because cuBLASLt's kernels let no successor
-// start early. Another f32 summation order than cuBLASLt's (the last bits differ). `automatic` (default): tried with
-// the row-fusion sets above by timing whole forwards, for M = B*N <= kVitDependentAutoMaxRows; `off` / `on` force it.
-enum class ViTCudaDependentLaunch { automatic, off, on };
+// predecessor's output. cuBLASLt's kernels let no successor start early, so `small_products` also runs the layer
+// products that cuBLASLt would run (dense, decoded shift, MoE stacked / masked) by the engine's small-M kernel
+// (ops/cuda/small_gemm.h; another f32 summation order, the last bits differ). `automatic` (default): off and on tried
+// with the row-fusion sets above by timing whole forwards, for M = B*N <= kVitDependentAutoMaxRows; the others force
+// a mode (small_products is never chosen automatically: slower than cuBLASLt at DeiT's sizes on the H200,
+// bench/RESULTS.md).
+enum class ViTCudaDependentLaunch { automatic, off, on, small_products };
 constexpr int kVitDependentAutoMaxRows = 1024;
 // One set of forms the automatic choice timed: fused forms, dependent launch, the forward's median microseconds (a
 // graph replay), and whether it was kept.

@@ -734,10 +734,10 @@ TEST_F(MoeMasked, VitCudaRowFusionModesAgree) {
   EXPECT_NE(path_of(paths_off, "blocks.1.attn.proj"), "(missing)");
 }
 
-// Dependent launch (ViTCudaDependentLaunch): forced on, the engine's small-M products and dependent launches of its
-// kernels give logits and routing within the tolerances of forced off (cuBLASLt, ordinary launches) and of the CPU,
-// graph replays and eager runs bit-identical (run_mode); with row fusion forced too; automatic tries every row-fusion
-// set with and without it (8 forward timings) and keeps the fastest.
+// Dependent launch (ViTCudaDependentLaunch): forced on, the same bits as forced off (only the launches differ); with
+// the engine's small-M products, logits and routing within the tolerances of forced off (cuBLASLt) and of the CPU,
+// also with row fusion forced; graph replays and eager runs bit-identical in every mode (run_mode); automatic tries
+// every row-fusion set with and without dependent launch (8 forward timings) and keeps the fastest.
 TEST_F(MoeMasked, VitCudaDependentLaunchModesAgree) {
   const VitConfig c = every_kind_config();
   Vit cpu(c);
@@ -753,22 +753,28 @@ TEST_F(MoeMasked, VitCudaDependentLaunchModesAgree) {
   const ModeRun off = run_mode(net, images, B);
   net.set_dependent_launch(ViTCudaDependentLaunch::on);
   const ModeRun on = run_mode(net, images, B);
+  net.set_dependent_launch(ViTCudaDependentLaunch::small_products);
+  const ModeRun small = run_mode(net, images, B);
   net.set_row_fusion(ViTCudaRowFusion::on);
-  const ModeRun on_rows = run_mode(net, images, B);
+  const ModeRun small_rows = run_mode(net, images, B);
   EXPECT_TRUE(net.row_fusion_choices(B).empty()) << "forced modes time nothing";
   net.set_row_fusion(ViTCudaRowFusion::automatic);
   net.set_dependent_launch(ViTCudaDependentLaunch::automatic);
   const ModeRun au = run_mode(net, images, B);
-  for (const ModeRun* r : {&on, &on_rows, &au}) {
+  EXPECT_TRUE(bit_identical(on.logits, off.logits)) << "dependent launch alone changes no arithmetic";
+  EXPECT_FALSE(bit_identical(small.logits, off.logits)) << "the small-M products did not run (cuBLASLt's bits)";
+  for (const ModeRun* r : {&small, &small_rows, &au}) {
     EXPECT_EQ(count_nonfinite(r->logits), 0u);
     const double e_off = norm_err(r->logits, off.logits), e_cpu = norm_err(r->logits, ref);
     std::printf("[ info ] dependent %s: vs forced off %.3e, vs CPU %.3e, routing vs CPU %.3f\n",
-                r == &on ? "on" : r == &on_rows ? "on + rows" : "auto", e_off, e_cpu, routing_vs_cpu(cpu, *r));
+                r == &small        ? "small products"
+                : r == &small_rows ? "small products + rows"
+                                   : "auto",
+                e_off, e_cpu, routing_vs_cpu(cpu, *r));
     EXPECT_LT(e_off, 3e-2);
     EXPECT_LT(e_cpu, 3e-2);
     EXPECT_LT(routing_vs_cpu(cpu, *r), 0.02);
   }
-  EXPECT_FALSE(bit_identical(on.logits, off.logits)) << "the small-M products did not run (same bits as cuBLASLt)";
   const std::vector<ViTCudaRowChoice> choices = net.row_fusion_choices(B);
   ASSERT_EQ(choices.size(), 8u);
   int chosen = 0, dependent = 0;
