@@ -208,9 +208,10 @@ struct ViTCuda::Impl {
   int moe_ka = 0;                        // widest W_aug of a masked MoE layer (x_aug scratch columns)
   std::vector<ShiftLayer> shift_layers;  // in forward order
   ViTCudaShiftPath shift_mode = ViTCudaShiftPath::automatic;
-  ViTCudaRowFusion row_mode = ViTCudaRowFusion::automatic;  // set_row_fusion
-  // automatic row fusion: per M the whole-forward timing of each set of forms (choose_rows) and the set chosen
+  ViTCudaRowFusion row_mode = ViTCudaRowFusion::automatic;              // set_row_fusion
   ViTCudaDependentLaunch dep_mode = ViTCudaDependentLaunch::automatic;  // set_dependent_launch
+  // automatic row fusion / dependent launch: per M the whole-forward timing of each set of forms (choose_rows) and the
+  // set chosen
   struct RowForms {
     bool proj = false, fc2 = false;
     bool dependent = false;  // dependent launch (vit_cuda.h ViTCudaDependentLaunch)
@@ -335,7 +336,7 @@ struct ViTCuda::Impl {
     product(xin, L.w, epi == Epi::residual ? static_cast<const void*>(L.b32) : L.b16, M, L.K, L.F, epi, out, s);
   }
   // out (M, F) contiguous = [epi](x W^T + b), b f32 (residual) or bf16 (else) or nullptr: cuBLASLt, or the engine's
-  // small-M kernel when the forward runs them (RowForms::dependent).
+  // small-M kernel when the forward runs them (ViTCudaDependentLaunch::small_products).
   void product(const bf16* x, const bf16* w, const void* b, int M, int K, int F, Epi epi, void* out, cudaStream_t s) {
     const bool small = small_products && cuda::small_linear_supports(M, K, F);
     if (epi == Epi::residual) {
@@ -870,6 +871,8 @@ void ViTCuda::set_row_fusion(ViTCudaRowFusion mode) {
   SAV_CUDA_CHECK(cudaDeviceSynchronize());  // replays in flight
   m.graphs.clear();                         // captured with the other kernels
   for (ShiftLayer& sl : m.shift_layers) sl.rows_fused.clear();
+  m.row_chosen.clear();  // automatic choices made under the other mode (they may not have tried the forms)
+  m.row_timings.clear();
 }
 
 ViTCudaRowFusion ViTCuda::row_fusion() const { return impl_->row_mode; }
@@ -880,7 +883,8 @@ void ViTCuda::set_dependent_launch(ViTCudaDependentLaunch mode) {
   m.dep_mode = mode;
   SAV_CUDA_CHECK(cudaDeviceSynchronize());  // replays in flight
   m.graphs.clear();
-  m.row_chosen.clear();  // the automatic choices were made with the other mode
+  for (ShiftLayer& sl : m.shift_layers) sl.rows_fused.clear();
+  m.row_chosen.clear();  // automatic choices made under the other mode
   m.row_timings.clear();
 }
 

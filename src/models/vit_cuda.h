@@ -47,7 +47,10 @@
 //                 bit for bit the separate kernels' results);
 //   rows-fused    at small batch (ViTCudaRowFusion): proj + residual + LN2 + fc1's router and mask as one kernel,
 //                 and a stacked fc2 + its residual epilogue + the next LN1 as one kernel (thread-block clusters
-//                 per 16-row tile), where timing the whole forward shows them faster.
+//                 per 16-row tile), where timing the whole forward shows them faster;
+//   dependent     at small batch (ViTCudaDependentLaunch): the engine's own kernels launched with programmatic
+//                 dependent launch (weights staged before they wait for their predecessor), where timing shows it
+//                 faster.
 //
 // Legend: B batch, N tokens, C width, H heads, F mlp hidden, V classes, Cin channels, S image side,
 // M = B*N rows.

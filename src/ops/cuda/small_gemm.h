@@ -19,6 +19,9 @@
 // epilogue (GELU: the tanh form, as cuBLASLt's; residual: y + (s + b)). Results do not depend on the grid or on the
 // launch mode: a rerun, and a run under a DependentLaunchScope, give the same bits.
 // Limits (small_linear_supports): K % 16 == 0 and K <= 1536 (shared memory), F and ldy even.
+// Measured on the H200 (bench/RESULTS.md, session 11): slower than cuBLASLt at DeiT-Tiny's batch-1 shapes (four
+// products 16.5 us against 12.9, 15.5 under dependent launch), so ViTCuda runs it only when forced
+// (ViTCudaDependentLaunch::small_products).
 #pragma once
 
 #include "ops/cuda/common.h"
