@@ -67,7 +67,6 @@ struct ShiftLayer {
   bool packed_ok = false;
   cuda::ShiftPackedWeights packed;
   std::map<int, ShiftChoice> chosen;  // by M
-  std::set<int> rows_fused;           // the M whose forward ran this layer in a rows-fused kernel
 };
 
 // Which MoE linears of the layered path run the masked product (ops.h moe_route_mask_forward + one Gemm with the
@@ -469,6 +468,17 @@ struct ViTCuda::Impl {
            f1.wa && rows_fusable(M, pj.K, cfg.dim, cfg.dim);
   }
 
+  // Block l's fc2 is a stacked MoE linear whose residual epilogue also writes the next block's LayerNorm (one kernel,
+  // or with the product as the rows-fused fc2 form where fc2_fusable).
+  bool fc2_next_ln(size_t l) const {
+    const Lin& f2 = blocks[l].fc2;
+    return l + 1 < blocks.size() && f2.kind == LinearKind::moe && !f2.wa &&
+           cuda::moe_epilogue_residual_ln_supports(cfg.dim);
+  }
+  bool fc2_fusable(size_t l, int M) const {
+    return fc2_next_ln(l) && rows_fusable(M, blocks[l].fc2.K, cfg.dim, blocks[l].fc2.Fs);
+  }
+
   // The two forms and their two ways, writing x (the residual stream), the bf16 output (x_aug of the next masked
   // fc1 / the next block's LayerNorm) and the routing choices (nullptr: not written) where they are told.
   //   proj: x += proj(ao), then LN2 + fc1's router + mask -> x_aug
@@ -526,11 +536,8 @@ struct ViTCuda::Impl {
     if (cap != cudaStreamCaptureStatusNone) return;  // inside the caller's capture: unfused, no choice recorded
     bool any_proj = false, any_fc2 = false;
     for (size_t l = 0; auto_rows && l < blocks.size(); ++l) {
-      const BlockWeights& w = blocks[l];
-      any_proj = any_proj || proj_fusable(w, M);
-      any_fc2 =
-          any_fc2 || (l + 1 < blocks.size() && w.fc2.kind == LinearKind::moe && !w.fc2.wa &&
-                      cuda::moe_epilogue_residual_ln_supports(cfg.dim) && rows_fusable(M, w.fc2.K, cfg.dim, w.fc2.Fs));
+      any_proj = any_proj || proj_fusable(blocks[l], M);
+      any_fc2 = any_fc2 || fc2_fusable(l, M);
     }
     if (!any_proj && !any_fc2 && !auto_dep) {
       row_chosen[M] = RowForms{};
@@ -560,7 +567,6 @@ struct ViTCuda::Impl {
         throw;
       }
     }
-    for (ShiftLayer& sl : shift_layers) sl.rows_fused.erase(M);  // the trials' records; the real forwards write it
     for (ViTCudaRowChoice& t : timings)
       t.chosen = t.proj == best.proj && t.fc2 == best.fc2 && t.dependent == best.dependent;
     row_timings[M] = std::move(timings);
@@ -610,7 +616,6 @@ struct ViTCuda::Impl {
       if (proj_fusable(w, M)) {  // proj + residual, then LN2 + fc1's router and mask: one kernel or two
         const bool fused = forms.proj;
         proj_rows(w, M, fused, x.get(), moe_xa.get(), choice_slot(w.fc1), s);
-        if (fused && w.proj.shift >= 0) shift_layers[w.proj.shift].rows_fused.insert(M);
         masked_product(w.fc1, M, Epi::gelu, hid.get(), F, s);
       } else if (w.fc1.wa && cuda::moe_ln_route_mask_supports(C)) {  // masked fc1: its LayerNorm fused into the router
         linear(w.proj, ao.get(), M, Epi::residual, x.get(), C, s);
@@ -623,11 +628,10 @@ struct ViTCuda::Impl {
         linear(w.fc1, xn.get(), M, Epi::gelu, hid.get(), F, s);
       }
       // a stacked MoE fc2: its residual epilogue fused with the next block's LayerNorm
-      ln1_done = l + 1 < blocks.size() && w.fc2.kind == LinearKind::moe && !w.fc2.wa &&
-                 cuda::moe_epilogue_residual_ln_supports(C);
+      ln1_done = fc2_next_ln(l);
       if (ln1_done) {  // product + routing epilogue + the next LN1: one kernel or two
         const BlockWeights& next = blocks[l + 1];
-        const bool fused = rows_fusable(M, w.fc2.K, C, w.fc2.Fs) && forms.fc2;
+        const bool fused = fc2_fusable(l, M) && forms.fc2;
         fc2_rows(w, next, M, fused, x.get(), xn.get(), choice_slot(w.fc2), s);
       } else {
         linear(w.fc2, hid.get(), M, Epi::residual, x.get(), C, s);
@@ -806,12 +810,17 @@ std::vector<ViTCudaShiftChoice> ViTCuda::shift_choices(int B) const {
   std::vector<ViTCudaShiftChoice> out;
   if (m.shift_layers.empty() || B < 1 || m.use_fused(B)) return out;
   const int M = B * m.cfg.tokens();
-  for (const ShiftLayer& sl : m.shift_layers) {
+  std::set<int> rows_fused;  // the shift layers a forward of B runs in a rows-fused proj kernel (as Impl::enqueue)
+  if (m.forms_for(M).proj)
+    for (const auto& w : m.blocks)
+      if (w.proj.shift >= 0 && m.proj_fusable(w, M)) rows_fused.insert(w.proj.shift);
+  for (size_t i = 0; i < m.shift_layers.size(); ++i) {
+    const ShiftLayer& sl = m.shift_layers[i];
     ViTCudaShiftChoice c;
     c.layer = sl.name;
     cuda::ShiftPath path = cuda::shift_path_cublas_decoded;
     const bool can_pack = sl.packed_ok && M <= cuda::shift_gpu_max_rows;  // as Impl::shift_path_for
-    if (sl.rows_fused.count(M)) {
+    if (rows_fused.count(static_cast<int>(i))) {
       c.path = "rows_fused";
       out.push_back(std::move(c));
       continue;
@@ -870,7 +879,6 @@ void ViTCuda::set_row_fusion(ViTCudaRowFusion mode) {
   m.row_mode = mode;
   SAV_CUDA_CHECK(cudaDeviceSynchronize());  // replays in flight
   m.graphs.clear();                         // captured with the other kernels
-  for (ShiftLayer& sl : m.shift_layers) sl.rows_fused.clear();
   m.row_chosen.clear();  // automatic choices made under the other mode (they may not have tried the forms)
   m.row_timings.clear();
 }
@@ -883,7 +891,6 @@ void ViTCuda::set_dependent_launch(ViTCudaDependentLaunch mode) {
   m.dep_mode = mode;
   SAV_CUDA_CHECK(cudaDeviceSynchronize());  // replays in flight
   m.graphs.clear();
-  for (ShiftLayer& sl : m.shift_layers) sl.rows_fused.clear();
   m.row_chosen.clear();  // automatic choices made under the other mode
   m.row_timings.clear();
 }

@@ -298,28 +298,33 @@ __global__ void __launch_bounds__(kThreads, 1) rows_fused_kernel(const __grid_co
 
 bool aligned16(const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; }
 
-RowsParams rows_params(const bf16* a, int lda, const bf16* w, int M, int K, int C, int Fc, int cluster) {
+RowsParams rows_params(const bf16* a, int lda, const bf16* w, int M, int K, int C, int Fc, int G) {
   RowsParams p{};
   p.a = a, p.w = w, p.lda = lda, p.M = M, p.K = K, p.Kp = (K + 31) / 32 * 32, p.Fc = Fc, p.C = C;
-  p.G = cluster == 0 ? rows_fused_cluster(M) : cluster;
+  p.G = G;
   p.nt = (Fc + 7) / 8;
   p.parts = (p.Kp + kPartK - 1) / kPartK;
   return p;
 }
 
-void check_rows(const char* what, const bf16* a, int lda, const bf16* w, int M, int K, int C, int Fc, int cluster) {
+// The cluster size a launcher runs: `cluster` (1, 2, 4 or 8), or 0: rows_fused_cluster(M).
+int resolve_cluster(const char* what, int cluster, int M) {
+  SAV_CHECK(cluster == 0 || cluster == 1 || cluster == 2 || cluster == 4 || cluster == 8,
+            what << ": cluster size " << cluster << " must be 1, 2, 4 or 8 (0: automatic)");
+  return cluster == 0 ? rows_fused_cluster(M) : cluster;
+}
+
+void check_rows(const char* what, const bf16* a, int lda, const bf16* w, int M, int K, int C, int Fc, int G) {
   SAV_CHECK(a && w, what << ": null pointer");
   SAV_CHECK(M >= 0 && K >= 8 && K % 8 == 0 && K <= kMaxParts * kPartK && C >= 4 && C % 4 == 0 && C <= ln::kMaxCols &&
                 lda >= K && lda % 8 == 0,
             what << ": sizes M=" << M << " K=" << K << " C=" << C << " lda=" << lda
                  << " not supported (K % 8 == 0, K <= " << kMaxParts * kPartK << ", C % 4 == 0, C <= " << ln::kMaxCols
                  << ", lda >= K and a multiple of 8)");
-  SAV_CHECK(cluster == 0 || cluster == 1 || cluster == 2 || cluster == 4 || cluster == 8,
-            what << ": cluster size " << cluster << " must be 1, 2, 4 or 8 (0: automatic)");
   SAV_CHECK(aligned16(a) && aligned16(w), what << ": the input and the weight must be 16-byte aligned");
-  SAV_CHECK(rows_fused_supports(K, C, Fc, cluster == 0 ? rows_fused_cluster(M) : cluster),
-            what << ": K=" << K << " C=" << C << " " << Fc << " output columns do not fit one CTA's shared memory at "
-                 << "cluster size " << (cluster == 0 ? rows_fused_cluster(M) : cluster));
+  SAV_CHECK(rows_fused_supports(K, C, Fc, G), what << ": K=" << K << " C=" << C << " " << Fc
+                                                   << " output columns do not fit one CTA's shared memory at "
+                                                   << "cluster size " << G);
   SAV_CHECK(device_cc_major() >= 9, what << ": needs a compute capability 9.0 device (thread-block clusters)");
 }
 
@@ -361,7 +366,8 @@ void rows_linear_ln_mask_forward(float* x, int ldx, const bf16* a, int lda, cons
                                  const float* br, bf16* xa, int ldxa, int8_t* choice, cudaStream_t stream,
                                  int cluster) {
   const char* what = "rows linear+layernorm+mask";
-  check_rows(what, a, lda, w, M, K, C, C, cluster);
+  const int G = resolve_cluster(what, cluster, M);
+  check_rows(what, a, lda, w, M, K, C, C, G);
   SAV_CHECK(x && b && ln_w && ln_b && wr && br && xa, what << ": null pointer");
   const int Ka = moe_masked_cols(C);
   SAV_CHECK(
@@ -370,7 +376,7 @@ void rows_linear_ln_mask_forward(float* x, int ldx, const bf16* a, int lda, cons
   SAV_CHECK(aligned16(x) && aligned16(b) && aligned16(ln_w) && aligned16(ln_b) && aligned16(wr) &&
                 reinterpret_cast<uintptr_t>(xa) % 8 == 0,
             what << ": misaligned pointers");
-  RowsParams p = rows_params(a, lda, w, M, K, C, C, cluster);
+  RowsParams p = rows_params(a, lda, w, M, K, C, C, G);
   p.epi = rows_epi_linear_ln_mask;
   p.x = x, p.ldx = ldx, p.b = b, p.ln_w = ln_w, p.ln_b = ln_b, p.eps = eps, p.wr = wr, p.br = br;
   p.xa = xa, p.ldxa = ldxa, p.Ka = Ka, p.choice = choice;
@@ -382,8 +388,8 @@ void rows_moe_residual_ln_forward(float* x, int ldx, int8_t* choice, const bf16*
                                   bf16* xn, int ldxn, const float* ln_w, const float* ln_b, float eps,
                                   cudaStream_t stream, int cluster) {
   const char* what = "rows moe+residual+layernorm";
-  const int Fs = moe_stack_rows(C);
-  check_rows(what, h, ldh, ws, M, K, C, Fs, cluster);
+  const int Fs = moe_stack_rows(C), G = resolve_cluster(what, cluster, M);
+  check_rows(what, h, ldh, ws, M, K, C, Fs, G);
   SAV_CHECK(x && b0 && b1 && br && xn && ln_w && ln_b, what << ": null pointer");
   SAV_CHECK(gate == moe_gate_straight_through || gate == moe_gate_prob, what << ": unknown gate " << int(gate));
   SAV_CHECK(ldx >= C && ldx % 4 == 0 && ldxn >= C && ldxn % 4 == 0,
@@ -391,7 +397,7 @@ void rows_moe_residual_ln_forward(float* x, int ldx, int8_t* choice, const bf16*
   SAV_CHECK(aligned16(x) && aligned16(b0) && aligned16(b1) && aligned16(ln_w) && aligned16(ln_b) &&
                 reinterpret_cast<uintptr_t>(xn) % 8 == 0,
             what << ": misaligned pointers");
-  RowsParams p = rows_params(h, ldh, ws, M, K, C, Fs, cluster);
+  RowsParams p = rows_params(h, ldh, ws, M, K, C, Fs, G);
   p.epi = rows_epi_moe_residual_ln;
   p.x = x, p.ldx = ldx, p.b0 = b0, p.b1 = b1, p.br = br, p.gate = gate, p.xn = xn, p.ldxn = ldxn;
   p.ln_w = ln_w, p.ln_b = ln_b, p.eps = eps, p.choice = choice;
