@@ -424,29 +424,34 @@ __global__ void __launch_bounds__(512, kMinBlocks) hamming_kernel(const __grid_c
   auto next_unit = [&](Cursor& c, bool more) {  // more: another unit follows
     if (++c.nt == NT && more) c.nt = 0, c.r = tile_rows(++c.tl);
   };
-  // z is kept in registers when no warp has more than kKeep units, else recomputed in the second pass
+  // z is kept in registers when no warp has more than kKeep units, else recomputed in the second pass.
+  // for_units(f) calls f(rows, column tile, z, kept) for the warp's units in order: z is zk[j] (registers, kept)
+  // when they are few enough, else a fresh local.
   constexpr int kKeep = kMinBlocks == 1 ? 4 : 2;
   const bool keep = (U + W - 1) / W <= kKeep;
   float zk[kKeep][4];
-  if (u0 < u1) {
+  auto for_units = [&](auto&& f) {
+    if (u0 >= u1) return;
     Cursor c = first_unit();
     if (keep) {
 #pragma unroll
       for (int j = 0; j < kKeep; ++j)
         if (u0 + j < u1) {
-          tile_z(c.r, c.nt, zk[j]);
-          put_norm(c.r, c.nt, zk[j]);
+          f(c.r, c.nt, zk[j], true);
           next_unit(c, u0 + j + 1 < u1);
         }
     } else {
       for (int u = u0; u < u1; ++u) {
         float z[4];
-        tile_z(c.r, c.nt, z);
-        put_norm(c.r, c.nt, z);
+        f(c.r, c.nt, z, false);
         next_unit(c, u + 1 < u1);
       }
     }
-  }
+  };
+  for_units([&](const UnitRows& r, int nt, float(&z)[4], bool) {
+    tile_z(r, nt, z);
+    put_norm(r, nt, z);
+  });
   __syncthreads();
   // 1 / max(||z||, eps) of the CTA's rows: the column tiles' partials added in order (the same for every G)
   for (int i = t0 * 16 + tid; i < t1 * 16; i += T) {
@@ -483,24 +488,10 @@ __global__ void __launch_bounds__(512, kMinBlocks) hamming_kernel(const __grid_c
       }
     }
   };
-  if (u0 < u1) {
-    Cursor c = first_unit();
-    if (keep) {
-#pragma unroll
-      for (int j = 0; j < kKeep; ++j)
-        if (u0 + j < u1) {
-          emit(c.r, c.nt, zk[j]);
-          next_unit(c, u0 + j + 1 < u1);
-        }
-    } else {
-      for (int u = u0; u < u1; ++u) {
-        float z[4];
-        tile_z(c.r, c.nt, z);
-        emit(c.r, c.nt, z);
-        next_unit(c, u + 1 < u1);
-      }
-    }
-  }
+  for_units([&](const UnitRows& r, int nt, float(&z)[4], bool kept) {
+    if (!kept) tile_z(r, nt, z);
+    emit(r, nt, z);
+  });
 #endif
 }
 
