@@ -396,9 +396,10 @@ int main(int argc, char** argv) {
                 if (shift_paths) print_shift_paths(net, B, path_name);
                 if (net.vit && (auto_rows || auto_dep) && path_name.rfind("layered", 0) == 0)
                   for (const sav::ViTCudaRowChoice& c : net.vit->row_fusion_choices(B))
-                    std::printf("  row fusion: proj %-3s fc2 %-3s dependent %-3s forward %8.2f us in a graph%s\n",
-                                c.proj ? "on" : "off", c.fc2 ? "on" : "off", c.dependent ? "on" : "off", c.forward_us,
-                                c.chosen ? "  <- chosen" : "");
+                    std::printf(
+                        "  row fusion: ham %-3s proj %-3s fc2 %-3s dependent %-3s forward %8.2f us in a graph%s\n",
+                        c.ham ? "on" : "off", c.proj ? "on" : "off", c.fc2 ? "on" : "off", c.dependent ? "on" : "off",
+                        c.forward_us, c.chosen ? "  <- chosen" : "");
                 std::fflush(stdout);
                 if (js)
                   js << "{\"model\": \"" << name << "\", \"variant\": \"" << vname << "\", \"batch\": " << B

@@ -214,6 +214,7 @@ struct ViTCuda::Impl {
   struct RowForms {
     bool proj = false, fc2 = false;
     bool dependent = false;  // dependent launch (vit_cuda.h ViTCudaDependentLaunch)
+    bool ham = false;        // Hamming attention + proj + LN2 + fc1's router and mask as one kernel (ham_fusable)
   };
   bool small_products = false;  // the forward being enqueued runs dense products by cuda::small_linear_*
   std::map<int, std::vector<ViTCudaRowChoice>> row_timings;
@@ -479,6 +480,16 @@ struct ViTCuda::Impl {
     return fc2_next_ln(l) && rows_fusable(M, blocks[l].fc2.K, cfg.dim, blocks[l].fc2.Fs);
   }
 
+  // A Hamming block (the per-head kernel) whose proj (dense, or shift on the automatic path), residual, LN2 and masked
+  // fc1's router + mask can run inside the Hamming kernel (ops.h hamming_attention_proj_ln_mask_forward).
+  bool ham_fusable(const BlockWeights& w, int B) const {
+    const Lin &pj = w.proj, &f1 = w.fc1;
+    return row_mode != ViTCudaRowFusion::off && w.attn == 'h' && w.ham_prep && pj.kind != LinearKind::moe && pj.b32 &&
+           (pj.shift < 0 || shift_mode == ViTCudaShiftPath::automatic) && f1.wa &&
+           f1.Ka == cuda::moe_masked_cols(cfg.dim) &&
+           cuda::hamming_attention_proj_supports(B, cfg.tokens(), cfg.dim, cfg.heads, cfg.hash_bits, cfg.anchors);
+  }
+
   // The two forms and their two ways, writing x (the residual stream), the bf16 output (x_aug of the next masked
   // fc1 / the next block's LayerNorm) and the routing choices (nullptr: not written) where they are told.
   //   proj: x += proj(ao), then LN2 + fc1's router + mask -> x_aug
@@ -516,7 +527,7 @@ struct ViTCuda::Impl {
     } else if (const auto it = row_chosen.find(M); it != row_chosen.end()) {
       f = it->second;
     }
-    if (row_mode != ViTCudaRowFusion::automatic) f.proj = f.fc2 = row_mode == ViTCudaRowFusion::on;
+    if (row_mode != ViTCudaRowFusion::automatic) f.proj = f.fc2 = f.ham = row_mode == ViTCudaRowFusion::on;
     if (dep_mode != ViTCudaDependentLaunch::automatic) f.dependent = dep_mode != ViTCudaDependentLaunch::off;
     return f;
   }
@@ -534,12 +545,15 @@ struct ViTCuda::Impl {
     cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
     SAV_CUDA_CHECK(cudaStreamIsCapturing(s, &cap));
     if (cap != cudaStreamCaptureStatusNone) return;  // inside the caller's capture: unfused, no choice recorded
-    bool any_proj = false, any_fc2 = false;
+    bool any_proj = false, any_fc2 = false, any_ham = false, proj_beside_ham = false;
     for (size_t l = 0; auto_rows && l < blocks.size(); ++l) {
-      any_proj = any_proj || proj_fusable(blocks[l], M);
+      const bool pf = proj_fusable(blocks[l], M), hf = ham_fusable(blocks[l], B);
+      any_proj = any_proj || pf;
+      any_ham = any_ham || hf;
+      proj_beside_ham = proj_beside_ham || (pf && !hf);  // a block the Hamming form does not take
       any_fc2 = any_fc2 || fc2_fusable(l, M);
     }
-    if (!any_proj && !any_fc2 && !auto_dep) {
+    if (!any_proj && !any_fc2 && !any_ham && !auto_dep) {
       row_chosen[M] = RowForms{};
       return;
     }
@@ -548,9 +562,12 @@ struct ViTCuda::Impl {
     double best_us = 0.0;
     std::vector<RowForms> sets;
     for (const bool dep : {false, true})
-      for (const RowForms f :
-           {RowForms{false, false}, RowForms{true, false}, RowForms{false, true}, RowForms{true, true}})
-        if ((!f.proj || any_proj) && (!f.fc2 || any_fc2) && (!dep || auto_dep)) sets.push_back({f.proj, f.fc2, dep});
+      for (const bool ham : {false, true})
+        for (const RowForms f :
+             {RowForms{false, false}, RowForms{true, false}, RowForms{false, true}, RowForms{true, true}})
+          if ((!f.proj || (ham ? proj_beside_ham : any_proj)) && (!f.fc2 || any_fc2) && (!dep || auto_dep) &&
+              (!ham || any_ham))
+            sets.push_back({f.proj, f.fc2, dep, ham});
     for (const RowForms& f : sets) {
       row_trial = &f;
       try {
@@ -560,7 +577,7 @@ struct ViTCuda::Impl {
                                                 capture_stream.get(), 1, 15);
         const RowForms ran = forms_for(M);  // the trial as the forced modes leave it
         row_trial = nullptr;
-        timings.push_back({ran.proj, ran.fc2, ran.dependent, static_cast<float>(us), false});
+        timings.push_back({ran.proj, ran.fc2, ran.dependent, ran.ham, static_cast<float>(us), false});
         if (timings.size() == 1 || us < best_us) best = f, best_us = us;
       } catch (...) {
         row_trial = nullptr;
@@ -568,7 +585,7 @@ struct ViTCuda::Impl {
       }
     }
     for (ViTCudaRowChoice& t : timings)
-      t.chosen = t.proj == best.proj && t.fc2 == best.fc2 && t.dependent == best.dependent;
+      t.chosen = t.proj == best.proj && t.fc2 == best.fc2 && t.dependent == best.dependent && t.ham == best.ham;
     row_timings[M] = std::move(timings);
     row_chosen[M] = best;
   }
@@ -604,7 +621,12 @@ struct ViTCuda::Impl {
         }
         // The per-head kernel (G CTAs per image and head, G from hamming_attention_split) where it
         // covers the sizes, else the tiled kernel (any N).
-        if (w.ham_prep) {
+        if (forms.ham && ham_fusable(w, B)) {
+          cuda::hamming_attention_proj_ln_mask_forward(x.get(), C, qkv.get(), 2 * C, qkv.get() + C, 2 * C, w.ham_prep,
+                                                       w.conv, w.proj.w, w.proj.b32, w.ln2_w, w.ln2_b, eps, w.fc1.wr,
+                                                       w.fc1.br, moe_xa.get(), w.fc1.Ka, choice_slot(w.fc1), B, N, C, H,
+                                                       cfg.hash_bits, cfg.anchors, s);
+        } else if (w.ham_prep) {
           cuda::hamming_attention_forward_ld(ao.get(), C, qkv.get(), 2 * C, qkv.get() + C, 2 * C, w.ham_prep, w.conv, B,
                                              N, C, H, cfg.hash_bits, cfg.anchors, s);
         } else {
@@ -613,7 +635,9 @@ struct ViTCuda::Impl {
                                               w.conv, hd, ham_ws.get(), s);
         }
       }
-      if (proj_fusable(w, M)) {  // proj + residual, then LN2 + fc1's router and mask: one kernel or two
+      if (forms.ham && ham_fusable(w, B)) {  // proj, LN2 and the router ran in the Hamming kernel
+        masked_product(w.fc1, M, Epi::gelu, hid.get(), F, s);
+      } else if (proj_fusable(w, M)) {  // proj + residual, then LN2 + fc1's router and mask: one kernel or two
         const bool fused = forms.proj;
         proj_rows(w, M, fused, x.get(), moe_xa.get(), choice_slot(w.fc1), s);
         masked_product(w.fc1, M, Epi::gelu, hid.get(), F, s);
@@ -811,9 +835,10 @@ std::vector<ViTCudaShiftChoice> ViTCuda::shift_choices(int B) const {
   if (m.shift_layers.empty() || B < 1 || m.use_fused(B)) return out;
   const int M = B * m.cfg.tokens();
   std::set<int> rows_fused;  // the shift layers a forward of B runs in a rows-fused proj kernel (as Impl::enqueue)
-  if (m.forms_for(M).proj)
-    for (const auto& w : m.blocks)
-      if (w.proj.shift >= 0 && m.proj_fusable(w, M)) rows_fused.insert(w.proj.shift);
+  const auto forms = m.forms_for(M);
+  for (const auto& w : m.blocks)
+    if (w.proj.shift >= 0 && ((forms.ham && m.ham_fusable(w, B)) || (forms.proj && m.proj_fusable(w, M))))
+      rows_fused.insert(w.proj.shift);
   for (size_t i = 0; i < m.shift_layers.size(); ++i) {
     const ShiftLayer& sl = m.shift_layers[i];
     ViTCudaShiftChoice c;

@@ -76,11 +76,13 @@ namespace sav {
 enum class ViTCudaPath { automatic, layered, fused };
 constexpr int kVitFusedAutoMaxBatch = 0;
 
-// Rows-fused kernels at small batch (ops/cuda/ops.h rows_linear_ln_mask_forward, rows_moe_residual_ln_forward): where
-// a cluster of at least 4 CTAs per 16-row tile fits the SMs (batch 1-2 of DeiT's 197 tokens) and the weights fit
-// shared memory, two forms of the layered path can run as one kernel instead of two: "proj" (a proj linear, dense or
-// shift on the automatic shift path, with its residual, then a masked MoE fc1's LayerNorm + router + mask) and "fc2"
-// (a stacked MoE fc2 with its residual routing epilogue and the next block's LayerNorm). Their products sum in their
+// Rows-fused kernels at small batch (ops/cuda/ops.h rows_linear_ln_mask_forward, rows_moe_residual_ln_forward,
+// hamming_attention_proj_ln_mask_forward): where a cluster of at least 4 CTAs per 16-row tile fits the SMs (batch 1-2
+// of DeiT's 197 tokens) and the weights fit shared memory, three forms of the layered path can run fused: "proj" (a
+// proj linear, dense or shift on the automatic shift path, with its residual, then a masked MoE fc1's LayerNorm +
+// router + mask: one kernel instead of two), "ham" (the same inside a Hamming block's attention kernel, for C <= 256
+// and one 16-token tile per CTA: one kernel instead of three) and "fc2" (a stacked MoE fc2 with its residual routing
+// epilogue and the next block's LayerNorm). Their products sum in their
 // own f32 order (the last bits differ from cuBLASLt's). `automatic` (default): the first forward of a batch size
 // (eager or graph) times a whole forward (a CUDA graph) with each set of the forms fused and keeps the fastest (on the
 // H200 the fused proj wins at DeiT-Small's width and loses at DeiT-Tiny's: bench/RESULTS.md); a forward enqueued inside
@@ -97,10 +99,11 @@ enum class ViTCudaRowFusion { automatic, off, on };
 // bench/RESULTS.md).
 enum class ViTCudaDependentLaunch { automatic, off, on, small_products };
 constexpr int kVitDependentAutoMaxRows = 1024;
-// One set of forms the automatic choice timed: fused forms, dependent launch, the forward's median microseconds (a
-// graph replay), and whether it was kept.
+// One set of forms the automatic choice timed: fused forms (ham: a Hamming block's proj + LN2 + router in its attention
+// kernel; proj: the other proj-fusable blocks', or all when ham is off), dependent launch, the forward's median
+// microseconds (a graph replay), and whether it was kept.
 struct ViTCudaRowChoice {
-  bool proj = false, fc2 = false, dependent = false;
+  bool proj = false, fc2 = false, dependent = false, ham = false;
   float forward_us = -1.0f;
   bool chosen = false;
 };
@@ -173,8 +176,8 @@ class ViTCuda {
   // Shift linears of the layered path, in forward order: 0 for models without shift linears.
   int shift_layer_count() const;
   // (layer, path) of every shift linear for a forward of B images: the forced path, or what the automatic choice
-  // picked (the first forward of B times them), or "rows_fused" for a proj run in a rows-fused kernel
-  // (set_row_fusion). Empty when the model has no shift linears, when the automatic
+  // picked (the first forward of B times them), or "rows_fused" for a proj run in a fused kernel (rows-fused or
+  // Hamming; set_row_fusion). Empty when the model has no shift linears, when the automatic
   // choice has not run for B yet, or when B runs the fused kernel (path_name(B) == "fused"). Layer names: the
   // checkpoint prefix ("blocks.3.mlp.fc1"); a Hamming block's stacked to_qk and to_v (one product, one packed
   // weight of 2C rows) is "blocks.{i}.attn.to_qk+to_v". Shift linears stay on (and report) cublas_decoded in

@@ -697,3 +697,76 @@ TEST_F(RowsFused, BadArgumentsThrow) {
     device_sync();
   }
 }
+
+// hamming_attention_proj_ln_mask_forward (ops.h): a = hamming_attention_forward_ld's output on the same inputs (the
+// same code, its bf16 values), then x against x0 + (a W^T + b) in double within kRel (lin_x_bad), the gap columns
+// and the rows past M untouched, x_aug and the choices bit for bit moe_ln_route_mask_forward on the kernel's own x;
+// a rerun gives the same bits; images of a batch of two equal single-image runs; unsupported sizes throw.
+TEST_F(RowsFused, HammingProjLnMaskMatchesDefinition) {
+  struct Case {
+    int B, N, C, H, nbits, m;
+  };
+  for (const Case cs : {Case{1, 197, 192, 3, 16, 25}, Case{2, 197, 192, 3, 16, 25}, Case{1, 50, 96, 3, 16, 25},
+                        Case{1, 37, 128, 4, 8, 9}}) {
+    const int B = cs.B, N = cs.N, C = cs.C, H = cs.H, M = B * N;
+    SCOPED_TRACE(dims({{"B", B}, {"N", N}, {"C", C}, {"H", H}}));
+    ASSERT_TRUE(cuda::hamming_attention_proj_supports(B, N, C, H, cs.nbits, cs.m));
+    // qk, v (M, C) bf16 in one (M, 2C) buffer; KSH weights fitted to qk
+    const std::vector<float> qkv = round_bf16(normal(size_t(M) * 2 * C, 900 + N, 0.7f));
+    std::vector<float> qk(size_t(M) * C);
+    for (int r = 0; r < M; ++r)
+      for (int j = 0; j < C; ++j) qk[size_t(r) * C + j] = qkv[size_t(r) * 2 * C + j];
+    const KshWeights kw = fitted_ksh_weights<double>(qk, N, C, H, cs.nbits, cs.m, 31 + N);
+    auto dqkv = upload_as<bf16>(qkv);
+    auto da = upload(kw.anchors), dmu = upload(kw.mu), dA = upload(kw.A), dconv = upload(kw.conv);
+    DeviceBuffer<unsigned char> prep(cuda::hamming_attention_prepared_bytes(C, H, cs.nbits));
+    cuda::hamming_attention_prepare(prep.get(), da.get(), dmu.get(), dA.get(), C, H, cs.nbits, cs.m, nullptr);
+    auto dao = poisoned<bf16>(size_t(M) * C);
+    cuda::hamming_attention_forward_ld(dao.get(), C, dqkv.get(), 2 * C, dqkv.get() + C, 2 * C, prep.get(), dconv.get(),
+                                       B, N, C, H, cs.nbits, cs.m, nullptr);
+    device_sync();
+    // the linear case with a = the attention output
+    LinCase c = lin_case(M, C, C, 4000 + N + C);
+    c.af = download_f32(dao);
+    c.a = sav::cuda::to_bf16(c.af.data(), c.af.size()), c.lda = C;
+    const LinDev d(c);
+    auto run = [&](int b0, int nb) {
+      const int Mr = nb * N;
+      std::vector<float> x0(c.x0.begin() + size_t(b0) * N * c.ldx, c.x0.begin() + size_t(b0 + nb) * N * c.ldx);
+      auto dx = with_tail(x0, size_t(kTail) * c.ldx);
+      auto dxa = poisoned<bf16>(size_t(Mr + kTail) * c.ldxa);
+      auto dch = poisoned<int8_t>(Mr + kTail);
+      const size_t off = size_t(b0) * N * 2 * C;
+      cuda::hamming_attention_proj_ln_mask_forward(dx.get(), c.ldx, dqkv.get() + off, 2 * C, dqkv.get() + off + C,
+                                                   2 * C, prep.get(), dconv.get(), d.w.get(), d.b.get(), d.lw.get(),
+                                                   d.lb.get(), kEps, d.wr.get(), d.br.get(), dxa.get(), c.ldxa,
+                                                   dch.get(), nb, N, C, H, cs.nbits, cs.m, nullptr);
+      device_sync();
+      return LinOut{download_head(dx, x0.size()), download_head(dxa, size_t(Mr) * c.ldxa), download_head(dch, Mr)};
+    };
+    const LinOut o = run(0, B);
+    EXPECT_EQ(lin_x_bad(c, o.x), 0u) << "x differs from x0 + (a W^T + b) (or not written)";
+    EXPECT_EQ(gap_changed(o.x, c.x0, M, C, c.ldx), 0u) << "x's gap columns changed";
+    ASSERT_EQ(count_invalid(o.ch), 0) << "choices not written";
+    const LinOut r = route_ref(c, d, o.x);
+    EXPECT_TRUE(bit_identical(o.xa, r.xa)) << "x_aug differs from moe_ln_route_mask_forward on the output x";
+    EXPECT_TRUE(o.ch == r.ch) << "choices differ from moe_ln_route_mask_forward on the output x";
+    EXPECT_EQ(xa_gap_written(o.xa, M, cuda::moe_masked_cols(C), c.ldxa), 0u) << "wrote past Ka";
+    const LinOut again = run(0, B);
+    EXPECT_TRUE(bit_identical(again.x, o.x) && bit_identical(again.xa, o.xa) && again.ch == o.ch) << "rerun differs";
+    if (B == 2) {
+      const LinOut one = run(1, 1);
+      EXPECT_TRUE(bit_identical(one.x, rows_of(o.x, c.ldx, N, N))) << "image 1 alone differs from the batch";
+      EXPECT_TRUE(bit_identical(one.xa, rows_of(o.xa, c.ldxa, N, N)) && one.ch == rows_of(o.ch, 1, N, N));
+    }
+  }
+  EXPECT_FALSE(cuda::hamming_attention_proj_supports(8, 197, 192, 3, 16, 25)) << "several tiles per CTA";
+  EXPECT_FALSE(cuda::hamming_attention_proj_supports(1, 197, 384, 6, 16, 25)) << "C > 256";
+  EXPECT_FALSE(cuda::hamming_attention_proj_supports(1, 197, 192, 12, 16, 25)) << "H > 8";
+  DeviceBuffer<float> f(64);
+  DeviceBuffer<bf16> h(64);
+  EXPECT_THROW(cuda::hamming_attention_proj_ln_mask_forward(f.get(), 192, h.get(), 384, h.get(), 384, f.get(), f.get(),
+                                                            h.get(), f.get(), f.get(), f.get(), kEps, f.get(), f.get(),
+                                                            h.get(), 400, nullptr, 8, 197, 192, 3, 16, 25, nullptr),
+               Error);
+}

@@ -38,9 +38,12 @@
 // G = 1); 14 per KV task (8 tasks); staging ~90 KB per CTA. The launcher's G (hamming_attention_split) spreads a
 // small batch over the SMs: at batch 1 a CTA per tile. (Sessions 9's form split the columns over a thread-block
 // cluster and exchanged the z norms through distributed shared memory; splitting the rows needs no exchange.)
+#include <cooperative_groups.h>
+
 #include <algorithm>
 
 #include "ops/cuda/launch.cuh"
+#include "ops/cuda/moe_rows.cuh"
 #include "ops/cuda/ops.h"
 #include "ops/cuda/ptx.cuh"
 
@@ -78,6 +81,15 @@ struct HamParams {
   int G;       // CTAs per (image, head), 1 .. tiles: CTA r owns the token tiles r tiles / G .. (r+1) tiles / G - 1
   bool vec;    // 16-byte cp.async of the qk and v rows (d % 8 == 0, strides and pointers aligned)
   bool pairs;  // d even and the output 4-byte aligned: bf16 pairs are stored at once
+  // the fused proj + LayerNorm + router + mask (hamming_attention_proj_ln_mask_forward; fuse false: not used)
+  bool fuse;
+  const bf16* wp;  // (C, C) proj weight
+  const float *bp, *ln_w, *ln_b, *wr, *br;
+  float* x;  // residual rows, ldx apart
+  bf16* xa;  // x_aug rows, ldxa apart, Ka columns
+  int8_t* choice;
+  float eps;
+  int ldx, ldxa, Ka;
 };
 
 __host__ __device__ inline size_t align16(size_t x) { return (x + 15) / 16 * 16; }
@@ -99,7 +111,9 @@ __host__ __device__ inline PrepLayout prep_layout(int dp, int bt) {
 }
 // Shared memory carve-up, the same on host and device.
 struct HamSmem {
-  size_t tsum, zsq, inv, codes, q, v, prep, kv, total;  // byte offsets
+  size_t tsum, zsq, inv, codes, q, v, prep, kv;  // byte offsets
+  size_t wp, ao, xp, xin, ep;                    // the fused epilogue's (p.fuse)
+  size_t total;
 };
 __host__ __device__ inline HamSmem ham_smem(const HamParams& p) {
   HamSmem s{};
@@ -112,6 +126,15 @@ __host__ __device__ inline HamSmem ham_smem(const HamParams& p) {
   s.v = o, o = align16(o + size_t(p.nk + 2 * kPad) * p.ldb * sizeof(bf16));
   s.prep = o, o += prep_layout(p.dp, p.bt).bytes;
   s.kv = o, o = align16(o + size_t(3) * p.dp * p.ldk * sizeof(bf16));
+  if (p.fuse) {  // proj weight and the tile's attention output (bf16, rows C + 8 apart), its product, residual rows,
+                 // then b, ln_w, ln_b (C each), wr (2C), br (2)
+    const size_t ldc = size_t(p.C) + 8;
+    s.wp = o, o = align16(o + size_t(p.C) * ldc * sizeof(bf16));
+    s.ao = o, o = align16(o + 16 * ldc * sizeof(bf16));
+    s.xp = o, o = align16(o + size_t(16) * p.C * sizeof(float));
+    s.xin = o, o = align16(o + size_t(16) * p.C * sizeof(float));
+    s.ep = o, o = align16(o + (size_t(5) * p.C + 4) * sizeof(float));
+  }
   s.total = o;
   return s;
 }
@@ -162,7 +185,9 @@ __device__ __forceinline__ void split3_pair(float x0, float x1, uint32_t& hi, ui
 // kMinBlocks: CTAs per SM the register budget is cut for (2: 64 registers, the large-batch grids of one CTA per
 // head; 1: 128 registers, the small batches split over G > 1 CTAs per head, where a CTA has its SM to itself).
 // The same code, the same bits.
-template <int kMinBlocks>
+// kFuse: the fused proj + LayerNorm + router + mask (hamming_attention_proj_ln_mask_forward): a thread-block cluster
+// of the H heads of one 16-token tile (G == tiles), CTA h at blockIdx.x = (b G + r) H + h.
+template <int kMinBlocks, bool kFuse = false>
 __global__ void __launch_bounds__(512, kMinBlocks) hamming_kernel(const __grid_constant__ HamParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // built for sm_90; the launcher refuses older devices
@@ -182,10 +207,17 @@ __global__ void __launch_bounds__(512, kMinBlocks) hamming_kernel(const __grid_c
   const float* mus = reinterpret_cast<const float*>(smem + L.prep + P.mu);
   bf16* KVt = reinterpret_cast<bf16*>(smem + L.kv);  // [part][column][bit]
 
-  const int G = p.G, rank = static_cast<int>(blockIdx.x) % G;
+  const int G = p.G;
   const int tid = threadIdx.x, T = blockDim.x, lane = tid & 31, warp = tid >> 5, W = T >> 5;
   const int g = lane >> 2, q4 = lane & 3;
-  const int bh = static_cast<int>(blockIdx.x) / G, b = bh / p.H, h = bh - b * p.H;
+  int rank, b, h;
+  if constexpr (kFuse) {
+    const int br = static_cast<int>(blockIdx.x) / p.H;
+    h = static_cast<int>(blockIdx.x) - br * p.H, b = br / G, rank = br - b * G;
+  } else {
+    const int bh = static_cast<int>(blockIdx.x) / G;
+    rank = static_cast<int>(blockIdx.x) - bh * G, b = bh / p.H, h = bh - b * p.H;
+  }
   const int N = p.N, d = p.d, m = p.m, dp = p.dp, ldb = p.ldb, NT = dp / 8;
 
   // ---- 0. staging: the head's prepared hash weights (before the dependent-launch wait: they do not depend on
@@ -194,9 +226,36 @@ __global__ void __launch_bounds__(512, kMinBlocks) hamming_kernel(const __grid_c
   {
     const unsigned char* src = p.prep + int64_t(h) * P.bytes;
     for (int i = tid * 16; i < int(P.bytes); i += T * 16) ptx::cp_async16(smem + L.prep + i, src + i);
+    if constexpr (kFuse) {  // the proj weight and the epilogue's operands
+      const int C = p.C, cpr = C / 8, ldc = C + 8;
+      bf16* Wps = reinterpret_cast<bf16*>(smem + L.wp);
+      for (int i = tid; i < C * cpr; i += T) {
+        const int r = i / cpr, c = (i - r * cpr) * 8;
+        ptx::cp_async16(Wps + r * ldc + c, p.wp + int64_t(r) * C + c);
+      }
+      float* ep = reinterpret_cast<float*>(smem + L.ep);
+      for (int c = tid * 4; c < C; c += T * 4) {
+        ptx::cp_async16(ep + c, p.bp + c);
+        ptx::cp_async16(ep + C + c, p.ln_w + c);
+        ptx::cp_async16(ep + 2 * C + c, p.ln_b + c);
+      }
+      for (int c = tid * 4; c < 2 * C; c += T * 4) ptx::cp_async16(ep + 3 * C + c, p.wr + c);
+      if (tid < 2) ptx::cp_async4(ep + 5 * C + tid, p.br + tid);
+      ptx::cluster_arrive_relaxed();  // this CTA runs: the others may store into its shared memory after their wait
+    }
     ptx::cp_async_commit();
   }
   ptx::pdl_wait();
+  if constexpr (kFuse) {  // the tile's residual rows (zeros past N)
+    const int C4 = p.C / 4, row0 = rank * 16;
+    float* xin = reinterpret_cast<float*>(smem + L.xin);
+    for (int i = tid; i < 16 * C4; i += T) {
+      const int rr = i / C4, c = (i - rr * C4) * 4, n = row0 + rr;
+      const bool ok = n < N;
+      ptx::cp_async16(xin + rr * p.C + c, ok ? p.x + (int64_t(b) * N + n) * p.ldx + c : p.x, ok);
+    }
+    ptx::cp_async_commit();
+  }
   const bf16* qk = p.qk + int64_t(b) * N * p.ldqk + h * d;
   const bf16* vv = p.v + int64_t(b) * N * p.ldv + h * d;
   const int vrows = p.nk + 2 * kPad;
@@ -478,6 +537,14 @@ __global__ void __launch_bounds__(512, kMinBlocks) hamming_kernel(const __grid_c
     for (int half = 0; half < 2; ++half) {
       const int row = half ? r.tb : r.ta;
       if (row >= N || c >= d) continue;
+      if constexpr (kFuse) {  // into every cluster CTA's copy of the tile's attention output (d even: pairs)
+        const int ldc = p.C + 8;
+        bf16* ao = reinterpret_cast<bf16*>(smem + L.ao) + (row - t0 * 16) * ldc + h * d + c;
+        const __nv_bfloat162 v2 = __floats2bfloat162_rn(o[2 * half], o[2 * half + 1]);
+        for (int q = 0; q < p.H; ++q)
+          *reinterpret_cast<__nv_bfloat162*>(cooperative_groups::this_cluster().map_shared_rank(ao, q)) = v2;
+        continue;
+      }
       bf16* dst = p.out + (int64_t(b) * N + row) * p.ldo + h * d + c;
       const float x0 = o[2 * half], x1 = o[2 * half + 1];
       if (p.pairs && c + 1 < d) {
@@ -488,10 +555,53 @@ __global__ void __launch_bounds__(512, kMinBlocks) hamming_kernel(const __grid_c
       }
     }
   };
+  if constexpr (kFuse) ptx::cluster_wait_acquire();  // every CTA of the cluster runs (before the remote stores)
   for_units([&](const UnitRows& r, int nt, float(&z)[4], bool kept) {
     if (!kept) tile_z(r, nt, z);
     emit(r, nt, z);
   });
+  if constexpr (kFuse) {
+    // ---- 4. (fused) the tile's proj product, then the residual + LayerNorm + router + mask of rows h, h + H, ..
+    ptx::cluster_arrive_release();  // the attention output of every head is in every CTA
+    ptx::cluster_wait_acquire();
+    const int C = p.C, ldc = C + 8, NTc = C / 8, row0 = t0 * 16;
+    const bf16* AOs = reinterpret_cast<const bf16*>(smem + L.ao);
+    const bf16* Wps = reinterpret_cast<const bf16*>(smem + L.wp);
+    float* Xp = reinterpret_cast<float*>(smem + L.xp);
+    const float* ep = reinterpret_cast<const float*>(smem + L.ep);
+    for (int nt0 = warp; nt0 < NTc; nt0 += 2 * W) {  // two column tiles per pass: two independent mma chains
+      const int nt1 = nt0 + W;
+      float a0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, a1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      for (int ks = 0; ks < C; ks += 16) {
+        uint32_t a[4];
+        ptx::ldmatrix_x4(a, AOs + (lane & 15) * ldc + ks + (lane >> 4) * 8);
+        const bf16* w0 = Wps + (nt0 * 8 + g) * ldc + ks + 2 * q4;
+        ptx::mma_bf16(a0, a, ld_pair(w0), ld_pair(w0 + 8));
+        if (nt1 < NTc) {
+          const bf16* w1 = Wps + (nt1 * 8 + g) * ldc + ks + 2 * q4;
+          ptx::mma_bf16(a1, a, ld_pair(w1), ld_pair(w1 + 8));
+        }
+      }
+      auto put = [&](int nt, const float(&acc)[4]) {
+        const int c = nt * 8 + 2 * q4;
+        Xp[g * C + c] = acc[0], Xp[g * C + c + 1] = acc[1];
+        Xp[(g + 8) * C + c] = acc[2], Xp[(g + 8) * C + c + 1] = acc[3];
+      };
+      put(nt0, a0);
+      if (nt1 < NTc) put(nt1, a1);
+    }
+    __syncthreads();
+    constexpr int kG = 16, kS = 4;                              // C <= 256 (hamming_attention_proj_supports)
+    const int grp = tid / kG, rows = (16 - h + p.H - 1) / p.H;  // this CTA's rows of the tile: h, h + H, ...
+    if (warp * 32 >= rows * kG) return;                         // whole warps (the groups shuffle)
+    const int i = h + grp * p.H, n = row0 + i;
+    const bool valid = grp < rows && n < N;
+    const int64_t gr = int64_t(b) * N + (valid ? n : 0);
+    const float* xin = reinterpret_cast<const float*>(smem + L.xin);
+    moe_rows::linear_residual_ln_route_mask<kG, kS>(
+        Xp + (valid ? i : 0) * C, ep, xin + (valid ? i : 0) * C, p.x + gr * p.ldx, valid, tid % kG, C, p.Ka, p.eps,
+        ep + C, ep + 2 * C, ep + 3 * C, ep + 5 * C, p.xa + gr * p.ldxa, p.choice ? p.choice + gr : nullptr);
+  }
 #endif
 }
 
@@ -597,6 +707,46 @@ void hamming_attention_forward_ld(bf16* out, int ldo, const bf16* qk, int ldqk, 
   launch_dependent(split > 1 ? hamming_kernel<1> : hamming_kernel<2>,
                    dim3(static_cast<unsigned>(int64_t(B) * H * split)), dim3(static_cast<unsigned>(ham_threads(N))),
                    smem, 1, stream, p);
+}
+
+bool hamming_attention_proj_supports(int B, int N, int C, int H, int nbits, int m) {
+  if (!hamming_attention_supports(N, C, H, nbits, m) || B < 1 || H > 8 || C % 16 != 0 || C > 256 || (C / H) % 2 != 0)
+    return false;
+  HamParams p = ham_dims(B, N, C, H, nbits, m);
+  if (hamming_attention_split(B, N, H) != p.tiles) return false;
+  p.fuse = true;
+  return device_available() ? ham_smem(p).total <= size_t(max_smem_per_block()) : ham_smem(p).total <= 227 * 1024;
+}
+
+void hamming_attention_proj_ln_mask_forward(float* x, int ldx, const bf16* qk, int ldqk, const bf16* v, int ldv,
+                                            const void* prep, const float* conv_w, const bf16* wp, const float* bp,
+                                            const float* ln_w, const float* ln_b, float eps, const float* wr,
+                                            const float* br, bf16* xa, int ldxa, int8_t* choice, int B, int N, int C,
+                                            int H, int nbits, int m, cudaStream_t stream) {
+  const char* what = "hamming attention + proj + layernorm + mask";
+  SAV_CHECK(x && qk && v && prep && conv_w && wp && bp && ln_w && ln_b && wr && br && xa, what << ": null pointer");
+  check_dims(N, C, H, nbits, m);
+  SAV_CHECK(B >= 1 && hamming_attention_proj_supports(B, N, C, H, nbits, m),
+            what << ": B=" << B << " N=" << N << " C=" << C << " H=" << H
+                 << " not supported (one 16-token tile per CTA at the launcher's split, H <= 8, C % 16 == 0, C <= 256, "
+                    "d even, shared memory)");
+  const int Ka = moe_masked_cols(C);
+  SAV_CHECK(ldqk >= C && ldv >= C && ldx >= C && ldx % 4 == 0 && ldxa >= Ka && ldxa % 4 == 0,
+            what << ": row strides ldqk=" << ldqk << " ldv=" << ldv << " ldx=" << ldx << " ldxa=" << ldxa);
+  auto a16 = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
+  SAV_CHECK(a16(prep) && a16(x) && a16(wp) && a16(bp) && a16(ln_w) && a16(ln_b) && a16(wr) &&
+                reinterpret_cast<uintptr_t>(xa) % 8 == 0,
+            what << ": misaligned pointers");
+  HamParams p = ham_dims(B, N, C, H, nbits, m);
+  p.qk = qk, p.v = v, p.prep = static_cast<const unsigned char*>(prep), p.conv_w = conv_w;
+  p.ldqk = ldqk, p.ldv = ldv;
+  p.vec = p.d % 8 == 0 && ldqk % 8 == 0 && ldv % 8 == 0 && a16(qk) && a16(v);
+  p.G = p.tiles;
+  p.fuse = true, p.wp = wp, p.bp = bp, p.ln_w = ln_w, p.ln_b = ln_b, p.wr = wr, p.br = br, p.eps = eps;
+  p.x = x, p.ldx = ldx, p.xa = xa, p.ldxa = ldxa, p.Ka = Ka, p.choice = choice;
+  SAV_CHECK(int64_t(B) * H * p.G <= (int64_t(1) << 31) - 1, what << ": B*H*tiles too large");
+  launch_dependent(hamming_kernel<1, true>, dim3(static_cast<unsigned>(int64_t(B) * H * p.G)),
+                   dim3(static_cast<unsigned>(ham_threads(N))), ham_smem(p).total, H, stream, p);
 }
 
 int hamming_attention_split(int B, int N, int H) {

@@ -75,6 +75,34 @@ __device__ __forceinline__ void ln_route_mask(const float4 (&v)[kS], int lane, b
   if (lane == 0 && choice) *choice = static_cast<int8_t>(e);
 }
 
+// A linear layer's residual epilogue and the LayerNorm + router + mask after it, for one row: x_out = x_in + (sr + b)
+// (each add rounded once; sr the row's product, b the bias, C columns), then ln_route_mask of the new row. x_out may
+// be x_in; any input may be in shared memory; sr, b and x_in are read only when `valid`.
+template <int kG, int kS = ln::kMaxPer4>
+__device__ __forceinline__ void linear_residual_ln_route_mask(const float* sr, const float* b, const float* x_in,
+                                                              float* x_out, bool valid, int lane, int C, int Ka,
+                                                              float eps, const float* ln_w, const float* ln_b,
+                                                              const float* wr, const float* br, bf16* xa_row,
+                                                              int8_t* choice) {
+  const int C4 = C / 4;
+  const float4 *s4 = reinterpret_cast<const float4*>(sr), *b4 = reinterpret_cast<const float4*>(b);
+  const float4* xi4 = reinterpret_cast<const float4*>(x_in);
+  float4* xo4 = reinterpret_cast<float4*>(x_out);
+  float4 v[kS];
+#pragma unroll
+  for (int k = 0; k < kS; ++k) {
+    const int c = lane + kG * k;
+    v[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (valid && c < C4) {
+      const float4 s = s4[c], bb = b4[c];
+      v[k] = res_add(
+          xi4[c], make_float4(__fadd_rn(s.x, bb.x), __fadd_rn(s.y, bb.y), __fadd_rn(s.z, bb.z), __fadd_rn(s.w, bb.w)));
+      xo4[c] = v[k];
+    }
+  }
+  ln_route_mask<kG, kS>(v, lane, valid, C, Ka, eps, ln_w, ln_b, wr, br, xa_row, choice);
+}
+
 // The stacked form's residual epilogue (ops.h moe_epilogue_forward, moe_epilogue_f32_residual) and the LayerNorm
 // after it, for one row: sr the row of s (2F + 4 columns: both experts, the split router), x_in (F) f32 the
 // residual row, x_out (F) = x_in + the expert's output (may be x_in), xn_row (F) bf16 = LayerNorm(x_out) (as

@@ -84,6 +84,21 @@ void hamming_attention_forward_ld(bf16* out, int ldo, const bf16* qk, int ldqk, 
 int hamming_attention_split(int B, int N, int H);
 // 1 <= N <= 256, C % H == 0, 1 <= d <= 64, 1 <= nbits <= 64, 1 <= m <= 32 (and the shared memory fits)
 bool hamming_attention_supports(int N, int C, int H, int nbits, int m);
+// The Hamming attention above with the block's proj and the next masked MoE fc1's LayerNorm + router + mask fused
+// (one kernel instead of three): a = the attention output (as hamming_attention_forward_ld's bf16 out, never stored),
+// x (rows ldx apart) += a Wp^T + bp (t = s + bp, then x + t, each rounded once; s summed in f32 on the tensor cores,
+// k in order), then exactly moe_ln_route_mask_forward(xa, ldxa, choice, x, ldx, ln_w, ln_b, eps, wr, br, B N, C) on
+// the new x (the same row arithmetic). wp (C, C) bf16, bp, ln_w, ln_b (C), wr (2, C), br (2) f32; xa (B N, ldxa)
+// bf16 with moe_masked_cols(C) columns; choice (B N) or nullptr. Runs a thread-block cluster of the H heads of each
+// 16-token tile (their attention outputs meet in every CTA's shared memory); each CTA runs the epilogue of rows h,
+// h + H, .. of its tile. Where hamming_attention_proj_supports: the per-head kernel's sizes, the launcher's split
+// one tile per CTA (small batches), H <= 8, C % 16 == 0, C <= 256, and the proj weight fits shared memory.
+bool hamming_attention_proj_supports(int B, int N, int C, int H, int nbits, int m);
+void hamming_attention_proj_ln_mask_forward(float* x, int ldx, const bf16* qk, int ldqk, const bf16* v, int ldv,
+                                            const void* prep, const float* conv_w, const bf16* wp, const float* bp,
+                                            const float* ln_w, const float* ln_b, float eps, const float* wr,
+                                            const float* br, bf16* xa, int ldxa, int8_t* choice, int B, int N, int C,
+                                            int H, int nbits, int m, cudaStream_t stream);
 
 // ---- MoE(mult, shift) linear (METHOD.md section 3), inference, routing on the GPU ----
 // Step 1: ONE Gemm::linear_f32 (no bias, no accumulate) of the rows x (M,K) bf16 with the stacked weight
@@ -104,9 +119,8 @@ bool hamming_attention_supports(int N, int C, int H, int nbits, int m);
 // per-expert product is later work.
 enum MoeEpilogue { moe_epilogue_bf16 = 0, moe_epilogue_bf16_gelu = 1, moe_epilogue_f32_residual = 2 };
 enum MoeGate { moe_gate_straight_through = 0, moe_gate_prob = 1 };
-void moe_epilogue_forward(void* out, int ldo, int8_t* choice, const float* s, int lds, const float* b0,
-                          const float* b1, const float* br, int M, int F, MoeGate gate, MoeEpilogue epi,
-                          cudaStream_t stream);
+void moe_epilogue_forward(void* out, int ldo, int8_t* choice, const float* s, int lds, const float* b0, const float* b1,
+                          const float* br, int M, int F, MoeGate gate, MoeEpilogue epi, cudaStream_t stream);
 // The residual epilogue (moe_epilogue_f32_residual: x (M,ldx) += the chosen expert's output) with the next
 // LayerNorm fused: xn (M,ldxn) bf16 = LayerNorm(x) (ln_w, ln_b (F) f32). Bit for bit moe_epilogue_forward then
 // layernorm_forward (the same arithmetic). Half a warp per row up to 512, a warp up to F = 1024; F % 4 == 0
@@ -157,17 +171,16 @@ std::vector<bf16> moe_masked_weights(const float* w0, const float* w1, const flo
 // For few rows (batch 1: M = 197) a cuBLASLt product and the row kernel after it each cost a launch and a drain
 // (~3.5 us in a graph); these kernels do both in one. On the H200 they are still slower than the pair they replace
 // (bench/RESULTS.md, session 10: the row epilogue's latency chain stays, and the weight slices of 13 row tiles load
-// slower than cuBLASLt's), so ViTCuda runs them only on request (ViTCuda::set_row_fusion). A thread-block cluster of G CTAs (1, 2, 4 or 8) owns a tile of
-// 16 rows: CTA r computes the 8-column tiles r nt / G .. (r+1) nt / G - 1 of the tile's output (nt = the output's
-// column tiles; bf16 mma.sync, f32 accumulation) and sends row i of the tile to CTA i / (16 / G) through
-// distributed shared memory; after one cluster barrier each CTA runs the epilogue of its 16 / G rows with the
-// arithmetic of the separate row kernel named below.
-// Sums: output (i, j) = the sum, over k blocks of 64 in increasing order, of each block's 4-mma chain: independent
-// of G and M (every cluster size and batch gives the same bits), not cuBLASLt's order (so the layered path's
-// products differ from these in the last bits, and a near-tie routing decision may differ).
-// Sizes: K % 8 == 0 and the input's row stride a multiple of 8 (16-byte rows), C % 4 == 0, C <= 1024, the other
-// row strides multiples of 4, the pointers 16-byte aligned (xa, xn 8-byte); the CTA's weight slice and the row tile
-// must fit in shared memory (rows_fused_supports). cluster 0: rows_fused_cluster(M).
+// slower than cuBLASLt's), so ViTCuda runs them only on request (ViTCuda::set_row_fusion). A thread-block cluster of G
+// CTAs (1, 2, 4 or 8) owns a tile of 16 rows: CTA r computes the 8-column tiles r nt / G .. (r+1) nt / G - 1 of the
+// tile's output (nt = the output's column tiles; bf16 mma.sync, f32 accumulation) and sends row i of the tile to CTA i
+// / (16 / G) through distributed shared memory; after one cluster barrier each CTA runs the epilogue of its 16 / G rows
+// with the arithmetic of the separate row kernel named below. Sums: output (i, j) = the sum, over k blocks of 64 in
+// increasing order, of each block's 4-mma chain: independent of G and M (every cluster size and batch gives the same
+// bits), not cuBLASLt's order (so the layered path's products differ from these in the last bits, and a near-tie
+// routing decision may differ). Sizes: K % 8 == 0 and the input's row stride a multiple of 8 (16-byte rows), C % 4 ==
+// 0, C <= 1024, the other row strides multiples of 4, the pointers 16-byte aligned (xa, xn 8-byte); the CTA's weight
+// slice and the row tile must fit in shared memory (rows_fused_supports). cluster 0: rows_fused_cluster(M).
 //
 // rows_linear_ln_mask_forward: a linear with a residual add, then a masked MoE layer's LayerNorm + router + mask:
 //   x (M,C) f32 (rows ldx apart) = x + (a (M,K) bf16 W^T + b), W (C,K) bf16 (rows K apart), b (C) f32: t = s + b,

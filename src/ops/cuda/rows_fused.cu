@@ -120,24 +120,9 @@ __device__ __forceinline__ void epilogue_row(const RowsParams& p, const float* s
     return;
   }
   // x += s + b (t = s + b, then x + t), then the LayerNorm + router + mask of the new row
-  const int C4 = p.C / 4;
-  const float4 *s4 = reinterpret_cast<const float4*>(sr), *b4 = reinterpret_cast<const float4*>(ep + E.b0);
-  const float4* xi4 = reinterpret_cast<const float4*>(xs);
-  float4* xo4 = reinterpret_cast<float4*>(xg);
-  float4 v[kS];
-#pragma unroll
-  for (int k = 0; k < kS; ++k) {
-    const int c = lane + kG * k;
-    v[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    if (valid && c < C4) {
-      const float4 s = s4[c], bb = b4[c];
-      v[k] = moe_rows::res_add(
-          xi4[c], make_float4(__fadd_rn(s.x, bb.x), __fadd_rn(s.y, bb.y), __fadd_rn(s.z, bb.z), __fadd_rn(s.w, bb.w)));
-      xo4[c] = v[k];
-    }
-  }
-  moe_rows::ln_route_mask<kG, kS>(v, lane, valid, p.C, p.Ka, p.eps, ep + E.lnw, ep + E.lnb, ep + E.wr, ep + E.br,
-                                  p.xa + r * p.ldxa, p.choice ? p.choice + r : nullptr);
+  moe_rows::linear_residual_ln_route_mask<kG, kS>(sr, ep + E.b0, xs, xg, valid, lane, p.C, p.Ka, p.eps, ep + E.lnw,
+                                                  ep + E.lnb, ep + E.wr, ep + E.br, p.xa + r * p.ldxa,
+                                                  p.choice ? p.choice + r : nullptr);
 }
 
 // kG lanes per epilogue row (ln::row_group(C)), kS float4 slots per lane (C <= 4 kG kS): only the epilogue depends on
