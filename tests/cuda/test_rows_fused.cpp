@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "cuda_test_util.h"
+#include "ops/cuda/gemm.h"
 #include "ops/cuda/ops.h"
 
 using namespace sav;
@@ -769,4 +770,57 @@ TEST_F(RowsFused, HammingProjLnMaskMatchesDefinition) {
                                                             h.get(), f.get(), f.get(), f.get(), kEps, f.get(), f.get(),
                                                             h.get(), 400, nullptr, 8, 197, 192, 3, 16, 25, nullptr),
                Error);
+}
+
+// Not an assertion: DeiT-Tiny batch 1, the fused Hamming + proj + LN2 + router + mask kernel against the three kernels
+// it replaces (Hamming attention, the cuBLASLt proj with its residual, moe_ln_route_mask_forward), each sequence 12
+// times in one graph; us per sequence.
+TEST_F(RowsFused, HammingProjTimingPrinted) {
+  const int B = 1, N = 197, C = 192, H = 3, nb = 16, m = 25, M = B * N;
+  const std::vector<float> qkv = round_bf16(normal(size_t(M) * 2 * C, 5, 0.7f));
+  std::vector<float> qk(size_t(M) * C);
+  for (int r = 0; r < M; ++r)
+    for (int j = 0; j < C; ++j) qk[size_t(r) * C + j] = qkv[size_t(r) * 2 * C + j];
+  const KshWeights kw = fitted_ksh_weights<double>(qk, N, C, H, nb, m, 9);
+  auto dqkv = upload_as<bf16>(qkv);
+  auto da = upload(kw.anchors), dmu = upload(kw.mu), dA = upload(kw.A), dconv = upload(kw.conv);
+  DeviceBuffer<unsigned char> prep(cuda::hamming_attention_prepared_bytes(C, H, nb));
+  cuda::hamming_attention_prepare(prep.get(), da.get(), dmu.get(), dA.get(), C, H, nb, m, nullptr);
+  const LinCase c = lin_case(M, C, C, 77);
+  const LinDev d(c);
+  auto dx = upload(c.x0);
+  auto dxa = poisoned<bf16>(size_t(M) * c.ldxa);
+  auto dch = poisoned<int8_t>(M);
+  DeviceBuffer<bf16> ao(size_t(M) * C);
+  DeviceBuffer<float> xc(size_t(M) * C);
+  SAV_CUDA_CHECK(cudaMemset(xc.get(), 0, xc.bytes()));
+  cuda::Gemm gemm;
+  cuda::Stream st;
+  auto separate = [&](cudaStream_t s) {
+    cuda::hamming_attention_forward_ld(ao.get(), C, dqkv.get(), 2 * C, dqkv.get() + C, 2 * C, prep.get(), dconv.get(),
+                                       B, N, C, H, nb, m, s);
+    gemm.linear_f32(xc.get(), ao.get(), d.w.get(), d.b.get(), M, C, C, true, s);
+    cuda::moe_ln_route_mask_forward(dxa.get(), c.ldxa, dch.get(), xc.get(), C, d.lw.get(), d.lb.get(), kEps, d.wr.get(),
+                                    d.br.get(), M, C, s);
+  };
+  auto fused = [&](cudaStream_t s) {
+    cuda::hamming_attention_proj_ln_mask_forward(
+        dx.get(), c.ldx, dqkv.get(), 2 * C, dqkv.get() + C, 2 * C, prep.get(), dconv.get(), d.w.get(), d.b.get(),
+        d.lw.get(), d.lb.get(), kEps, d.wr.get(), d.br.get(), dxa.get(), c.ldxa, dch.get(), B, N, C, H, nb, m, s);
+  };
+  auto ham = [&](cudaStream_t s) {
+    cuda::hamming_attention_forward_ld(ao.get(), C, dqkv.get(), 2 * C, dqkv.get() + C, 2 * C, prep.get(), dconv.get(),
+                                       B, N, C, H, nb, m, s);
+  };
+  separate(st.get());
+  fused(st.get());
+  device_sync();
+  const double us_sep = cuda::median_graph_us(separate, st.get(), 12, 21);
+  const double us_fused = cuda::median_graph_us(fused, st.get(), 12, 21);
+  const double us_ham = cuda::median_graph_us(ham, st.get(), 12, 21);
+  std::printf(
+      "[ hamming+proj ] DeiT-Tiny b1, us per sequence in a graph of 12: Hamming alone %.2f, Hamming + proj + "
+      "LN/router/mask kernels %.2f, fused %.2f\n",
+      us_ham, us_sep, us_fused);
+  EXPECT_GT(us_fused, 0.0);
 }

@@ -226,36 +226,10 @@ __global__ void __launch_bounds__(512, kMinBlocks) hamming_kernel(const __grid_c
   {
     const unsigned char* src = p.prep + int64_t(h) * P.bytes;
     for (int i = tid * 16; i < int(P.bytes); i += T * 16) ptx::cp_async16(smem + L.prep + i, src + i);
-    if constexpr (kFuse) {  // the proj weight and the epilogue's operands
-      const int C = p.C, cpr = C / 8, ldc = C + 8;
-      bf16* Wps = reinterpret_cast<bf16*>(smem + L.wp);
-      for (int i = tid; i < C * cpr; i += T) {
-        const int r = i / cpr, c = (i - r * cpr) * 8;
-        ptx::cp_async16(Wps + r * ldc + c, p.wp + int64_t(r) * C + c);
-      }
-      float* ep = reinterpret_cast<float*>(smem + L.ep);
-      for (int c = tid * 4; c < C; c += T * 4) {
-        ptx::cp_async16(ep + c, p.bp + c);
-        ptx::cp_async16(ep + C + c, p.ln_w + c);
-        ptx::cp_async16(ep + 2 * C + c, p.ln_b + c);
-      }
-      for (int c = tid * 4; c < 2 * C; c += T * 4) ptx::cp_async16(ep + 3 * C + c, p.wr + c);
-      if (tid < 2) ptx::cp_async4(ep + 5 * C + tid, p.br + tid);
-      ptx::cluster_arrive_relaxed();  // this CTA runs: the others may store into its shared memory after their wait
-    }
+    if constexpr (kFuse) ptx::cluster_arrive_relaxed();  // runs: the cluster may store here after their wait
     ptx::cp_async_commit();
   }
   ptx::pdl_wait();
-  if constexpr (kFuse) {  // the tile's residual rows (zeros past N)
-    const int C4 = p.C / 4, row0 = rank * 16;
-    float* xin = reinterpret_cast<float*>(smem + L.xin);
-    for (int i = tid; i < 16 * C4; i += T) {
-      const int rr = i / C4, c = (i - rr * C4) * 4, n = row0 + rr;
-      const bool ok = n < N;
-      ptx::cp_async16(xin + rr * p.C + c, ok ? p.x + (int64_t(b) * N + n) * p.ldx + c : p.x, ok);
-    }
-    ptx::cp_async_commit();
-  }
   const bf16* qk = p.qk + int64_t(b) * N * p.ldqk + h * d;
   const bf16* vv = p.v + int64_t(b) * N * p.ldv + h * d;
   const int vrows = p.nk + 2 * kPad;
@@ -287,6 +261,32 @@ __global__ void __launch_bounds__(512, kMinBlocks) hamming_kernel(const __grid_c
   for (int i = p.tiles * 16 + tid; i < p.nk; i += T) codes[i] = 0ull;  // rows no tile writes (read by KV)
   ptx::cp_async_wait<0>();
   __syncthreads();
+  if constexpr (kFuse) {
+    // the fused epilogue's operands, needed only after phase 3: copied while the hash and the MatAdds run (not
+    // earlier: they would share the SM's load bandwidth with the staging above). The proj weight, the tile's residual
+    // rows (zeros past N), then b, ln_w, ln_b, wr, br.
+    const int C = p.C, cpr = C / 8, ldc = C + 8, C4 = C / 4, row0 = rank * 16;
+    bf16* Wps = reinterpret_cast<bf16*>(smem + L.wp);
+    for (int i = tid; i < C * cpr; i += T) {
+      const int r = i / cpr, c = (i - r * cpr) * 8;
+      ptx::cp_async16(Wps + r * ldc + c, p.wp + int64_t(r) * C + c);
+    }
+    float* xin = reinterpret_cast<float*>(smem + L.xin);
+    for (int i = tid; i < 16 * C4; i += T) {
+      const int rr = i / C4, c = (i - rr * C4) * 4, n = row0 + rr;
+      const bool ok = n < N;
+      ptx::cp_async16(xin + rr * C + c, ok ? p.x + (int64_t(b) * N + n) * p.ldx + c : p.x, ok);
+    }
+    float* ep = reinterpret_cast<float*>(smem + L.ep);
+    for (int c = tid * 4; c < C; c += T * 4) {
+      ptx::cp_async16(ep + c, p.bp + c);
+      ptx::cp_async16(ep + C + c, p.ln_w + c);
+      ptx::cp_async16(ep + 2 * C + c, p.ln_b + c);
+    }
+    for (int c = tid * 4; c < 2 * C; c += T * 4) ptx::cp_async16(ep + 3 * C + c, p.wr + c);
+    if (tid < 2) ptx::cp_async4(ep + 5 * C + tid, p.br + tid);
+    ptx::cp_async_commit();
+  }
 
   // ---- 1. hash, per warp and tile: every CTA of the (image, head) hashes every tile (the same bits), so sigma
   // and the codes need no exchange ----
@@ -562,6 +562,7 @@ __global__ void __launch_bounds__(512, kMinBlocks) hamming_kernel(const __grid_c
   });
   if constexpr (kFuse) {
     // ---- 4. (fused) the tile's proj product, then the residual + LayerNorm + router + mask of rows h, h + H, ..
+    ptx::cp_async_wait<0>();        // the epilogue's operands (visible to the CTA after the barrier)
     ptx::cluster_arrive_release();  // the attention output of every head is in every CTA
     ptx::cluster_wait_acquire();
     const int C = p.C, ldc = C + 8, NTc = C / 8, row0 = t0 * 16;
