@@ -112,7 +112,7 @@ __host__ __device__ inline PrepLayout prep_layout(int dp, int bt) {
 // Shared memory carve-up, the same on host and device.
 struct HamSmem {
   size_t tsum, zsq, inv, codes, q, v, prep, kv;  // byte offsets
-  size_t wp, ao, xp, xin, ep;                    // the fused epilogue's (p.fuse)
+  size_t wp, ao, xp, xin, ep, bar;               // the fused epilogue's (p.fuse)
   size_t total;
 };
 __host__ __device__ inline HamSmem ham_smem(const HamParams& p) {
@@ -134,6 +134,7 @@ __host__ __device__ inline HamSmem ham_smem(const HamParams& p) {
     s.xp = o, o = align16(o + size_t(16) * p.C * sizeof(float));
     s.xin = o, o = align16(o + size_t(16) * p.C * sizeof(float));
     s.ep = o, o = align16(o + (size_t(5) * p.C + 4) * sizeof(float));
+    s.bar = o, o = align16(o + sizeof(uint64_t));  // the proj weight's bulk copies
   }
   s.total = o;
   return s;
@@ -226,7 +227,14 @@ __global__ void __launch_bounds__(512, kMinBlocks) hamming_kernel(const __grid_c
   {
     const unsigned char* src = p.prep + int64_t(h) * P.bytes;
     for (int i = tid * 16; i < int(P.bytes); i += T * 16) ptx::cp_async16(smem + L.prep + i, src + i);
-    if constexpr (kFuse) ptx::cluster_arrive_relaxed();  // runs: the cluster may store here after their wait
+    if constexpr (kFuse) {
+      ptx::cluster_arrive_relaxed();  // runs: the cluster may store here after their wait
+      if (tid == 0) {  // armed for the proj weight's bulk copies (issued after the staging barrier below)
+        uint64_t* bar = reinterpret_cast<uint64_t*>(smem + L.bar);
+        ptx::mbar_init(bar, 1);
+        ptx::mbar_arrive_expect_tx(bar, unsigned(p.C) * unsigned(p.C) * 2u);
+      }
+    }
     ptx::cp_async_commit();
   }
   ptx::pdl_wait();
@@ -263,14 +271,13 @@ __global__ void __launch_bounds__(512, kMinBlocks) hamming_kernel(const __grid_c
   __syncthreads();
   if constexpr (kFuse) {
     // the fused epilogue's operands, needed only after phase 3: copied while the hash and the MatAdds run (not
-    // earlier: they would share the SM's load bandwidth with the staging above). The proj weight, the tile's residual
-    // rows (zeros past N), then b, ln_w, ln_b, wr, br.
-    const int C = p.C, cpr = C / 8, ldc = C + 8, C4 = C / 4, row0 = rank * 16;
+    // earlier: they would share the SM's load bandwidth with the staging above). The proj weight by bulk copies, a
+    // row each (per-thread copies here slowed the hash by their load instructions), then by cp.async the tile's
+    // residual rows (zeros past N) and b, ln_w, ln_b, wr, br.
+    const int C = p.C, ldc = C + 8, C4 = C / 4, row0 = rank * 16;
     bf16* Wps = reinterpret_cast<bf16*>(smem + L.wp);
-    for (int i = tid; i < C * cpr; i += T) {
-      const int r = i / cpr, c = (i - r * cpr) * 8;
-      ptx::cp_async16(Wps + r * ldc + c, p.wp + int64_t(r) * C + c);
-    }
+    uint64_t* bar = reinterpret_cast<uint64_t*>(smem + L.bar);
+    for (int r = tid; r < C; r += T) ptx::bulk_copy_g2s(Wps + r * ldc, p.wp + int64_t(r) * C, unsigned(C) * 2u, bar);
     float* xin = reinterpret_cast<float*>(smem + L.xin);
     for (int i = tid; i < 16 * C4; i += T) {
       const int rr = i / C4, c = (i - rr * C4) * 4, n = row0 + rr;
@@ -566,23 +573,33 @@ __global__ void __launch_bounds__(512, kMinBlocks) hamming_kernel(const __grid_c
     ptx::cluster_arrive_release();  // the attention output of every head is in every CTA
     ptx::cluster_wait_acquire();
     const int C = p.C, ldc = C + 8, NTc = C / 8, row0 = t0 * 16;
+    ptx::mbar_wait_parity(reinterpret_cast<uint64_t*>(smem + L.bar), 0);  // the proj weight
     const bf16* AOs = reinterpret_cast<const bf16*>(smem + L.ao);
     const bf16* Wps = reinterpret_cast<const bf16*>(smem + L.wp);
     float* Xp = reinterpret_cast<float*>(smem + L.xp);
     const float* ep = reinterpret_cast<const float*>(smem + L.ep);
-    for (int nt0 = warp; nt0 < NTc; nt0 += 2 * W) {  // two column tiles per pass: two independent mma chains
+    for (int nt0 = warp; nt0 < NTc; nt0 += 2 * W) {  // two column tiles per pass
       const int nt1 = nt0 + W;
+      // four independent mma chains: the two tiles, each over the even and the odd k-steps (added at the end)
       float a0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, a1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      for (int ks = 0; ks < C; ks += 16) {
-        uint32_t a[4];
-        ptx::ldmatrix_x4(a, AOs + (lane & 15) * ldc + ks + (lane >> 4) * 8);
-        const bf16* w0 = Wps + (nt0 * 8 + g) * ldc + ks + 2 * q4;
-        ptx::mma_bf16(a0, a, ld_pair(w0), ld_pair(w0 + 8));
-        if (nt1 < NTc) {
-          const bf16* w1 = Wps + (nt1 * 8 + g) * ldc + ks + 2 * q4;
-          ptx::mma_bf16(a1, a, ld_pair(w1), ld_pair(w1 + 8));
+      float e0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, e1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      for (int ks = 0; ks < C; ks += 32) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int k = ks + 16 * j;
+          if (k >= C) break;
+          uint32_t a[4];
+          ptx::ldmatrix_x4(a, AOs + (lane & 15) * ldc + k + (lane >> 4) * 8);
+          const bf16* w0 = Wps + (nt0 * 8 + g) * ldc + k + 2 * q4;
+          ptx::mma_bf16(j ? e0 : a0, a, ld_pair(w0), ld_pair(w0 + 8));
+          if (nt1 < NTc) {
+            const bf16* w1 = Wps + (nt1 * 8 + g) * ldc + k + 2 * q4;
+            ptx::mma_bf16(j ? e1 : a1, a, ld_pair(w1), ld_pair(w1 + 8));
+          }
         }
       }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a0[i] += e0[i], a1[i] += e1[i];
       auto put = [&](int nt, const float(&acc)[4]) {
         const int c = nt * 8 + 2 * q4;
         Xp[g * C + c] = acc[0], Xp[g * C + c + 1] = acc[1];
@@ -592,7 +609,7 @@ __global__ void __launch_bounds__(512, kMinBlocks) hamming_kernel(const __grid_c
       if (nt1 < NTc) put(nt1, a1);
     }
     __syncthreads();
-    constexpr int kG = 16, kS = 4;                              // C <= 256 (hamming_attention_proj_supports)
+    constexpr int kG = 16, kS = 4;  // as moe_ln_route_mask_forward's kernel for C <= 256: the same bits
     const int grp = tid / kG, rows = (16 - h + p.H - 1) / p.H;  // this CTA's rows of the tile: h, h + H, ...
     if (warp * 32 >= rows * kG) return;                         // whole warps (the groups shuffle)
     const int i = h + grp * p.H, n = row0 + i;
