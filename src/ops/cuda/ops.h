@@ -91,8 +91,9 @@ bool hamming_attention_supports(int N, int C, int H, int nbits, int m);
 // choice, x, ldx, ln_w, ln_b, eps, wr, br, B N, C) on the new x (the same row arithmetic). wp (C, C) bf16, bp, ln_w,
 // ln_b (C), wr (2, C), br (2) f32; xa (B N, ldxa) bf16 with moe_masked_cols(C) columns; choice (B N) or nullptr.
 // Runs a thread-block cluster of the H heads of each 16-token tile (their attention outputs meet in every CTA's
-// shared memory); each CTA runs the epilogue of rows h, h + H, .. of its tile. Where hamming_attention_proj_supports: the per-head kernel's sizes, the launcher's split
-// one tile per CTA (small batches), H <= 8, C % 16 == 0, C <= 256, and the proj weight fits shared memory.
+// shared memory); each CTA runs the epilogue of rows h, h + H, .. of its tile. Where hamming_attention_proj_supports:
+// the per-head kernel's sizes, the launcher's split one tile per CTA (small batches), H <= 8, C % 16 == 0, C <= 256,
+// and the proj weight fits shared memory.
 bool hamming_attention_proj_supports(int B, int N, int C, int H, int nbits, int m);
 void hamming_attention_proj_ln_mask_forward(float* x, int ldx, const bf16* qk, int ldqk, const bf16* v, int ldv,
                                             const void* prep, const float* conv_w, const bf16* wp, const float* bp,
