@@ -233,6 +233,19 @@ size_t xa_gap_written(const std::vector<bf16>& xa, int M, int Ka, int ldxa) {
   return n;
 }
 
+// A linear + LayerNorm + mask kernel's output o against its definition: x = x0 + (a W^T + b) within the tolerance
+// (gap columns untouched), every choice written, x_aug and the choices bit for bit moe_ln_route_mask_forward on o.x,
+// nothing written past Ka.
+void expect_lin_definition(const LinCase& c, const LinDev& d, const LinOut& o) {
+  EXPECT_EQ(lin_x_bad(c, o.x), 0u) << "x differs from x0 + (a W^T + b) (or not written)";
+  EXPECT_EQ(gap_changed(o.x, c.x0, c.M, c.C, c.ldx), 0u) << "x's gap columns changed";
+  ASSERT_EQ(count_invalid(o.ch), 0) << "choices not written";
+  const LinOut r = route_ref(c, d, o.x);
+  EXPECT_TRUE(bit_identical(o.xa, r.xa)) << "x_aug differs from moe_ln_route_mask_forward on the output x";
+  EXPECT_TRUE(o.ch == r.ch) << "choices differ from moe_ln_route_mask_forward on the output x";
+  EXPECT_EQ(xa_gap_written(o.xa, c.M, cuda::moe_masked_cols(c.C), c.ldxa), 0u) << "wrote past Ka";
+}
+
 // ---- rows_moe_residual_ln_forward ----
 
 // h (M,K) bf16-rounded normal in rows ldh = K + 8 apart (NaN gaps); w0, w1 (C,K) bf16-rounded normal / sqrt(K),
@@ -428,13 +441,7 @@ TEST_F(RowsFused, LinearLnMaskMatchesDefinition) {
         EXPECT_TRUE(o.ch == first->ch) << "choices depend on the cluster size";
         continue;
       }
-      EXPECT_EQ(lin_x_bad(c, o.x), 0u) << "x differs from x0 + (a W^T + b) (or not written)";
-      EXPECT_EQ(gap_changed(o.x, c.x0, M, C, c.ldx), 0u) << "x's gap columns changed";
-      ASSERT_EQ(count_invalid(o.ch), 0) << "choices not written";
-      const LinOut r = route_ref(c, d, o.x);
-      EXPECT_TRUE(bit_identical(o.xa, r.xa)) << "x_aug differs from moe_ln_route_mask_forward on the output x";
-      EXPECT_TRUE(o.ch == r.ch) << "choices differ from moe_ln_route_mask_forward on the output x";
-      EXPECT_EQ(xa_gap_written(o.xa, M, cuda::moe_masked_cols(C), c.ldxa), 0u) << "wrote past Ka";
+      expect_lin_definition(c, d, o);
       if (M >= 37) {
         const int to_shift = count_shift(o.ch);
         EXPECT_GT(to_shift, M / 5) << "both experts should get tokens";
@@ -746,13 +753,7 @@ TEST_F(RowsFused, HammingProjLnMaskMatchesDefinition) {
       return LinOut{download_head(dx, x0.size()), download_head(dxa, size_t(Mr) * c.ldxa), download_head(dch, Mr)};
     };
     const LinOut o = run(0, B);
-    EXPECT_EQ(lin_x_bad(c, o.x), 0u) << "x differs from x0 + (a W^T + b) (or not written)";
-    EXPECT_EQ(gap_changed(o.x, c.x0, M, C, c.ldx), 0u) << "x's gap columns changed";
-    ASSERT_EQ(count_invalid(o.ch), 0) << "choices not written";
-    const LinOut r = route_ref(c, d, o.x);
-    EXPECT_TRUE(bit_identical(o.xa, r.xa)) << "x_aug differs from moe_ln_route_mask_forward on the output x";
-    EXPECT_TRUE(o.ch == r.ch) << "choices differ from moe_ln_route_mask_forward on the output x";
-    EXPECT_EQ(xa_gap_written(o.xa, M, cuda::moe_masked_cols(C), c.ldxa), 0u) << "wrote past Ka";
+    expect_lin_definition(c, d, o);
     const LinOut again = run(0, B);
     EXPECT_TRUE(bit_identical(again.x, o.x) && bit_identical(again.xa, o.xa) && again.ch == o.ch) << "rerun differs";
     if (B == 2) {
