@@ -41,6 +41,7 @@
 // A tool: it exits.
 #include <cuda_profiler_api.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -48,6 +49,7 @@
 #include <memory>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/error.h"
@@ -218,6 +220,23 @@ void print_shift_paths(const Net& net, int B, const std::string& path_name) {
                 us(c.packed_us).c_str());
 }
 
+// The modes of a comma list (flag's value s) by their names; false (after a message) for an unknown name.
+template <class E>
+bool parse_modes(const char* flag, const std::string& s, const std::vector<std::pair<std::string, E>>& names,
+                 std::vector<E>& out) {
+  for (const std::string& r : split(s)) {
+    const auto it = std::find_if(names.begin(), names.end(), [&](const auto& n) { return n.first == r; });
+    if (it == names.end()) {
+      std::string all;
+      for (const auto& n : names) all += (all.empty() ? "" : ", ") + n.first;
+      std::fprintf(stderr, "sav_cuda_bench: %s takes %s (a comma list), got '%s'\n", flag, all.c_str(), r.c_str());
+      return false;
+    }
+    out.push_back(it->second);
+  }
+  return true;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -281,27 +300,14 @@ int main(int argc, char** argv) {
     return 2;
   }
   std::vector<sav::ViTCudaRowFusion> row_fusions;
-  for (const std::string& r : split(rows_s)) {
-    if (r != "auto" && r != "on" && r != "off") {
-      std::fprintf(stderr, "sav_cuda_bench: --row-fusion takes auto, on, off (a comma list), got '%s'\n", r.c_str());
-      return 2;
-    }
-    row_fusions.push_back(r == "auto" ? sav::ViTCudaRowFusion::automatic
-                          : r == "on" ? sav::ViTCudaRowFusion::on
-                                      : sav::ViTCudaRowFusion::off);
-  }
   std::vector<sav::ViTCudaDependentLaunch> dep_modes;
-  for (const std::string& r : split(dep_s)) {
-    if (r != "auto" && r != "on" && r != "small" && r != "off") {
-      std::fprintf(stderr, "sav_cuda_bench: --dependent-launch takes auto, on, small, off (a comma list), got '%s'\n",
-                   r.c_str());
-      return 2;
-    }
-    dep_modes.push_back(r == "auto"    ? sav::ViTCudaDependentLaunch::automatic
-                        : r == "on"    ? sav::ViTCudaDependentLaunch::on
-                        : r == "small" ? sav::ViTCudaDependentLaunch::small_products
-                                       : sav::ViTCudaDependentLaunch::off);
-  }
+  using RF = sav::ViTCudaRowFusion;
+  using DL = sav::ViTCudaDependentLaunch;
+  if (!parse_modes("--row-fusion", rows_s, {{"auto", RF::automatic}, {"on", RF::on}, {"off", RF::off}}, row_fusions) ||
+      !parse_modes("--dependent-launch", dep_s,
+                   {{"auto", DL::automatic}, {"on", DL::on}, {"small", DL::small_products}, {"off", DL::off}},
+                   dep_modes))
+    return 2;
   std::vector<sav::ViTCudaPath> paths;
   if (path_s == "auto") paths = {sav::ViTCudaPath::automatic};
   if (path_s == "layered" || path_s == "both") paths.push_back(sav::ViTCudaPath::layered);

@@ -338,20 +338,22 @@ struct ViTCuda::Impl {
   // out (M, F) contiguous = [epi](x W^T + b), b f32 (residual) or bf16 (else) or nullptr: cuBLASLt, or the engine's
   // small-M kernel when the forward runs them (ViTCudaDependentLaunch::small_products).
   void product(const bf16* x, const bf16* w, const void* b, int M, int K, int F, Epi epi, void* out, cudaStream_t s) {
-    const bool small = small_products && cuda::small_linear_supports(M, K, F);
     if (epi == Epi::residual) {
-      const float* b32 = static_cast<const float*>(b);
-      if (small)
-        cuda::small_linear_f32(static_cast<float*>(out), F, x, w, b32, M, K, F, true, s);
-      else
-        gemm.linear_f32(static_cast<float*>(out), x, w, b32, M, K, F, true, s);
+      f32_product(static_cast<float*>(out), x, w, static_cast<const float*>(b), M, K, F, true, s);
+    } else if (small_products && cuda::small_linear_supports(M, K, F)) {
+      cuda::small_linear_bf16(static_cast<bf16*>(out), F, x, w, static_cast<const bf16*>(b), M, K, F, epi == Epi::gelu,
+                              s);
     } else {
-      const bf16* b16 = static_cast<const bf16*>(b);
-      if (small)
-        cuda::small_linear_bf16(static_cast<bf16*>(out), F, x, w, b16, M, K, F, epi == Epi::gelu, s);
-      else
-        gemm.linear_bf16(static_cast<bf16*>(out), x, w, b16, M, K, F, epi == Epi::gelu, s);
+      gemm.linear_bf16(static_cast<bf16*>(out), x, w, static_cast<const bf16*>(b), M, K, F, epi == Epi::gelu, s);
     }
+  }
+  // out (M, F) f32 = x W^T + b, or += when accumulate; the same two products as product().
+  void f32_product(float* out, const bf16* x, const bf16* w, const float* b, int M, int K, int F, bool accumulate,
+                   cudaStream_t s) {
+    if (small_products && cuda::small_linear_supports(M, K, F))
+      cuda::small_linear_f32(out, F, x, w, b, M, K, F, accumulate, s);
+    else
+      gemm.linear_f32(out, x, w, b, M, K, F, accumulate, s);
   }
 
   // A shift linear by the packed-mma kernel with the same epilogue (f32 bias: b32, or the bf16-rounded bp).
@@ -417,10 +419,7 @@ struct ViTCuda::Impl {
 
   // A stacked MoE layer's product into the f32 scratch moe_s (both experts and the split router; then an epilogue).
   void stacked_product(const Lin& L, const bf16* xin, int M, cudaStream_t s) {
-    if (small_products && cuda::small_linear_supports(M, L.K, L.Fs))
-      cuda::small_linear_f32(moe_s.get(), L.Fs, xin, L.w, nullptr, M, L.K, L.Fs, false, s);
-    else
-      gemm.linear_f32(moe_s.get(), xin, L.w, nullptr, M, L.K, L.Fs, false, s);
+    f32_product(moe_s.get(), xin, L.w, nullptr, M, L.K, L.Fs, false, s);
   }
 
   // A masked MoE layer's product of x_aug (moe_xa, written by a router + mask kernel) with W_aug, epilogue fused.
@@ -461,12 +460,16 @@ struct ViTCuda::Impl {
     const int G = cuda::rows_fused_cluster(M);
     return row_mode != ViTCudaRowFusion::off && G >= 4 && cuda::rows_fused_supports(K, C, Fc, G);
   }
-  // A proj linear (dense, or shift on the automatic path) with its residual add, before a masked MoE fc1 (whose
-  // LayerNorm + router + mask the fused kernel runs too).
-  bool proj_fusable(const BlockWeights& w, int M) const {
-    const Lin &pj = w.proj, &f1 = w.fc1;
+  // Block w's proj is a linear (dense, or shift on the automatic path) with its f32 bias and residual add, before a
+  // masked MoE fc1 whose LayerNorm + router + mask a fused kernel can run with it.
+  bool proj_before_router(const BlockWeights& w) const {
+    const Lin& pj = w.proj;
     return pj.kind != LinearKind::moe && pj.b32 && (pj.shift < 0 || shift_mode == ViTCudaShiftPath::automatic) &&
-           f1.wa && rows_fusable(M, pj.K, cfg.dim, cfg.dim);
+           w.fc1.wa;
+  }
+  // ... in the rows-fused kernel
+  bool proj_fusable(const BlockWeights& w, int M) const {
+    return proj_before_router(w) && rows_fusable(M, w.proj.K, cfg.dim, cfg.dim);
   }
 
   // Block l's fc2 is a stacked MoE linear whose residual epilogue also writes the next block's LayerNorm (one kernel,
@@ -483,28 +486,21 @@ struct ViTCuda::Impl {
   // A Hamming block (the per-head kernel) whose proj (dense, or shift on the automatic path), residual, LN2 and masked
   // fc1's router + mask can run inside the Hamming kernel (ops.h hamming_attention_proj_ln_mask_forward).
   bool ham_fusable(const BlockWeights& w, int B) const {
-    const Lin &pj = w.proj, &f1 = w.fc1;
-    return row_mode != ViTCudaRowFusion::off && w.attn == 'h' && w.ham_prep && pj.kind != LinearKind::moe && pj.b32 &&
-           (pj.shift < 0 || shift_mode == ViTCudaShiftPath::automatic) && f1.wa &&
-           f1.Ka == cuda::moe_masked_cols(cfg.dim) &&
+    return row_mode != ViTCudaRowFusion::off && w.attn == 'h' && w.ham_prep && proj_before_router(w) &&
+           w.fc1.Ka == cuda::moe_masked_cols(cfg.dim) &&
            cuda::hamming_attention_proj_supports(B, cfg.tokens(), cfg.dim, cfg.heads, cfg.hash_bits, cfg.anchors);
   }
-
-  // The two forms and their two ways, writing x (the residual stream), the bf16 output (x_aug of the next masked
-  // fc1 / the next block's LayerNorm) and the routing choices (nullptr: not written) where they are told.
-  //   proj: x += proj(ao), then LN2 + fc1's router + mask -> x_aug
-  //   fc2:  x += the stacked MoE fc2 of hid (its routing epilogue), then the next block's LN1 -> xn
-  void proj_rows(const BlockWeights& w, int M, bool fused, float* xo, bf16* xa, int8_t* ch, cudaStream_t s) {
-    const int C = cfg.dim;
-    if (fused) {
-      cuda::rows_linear_ln_mask_forward(xo, C, ao.get(), C, w.proj.w, w.proj.b32, M, w.proj.K, C, w.ln2_w, w.ln2_b,
-                                        cfg.ln_eps, w.fc1.wr, w.fc1.br, xa, w.fc1.Ka, ch, s);
-    } else {
-      linear(w.proj, ao.get(), M, Epi::residual, xo, C, s);
-      cuda::moe_ln_route_mask_forward(xa, w.fc1.Ka, ch, xo, C, w.ln2_w, w.ln2_b, cfg.ln_eps, w.fc1.wr, w.fc1.br, M, C,
-                                      s);
-    }
+  // Where block w's proj runs in a forward of B images with the forms f: in the Hamming kernel, in the rows-fused
+  // kernel, or on its own (a layered linear).
+  enum class ProjRun { hamming, rows, own };
+  ProjRun proj_run(const BlockWeights& w, int B, const RowForms& f) const {
+    if (f.ham && ham_fusable(w, B)) return ProjRun::hamming;
+    if (f.proj && proj_fusable(w, B * cfg.tokens())) return ProjRun::rows;
+    return ProjRun::own;
   }
+
+  // The fc2 form and its two ways, writing x (the residual stream), the next block's LayerNorm xn and the routing
+  // choices (nullptr: not written): x += the stacked MoE fc2 of hid (its routing epilogue), then the next LN1 -> xn.
   void fc2_rows(const BlockWeights& w, const BlockWeights& next, int M, bool fused, float* xo, bf16* xno, int8_t* ch,
                 cudaStream_t s) {
     const int C = cfg.dim;
@@ -516,6 +512,15 @@ struct ViTCuda::Impl {
       cuda::moe_epilogue_residual_ln_forward(xo, C, ch, moe_s.get(), w.fc2.Fs, w.fc2.b0, w.fc2.b1, w.fc2.br, M, C, gate,
                                              xno, C, next.ln1_w, next.ln1_b, cfg.ln_eps, s);
     }
+  }
+
+  // After a mode change: the captured graphs (made with the other kernels) and the automatic choices (made under the
+  // other mode, maybe without trying every set) go.
+  void drop_choices() {
+    SAV_CUDA_CHECK(cudaDeviceSynchronize());  // replays in flight
+    graphs.clear();
+    row_chosen.clear();
+    row_timings.clear();
   }
 
   // The forms that run fused for M rows: forced on / off, the set a timing forward tries, the automatic choice made
@@ -607,6 +612,7 @@ struct ViTCuda::Impl {
     bool ln1_done = true;  // block 0's LayerNorm ran with the embedding
     for (size_t l = 0; l < blocks.size(); ++l) {
       const BlockWeights& w = blocks[l];
+      const ProjRun proj = proj_run(w, B, forms);
       if (!ln1_done) cuda::layernorm_forward(xn.get(), C, x.get(), C, w.ln1_w, w.ln1_b, M, C, eps, s);
       if (w.attn == 's') {
         linear(w.qkv, xn.get(), M, Epi::bf16, qkv.get(), 3 * C, s);
@@ -621,7 +627,7 @@ struct ViTCuda::Impl {
         }
         // The per-head kernel (G CTAs per image and head, G from hamming_attention_split) where it
         // covers the sizes, else the tiled kernel (any N).
-        if (forms.ham && ham_fusable(w, B)) {
+        if (proj == ProjRun::hamming) {
           cuda::hamming_attention_proj_ln_mask_forward(x.get(), C, qkv.get(), 2 * C, qkv.get() + C, 2 * C, w.ham_prep,
                                                        w.conv, w.proj.w, w.proj.b32, w.ln2_w, w.ln2_b, eps, w.fc1.wr,
                                                        w.fc1.br, moe_xa.get(), w.fc1.Ka, choice_slot(w.fc1), B, N, C, H,
@@ -635,11 +641,12 @@ struct ViTCuda::Impl {
                                               w.conv, hd, ham_ws.get(), s);
         }
       }
-      if (forms.ham && ham_fusable(w, B)) {  // proj, LN2 and the router ran in the Hamming kernel
+      if (proj == ProjRun::hamming) {  // proj, LN2 and the router ran in the Hamming kernel
         masked_product(w.fc1, M, Epi::gelu, hid.get(), F, s);
-      } else if (proj_fusable(w, M)) {  // proj + residual, then LN2 + fc1's router and mask: one kernel or two
-        const bool fused = forms.proj;
-        proj_rows(w, M, fused, x.get(), moe_xa.get(), choice_slot(w.fc1), s);
+      } else if (proj == ProjRun::rows) {  // proj + residual, then LN2 + fc1's router and mask: one kernel
+        cuda::rows_linear_ln_mask_forward(x.get(), C, ao.get(), C, w.proj.w, w.proj.b32, M, w.proj.K, C, w.ln2_w,
+                                          w.ln2_b, eps, w.fc1.wr, w.fc1.br, moe_xa.get(), w.fc1.Ka, choice_slot(w.fc1),
+                                          s);
         masked_product(w.fc1, M, Epi::gelu, hid.get(), F, s);
       } else if (w.fc1.wa && cuda::moe_ln_route_mask_supports(C)) {  // masked fc1: its LayerNorm fused into the router
         linear(w.proj, ao.get(), M, Epi::residual, x.get(), C, s);
@@ -837,8 +844,7 @@ std::vector<ViTCudaShiftChoice> ViTCuda::shift_choices(int B) const {
   std::set<int> rows_fused;  // the shift layers a forward of B runs in a rows-fused proj kernel (as Impl::enqueue)
   const auto forms = m.forms_for(M);
   for (const auto& w : m.blocks)
-    if (w.proj.shift >= 0 && ((forms.ham && m.ham_fusable(w, B)) || (forms.proj && m.proj_fusable(w, M))))
-      rows_fused.insert(w.proj.shift);
+    if (w.proj.shift >= 0 && m.proj_run(w, B, forms) != Impl::ProjRun::own) rows_fused.insert(w.proj.shift);
   for (size_t i = 0; i < m.shift_layers.size(); ++i) {
     const ShiftLayer& sl = m.shift_layers[i];
     ViTCudaShiftChoice c;
@@ -902,10 +908,7 @@ void ViTCuda::set_row_fusion(ViTCudaRowFusion mode) {
   Impl& m = *impl_;
   if (mode == m.row_mode) return;
   m.row_mode = mode;
-  SAV_CUDA_CHECK(cudaDeviceSynchronize());  // replays in flight
-  m.graphs.clear();                         // captured with the other kernels
-  m.row_chosen.clear();  // automatic choices made under the other mode (they may not have tried the forms)
-  m.row_timings.clear();
+  m.drop_choices();
 }
 
 ViTCudaRowFusion ViTCuda::row_fusion() const { return impl_->row_mode; }
@@ -914,10 +917,7 @@ void ViTCuda::set_dependent_launch(ViTCudaDependentLaunch mode) {
   Impl& m = *impl_;
   if (mode == m.dep_mode) return;
   m.dep_mode = mode;
-  SAV_CUDA_CHECK(cudaDeviceSynchronize());  // replays in flight
-  m.graphs.clear();
-  m.row_chosen.clear();  // automatic choices made under the other mode
-  m.row_timings.clear();
+  m.drop_choices();
 }
 
 ViTCudaDependentLaunch ViTCuda::dependent_launch() const { return impl_->dep_mode; }

@@ -150,6 +150,18 @@ HamParams ham_dims(int B, int N, int C, int H, int nbits, int m) {
   return p;
 }
 
+bool a16(const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; }
+
+// ham_dims with the launchers' common inputs: the qk and v rows, the prepared hash weights and the conv taps.
+HamParams ham_inputs(int B, int N, int C, int H, int nbits, int m, const bf16* qk, int ldqk, const bf16* v, int ldv,
+                     const void* prep, const float* conv_w) {
+  HamParams p = ham_dims(B, N, C, H, nbits, m);
+  p.qk = qk, p.v = v, p.prep = static_cast<const unsigned char*>(prep), p.conv_w = conv_w;
+  p.ldqk = ldqk, p.ldv = ldv;
+  p.vec = p.d % 8 == 0 && ldqk % 8 == 0 && ldv % 8 == 0 && a16(qk) && a16(v);
+  return p;
+}
+
 // One warp per 16-token tile, at least 4 warps (N <= 256: at most 16).
 inline int ham_threads(int N) { return 32 * std::max(4, (N + 15) / 16); }
 
@@ -706,11 +718,8 @@ void hamming_attention_forward_ld(bf16* out, int ldo, const bf16* qk, int ldqk, 
   SAV_CHECK(B >= 0, "hamming attention: negative batch " << B);
   if (B == 0) return;
   SAV_CHECK(int64_t(B) * H <= (int64_t(1) << 31) - 1, "hamming attention: B*H too large");
-  HamParams p = ham_dims(B, N, C, H, nbits, m);
-  p.out = out, p.qk = qk, p.v = v, p.prep = static_cast<const unsigned char*>(prep), p.conv_w = conv_w;
-  p.ldo = ldo, p.ldqk = ldqk, p.ldv = ldv;
-  auto a16 = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
-  p.vec = p.d % 8 == 0 && ldqk % 8 == 0 && ldv % 8 == 0 && a16(qk) && a16(v);
+  HamParams p = ham_inputs(B, N, C, H, nbits, m, qk, ldqk, v, ldv, prep, conv_w);
+  p.out = out, p.ldo = ldo;
   p.pairs = p.d % 2 == 0 && ldo % 2 == 0 && reinterpret_cast<uintptr_t>(out) % 4 == 0;
   if (split == 0) split = hamming_attention_split(B, N, H);
   SAV_CHECK(split >= 1 && split <= p.tiles,
@@ -744,21 +753,17 @@ void hamming_attention_proj_ln_mask_forward(float* x, int ldx, const bf16* qk, i
   const char* what = "hamming attention + proj + layernorm + mask";
   SAV_CHECK(x && qk && v && prep && conv_w && wp && bp && ln_w && ln_b && wr && br && xa, what << ": null pointer");
   check_dims(N, C, H, nbits, m);
-  SAV_CHECK(B >= 1 && hamming_attention_proj_supports(B, N, C, H, nbits, m),
+  SAV_CHECK(hamming_attention_proj_supports(B, N, C, H, nbits, m),
             what << ": B=" << B << " N=" << N << " C=" << C << " H=" << H
                  << " not supported (one 16-token tile per CTA at the launcher's split, H <= 8, C % 16 == 0, C <= 256, "
                     "d even, shared memory)");
   const int Ka = moe_masked_cols(C);
   SAV_CHECK(ldqk >= C && ldv >= C && ldx >= C && ldx % 4 == 0 && ldxa >= Ka && ldxa % 4 == 0,
             what << ": row strides ldqk=" << ldqk << " ldv=" << ldv << " ldx=" << ldx << " ldxa=" << ldxa);
-  auto a16 = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
   SAV_CHECK(a16(prep) && a16(x) && a16(wp) && a16(bp) && a16(ln_w) && a16(ln_b) && a16(wr) &&
                 reinterpret_cast<uintptr_t>(xa) % 8 == 0,
             what << ": misaligned pointers");
-  HamParams p = ham_dims(B, N, C, H, nbits, m);
-  p.qk = qk, p.v = v, p.prep = static_cast<const unsigned char*>(prep), p.conv_w = conv_w;
-  p.ldqk = ldqk, p.ldv = ldv;
-  p.vec = p.d % 8 == 0 && ldqk % 8 == 0 && ldv % 8 == 0 && a16(qk) && a16(v);
+  HamParams p = ham_inputs(B, N, C, H, nbits, m, qk, ldqk, v, ldv, prep, conv_w);
   p.G = p.tiles;
   p.fuse = true, p.wp = wp, p.bp = bp, p.ln_w = ln_w, p.ln_b = ln_b, p.wr = wr, p.br = br, p.eps = eps;
   p.x = x, p.ldx = ldx, p.xa = xa, p.ldxa = ldxa, p.Ka = Ka, p.choice = choice;

@@ -30,6 +30,7 @@
 #include <cmath>
 
 #include "core/tensor.h"
+#include "ops/cuda/gelu.cuh"
 #include "ops/cuda/launch.cuh"
 #include "ops/cuda/layernorm.cuh"
 #include "ops/cuda/moe_rows.cuh"
@@ -57,8 +58,6 @@ struct MoeEpiParams {
   int epi;      // MoeEpilogue
   bool vec;     // float4 path
 };
-
-__device__ __forceinline__ float gelu_erf(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
 
 __global__ void __launch_bounds__(kMoeEpiThreads) moe_epilogue_kernel(const __grid_constant__ MoeEpiParams p) {
   ptx::pdl_trigger();  // dependent launch (common.h): let the next kernel start; wait before touching data

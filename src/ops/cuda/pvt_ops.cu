@@ -41,6 +41,7 @@
 #include <cmath>
 
 #include "ops/cpu/conv.h"  // conv_out_size
+#include "ops/cuda/gelu.cuh"
 #include "ops/cuda/pvt_ops.h"
 
 namespace sav::cuda {
@@ -511,8 +512,6 @@ struct DwParams {
   int runs;  // B * H * nrx
   bool gelu;
 };
-
-__device__ __forceinline__ float gelu_erf(float z) { return 0.5f * z * (1.0f + erff(z * 0.70710678118654752f)); }
 
 // K > 0: compile-time kernel side, V = 1 or 2 adjacent channels per thread (float2 accesses): the weights
 // and the whole (K, kDwRun + K - 1) input window in registers, every load issued before the arithmetic

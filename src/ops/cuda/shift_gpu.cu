@@ -69,6 +69,7 @@
 #include <type_traits>
 
 #include "core/error.h"
+#include "ops/cuda/gelu.cuh"
 #include "ops/cuda/gemm.h"
 #include "ops/cuda/launch.cuh"
 #include "ops/cuda/ptx.cuh"
@@ -433,14 +434,6 @@ __device__ __forceinline__ void store_out(bf16* p, float v) { *p = __float2bfloa
 __device__ __forceinline__ float load_out(const float* p) { return *p; }
 __device__ __forceinline__ float load_out(const bf16* p) { return __bfloat162float(*p); }
 
-// GELU, tanh form (cuBLASLt's CUBLASLT_EPILOGUE_GELU): 0.5 v (1 + tanh(sqrt(2/pi) (v + 0.044715 v^3))), with
-// explicit _rn operations (no contraction: the same bits whatever the compiler fuses) and tanhf.
-__device__ __forceinline__ float gelu_tanh(float v) {
-  const float v3 = __fmul_rn(__fmul_rn(v, v), v);
-  const float u = __fmul_rn(0.7978845608f, __fadd_rn(v, __fmul_rn(0.044715f, v3)));
-  return __fmul_rn(__fmul_rn(0.5f, v), __fadd_rn(1.0f, tanhf(u)));
-}
-
 template <class OutT, int BM, int BN, int WM, int WN>
 __global__ void __launch_bounds__(MmaTile<BM, BN, WM, WN>::kThreads, BM == 128 ? 2 : 4)
     shift_mma_kernel(const __grid_constant__ MmaParams p) {
@@ -568,7 +561,7 @@ __global__ void __launch_bounds__(MmaTile<BM, BN, WM, WN>::kThreads, BM == 128 ?
     for (int q = 1; q < kMaxSplits; ++q)
       if (q < S) v = __fadd_rn(v, cs[q][r * LDC + c]);  // rank order: deterministic
     if (p.bias) v = __fadd_rn(v, p.bias[n]);
-    if (p.gelu) v = gelu_tanh(v);
+    if (p.gelu) v = gelu_tanh_rn(v);  // gelu.cuh: cuBLASLt's tanh form, no contraction
     OutT* dst = y + int64_t(m) * p.ldy + n;
     if (p.accumulate) v = __fadd_rn(load_out(dst), v);  // the residual add, one rounding
     store_out(dst, v);

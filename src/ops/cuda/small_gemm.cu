@@ -1,6 +1,7 @@
 // The small-M product kernel (spec: small_gemm.h).
 #include <cstdint>
 
+#include "ops/cuda/gelu.cuh"
 #include "ops/cuda/launch.cuh"
 #include "ops/cuda/ptx.cuh"
 #include "ops/cuda/small_gemm.h"
@@ -26,10 +27,6 @@ struct Args {
 };
 
 size_t smem_bytes(int K) { return size_t(kBM + kBN) * (K + kPad) * sizeof(bf16) + 4 * 256 * sizeof(float); }
-
-__device__ __forceinline__ float gelu_tanh(float v) {
-  return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
-}
 
 // Stages rows [r0, r0 + 32) of the (rows, K) bf16 matrix g (rows past `rows`: zeros) into s (rows K + kPad apart).
 __device__ __forceinline__ void stage_rows(bf16* s, const bf16* g, int r0, int rows, int K) {

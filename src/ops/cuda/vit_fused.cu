@@ -35,6 +35,7 @@
 #include <tuple>
 #include <vector>
 
+#include "ops/cuda/gelu.cuh"
 #include "ops/cuda/ops.h"
 #include "ops/cuda/ptx.cuh"
 #include "ops/cuda/vit_fused.h"
@@ -193,12 +194,6 @@ __device__ __forceinline__ void load8(float (&v)[8], const bf16* src) {
     const float2 f = __bfloat1622float2(h[i]);
     v[2 * i] = f.x, v[2 * i + 1] = f.y;
   }
-}
-
-__device__ __forceinline__ float gelu_erf(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
-// cuBLASLt's GELU epilogue (the tanh form), which the layered path uses for dense fc1 layers
-__device__ __forceinline__ float gelu_tanh(float x) {
-  return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
 }
 
 // One warp: dst (C, bf16) = LayerNorm(xr) with two-pass f32 statistics (layernorm_forward's); xr in shared memory is
