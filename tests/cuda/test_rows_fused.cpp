@@ -26,6 +26,7 @@
 // prob gate's probability moves by at most |d(l1 - l0)| relative, which the tolerance adds (times |y|).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -824,4 +825,198 @@ TEST_F(RowsFused, HammingProjTimingPrinted) {
       "LN/router/mask kernels %.2f, fused %.2f\n",
       us_ham, us_sep, us_fused);
   EXPECT_GT(us_fused, 0.0);
+}
+
+// ---- hamming_block_forward: to_qk / to_v + Hamming attention + proj + LN2 + router + mask in one kernel ----
+
+// The inputs of one attention sub-block: xn (M,C) bf16-rounded normal in rows ldxn = C + 8 apart, wqkv (2C,C)
+// bf16-rounded normal / sqrt(C), bqkv (2C) bf16-rounded small; KSH weights fitted to the exact qk; proj, LayerNorm
+// and router as lin_case.
+struct BlockCase {
+  int B = 0, N = 0, C = 0, H = 0, nbits = 0, m = 0, ldxn = 0;
+  std::vector<float> xnf, wf, bf;  // the bf16 values, as floats
+  std::vector<double> qkv;         // (M, 2C) exact xn wqkv^T + b
+  KshWeights kw;
+  LinCase lin;
+};
+
+BlockCase block_case(int B, int N, int C, int H, int nbits, int m, uint64_t seed) {
+  BlockCase k;
+  k.B = B, k.N = N, k.C = C, k.H = H, k.nbits = nbits, k.m = m, k.ldxn = C + 8;
+  const int M = B * N;
+  k.xnf = round_bf16(normal(size_t(M) * C, seed));
+  k.wf = round_bf16(normal(size_t(2) * C * C, seed + 1, 1.0f / std::sqrt(float(C))));
+  k.bf = round_bf16(normal(size_t(2) * C, seed + 2, 0.1f));
+  k.qkv.assign(size_t(M) * 2 * C, 0.0);
+  std::vector<float> qk(size_t(M) * C);
+  for (int r = 0; r < M; ++r)
+    for (int j = 0; j < 2 * C; ++j) {
+      double acc = k.bf[j];
+      for (int i = 0; i < C; ++i) acc += double(k.xnf[size_t(r) * C + i]) * k.wf[size_t(j) * C + i];
+      k.qkv[size_t(r) * 2 * C + j] = acc;
+      if (j < C) qk[size_t(r) * C + j] = static_cast<float>(acc);
+    }
+  k.kw = fitted_ksh_weights<double>(qk, N, C, H, nbits, m, seed + 3);
+  k.lin = lin_case(M, C, C, seed + 4);
+  return k;
+}
+
+struct BlockDev {
+  DeviceBuffer<bf16> xn, w, b;
+  DeviceBuffer<float> anchors, mu, A, conv;
+  DeviceBuffer<unsigned char> prep;
+  LinDev lin;
+  explicit BlockDev(const BlockCase& k)
+      : xn(upload(strided_bf16(k.xnf, k.B * k.N, k.C, k.ldxn))),
+        w(upload_as<bf16>(k.wf)),
+        b(upload_as<bf16>(k.bf)),
+        anchors(upload(k.kw.anchors)),
+        mu(upload(k.kw.mu)),
+        A(upload(k.kw.A)),
+        conv(upload(k.kw.conv)),
+        prep(cuda::hamming_attention_prepared_bytes(k.C, k.H, k.nbits)),
+        lin(k.lin) {
+    cuda::hamming_attention_prepare(prep.get(), anchors.get(), mu.get(), A.get(), k.C, k.H, k.nbits, k.m, nullptr);
+  }
+};
+
+struct BlockOut {
+  LinOut lin;
+  std::vector<bf16> qkv, ao;  // the kernel's qk | v rows (M, 2C) and attention output (M, C)
+};
+
+// Images b0 .. b0 + nb - 1 from x0 (outputs poisoned, with tails).
+BlockOut run_block(const BlockCase& k, const BlockDev& d, int b0, int nb, cudaStream_t s = nullptr) {
+  const LinCase& c = k.lin;
+  const int N = k.N, C = k.C, Mr = nb * N;
+  std::vector<float> x0(c.x0.begin() + size_t(b0) * N * c.ldx, c.x0.begin() + size_t(b0 + nb) * N * c.ldx);
+  auto dx = with_tail(x0, size_t(kTail) * c.ldx);
+  auto dxa = poisoned<bf16>(size_t(Mr + kTail) * c.ldxa);
+  auto dch = poisoned<int8_t>(Mr + kTail);
+  auto dqkv = poisoned<bf16>(size_t(Mr + kTail) * 2 * C);
+  auto dao = poisoned<bf16>(size_t(Mr + kTail) * C);
+  cuda::hamming_block_forward(dx.get(), c.ldx, d.xn.get() + size_t(b0) * N * k.ldxn, k.ldxn, d.w.get(), d.b.get(),
+                              d.prep.get(), d.conv.get(), d.lin.w.get(), d.lin.b.get(), d.lin.lw.get(), d.lin.lb.get(),
+                              kEps, d.lin.wr.get(), d.lin.br.get(), dxa.get(), c.ldxa, dch.get(), nb, N, C, k.H, k.nbits,
+                              k.m, s, dqkv.get(), dao.get());
+  device_sync();
+  BlockOut o;
+  o.lin = {download_head(dx, x0.size()), download_head(dxa, size_t(Mr) * c.ldxa), download_head(dch, Mr)};
+  const std::vector<bf16> q = dqkv.download(), a = dao.download();
+  o.qkv.assign(q.begin(), q.begin() + size_t(Mr) * 2 * C);
+  o.ao.assign(a.begin(), a.begin() + size_t(Mr) * C);
+  EXPECT_EQ(std::count_if(q.begin() + size_t(Mr) * 2 * C, q.end(), [](bf16 v) { return bits(v) != 0xFFFF; }), 0)
+      << "qk | v written past the rows";
+  EXPECT_EQ(std::count_if(a.begin() + size_t(Mr) * C, a.end(), [](bf16 v) { return bits(v) != 0xFFFF; }), 0)
+      << "attention output written past the rows";
+  return o;
+}
+
+// The kernel against its definition, in three links:
+//  1. its qk | v rows: the exact product + bias within bf16 rounding (half an ulp, plus the f32 sum's error);
+//  2. its attention output: hamming_attention_forward_ld on its own qk | v rows (the same codes; KV summed in another
+//     order, so an element may differ by one bf16 ulp);
+//  3. x, x_aug, the choices: expect_lin_definition with a = its attention output (x within the tolerance of
+//     x0 + a W^T + b, x_aug and the choices bit for bit moe_ln_route_mask_forward on x, nothing written past them).
+// A rerun gives the same bits; image 1 of a batch of two equals image 1 alone.
+TEST_F(RowsFused, HammingBlockMatchesDefinition) {
+  struct Case {
+    int B, N, C, H, nbits, m;
+  };
+  for (const Case cs : {Case{1, 197, 192, 3, 16, 25}, Case{2, 197, 192, 3, 16, 25}, Case{1, 50, 128, 2, 16, 25},
+                        Case{2, 37, 64, 1, 8, 9}, Case{1, 64, 192, 3, 24, 25}, Case{1, 17, 128, 2, 16, 32}}) {
+    const int B = cs.B, N = cs.N, C = cs.C, H = cs.H, M = B * N;
+    SCOPED_TRACE(dims({{"B", B}, {"N", N}, {"C", C}, {"H", H}, {"nbits", cs.nbits}, {"m", cs.m}}));
+    ASSERT_TRUE(cuda::hamming_block_supports(B, N, C, H, cs.nbits, cs.m));
+    BlockCase k = block_case(B, N, C, H, cs.nbits, cs.m, 300 + N + C);
+    const BlockDev d(k);
+    const BlockOut o = run_block(k, d, 0, B);
+    // 1. qk | v
+    size_t bad_qkv = 0;
+    for (int r = 0; r < M; ++r)
+      for (int j = 0; j < 2 * C; ++j) {
+        const double ref = k.qkv[size_t(r) * 2 * C + j], got = __bfloat162float(o.qkv[size_t(r) * 2 * C + j]);
+        bad_qkv += !(std::fabs(got - ref) <= std::ldexp(std::fabs(ref), -8) + 1e-5);
+      }
+    EXPECT_EQ(bad_qkv, 0u) << "qk | v differ from xn W^T + b beyond bf16 rounding";
+    // 2. the attention output against the per-head kernel on the same qk | v
+    auto dq = upload(o.qkv);
+    auto dref = poisoned<bf16>(size_t(M) * C);
+    cuda::hamming_attention_forward_ld(dref.get(), C, dq.get(), 2 * C, dq.get() + C, 2 * C, d.prep.get(), d.conv.get(),
+                                       B, N, C, H, cs.nbits, cs.m, nullptr);
+    const std::vector<bf16> ref = dref.download();
+    size_t bad_ao = 0, unequal = 0;
+    for (size_t i = 0; i < ref.size(); ++i) {
+      const double a = __bfloat162float(o.ao[i]), r = __bfloat162float(ref[i]);
+      unequal += bits(o.ao[i]) != bits(ref[i]);
+      bad_ao += !(std::fabs(a - r) <= std::ldexp(std::fabs(r), -7) + 1e-6);
+    }
+    EXPECT_EQ(bad_ao, 0u) << "attention output differs from hamming_attention_forward_ld beyond one bf16 ulp";
+    EXPECT_LE(unequal, ref.size() / 50) << "more than 2% of the attention output differs from the per-head kernel";
+    std::printf("[ block ] B=%d N=%d C=%d: %zu of %zu attention outputs one ulp from the per-head kernel's\n", B, N, C,
+                unequal, ref.size());
+    // 3. proj + residual + LayerNorm + router + mask on the kernel's own attention output
+    k.lin.af.resize(o.ao.size());
+    for (size_t i = 0; i < o.ao.size(); ++i) k.lin.af[i] = __bfloat162float(o.ao[i]);
+    k.lin.a = strided_bf16(k.lin.af, M, C, k.lin.lda);
+    expect_lin_definition(k.lin, d.lin, o.lin);
+    const BlockOut again = run_block(k, d, 0, B);
+    EXPECT_TRUE(bit_identical(again.lin.x, o.lin.x) && bit_identical(again.lin.xa, o.lin.xa) &&
+                again.lin.ch == o.lin.ch && bit_identical(again.ao, o.ao))
+        << "rerun differs";
+    if (B == 2) {
+      const BlockOut one = run_block(k, d, 1, 1);
+      const LinCase& c = k.lin;
+      EXPECT_TRUE(bit_identical(one.lin.x, rows_of(o.lin.x, c.ldx, N, N))) << "image 1 alone differs from the batch";
+      EXPECT_TRUE(bit_identical(one.lin.xa, rows_of(o.lin.xa, c.ldxa, N, N)) && one.lin.ch == rows_of(o.lin.ch, 1, N, N));
+    }
+  }
+  EXPECT_FALSE(cuda::hamming_block_supports(1, 197, 256, 4, 16, 25)) << "4 heads";
+  EXPECT_FALSE(cuda::hamming_block_supports(1, 197, 96, 3, 16, 25)) << "head size 32";
+  EXPECT_FALSE(cuda::hamming_block_supports(1, 300, 192, 3, 16, 25)) << "N > 256";
+  DeviceBuffer<float> f(64);
+  DeviceBuffer<bf16> h(64);
+  EXPECT_THROW(cuda::hamming_block_forward(f.get(), 192, h.get(), 192, h.get(), h.get(), f.get(), f.get(), h.get(),
+                                           f.get(), f.get(), f.get(), kEps, f.get(), f.get(), h.get(), 400, nullptr, 1,
+                                           197, 256, 4, 16, 25, nullptr),
+               Error);
+}
+
+// Not an assertion: DeiT-Tiny batch 1, the one-kernel attention sub-block against the two kernels it replaces (the
+// cuBLASLt to_qk / to_v product, the fused Hamming + proj + LN2 + router + mask kernel), each sequence 12 times in
+// one graph; us per sequence.
+TEST_F(RowsFused, HammingBlockTimingPrinted) {
+  const BlockCase k = block_case(1, 197, 192, 3, 16, 25, 11);
+  const BlockDev d(k);
+  const LinCase& c = k.lin;
+  const int M = 197, C = 192;
+  auto dx = upload(c.x0);
+  auto dxa = poisoned<bf16>(size_t(M) * c.ldxa);
+  auto dch = poisoned<int8_t>(M);
+  DeviceBuffer<bf16> qkv(size_t(M) * 2 * C), xn(size_t(M) * C);
+  SAV_CUDA_CHECK(cudaMemcpy2D(xn.get(), C * sizeof(bf16), d.xn.get(), k.ldxn * sizeof(bf16), C * sizeof(bf16), M,
+                              cudaMemcpyDeviceToDevice));
+  cuda::Gemm gemm;
+  cuda::Stream st;
+  auto two = [&](cudaStream_t s) {
+    gemm.linear_bf16(qkv.get(), xn.get(), d.w.get(), d.b.get(), M, C, 2 * C, false, s);
+    cuda::hamming_attention_proj_ln_mask_forward(dx.get(), c.ldx, qkv.get(), 2 * C, qkv.get() + C, 2 * C, d.prep.get(),
+                                                 d.conv.get(), d.lin.w.get(), d.lin.b.get(), d.lin.lw.get(),
+                                                 d.lin.lb.get(), kEps, d.lin.wr.get(), d.lin.br.get(), dxa.get(), c.ldxa,
+                                                 dch.get(), 1, M, C, 3, 16, 25, s);
+  };
+  auto one = [&](cudaStream_t s) {
+    cuda::hamming_block_forward(dx.get(), c.ldx, d.xn.get(), k.ldxn, d.w.get(), d.b.get(), d.prep.get(), d.conv.get(),
+                                d.lin.w.get(), d.lin.b.get(), d.lin.lw.get(), d.lin.lb.get(), kEps, d.lin.wr.get(),
+                                d.lin.br.get(), dxa.get(), c.ldxa, dch.get(), 1, M, C, 3, 16, 25, s);
+  };
+  two(st.get());
+  one(st.get());
+  device_sync();
+  const double us_two = cuda::median_graph_us(two, st.get(), 12, 21);
+  const double us_one = cuda::median_graph_us(one, st.get(), 12, 21);
+  std::printf("[ hamming block ] DeiT-Tiny b1, us per sequence in a graph of 12: to_qk/to_v product + fused Hamming "
+              "kernel %.2f, one kernel %.2f\n",
+              us_two, us_one);
+  EXPECT_GT(us_one, 0.0);
 }

@@ -42,6 +42,7 @@
 
 #include <algorithm>
 
+#include "ops/cuda/hamming_common.cuh"
 #include "ops/cuda/launch.cuh"
 #include "ops/cuda/moe_rows.cuh"
 #include "ops/cuda/ops.h"
@@ -51,16 +52,11 @@ namespace sav::cuda {
 
 namespace {
 
-constexpr int kHamMaxN = 256;
-constexpr int kHamMaxD = 64;
-constexpr int kHamMaxM = 32;
-constexpr int kHamMaxBits = 64;
-constexpr int kTaps = 9;
-constexpr int kPad = kTaps / 2;
-constexpr int kLdA = kHamMaxM + 8;   // bf16 row stride of the split A rows (80 bytes: conflict-free pair loads)
-constexpr float kNormEps = 1e-6f;    // cpu::kHammingNormEps
-constexpr float kSigmaMin = 1e-12f;  // cpu::kHammingSigmaMin
-constexpr float kInvPi = 0.318309886183790671538f;
+using namespace ham;
+constexpr int kHamMaxN = kMaxN;
+constexpr int kHamMaxD = kMaxD;
+constexpr int kHamMaxM = kMaxM;
+constexpr int kHamMaxBits = kMaxBits;
 
 struct HamParams {
   bf16* out;
@@ -92,23 +88,6 @@ struct HamParams {
   int ldx, ldxa, Ka;
 };
 
-__host__ __device__ inline size_t align16(size_t x) { return (x + 15) / 16 * 16; }
-// One head's prepared hash weights (hamming_attention_prepare), byte offsets within the block; the kernel copies
-// the block into shared memory as it is: the anchors (32 x ldb) and A (8 bt x kLdA) each split in three bf16
-// parts (part k at rows k R ..), zero-padded, then ||a_j||^2 and mu (32 f32 each, zero past m).
-struct PrepLayout {
-  size_t anc, a, aa, mu, bytes;
-};
-__host__ __device__ inline PrepLayout prep_layout(int dp, int bt) {
-  PrepLayout P{};
-  size_t o = 0;
-  P.anc = o, o = align16(o + size_t(3) * kHamMaxM * (dp + 8) * sizeof(bf16));
-  P.a = o, o = align16(o + size_t(3) * bt * 8 * kLdA * sizeof(bf16));
-  P.aa = o, o = align16(o + kHamMaxM * sizeof(float));
-  P.mu = o, o = align16(o + kHamMaxM * sizeof(float));
-  P.bytes = o;
-  return P;
-}
 // Shared memory carve-up, the same on host and device.
 struct HamSmem {
   size_t tsum, zsq, inv, codes, q, v, prep, kv;  // byte offsets
@@ -164,36 +143,6 @@ HamParams ham_inputs(int B, int N, int C, int H, int nbits, int m, const bf16* q
 
 // One warp per 16-token tile, at least 4 warps (N <= 256: at most 16).
 inline int ham_threads(int N) { return 32 * std::max(4, (N + 15) / 16); }
-
-// bf16 bit patterns of two 0/1 values (an mma operand pair): bit r of w0 in the low half, bit r of w1 in the high
-__device__ __forceinline__ uint32_t bit_pair(uint32_t w0, uint32_t w1, int r) {
-  return (((w0 >> r) & 1u) | (((w1 >> r) & 1u) << 16)) * 0x3F80u;
-}
-// the same for bits r and r + 1 of one word (low half: bit r)
-__device__ __forceinline__ uint32_t bit_pair2(uint32_t w, int r) {
-  return (((w >> r) & 3u) * 0x8001u & 0x10001u) * 0x3F80u;
-}
-__device__ __forceinline__ uint32_t ld_pair(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
-__device__ __forceinline__ float2 ld_float2(const bf16* p) {
-  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
-}
-// x = hi + mid + lo to 2^-24 relative, each part a bf16
-__device__ __forceinline__ void split3(float x, bf16& hi, bf16& mid, bf16& lo) {
-  hi = __float2bfloat16_rn(x);
-  const float r = x - __bfloat162float(hi);
-  mid = __float2bfloat16_rn(r);
-  lo = __float2bfloat16_rn(r - __bfloat162float(mid));
-}
-// The three parts of the pair (x0, x1), each packed as an mma operand register (x0 in the low half)
-__device__ __forceinline__ void split3_pair(float x0, float x1, uint32_t& hi, uint32_t& mid, uint32_t& lo) {
-  bf16 h0, m0, l0, h1, m1, l1;
-  split3(x0, h0, m0, l0);
-  split3(x1, h1, m1, l1);
-  auto pack = [](bf16 a, bf16 b) {
-    return uint32_t(__bfloat16_as_ushort(a)) | (uint32_t(__bfloat16_as_ushort(b)) << 16);
-  };
-  hi = pack(h0, h1), mid = pack(m0, m1), lo = pack(l0, l1);
-}
 
 // kMinBlocks: CTAs per SM the register budget is cut for (2: 64 registers, the large-batch grids of one CTA per
 // head; 1: 128 registers, the small batches split over G > 1 CTAs per head, where a CTA has its SM to itself).
@@ -311,109 +260,16 @@ __global__ void __launch_bounds__(512, kMinBlocks) hamming_kernel(const __grid_c
   // and the codes need no exchange ----
   {
     const bool has_tile = warp < p.tiles;  // warp-uniform
-    const int t0 = warp * 16, ta = t0 + g, tb = ta + 8;
-    float acc[4][4];  // anchor tile nt: (ta, 8nt + 2q4 + {0,1}), (tb, ...): dots, then D, then k
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
-    float ssa = 0.0f, ssb = 0.0f;
-    if (has_tile) {
-      for (int ks = 0; ks < dp; ks += 16) {
-        uint32_t a[4];
-        ptx::ldmatrix_x4(a, Qs + (t0 + (lane & 15)) * ldb + ks + (lane >> 4) * 8);
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&a[r]));
-          const float s = fmaf(f.x, f.x, f.y * f.y);
-          if (r & 1)
-            ssb += s;
-          else
-            ssa += s;
-        }
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
-          if (nt < p.mt) {
-#pragma unroll
-            for (int part = 0; part < 3; ++part) {
-              const bf16* bp = Anc + (part * kHamMaxM + nt * 8 + g) * ldb + ks + 2 * q4;
-              ptx::mma_bf16(acc[nt], a, ld_pair(bp), ld_pair(bp + 8));
-            }
-          }
-        }
-      }
-    }
-    ssa += __shfl_xor_sync(0xffffffffu, ssa, 1);
-    ssa += __shfl_xor_sync(0xffffffffu, ssa, 2);
-    ssb += __shfl_xor_sync(0xffffffffu, ssb, 1);
-    ssb += __shfl_xor_sync(0xffffffffu, ssb, 2);
+    const int ta = warp * 16 + g, tb = ta + 8;
     const bool va = has_tile && ta < N, vb = has_tile && tb < N;
-    const float ina = 1.0f / fmaxf(sqrtf(ssa), kNormEps), inb = 1.0f / fmaxf(sqrtf(ssb), kNormEps);
-    const float qqa = ssa * ina * ina, qqb = ssb * inb * inb;  // ||q||^2 (1, or less for a row below eps)
-    double dsum = 0.0;
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int j = nt * 8 + 2 * q4 + (i & 1);
-        const bool rb = i >= 2;
-        const float D = fmaxf((rb ? qqb : qqa) + aa[j] - 2.0f * (acc[nt][i] * (rb ? inb : ina)), 0.0f);
-        acc[nt][i] = D;
-        if (nt < p.mt && j < m && (rb ? vb : va)) dsum += D;
-      }
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) dsum += __shfl_xor_sync(0xffffffffu, dsum, o);
+    float acc[4][4];  // anchor tile nt: (ta, 8nt + 2q4 + {0,1}), (tb, ...): D
+    const double dsum = ksh_distances(has_tile, Qs + warp * 16 * ldb, ldb, Anc, ldb, aa, dp, p.mt, m, va, vb, acc);
     if (lane == 0) tsum[warp] = dsum;
     __syncthreads();
     // sigma = mean D: the tiles' partials summed in tile order (lane t holds tile t), the same in every warp
-    double s = lane < p.tiles ? tsum[lane] : 0.0;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    const float neg_inv_2sigma = -1.0f / (2.0f * fmaxf(static_cast<float>(s / (double(N) * m)), kSigmaMin));
-    unsigned long long ca = 0, cb = 0;  // the codes of rows ta, tb (every lane of the row's quad)
-    if (has_tile) {
-      // k = exp(-D / (2 sigma)) - mu_j (0 past m), split: the A operand of y for anchors 16kk..16kk+15
-      uint32_t kh[2][4], km[2][4], kl[2][4];
-#pragma unroll
-      for (int kk = 0; kk < 2; ++kk)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const int nt = 2 * kk + (r >> 1), i0 = 2 * (r & 1), j = nt * 8 + 2 * q4;
-          const float k0 = j < m ? expf(acc[nt][i0] * neg_inv_2sigma) - mus[j] : 0.0f;
-          const float k1 = j + 1 < m ? expf(acc[nt][i0 + 1] * neg_inv_2sigma) - mus[j + 1] : 0.0f;
-          split3_pair(k0, k1, kh[kk][r], km[kk][r], kl[kk][r]);
-        }
-      const int kks = (p.mt + 1) / 2, arows = p.bt * 8;
-#pragma unroll 2
-      for (int bt = 0; bt < p.bt; ++bt) {
-        float y[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-        for (int kk = 0; kk < 2; ++kk) {
-          if (kk < kks) {
-            const bf16* bp = Apr + (bt * 8 + g) * kLdA + kk * 16 + 2 * q4;
-            const uint32_t bh0 = ld_pair(bp), bh1 = ld_pair(bp + 8);
-            const uint32_t bm0 = ld_pair(bp + arows * kLdA), bm1 = ld_pair(bp + arows * kLdA + 8);
-            const uint32_t bl0 = ld_pair(bp + 2 * arows * kLdA), bl1 = ld_pair(bp + 2 * arows * kLdA + 8);
-            ptx::mma_bf16(y, kh[kk], bh0, bh1);
-            ptx::mma_bf16(y, kh[kk], bm0, bm1);
-            ptx::mma_bf16(y, km[kk], bh0, bh1);
-            ptx::mma_bf16(y, kh[kk], bl0, bl1);
-            ptx::mma_bf16(y, kl[kk], bh0, bh1);
-            ptx::mma_bf16(y, km[kk], bm0, bm1);
-          }
-        }
-        const int r = bt * 8 + 2 * q4;  // bits past nbits: A rows are zero there, y = 0, no bit
-        ca |= (static_cast<unsigned long long>(y[0] > 0.0f) << r) |
-              (static_cast<unsigned long long>(y[1] > 0.0f) << (r + 1));
-        cb |= (static_cast<unsigned long long>(y[2] > 0.0f) << r) |
-              (static_cast<unsigned long long>(y[3] > 0.0f) << (r + 1));
-      }
-    }
-    ca |= __shfl_xor_sync(0xffffffffu, ca, 1);
-    ca |= __shfl_xor_sync(0xffffffffu, ca, 2);
-    cb |= __shfl_xor_sync(0xffffffffu, cb, 1);
-    cb |= __shfl_xor_sync(0xffffffffu, cb, 2);
-    if (!va) ca = 0;
-    if (!vb) cb = 0;
+    const float neg_inv_2sigma = ksh_sigma(lane < p.tiles ? tsum[lane] : 0.0, N, m);
+    unsigned long long ca, cb;  // the codes of rows ta, tb (every lane of the row's quad)
+    ksh_codes(has_tile, acc, neg_inv_2sigma, Apr, mus, m, p.mt, p.bt, va, vb, ca, cb);
     if (has_tile && q4 < 2) codes[q4 ? tb : ta] = q4 ? cb : ca;
   }
   __syncthreads();

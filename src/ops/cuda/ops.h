@@ -101,6 +101,21 @@ void hamming_attention_proj_ln_mask_forward(float* x, int ldx, const bf16* qk, i
                                             const float* br, bf16* xa, int ldxa, int8_t* choice, int B, int N, int C,
                                             int H, int nbits, int m, cudaStream_t stream);
 
+// The attention half of a Hamming block at small batch, ONE kernel (ham_block.cu): qk | v = xn W^T + b (bf16; wqkv
+// (2C, C) bf16, to_qk rows then to_v rows, bqkv (2C) bf16), the Hamming attention of hamming_attention_forward_ld on
+// them (prep, conv_w as there), then x += proj + bp and LayerNorm 2 + router + mask as
+// hamming_attention_proj_ln_mask_forward (wp, bp, ln_w, ln_b, eps, wr, br, xa, ldxa, choice as there). xn (B N, ldxn)
+// bf16 is LayerNorm 1 of x. A thread-block cluster per image, one CTA per 16-token tile holding every head of it;
+// sigma and KV meet through distributed shared memory. Where hamming_block_supports: head size 64, H <= 3 (C <= 192,
+// DeiT-Tiny), N <= 256, nbits <= 64, m <= 32, and a cluster of ceil(N / 16) CTAs fits the device. qkv_out (B N, 2C)
+// and ao_out (B N, C), when not null, receive the kernel's qk | v rows and attention output (tests).
+bool hamming_block_supports(int B, int N, int C, int H, int nbits, int m);
+void hamming_block_forward(float* x, int ldx, const bf16* xn, int ldxn, const bf16* wqkv, const bf16* bqkv,
+                           const void* prep, const float* conv_w, const bf16* wp, const float* bp, const float* ln_w,
+                           const float* ln_b, float eps, const float* wr, const float* br, bf16* xa, int ldxa,
+                           int8_t* choice, int B, int N, int C, int H, int nbits, int m, cudaStream_t stream,
+                           bf16* qkv_out = nullptr, bf16* ao_out = nullptr);
+
 // ---- MoE(mult, shift) linear (METHOD.md section 3), inference, routing on the GPU ----
 // Step 1: ONE Gemm::linear_f32 (no bias, no accumulate) of the rows x (M,K) bf16 with the stacked weight
 // (Fs,K) bf16 built by moe_stack_weights: s (M,Fs) f32 = x [W0; W1; Wr_hi; Wr_lo; 0]^T, i.e. columns

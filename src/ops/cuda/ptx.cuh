@@ -47,6 +47,13 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "r"(smem_u32(p)));
 }
 
+// two transposed 8x8 matrices: the row addresses of lanes 0-15 (lanes 16-31's are not used)
+__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(smem_u32(p)));
+}
+
 // Thread-block cluster barrier halves (sm_90; every thread of every CTA of the cluster executes both, in order).
 // relaxed: no memory ordering (e.g. "every CTA has started" before the first distributed shared-memory store);
 // release / acquire: the arriving CTA's shared-memory stores (its own and remote ones) are visible after the wait.

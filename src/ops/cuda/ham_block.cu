@@ -1,0 +1,479 @@
+// The attention half of a Hamming ViT block at small batch as ONE kernel (ops.h hamming_block_forward): to_qk and
+// to_v, the Hamming attention (METHOD.md section 1), proj, the residual, LayerNorm 2 and the masked fc1's router and
+// mask. Spec: the composition of gemm (bf16 products), hamming_attention_forward_ld and moe_ln_route_mask_forward.
+//
+// Work split: one thread-block cluster per image, one CTA per 16-token tile (tiles = ceil(N / 16) <= 16 CTAs: a
+// non-portable cluster size above 8), 16 warps; every CTA handles ALL heads of its tile (head size 64, at most 3
+// heads: DeiT-Tiny). So each token is hashed once (the per-head kernel hashes every token in every CTA of a head), and
+// the proj, which needs every head of a row, stays inside the CTA. Only the two per-image reductions cross CTAs,
+// through distributed shared memory:
+//   sigma: each CTA writes its tile's sum of D per head into every CTA (8 bytes each), then a cluster barrier; every
+//     CTA adds the tiles' sums in tile order, as the per-head kernel (ham::ksh_sigma), so the codes are the same bits;
+//   KV = h^T V: each CTA computes its tile's partial (one mma per head, 16 bits and 8 columns: 16 tokens are one
+//     k-step) into its own shared memory; after a cluster barrier every CTA reads the tiles' partials from all CTAs and
+//     adds them in tile order (f32), then scales by 1/pi and splits in three bf16 parts as the per-head kernel.
+// The 9-tap conv reads 4 rows past each end of the tile: copied from the neighbouring CTAs' v rows after the same
+// barrier (zeros outside the image).
+//
+// Products: bf16 mma.sync m16n8k16, f32 accumulation. The to_qk / to_v and proj weights are not staged: each lane
+// loads 16 bytes of its weight row per 32-wide k block straight from global memory into registers, the to_qk / to_v
+// ones before the dependent-launch wait (they do not depend on the previous kernel), the proj ones before the KV
+// barrier; within a k block the k order is permuted (lane q4 holds k 8 q4 .. 8 q4 + 7 of its A rows and weight row:
+// the first mma takes 8 q4 .. 8 q4 + 3, the second 8 q4 + 4 .. 8 q4 + 7), the same for both operands, so both are
+// single 16-byte loads (A rows C + 32 bf16 apart: conflict-free).
+//
+// Phases (a __syncthreads or a cluster barrier between each):
+//  0. the heads' prepared hash weights and the epilogue's vectors by cp.async, the to_qk / to_v weight fragments;
+//     after the wait, the tile's LayerNorm-1 rows and residual rows;
+//  1. qk | v (16 x 2C) = xn W^T + b, rounded to bf16 (as the cuBLASLt product's bf16 epilogue), rows past N zero;
+//  2. the hash of the tile, a warp per head (ham::ksh_distances, the sigma exchange, ham::ksh_codes);
+//  3. the tile's partial KV, a warp per (head, 16 bits, 8 columns); the proj weight fragments; cluster barrier;
+//  4. KV = the partials in tile order / pi, split; the conv's neighbour rows;
+//  5. z = h KV + 0.5 v, a warp per (head, 8 columns); ||z|| per (row, head): the column tiles' double sums in order;
+//     out = z / max(||z||, eps) + the 9 taps of v, bf16 (the attention output);
+//  6. proj (16 x C), a warp per 8 output columns (two for C > 128);
+//  7. x += proj + b, then LayerNorm 2 + router + mask of the tile's rows (moe_rows::linear_residual_ln_route_mask: the
+//     row arithmetic of moe_ln_route_mask_forward).
+// Deterministic: every sum has a fixed order and no atomics, so reruns and graph replays give the same bits, and an
+// image of a batch the same bits as alone. Against the per-head kernel on the same qk | v: the same codes; KV summed
+// in another order (f32 rounding).
+#include <cooperative_groups.h>
+
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <tuple>
+
+#include "ops/cuda/hamming_common.cuh"
+#include "ops/cuda/launch.cuh"
+#include "ops/cuda/moe_rows.cuh"
+#include "ops/cuda/ops.h"
+#include "ops/cuda/ptx.cuh"
+
+namespace sav::cuda {
+
+namespace {
+
+using namespace ham;
+namespace cg = cooperative_groups;
+
+constexpr int kThreads = 512;  // 16 warps
+constexpr int kWarps = kThreads / 32;
+constexpr int kD = 64;        // head size
+constexpr int kMaxH = 3;      // heads (C = 64 H <= 192)
+constexpr int kMaxTiles = 16;  // N <= 256: the largest cluster
+
+struct BlkParams {
+  float* x;  // residual rows (B N, ldx), updated
+  const bf16* xn;
+  const bf16 *wqkv, *bqkv;  // (2C, C), (2C): rows [0, C) to_qk, [C, 2C) to_v
+  const unsigned char* prep;
+  const float* conv_w;
+  const bf16* wp;
+  const float *bp, *ln_w, *ln_b, *wr, *br;
+  bf16* xa;
+  int8_t* choice;
+  bf16* qkv_out;  // optional: the qk | v rows (B N, 2C)
+  bf16* ao_out;   // optional: the attention output (B N, C)
+  float eps;
+  int ldx, ldxn, ldxa, Ka;
+  int N, C, H, nbits, m, tiles, mt, bt, mb, ldk;
+};
+
+struct BlkSmem {
+  size_t prep, xs, qs, vs, codes, sig, kvp, kvt, zsq, inv, ao, xp, xin, ep, total;
+};
+__host__ __device__ inline BlkSmem blk_smem(const BlkParams& p) {
+  BlkSmem s{};
+  const size_t C = size_t(p.C), H = size_t(p.H);
+  size_t o = 0;
+  s.prep = o, o = align16(o + H * prep_layout(kD, p.bt).bytes);
+  s.xs = o, o = align16(o + 16 * (C + 32) * sizeof(bf16));
+  s.qs = o, o = align16(o + 16 * (C + 8) * sizeof(bf16));
+  s.vs = o, o = align16(o + (16 + 2 * kPad) * (C + 8) * sizeof(bf16));
+  s.codes = o, o = align16(o + H * 16 * sizeof(unsigned long long));
+  s.sig = o, o = align16(o + kMaxTiles * H * sizeof(double));
+  s.kvp = o, o = align16(o + H * 16 * p.mb * kD * sizeof(float));
+  s.kvt = o, o = align16(o + H * 3 * kD * p.ldk * sizeof(bf16));
+  s.zsq = o, o = align16(o + 16 * H * (kD / 8) * sizeof(double));
+  s.inv = o, o = align16(o + 16 * H * sizeof(float));
+  s.ao = o, o = align16(o + 16 * (C + 32) * sizeof(bf16));
+  s.xp = o, o = align16(o + 16 * C * sizeof(float));
+  s.xin = o, o = align16(o + 16 * C * sizeof(float));
+  s.ep = o, o = align16(o + (5 * C + 4 + H * kTaps) * sizeof(float));  // bp, ln_w, ln_b, wr (2C), br (2), pad, conv
+  s.total = o;
+  return s;
+}
+
+// acc (16 x 8) += A (16 rows of As, ld bf16 apart, k block kb) x W^T (the lane's 16-byte fragment w of its weight row
+// 8 nt + g), the permuted k order of the file comment: two mma
+__device__ __forceinline__ void mma_kblock(float (&acc)[4], const bf16* As, int ld, int kb, uint4 w) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, q4 = lane & 3;
+  const uint4 ra = *reinterpret_cast<const uint4*>(As + g * ld + kb * 32 + 8 * q4);
+  const uint4 rb = *reinterpret_cast<const uint4*>(As + (g + 8) * ld + kb * 32 + 8 * q4);
+  const uint32_t a0[4] = {ra.x, rb.x, ra.y, rb.y}, a1[4] = {ra.z, rb.z, ra.w, rb.w};
+  ptx::mma_bf16(acc, a0, w.x, w.y);
+  ptx::mma_bf16(acc, a1, w.z, w.w);
+}
+// the lane's fragment of weight row n (K columns) in k block kb
+__device__ __forceinline__ uint4 w_fragment(const bf16* W, int n, int K, int kb) {
+  return __ldg(reinterpret_cast<const uint4*>(W + int64_t(n) * K + kb * 32 + 8 * (threadIdx.x & 3)));
+}
+
+template <int kH>
+__global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_constant__ BlkParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();  // built for sm_90; the launcher refuses older devices
+#else
+  extern __shared__ __align__(16) unsigned char smem[];
+  const BlkSmem L = blk_smem(p);
+  const PrepLayout P = prep_layout(kD, p.bt);
+  constexpr int C = kD * kH, KB = C / 32, ldxs = C + 32, ldq = C + 8, NTh = kD / 8;
+  constexpr int kQkvTiles = 2 * C / 8 / kWarps;        // to_qk | to_v column tiles per warp (= kH)
+  constexpr int kProjTiles = (C / 8 + kWarps - 1) / kWarps;  // proj column tiles per warp
+  bf16* xs = reinterpret_cast<bf16*>(smem + L.xs);
+  bf16* qs = reinterpret_cast<bf16*>(smem + L.qs);
+  bf16* vs = reinterpret_cast<bf16*>(smem + L.vs);  // storage row r = token row r - kPad of the tile
+  unsigned long long* codes = reinterpret_cast<unsigned long long*>(smem + L.codes);  // [head][row]
+  double* sig = reinterpret_cast<double*>(smem + L.sig);                              // [tile][head]
+  float* kvp = reinterpret_cast<float*>(smem + L.kvp);  // [head][bit][column]: this tile's partial KV
+  bf16* kvt = reinterpret_cast<bf16*>(smem + L.kvt);    // [head][part][column][bit]
+  double* zsq = reinterpret_cast<double*>(smem + L.zsq);  // [row][head][column tile]
+  float* inv = reinterpret_cast<float*>(smem + L.inv);    // [row][head]
+  bf16* aos = reinterpret_cast<bf16*>(smem + L.ao);
+  float* xp = reinterpret_cast<float*>(smem + L.xp);
+  float* xin = reinterpret_cast<float*>(smem + L.xin);
+  float* ep = reinterpret_cast<float*>(smem + L.ep);
+  const float* conv = ep + 5 * C + 4;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q4 = lane & 3;
+  const int tiles = p.tiles, N = p.N;
+  const int rank = static_cast<int>(blockIdx.x) % tiles, b = static_cast<int>(blockIdx.x) / tiles;
+  const int row0 = rank * 16;
+  const int64_t grow0 = int64_t(b) * N + row0;  // the tile's first global row
+  cg::cluster_group cluster = cg::this_cluster();
+
+  // ---- 0. staging; the to_qk / to_v weight fragments ----
+  ptx::pdl_trigger();
+  for (int i = tid * 16; i < int(kH * P.bytes); i += kThreads * 16) ptx::cp_async16(smem + L.prep + i, p.prep + i);
+  for (int c = tid * 4; c < C; c += kThreads * 4) {
+    ptx::cp_async16(ep + c, p.bp + c);
+    ptx::cp_async16(ep + C + c, p.ln_w + c);
+    ptx::cp_async16(ep + 2 * C + c, p.ln_b + c);
+  }
+  for (int c = tid * 4; c < 2 * C; c += kThreads * 4) ptx::cp_async16(ep + 3 * C + c, p.wr + c);
+  if (tid < 2) ptx::cp_async4(ep + 5 * C + tid, p.br + tid);
+  if (tid < kH * kTaps) ptx::cp_async4(ep + 5 * C + 4 + tid, p.conv_w + tid);
+  ptx::cp_async_commit();
+  ptx::cluster_arrive_relaxed();  // runs: remote stores into this CTA may follow the matching wait
+  uint4 wq[kQkvTiles][KB];
+#pragma unroll
+  for (int i = 0; i < kQkvTiles; ++i)
+#pragma unroll
+    for (int kb = 0; kb < KB; ++kb) wq[i][kb] = w_fragment(p.wqkv, (warp + kWarps * i) * 8 + g, C, kb);
+  ptx::pdl_wait();
+  for (int i = tid; i < 16 * (C / 8); i += kThreads) {
+    const int r = i / (C / 8), c = (i - r * (C / 8)) * 8;
+    const bool ok = row0 + r < N;
+    ptx::cp_async16(xs + r * ldxs + c, ok ? p.xn + (grow0 + r) * p.ldxn + c : p.xn, ok);
+  }
+  for (int i = tid; i < 16 * (C / 4); i += kThreads) {
+    const int r = i / (C / 4), c = (i - r * (C / 4)) * 4;
+    const bool ok = row0 + r < N;
+    ptx::cp_async16(xin + r * C + c, ok ? p.x + (grow0 + r) * p.ldx + c : p.x, ok);
+  }
+  ptx::cp_async_commit();
+  ptx::cp_async_wait<0>();
+  __syncthreads();
+
+  // ---- 1. qk | v = xn W^T + b (bf16), rows past N zero ----
+  {
+    float acc[kQkvTiles][4];
+#pragma unroll
+    for (int i = 0; i < kQkvTiles; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+#pragma unroll
+    for (int kb = 0; kb < KB; ++kb)
+#pragma unroll
+      for (int i = 0; i < kQkvTiles; ++i) mma_kblock(acc[i], xs, ldxs, kb, wq[i][kb]);
+#pragma unroll
+    for (int i = 0; i < kQkvTiles; ++i) {
+      const int c = (warp + kWarps * i) * 8 + 2 * q4;
+      const float2 bias = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p.bqkv + c));
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = g + 8 * half;
+        const bool ok = row0 + r < N;
+        const __nv_bfloat162 v2 = ok ? __floats2bfloat162_rn(__fadd_rn(acc[i][2 * half], bias.x),
+                                                             __fadd_rn(acc[i][2 * half + 1], bias.y))
+                                     : __floats2bfloat162_rn(0.0f, 0.0f);
+        bf16* dst = c < C ? qs + r * ldq + c : vs + (r + kPad) * ldq + c - C;
+        *reinterpret_cast<__nv_bfloat162*>(dst) = v2;
+        if (p.qkv_out && ok) *reinterpret_cast<__nv_bfloat162*>(p.qkv_out + (grow0 + r) * 2 * C + c) = v2;
+      }
+    }
+  }
+  __syncthreads();
+
+  // ---- 2. the hash: a warp per head; the tiles' sums of D meet in every CTA ----
+  const bool va = row0 + g < N, vb = row0 + g + 8 < N;
+  const bool hasher = warp < kH;  // warp-uniform
+  const int hh = hasher ? warp : 0;
+  const unsigned char* prep_h = smem + L.prep + hh * P.bytes;
+  float dist[4][4];
+  const double dsum = ksh_distances(hasher, qs + hh * kD, ldq, reinterpret_cast<const bf16*>(prep_h + P.anc), kD + 8,
+                                    reinterpret_cast<const float*>(prep_h + P.aa), kD, p.mt, p.m, va, vb, dist);
+  ptx::cluster_wait_acquire();  // every CTA runs
+  if (hasher && lane < tiles) *cluster.map_shared_rank(sig + rank * kH + hh, lane) = dsum;
+  ptx::cluster_arrive_release();
+  ptx::cluster_wait_acquire();
+  if (hasher) {
+    const float nis = ksh_sigma(lane < tiles ? sig[lane * kH + hh] : 0.0, N, p.m);
+    unsigned long long ca, cb;
+    ksh_codes(true, dist, nis, reinterpret_cast<const bf16*>(prep_h + P.a),
+              reinterpret_cast<const float*>(prep_h + P.mu), p.m, p.mt, p.bt, va, vb, ca, cb);
+    if (q4 < 2) codes[hh * 16 + g + 8 * q4] = q4 ? cb : ca;
+  }
+  __syncthreads();
+
+  // ---- 3. the tile's partial KV (16 tokens: one k-step); the proj weight fragments; cluster barrier ----
+  const int kvn = 16 * p.mb * kD;  // one head's KV entries
+  for (int task = warp; task < kH * p.mb * NTh; task += kWarps) {
+    const int h = task / (p.mb * NTh), rest = task - h * p.mb * NTh, mt2 = rest / NTh, nt = rest - mt2 * NTh;
+    const int r0 = (mt2 & 1) * 16 + g;
+    const uint32_t* cw32 = reinterpret_cast<const uint32_t*>(codes + h * 16) + (mt2 >> 1);
+    const int ka = 2 * q4;
+    const uint32_t c0 = cw32[2 * ka], c1 = cw32[2 * ka + 2], c2 = cw32[2 * ka + 16], c3 = cw32[2 * ka + 18];
+    const uint32_t a[4] = {bit_pair(c0, c1, r0), bit_pair(c0, c1, r0 + 8), bit_pair(c2, c3, r0),
+                           bit_pair(c2, c3, r0 + 8)};
+    uint32_t bv[2];
+    ptx::ldmatrix_x2_trans(bv, vs + (kPad + (lane & 15)) * ldq + h * kD + nt * 8);
+    float kv[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    ptx::mma_bf16(kv, a, bv[0], bv[1]);
+    float* dst = kvp + h * kvn + (mt2 * 16 + g) * kD + nt * 8 + 2 * q4;
+    dst[0] = kv[0], dst[1] = kv[1], dst[8 * kD] = kv[2], dst[8 * kD + 1] = kv[3];
+  }
+  uint4 wpf[kProjTiles][KB];
+#pragma unroll
+  for (int i = 0; i < kProjTiles; ++i) {
+    const int nt = warp + kWarps * i;
+#pragma unroll
+    for (int kb = 0; kb < KB; ++kb) wpf[i][kb] = nt < C / 8 ? w_fragment(p.wp, nt * 8 + g, C, kb) : make_uint4(0, 0, 0, 0);
+  }
+  ptx::cluster_arrive_release();
+  ptx::cluster_wait_acquire();
+
+  // ---- 4. KV = the tiles' partials in tile order / pi, split in three; the conv's neighbour rows ----
+  {
+    const float* part[kMaxTiles];
+#pragma unroll
+    for (int t = 0; t < kMaxTiles; ++t) part[t] = t < tiles ? cluster.map_shared_rank(kvp, t) : kvp;
+    const int kvpart = kD * p.ldk;
+    for (int e = tid; e < kH * kvn; e += kThreads) {
+      float s = 0.0f;
+#pragma unroll
+      for (int t = 0; t < kMaxTiles; ++t)
+        if (t < tiles) s += part[t][e];
+      const int h = e / kvn, r = e - h * kvn, bit = r / kD, col = r - bit * kD;
+      bf16 hi, mid, lo;
+      split3(s * kInvPi, hi, mid, lo);
+      bf16* o = kvt + h * 3 * kvpart + col * p.ldk + bit;
+      o[0] = hi, o[kvpart] = mid, o[2 * kvpart] = lo;
+    }
+    // rows -kPad .. -1 from the previous tile's last rows, 16 .. 16 + kPad - 1 from the next tile's first rows
+    constexpr int kChunks = C / 8;
+    for (int i = tid; i < 2 * kPad * kChunks; i += kThreads) {
+      const int r = i / kChunks, c = (i - r * kChunks) * 8;
+      const bool before = r < kPad;
+      const int src_rank = before ? rank - 1 : rank + 1;
+      const int dst_row = before ? r : 16 + r;                 // storage rows 0 .. kPad - 1, 16 + kPad ..
+      const int src_row = before ? 16 + r : r;                 // the neighbour's storage rows 16 .., kPad ..
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (src_rank >= 0 && src_rank < tiles)
+        v = *reinterpret_cast<const uint4*>(cluster.map_shared_rank(vs + src_row * ldq + c, src_rank));
+      *reinterpret_cast<uint4*>(vs + dst_row * ldq + c) = v;
+    }
+  }
+  ptx::cluster_arrive_release();  // done reading the other CTAs' shared memory (the matching wait: at the end)
+  __syncthreads();
+
+  // ---- 5. z = h KV + 0.5 v, norms, conv: a warp per (head, column tile), at most two each ----
+  constexpr int kUnits = kH * NTh, kPer = (kUnits + kWarps - 1) / kWarps;
+  const int kvpart = kD * p.ldk;
+  float z[kPer][4];
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    const int u = warp + kWarps * j;
+    if (u >= kUnits) break;
+    const int h = u / NTh, nt = u - h * NTh, c = h * kD + nt * 8 + 2 * q4;
+    const unsigned long long ca = codes[h * 16 + g], cb = codes[h * 16 + g + 8];
+    const uint32_t a_lo = uint32_t(ca), a_hi = uint32_t(ca >> 32), b_lo = uint32_t(cb), b_hi = uint32_t(cb >> 32);
+    float* zz = z[j];
+    zz[0] = zz[1] = zz[2] = zz[3] = 0.0f;
+    for (int kk = 0; kk < p.mb; ++kk) {
+      const int ra = (kk & 1) * 16 + 2 * q4, rb = ra + 8;
+      const uint32_t wa = kk & 2 ? a_hi : a_lo, wb = kk & 2 ? b_hi : b_lo;
+      const uint32_t a[4] = {bit_pair2(wa, ra), bit_pair2(wb, ra), bit_pair2(wa, rb), bit_pair2(wb, rb)};
+      const bf16* bp = kvt + h * 3 * kvpart + (nt * 8 + g) * p.ldk + kk * 16 + 2 * q4;
+#pragma unroll
+      for (int part = 0; part < 3; ++part)
+        ptx::mma_bf16(z[j], a, ld_pair(bp + part * kvpart), ld_pair(bp + part * kvpart + 8));
+    }
+    const float2 xa = ld_float2(vs + (g + kPad) * ldq + c), xb = ld_float2(vs + (g + 8 + kPad) * ldq + c);
+    zz[0] += 0.5f * xa.x, zz[1] += 0.5f * xa.y, zz[2] += 0.5f * xb.x, zz[3] += 0.5f * xb.y;
+    double sa = double(zz[0]) * zz[0] + double(zz[1]) * zz[1], sb = double(zz[2]) * zz[2] + double(zz[3]) * zz[3];
+    sa += __shfl_xor_sync(0xffffffffu, sa, 1);
+    sa += __shfl_xor_sync(0xffffffffu, sa, 2);
+    sb += __shfl_xor_sync(0xffffffffu, sb, 1);
+    sb += __shfl_xor_sync(0xffffffffu, sb, 2);
+    if (q4 < 2) zsq[((g + 8 * q4) * kH + h) * NTh + nt] = q4 ? sb : sa;
+  }
+  __syncthreads();
+  if (tid < 16 * kH) {  // (row, head): the column tiles' sums in order, as the per-head kernel
+    double s = 0.0;
+    for (int nt = 0; nt < NTh; ++nt) s += zsq[tid * NTh + nt];
+    inv[tid] = 1.0f / fmaxf(static_cast<float>(sqrt(s)), kNormEps);
+  }
+  __syncthreads();
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    const int u = warp + kWarps * j;
+    if (u >= kUnits) break;
+    const int h = u / NTh, nt = u - h * NTh, c = h * kD + nt * 8 + 2 * q4;
+    const float ia = inv[g * kH + h], ib = inv[(g + 8) * kH + h];
+    float o[4] = {z[j][0] * ia, z[j][1] * ia, z[j][2] * ib, z[j][3] * ib};
+    const bf16* vt = vs + g * ldq + c;  // storage row g = token row g - kPad
+#pragma unroll
+    for (int t = 0; t < kTaps; ++t) {
+      const float w = conv[h * kTaps + t];
+      const float2 xa = ld_float2(vt + t * ldq), xb = ld_float2(vt + (t + 8) * ldq);
+      o[0] = fmaf(w, xa.x, o[0]), o[1] = fmaf(w, xa.y, o[1]);
+      o[2] = fmaf(w, xb.x, o[2]), o[3] = fmaf(w, xb.y, o[3]);
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = g + 8 * half;
+      const __nv_bfloat162 v2 = __floats2bfloat162_rn(o[2 * half], o[2 * half + 1]);
+      *reinterpret_cast<__nv_bfloat162*>(aos + r * ldxs + c) = v2;
+      if (p.ao_out && row0 + r < N) *reinterpret_cast<__nv_bfloat162*>(p.ao_out + (grow0 + r) * C + c) = v2;
+    }
+  }
+  __syncthreads();
+
+  // ---- 6. proj: a warp per 8 output columns ----
+#pragma unroll
+  for (int i = 0; i < kProjTiles; ++i) {
+    const int nt = warp + kWarps * i;
+    if (nt >= C / 8) break;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int kb = 0; kb < KB; ++kb) mma_kblock(acc, aos, ldxs, kb, wpf[i][kb]);
+    const int c = nt * 8 + 2 * q4;
+    xp[g * C + c] = acc[0], xp[g * C + c + 1] = acc[1];
+    xp[(g + 8) * C + c] = acc[2], xp[(g + 8) * C + c + 1] = acc[3];
+  }
+  __syncthreads();
+
+  // ---- 7. residual + LayerNorm 2 + router + mask: a group of 16 lanes per row ----
+  constexpr int kG = 16, kS = 4;  // as moe_ln_route_mask_forward's kernel for C <= 256: the same row arithmetic
+  if (tid < 16 * kG) {
+    const int i = tid / kG, n = row0 + i;
+    const bool valid = n < N;
+    const int64_t gr = int64_t(b) * N + (valid ? n : 0);
+    moe_rows::linear_residual_ln_route_mask<kG, kS>(xp + i * C, ep, xin + i * C, p.x + gr * p.ldx, valid, tid % kG, C,
+                                                    p.Ka, p.eps, ep + C, ep + 2 * C, ep + 3 * C, ep + 5 * C,
+                                                    p.xa + gr * p.ldxa, p.choice ? p.choice + gr : nullptr);
+  }
+  ptx::cluster_wait_acquire();  // no CTA leaves while another may still read its shared memory
+#endif
+}
+
+BlkParams blk_dims(int N, int C, int H, int nbits, int m) {
+  BlkParams p{};
+  p.N = N, p.C = C, p.H = H, p.nbits = nbits, p.m = m;
+  p.tiles = (N + 15) / 16, p.mt = (m + 7) / 8, p.bt = (nbits + 7) / 8, p.mb = (nbits + 15) / 16;
+  p.ldk = 16 * p.mb + 8;
+  return p;
+}
+
+template <int kH>
+void* blk_kernel() {
+  return reinterpret_cast<void*>(ham_block_kernel<kH>);
+}
+void* blk_kernel_for(int H) { return H == 1 ? blk_kernel<1>() : H == 2 ? blk_kernel<2>() : blk_kernel<3>(); }
+
+// Whether a cluster of `tiles` CTAs with `smem` bytes each can run on this device (cached per size).
+bool blk_cluster_fits(int H, int tiles, size_t smem) {
+  static std::mutex mu;
+  static std::map<std::tuple<int, int, size_t>, bool> known;
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(H, tiles, smem);
+  if (auto it = known.find(key); it != known.end()) return it->second;
+  const void* k = blk_kernel_for(H);
+  bool ok = cudaFuncSetAttribute(k, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess &&
+            cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) == cudaSuccess;
+  if (ok) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>(tiles));
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = smem;
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = static_cast<unsigned>(tiles), attr.val.clusterDim.y = 1, attr.val.clusterDim.z = 1;
+    cfg.attrs = &attr, cfg.numAttrs = 1;
+    int clusters = 0;
+    ok = cudaOccupancyMaxActiveClusters(&clusters, k, &cfg) == cudaSuccess && clusters >= 1;
+  }
+  cudaGetLastError();  // a refused size leaves no error behind
+  known[key] = ok;
+  return ok;
+}
+
+}  // namespace
+
+bool hamming_block_supports(int B, int N, int C, int H, int nbits, int m) {
+  if (!(B >= 1 && N >= 1 && N <= kMaxTiles * 16 && H >= 1 && H <= kMaxH && C == kD * H && nbits >= 1 &&
+        nbits <= kMaxBits && m >= 1 && m <= kMaxM))
+    return false;
+  const BlkParams p = blk_dims(N, C, H, nbits, m);
+  const size_t smem = blk_smem(p).total;
+  if (!device_available()) return smem <= 227 * 1024;
+  return device_cc_major() >= 9 && smem <= size_t(max_smem_per_block()) && blk_cluster_fits(H, p.tiles, smem);
+}
+
+void hamming_block_forward(float* x, int ldx, const bf16* xn, int ldxn, const bf16* wqkv, const bf16* bqkv,
+                           const void* prep, const float* conv_w, const bf16* wp, const float* bp, const float* ln_w,
+                           const float* ln_b, float eps, const float* wr, const float* br, bf16* xa, int ldxa,
+                           int8_t* choice, int B, int N, int C, int H, int nbits, int m, cudaStream_t stream,
+                           bf16* qkv_out, bf16* ao_out) {
+  const char* what = "hamming attention block";
+  SAV_CHECK(x && xn && wqkv && bqkv && prep && conv_w && wp && bp && ln_w && ln_b && wr && br && xa,
+            what << ": null pointer");
+  SAV_CHECK(hamming_block_supports(B, N, C, H, nbits, m),
+            what << ": B=" << B << " N=" << N << " C=" << C << " H=" << H << " nbits=" << nbits << " m=" << m
+                 << " not supported (head size 64, at most 3 heads, N <= 256, nbits <= 64, anchors <= 32, a cluster "
+                    "of one CTA per 16-token tile that fits the device)");
+  const int Ka = moe_masked_cols(C);
+  SAV_CHECK(ldx >= C && ldx % 4 == 0 && ldxn >= C && ldxn % 8 == 0 && ldxa >= Ka && ldxa % 4 == 0,
+            what << ": row strides ldx=" << ldx << " ldxn=" << ldxn << " ldxa=" << ldxa);
+  auto al16 = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
+  SAV_CHECK(al16(x) && al16(xn) && al16(wqkv) && al16(bqkv) && al16(prep) && al16(wp) && al16(bp) && al16(ln_w) &&
+                al16(ln_b) && al16(wr) && reinterpret_cast<uintptr_t>(xa) % 8 == 0 &&
+                reinterpret_cast<uintptr_t>(qkv_out) % 4 == 0 && reinterpret_cast<uintptr_t>(ao_out) % 4 == 0,
+            what << ": misaligned pointers");
+  SAV_CHECK(int64_t(B) * ((N + 15) / 16) <= (int64_t(1) << 31) - 1, what << ": batch too large");
+  BlkParams p = blk_dims(N, C, H, nbits, m);
+  p.x = x, p.ldx = ldx, p.xn = xn, p.ldxn = ldxn, p.wqkv = wqkv, p.bqkv = bqkv;
+  p.prep = static_cast<const unsigned char*>(prep), p.conv_w = conv_w;
+  p.wp = wp, p.bp = bp, p.ln_w = ln_w, p.ln_b = ln_b, p.wr = wr, p.br = br, p.eps = eps;
+  p.xa = xa, p.ldxa = ldxa, p.Ka = Ka, p.choice = choice, p.qkv_out = qkv_out, p.ao_out = ao_out;
+  const size_t smem = blk_smem(p).total;
+  const dim3 grid(static_cast<unsigned>(int64_t(B) * p.tiles)), block(kThreads);
+  if (H == 1)
+    launch_dependent(ham_block_kernel<1>, grid, block, smem, p.tiles, stream, p);
+  else if (H == 2)
+    launch_dependent(ham_block_kernel<2>, grid, block, smem, p.tiles, stream, p);
+  else
+    launch_dependent(ham_block_kernel<3>, grid, block, smem, p.tiles, stream, p);
+}
+
+}  // namespace sav::cuda
