@@ -63,6 +63,14 @@ constexpr int kD = 64;        // head size
 constexpr int kMaxH = 3;      // heads (C = 64 H <= 192)
 constexpr int kMaxTiles = 16;  // N <= 256: the largest cluster
 
+// SAV_HAM_BLOCK_TRACE (a diagnostic build only): thread 0 of the first and the last CTA of image 0 prints the clock64
+// cycles of each phase.
+#ifdef SAV_HAM_BLOCK_TRACE
+#define BLK_STAMP(i) (tid == 0 ? (void)(stamps[i] = clock64()) : (void)0)
+#else
+#define BLK_STAMP(i) ((void)0)
+#endif
+
 struct BlkParams {
   float* x;  // residual rows (B N, ldx), updated
   const bf16* xn;
@@ -152,6 +160,10 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   const int row0 = rank * 16;
   const int64_t grow0 = int64_t(b) * N + row0;  // the tile's first global row
   cg::cluster_group cluster = cg::this_cluster();
+#ifdef SAV_HAM_BLOCK_TRACE
+  long long stamps[16] = {};
+#endif
+  BLK_STAMP(0);
 
   // ---- 0. staging; the to_qk / to_v weight fragments ----
   ptx::pdl_trigger();
@@ -171,6 +183,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   for (int i = 0; i < kQkvTiles; ++i)
 #pragma unroll
     for (int kb = 0; kb < KB; ++kb) wq[i][kb] = w_fragment(p.wqkv, (warp + kWarps * i) * 8 + g, C, kb);
+  BLK_STAMP(1);
   ptx::pdl_wait();
   for (int i = tid; i < 16 * (C / 8); i += kThreads) {
     const int r = i / (C / 8), c = (i - r * (C / 8)) * 8;
@@ -186,6 +199,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   ptx::cp_async_wait<0>();
   __syncthreads();
 
+  BLK_STAMP(2);
   // ---- 1. qk | v = xn W^T + b (bf16), rows past N zero ----
   {
     float acc[kQkvTiles][4];
@@ -214,6 +228,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   }
   __syncthreads();
 
+  BLK_STAMP(3);
   // ---- 2. the hash: a warp per head; the tiles' sums of D meet in every CTA ----
   const bool va = row0 + g < N, vb = row0 + g + 8 < N;
   const bool hasher = warp < kH;  // warp-uniform
@@ -222,10 +237,12 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   float dist[4][4];
   const double dsum = ksh_distances(hasher, qs + hh * kD, ldq, reinterpret_cast<const bf16*>(prep_h + P.anc), kD + 8,
                                     reinterpret_cast<const float*>(prep_h + P.aa), kD, p.mt, p.m, va, vb, dist);
+  BLK_STAMP(4);
   ptx::cluster_wait_acquire();  // every CTA runs
   if (hasher && lane < tiles) *cluster.map_shared_rank(sig + rank * kH + hh, lane) = dsum;
   ptx::cluster_arrive_release();
   ptx::cluster_wait_acquire();
+  BLK_STAMP(5);
   if (hasher) {
     const float nis = ksh_sigma(lane < tiles ? sig[lane * kH + hh] : 0.0, N, p.m);
     unsigned long long ca, cb;
@@ -235,6 +252,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   }
   __syncthreads();
 
+  BLK_STAMP(6);
   // ---- 3. the tile's partial KV (16 tokens: one k-step); the proj weight fragments; cluster barrier ----
   const int kvn = 16 * p.mb * kD;  // one head's KV entries
   for (int task = warp; task < kH * p.mb * NTh; task += kWarps) {
@@ -252,6 +270,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
     float* dst = kvp + h * kvn + (mt2 * 16 + g) * kD + nt * 8 + 2 * q4;
     dst[0] = kv[0], dst[1] = kv[1], dst[8 * kD] = kv[2], dst[8 * kD + 1] = kv[3];
   }
+  BLK_STAMP(7);
   uint4 wpf[kProjTiles][KB];
 #pragma unroll
   for (int i = 0; i < kProjTiles; ++i) {
@@ -262,6 +281,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   ptx::cluster_arrive_release();
   ptx::cluster_wait_acquire();
 
+  BLK_STAMP(8);
   // ---- 4. KV = the tiles' partials in tile order / pi, split in three; the conv's neighbour rows ----
   {
     const float* part[kMaxTiles];
@@ -296,6 +316,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   ptx::cluster_arrive_release();  // done reading the other CTAs' shared memory (the matching wait: at the end)
   __syncthreads();
 
+  BLK_STAMP(9);
   // ---- 5. z = h KV + 0.5 v, norms, conv: a warp per (head, column tile), at most two each ----
   constexpr int kUnits = kH * NTh, kPer = (kUnits + kWarps - 1) / kWarps;
   const int kvpart = kD * p.ldk;
@@ -328,6 +349,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
     if (q4 < 2) zsq[((g + 8 * q4) * kH + h) * NTh + nt] = q4 ? sb : sa;
   }
   __syncthreads();
+  BLK_STAMP(10);
   if (tid < 16 * kH) {  // (row, head): the column tiles' sums in order, as the per-head kernel
     double s = 0.0;
     for (int nt = 0; nt < NTh; ++nt) s += zsq[tid * NTh + nt];
@@ -359,6 +381,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   }
   __syncthreads();
 
+  BLK_STAMP(11);
   // ---- 6. proj: a warp per 8 output columns ----
 #pragma unroll
   for (int i = 0; i < kProjTiles; ++i) {
@@ -373,6 +396,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   }
   __syncthreads();
 
+  BLK_STAMP(12);
   // ---- 7. residual + LayerNorm 2 + router + mask: a group of 16 lanes per row ----
   constexpr int kG = 16, kS = 4;  // as moe_ln_route_mask_forward's kernel for C <= 256: the same row arithmetic
   if (tid < 16 * kG) {
@@ -383,7 +407,19 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
                                                     p.Ka, p.eps, ep + C, ep + 2 * C, ep + 3 * C, ep + 5 * C,
                                                     p.xa + gr * p.ldxa, p.choice ? p.choice + gr : nullptr);
   }
+  BLK_STAMP(13);
   ptx::cluster_wait_acquire();  // no CTA leaves while another may still read its shared memory
+  BLK_STAMP(14);
+#ifdef SAV_HAM_BLOCK_TRACE
+  if (tid == 0 && b == 0 && (rank == 0 || rank == tiles - 1)) {
+    printf("[ham_block trace] rank %d cycles: stage-issue %lld wait+xs %lld qkv %lld dist %lld sigma-bar %lld codes %lld "
+           "kvp %lld wp+bar %lld kvsum %lld z %lld norm+emit %lld proj %lld epi %lld exit-bar %lld total %lld\n",
+           rank, stamps[1] - stamps[0], stamps[2] - stamps[1], stamps[3] - stamps[2], stamps[4] - stamps[3],
+           stamps[5] - stamps[4], stamps[6] - stamps[5], stamps[7] - stamps[6], stamps[8] - stamps[7],
+           stamps[9] - stamps[8], stamps[10] - stamps[9], stamps[11] - stamps[10], stamps[12] - stamps[11],
+           stamps[13] - stamps[12], stamps[14] - stamps[13], stamps[14] - stamps[0]);
+  }
+#endif
 #endif
 }
 
