@@ -26,7 +26,8 @@
 //  0. the heads' prepared hash weights and the epilogue's vectors by cp.async, the to_qk / to_v weight fragments;
 //     after the wait, the tile's LayerNorm-1 rows and residual rows;
 //  1. qk | v (16 x 2C) = xn W^T + b, rounded to bf16 (as the cuBLASLt product's bf16 epilogue), rows past N zero;
-//  2. the hash of the tile, a warp per head (ham::ksh_distances, the sigma exchange, ham::ksh_codes);
+//  2. the hash of the tile: the distances a warp per (head, anchor tile) (ham::ksh_dots, ksh_d), the sums of D a warp
+//     per head (ksh_dsum), the sigma exchange, the codes a warp per (head, 8 bits) (ksh_codes);
 //  3. the tile's partial KV, a warp per (head, 16 bits, 8 columns); the proj weight fragments; cluster barrier;
 //  4. KV = the partials in tile order / pi, split; the conv's neighbour rows;
 //  5. z = h KV + 0.5 v, a warp per (head, 8 columns); ||z|| per (row, head): the column tiles' double sums in order;
@@ -62,6 +63,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kD = 64;        // head size
 constexpr int kMaxH = 3;      // heads (C = 64 H <= 192)
 constexpr int kMaxTiles = 16;  // N <= 256: the largest cluster
+constexpr int kLdD = kMaxM + 8;  // floats per row of the distances in shared memory
 
 // SAV_HAM_BLOCK_TRACE (a diagnostic build only): thread 0 of the first and the last CTA of image 0 prints the clock64
 // cycles of each phase.
@@ -89,7 +91,7 @@ struct BlkParams {
 };
 
 struct BlkSmem {
-  size_t prep, xs, qs, vs, codes, sig, kvp, kvt, zsq, inv, ao, xp, xin, ep, total;
+  size_t prep, xs, qs, vs, dbuf, codes, sig, kvp, kvs, kvt, zsq, inv, ao, xp, xin, ep, total;
 };
 __host__ __device__ inline BlkSmem blk_smem(const BlkParams& p) {
   BlkSmem s{};
@@ -99,9 +101,11 @@ __host__ __device__ inline BlkSmem blk_smem(const BlkParams& p) {
   s.xs = o, o = align16(o + 16 * (C + 32) * sizeof(bf16));
   s.qs = o, o = align16(o + 16 * (C + 8) * sizeof(bf16));
   s.vs = o, o = align16(o + (16 + 2 * kPad) * (C + 8) * sizeof(bf16));
+  s.dbuf = o, o = align16(o + H * 16 * kLdD * sizeof(float));
   s.codes = o, o = align16(o + H * 16 * sizeof(unsigned long long));
   s.sig = o, o = align16(o + kMaxTiles * H * sizeof(double));
   s.kvp = o, o = align16(o + H * 16 * p.mb * kD * sizeof(float));
+  s.kvs = o, o = align16(o + H * 16 * p.mb * kD * sizeof(float));
   s.kvt = o, o = align16(o + H * 3 * kD * p.ldk * sizeof(bf16));
   s.zsq = o, o = align16(o + 16 * H * (kD / 8) * sizeof(double));
   s.inv = o, o = align16(o + 16 * H * sizeof(float));
@@ -142,9 +146,11 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   bf16* xs = reinterpret_cast<bf16*>(smem + L.xs);
   bf16* qs = reinterpret_cast<bf16*>(smem + L.qs);
   bf16* vs = reinterpret_cast<bf16*>(smem + L.vs);  // storage row r = token row r - kPad of the tile
+  float* dbuf = reinterpret_cast<float*>(smem + L.dbuf);  // [head][row][anchor]: D
   unsigned long long* codes = reinterpret_cast<unsigned long long*>(smem + L.codes);  // [head][row]
   double* sig = reinterpret_cast<double*>(smem + L.sig);                              // [tile][head]
   float* kvp = reinterpret_cast<float*>(smem + L.kvp);  // [head][bit][column]: this tile's partial KV
+  float* kvs = reinterpret_cast<float*>(smem + L.kvs);  // [head][bit][column]: KV (before the 1/pi)
   bf16* kvt = reinterpret_cast<bf16*>(smem + L.kvt);    // [head][part][column][bit]
   double* zsq = reinterpret_cast<double*>(smem + L.zsq);  // [row][head][column tile]
   float* inv = reinterpret_cast<float*>(smem + L.inv);    // [row][head]
@@ -196,6 +202,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
     ptx::cp_async16(xin + r * C + c, ok ? p.x + (grow0 + r) * p.ldx + c : p.x, ok);
   }
   ptx::cp_async_commit();
+  for (int i = tid; i < kH * 16; i += kThreads) codes[i] = 0ull;  // bytes past the bit tiles stay zero
   ptx::cp_async_wait<0>();
   __syncthreads();
 
@@ -229,26 +236,58 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   __syncthreads();
 
   BLK_STAMP(3);
-  // ---- 2. the hash: a warp per head; the tiles' sums of D meet in every CTA ----
+  // ---- 2. the hash, the per-head kernel's arithmetic spread over warps: the distances a warp per (head, anchor
+  // tile) into shared memory; each head's sum of D (a warp per head, the per-head kernel's order) into every CTA;
+  // cluster barrier; the codes a warp per (head, 8 bits) ----
   const bool va = row0 + g < N, vb = row0 + g + 8 < N;
-  const bool hasher = warp < kH;  // warp-uniform
-  const int hh = hasher ? warp : 0;
-  const unsigned char* prep_h = smem + L.prep + hh * P.bytes;
-  float dist[4][4];
-  const double dsum = ksh_distances(hasher, qs + hh * kD, ldq, reinterpret_cast<const bf16*>(prep_h + P.anc), kD + 8,
-                                    reinterpret_cast<const float*>(prep_h + P.aa), kD, p.mt, p.m, va, vb, dist);
+  auto prep_of = [&](int h) { return smem + L.prep + h * P.bytes; };
+  auto d_at = [&](int h, int nt, int i) -> float& {  // D of (row i < 2 ? g : g + 8, anchor 8 nt + 2 q4 + (i & 1))
+    return dbuf[(h * 16 + g + 8 * (i >> 1)) * kLdD + nt * 8 + 2 * q4 + (i & 1)];
+  };
+  if (warp < 4 * kH) {
+    const int h = warp >> 2, ntw = warp & 3;
+    const unsigned char* ph = prep_of(h);
+    float acc[4][4], ssa, ssb;
+    ksh_dots(ntw < p.mt, qs + h * kD, ldq, reinterpret_cast<const bf16*>(ph + P.anc), kD + 8, kD, ntw, ntw + 1, acc, ssa,
+             ssb);
+    ksh_d(acc, ssa, ssb, reinterpret_cast<const float*>(ph + P.aa));
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+      if (nt == ntw)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) d_at(h, nt, i) = acc[nt][i];
+  }
+  __syncthreads();
+  auto load_d = [&](int h, float(&D)[4][4]) {
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) D[nt][i] = d_at(h, nt, i);
+  };
+  double dsum = 0.0;
+  if (warp < kH) {
+    float D[4][4];
+    load_d(warp, D);
+    dsum = ksh_dsum(D, p.mt, p.m, va, vb);
+  }
   BLK_STAMP(4);
   ptx::cluster_wait_acquire();  // every CTA runs
-  if (hasher && lane < tiles) *cluster.map_shared_rank(sig + rank * kH + hh, lane) = dsum;
+  if (warp < kH && lane < tiles) *cluster.map_shared_rank(sig + rank * kH + warp, lane) = dsum;
   ptx::cluster_arrive_release();
   ptx::cluster_wait_acquire();
   BLK_STAMP(5);
-  if (hasher) {
-    const float nis = ksh_sigma(lane < tiles ? sig[lane * kH + hh] : 0.0, N, p.m);
+  for (int task = warp; task < kH * p.bt; task += kWarps) {
+    const int h = task / p.bt, bt = task - h * p.bt;
+    const unsigned char* ph = prep_of(h);
+    const float nis = ksh_sigma(lane < tiles ? sig[lane * kH + h] : 0.0, N, p.m);
+    float D[4][4];
+    load_d(h, D);
     unsigned long long ca, cb;
-    ksh_codes(true, dist, nis, reinterpret_cast<const bf16*>(prep_h + P.a),
-              reinterpret_cast<const float*>(prep_h + P.mu), p.m, p.mt, p.bt, va, vb, ca, cb);
-    if (q4 < 2) codes[hh * 16 + g + 8 * q4] = q4 ? cb : ca;
+    ksh_codes(true, D, nis, reinterpret_cast<const bf16*>(ph + P.a), reinterpret_cast<const float*>(ph + P.mu), p.m,
+              p.mt, p.bt, bt, bt + 1, va, vb, ca, cb);
+    if (q4 < 2)  // byte bt of the row's code word
+      reinterpret_cast<unsigned char*>(codes + h * 16 + g + 8 * q4)[bt] =
+          static_cast<unsigned char>((q4 ? cb : ca) >> (8 * bt));
   }
   __syncthreads();
 
@@ -282,22 +321,19 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   ptx::cluster_wait_acquire();
 
   BLK_STAMP(8);
-  // ---- 4. KV = the tiles' partials in tile order / pi, split in three; the conv's neighbour rows ----
+  // ---- 4. KV: CTA r adds the tiles' partials of its share of the entries (float4s) in tile order and writes the
+  // sums into every CTA; the conv's neighbour rows; cluster barrier; then KV / pi split in three ----
   {
-    const float* part[kMaxTiles];
-#pragma unroll
-    for (int t = 0; t < kMaxTiles; ++t) part[t] = t < tiles ? cluster.map_shared_rank(kvp, t) : kvp;
-    const int kvpart = kD * p.ldk;
-    for (int e = tid; e < kH * kvn; e += kThreads) {
-      float s = 0.0f;
+    const int f4 = kH * kvn / 4, f0 = rank * f4 / tiles, f1 = (rank + 1) * f4 / tiles;
+    for (int f = f0 + tid; f < f1; f += kThreads) {
+      float4 s = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
       for (int t = 0; t < kMaxTiles; ++t)
-        if (t < tiles) s += part[t][e];
-      const int h = e / kvn, r = e - h * kvn, bit = r / kD, col = r - bit * kD;
-      bf16 hi, mid, lo;
-      split3(s * kInvPi, hi, mid, lo);
-      bf16* o = kvt + h * 3 * kvpart + col * p.ldk + bit;
-      o[0] = hi, o[kvpart] = mid, o[2 * kvpart] = lo;
+        if (t < tiles) {
+          const float4 v = reinterpret_cast<const float4*>(cluster.map_shared_rank(kvp, t))[f];
+          s.x += v.x, s.y += v.y, s.z += v.z, s.w += v.w;
+        }
+      for (int q = 0; q < tiles; ++q) reinterpret_cast<float4*>(cluster.map_shared_rank(kvs, q))[f] = s;
     }
     // rows -kPad .. -1 from the previous tile's last rows, 16 .. 16 + kPad - 1 from the next tile's first rows
     constexpr int kChunks = C / 8;
@@ -305,18 +341,28 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
       const int r = i / kChunks, c = (i - r * kChunks) * 8;
       const bool before = r < kPad;
       const int src_rank = before ? rank - 1 : rank + 1;
-      const int dst_row = before ? r : 16 + r;                 // storage rows 0 .. kPad - 1, 16 + kPad ..
-      const int src_row = before ? 16 + r : r;                 // the neighbour's storage rows 16 .., kPad ..
+      const int dst_row = before ? r : 16 + r;  // storage rows 0 .. kPad - 1, 16 + kPad ..
+      const int src_row = before ? 16 + r : r;  // the neighbour's storage rows 16 .., kPad ..
       uint4 v = make_uint4(0, 0, 0, 0);
       if (src_rank >= 0 && src_rank < tiles)
         v = *reinterpret_cast<const uint4*>(cluster.map_shared_rank(vs + src_row * ldq + c, src_rank));
       *reinterpret_cast<uint4*>(vs + dst_row * ldq + c) = v;
     }
   }
-  ptx::cluster_arrive_release();  // done reading the other CTAs' shared memory (the matching wait: at the end)
+  ptx::cluster_arrive_release();  // the last distributed shared-memory access of the kernel
+  ptx::cluster_wait_acquire();
+  {
+    const int kvpart = kD * p.ldk;
+    for (int e = tid; e < kH * kvn; e += kThreads) {
+      const int h = e / kvn, r = e - h * kvn, bit = r / kD, col = r - bit * kD;
+      bf16 hi, mid, lo;
+      split3(kvs[e] * kInvPi, hi, mid, lo);
+      bf16* o = kvt + h * 3 * kvpart + col * p.ldk + bit;
+      o[0] = hi, o[kvpart] = mid, o[2 * kvpart] = lo;
+    }
+  }
   __syncthreads();
 
-  BLK_STAMP(9);
   // ---- 5. z = h KV + 0.5 v, norms, conv: a warp per (head, column tile), at most two each ----
   constexpr int kUnits = kH * NTh, kPer = (kUnits + kWarps - 1) / kWarps;
   const int kvpart = kD * p.ldk;
@@ -408,7 +454,6 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
                                                     p.xa + gr * p.ldxa, p.choice ? p.choice + gr : nullptr);
   }
   BLK_STAMP(13);
-  ptx::cluster_wait_acquire();  // no CTA leaves while another may still read its shared memory
   BLK_STAMP(14);
 #ifdef SAV_HAM_BLOCK_TRACE
   if (tid == 0 && b == 0 && (rank == 0 || rank == tiles - 1)) {

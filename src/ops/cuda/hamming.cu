@@ -269,7 +269,7 @@ __global__ void __launch_bounds__(512, kMinBlocks) hamming_kernel(const __grid_c
     // sigma = mean D: the tiles' partials summed in tile order (lane t holds tile t), the same in every warp
     const float neg_inv_2sigma = ksh_sigma(lane < p.tiles ? tsum[lane] : 0.0, N, m);
     unsigned long long ca, cb;  // the codes of rows ta, tb (every lane of the row's quad)
-    ksh_codes(has_tile, acc, neg_inv_2sigma, Apr, mus, m, p.mt, p.bt, va, vb, ca, cb);
+    ksh_codes(has_tile, acc, neg_inv_2sigma, Apr, mus, m, p.mt, p.bt, 0, p.bt, va, vb, ca, cb);
     if (has_tile && q4 < 2) codes[q4 ? tb : ta] = q4 ? cb : ca;
   }
   __syncthreads();

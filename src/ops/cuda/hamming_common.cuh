@@ -5,7 +5,7 @@
 //
 // The hash of a tile, one warp (lane = 4 g + q4 holds rows ta = g and tb = g + 8 of the tile, as the mma's
 // accumulator rows):
-//   ksh_distances: the dot products qk.a_j (A = qk rows by ldmatrix, B = anchor parts: 3 mma per 16 dims and 8
+//   ksh_distances (ksh_dots, ksh_d, ksh_dsum): the dot products qk.a_j (A = qk rows by ldmatrix, B = anchor parts: 3 mma per 16 dims and 8
 //     anchors) and ||qk||^2 (from the same fragments); q.a = qk.a / max(||qk||, eps), D_nj = max(||q||^2 + ||a_j||^2 -
 //     2 q.a_j, 0) in the accumulators; returns the tile's sum of D over the valid rows and anchors (double, every
 //     lane the same: a butterfly over the warp);
@@ -82,16 +82,16 @@ __device__ __forceinline__ void split3_pair(float x0, float x1, uint32_t& hi, ui
   hi = pack(h0, h1), mid = pack(m0, m1), lo = pack(l0, l1);
 }
 
-// The distances of the tile at Q (16 rows ldq apart, dp columns, zero past d) to the anchors Anc (parts kMaxM rows
-// apart, rows lda apart; aa = ||a_j||^2): D in acc[nt][i] (anchor 8 nt + 2 q4 + (i & 1), row i < 2 ? ta : tb).
-// `active` false (warp-uniform): no products (acc and the sum zero). va, vb: rows ta, tb are tokens.
-__device__ __forceinline__ double ksh_distances(bool active, const bf16* Q, int ldq, const bf16* Anc, int lda,
-                                                const float* aa, int dp, int mt, int m, bool va, bool vb,
-                                                float (&acc)[4][4]) {
+// The dot products of the tile at Q (16 rows ldq apart, dp columns, zero past d) with the anchors of anchor tiles
+// nt0 .. nt1 - 1 (Anc: parts kMaxM rows apart, rows lda apart) into acc[nt] (anchor 8 nt + 2 q4 + (i & 1), row i < 2 ?
+// ta : tb; the other tiles zero), and the rows' ||qk||^2 (ssa: ta, ssb: tb; every lane of the row's quad).
+// `active` false (warp-uniform): no products (zeros).
+__device__ __forceinline__ void ksh_dots(bool active, const bf16* Q, int ldq, const bf16* Anc, int lda, int dp, int nt0,
+                                         int nt1, float (&acc)[4][4], float& ssa, float& ssb) {
   const int lane = threadIdx.x & 31, g = lane >> 2, q4 = lane & 3;
 #pragma unroll
   for (int nt = 0; nt < 4; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
-  float ssa = 0.0f, ssb = 0.0f;
+  ssa = 0.0f, ssb = 0.0f;
   if (active) {
     for (int ks = 0; ks < dp; ks += 16) {
       uint32_t a[4];
@@ -107,7 +107,7 @@ __device__ __forceinline__ double ksh_distances(bool active, const bf16* Q, int 
       }
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt) {
-        if (nt < mt) {
+        if (nt >= nt0 && nt < nt1) {
 #pragma unroll
           for (int part = 0; part < 3; ++part) {
             const bf16* bp = Anc + (part * kMaxM + nt * 8 + g) * lda + ks + 2 * q4;
@@ -121,23 +121,50 @@ __device__ __forceinline__ double ksh_distances(bool active, const bf16* Q, int 
   ssa += __shfl_xor_sync(0xffffffffu, ssa, 2);
   ssb += __shfl_xor_sync(0xffffffffu, ssb, 1);
   ssb += __shfl_xor_sync(0xffffffffu, ssb, 2);
+}
+
+// ksh_dots' dot products -> D in place: q.a = qk.a / max(||qk||, eps), D = max(||q||^2 + ||a_j||^2 - 2 q.a_j, 0)
+__device__ __forceinline__ void ksh_d(float (&acc)[4][4], float ssa, float ssb, const float* aa) {
+  const int q4 = threadIdx.x & 3;
   const float ina = 1.0f / fmaxf(sqrtf(ssa), kNormEps), inb = 1.0f / fmaxf(sqrtf(ssb), kNormEps);
   const float qqa = ssa * ina * ina, qqb = ssb * inb * inb;  // ||q||^2 (1, or less for a row below eps)
-  double dsum = 0.0;
 #pragma unroll
   for (int nt = 0; nt < 4; ++nt) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int j = nt * 8 + 2 * q4 + (i & 1);
       const bool rb = i >= 2;
-      const float D = fmaxf((rb ? qqb : qqa) + aa[j] - 2.0f * (acc[nt][i] * (rb ? inb : ina)), 0.0f);
-      acc[nt][i] = D;
-      if (nt < mt && j < m && (rb ? vb : va)) dsum += D;
+      acc[nt][i] = fmaxf((rb ? qqb : qqa) + aa[j] - 2.0f * (acc[nt][i] * (rb ? inb : ina)), 0.0f);
+    }
+  }
+}
+
+// The tile's sum of D over its valid rows (va: ta, vb: tb) and anchors (< m, tiles < mt): each lane's in (nt, i)
+// order, then a butterfly over the warp (double; every lane the same).
+__device__ __forceinline__ double ksh_dsum(const float (&D)[4][4], int mt, int m, bool va, bool vb) {
+  const int q4 = threadIdx.x & 3;
+  double dsum = 0.0;
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int j = nt * 8 + 2 * q4 + (i & 1);
+      if (nt < mt && j < m && (i >= 2 ? vb : va)) dsum += D[nt][i];
     }
   }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) dsum += __shfl_xor_sync(0xffffffffu, dsum, o);
   return dsum;
+}
+
+// The distances of a tile to every anchor (ksh_dots, ksh_d: D in acc) and their sum (ksh_dsum).
+__device__ __forceinline__ double ksh_distances(bool active, const bf16* Q, int ldq, const bf16* Anc, int lda,
+                                                const float* aa, int dp, int mt, int m, bool va, bool vb,
+                                                float (&acc)[4][4]) {
+  float ssa, ssb;
+  ksh_dots(active, Q, ldq, Anc, lda, dp, 0, mt, acc, ssa, ssb);
+  ksh_d(acc, ssa, ssb, aa);
+  return ksh_dsum(acc, mt, m, va, vb);
 }
 
 // -1 / (2 sigma) from the tiles' sums of D (lane t < 32 holds tile t's, 0 past the tiles), N tokens, m anchors
@@ -148,10 +175,11 @@ __device__ __forceinline__ float ksh_sigma(double lane_sum, int N, int m) {
   return -1.0f / (2.0f * fmaxf(static_cast<float>(s / (double(N) * m)), kSigmaMin));
 }
 
-// The codes of rows ta (ca) and tb (cb) from ksh_distances' acc: every lane of a row's quad holds them, 0 for a row
-// that is no token. Apr: the split A (parts 8 bt rows apart, rows kLdA apart), mus: mu (zero past m).
+// The codes of rows ta (ca) and tb (cb) from ksh_distances' acc, bits of the bit tiles bt0 .. bt1 - 1 (8 bits each;
+// the others 0): every lane of a row's quad holds them, 0 for a row that is no token. Apr: the split A (parts 8 nbt
+// rows apart, rows kLdA apart), mus: mu (zero past m).
 __device__ __forceinline__ void ksh_codes(bool active, const float (&acc)[4][4], float neg_inv_2sigma, const bf16* Apr,
-                                          const float* mus, int m, int mt, int nbt, bool va, bool vb,
+                                          const float* mus, int m, int mt, int nbt, int bt0, int bt1, bool va, bool vb,
                                           unsigned long long& ca, unsigned long long& cb) {
   const int lane = threadIdx.x & 31, g = lane >> 2, q4 = lane & 3;
   ca = 0, cb = 0;
@@ -169,7 +197,7 @@ __device__ __forceinline__ void ksh_codes(bool active, const float (&acc)[4][4],
       }
     const int kks = (mt + 1) / 2, arows = nbt * 8;
 #pragma unroll 2
-    for (int bt = 0; bt < nbt; ++bt) {
+    for (int bt = bt0; bt < bt1; ++bt) {
       float y[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
       for (int kk = 0; kk < 2; ++kk) {
