@@ -403,8 +403,9 @@ int main(int argc, char** argv) {
                 if (net.vit && (auto_rows || auto_dep) && path_name.rfind("layered", 0) == 0)
                   for (const sav::ViTCudaRowChoice& c : net.vit->row_fusion_choices(B))
                     std::printf(
-                        "  row fusion: ham %-3s proj %-3s fc2 %-3s dependent %-3s forward %8.2f us in a graph%s\n",
-                        c.ham ? "on" : "off", c.proj ? "on" : "off", c.fc2 ? "on" : "off", c.dependent ? "on" : "off",
+                        "  row fusion: blk %-3s ham %-3s proj %-3s fc2 %-3s dependent %-3s forward %8.2f us in a "
+                        "graph%s\n",
+                        c.blk ? "on" : "off", c.ham ? "on" : "off", c.proj ? "on" : "off", c.fc2 ? "on" : "off", c.dependent ? "on" : "off",
                         c.forward_us, c.chosen ? "  <- chosen" : "");
                 std::fflush(stdout);
                 if (js)

@@ -215,6 +215,7 @@ struct ViTCuda::Impl {
     bool proj = false, fc2 = false;
     bool dependent = false;  // dependent launch (vit_cuda.h ViTCudaDependentLaunch)
     bool ham = false;        // Hamming attention + proj + LN2 + fc1's router and mask as one kernel (ham_fusable)
+    bool blk = false;        // ... with to_qk / to_v too: the attention half of the block as one kernel (blk_fusable)
   };
   bool small_products = false;  // the forward being enqueued runs dense products by cuda::small_linear_*
   std::map<int, std::vector<ViTCudaRowChoice>> row_timings;
@@ -490,10 +491,19 @@ struct ViTCuda::Impl {
            w.fc1.Ka == cuda::moe_masked_cols(cfg.dim) &&
            cuda::hamming_attention_proj_supports(B, cfg.tokens(), cfg.dim, cfg.heads, cfg.hash_bits, cfg.anchors);
   }
-  // Where block w's proj runs in a forward of B images with the forms f: in the Hamming kernel, in the rows-fused
-  // kernel, or on its own (a layered linear).
-  enum class ProjRun { hamming, rows, own };
+  // ... and whose to_qk / to_v is one linear (dense, or shift on the automatic path) with a bf16 bias: the whole
+  // attention half in one kernel (ops.h hamming_block_forward).
+  bool blk_fusable(const BlockWeights& w, int B) const {
+    const Lin& q = w.qkv;
+    return ham_fusable(w, B) && w.to_qk.kind != LinearKind::moe && q.kind != LinearKind::moe && q.w && q.b16 &&
+           (q.shift < 0 || shift_mode == ViTCudaShiftPath::automatic) &&
+           cuda::hamming_block_supports(B, cfg.tokens(), cfg.dim, cfg.heads, cfg.hash_bits, cfg.anchors);
+  }
+  // Where block w's proj runs in a forward of B images with the forms f: in the attention block kernel (with to_qk /
+  // to_v and the Hamming attention), in the Hamming kernel, in the rows-fused kernel, or on its own (a layered linear).
+  enum class ProjRun { block, hamming, rows, own };
   ProjRun proj_run(const BlockWeights& w, int B, const RowForms& f) const {
+    if (f.blk && blk_fusable(w, B)) return ProjRun::block;
     if (f.ham && ham_fusable(w, B)) return ProjRun::hamming;
     if (f.proj && proj_fusable(w, B * cfg.tokens())) return ProjRun::rows;
     return ProjRun::own;
@@ -532,7 +542,7 @@ struct ViTCuda::Impl {
     } else if (const auto it = row_chosen.find(M); it != row_chosen.end()) {
       f = it->second;
     }
-    if (row_mode != ViTCudaRowFusion::automatic) f.proj = f.fc2 = f.ham = row_mode == ViTCudaRowFusion::on;
+    if (row_mode != ViTCudaRowFusion::automatic) f.proj = f.fc2 = f.ham = f.blk = row_mode == ViTCudaRowFusion::on;
     if (dep_mode != ViTCudaDependentLaunch::automatic) f.dependent = dep_mode != ViTCudaDependentLaunch::off;
     return f;
   }
@@ -550,11 +560,12 @@ struct ViTCuda::Impl {
     cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
     SAV_CUDA_CHECK(cudaStreamIsCapturing(s, &cap));
     if (cap != cudaStreamCaptureStatusNone) return;  // inside the caller's capture: unfused, no choice recorded
-    bool any_proj = false, any_fc2 = false, any_ham = false, proj_beside_ham = false;
+    bool any_proj = false, any_fc2 = false, any_ham = false, any_blk = false, proj_beside_ham = false;
     for (size_t l = 0; auto_rows && l < blocks.size(); ++l) {
       const bool pf = proj_fusable(blocks[l], M), hf = ham_fusable(blocks[l], B);
       any_proj = any_proj || pf;
       any_ham = any_ham || hf;
+      any_blk = any_blk || blk_fusable(blocks[l], B);
       proj_beside_ham = proj_beside_ham || (pf && !hf);  // a block the Hamming form does not take
       any_fc2 = any_fc2 || fc2_fusable(l, M);
     }
@@ -567,12 +578,14 @@ struct ViTCuda::Impl {
     double best_us = 0.0;
     std::vector<RowForms> sets;
     for (const bool dep : {false, true})
-      for (const bool ham : {false, true})
+      for (const int att : {0, 1, 2})  // the attention forms: none, ham, blk (and ham where blk does not fit)
         for (const RowForms f :
-             {RowForms{false, false}, RowForms{true, false}, RowForms{false, true}, RowForms{true, true}})
+             {RowForms{false, false}, RowForms{true, false}, RowForms{false, true}, RowForms{true, true}}) {
+          const bool ham = att > 0, blk = att == 2;
           if ((!f.proj || (ham ? proj_beside_ham : any_proj)) && (!f.fc2 || any_fc2) && (!dep || auto_dep) &&
-              (!ham || any_ham))
-            sets.push_back({f.proj, f.fc2, dep, ham});
+              (!ham || any_ham) && (!blk || any_blk))
+            sets.push_back({f.proj, f.fc2, dep, ham, blk});
+        }
     for (const RowForms& f : sets) {
       row_trial = &f;
       try {
@@ -582,7 +595,7 @@ struct ViTCuda::Impl {
                                                 capture_stream.get(), 1, 15);
         const RowForms ran = forms_for(M);  // the trial as the forced modes leave it
         row_trial = nullptr;
-        timings.push_back({ran.proj, ran.fc2, ran.dependent, ran.ham, static_cast<float>(us), false});
+        timings.push_back({ran.proj, ran.fc2, ran.dependent, ran.ham, ran.blk, static_cast<float>(us), false});
         if (timings.size() == 1 || us < best_us) best = f, best_us = us;
       } catch (...) {
         row_trial = nullptr;
@@ -590,7 +603,8 @@ struct ViTCuda::Impl {
       }
     }
     for (ViTCudaRowChoice& t : timings)
-      t.chosen = t.proj == best.proj && t.fc2 == best.fc2 && t.dependent == best.dependent && t.ham == best.ham;
+      t.chosen = t.proj == best.proj && t.fc2 == best.fc2 && t.dependent == best.dependent && t.ham == best.ham &&
+                 t.blk == best.blk;
     row_timings[M] = std::move(timings);
     row_chosen[M] = best;
   }
@@ -614,7 +628,11 @@ struct ViTCuda::Impl {
       const BlockWeights& w = blocks[l];
       const ProjRun proj = proj_run(w, B, forms);
       if (!ln1_done) cuda::layernorm_forward(xn.get(), C, x.get(), C, w.ln1_w, w.ln1_b, M, C, eps, s);
-      if (w.attn == 's') {
+      if (proj == ProjRun::block) {  // to_qk / to_v, the attention, proj, LN2 and fc1's router + mask: one kernel
+        cuda::hamming_block_forward(x.get(), C, xn.get(), C, w.qkv.w, w.qkv.b16, w.ham_prep, w.conv, w.proj.w,
+                                    w.proj.b32, w.ln2_w, w.ln2_b, eps, w.fc1.wr, w.fc1.br, moe_xa.get(), w.fc1.Ka,
+                                    choice_slot(w.fc1), B, N, C, H, cfg.hash_bits, cfg.anchors, s);
+      } else if (w.attn == 's') {
         linear(w.qkv, xn.get(), M, Epi::bf16, qkv.get(), 3 * C, s);
         cuda::attention_forward(ao.get(), qkv.get(), B, N, C, H, s);
       } else {
@@ -641,7 +659,7 @@ struct ViTCuda::Impl {
                                               w.conv, hd, ham_ws.get(), s);
         }
       }
-      if (proj == ProjRun::hamming) {  // proj, LN2 and the router ran in the Hamming kernel
+      if (proj == ProjRun::block || proj == ProjRun::hamming) {  // proj, LN2 and the router ran in the attention kernel
         masked_product(w.fc1, M, Epi::gelu, hid.get(), F, s);
       } else if (proj == ProjRun::rows) {  // proj + residual, then LN2 + fc1's router and mask: one kernel
         cuda::rows_linear_ln_mask_forward(x.get(), C, ao.get(), C, w.proj.w, w.proj.b32, M, w.proj.K, C, w.ln2_w,
@@ -843,8 +861,11 @@ std::vector<ViTCudaShiftChoice> ViTCuda::shift_choices(int B) const {
   const int M = B * m.cfg.tokens();
   std::set<int> rows_fused;  // the shift layers a forward of B runs in a rows-fused proj kernel (as Impl::enqueue)
   const auto forms = m.forms_for(M);
-  for (const auto& w : m.blocks)
-    if (w.proj.shift >= 0 && m.proj_run(w, B, forms) != Impl::ProjRun::own) rows_fused.insert(w.proj.shift);
+  for (const auto& w : m.blocks) {
+    const Impl::ProjRun run = m.proj_run(w, B, forms);
+    if (w.proj.shift >= 0 && run != Impl::ProjRun::own) rows_fused.insert(w.proj.shift);
+    if (w.qkv.shift >= 0 && run == Impl::ProjRun::block) rows_fused.insert(w.qkv.shift);
+  }
   for (size_t i = 0; i < m.shift_layers.size(); ++i) {
     const ShiftLayer& sl = m.shift_layers[i];
     ViTCudaShiftChoice c;

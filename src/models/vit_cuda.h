@@ -100,10 +100,12 @@ enum class ViTCudaRowFusion { automatic, off, on };
 enum class ViTCudaDependentLaunch { automatic, off, on, small_products };
 constexpr int kVitDependentAutoMaxRows = 1024;
 // One set of forms the automatic choice timed: fused forms (ham: a Hamming block's proj + LN2 + router in its attention
-// kernel; proj: the other proj-fusable blocks', or all when ham is off), dependent launch, the forward's median
-// microseconds (a graph replay), and whether it was kept.
+// kernel; blk: also its to_qk / to_v, the attention half of the block as one kernel, ops/cuda/ops.h
+// hamming_block_forward, where it fits: DeiT-Tiny's width, a cluster per image; proj: the other proj-fusable blocks',
+// or all when ham is off), dependent launch, the forward's median microseconds (a graph replay), and whether it was
+// kept.
 struct ViTCudaRowChoice {
-  bool proj = false, fc2 = false, dependent = false, ham = false;
+  bool proj = false, fc2 = false, dependent = false, ham = false, blk = false;
   float forward_us = -1.0f;
   bool chosen = false;
 };
