@@ -23,8 +23,9 @@
 // single 16-byte loads (A rows C + 32 bf16 apart: conflict-free).
 //
 // Phases (a __syncthreads or a cluster barrier between each):
-//  0. the heads' prepared hash weights and the epilogue's vectors by cp.async, the to_qk / to_v weight fragments;
-//     after the wait, the tile's LayerNorm-1 rows and residual rows;
+//  0. the epilogue's vectors by cp.async, the to_qk / to_v weight fragments, then the heads' prepared hash weights by
+//     one bulk copy (waited for in phase 2); after the dependent-launch wait, the tile's LayerNorm-1 rows and its
+//     residual rows (waited for in phase 7);
 //  1. qk | v (16 x 2C) = xn W^T + b, rounded to bf16 (as the cuBLASLt product's bf16 epilogue), rows past N zero;
 //  2. the hash of the tile: the distances a warp per (head, anchor tile) (ham::ksh_dots, ksh_d), the sums of D a warp
 //     per head (ksh_dsum), the sigma exchange, the codes a warp per (head, 8 bits) (ksh_codes);
@@ -91,12 +92,13 @@ struct BlkParams {
 };
 
 struct BlkSmem {
-  size_t prep, xs, qs, vs, dbuf, codes, sig, kvp, kvs, kvt, zsq, inv, ao, xp, xin, ep, total;
+  size_t bar, prep, xs, qs, vs, dbuf, codes, sig, kvp, kvs, kvt, zsq, inv, ao, xp, xin, ep, total;
 };
 __host__ __device__ inline BlkSmem blk_smem(const BlkParams& p) {
   BlkSmem s{};
   const size_t C = size_t(p.C), H = size_t(p.H);
   size_t o = 0;
+  s.bar = o, o = align16(o + sizeof(uint64_t));
   s.prep = o, o = align16(o + H * prep_layout(kD, p.bt).bytes);
   s.xs = o, o = align16(o + 16 * (C + 32) * sizeof(bf16));
   s.qs = o, o = align16(o + 16 * (C + 8) * sizeof(bf16));
@@ -167,13 +169,13 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   const int64_t grow0 = int64_t(b) * N + row0;  // the tile's first global row
   cg::cluster_group cluster = cg::this_cluster();
 #ifdef SAV_HAM_BLOCK_TRACE
-  long long stamps[16] = {};
+  long long stamps[17] = {};
 #endif
   BLK_STAMP(0);
 
   // ---- 0. staging; the to_qk / to_v weight fragments ----
   ptx::pdl_trigger();
-  for (int i = tid * 16; i < int(kH * P.bytes); i += kThreads * 16) ptx::cp_async16(smem + L.prep + i, p.prep + i);
+  uint64_t* bar = reinterpret_cast<uint64_t*>(smem + L.bar);  // the hash weights' bulk copy
   for (int c = tid * 4; c < C; c += kThreads * 4) {
     ptx::cp_async16(ep + c, p.bp + c);
     ptx::cp_async16(ep + C + c, p.ln_w + c);
@@ -189,6 +191,11 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   for (int i = 0; i < kQkvTiles; ++i)
 #pragma unroll
     for (int kb = 0; kb < KB; ++kb) wq[i][kb] = w_fragment(p.wqkv, (warp + kWarps * i) * 8 + g, C, kb);
+  if (tid == 0) {  // the heads' hash weights (needed from phase 2 on): one bulk copy, after the weight loads above
+    ptx::mbar_init(bar, 1);
+    ptx::mbar_arrive_expect_tx(bar, unsigned(kH * P.bytes));
+    ptx::bulk_copy_g2s(smem + L.prep, p.prep, unsigned(kH * P.bytes), bar);
+  }
   BLK_STAMP(1);
   ptx::pdl_wait();
   for (int i = tid; i < 16 * (C / 8); i += kThreads) {
@@ -196,14 +203,15 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
     const bool ok = row0 + r < N;
     ptx::cp_async16(xs + r * ldxs + c, ok ? p.xn + (grow0 + r) * p.ldxn + c : p.xn, ok);
   }
+  ptx::cp_async_commit();
   for (int i = tid; i < 16 * (C / 4); i += kThreads) {
     const int r = i / (C / 4), c = (i - r * (C / 4)) * 4;
     const bool ok = row0 + r < N;
     ptx::cp_async16(xin + r * C + c, ok ? p.x + (grow0 + r) * p.ldx + c : p.x, ok);
   }
-  ptx::cp_async_commit();
+  ptx::cp_async_commit();  // the residual rows: needed in phase 7 only
   for (int i = tid; i < kH * 16; i += kThreads) codes[i] = 0ull;  // bytes past the bit tiles stay zero
-  ptx::cp_async_wait<0>();
+  ptx::cp_async_wait<1>();
   __syncthreads();
 
   BLK_STAMP(2);
@@ -236,6 +244,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   __syncthreads();
 
   BLK_STAMP(3);
+  ptx::mbar_wait_parity(bar, 0);  // the hash weights
   // ---- 2. the hash, the per-head kernel's arithmetic spread over warps: the distances a warp per (head, anchor
   // tile) into shared memory; each head's sum of D (a warp per head, the per-head kernel's order) into every CTA;
   // cluster barrier; the codes a warp per (head, 8 bits) ----
@@ -349,8 +358,10 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
       *reinterpret_cast<uint4*>(vs + dst_row * ldq + c) = v;
     }
   }
+  BLK_STAMP(9);
   ptx::cluster_arrive_release();  // the last distributed shared-memory access of the kernel
   ptx::cluster_wait_acquire();
+  BLK_STAMP(15);
   {
     const int kvpart = kD * p.ldk;
     for (int e = tid; e < kH * kvn; e += kThreads) {
@@ -362,6 +373,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
     }
   }
   __syncthreads();
+  BLK_STAMP(16);
 
   // ---- 5. z = h KV + 0.5 v, norms, conv: a warp per (head, column tile), at most two each ----
   constexpr int kUnits = kH * NTh, kPer = (kUnits + kWarps - 1) / kWarps;
@@ -440,6 +452,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
     xp[g * C + c] = acc[0], xp[g * C + c + 1] = acc[1];
     xp[(g + 8) * C + c] = acc[2], xp[(g + 8) * C + c + 1] = acc[3];
   }
+  ptx::cp_async_wait<0>();  // the residual rows
   __syncthreads();
 
   BLK_STAMP(12);
@@ -458,11 +471,11 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
 #ifdef SAV_HAM_BLOCK_TRACE
   if (tid == 0 && b == 0 && (rank == 0 || rank == tiles - 1)) {
     printf("[ham_block trace] rank %d cycles: stage-issue %lld wait+xs %lld qkv %lld dist %lld sigma-bar %lld codes %lld "
-           "kvp %lld wp+bar %lld kvsum %lld z %lld norm+emit %lld proj %lld epi %lld exit-bar %lld total %lld\n",
+           "kvp %lld wp+bar %lld kvsum %lld kv-bar %lld split %lld z %lld norm+emit %lld proj %lld epi %lld total %lld\n",
            rank, stamps[1] - stamps[0], stamps[2] - stamps[1], stamps[3] - stamps[2], stamps[4] - stamps[3],
            stamps[5] - stamps[4], stamps[6] - stamps[5], stamps[7] - stamps[6], stamps[8] - stamps[7],
-           stamps[9] - stamps[8], stamps[10] - stamps[9], stamps[11] - stamps[10], stamps[12] - stamps[11],
-           stamps[13] - stamps[12], stamps[14] - stamps[13], stamps[14] - stamps[0]);
+           stamps[9] - stamps[8], stamps[15] - stamps[9], stamps[16] - stamps[15], stamps[10] - stamps[16],
+           stamps[11] - stamps[10], stamps[12] - stamps[11], stamps[13] - stamps[12], stamps[14] - stamps[0]);
   }
 #endif
 #endif
