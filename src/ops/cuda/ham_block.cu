@@ -151,8 +151,10 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   float* dbuf = reinterpret_cast<float*>(smem + L.dbuf);  // [head][row][anchor]: D
   unsigned long long* codes = reinterpret_cast<unsigned long long*>(smem + L.codes);  // [head][row]
   double* sig = reinterpret_cast<double*>(smem + L.sig);                              // [tile][head]
-  float* kvp = reinterpret_cast<float*>(smem + L.kvp);  // [head][bit][column]: this tile's partial KV
-  float* kvs = reinterpret_cast<float*>(smem + L.kvs);  // [head][bit][column]: KV (before the 1/pi)
+  // KV entries (head, column, bit), bits contiguous (16 mb per column): the split below reads them and writes the
+  // transposed parts in the same order (conflict-free)
+  float* kvp = reinterpret_cast<float*>(smem + L.kvp);  // this tile's partial KV
+  float* kvs = reinterpret_cast<float*>(smem + L.kvs);  // KV (before the 1/pi)
   bf16* kvt = reinterpret_cast<bf16*>(smem + L.kvt);    // [head][part][column][bit]
   double* zsq = reinterpret_cast<double*>(smem + L.zsq);  // [row][head][column tile]
   float* inv = reinterpret_cast<float*>(smem + L.inv);    // [row][head]
@@ -315,8 +317,9 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
     ptx::ldmatrix_x2_trans(bv, vs + (kPad + (lane & 15)) * ldq + h * kD + nt * 8);
     float kv[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     ptx::mma_bf16(kv, a, bv[0], bv[1]);
-    float* dst = kvp + h * kvn + (mt2 * 16 + g) * kD + nt * 8 + 2 * q4;
-    dst[0] = kv[0], dst[1] = kv[1], dst[8 * kD] = kv[2], dst[8 * kD + 1] = kv[3];
+    const int nb = 16 * p.mb;  // bits per column
+    float* dst = kvp + h * kvn + (nt * 8 + 2 * q4) * nb + mt2 * 16 + g;  // (bit, column): kv[0]; column + 1: kv[1] ..
+    dst[0] = kv[0], dst[nb] = kv[1], dst[8] = kv[2], dst[nb + 8] = kv[3];
   }
   BLK_STAMP(7);
   uint4 wpf[kProjTiles][KB];
@@ -365,7 +368,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   {
     const int kvpart = kD * p.ldk;
     for (int e = tid; e < kH * kvn; e += kThreads) {
-      const int h = e / kvn, r = e - h * kvn, bit = r / kD, col = r - bit * kD;
+      const int nb = 16 * p.mb, h = e / kvn, r = e - h * kvn, col = r / nb, bit = r - col * nb;
       bf16 hi, mid, lo;
       split3(kvs[e] * kInvPi, hi, mid, lo);
       bf16* o = kvt + h * 3 * kvpart + col * p.ldk + bit;
