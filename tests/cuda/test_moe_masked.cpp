@@ -672,6 +672,17 @@ TEST(MoeMaskedConfig, UnknownModeThrows) {
   }
 }
 
+namespace {
+
+// The path ViTCuda::shift_paths reports for a layer, or "(missing)".
+std::string path_of(const std::vector<std::pair<std::string, std::string>>& v, const std::string& layer) {
+  for (const auto& [name, path] : v)
+    if (name == layer) return path;
+  return std::string("(missing)");
+}
+
+}  // namespace
+
 // The rows-fused kernels (ViTCuda::set_row_fusion) forced on against forced off on the same model: the products sum in
 // another f32 order than cuBLASLt's, so the logits agree within the converted models' bound and the routing nearly
 // everywhere; graph replays and eager runs of each mode are bit-identical (run_mode), shift_paths reports a fused
@@ -725,11 +736,6 @@ TEST_F(MoeMasked, VitCudaRowFusionModesAgree) {
       EXPECT_EQ(ch.forward_us, best);
     }
   }
-  auto path_of = [](const std::vector<std::pair<std::string, std::string>>& v, const std::string& layer) {
-    for (const auto& [name, path] : v)
-      if (name == layer) return path;
-    return std::string("(missing)");
-  };
   EXPECT_EQ(path_of(paths_on, "blocks.1.attn.proj"), "rows_fused");
   EXPECT_NE(path_of(paths_off, "blocks.1.attn.proj"), "rows_fused");
   EXPECT_NE(path_of(paths_off, "blocks.1.attn.proj"), "(missing)");
@@ -824,11 +830,6 @@ TEST_F(MoeMasked, VitCudaBlockFormAgrees) {
     EXPECT_LT(e_cpu, 3e-2);
     EXPECT_LT(routing_vs_cpu(cpu, *r), 0.02);
   }
-  auto path_of = [](const std::vector<std::pair<std::string, std::string>>& v, const std::string& layer) {
-    for (const auto& [name, path] : v)
-      if (name == layer) return path;
-    return std::string("(missing)");
-  };
   EXPECT_EQ(path_of(paths_on, "blocks.1.attn.to_qk+to_v"), "rows_fused");
   EXPECT_EQ(path_of(paths_on, "blocks.1.attn.proj"), "rows_fused");
   EXPECT_NE(path_of(paths_off, "blocks.1.attn.to_qk+to_v"), "rows_fused");

@@ -10,10 +10,13 @@
 //   sigma: each CTA writes its tile's sum of D per head into every CTA (8 bytes each), then a cluster barrier; every
 //     CTA adds the tiles' sums in tile order, as the per-head kernel (ham::ksh_sigma), so the codes are the same bits;
 //   KV = h^T V: each CTA computes its tile's partial (one mma per head, 16 bits and 8 columns: 16 tokens are one
-//     k-step) into its own shared memory; after a cluster barrier every CTA reads the tiles' partials from all CTAs and
-//     adds them in tile order (f32), then scales by 1/pi and splits in three bf16 parts as the per-head kernel.
-// The 9-tap conv reads 4 rows past each end of the tile: copied from the neighbouring CTAs' v rows after the same
-// barrier (zeros outside the image).
+//     k-step) into its own shared memory; after a cluster barrier CTA r adds its share (1 / tiles) of the entries
+//     over the tiles in tile order (f32, float4 reads from every CTA) and writes the sums into every CTA (a
+//     reduce-scatter, then an all-gather: each CTA reads and writes about 2 KV's worth, instead of reading all the
+//     partials); after a second barrier every CTA scales KV by 1/pi and splits it in three bf16 parts as the per-head
+//     kernel.
+// The 9-tap conv reads 4 rows past each end of the tile: copied from the neighbouring CTAs' v rows between the two
+// barriers (zeros outside the image). After the second barrier no CTA touches another's shared memory.
 //
 // Products: bf16 mma.sync m16n8k16, f32 accumulation. The to_qk / to_v and proj weights are not staged: each lane
 // loads 16 bytes of its weight row per 32-wide k block straight from global memory into registers, the to_qk / to_v
@@ -30,7 +33,7 @@
 //  2. the hash of the tile: the distances a warp per (head, anchor tile) (ham::ksh_dots, ksh_d), the sums of D a warp
 //     per head (ksh_dsum), the sigma exchange, the codes a warp per (head, 8 bits) (ksh_codes);
 //  3. the tile's partial KV, a warp per (head, 16 bits, 8 columns); the proj weight fragments; cluster barrier;
-//  4. KV = the partials in tile order / pi, split; the conv's neighbour rows;
+//  4. KV: this CTA's share of the sums into every CTA, the conv's neighbour rows; cluster barrier; KV / pi split;
 //  5. z = h KV + 0.5 v, a warp per (head, 8 columns); ||z|| per (row, head): the column tiles' double sums in order;
 //     out = z / max(||z||, eps) + the 9 taps of v, bf16 (the attention output);
 //  6. proj (16 x C), a warp per 8 output columns (two for C > 128);
@@ -178,13 +181,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   // ---- 0. staging; the to_qk / to_v weight fragments ----
   ptx::pdl_trigger();
   uint64_t* bar = reinterpret_cast<uint64_t*>(smem + L.bar);  // the hash weights' bulk copy
-  for (int c = tid * 4; c < C; c += kThreads * 4) {
-    ptx::cp_async16(ep + c, p.bp + c);
-    ptx::cp_async16(ep + C + c, p.ln_w + c);
-    ptx::cp_async16(ep + 2 * C + c, p.ln_b + c);
-  }
-  for (int c = tid * 4; c < 2 * C; c += kThreads * 4) ptx::cp_async16(ep + 3 * C + c, p.wr + c);
-  if (tid < 2) ptx::cp_async4(ep + 5 * C + tid, p.br + tid);
+  stage_row_epilogue(ep, C, p.bp, p.ln_w, p.ln_b, p.wr, p.br, tid, kThreads);
   if (tid < kH * kTaps) ptx::cp_async4(ep + 5 * C + 4 + tid, p.conv_w + tid);
   ptx::cp_async_commit();
   ptx::cluster_arrive_relaxed();  // runs: remote stores into this CTA may follow the matching wait

@@ -246,13 +246,7 @@ __global__ void __launch_bounds__(512, kMinBlocks) hamming_kernel(const __grid_c
       ptx::cp_async16(xin + rr * C + c, ok ? p.x + (int64_t(b) * N + n) * p.ldx + c : p.x, ok);
     }
     float* ep = reinterpret_cast<float*>(smem + L.ep);
-    for (int c = tid * 4; c < C; c += T * 4) {
-      ptx::cp_async16(ep + c, p.bp + c);
-      ptx::cp_async16(ep + C + c, p.ln_w + c);
-      ptx::cp_async16(ep + 2 * C + c, p.ln_b + c);
-    }
-    for (int c = tid * 4; c < 2 * C; c += T * 4) ptx::cp_async16(ep + 3 * C + c, p.wr + c);
-    if (tid < 2) ptx::cp_async4(ep + 5 * C + tid, p.br + tid);
+    stage_row_epilogue(ep, C, p.bp, p.ln_w, p.ln_b, p.wr, p.br, tid, T);
     ptx::cp_async_commit();
   }
 

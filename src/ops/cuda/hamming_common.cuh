@@ -227,4 +227,18 @@ __device__ __forceinline__ void ksh_codes(bool active, const float (&acc)[4][4],
   if (!vb) cb = 0;
 }
 
+// The fused row epilogue's vectors into shared memory ep (cp.async by threads tid of T, not committed): the proj bias
+// bp, ln_w, ln_b at ep, ep + C, ep + 2C, the router wr (2, C) at ep + 3C, br (2) at ep + 5C. C % 4 == 0, all 16-byte
+// aligned.
+__device__ __forceinline__ void stage_row_epilogue(float* ep, int C, const float* bp, const float* ln_w,
+                                                   const float* ln_b, const float* wr, const float* br, int tid, int T) {
+  for (int c = tid * 4; c < C; c += T * 4) {
+    ptx::cp_async16(ep + c, bp + c);
+    ptx::cp_async16(ep + C + c, ln_w + c);
+    ptx::cp_async16(ep + 2 * C + c, ln_b + c);
+  }
+  for (int c = tid * 4; c < 2 * C; c += T * 4) ptx::cp_async16(ep + 3 * C + c, wr + c);
+  if (tid < 2) ptx::cp_async4(ep + 5 * C + tid, br + tid);
+}
+
 }  // namespace sav::cuda::ham
