@@ -11,10 +11,9 @@
 //     CTA adds the tiles' sums in tile order, as the per-head kernel (ham::ksh_sigma), so the codes are the same bits;
 //   KV = h^T V: each CTA computes its tile's partial (one mma per head, 16 bits and 8 columns: 16 tokens are one
 //     k-step) into its own shared memory; after a cluster barrier CTA r adds its share (1 / tiles) of the entries
-//     over the tiles in tile order (f32, float4 reads from every CTA) and writes the sums into every CTA (a
-//     reduce-scatter, then an all-gather: each CTA reads and writes about 2 KV's worth, instead of reading all the
-//     partials); after a second barrier every CTA scales KV by 1/pi and splits it in three bf16 parts as the per-head
-//     kernel.
+//     over the tiles in tile order (f32, float4 reads from every CTA), scales them by 1/pi, splits them in three bf16
+//     parts as the per-head kernel and writes the parts into every CTA (a reduce-scatter, then an all-gather: each
+//     CTA reads and writes about 2 KV's worth, instead of reading all the partials); then a second barrier.
 // The 9-tap conv reads 4 rows past each end of the tile: copied from the neighbouring CTAs' v rows between the two
 // barriers (zeros outside the image). After the second barrier no CTA touches another's shared memory.
 //
@@ -33,7 +32,7 @@
 //  2. the hash of the tile: the distances a warp per (head, anchor tile) (ham::ksh_dots, ksh_d), the sums of D a warp
 //     per head (ksh_dsum), the sigma exchange, the codes a warp per (head, 8 bits) (ksh_codes);
 //  3. the tile's partial KV, a warp per (head, 16 bits, 8 columns); the proj weight fragments; cluster barrier;
-//  4. KV: this CTA's share of the sums into every CTA, the conv's neighbour rows; cluster barrier; KV / pi split;
+//  4. KV: this CTA's share of the sums / pi, split, into every CTA; the conv's neighbour rows; cluster barrier;
 //  5. z = h KV + 0.5 v, a warp per (head, 8 columns); ||z|| per (row, head): the column tiles' double sums in order;
 //     out = z / max(||z||, eps) + the 9 taps of v, bf16 (the attention output);
 //  6. proj (16 x C), a warp per 8 output columns (two for C > 128);
@@ -95,7 +94,7 @@ struct BlkParams {
 };
 
 struct BlkSmem {
-  size_t bar, prep, xs, qs, vs, dbuf, codes, sig, kvp, kvs, kvt, zsq, inv, ao, xp, xin, ep, total;
+  size_t bar, prep, xs, qs, vs, dbuf, codes, sig, kvp, kvt, zsq, inv, ao, xp, xin, ep, total;
 };
 __host__ __device__ inline BlkSmem blk_smem(const BlkParams& p) {
   BlkSmem s{};
@@ -110,7 +109,6 @@ __host__ __device__ inline BlkSmem blk_smem(const BlkParams& p) {
   s.codes = o, o = align16(o + H * 16 * sizeof(unsigned long long));
   s.sig = o, o = align16(o + kMaxTiles * H * sizeof(double));
   s.kvp = o, o = align16(o + H * 16 * p.mb * kD * sizeof(float));
-  s.kvs = o, o = align16(o + H * 16 * p.mb * kD * sizeof(float));
   s.kvt = o, o = align16(o + H * 3 * kD * p.ldk * sizeof(bf16));
   s.zsq = o, o = align16(o + 16 * H * (kD / 8) * sizeof(double));
   s.inv = o, o = align16(o + 16 * H * sizeof(float));
@@ -154,10 +152,9 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   float* dbuf = reinterpret_cast<float*>(smem + L.dbuf);  // [head][row][anchor]: D
   unsigned long long* codes = reinterpret_cast<unsigned long long*>(smem + L.codes);  // [head][row]
   double* sig = reinterpret_cast<double*>(smem + L.sig);                              // [tile][head]
-  // KV entries (head, column, bit), bits contiguous (16 mb per column): the split below reads them and writes the
-  // transposed parts in the same order (conflict-free)
+  // KV entries (head, column, bit), bits contiguous (16 mb per column), as the transposed parts (phase 4 writes
+  // 4 bits of each part at once)
   float* kvp = reinterpret_cast<float*>(smem + L.kvp);  // this tile's partial KV
-  float* kvs = reinterpret_cast<float*>(smem + L.kvs);  // KV (before the 1/pi)
   bf16* kvt = reinterpret_cast<bf16*>(smem + L.kvt);    // [head][part][column][bit]
   double* zsq = reinterpret_cast<double*>(smem + L.zsq);  // [row][head][column tile]
   float* inv = reinterpret_cast<float*>(smem + L.inv);    // [row][head]
@@ -330,10 +327,12 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   ptx::cluster_wait_acquire();
 
   BLK_STAMP(8);
-  // ---- 4. KV: CTA r adds the tiles' partials of its share of the entries (float4s) in tile order and writes the
-  // sums into every CTA; the conv's neighbour rows; cluster barrier; then KV / pi split in three ----
+  // ---- 4. KV: CTA r adds the tiles' partials of its share of the entries (4 bits of a column at a time) in tile
+  // order, scales by 1/pi, splits in three bf16 parts and writes them into every CTA; the conv's neighbour rows;
+  // cluster barrier ----
   {
-    const int f4 = kH * kvn / 4, f0 = rank * f4 / tiles, f1 = (rank + 1) * f4 / tiles;
+    const int f4 = kH * kvn / 4, f0 = rank * f4 / tiles, f1 = (rank + 1) * f4 / tiles, nb = 16 * p.mb;
+    const int kvpart = kD * p.ldk;
     for (int f = f0 + tid; f < f1; f += kThreads) {
       float4 s = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
@@ -342,7 +341,24 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
           const float4 v = reinterpret_cast<const float4*>(cluster.map_shared_rank(kvp, t))[f];
           s.x += v.x, s.y += v.y, s.z += v.z, s.w += v.w;
         }
-      for (int q = 0; q < tiles; ++q) reinterpret_cast<float4*>(cluster.map_shared_rank(kvs, q))[f] = s;
+      const int e = 4 * f, h = e / kvn, r = e - h * kvn, col = r / nb, bit = r - col * nb;
+      bf16 hi[4], mid[4], lo[4];
+      split3(s.x * kInvPi, hi[0], mid[0], lo[0]);
+      split3(s.y * kInvPi, hi[1], mid[1], lo[1]);
+      split3(s.z * kInvPi, hi[2], mid[2], lo[2]);
+      split3(s.w * kInvPi, hi[3], mid[3], lo[3]);
+      auto pack4 = [](const bf16(&v)[4]) {
+        return make_uint2(uint32_t(__bfloat16_as_ushort(v[0])) | (uint32_t(__bfloat16_as_ushort(v[1])) << 16),
+                          uint32_t(__bfloat16_as_ushort(v[2])) | (uint32_t(__bfloat16_as_ushort(v[3])) << 16));
+      };
+      const uint2 ph = pack4(hi), pm = pack4(mid), pl = pack4(lo);
+      bf16* o = kvt + h * 3 * kvpart + col * p.ldk + bit;  // 8-byte aligned: bit % 4 == 0, ldk % 4 == 0
+      for (int q = 0; q < tiles; ++q) {
+        bf16* oq = cluster.map_shared_rank(o, q);
+        *reinterpret_cast<uint2*>(oq) = ph;
+        *reinterpret_cast<uint2*>(oq + kvpart) = pm;
+        *reinterpret_cast<uint2*>(oq + 2 * kvpart) = pl;
+      }
     }
     // rows -kPad .. -1 from the previous tile's last rows, 16 .. 16 + kPad - 1 from the next tile's first rows
     constexpr int kChunks = C / 8;
@@ -361,18 +377,6 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   BLK_STAMP(9);
   ptx::cluster_arrive_release();  // the last distributed shared-memory access of the kernel
   ptx::cluster_wait_acquire();
-  BLK_STAMP(15);
-  {
-    const int kvpart = kD * p.ldk;
-    for (int e = tid; e < kH * kvn; e += kThreads) {
-      const int nb = 16 * p.mb, h = e / kvn, r = e - h * kvn, col = r / nb, bit = r - col * nb;
-      bf16 hi, mid, lo;
-      split3(kvs[e] * kInvPi, hi, mid, lo);
-      bf16* o = kvt + h * 3 * kvpart + col * p.ldk + bit;
-      o[0] = hi, o[kvpart] = mid, o[2 * kvpart] = lo;
-    }
-  }
-  __syncthreads();
   BLK_STAMP(16);
 
   // ---- 5. z = h KV + 0.5 v, norms, conv: a warp per (head, column tile), at most two each ----
@@ -471,10 +475,10 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
 #ifdef SAV_HAM_BLOCK_TRACE
   if (tid == 0 && b == 0 && (rank == 0 || rank == tiles - 1)) {
     printf("[ham_block trace] rank %d cycles: stage-issue %lld wait+xs %lld qkv %lld dist %lld sigma-bar %lld codes %lld "
-           "kvp %lld wp+bar %lld kvsum %lld kv-bar %lld split %lld z %lld norm+emit %lld proj %lld epi %lld total %lld\n",
+           "kvp %lld wp+bar %lld kvsum %lld kv-bar %lld z %lld norm+emit %lld proj %lld epi %lld total %lld\n",
            rank, stamps[1] - stamps[0], stamps[2] - stamps[1], stamps[3] - stamps[2], stamps[4] - stamps[3],
            stamps[5] - stamps[4], stamps[6] - stamps[5], stamps[7] - stamps[6], stamps[8] - stamps[7],
-           stamps[9] - stamps[8], stamps[15] - stamps[9], stamps[16] - stamps[15], stamps[10] - stamps[16],
+           stamps[9] - stamps[8], stamps[16] - stamps[9], stamps[10] - stamps[16],
            stamps[11] - stamps[10], stamps[12] - stamps[11], stamps[13] - stamps[12], stamps[14] - stamps[0]);
   }
 #endif
