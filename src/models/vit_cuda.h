@@ -81,8 +81,9 @@ constexpr int kVitFusedAutoMaxBatch = 0;
 // of DeiT's 197 tokens) and the weights fit shared memory, three forms of the layered path can run fused: "proj" (a
 // proj linear, dense or shift on the automatic shift path, with its residual, then a masked MoE fc1's LayerNorm +
 // router + mask: one kernel instead of two), "ham" (the same inside a Hamming block's attention kernel, for C <= 256
-// and one 16-token tile per CTA: one kernel instead of three) and "fc2" (a stacked MoE fc2 with its residual routing
-// epilogue and the next block's LayerNorm). Their products sum in their
+// and one 16-token tile per CTA: one kernel instead of three), "blk" (to_qk / to_v, the Hamming attention and all of
+// "ham" in one cluster kernel per image, ops/cuda/ops.h hamming_block_forward: head size 64, up to 3 heads) and "fc2"
+// (a stacked MoE fc2 with its residual routing epilogue and the next block's LayerNorm). Their products sum in their
 // own f32 order (the last bits differ from cuBLASLt's). `automatic` (default): the first forward of a batch size
 // (eager or graph) times a whole forward (a CUDA graph) with each set of the forms fused and keeps the fastest (on the
 // H200 the fused proj wins at DeiT-Small's width and loses at DeiT-Tiny's: bench/RESULTS.md); a forward enqueued inside
