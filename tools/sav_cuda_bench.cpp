@@ -47,6 +47,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -220,6 +221,68 @@ void print_shift_paths(const Net& net, int B, const std::string& path_name) {
                 us(c.packed_us).c_str());
 }
 
+// One bench row's modes on the network: row fusion, dependent launch and the forward path (a forced fused path
+// falls back to automatic where the model or the batch is outside the kernel); its path name, or nullopt when the row
+// is skipped: forced modes with nothing to force (fused path, dense models, PVT), or the fused path that cannot run
+// when the layered row is printed too (both_paths).
+std::optional<std::string> setup_row(Net& net, sav::ViTCudaPath path, sav::ViTCudaRowFusion rows,
+                                     sav::ViTCudaDependentLaunch dep, int B, bool both_paths, bool dense) {
+  const bool auto_rows = rows == sav::ViTCudaRowFusion::automatic;
+  const bool auto_dep = dep == sav::ViTCudaDependentLaunch::automatic;
+  if (!net.vit) {
+    if (!auto_rows || !auto_dep) return std::nullopt;  // PVT: no rows-fused kernels
+    return std::string("layered");
+  }
+  if (!auto_rows && (path == sav::ViTCudaPath::fused || dense)) return std::nullopt;  // nothing to fuse
+  if (!auto_dep && path == sav::ViTCudaPath::fused) return std::nullopt;
+  net.vit->set_row_fusion(rows);
+  net.vit->set_dependent_launch(dep);
+  if (path != sav::ViTCudaPath::fused || net.vit->fused_supported(B)) {
+    net.vit->set_path(path);
+  } else {
+    if (both_paths) return std::nullopt;  // the layered row is the only one
+    net.vit->set_path(sav::ViTCudaPath::automatic);
+  }
+  std::string name = net.vit->path_name(B);
+  if (name == "layered" && !auto_rows) name = rows == sav::ViTCudaRowFusion::on ? "layered-rows" : "layered-norows";
+  if (name.rfind("layered", 0) == 0 && !auto_dep)
+    name += dep == sav::ViTCudaDependentLaunch::on               ? "+dep"
+            : dep == sav::ViTCudaDependentLaunch::small_products ? "+dep+small"
+                                                                 : "+nodep";
+  return name;
+}
+
+// --profile: one eager forward of B zero images between cudaProfilerStart / Stop, after a warm-up forward
+void profile_row(Net& net, int B) {
+  sav::cuda::DeviceBuffer<float> img(size_t(B) * net.in_elems), logits(size_t(B) * net.classes);
+  img.fill_bytes(0);
+  net.forward_eager(img.get(), logits.get(), B);  // warm-up: algorithm choice, module loads
+  SAV_CUDA_CHECK(cudaDeviceSynchronize());
+  SAV_CUDA_CHECK(cudaProfilerStart());
+  net.forward_eager(img.get(), logits.get(), B);
+  SAV_CUDA_CHECK(cudaDeviceSynchronize());
+  SAV_CUDA_CHECK(cudaProfilerStop());
+}
+
+// The share of tokens sent to the shift expert over every MoE layer of the last (random-image) forward, "12.3%".
+std::string shift_share(const Net& net) {
+  size_t n = 0, shift = 0;
+  for (const auto& [layer, ch] : net.moe_choices())
+    for (int8_t e : ch) n += 1, shift += e == 1;
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f%%", n ? 100.0 * shift / n : 0.0);
+  return buf;
+}
+
+// The automatic choice's whole-forward timings at batch B (ViTCuda::row_fusion_choices), a line per set.
+void print_row_choices(const sav::ViTCuda& vit, int B) {
+  auto on = [](bool v) { return v ? "on" : "off"; };
+  for (const sav::ViTCudaRowChoice& c : vit.row_fusion_choices(B))
+    std::printf("  row fusion: blk %-3s ham %-3s proj %-3s fc2 %-3s dependent %-3s forward %8.2f us in a graph%s\n",
+                on(c.blk), on(c.ham), on(c.proj), on(c.fc2), on(c.dependent), c.forward_us,
+                c.chosen ? "  <- chosen" : "");
+}
+
 // The modes of a comma list (flag's value s) by their names; false (after a message) for an unknown name.
 template <class E>
 bool parse_modes(const char* flag, const std::string& s, const std::vector<std::pair<std::string, E>>& names,
@@ -285,8 +348,7 @@ int main(int argc, char** argv) {
                    "usage: sav_cuda_bench [--models a,b] [--batches 1,64] [--iters 50] [--json file] "
                    "[--variants dense,shiftadd,shift] [--math f32|tf32] [--weights ckpt] [--profile] "
                    "[--path auto|layered|fused|both] [--row-fusion auto,on,off] [--dependent-launch auto,on,small,off] "
-                   "[--trace] "
-                   "[--shift-paths]\n");
+                   "[--trace] [--shift-paths]\n");
       return 2;
     }
   }
@@ -344,73 +406,29 @@ int main(int argc, char** argv) {
           for (const sav::ViTCudaPath path : paths)
             for (const sav::ViTCudaRowFusion rows : row_fusions)
               for (const sav::ViTCudaDependentLaunch dep : dep_modes) {
-                const bool auto_rows = rows == sav::ViTCudaRowFusion::automatic;
-                const bool auto_dep = dep == sav::ViTCudaDependentLaunch::automatic;
                 const int B = std::atoi(bs.c_str());
-                std::string path_name = "layered";
-                if (net.vit) {
-                  if (!auto_rows && (path == sav::ViTCudaPath::fused || variant == "dense"))
-                    continue;  // nothing to fuse
-                  if (!auto_dep && path == sav::ViTCudaPath::fused) continue;
-                  net.vit->set_row_fusion(rows);
-                  net.vit->set_dependent_launch(dep);
-                  // a forced fused path falls back to automatic where the model or the batch is outside the kernel
-                  if (path != sav::ViTCudaPath::fused || net.vit->fused_supported(B)) {
-                    net.vit->set_path(path);
-                  } else {
-                    if (path_s == "both") continue;  // the layered row is the only one
-                    net.vit->set_path(sav::ViTCudaPath::automatic);
-                  }
-                  path_name = net.vit->path_name(B);
-                  if (path_name == "layered" && !auto_rows)
-                    path_name = rows == sav::ViTCudaRowFusion::on ? "layered-rows" : "layered-norows";
-                  if (path_name.rfind("layered", 0) == 0 && !auto_dep)
-                    path_name += dep == sav::ViTCudaDependentLaunch::on               ? "+dep"
-                                 : dep == sav::ViTCudaDependentLaunch::small_products ? "+dep+small"
-                                                                                      : "+nodep";
-                } else if (!auto_rows || !auto_dep) {
-                  continue;  // PVT: no rows-fused kernels
-                }
+                const std::optional<std::string> path_name =
+                    setup_row(net, path, rows, dep, B, path_s == "both", variant == "dense");
+                if (!path_name) continue;
                 if (profile) {
-                  sav::cuda::DeviceBuffer<float> img(size_t(B) * net.in_elems), logits(size_t(B) * net.classes);
-                  img.fill_bytes(0);
-                  net.forward_eager(img.get(), logits.get(), B);  // warm-up: algorithm choice, module loads
-                  SAV_CUDA_CHECK(cudaDeviceSynchronize());
-                  SAV_CUDA_CHECK(cudaProfilerStart());
-                  net.forward_eager(img.get(), logits.get(), B);
-                  SAV_CUDA_CHECK(cudaDeviceSynchronize());
-                  SAV_CUDA_CHECK(cudaProfilerStop());
+                  profile_row(net, B);
                   std::printf("%-28s %-9s %5d %-8s profiled one eager forward\n", name.c_str(), vname.c_str(), B,
-                              path_name.c_str());
-                  if (shift_paths) print_shift_paths(net, B, path_name);
+                              path_name->c_str());
+                  if (shift_paths) print_shift_paths(net, B, *path_name);
                   continue;
                 }
                 const double ms = net.median_ms(B, iters);
-                std::string share = "-";
-                if (sa || !weights.empty()) {  // tokens to the shift expert over every MoE layer of the last
-                                               // (random-image) forward
-                  size_t n = 0, shift = 0;
-                  for (const auto& [layer, ch] : net.moe_choices())
-                    for (int8_t e : ch) n += 1, shift += e == 1;
-                  char buf[32];
-                  std::snprintf(buf, sizeof buf, "%.1f%%", n ? 100.0 * shift / n : 0.0);
-                  share = buf;
-                }
+                const std::string share = sa || !weights.empty() ? shift_share(net) : "-";
                 std::printf("%-28s %-9s %5d %-8s %10.4f %12.1f %9s\n", name.c_str(), vname.c_str(), B,
-                            path_name.c_str(), ms, B * 1000.0 / ms, share.c_str());
-                if (trace && path_name == "fused") std::printf("%s", net.vit->fused_trace(B).c_str());
-                if (shift_paths) print_shift_paths(net, B, path_name);
-                if (net.vit && (auto_rows || auto_dep) && path_name.rfind("layered", 0) == 0)
-                  for (const sav::ViTCudaRowChoice& c : net.vit->row_fusion_choices(B))
-                    std::printf(
-                        "  row fusion: blk %-3s ham %-3s proj %-3s fc2 %-3s dependent %-3s forward %8.2f us in a "
-                        "graph%s\n",
-                        c.blk ? "on" : "off", c.ham ? "on" : "off", c.proj ? "on" : "off", c.fc2 ? "on" : "off", c.dependent ? "on" : "off",
-                        c.forward_us, c.chosen ? "  <- chosen" : "");
+                            path_name->c_str(), ms, B * 1000.0 / ms, share.c_str());
+                if (trace && *path_name == "fused") std::printf("%s", net.vit->fused_trace(B).c_str());
+                if (shift_paths) print_shift_paths(net, B, *path_name);
+                if (net.vit && (rows == RF::automatic || dep == DL::automatic) && path_name->rfind("layered", 0) == 0)
+                  print_row_choices(*net.vit, B);
                 std::fflush(stdout);
                 if (js)
                   js << "{\"model\": \"" << name << "\", \"variant\": \"" << vname << "\", \"batch\": " << B
-                     << ", \"path\": \"" << path_name << "\", \"engine_ms\": " << ms << "}\n";
+                     << ", \"path\": \"" << *path_name << "\", \"engine_ms\": " << ms << "}\n";
               }
       }
     }

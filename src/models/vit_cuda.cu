@@ -574,8 +574,6 @@ struct ViTCuda::Impl {
       return;
     }
     std::vector<ViTCudaRowChoice> timings;
-    RowForms best{};
-    double best_us = 0.0;
     std::vector<RowForms> sets;
     for (const bool dep : {false, true})
       for (const int att : {0, 1, 2})  // the attention forms: none, ham, blk (and ham where blk does not fit)
@@ -596,17 +594,17 @@ struct ViTCuda::Impl {
         const RowForms ran = forms_for(M);  // the trial as the forced modes leave it
         row_trial = nullptr;
         timings.push_back({ran.proj, ran.fc2, ran.dependent, ran.ham, ran.blk, static_cast<float>(us), false});
-        if (timings.size() == 1 || us < best_us) best = f, best_us = us;
       } catch (...) {
         row_trial = nullptr;
         throw;
       }
     }
-    for (ViTCudaRowChoice& t : timings)
-      t.chosen = t.proj == best.proj && t.fc2 == best.fc2 && t.dependent == best.dependent && t.ham == best.ham &&
-                 t.blk == best.blk;
+    size_t best = 0;  // the first of the fastest
+    for (size_t i = 1; i < timings.size(); ++i)
+      if (timings[i].forward_us < timings[best].forward_us) best = i;
+    timings[best].chosen = true;
     row_timings[M] = std::move(timings);
-    row_chosen[M] = best;
+    row_chosen[M] = sets[best];
   }
 
   void enqueue(const float* images, float* logits, int B, cudaStream_t s) {

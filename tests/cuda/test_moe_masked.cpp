@@ -545,6 +545,21 @@ class ScopedMaskedEnv {
 
 // The ShiftAddVit test model of test_vit_cuda.cpp: Hamming and softmax blocks with dense, shift and MoE attention
 // linears, dense, shift and MoE MLPs (MoE: qkv of a softmax block, to_qk / to_v of a Hamming block, proj, fc1, fc2).
+// The CPU reference of a converted model: its weights randomised (randomise_shiftadd with seed), B random images
+// (seed + 1) and the CPU's logits for them.
+struct Reference {
+  std::vector<float> images, logits;
+};
+Reference randomised_reference(Vit& cpu, int B, uint64_t seed) {
+  randomise_shiftadd(cpu, seed);
+  const VitConfig& c = cpu.config();
+  Reference r;
+  r.images = normal(size_t(B) * c.in_chans * c.img_size * c.img_size, seed + 1);
+  cpu.forward(r.images.data(), B, false);
+  r.logits.assign(cpu.logits(), cpu.logits() + size_t(B) * c.num_classes);
+  return r;
+}
+
 VitConfig every_kind_config() {
   VitConfig c = vit_preset("vit_fmnist");
   c.depth = 6;
@@ -615,11 +630,8 @@ TEST_F(MoeMasked, VitCudaModesAgree) {
     ReparamOptions ro;
     ro.gate = gate;
     Vit cpu(c, ro);
-    randomise_shiftadd(cpu, 21);
     const int B = 3;
-    const std::vector<float> images = normal(size_t(B) * c.in_chans * c.img_size * c.img_size, 22);
-    cpu.forward(images.data(), B, false);
-    const std::vector<float> ref(cpu.logits(), cpu.logits() + size_t(B) * c.num_classes);
+    const auto [images, ref] = randomised_reference(cpu, B, 21);
     std::vector<ModeRun> runs;
     for (const char* mode : {"off", "fc1", "all"}) {
       SCOPED_TRACE(std::string("SAV_MOE_MASKED=") + mode);
@@ -691,11 +703,8 @@ std::string path_of(const std::vector<std::pair<std::string, std::string>>& v, c
 TEST_F(MoeMasked, VitCudaRowFusionModesAgree) {
   const VitConfig c = every_kind_config();
   Vit cpu(c);
-  randomise_shiftadd(cpu, 31);
   const int B = 3;
-  const std::vector<float> images = normal(size_t(B) * c.in_chans * c.img_size * c.img_size, 32);
-  cpu.forward(images.data(), B, false);
-  const std::vector<float> ref(cpu.logits(), cpu.logits() + size_t(B) * c.num_classes);
+  const auto [images, ref] = randomised_reference(cpu, B, 31);
   ViTCuda net(cpu);
   EXPECT_EQ(net.row_fusion(), ViTCudaRowFusion::automatic) << "the default";
   net.set_dependent_launch(ViTCudaDependentLaunch::off);  // the row-fusion sets alone (dependent launch: below)
@@ -748,11 +757,8 @@ TEST_F(MoeMasked, VitCudaRowFusionModesAgree) {
 TEST_F(MoeMasked, VitCudaDependentLaunchModesAgree) {
   const VitConfig c = every_kind_config();
   Vit cpu(c);
-  randomise_shiftadd(cpu, 41);
   const int B = 2;
-  const std::vector<float> images = normal(size_t(B) * c.in_chans * c.img_size * c.img_size, 42);
-  cpu.forward(images.data(), B, false);
-  const std::vector<float> ref(cpu.logits(), cpu.logits() + size_t(B) * c.num_classes);
+  const auto [images, ref] = randomised_reference(cpu, B, 41);
   ViTCuda net(cpu);
   EXPECT_EQ(net.dependent_launch(), ViTCudaDependentLaunch::automatic) << "the default";
   net.set_row_fusion(ViTCudaRowFusion::off);
@@ -806,11 +812,8 @@ TEST_F(MoeMasked, VitCudaBlockFormAgrees) {
   c.dim = 192, c.heads = 3, c.depth = 3, c.mlp_hidden = 384;
   c.attn = "hhs", c.attn_linear = "dsd", c.mlp = "mmm";
   Vit cpu(c);
-  randomise_shiftadd(cpu, 51);
   const int B = 2;
-  const std::vector<float> images = normal(size_t(B) * c.in_chans * c.img_size * c.img_size, 52);
-  cpu.forward(images.data(), B, false);
-  const std::vector<float> ref(cpu.logits(), cpu.logits() + size_t(B) * c.num_classes);
+  const auto [images, ref] = randomised_reference(cpu, B, 51);
   ViTCuda net(cpu);
   net.set_dependent_launch(ViTCudaDependentLaunch::off);
   net.set_row_fusion(ViTCudaRowFusion::off);

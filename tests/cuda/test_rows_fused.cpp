@@ -897,8 +897,8 @@ BlockOut run_block(const BlockCase& k, const BlockDev& d, int b0, int nb, cudaSt
   auto dao = poisoned<bf16>(size_t(Mr + kTail) * C);
   cuda::hamming_block_forward(dx.get(), c.ldx, d.xn.get() + size_t(b0) * N * k.ldxn, k.ldxn, d.w.get(), d.b.get(),
                               d.prep.get(), d.conv.get(), d.lin.w.get(), d.lin.b.get(), d.lin.lw.get(), d.lin.lb.get(),
-                              kEps, d.lin.wr.get(), d.lin.br.get(), dxa.get(), c.ldxa, dch.get(), nb, N, C, k.H, k.nbits,
-                              k.m, s, dqkv.get(), dao.get());
+                              kEps, d.lin.wr.get(), d.lin.br.get(), dxa.get(), c.ldxa, dch.get(), nb, N, C, k.H,
+                              k.nbits, k.m, s, dqkv.get(), dao.get());
   device_sync();
   BlockOut o;
   o.lin = {download_head(dx, x0.size()), download_head(dxa, size_t(Mr) * c.ldxa), download_head(dch, Mr)};
@@ -968,7 +968,8 @@ TEST_F(RowsFused, HammingBlockMatchesDefinition) {
       const BlockOut one = run_block(k, d, 1, 1);
       const LinCase& c = k.lin;
       EXPECT_TRUE(bit_identical(one.lin.x, rows_of(o.lin.x, c.ldx, N, N))) << "image 1 alone differs from the batch";
-      EXPECT_TRUE(bit_identical(one.lin.xa, rows_of(o.lin.xa, c.ldxa, N, N)) && one.lin.ch == rows_of(o.lin.ch, 1, N, N));
+      EXPECT_TRUE(bit_identical(one.lin.xa, rows_of(o.lin.xa, c.ldxa, N, N)) &&
+                  one.lin.ch == rows_of(o.lin.ch, 1, N, N));
     }
   }
   EXPECT_FALSE(cuda::hamming_block_supports(1, 197, 256, 4, 16, 25)) << "4 heads";
@@ -1002,8 +1003,8 @@ TEST_F(RowsFused, HammingBlockTimingPrinted) {
     gemm.linear_bf16(qkv.get(), xn.get(), d.w.get(), d.b.get(), M, C, 2 * C, false, s);
     cuda::hamming_attention_proj_ln_mask_forward(dx.get(), c.ldx, qkv.get(), 2 * C, qkv.get() + C, 2 * C, d.prep.get(),
                                                  d.conv.get(), d.lin.w.get(), d.lin.b.get(), d.lin.lw.get(),
-                                                 d.lin.lb.get(), kEps, d.lin.wr.get(), d.lin.br.get(), dxa.get(), c.ldxa,
-                                                 dch.get(), 1, M, C, 3, 16, 25, s);
+                                                 d.lin.lb.get(), kEps, d.lin.wr.get(), d.lin.br.get(), dxa.get(),
+                                                 c.ldxa, dch.get(), 1, M, C, 3, 16, 25, s);
   };
   auto one = [&](cudaStream_t s) {
     cuda::hamming_block_forward(dx.get(), c.ldx, d.xn.get(), k.ldxn, d.w.get(), d.b.get(), d.prep.get(), d.conv.get(),
@@ -1015,8 +1016,9 @@ TEST_F(RowsFused, HammingBlockTimingPrinted) {
   device_sync();
   const double us_two = cuda::median_graph_us(two, st.get(), 12, 21);
   const double us_one = cuda::median_graph_us(one, st.get(), 12, 21);
-  std::printf("[ hamming block ] DeiT-Tiny b1, us per sequence in a graph of 12: to_qk/to_v product + fused Hamming "
-              "kernel %.2f, one kernel %.2f\n",
-              us_two, us_one);
+  std::printf(
+      "[ hamming block ] DeiT-Tiny b1, us per sequence in a graph of 12: to_qk/to_v product + fused Hamming "
+      "kernel %.2f, one kernel %.2f\n",
+      us_two, us_one);
   EXPECT_GT(us_one, 0.0);
 }

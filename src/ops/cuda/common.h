@@ -66,6 +66,8 @@ class DependentLaunchScope {
  private:
   bool prev_;
 };
+// Whether a device or host pointer is 16-byte aligned (16-byte vector loads and copies).
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 // Blocks for a grid-stride loop over `work` items with `threads` per block: enough to cover the work, at most
 // 16 per SM, at least 1.
 inline int grid_stride_blocks(int64_t work, int threads) {

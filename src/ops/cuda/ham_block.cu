@@ -63,9 +63,9 @@ namespace cg = cooperative_groups;
 
 constexpr int kThreads = 512;  // 16 warps
 constexpr int kWarps = kThreads / 32;
-constexpr int kD = 64;        // head size
-constexpr int kMaxH = 3;      // heads (C = 64 H <= 192)
-constexpr int kMaxTiles = 16;  // N <= 256: the largest cluster
+constexpr int kD = 64;           // head size
+constexpr int kMaxH = 3;         // heads (C = 64 H <= 192)
+constexpr int kMaxTiles = 16;    // N <= 256: the largest cluster
 constexpr int kLdD = kMaxM + 8;  // floats per row of the distances in shared memory
 
 // SAV_HAM_BLOCK_TRACE (a diagnostic build only): thread 0 of the first and the last CTA of image 0 prints the clock64
@@ -144,18 +144,18 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   const BlkSmem L = blk_smem(p);
   const PrepLayout P = prep_layout(kD, p.bt);
   constexpr int C = kD * kH, KB = C / 32, ldxs = C + 32, ldq = C + 8, NTh = kD / 8;
-  constexpr int kQkvTiles = 2 * C / 8 / kWarps;        // to_qk | to_v column tiles per warp (= kH)
+  constexpr int kQkvTiles = 2 * C / 8 / kWarps;              // to_qk | to_v column tiles per warp (= kH)
   constexpr int kProjTiles = (C / 8 + kWarps - 1) / kWarps;  // proj column tiles per warp
   bf16* xs = reinterpret_cast<bf16*>(smem + L.xs);
   bf16* qs = reinterpret_cast<bf16*>(smem + L.qs);
-  bf16* vs = reinterpret_cast<bf16*>(smem + L.vs);  // storage row r = token row r - kPad of the tile
+  bf16* vs = reinterpret_cast<bf16*>(smem + L.vs);        // storage row r = token row r - kPad of the tile
   float* dbuf = reinterpret_cast<float*>(smem + L.dbuf);  // [head][row][anchor]: D
   unsigned long long* codes = reinterpret_cast<unsigned long long*>(smem + L.codes);  // [head][row]
   double* sig = reinterpret_cast<double*>(smem + L.sig);                              // [tile][head]
   // KV entries (head, column, bit), bits contiguous (16 mb per column), as the transposed parts (phase 4 writes
   // 4 bits of each part at once)
-  float* kvp = reinterpret_cast<float*>(smem + L.kvp);  // this tile's partial KV
-  bf16* kvt = reinterpret_cast<bf16*>(smem + L.kvt);    // [head][part][column][bit]
+  float* kvp = reinterpret_cast<float*>(smem + L.kvp);    // this tile's partial KV
+  bf16* kvt = reinterpret_cast<bf16*>(smem + L.kvt);      // [head][part][column][bit]
   double* zsq = reinterpret_cast<double*>(smem + L.zsq);  // [row][head][column tile]
   float* inv = reinterpret_cast<float*>(smem + L.inv);    // [row][head]
   bf16* aos = reinterpret_cast<bf16*>(smem + L.ao);
@@ -205,7 +205,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
     const bool ok = row0 + r < N;
     ptx::cp_async16(xin + r * C + c, ok ? p.x + (grow0 + r) * p.ldx + c : p.x, ok);
   }
-  ptx::cp_async_commit();  // the residual rows: needed in phase 7 only
+  ptx::cp_async_commit();                                         // the residual rows: needed in phase 7 only
   for (int i = tid; i < kH * 16; i += kThreads) codes[i] = 0ull;  // bytes past the bit tiles stay zero
   ptx::cp_async_wait<1>();
   __syncthreads();
@@ -228,9 +228,9 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
       for (int half = 0; half < 2; ++half) {
         const int r = g + 8 * half;
         const bool ok = row0 + r < N;
-        const __nv_bfloat162 v2 = ok ? __floats2bfloat162_rn(__fadd_rn(acc[i][2 * half], bias.x),
-                                                             __fadd_rn(acc[i][2 * half + 1], bias.y))
-                                     : __floats2bfloat162_rn(0.0f, 0.0f);
+        const __nv_bfloat162 v2 =
+            ok ? __floats2bfloat162_rn(__fadd_rn(acc[i][2 * half], bias.x), __fadd_rn(acc[i][2 * half + 1], bias.y))
+               : __floats2bfloat162_rn(0.0f, 0.0f);
         bf16* dst = c < C ? qs + r * ldq + c : vs + (r + kPad) * ldq + c - C;
         *reinterpret_cast<__nv_bfloat162*>(dst) = v2;
         if (p.qkv_out && ok) *reinterpret_cast<__nv_bfloat162*>(p.qkv_out + (grow0 + r) * 2 * C + c) = v2;
@@ -253,8 +253,8 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
     const int h = warp >> 2, ntw = warp & 3;
     const unsigned char* ph = prep_of(h);
     float acc[4][4], ssa, ssb;
-    ksh_dots(ntw < p.mt, qs + h * kD, ldq, reinterpret_cast<const bf16*>(ph + P.anc), kD + 8, kD, ntw, ntw + 1, acc, ssa,
-             ssb);
+    ksh_dots(ntw < p.mt, qs + h * kD, ldq, reinterpret_cast<const bf16*>(ph + P.anc), kD + 8, kD, ntw, ntw + 1, acc,
+             ssa, ssb);
     ksh_d(acc, ssa, ssb, reinterpret_cast<const float*>(ph + P.aa));
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt)
@@ -311,7 +311,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
     ptx::ldmatrix_x2_trans(bv, vs + (kPad + (lane & 15)) * ldq + h * kD + nt * 8);
     float kv[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     ptx::mma_bf16(kv, a, bv[0], bv[1]);
-    const int nb = 16 * p.mb;  // bits per column
+    const int nb = 16 * p.mb;                                            // bits per column
     float* dst = kvp + h * kvn + (nt * 8 + 2 * q4) * nb + mt2 * 16 + g;  // (bit, column): kv[0]; column + 1: kv[1] ..
     dst[0] = kv[0], dst[nb] = kv[1], dst[8] = kv[2], dst[nb + 8] = kv[3];
   }
@@ -321,7 +321,8 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   for (int i = 0; i < kProjTiles; ++i) {
     const int nt = warp + kWarps * i;
 #pragma unroll
-    for (int kb = 0; kb < KB; ++kb) wpf[i][kb] = nt < C / 8 ? w_fragment(p.wp, nt * 8 + g, C, kb) : make_uint4(0, 0, 0, 0);
+    for (int kb = 0; kb < KB; ++kb)
+      wpf[i][kb] = nt < C / 8 ? w_fragment(p.wp, nt * 8 + g, C, kb) : make_uint4(0, 0, 0, 0);
   }
   ptx::cluster_arrive_release();
   ptx::cluster_wait_acquire();
@@ -474,12 +475,13 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   BLK_STAMP(14);
 #ifdef SAV_HAM_BLOCK_TRACE
   if (tid == 0 && b == 0 && (rank == 0 || rank == tiles - 1)) {
-    printf("[ham_block trace] rank %d cycles: stage-issue %lld wait+xs %lld qkv %lld dist %lld sigma-bar %lld codes %lld "
-           "kvp %lld wp+bar %lld kvsum %lld kv-bar %lld z %lld norm+emit %lld proj %lld epi %lld total %lld\n",
-           rank, stamps[1] - stamps[0], stamps[2] - stamps[1], stamps[3] - stamps[2], stamps[4] - stamps[3],
-           stamps[5] - stamps[4], stamps[6] - stamps[5], stamps[7] - stamps[6], stamps[8] - stamps[7],
-           stamps[9] - stamps[8], stamps[16] - stamps[9], stamps[10] - stamps[16],
-           stamps[11] - stamps[10], stamps[12] - stamps[11], stamps[13] - stamps[12], stamps[14] - stamps[0]);
+    printf(
+        "[ham_block trace] rank %d cycles: stage-issue %lld wait+xs %lld qkv %lld dist %lld sigma-bar %lld codes %lld "
+        "kvp %lld wp+bar %lld kvsum %lld kv-bar %lld z %lld norm+emit %lld proj %lld epi %lld total %lld\n",
+        rank, stamps[1] - stamps[0], stamps[2] - stamps[1], stamps[3] - stamps[2], stamps[4] - stamps[3],
+        stamps[5] - stamps[4], stamps[6] - stamps[5], stamps[7] - stamps[6], stamps[8] - stamps[7],
+        stamps[9] - stamps[8], stamps[16] - stamps[9], stamps[10] - stamps[16], stamps[11] - stamps[10],
+        stamps[12] - stamps[11], stamps[13] - stamps[12], stamps[14] - stamps[0]);
   }
 #endif
 #endif
@@ -493,22 +495,22 @@ BlkParams blk_dims(int N, int C, int H, int nbits, int m) {
   return p;
 }
 
-template <int kH>
-void* blk_kernel() {
-  return reinterpret_cast<void*>(ham_block_kernel<kH>);
+using BlkKernel = void (*)(BlkParams);
+BlkKernel blk_kernel_for(int H) {
+  return H == 1 ? ham_block_kernel<1> : H == 2 ? ham_block_kernel<2> : ham_block_kernel<3>;
 }
-void* blk_kernel_for(int H) { return H == 1 ? blk_kernel<1>() : H == 2 ? blk_kernel<2>() : blk_kernel<3>(); }
 
-// Whether a cluster of `tiles` CTAs with `smem` bytes each can run on this device (cached per size).
+// Whether a cluster of `tiles` CTAs with `smem` bytes each can run on this device (cached per size; it also allows
+// the kernel its cluster size and shared memory).
 bool blk_cluster_fits(int H, int tiles, size_t smem) {
   static std::mutex mu;
   static std::map<std::tuple<int, int, size_t>, bool> known;
   std::lock_guard<std::mutex> lock(mu);
   const auto key = std::make_tuple(H, tiles, smem);
   if (auto it = known.find(key); it != known.end()) return it->second;
-  const void* k = blk_kernel_for(H);
-  bool ok = cudaFuncSetAttribute(k, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess &&
-            cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) == cudaSuccess;
+  const BlkKernel k = blk_kernel_for(H);
+  allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);  // smem <= the device's limit: checked by the caller
+  bool ok = cudaFuncSetAttribute(k, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess;
   if (ok) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(static_cast<unsigned>(tiles));
@@ -553,10 +555,10 @@ void hamming_block_forward(float* x, int ldx, const bf16* xn, int ldxn, const bf
   const int Ka = moe_masked_cols(C);
   SAV_CHECK(ldx >= C && ldx % 4 == 0 && ldxn >= C && ldxn % 8 == 0 && ldxa >= Ka && ldxa % 4 == 0,
             what << ": row strides ldx=" << ldx << " ldxn=" << ldxn << " ldxa=" << ldxa);
-  auto al16 = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
-  SAV_CHECK(al16(x) && al16(xn) && al16(wqkv) && al16(bqkv) && al16(prep) && al16(wp) && al16(bp) && al16(ln_w) &&
-                al16(ln_b) && al16(wr) && reinterpret_cast<uintptr_t>(xa) % 8 == 0 &&
-                reinterpret_cast<uintptr_t>(qkv_out) % 4 == 0 && reinterpret_cast<uintptr_t>(ao_out) % 4 == 0,
+  SAV_CHECK(aligned16(x) && aligned16(xn) && aligned16(wqkv) && aligned16(bqkv) && aligned16(prep) && aligned16(wp) &&
+                aligned16(bp) && aligned16(ln_w) && aligned16(ln_b) && aligned16(wr) &&
+                reinterpret_cast<uintptr_t>(xa) % 8 == 0 && reinterpret_cast<uintptr_t>(qkv_out) % 4 == 0 &&
+                reinterpret_cast<uintptr_t>(ao_out) % 4 == 0,
             what << ": misaligned pointers");
   SAV_CHECK(int64_t(B) * ((N + 15) / 16) <= (int64_t(1) << 31) - 1, what << ": batch too large");
   BlkParams p = blk_dims(N, C, H, nbits, m);
@@ -566,12 +568,7 @@ void hamming_block_forward(float* x, int ldx, const bf16* xn, int ldxn, const bf
   p.xa = xa, p.ldxa = ldxa, p.Ka = Ka, p.choice = choice, p.qkv_out = qkv_out, p.ao_out = ao_out;
   const size_t smem = blk_smem(p).total;
   const dim3 grid(static_cast<unsigned>(int64_t(B) * p.tiles)), block(kThreads);
-  if (H == 1)
-    launch_dependent(ham_block_kernel<1>, grid, block, smem, p.tiles, stream, p);
-  else if (H == 2)
-    launch_dependent(ham_block_kernel<2>, grid, block, smem, p.tiles, stream, p);
-  else
-    launch_dependent(ham_block_kernel<3>, grid, block, smem, p.tiles, stream, p);
+  launch_dependent(blk_kernel_for(H), grid, block, smem, p.tiles, stream, p);
 }
 
 }  // namespace sav::cuda

@@ -53,10 +53,6 @@ namespace sav::cuda {
 namespace {
 
 using namespace ham;
-constexpr int kHamMaxN = kMaxN;
-constexpr int kHamMaxD = kMaxD;
-constexpr int kHamMaxM = kMaxM;
-constexpr int kHamMaxBits = kMaxBits;
 
 struct HamParams {
   bf16* out;
@@ -97,7 +93,7 @@ struct HamSmem {
 __host__ __device__ inline HamSmem ham_smem(const HamParams& p) {
   HamSmem s{};
   size_t o = 0;
-  s.tsum = o, o = align16(o + kHamMaxN / 16 * sizeof(double));
+  s.tsum = o, o = align16(o + kMaxN / 16 * sizeof(double));
   s.zsq = o, o = align16(o + size_t(p.tiles) * 16 * (p.dp / 8) * sizeof(double));
   s.inv = o, o = align16(o + size_t(p.tiles) * 16 * sizeof(float));
   s.codes = o, o = align16(o + size_t(p.nk) * sizeof(unsigned long long));
@@ -129,15 +125,13 @@ HamParams ham_dims(int B, int N, int C, int H, int nbits, int m) {
   return p;
 }
 
-bool a16(const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; }
-
 // ham_dims with the launchers' common inputs: the qk and v rows, the prepared hash weights and the conv taps.
 HamParams ham_inputs(int B, int N, int C, int H, int nbits, int m, const bf16* qk, int ldqk, const bf16* v, int ldv,
                      const void* prep, const float* conv_w) {
   HamParams p = ham_dims(B, N, C, H, nbits, m);
   p.qk = qk, p.v = v, p.prep = static_cast<const unsigned char*>(prep), p.conv_w = conv_w;
   p.ldqk = ldqk, p.ldv = ldv;
-  p.vec = p.d % 8 == 0 && ldqk % 8 == 0 && ldv % 8 == 0 && a16(qk) && a16(v);
+  p.vec = p.d % 8 == 0 && ldqk % 8 == 0 && ldv % 8 == 0 && aligned16(qk) && aligned16(v);
   return p;
 }
 
@@ -506,7 +500,7 @@ __global__ void hamming_prepare_kernel(unsigned char* prep, const float* anchors
   bf16* Apr = reinterpret_cast<bf16*>(base + P.a);
   for (int i = tid; i < m * d; i += T) {
     const int j = i / d, c = i - j * d;
-    store_split3(Anc + j * ldb + c, size_t(kHamMaxM) * ldb, anc[i]);
+    store_split3(Anc + j * ldb + c, size_t(kMaxM) * ldb, anc[i]);
   }
   for (int i = tid; i < nbits * m; i += T) {
     const int r = i / m, j = i - r * m;
@@ -521,11 +515,11 @@ __global__ void hamming_prepare_kernel(unsigned char* prep, const float* anchors
 }
 
 void check_dims(int N, int C, int H, int nbits, int m) {
-  SAV_CHECK(N >= 1 && N <= kHamMaxN && H >= 1 && C % H == 0 && C / H >= 1 && C / H <= kHamMaxD && nbits >= 1 &&
-                nbits <= kHamMaxBits && m >= 1 && m <= kHamMaxM,
+  SAV_CHECK(N >= 1 && N <= kMaxN && H >= 1 && C % H == 0 && C / H >= 1 && C / H <= kMaxD && nbits >= 1 &&
+                nbits <= kMaxBits && m >= 1 && m <= kMaxM,
             "hamming attention: N=" << N << " C=" << C << " H=" << H << " nbits=" << nbits << " m=" << m
-                                    << " not supported (N <= " << kHamMaxN << ", head size <= " << kHamMaxD
-                                    << ", nbits <= " << kHamMaxBits << ", anchors <= " << kHamMaxM << ")");
+                                    << " not supported (N <= " << kMaxN << ", head size <= " << kMaxD
+                                    << ", nbits <= " << kMaxBits << ", anchors <= " << kMaxM << ")");
 }
 
 }  // namespace
@@ -549,8 +543,8 @@ void hamming_attention_prepare(void* prep, const float* anchors, const float* mu
 }
 
 bool hamming_attention_supports(int N, int C, int H, int nbits, int m) {
-  if (!(N >= 1 && N <= kHamMaxN && H >= 1 && C >= H && C % H == 0 && C / H <= kHamMaxD && nbits >= 1 &&
-        nbits <= kHamMaxBits && m >= 1 && m <= kHamMaxM))
+  if (!(N >= 1 && N <= kMaxN && H >= 1 && C >= H && C % H == 0 && C / H <= kMaxD && nbits >= 1 && nbits <= kMaxBits &&
+        m >= 1 && m <= kMaxM))
     return false;
   // The largest case (N 256, d 64, 64 bits) needs about 147 KB; sm_90 offers 227 KB.
   const HamParams p = ham_dims(1, N, C, H, nbits, m);
@@ -610,8 +604,8 @@ void hamming_attention_proj_ln_mask_forward(float* x, int ldx, const bf16* qk, i
   const int Ka = moe_masked_cols(C);
   SAV_CHECK(ldqk >= C && ldv >= C && ldx >= C && ldx % 4 == 0 && ldxa >= Ka && ldxa % 4 == 0,
             what << ": row strides ldqk=" << ldqk << " ldv=" << ldv << " ldx=" << ldx << " ldxa=" << ldxa);
-  SAV_CHECK(a16(prep) && a16(x) && a16(wp) && a16(bp) && a16(ln_w) && a16(ln_b) && a16(wr) &&
-                reinterpret_cast<uintptr_t>(xa) % 8 == 0,
+  SAV_CHECK(aligned16(prep) && aligned16(x) && aligned16(wp) && aligned16(bp) && aligned16(ln_w) && aligned16(ln_b) &&
+                aligned16(wr) && reinterpret_cast<uintptr_t>(xa) % 8 == 0,
             what << ": misaligned pointers");
   HamParams p = ham_inputs(B, N, C, H, nbits, m, qk, ldqk, v, ldv, prep, conv_w);
   p.G = p.tiles;

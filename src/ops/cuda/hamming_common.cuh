@@ -5,7 +5,8 @@
 //
 // The hash of a tile, one warp (lane = 4 g + q4 holds rows ta = g and tb = g + 8 of the tile, as the mma's
 // accumulator rows):
-//   ksh_distances (ksh_dots, ksh_d, ksh_dsum): the dot products qk.a_j (A = qk rows by ldmatrix, B = anchor parts: 3 mma per 16 dims and 8
+//   ksh_distances (ksh_dots, ksh_d, ksh_dsum): the dot products qk.a_j (A = qk rows by ldmatrix, B = anchor parts: 3
+//   mma per 16 dims and 8
 //     anchors) and ||qk||^2 (from the same fragments); q.a = qk.a / max(||qk||, eps), D_nj = max(||q||^2 + ||a_j||^2 -
 //     2 q.a_j, 0) in the accumulators; returns the tile's sum of D over the valid rows and anchors (double, every
 //     lane the same: a butterfly over the warp);
@@ -215,8 +216,10 @@ __device__ __forceinline__ void ksh_codes(bool active, const float (&acc)[4][4],
         }
       }
       const int r = bt * 8 + 2 * q4;  // bits past nbits: A rows are zero there, y = 0, no bit
-      ca |= (static_cast<unsigned long long>(y[0] > 0.0f) << r) | (static_cast<unsigned long long>(y[1] > 0.0f) << (r + 1));
-      cb |= (static_cast<unsigned long long>(y[2] > 0.0f) << r) | (static_cast<unsigned long long>(y[3] > 0.0f) << (r + 1));
+      ca |= (static_cast<unsigned long long>(y[0] > 0.0f) << r) |
+            (static_cast<unsigned long long>(y[1] > 0.0f) << (r + 1));
+      cb |= (static_cast<unsigned long long>(y[2] > 0.0f) << r) |
+            (static_cast<unsigned long long>(y[3] > 0.0f) << (r + 1));
     }
   }
   ca |= __shfl_xor_sync(0xffffffffu, ca, 1);
@@ -231,7 +234,8 @@ __device__ __forceinline__ void ksh_codes(bool active, const float (&acc)[4][4],
 // bp, ln_w, ln_b at ep, ep + C, ep + 2C, the router wr (2, C) at ep + 3C, br (2) at ep + 5C. C % 4 == 0, all 16-byte
 // aligned.
 __device__ __forceinline__ void stage_row_epilogue(float* ep, int C, const float* bp, const float* ln_w,
-                                                   const float* ln_b, const float* wr, const float* br, int tid, int T) {
+                                                   const float* ln_b, const float* wr, const float* br, int tid,
+                                                   int T) {
   for (int c = tid * 4; c < C; c += T * 4) {
     ptx::cp_async16(ep + c, bp + c);
     ptx::cp_async16(ep + C + c, ln_w + c);

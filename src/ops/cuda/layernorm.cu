@@ -150,7 +150,6 @@ void launch(LnParams p, cudaStream_t stream) {
   } else {
     launch_dependent(layernorm_kernel<32>, dim3((p.M + kLnWarps - 1) / kLnWarps), dim3(kLnWarps * 32), 0, 1, stream, p);
   }
-  SAV_CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace

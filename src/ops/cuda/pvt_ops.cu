@@ -60,8 +60,6 @@ struct FastDiv {
   __device__ __forceinline__ int div(int n) const { return int((__umulhi(uint32_t(n), m) + uint32_t(n)) >> l); }
 };
 
-bool aligned16(const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; }
-
 // ---------------------------------------------------------------------------------------------------------
 // nchw_to_nhwc
 

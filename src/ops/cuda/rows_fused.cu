@@ -281,8 +281,6 @@ __global__ void __launch_bounds__(kThreads, 1) rows_fused_kernel(const __grid_co
 #endif
 }
 
-bool aligned16(const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; }
-
 RowsParams rows_params(const bf16* a, int lda, const bf16* w, int M, int K, int C, int Fc, int G) {
   RowsParams p{};
   p.a = a, p.w = w, p.lda = lda, p.M = M, p.K = K, p.Kp = (K + 31) / 32 * 32, p.Fc = Fc, p.C = C;

@@ -163,8 +163,6 @@ void check_no_alias(const char* op, const void* y, size_t ny, const void* x, siz
   SAV_CHECK(a + ny <= b || b + nx <= a, op << ": the output y overlaps the input x; use separate buffers");
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 // ---------------------------------------------------------------------------------------------------------
 // Device helpers.
 

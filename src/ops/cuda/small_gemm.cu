@@ -115,8 +115,7 @@ void run(const Args& a, size_t ysize, cudaStream_t stream) {
                                                  << ", F even)");
   SAV_CHECK(a.ldy >= a.F && a.ldy % 2 == 0, "small_linear: ldy " << a.ldy << " must be even and >= F " << a.F);
   SAV_CHECK(a.x && a.w && a.y, "small_linear: null x, w or y");
-  SAV_CHECK(reinterpret_cast<uintptr_t>(a.x) % 16 == 0 && reinterpret_cast<uintptr_t>(a.w) % 16 == 0 &&
-                reinterpret_cast<uintptr_t>(a.y) % (2 * ysize) == 0,
+  SAV_CHECK(aligned16(a.x) && aligned16(a.w) && reinterpret_cast<uintptr_t>(a.y) % (2 * ysize) == 0,
             "small_linear: x and w must be 16-byte aligned, y aligned to two elements");
   SAV_CHECK(device_cc_major() >= 9, "small_linear: needs compute capability 9 (griddepcontrol)");
   const dim3 grid((a.M + kBM - 1) / kBM, (a.F + kBN - 1) / kBN);
