@@ -278,9 +278,10 @@ std::string shift_share(const Net& net) {
 void print_row_choices(const sav::ViTCuda& vit, int B) {
   auto on = [](bool v) { return v ? "on" : "off"; };
   for (const sav::ViTCudaRowChoice& c : vit.row_fusion_choices(B))
-    std::printf("  row fusion: blk %-3s ham %-3s proj %-3s fc2 %-3s dependent %-3s forward %8.2f us in a graph%s\n",
-                on(c.blk), on(c.ham), on(c.proj), on(c.fc2), on(c.dependent), c.forward_us,
-                c.chosen ? "  <- chosen" : "");
+    std::printf(
+        "  row fusion: blk %-3s ham %-3s proj %-3s fc2 %-3s mlp %-3s dependent %-3s forward %8.2f us in a graph%s\n",
+        on(c.blk), on(c.ham), on(c.proj), on(c.fc2), on(c.mlp), on(c.dependent), c.forward_us,
+        c.chosen ? "  <- chosen" : "");
 }
 
 // The modes of a comma list (flag's value s) by their names; false (after a message) for an unknown name.

@@ -216,6 +216,7 @@ struct ViTCuda::Impl {
     bool dependent = false;  // dependent launch (vit_cuda.h ViTCudaDependentLaunch)
     bool ham = false;        // Hamming attention + proj + LN2 + fc1's router and mask as one kernel (ham_fusable)
     bool blk = false;        // ... with to_qk / to_v too: the attention half of the block as one kernel (blk_fusable)
+    bool mlp = false;        // masked fc1 + GELU + stacked fc2 + epilogue + next LN1 as one kernel (mlp_fusable)
   };
   bool small_products = false;  // the forward being enqueued runs dense products by cuda::small_linear_*
   std::map<int, std::vector<ViTCudaRowChoice>> row_timings;
@@ -484,6 +485,16 @@ struct ViTCuda::Impl {
     return fc2_next_ln(l) && rows_fusable(M, blocks[l].fc2.K, cfg.dim, blocks[l].fc2.Fs);
   }
 
+  // Block l's MLP half as one kernel (ops.h mlp_block_forward): a masked MoE fc1 (whose x_aug the attention half's
+  // router + mask writes) and a stacked MoE fc2 with the next block's LayerNorm (fc2_next_ln).
+  bool mlp_fusable(size_t l, int M) const {
+    const BlockWeights& w = blocks[l];
+    const int C = cfg.dim, F = cfg.mlp_hidden;
+    return row_mode != ViTCudaRowFusion::off && fc2_next_ln(l) && w.fc1.kind == LinearKind::moe && w.fc1.wa &&
+           cuda::moe_ln_route_mask_supports(C) && w.fc1.Ka == cuda::moe_masked_cols(C) && w.fc1.F == F &&
+           w.fc2.K == F && cuda::mlp_block_supports(M, C, F);
+  }
+
   // A Hamming block (the per-head kernel) whose proj (dense, or shift on the automatic path), residual, LN2 and masked
   // fc1's router + mask can run inside the Hamming kernel (ops.h hamming_attention_proj_ln_mask_forward).
   bool ham_fusable(const BlockWeights& w, int B) const {
@@ -542,7 +553,8 @@ struct ViTCuda::Impl {
     } else if (const auto it = row_chosen.find(M); it != row_chosen.end()) {
       f = it->second;
     }
-    if (row_mode != ViTCudaRowFusion::automatic) f.proj = f.fc2 = f.ham = f.blk = row_mode == ViTCudaRowFusion::on;
+    if (row_mode != ViTCudaRowFusion::automatic)
+      f.proj = f.fc2 = f.ham = f.blk = f.mlp = row_mode == ViTCudaRowFusion::on;
     if (dep_mode != ViTCudaDependentLaunch::automatic) f.dependent = dep_mode != ViTCudaDependentLaunch::off;
     return f;
   }
@@ -560,7 +572,7 @@ struct ViTCuda::Impl {
     cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
     SAV_CUDA_CHECK(cudaStreamIsCapturing(s, &cap));
     if (cap != cudaStreamCaptureStatusNone) return;  // inside the caller's capture: unfused, no choice recorded
-    bool any_proj = false, any_fc2 = false, any_ham = false, any_blk = false, proj_beside_ham = false;
+    bool any_proj = false, any_fc2 = false, any_ham = false, any_blk = false, any_mlp = false, proj_beside_ham = false;
     for (size_t l = 0; auto_rows && l < blocks.size(); ++l) {
       const bool pf = proj_fusable(blocks[l], M), hf = ham_fusable(blocks[l], B);
       any_proj = any_proj || pf;
@@ -568,8 +580,9 @@ struct ViTCuda::Impl {
       any_blk = any_blk || blk_fusable(blocks[l], B);
       proj_beside_ham = proj_beside_ham || (pf && !hf);  // a block the Hamming form does not take
       any_fc2 = any_fc2 || fc2_fusable(l, M);
+      any_mlp = any_mlp || mlp_fusable(l, M);
     }
-    if (!any_proj && !any_fc2 && !any_ham && !auto_dep) {
+    if (!any_proj && !any_fc2 && !any_ham && !any_mlp && !auto_dep) {
       row_chosen[M] = RowForms{};
       return;
     }
@@ -577,13 +590,14 @@ struct ViTCuda::Impl {
     std::vector<RowForms> sets;
     for (const bool dep : {false, true})
       for (const int att : {0, 1, 2})  // the attention forms: none, ham, blk (and ham where blk does not fit)
-        for (const RowForms f :
-             {RowForms{false, false}, RowForms{true, false}, RowForms{false, true}, RowForms{true, true}}) {
-          const bool ham = att > 0, blk = att == 2;
-          if ((!f.proj || (ham ? proj_beside_ham : any_proj)) && (!f.fc2 || any_fc2) && (!dep || auto_dep) &&
-              (!ham || any_ham) && (!blk || any_blk))
-            sets.push_back({f.proj, f.fc2, dep, ham, blk});
-        }
+        for (const bool mlp : {false, true})
+          for (const RowForms f :
+               {RowForms{false, false}, RowForms{true, false}, RowForms{false, true}, RowForms{true, true}}) {
+            const bool ham = att > 0, blk = att == 2;
+            if ((!f.proj || (ham ? proj_beside_ham : any_proj)) && (!f.fc2 || (any_fc2 && !mlp)) &&
+                (!dep || auto_dep) && (!ham || any_ham) && (!blk || any_blk) && (!mlp || any_mlp))
+              sets.push_back({f.proj, f.fc2, dep, ham, blk, mlp});
+          }
     for (const RowForms& f : sets) {
       row_trial = &f;
       try {
@@ -593,7 +607,7 @@ struct ViTCuda::Impl {
                                                 capture_stream.get(), 1, 15);
         const RowForms ran = forms_for(M);  // the trial as the forced modes leave it
         row_trial = nullptr;
-        timings.push_back({ran.proj, ran.fc2, ran.dependent, ran.ham, ran.blk, static_cast<float>(us), false});
+        timings.push_back({ran.proj, ran.fc2, ran.dependent, ran.ham, ran.blk, ran.mlp, static_cast<float>(us), false});
       } catch (...) {
         row_trial = nullptr;
         throw;
@@ -657,26 +671,30 @@ struct ViTCuda::Impl {
                                               w.conv, hd, ham_ws.get(), s);
         }
       }
-      if (proj == ProjRun::block || proj == ProjRun::hamming) {  // proj, LN2 and the router ran in the attention kernel
-        masked_product(w.fc1, M, Epi::gelu, hid.get(), F, s);
-      } else if (proj == ProjRun::rows) {  // proj + residual, then LN2 + fc1's router and mask: one kernel
+      // a masked fc1's x_aug (moe_xa) from the attention half's router + mask
+      const bool masked_fc1 = proj != ProjRun::own || (w.fc1.wa && cuda::moe_ln_route_mask_supports(C));
+      if (proj == ProjRun::rows) {  // proj + residual, then LN2 + fc1's router and mask: one kernel
         cuda::rows_linear_ln_mask_forward(x.get(), C, ao.get(), C, w.proj.w, w.proj.b32, M, w.proj.K, C, w.ln2_w,
                                           w.ln2_b, eps, w.fc1.wr, w.fc1.br, moe_xa.get(), w.fc1.Ka, choice_slot(w.fc1),
                                           s);
-        masked_product(w.fc1, M, Epi::gelu, hid.get(), F, s);
-      } else if (w.fc1.wa && cuda::moe_ln_route_mask_supports(C)) {  // masked fc1: its LayerNorm fused into the router
+      } else if (proj == ProjRun::own && masked_fc1) {  // masked fc1: its LayerNorm fused into the router
         linear(w.proj, ao.get(), M, Epi::residual, x.get(), C, s);
         cuda::moe_ln_route_mask_forward(moe_xa.get(), w.fc1.Ka, choice_slot(w.fc1), x.get(), C, w.ln2_w, w.ln2_b, eps,
                                         w.fc1.wr, w.fc1.br, M, C, s);
-        masked_product(w.fc1, M, Epi::gelu, hid.get(), F, s);
-      } else {
+      } else if (proj == ProjRun::own) {
         linear(w.proj, ao.get(), M, Epi::residual, x.get(), C, s);
         cuda::layernorm_forward(xn.get(), C, x.get(), C, w.ln2_w, w.ln2_b, M, C, eps, s);
         linear(w.fc1, xn.get(), M, Epi::gelu, hid.get(), F, s);
-      }
+      }  // else proj, LN2 and the router ran in the attention kernel
+      const bool mlp = masked_fc1 && forms.mlp && mlp_fusable(l, M);
+      if (masked_fc1 && !mlp) masked_product(w.fc1, M, Epi::gelu, hid.get(), F, s);
       // a stacked MoE fc2: its residual epilogue fused with the next block's LayerNorm
       ln1_done = fc2_next_ln(l);
-      if (ln1_done) {  // product + routing epilogue + the next LN1: one kernel or two
+      if (mlp) {  // fc1 + GELU + fc2 + routing epilogue + the next LN1: one kernel
+        const BlockWeights& next = blocks[l + 1];
+        cuda::mlp_block_forward(x.get(), C, choice_slot(w.fc2), moe_xa.get(), w.fc1.Ka, w.fc1.wa, w.fc2.w, w.fc2.b0,
+                                w.fc2.b1, w.fc2.br, M, C, F, gate, xn.get(), C, next.ln1_w, next.ln1_b, eps, s);
+      } else if (ln1_done) {  // product + routing epilogue + the next LN1: one kernel or two
         const BlockWeights& next = blocks[l + 1];
         const bool fused = fc2_fusable(l, M) && forms.fc2;
         fc2_rows(w, next, M, fused, x.get(), xn.get(), choice_slot(w.fc2), s);

@@ -82,8 +82,10 @@ constexpr int kVitFusedAutoMaxBatch = 0;
 // proj linear, dense or shift on the automatic shift path, with its residual, then a masked MoE fc1's LayerNorm +
 // router + mask: one kernel instead of two), "ham" (the same inside a Hamming block's attention kernel, for C <= 256
 // and one 16-token tile per CTA: one kernel instead of three), "blk" (to_qk / to_v, the Hamming attention and all of
-// "ham" in one cluster kernel per image, ops/cuda/ops.h hamming_block_forward: head size 64, up to 3 heads) and "fc2"
-// (a stacked MoE fc2 with its residual routing epilogue and the next block's LayerNorm). Their products sum in their
+// "ham" in one cluster kernel per image, ops/cuda/ops.h hamming_block_forward: head size 64, up to 3 heads), "fc2"
+// (a stacked MoE fc2 with its residual routing epilogue and the next block's LayerNorm) and "mlp" (a masked MoE fc1
+// with its GELU and all of "fc2" in one cluster kernel per row tile, ops/cuda/ops.h mlp_block_forward: C <= 192, F a
+// multiple of 128 up to 1024). Their products sum in their
 // own f32 order (the last bits differ from cuBLASLt's). `automatic` (default): the first forward of a batch size
 // (eager or graph) times a whole forward (a CUDA graph) with each set of the forms fused and keeps the fastest (on the
 // H200 the fused proj wins at DeiT-Small's width and loses at DeiT-Tiny's: bench/RESULTS.md); a forward enqueued inside
@@ -103,10 +105,11 @@ constexpr int kVitDependentAutoMaxRows = 1024;
 // One set of forms the automatic choice timed: fused forms (ham: a Hamming block's proj + LN2 + router in its attention
 // kernel; blk: also its to_qk / to_v, the attention half of the block as one kernel, ops/cuda/ops.h
 // hamming_block_forward, where it fits: DeiT-Tiny's width, a cluster per image; proj: the other proj-fusable blocks',
-// or all when ham is off), dependent launch, the forward's median microseconds (a graph replay), and whether it was
+// or all when ham is off; mlp: the MLP half of the block as one kernel, ops/cuda/ops.h mlp_block_forward), dependent
+// launch, the forward's median microseconds (a graph replay), and whether it was
 // kept.
 struct ViTCudaRowChoice {
-  bool proj = false, fc2 = false, dependent = false, ham = false, blk = false;
+  bool proj = false, fc2 = false, dependent = false, ham = false, blk = false, mlp = false;
   float forward_us = -1.0f;
   bool chosen = false;
 };

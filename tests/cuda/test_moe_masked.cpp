@@ -802,11 +802,12 @@ TEST_F(MoeMasked, VitCudaDependentLaunchModesAgree) {
   EXPECT_EQ(dependent, 8);
 }
 
-// The attention block kernel (ViTCudaRowChoice::blk, ops.h hamming_block_forward) on a model whose Hamming blocks it
-// takes (head size 64, 3 heads, dense and shift to_qk / to_v, masked MoE fc1): forced on against forced off within the
+// The attention block kernel (ViTCudaRowChoice::blk, ops.h hamming_block_forward) and the MLP block kernel
+// (ViTCudaRowChoice::mlp, ops.h mlp_block_forward) on a model whose blocks they take (head size 64, 3 heads, dense and
+// shift to_qk / to_v, masked MoE fc1, stacked MoE fc2, F = 384): forced on against forced off within the
 // converted models' bound and the routing nearly everywhere, every mode bit-identical between graph and eager
 // (run_mode), shift_paths reports the fused shift to_qk / to_v and proj as "rows_fused", and the automatic mode times
-// sets with the block form.
+// sets with each form.
 TEST_F(MoeMasked, VitCudaBlockFormAgrees) {
   VitConfig c = vit_preset("vit_fmnist");
   c.dim = 192, c.heads = 3, c.depth = 3, c.mlp_hidden = 384;
@@ -837,14 +838,17 @@ TEST_F(MoeMasked, VitCudaBlockFormAgrees) {
   EXPECT_EQ(path_of(paths_on, "blocks.1.attn.proj"), "rows_fused");
   EXPECT_NE(path_of(paths_off, "blocks.1.attn.to_qk+to_v"), "rows_fused");
   EXPECT_NE(path_of(paths_off, "blocks.1.attn.to_qk+to_v"), "(missing)");
-  int blk = 0, chosen = 0;
+  int blk = 0, mlp = 0, chosen = 0;
   for (const ViTCudaRowChoice& ch : net.row_fusion_choices(B)) {
-    std::printf("[ info ] automatic: blk %d ham %d proj %d fc2 %d forward %.2f us%s\n", ch.blk, ch.ham, ch.proj, ch.fc2,
-                ch.forward_us, ch.chosen ? " (chosen)" : "");
+    std::printf("[ info ] automatic: blk %d ham %d proj %d fc2 %d mlp %d forward %.2f us%s\n", ch.blk, ch.ham, ch.proj,
+                ch.fc2, ch.mlp, ch.forward_us, ch.chosen ? " (chosen)" : "");
     blk += ch.blk;
+    mlp += ch.mlp;
     chosen += ch.chosen;
     EXPECT_TRUE(!ch.blk || ch.ham) << "the block form falls back to the Hamming form";
+    EXPECT_TRUE(!ch.mlp || !ch.fc2) << "the MLP form replaces the fc2 form";
   }
   EXPECT_GT(blk, 0) << "no set with the block form was timed";
+  EXPECT_GT(mlp, 0) << "no set with the MLP form was timed";
   EXPECT_EQ(chosen, 1);
 }

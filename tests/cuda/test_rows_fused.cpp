@@ -1022,3 +1022,196 @@ TEST_F(RowsFused, HammingBlockTimingPrinted) {
       us_two, us_one);
   EXPECT_GT(us_one, 0.0);
 }
+
+// ---- mlp_block_forward ----
+
+// fc1's side: rows xr (M,C) bf16-rounded normal, a random expert per row, x_aug (M, Ka) = [xr s0 | xr s1 | s0 s0 s1
+// s1 | 0] in rows ldxa = Ka + 8 apart (NaN gaps), W_aug = moe_masked_weights of w0, w1 (F,C) bf16-rounded normal /
+// sqrt(C) and b0, b1 small; fc2's side: a MoeCase with K = F (its h replaced by the kernel's hidden rows).
+struct MlpCase {
+  int M = 0, C = 0, F = 0, Ka = 0, ldxa = 0;
+  std::vector<float> xaf, waf;  // (M,Ka), (F,Ka) as floats
+  std::vector<bf16> xa, wa;
+  MoeCase fc2;
+};
+
+MlpCase mlp_case(int M, int C, int F, uint64_t seed) {
+  MlpCase k;
+  k.M = M, k.C = C, k.F = F, k.Ka = cuda::moe_masked_cols(C), k.ldxa = k.Ka + 8;
+  const float ws = 1.0f / std::sqrt(float(C));
+  const std::vector<float> xr = round_bf16(normal(size_t(M) * C, seed));
+  const std::vector<float> w0 = round_bf16(normal(size_t(F) * C, seed + 1, ws));
+  const std::vector<float> w1 = round_bf16(normal(size_t(F) * C, seed + 2, ws));
+  const std::vector<float> b0 = normal(F, seed + 3, 0.1f), b1 = normal(F, seed + 4, 0.1f);
+  k.wa = cuda::moe_masked_weights(w0.data(), w1.data(), b0.data(), b1.data(), F, C);
+  k.waf = sav::cuda::from_bf16(k.wa);
+  const std::vector<float> pick = uniform(M, seed + 5, 0.0f, 1.0f);
+  k.xaf.assign(size_t(M) * k.Ka, 0.0f);
+  for (int t = 0; t < M; ++t) {
+    const int e = pick[t] < 0.5f ? 0 : 1;
+    float* r = k.xaf.data() + size_t(t) * k.Ka;
+    std::copy(xr.begin() + size_t(t) * C, xr.begin() + size_t(t + 1) * C, r + e * C);
+    r[2 * C + 2 * e] = r[2 * C + 2 * e + 1] = 1.0f;
+  }
+  k.xa = strided_bf16(k.xaf, M, k.Ka, k.ldxa);
+  k.fc2 = moe_case(M, F, C, seed + 10);
+  return k;
+}
+
+struct MlpDev {
+  DeviceBuffer<bf16> xa, wa;
+  MoeDev fc2;
+  explicit MlpDev(const MlpCase& k) : xa(upload(k.xa)), wa(upload(k.wa)), fc2(k.fc2) {}
+};
+
+struct MlpOut {
+  std::vector<bf16> hid;  // (M,F)
+  MoeOut o;
+};
+
+// One launch of rows [r0, r0 + n) from x0 (xn, the choices and hid poisoned, kTail poisoned rows after each).
+MlpOut run_mlp(const MlpCase& k, const MlpDev& d, cuda::MoeGate gate, int tile_rows, int r0, int n) {
+  const MoeCase& c = k.fc2;
+  auto dx = with_tail(rows_of(c.x0, c.ldx, r0, n), size_t(kTail) * c.ldx);
+  auto dxn = poisoned<bf16>(size_t(n + kTail) * c.ldxn);
+  auto dch = poisoned<int8_t>(n + kTail);
+  auto dh = poisoned<bf16>(size_t(n + kTail) * k.F);
+  cuda::mlp_block_forward(dx.get(), c.ldx, dch.get(), d.xa.get() + size_t(r0) * k.ldxa, k.ldxa, d.wa.get(),
+                          d.fc2.ws.get(), d.fc2.b0.get(), d.fc2.b1.get(), d.fc2.br.get(), n, k.C, k.F, gate, dxn.get(),
+                          c.ldxn, d.fc2.lw.get(), d.fc2.lb.get(), kEps, nullptr, tile_rows, dh.get());
+  device_sync();
+  return {download_head(dh, size_t(n) * k.F),
+          {download_head(dx, size_t(n) * c.ldx), download_head(dxn, size_t(n) * c.ldxn), download_head(dch, n)}};
+}
+
+// The hidden rows against gelu_tanh(x_aug W_aug^T) in double: within one bf16 ulp plus the f32 sum's error (kRel of
+// the sum of |terms|, times GELU's slope <= 1.13).
+size_t mlp_hid_bad(const MlpCase& k, const std::vector<bf16>& hid) {
+  size_t bad = 0;
+  for (int t = 0; t < k.M; ++t)
+    for (int j = 0; j < k.F; ++j) {
+      double acc = 0.0, mag = 0.0;
+      for (int q = 0; q < k.Ka; ++q) {
+        const double v = double(k.xaf[size_t(t) * k.Ka + q]) * k.waf[size_t(j) * k.Ka + q];
+        acc += v, mag += std::fabs(v);
+      }
+      const double ref = 0.5 * acc * (1.0 + std::tanh(0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)));
+      const double got = __bfloat162float(hid[size_t(t) * k.F + j]);
+      bad += !(std::fabs(got - ref) <= std::ldexp(std::fabs(ref), -7) + 1.2 * kRel * mag + 1e-6);
+    }
+  return bad;
+}
+
+// mlp_block_forward against its definition: the hidden rows against gelu_tanh(x_aug W_aug^T) (mlp_hid_bad); x, xn
+// and the choices against moe_epilogue_residual_ln_forward on s = h ws^T in double from the kernel's own hidden rows
+// (check_moe: choices equal except on near-ties, x within the tolerance, xn bit for bit layernorm_forward of the
+// kernel's x); both gates; both tile sizes, a rerun and the rows of the second half run alone give the same bits; no
+// row past M and no gap column written.
+TEST_F(RowsFused, MlpBlockMatchesDefinition) {
+  struct Case {
+    int M, C, F;
+  };
+  for (const Case cs : {Case{197, 192, 768}, Case{394, 192, 768}, Case{1, 192, 768}, Case{17, 64, 256},
+                        Case{50, 128, 512}, Case{33, 96, 1024}, Case{45, 104, 384}}) {
+    const int M = cs.M, C = cs.C, F = cs.F;
+    ASSERT_TRUE(cuda::mlp_block_supports(M, C, F, 16) && cuda::mlp_block_supports(M, C, F, 32))
+        << "M=" << M << " C=" << C << " F=" << F;
+    MlpCase k = mlp_case(M, C, F, 5000 + M + C + F);
+    const MlpDev d(k);
+    for (const auto gate : {cuda::moe_gate_straight_through, cuda::moe_gate_prob}) {
+      if (gate == cuda::moe_gate_prob && M != 50) continue;  // one shape for the prob gate
+      SCOPED_TRACE(dims({{"M", M}, {"C", C}, {"F", F}, {"gate", int(gate)}}));
+      const MlpOut o = run_mlp(k, d, gate, 16, 0, M);
+      EXPECT_EQ(mlp_hid_bad(k, o.hid), 0u) << "hidden rows differ from gelu_tanh(x_aug W_aug^T) beyond bf16 rounding";
+      MoeCase& c = k.fc2;
+      c.hf.resize(size_t(M) * F);
+      for (size_t i = 0; i < c.hf.size(); ++i) c.hf[i] = __bfloat162float(o.hid[i]);
+      c.h = strided_bf16(c.hf, M, F, c.ldh);
+      const MoeProduct p = moe_product(c);
+      const MoeOut ref = moe_ref(c, d.fc2, p, gate);
+      ASSERT_EQ(count_invalid(o.o.ch), 0) << "choices not written";
+      const MoeCheck r = check_moe(c, p, gate, o.o, ref);
+      EXPECT_EQ(r.wrong, 0) << "routing differs from the reference on unambiguous rows (" << r.ambiguous
+                            << " ambiguous)";
+      EXPECT_EQ(r.x_bad, 0u) << "x differs from the reference (or not written)";
+      EXPECT_EQ(gap_changed(o.o.x, c.x0, M, C, c.ldx), 0u) << "x's gap columns changed";
+      EXPECT_TRUE(bit_identical(o.o.xn, layernorm_of(c, d.fc2, o.o.x))) << "xn differs from layernorm_forward of x";
+      if (M >= 45) {  // the router sees GELU outputs (mostly positive): one expert may take most tokens
+        const int to_shift = count_shift(o.o.ch);
+        EXPECT_GT(to_shift, 0) << "both experts should get tokens";
+        EXPECT_LT(to_shift, M);
+      }
+      const MlpOut t32 = run_mlp(k, d, gate, 32, 0, M), again = run_mlp(k, d, gate, 16, 0, M);
+      for (const MlpOut* q : {&t32, &again})
+        EXPECT_TRUE(bit_identical(q->hid, o.hid) && bit_identical(q->o.x, o.o.x) && bit_identical(q->o.xn, o.o.xn) &&
+                    q->o.ch == o.o.ch)
+            << (q == &t32 ? "32-row tiles differ from 16-row tiles" : "rerun differs");
+      if (M >= 2) {
+        const int h = M / 2;
+        const MlpOut part = run_mlp(k, d, gate, 0, h, M - h);
+        EXPECT_TRUE(bit_identical(part.hid, rows_of(o.hid, F, h, M - h)) &&
+                    bit_identical(part.o.x, rows_of(o.o.x, c.ldx, h, M - h)) &&
+                    bit_identical(part.o.xn, rows_of(o.o.xn, c.ldxn, h, M - h)) &&
+                    part.o.ch == rows_of(o.o.ch, 1, h, M - h))
+            << "rows run alone differ from the same rows of the whole run";
+      }
+    }
+  }
+  EXPECT_FALSE(cuda::mlp_block_supports(197, 384, 1536)) << "C > 192";
+  EXPECT_FALSE(cuda::mlp_block_supports(197, 192, 700)) << "F % 128 != 0";
+  EXPECT_FALSE(cuda::mlp_block_supports(197, 192, 768, 24)) << "tile rows";
+  DeviceBuffer<float> f(64);
+  DeviceBuffer<bf16> h(64);
+  EXPECT_THROW(
+      cuda::mlp_block_forward(f.get(), 192, nullptr, h.get(), 400, h.get(), h.get(), f.get(), f.get(), f.get(), 197,
+                              192, 700, cuda::moe_gate_straight_through, h.get(), 192, f.get(), f.get(), kEps, nullptr),
+      Error);
+  EXPECT_THROW(
+      cuda::mlp_block_forward(f.get(), 192, nullptr, h.get(), 392, h.get(), h.get(), f.get(), f.get(), f.get(), 197,
+                              192, 768, cuda::moe_gate_straight_through, h.get(), 192, f.get(), f.get(), kEps, nullptr),
+      Error)
+      << "ldxa < Ka";
+}
+
+// Not an assertion: DeiT-Tiny batch 1 (M = 197), the one-kernel MLP half against the three kernels it replaces
+// (cuBLASLt masked fc1 + GELU, the cuBLASLt stacked fc2, the epilogue + LayerNorm kernel), each sequence 12 times in
+// one graph; us per sequence, both tile sizes.
+TEST_F(RowsFused, MlpBlockTimingPrinted) {
+  const int M = 197, C = 192, F = 768;
+  const MlpCase k = mlp_case(M, C, F, 17);
+  const MlpDev d(k);
+  const MoeCase& c = k.fc2;
+  auto dx = upload(c.x0);
+  auto dxn = poisoned<bf16>(size_t(M) * c.ldxn);
+  auto dch = poisoned<int8_t>(M);
+  DeviceBuffer<bf16> hid(size_t(M) * F);
+  DeviceBuffer<float> s(size_t(M) * c.Fs);
+  auto xa = upload(sav::cuda::to_bf16(k.xaf.data(), k.xaf.size()));  // contiguous rows (Ka apart), as in ViTCuda
+  cuda::Gemm gemm;
+  cuda::Stream st;
+  auto three = [&](cudaStream_t q) {
+    gemm.linear_bf16(hid.get(), xa.get(), d.wa.get(), nullptr, M, k.Ka, F, true, q);
+    gemm.linear_f32(s.get(), hid.get(), d.fc2.ws.get(), nullptr, M, F, c.Fs, false, q);
+    cuda::moe_epilogue_residual_ln_forward(dx.get(), c.ldx, dch.get(), s.get(), c.Fs, d.fc2.b0.get(), d.fc2.b1.get(),
+                                           d.fc2.br.get(), M, C, cuda::moe_gate_straight_through, dxn.get(), c.ldxn,
+                                           d.fc2.lw.get(), d.fc2.lb.get(), kEps, q);
+  };
+  auto one = [&](int tm) {
+    return [&, tm](cudaStream_t q) {
+      cuda::mlp_block_forward(dx.get(), c.ldx, dch.get(), xa.get(), k.Ka, d.wa.get(), d.fc2.ws.get(), d.fc2.b0.get(),
+                              d.fc2.b1.get(), d.fc2.br.get(), M, C, F, cuda::moe_gate_straight_through, dxn.get(),
+                              c.ldxn, d.fc2.lw.get(), d.fc2.lb.get(), kEps, q, tm);
+    };
+  };
+  three(st.get());
+  one(16)(st.get());
+  one(32)(st.get());
+  device_sync();
+  const double us_three = cuda::median_graph_us(three, st.get(), 12, 21);
+  const double us16 = cuda::median_graph_us(one(16), st.get(), 12, 21);
+  const double us32 = cuda::median_graph_us(one(32), st.get(), 12, 21);
+  std::printf(
+      "[ mlp block ] DeiT-Tiny b1, us per sequence in a graph of 12: masked fc1 + stacked fc2 + epilogue/LN %.2f, one "
+      "kernel %.2f (16-row tiles) %.2f (32-row tiles)\n",
+      us_three, us16, us32);
+}

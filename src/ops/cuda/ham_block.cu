@@ -48,6 +48,7 @@
 #include <mutex>
 #include <tuple>
 
+#include "ops/cuda/frag.cuh"
 #include "ops/cuda/hamming_common.cuh"
 #include "ops/cuda/launch.cuh"
 #include "ops/cuda/moe_rows.cuh"
@@ -59,6 +60,8 @@ namespace sav::cuda {
 namespace {
 
 using namespace ham;
+using frag::mma_kblock;
+using frag::w_fragment;
 namespace cg = cooperative_groups;
 
 constexpr int kThreads = 512;  // 16 warps
@@ -118,21 +121,6 @@ __host__ __device__ inline BlkSmem blk_smem(const BlkParams& p) {
   s.ep = o, o = align16(o + (5 * C + 4 + H * kTaps) * sizeof(float));  // bp, ln_w, ln_b, wr (2C), br (2), pad, conv
   s.total = o;
   return s;
-}
-
-// acc (16 x 8) += A (16 rows of As, ld bf16 apart, k block kb) x W^T (the lane's 16-byte fragment w of its weight row
-// 8 nt + g), the permuted k order of the file comment: two mma
-__device__ __forceinline__ void mma_kblock(float (&acc)[4], const bf16* As, int ld, int kb, uint4 w) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, q4 = lane & 3;
-  const uint4 ra = *reinterpret_cast<const uint4*>(As + g * ld + kb * 32 + 8 * q4);
-  const uint4 rb = *reinterpret_cast<const uint4*>(As + (g + 8) * ld + kb * 32 + 8 * q4);
-  const uint32_t a0[4] = {ra.x, rb.x, ra.y, rb.y}, a1[4] = {ra.z, rb.z, ra.w, rb.w};
-  ptx::mma_bf16(acc, a0, w.x, w.y);
-  ptx::mma_bf16(acc, a1, w.z, w.w);
-}
-// the lane's fragment of weight row n (K columns) in k block kb
-__device__ __forceinline__ uint4 w_fragment(const bf16* W, int n, int K, int kb) {
-  return __ldg(reinterpret_cast<const uint4*>(W + int64_t(n) * K + kb * 32 + 8 * (threadIdx.x & 3)));
 }
 
 template <int kH>

@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "ops/cuda/common.h"
+#include "ops/cuda/launch.cuh"
 #include "ops/cuda/ptx.cuh"
 
 namespace sav::cuda::ham {
@@ -35,7 +36,6 @@ constexpr float kNormEps = 1e-6f;    // cpu::kHammingNormEps
 constexpr float kSigmaMin = 1e-12f;  // cpu::kHammingSigmaMin
 constexpr float kInvPi = 0.318309886183790671538f;
 
-__host__ __device__ inline size_t align16(size_t x) { return (x + 15) / 16 * 16; }
 // One head's prepared hash weights (hamming_attention_prepare), byte offsets within the block; the kernels copy
 // the block into shared memory as it is: the anchors (32 x (dp + 8)) and A (8 bt x kLdA) each split in three bf16
 // parts (part k at rows k R ..), zero-padded, then ||a_j||^2 and mu (32 f32 each, zero past m).

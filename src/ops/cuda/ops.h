@@ -217,6 +217,24 @@ void rows_moe_residual_ln_forward(float* x, int ldx, int8_t* choice, const bf16*
                                   bf16* xn, int ldxn, const float* ln_w, const float* ln_b, float eps,
                                   cudaStream_t stream, int cluster = 0);
 
+// ---- the MLP half of a ViT block at small M, one kernel ----
+// mlp_block_forward: a masked MoE fc1 with GELU, then a stacked MoE fc2 with its residual epilogue and the next
+// LayerNorm (the layered path's masked_product + stacked product + moe_epilogue_residual_ln_forward):
+//   h (M,F) bf16 = gelu_tanh(xa wa^T) (xa (M, moe_masked_cols(C)) rows ldxa apart, as moe_ln_route_mask_forward
+//   writes it; wa (F, moe_masked_cols(C)) from moe_masked_weights; f32 accumulation), then s (M, 2C + 4) f32 = h ws^T
+//   (ws the stacked (moe_stack_rows(C), F) weight of moe_stack_weights; h stays on chip), then exactly
+//   moe_epilogue_residual_ln_forward's arithmetic on s: x (M,C) += the chosen expert's output (gate), choice (M)
+//   (nullptr: not written), xn (M,C) bf16 = LayerNorm(x; ln_w, ln_b, eps). A cluster of F / 128 CTAs per tile of
+//   tile_rows (16 or 32; 0: mlp_block_tile_rows(M)) rows; the F products of s meet through distributed shared memory,
+//   summed in a fixed order (the bits of a row depend on nothing else). Where mlp_block_supports: C % 8 == 0, C <= 192,
+//   F a multiple of 128 up to 1024, on sm_90. hid_out (M,F), when not null, receives h (tests).
+int mlp_block_tile_rows(int M);
+bool mlp_block_supports(int M, int C, int F, int tile_rows = 0);
+void mlp_block_forward(float* x, int ldx, int8_t* choice, const bf16* xa, int ldxa, const bf16* wa, const bf16* ws,
+                       const float* b0, const float* b1, const float* br, int M, int C, int F, MoeGate gate, bf16* xn,
+                       int ldxn, const float* ln_w, const float* ln_b, float eps, cudaStream_t stream,
+                       int tile_rows = 0, bf16* hid_out = nullptr);
+
 // ---- conversions ----
 // y (n) bf16 = x (n) f32, round to nearest even
 void f32_to_bf16(bf16* y, const float* x, int64_t n, cudaStream_t stream);

@@ -67,7 +67,6 @@ struct RowsParams {
   int ldxn;
 };
 
-__host__ __device__ inline size_t align16(size_t x) { return (x + 15) / 16 * 16; }
 __host__ __device__ inline int ld_k(int Kp) { return Kp + 8; }  // bf16 row stride of the staged rows (16-byte rows)
 __host__ __device__ inline int max_local_tiles(int nt, int G) { return (nt + G - 1) / G; }
 

@@ -1,0 +1,376 @@
+// The MLP half of a ViT block at small M as ONE kernel (ops.h mlp_block_forward): the masked MoE fc1 with its GELU,
+// the stacked MoE fc2, its routing + residual epilogue and the next block's LayerNorm 1. Spec: the composition of
+// the masked product (x_aug W_aug^T, the GELU tanh form, bf16), the stacked product (f32) and
+// moe_epilogue_residual_ln_forward.
+//
+// Work split: the M rows in tiles of TM = 16 kMB rows; a thread-block cluster of cs = F / 128 CTAs per tile, CTA r
+// owning the 128 hidden units [128 r, 128 r + 128). Each CTA computes its hidden slice of the tile (fc1 needs all of
+// x_aug's columns, which every CTA reads) and that slice's share of fc2, a partial s (TM x (2C + 4)) over its 128 of
+// the F products; the shares meet through distributed shared memory: CTA r adds, for the rows r, r + cs, ... of the
+// tile, the cs partials in rank order and runs the epilogue of those rows.
+//
+// Weights are not staged by the previous kernel's end: before the dependent-launch wait every lane loads its fc1
+// fragments (the CTA's 128 rows of W_aug, permuted k order of frag.cuh) into registers, and the CTA's 128 columns of
+// every stacked fc2 row come by bulk copies (one per row, an mbarrier) into shared memory, so they arrive while the
+// previous kernel runs. After the wait: the tile's x_aug rows (cp.async, zeros past M) and the residual rows of the
+// CTA's epilogue rows.
+//
+// Phases:
+//  1. fc1: warp w owns hidden columns 8 w .. 8 w + 7 of the slice: acc = x_aug W_aug^T over Ka (32-wide blocks, two
+//     chains: even and odd blocks, added at the end; a 16-wide tail block, into the even chain, when Ka % 32 = 16),
+//     then GELU (tanh form) and bf16 into shared memory (the optional hid_out copy for tests);
+//  2. fc2 partial: warp w owns column tiles w, w + 16, ... of the 2C + 4 stacked columns: the slice's 128 k (4 blocks;
+//     the lane's A fragments read once into registers) into the CTA's partial rows (f32, shared memory); cluster
+//     barrier;
+//  3. the CTA's rows: the cs partials summed in rank order (float4 reads from every CTA, all in flight at once) into a
+//  local row; a cluster
+//     arrive (remote reads done); then the epilogue of each row (moe_rows::epilogue_residual_ln, the arithmetic of
+//     moe_epilogue_residual_ln_forward), a group of 16 lanes per row; the cluster wait before exit.
+// Deterministic: every sum has a fixed order (k blocks, then the ranks), no atomics; a row's bits do not depend on M,
+// the tile size or the other rows.
+#include <cooperative_groups.h>
+
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <tuple>
+
+#include "ops/cuda/frag.cuh"
+#include "ops/cuda/gelu.cuh"
+#include "ops/cuda/launch.cuh"
+#include "ops/cuda/moe_rows.cuh"
+#include "ops/cuda/ops.h"
+#include "ops/cuda/ptx.cuh"
+
+namespace sav::cuda {
+
+namespace {
+
+namespace cg = cooperative_groups;
+using frag::mma_kblock;
+using frag::mma_ktail;
+
+constexpr int kThreads = 512;  // 16 warps
+constexpr int kWarps = kThreads / 32;
+constexpr int kHC = 8 * kWarps;  // hidden units per CTA: a column tile of fc1 per warp
+constexpr int kLdH = kHC + 8;    // bf16 row stride of the hidden slice and of the fc2 weight slice
+constexpr int kMaxKB1 = 12;      // fc1's 32-wide k blocks: Ka <= 400 (C <= 192)
+constexpr int kMaxC = 192;       // model width: Ka = moe_masked_cols(C) <= 32 kMaxKB1 + 16
+constexpr int kMaxT2 = 4;        // fc2 column tiles per warp: 2C + 4 <= 8 * 16 * 4
+constexpr int kMaxCluster = 8;   // F <= 1024 (portable cluster sizes)
+constexpr int kG = 16, kS = 3;   // epilogue: lanes per row (ln::row_group(C) for C <= 192), float4 slots per lane
+
+// SAV_MLP_BLOCK_TRACE (a diagnostic build only): thread 0 of the first and the last CTA prints the clock64 cycles of
+// each phase.
+#ifdef SAV_MLP_BLOCK_TRACE
+#define MLP_STAMP(i) (tid == 0 ? (void)(stamps[i] = clock64()) : (void)0)
+#else
+#define MLP_STAMP(i) ((void)0)
+#endif
+
+struct MlpParams {
+  float* x;
+  int8_t* choice;
+  const bf16 *xa, *wa, *ws;
+  const float *b0, *b1, *br, *ln_w, *ln_b;
+  bf16* xn;
+  bf16* hid_out;
+  float eps;
+  int gate;
+  int ldx, ldxa, ldxn;
+  int M, C, F, Ka, cs, nt2, ldp, ro;  // ro: epilogue rows per CTA
+};
+
+struct MlpSmem {
+  size_t bar, ws, xa, hid, part, red, xres, ep, total;
+};
+__host__ __device__ inline MlpSmem mlp_smem(const MlpParams& p, int tm) {
+  MlpSmem s{};
+  const size_t C = size_t(p.C), ro2 = size_t(p.ro + 1) / 2 * 2;  // epilogue rows, even: whole warps run it
+  size_t o = 0;
+  s.bar = o, o = align16(o + sizeof(uint64_t));
+  s.ws = o, o = align16(o + size_t(p.nt2) * 8 * kLdH * sizeof(bf16));
+  s.xa = o, o = align16(o + size_t(tm) * (p.Ka + 8) * sizeof(bf16));
+  s.hid = o, o = align16(o + size_t(tm) * kLdH * sizeof(bf16));
+  s.part = o, o = align16(o + size_t(tm) * p.ldp * sizeof(float));
+  s.red = o, o = align16(o + ro2 * p.ldp * sizeof(float));
+  s.xres = o, o = align16(o + ro2 * C * sizeof(float));
+  s.ep = o, o = align16(o + (4 * C + 4) * sizeof(float));  // b0, b1, ln_w, ln_b, br (2), pad
+  s.total = o;
+  return s;
+}
+
+template <int kMB>
+__global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_constant__ MlpParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();  // built for sm_90; the launcher refuses older devices
+#else
+  constexpr int TM = 16 * kMB;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const MlpSmem L = mlp_smem(p, TM);
+  const int C = p.C, Ka = p.Ka, ldxs = Ka + 8, KB1 = Ka / 32, cs = p.cs, ldp = p.ldp;
+  const bool tail = Ka % 32 != 0;
+  bf16* wsm = reinterpret_cast<bf16*>(smem + L.ws);  // [stacked row][kLdH]: the slice's 128 columns
+  bf16* xas = reinterpret_cast<bf16*>(smem + L.xa);
+  bf16* hs = reinterpret_cast<bf16*>(smem + L.hid);
+  float* part = reinterpret_cast<float*>(smem + L.part);  // [row][ldp]: this CTA's share of s
+  float* red = reinterpret_cast<float*>(smem + L.red);    // [epilogue row][ldp]: s summed over the cluster
+  float* xres = reinterpret_cast<float*>(smem + L.xres);  // [epilogue row][C]: residual rows
+  float* ep = reinterpret_cast<float*>(smem + L.ep);
+  uint64_t* bar = reinterpret_cast<uint64_t*>(smem + L.bar);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q4 = lane & 3;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank()), tile = static_cast<int>(blockIdx.x) / cs;
+  const int row0 = tile * TM, hc0 = rank * kHC;
+#ifdef SAV_MLP_BLOCK_TRACE
+  long long stamps[10] = {};
+#endif
+  MLP_STAMP(0);
+
+  // ---- 0. weights before the dependent-launch wait; then the tile's rows ----
+  ptx::pdl_trigger();
+  uint4 w1[kMaxKB1];
+  uint2 w1t = make_uint2(0u, 0u);
+  {
+    const int n = hc0 + warp * 8 + g;
+#pragma unroll
+    for (int kb = 0; kb < kMaxKB1; ++kb)
+      if (kb < KB1) w1[kb] = frag::w_fragment(p.wa, n, Ka, kb);
+    if (tail) w1t = frag::w_tail_fragment(p.wa, n, Ka, KB1 * 32);
+  }
+  const int wrows = p.nt2 * 8;  // stacked rows used: 2C + 4 rounded up to 8 (zero rows past 2C + 4)
+  if (tid == 0) {
+    ptx::mbar_init(bar, 1);
+    ptx::mbar_arrive_expect_tx(bar, unsigned(wrows) * unsigned(kHC * sizeof(bf16)));
+  }
+  for (int c = tid * 4; c < C; c += kThreads * 4) {
+    ptx::cp_async16(ep + c, p.b0 + c);
+    ptx::cp_async16(ep + C + c, p.b1 + c);
+    ptx::cp_async16(ep + 2 * C + c, p.ln_w + c);
+    ptx::cp_async16(ep + 3 * C + c, p.ln_b + c);
+  }
+  if (tid < 2) ptx::cp_async4(ep + 4 * C + tid, p.br + tid);
+  ptx::cp_async_commit();
+  __syncthreads();  // the barrier is initialised and armed before any copy signals it
+  for (int r = tid; r < wrows; r += kThreads)
+    ptx::bulk_copy_g2s(wsm + r * kLdH, p.ws + int64_t(r) * p.F + hc0, unsigned(kHC * sizeof(bf16)), bar);
+
+  MLP_STAMP(1);
+  ptx::pdl_wait();
+  MLP_STAMP(2);
+  for (int i = tid; i < TM * (Ka / 8); i += kThreads) {
+    const int r = i / (Ka / 8), c = (i - r * (Ka / 8)) * 8;
+    const bool ok = row0 + r < p.M;
+    ptx::cp_async16(xas + r * ldxs + c, ok ? p.xa + int64_t(row0 + r) * p.ldxa + c : p.xa, ok);
+  }
+  ptx::cp_async_commit();
+  for (int i = tid; i < p.ro * (C / 4); i += kThreads) {
+    const int j = i / (C / 4), c = (i - j * (C / 4)) * 4, r = row0 + rank + cs * j;
+    const bool ok = rank + cs * j < TM && r < p.M;
+    ptx::cp_async16(xres + j * C + c, ok ? p.x + int64_t(r) * p.ldx + c : p.x, ok);
+  }
+  ptx::cp_async_commit();  // the residual rows: needed in phase 3 only
+  ptx::cp_async_wait<1>();
+  __syncthreads();
+  MLP_STAMP(3);
+
+  // ---- 1. fc1 + GELU: hidden columns 8 warp .. 8 warp + 7 of the slice ----
+  {
+    float acc[2][kMB][4] = {};
+#pragma unroll
+    for (int kb = 0; kb < kMaxKB1; ++kb)
+      if (kb < KB1)
+#pragma unroll
+        for (int mb = 0; mb < kMB; ++mb) mma_kblock(acc[kb & 1][mb], xas + mb * 16 * ldxs, ldxs, kb, w1[kb]);
+    if (tail)
+#pragma unroll
+      for (int mb = 0; mb < kMB; ++mb) mma_ktail(acc[0][mb], xas + mb * 16 * ldxs, ldxs, KB1 * 32, w1t);
+    const int c = warp * 8 + 2 * q4;
+#pragma unroll
+    for (int mb = 0; mb < kMB; ++mb)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = mb * 16 + g + 8 * half;
+        const float v0 = __fadd_rn(acc[0][mb][2 * half], acc[1][mb][2 * half]);
+        const float v1 = __fadd_rn(acc[0][mb][2 * half + 1], acc[1][mb][2 * half + 1]);
+        const __nv_bfloat162 h2 = __floats2bfloat162_rn(gelu_tanh(v0), gelu_tanh(v1));
+        *reinterpret_cast<__nv_bfloat162*>(hs + r * kLdH + c) = h2;
+        if (p.hid_out && row0 + r < p.M)
+          *reinterpret_cast<__nv_bfloat162*>(p.hid_out + int64_t(row0 + r) * p.F + hc0 + c) = h2;
+      }
+  }
+  __syncthreads();
+
+  // ---- 2. fc2: this slice's share of s, column tiles warp, warp + 16, ... ----
+  MLP_STAMP(4);
+  ptx::mbar_wait_parity(bar, 0);  // the fc2 weight slice
+  MLP_STAMP(5);
+  {
+    constexpr int KB2 = kHC / 32;
+    uint4 ha[kMB][KB2][2];  // the lane's A fragments of the hidden slice, read once for every column tile
+#pragma unroll
+    for (int mb = 0; mb < kMB; ++mb)
+#pragma unroll
+      for (int kb = 0; kb < KB2; ++kb)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) ha[mb][kb][half] = frag::a_fragment(hs, kLdH, mb * 16 + g + 8 * half, kb);
+    float acc[kMaxT2][kMB][4] = {};
+#pragma unroll
+    for (int i = 0; i < kMaxT2; ++i) {
+      const int nt = warp + kWarps * i;
+      if (nt < p.nt2)
+#pragma unroll
+        for (int kb = 0; kb < KB2; ++kb) {
+          const uint4 w = frag::a_fragment(wsm, kLdH, nt * 8 + g, kb);
+#pragma unroll
+          for (int mb = 0; mb < kMB; ++mb) mma_kblock(acc[i][mb], ha[mb][kb][0], ha[mb][kb][1], w);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < kMaxT2; ++i) {
+      const int nt = warp + kWarps * i;
+      if (nt >= p.nt2) break;
+      const int c = nt * 8 + 2 * q4;
+#pragma unroll
+      for (int mb = 0; mb < kMB; ++mb)
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+          *reinterpret_cast<float2*>(part + (mb * 16 + g + 8 * half) * ldp + c) =
+              make_float2(acc[i][mb][2 * half], acc[i][mb][2 * half + 1]);
+    }
+  }
+  MLP_STAMP(6);
+  ptx::cluster_arrive_release();
+  ptx::cluster_wait_acquire();
+  MLP_STAMP(7);
+
+  // ---- 3. the CTA's rows rank, rank + cs, ...: the partials summed in rank order, then the epilogue ----
+  const int q4s = p.nt2 * 2;  // float4 per partial row
+  for (int i = tid; i < p.ro * q4s; i += kThreads) {
+    const int j = i / q4s, c = (i - j * q4s) * 4, r = rank + cs * j;
+    if (r >= TM) continue;
+    float4 v[kMaxCluster];  // every rank's load in flight at once, then the sum in rank order
+#pragma unroll
+    for (int q = 0; q < kMaxCluster; ++q)
+      if (q < cs) v[q] = *reinterpret_cast<const float4*>(cluster.map_shared_rank(part, q) + r * ldp + c);
+    float4 s = v[0];
+#pragma unroll
+    for (int q = 1; q < kMaxCluster; ++q)
+      if (q < cs) s.x += v[q].x, s.y += v[q].y, s.z += v[q].z, s.w += v[q].w;
+    *reinterpret_cast<float4*>(red + j * ldp + c) = s;
+  }
+  ptx::cluster_arrive_release();  // this CTA's remote reads are done (waited for before exit)
+  ptx::cp_async_wait<0>();        // the residual rows
+  __syncthreads();
+  if (tid < (p.ro + 1) / 2 * 2 * kG) {  // whole warps: the row statistics shuffle over all 32 lanes
+    const int j = tid / kG, r = rank + cs * j, n = row0 + r;
+    const bool valid = j < p.ro && r < TM && n < p.M;
+    const int64_t gr = valid ? n : 0;
+    moe_rows::epilogue_residual_ln<kG, kS>(red + j * ldp, xres + j * C, p.x + gr * p.ldx, p.xn + gr * p.ldxn,
+                                           p.choice ? p.choice + gr : nullptr, valid, tid % kG, C, p.gate, p.eps, ep,
+                                           ep + C, ep + 4 * C, ep + 2 * C, ep + 3 * C);
+  }
+  MLP_STAMP(8);
+  ptx::cluster_wait_acquire();  // no CTA leaves while another reads its partial
+  MLP_STAMP(9);
+#ifdef SAV_MLP_BLOCK_TRACE
+  if (tid == 0 && (blockIdx.x == 0 || blockIdx.x == gridDim.x - 1)) {
+    printf(
+        "[mlp_block trace] cta %d cycles: issue %lld pdl-wait %lld xa %lld fc1 %lld ws-wait %lld fc2 %lld cluster-bar "
+        "%lld reduce+epi %lld exit-bar %lld total %lld\n",
+        int(blockIdx.x), stamps[1] - stamps[0], stamps[2] - stamps[1], stamps[3] - stamps[2], stamps[4] - stamps[3],
+        stamps[5] - stamps[4], stamps[6] - stamps[5], stamps[7] - stamps[6], stamps[8] - stamps[7],
+        stamps[9] - stamps[8], stamps[9] - stamps[0]);
+  }
+#endif
+#endif
+}
+
+MlpParams mlp_dims(int M, int C, int F, int tm) {
+  MlpParams p{};
+  p.M = M, p.C = C, p.F = F, p.Ka = moe_masked_cols(C), p.cs = F / kHC;
+  p.nt2 = (2 * C + 4 + 7) / 8;
+  p.ldp = p.nt2 * 8 + ((8 - p.nt2 * 8) % 32 + 32) % 32;  // = 8 mod 32: a row's float2 stores in two wavefronts
+  p.ro = (tm + p.cs - 1) / p.cs;
+  return p;
+}
+
+using MlpKernel = void (*)(MlpParams);
+MlpKernel mlp_kernel_for(int tm) { return tm == 16 ? mlp_block_kernel<1> : mlp_block_kernel<2>; }
+
+// Whether a cluster of cs CTAs with `smem` bytes each runs on this device (cached; it also allows the kernel its
+// shared memory).
+bool mlp_cluster_fits(int tm, int cs, size_t smem) {
+  static std::mutex mu;
+  static std::map<std::tuple<int, int, size_t>, bool> known;
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(tm, cs, smem);
+  if (auto it = known.find(key); it != known.end()) return it->second;
+  const MlpKernel k = mlp_kernel_for(tm);
+  allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(cs));
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = smem;
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = static_cast<unsigned>(cs), attr.val.clusterDim.y = 1, attr.val.clusterDim.z = 1;
+  cfg.attrs = &attr, cfg.numAttrs = 1;
+  int clusters = 0;
+  const bool ok = cudaOccupancyMaxActiveClusters(&clusters, k, &cfg) == cudaSuccess && clusters >= 1;
+  cudaGetLastError();
+  known[key] = ok;
+  return ok;
+}
+
+bool shape_ok(int M, int C, int F) {
+  return M >= 1 && C >= 8 && C <= kMaxC && C % 8 == 0 && F >= kHC && F % kHC == 0 && F / kHC <= kMaxCluster;
+}
+
+}  // namespace
+
+int mlp_block_tile_rows(int M) {
+  // 16-row tiles while their clusters take at most about half the SMs beside the attention kernel; else 32
+  return M <= 16 * 16 ? 16 : 32;
+}
+
+bool mlp_block_supports(int M, int C, int F, int tile_rows) {
+  if (!shape_ok(M, C, F)) return false;
+  const int tm = tile_rows == 0 ? mlp_block_tile_rows(M) : tile_rows;
+  if (tm != 16 && tm != 32) return false;
+  const size_t smem = mlp_smem(mlp_dims(M, C, F, tm), tm).total;
+  if (!device_available()) return smem <= 227 * 1024;
+  return device_cc_major() >= 9 && smem <= size_t(max_smem_per_block()) && mlp_cluster_fits(tm, F / kHC, smem);
+}
+
+void mlp_block_forward(float* x, int ldx, int8_t* choice, const bf16* xa, int ldxa, const bf16* wa, const bf16* ws,
+                       const float* b0, const float* b1, const float* br, int M, int C, int F, MoeGate gate, bf16* xn,
+                       int ldxn, const float* ln_w, const float* ln_b, float eps, cudaStream_t stream, int tile_rows,
+                       bf16* hid_out) {
+  const char* what = "mlp block";
+  SAV_CHECK(x && xa && wa && ws && b0 && b1 && br && xn && ln_w && ln_b, what << ": null pointer");
+  const int tm = tile_rows == 0 ? mlp_block_tile_rows(std::max(M, 1)) : tile_rows;
+  SAV_CHECK(mlp_block_supports(std::max(M, 1), C, F, tm) && M >= 0,
+            what << ": M=" << M << " C=" << C << " F=" << F << " tile rows " << tm
+                 << " not supported (C % 8 == 0, C <= 192, F a multiple of 128 up to 1024, tiles of 16 or 32 rows)");
+  const int Ka = moe_masked_cols(C);
+  SAV_CHECK(ldx >= C && ldx % 4 == 0 && ldxa >= Ka && ldxa % 8 == 0 && ldxn >= C && ldxn % 4 == 0,
+            what << ": row strides ldx=" << ldx << " ldxa=" << ldxa << " ldxn=" << ldxn);
+  SAV_CHECK(aligned16(x) && aligned16(xa) && aligned16(wa) && aligned16(ws) && aligned16(b0) && aligned16(b1) &&
+                aligned16(ln_w) && aligned16(ln_b) && reinterpret_cast<uintptr_t>(br) % 4 == 0 &&
+                reinterpret_cast<uintptr_t>(xn) % 8 == 0 && reinterpret_cast<uintptr_t>(hid_out) % 4 == 0,
+            what << ": misaligned pointers");
+  if (M == 0) return;
+  MlpParams p = mlp_dims(M, C, F, tm);
+  p.x = x, p.ldx = ldx, p.choice = choice, p.xa = xa, p.ldxa = ldxa, p.wa = wa, p.ws = ws;
+  p.b0 = b0, p.b1 = b1, p.br = br, p.xn = xn, p.ldxn = ldxn, p.ln_w = ln_w, p.ln_b = ln_b, p.eps = eps;
+  p.gate = gate, p.hid_out = hid_out;
+  const int64_t tiles = (int64_t(M) + tm - 1) / tm;
+  SAV_CHECK(tiles * p.cs <= (int64_t(1) << 31) - 1, what << ": M too large");
+  const size_t smem = mlp_smem(p, tm).total;
+  launch_dependent(mlp_kernel_for(tm), dim3(static_cast<unsigned>(tiles * p.cs)), dim3(kThreads), smem, p.cs, stream,
+                   p);
+}
+
+}  // namespace sav::cuda
