@@ -1175,7 +1175,7 @@ TEST_F(RowsFused, MlpBlockMatchesDefinition) {
 
 // Not an assertion: DeiT-Tiny batch 1 (M = 197), the one-kernel MLP half against the three kernels it replaces
 // (cuBLASLt masked fc1 + GELU, the cuBLASLt stacked fc2, the epilogue + LayerNorm kernel), each sequence 12 times in
-// one graph; us per sequence, both tile sizes.
+// one graph; us per sequence, both tile sizes, and 16-row tiles with dependent launch (as in a forward).
 TEST_F(RowsFused, MlpBlockTimingPrinted) {
   const int M = 197, C = 192, F = 768;
   const MlpCase k = mlp_case(M, C, F, 17);
@@ -1210,8 +1210,13 @@ TEST_F(RowsFused, MlpBlockTimingPrinted) {
   const double us_three = cuda::median_graph_us(three, st.get(), 12, 21);
   const double us16 = cuda::median_graph_us(one(16), st.get(), 12, 21);
   const double us32 = cuda::median_graph_us(one(32), st.get(), 12, 21);
+  double us_dep = 0.0;
+  {
+    const cuda::DependentLaunchScope dependent(true);  // each launch's weights load while the previous one runs
+    us_dep = cuda::median_graph_us(one(16), st.get(), 12, 21);
+  }
   std::printf(
       "[ mlp block ] DeiT-Tiny b1, us per sequence in a graph of 12: masked fc1 + stacked fc2 + epilogue/LN %.2f, one "
-      "kernel %.2f (16-row tiles) %.2f (32-row tiles)\n",
-      us_three, us16, us32);
+      "kernel %.2f (16-row tiles) %.2f (32-row tiles) %.2f (16-row tiles, dependent launch)\n",
+      us_three, us16, us32, us_dep);
 }

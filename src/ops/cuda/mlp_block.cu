@@ -16,9 +16,11 @@
 // CTA's epilogue rows.
 //
 // Phases:
-//  1. fc1: warp w owns hidden columns 8 w .. 8 w + 7 of the slice: acc = x_aug W_aug^T over Ka (32-wide blocks, two
-//     chains: even and odd blocks, added at the end; a 16-wide tail block, into the even chain, when Ka % 32 = 16),
-//     then GELU (tanh form) and bf16 into shared memory (the optional hid_out copy for tests);
+//  1. fc1: warp w owns column tiles 2 (w % 8) and 2 (w % 8) + 1 of the slice (16 hidden units) over one half of
+//     Ka's 32-wide k blocks (w / 8; the second half also the 16-wide tail block when Ka % 32 = 16), so each A
+//     fragment read from shared memory serves two tiles; the second half's sums go through shared memory to the first,
+//     which adds them (first half + second half), applies GELU (tanh form) and stores bf16 into shared memory (the
+//     optional hid_out copy for tests);
 //  2. fc2 partial: warp w owns column tiles w, w + 16, ... of the 2C + 4 stacked columns: the slice's 128 k (4 blocks;
 //     the lane's A fragments read once into registers) into the CTA's partial rows (f32, shared memory); cluster
 //     barrier;
@@ -52,13 +54,15 @@ using frag::mma_ktail;
 
 constexpr int kThreads = 512;  // 16 warps
 constexpr int kWarps = kThreads / 32;
-constexpr int kHC = 8 * kWarps;  // hidden units per CTA: a column tile of fc1 per warp
-constexpr int kLdH = kHC + 8;    // bf16 row stride of the hidden slice and of the fc2 weight slice
-constexpr int kMaxKB1 = 12;      // fc1's 32-wide k blocks: Ka <= 400 (C <= 192)
-constexpr int kMaxC = 192;       // model width: Ka = moe_masked_cols(C) <= 32 kMaxKB1 + 16
-constexpr int kMaxT2 = 4;        // fc2 column tiles per warp: 2C + 4 <= 8 * 16 * 4
-constexpr int kMaxCluster = 8;   // F <= 1024 (portable cluster sizes)
-constexpr int kG = 16, kS = 3;   // epilogue: lanes per row (ln::row_group(C) for C <= 192), float4 slots per lane
+constexpr int kHC = 8 * kWarps;       // hidden units per CTA: 16 fc1 column tiles (a pair per warp and k half)
+constexpr int kLdH = kHC + 8;         // bf16 row stride of the hidden slice and of the fc2 weight slice
+constexpr int kMaxKB1 = 12;           // fc1's 32-wide k blocks: Ka <= 400 (C <= 192)
+constexpr int kMaxKBh = kMaxKB1 / 2;  // ... per k half
+static_assert(kWarps == 16, "fc1: 8 pairs of column tiles x 2 k halves");
+constexpr int kMaxC = 192;      // model width: Ka = moe_masked_cols(C) <= 32 kMaxKB1 + 16
+constexpr int kMaxT2 = 4;       // fc2 column tiles per warp: 2C + 4 <= 8 * 16 * 4
+constexpr int kMaxCluster = 8;  // F <= 1024 (portable cluster sizes)
+constexpr int kG = 16, kS = 3;  // epilogue: lanes per row (ln::row_group(C) for C <= 192), float4 slots per lane
 
 // SAV_MLP_BLOCK_TRACE (a diagnostic build only): thread 0 of the first and the last CTA prints the clock64 cycles of
 // each phase.
@@ -92,7 +96,7 @@ __host__ __device__ inline MlpSmem mlp_smem(const MlpParams& p, int tm) {
   s.ws = o, o = align16(o + size_t(p.nt2) * 8 * kLdH * sizeof(bf16));
   s.xa = o, o = align16(o + size_t(tm) * (p.Ka + 8) * sizeof(bf16));
   s.hid = o, o = align16(o + size_t(tm) * kLdH * sizeof(bf16));
-  s.part = o, o = align16(o + size_t(tm) * p.ldp * sizeof(float));
+  s.part = o, o = align16(o + size_t(tm) * (p.ldp > 128 ? p.ldp : 128) * sizeof(float));  // also fc1's k-half exchange
   s.red = o, o = align16(o + ro2 * p.ldp * sizeof(float));
   s.xres = o, o = align16(o + ro2 * C * sizeof(float));
   s.ep = o, o = align16(o + (4 * C + 4) * sizeof(float));  // b0, b1, ln_w, ln_b, br (2), pad
@@ -130,14 +134,19 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
 
   // ---- 0. weights before the dependent-launch wait; then the tile's rows ----
   ptx::pdl_trigger();
-  uint4 w1[kMaxKB1];
-  uint2 w1t = make_uint2(0u, 0u);
-  {
-    const int n = hc0 + warp * 8 + g;
+  // fc1 split: warp w owns the slice's column tiles 2 (w % 8) and 2 (w % 8) + 1 over one half of Ka's k blocks
+  // (w / 8: the first ceil(KB1 / 2) blocks, or the rest and the tail), so each A fragment serves two tiles
+  const int kh = warp / 8, pair = warp % 8;
+  const int KBh = (KB1 + 1) / 2, kb0 = kh * KBh, kb1 = kh ? KB1 : KBh;
+  uint4 w1[2][kMaxKBh];
+  uint2 w1t[2] = {make_uint2(0u, 0u), make_uint2(0u, 0u)};
 #pragma unroll
-    for (int kb = 0; kb < kMaxKB1; ++kb)
-      if (kb < KB1) w1[kb] = frag::w_fragment(p.wa, n, Ka, kb);
-    if (tail) w1t = frag::w_tail_fragment(p.wa, n, Ka, KB1 * 32);
+  for (int t = 0; t < 2; ++t) {
+    const int n = hc0 + (2 * pair + t) * 8 + g;
+#pragma unroll
+    for (int j = 0; j < kMaxKBh; ++j)
+      if (kb0 + j < kb1) w1[t][j] = frag::w_fragment(p.wa, n, Ka, kb0 + j);
+    if (tail && kh) w1t[t] = frag::w_tail_fragment(p.wa, n, Ka, KB1 * 32);
   }
   const int wrows = p.nt2 * 8;  // stacked rows used: 2C + 4 rounded up to 8 (zero rows past 2C + 4)
   if (tid == 0) {
@@ -175,30 +184,50 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
   __syncthreads();
   MLP_STAMP(3);
 
-  // ---- 1. fc1 + GELU: hidden columns 8 warp .. 8 warp + 7 of the slice ----
+  // ---- 1. fc1 + GELU: the two k halves' sums meet in shared memory (the fc2 partial rows, unused yet) ----
   {
     float acc[2][kMB][4] = {};
 #pragma unroll
-    for (int kb = 0; kb < kMaxKB1; ++kb)
-      if (kb < KB1)
+    for (int j = 0; j < kMaxKBh; ++j)
+      if (kb0 + j < kb1)
 #pragma unroll
-        for (int mb = 0; mb < kMB; ++mb) mma_kblock(acc[kb & 1][mb], xas + mb * 16 * ldxs, ldxs, kb, w1[kb]);
-    if (tail)
+        for (int mb = 0; mb < kMB; ++mb) {
+          const uint4 ra = frag::a_fragment(xas, ldxs, mb * 16 + g, kb0 + j);
+          const uint4 rb = frag::a_fragment(xas, ldxs, mb * 16 + g + 8, kb0 + j);
 #pragma unroll
-      for (int mb = 0; mb < kMB; ++mb) mma_ktail(acc[0][mb], xas + mb * 16 * ldxs, ldxs, KB1 * 32, w1t);
-    const int c = warp * 8 + 2 * q4;
+          for (int t = 0; t < 2; ++t) mma_kblock(acc[t][mb], ra, rb, w1[t][j]);
+        }
+    if (tail && kh)
 #pragma unroll
-    for (int mb = 0; mb < kMB; ++mb)
+      for (int mb = 0; mb < kMB; ++mb)
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int r = mb * 16 + g + 8 * half;
-        const float v0 = __fadd_rn(acc[0][mb][2 * half], acc[1][mb][2 * half]);
-        const float v1 = __fadd_rn(acc[0][mb][2 * half + 1], acc[1][mb][2 * half + 1]);
-        const __nv_bfloat162 h2 = __floats2bfloat162_rn(gelu_tanh(v0), gelu_tanh(v1));
-        *reinterpret_cast<__nv_bfloat162*>(hs + r * kLdH + c) = h2;
-        if (p.hid_out && row0 + r < p.M)
-          *reinterpret_cast<__nv_bfloat162*>(p.hid_out + int64_t(row0 + r) * p.F + hc0 + c) = h2;
-      }
+        for (int t = 0; t < 2; ++t) mma_ktail(acc[t][mb], xas + mb * 16 * ldxs, ldxs, KB1 * 32, w1t[t]);
+    auto xch = [&](int mb, int t, int i) -> float& { return part[(((pair * kMB + mb) * 2 + t) * 4 + i) * 32 + lane]; };
+    if (kh)
+#pragma unroll
+      for (int mb = 0; mb < kMB; ++mb)
+#pragma unroll
+        for (int t = 0; t < 2; ++t)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) xch(mb, t, i) = acc[t][mb][i];
+    __syncthreads();
+    if (!kh)
+#pragma unroll
+      for (int mb = 0; mb < kMB; ++mb)
+#pragma unroll
+        for (int t = 0; t < 2; ++t) {
+          const int c = (2 * pair + t) * 8 + 2 * q4;
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int r = mb * 16 + g + 8 * half;
+            const float v0 = __fadd_rn(acc[t][mb][2 * half], xch(mb, t, 2 * half));
+            const float v1 = __fadd_rn(acc[t][mb][2 * half + 1], xch(mb, t, 2 * half + 1));
+            const __nv_bfloat162 h2 = __floats2bfloat162_rn(gelu_tanh(v0), gelu_tanh(v1));
+            *reinterpret_cast<__nv_bfloat162*>(hs + r * kLdH + c) = h2;
+            if (p.hid_out && row0 + r < p.M)
+              *reinterpret_cast<__nv_bfloat162*>(p.hid_out + int64_t(row0 + r) * p.F + hc0 + c) = h2;
+          }
+        }
   }
   __syncthreads();
 
