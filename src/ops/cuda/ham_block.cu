@@ -19,19 +19,20 @@
 //
 // Products: bf16 mma.sync m16n8k16, f32 accumulation. The to_qk / to_v and proj weights are not staged: each lane
 // loads 16 bytes of its weight row per 32-wide k block straight from global memory into registers, the to_qk / to_v
-// ones before the dependent-launch wait (they do not depend on the previous kernel), the proj ones before the KV
-// barrier; within a k block the k order is permuted (lane q4 holds k 8 q4 .. 8 q4 + 7 of its A rows and weight row:
-// the first mma takes 8 q4 .. 8 q4 + 3, the second 8 q4 + 4 .. 8 q4 + 7), the same for both operands, so both are
-// single 16-byte loads (A rows C + 32 bf16 apart: conflict-free).
+// ones before the dependent-launch wait (they do not depend on the previous kernel), the proj ones right after phase 1
+// (in flight during the hash); within a k block the k order is permuted (lane q4 holds k 8 q4 .. 8 q4 + 7 of its A rows
+// and weight row: the first mma takes 8 q4 .. 8 q4 + 3, the second 8 q4 + 4 .. 8 q4 + 7), the same for both operands,
+// so both are single 16-byte loads (A rows C + 32 bf16 apart: conflict-free).
 //
 // Phases (a __syncthreads or a cluster barrier between each):
 //  0. the epilogue's vectors by cp.async, the to_qk / to_v weight fragments, then the heads' prepared hash weights by
 //     one bulk copy (waited for in phase 2); after the dependent-launch wait, the tile's LayerNorm-1 rows and its
 //     residual rows (waited for in phase 7);
 //  1. qk | v (16 x 2C) = xn W^T + b, rounded to bf16 (as the cuBLASLt product's bf16 epilogue), rows past N zero;
+//     then the proj weight fragments are issued;
 //  2. the hash of the tile: the distances a warp per (head, anchor tile) (ham::ksh_dots, ksh_d), the sums of D a warp
 //     per head (ksh_dsum), the sigma exchange, the codes a warp per (head, 8 bits) (ksh_codes);
-//  3. the tile's partial KV, a warp per (head, 16 bits, 8 columns); the proj weight fragments; cluster barrier;
+//  3. the tile's partial KV, a warp per (head, 16 bits, 8 columns); cluster barrier;
 //  4. KV: this CTA's share of the sums / pi, split, into every CTA; the conv's neighbour rows; cluster barrier;
 //  5. z = h KV + 0.5 v, a warp per (head, 8 columns); ||z|| per (row, head): the column tiles' double sums in order;
 //     out = z / max(||z||, eps) + the 9 taps of v, bf16 (the attention output);
@@ -226,6 +227,15 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
     }
   }
   __syncthreads();
+  // the proj weight fragments (the to_qk / to_v ones are dead): in flight during the hash
+  uint4 wpf[kProjTiles][KB];
+#pragma unroll
+  for (int i = 0; i < kProjTiles; ++i) {
+    const int nt = warp + kWarps * i;
+#pragma unroll
+    for (int kb = 0; kb < KB; ++kb)
+      wpf[i][kb] = nt < C / 8 ? w_fragment(p.wp, nt * 8 + g, C, kb) : make_uint4(0, 0, 0, 0);
+  }
 
   BLK_STAMP(3);
   ptx::mbar_wait_parity(bar, 0);  // the hash weights
@@ -285,7 +295,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   __syncthreads();
 
   BLK_STAMP(6);
-  // ---- 3. the tile's partial KV (16 tokens: one k-step); the proj weight fragments; cluster barrier ----
+  // ---- 3. the tile's partial KV (16 tokens: one k-step); cluster barrier ----
   const int kvn = 16 * p.mb * kD;  // one head's KV entries
   for (int task = warp; task < kH * p.mb * NTh; task += kWarps) {
     const int h = task / (p.mb * NTh), rest = task - h * p.mb * NTh, mt2 = rest / NTh, nt = rest - mt2 * NTh;
@@ -304,14 +314,6 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
     dst[0] = kv[0], dst[nb] = kv[1], dst[8] = kv[2], dst[nb + 8] = kv[3];
   }
   BLK_STAMP(7);
-  uint4 wpf[kProjTiles][KB];
-#pragma unroll
-  for (int i = 0; i < kProjTiles; ++i) {
-    const int nt = warp + kWarps * i;
-#pragma unroll
-    for (int kb = 0; kb < KB; ++kb)
-      wpf[i][kb] = nt < C / 8 ? w_fragment(p.wp, nt * 8 + g, C, kb) : make_uint4(0, 0, 0, 0);
-  }
   ptx::cluster_arrive_release();
   ptx::cluster_wait_acquire();
 
