@@ -1,7 +1,9 @@
 // Device queries, host bf16 conversions and the f32 -> bf16 conversion kernel.
 #include <algorithm>
 #include <cstring>
+#include <map>
 #include <mutex>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -19,6 +21,32 @@ bool device_available() {
     return false;
   }
   return n > 0;
+}
+
+bool cluster_fits(const void* kernel, int cluster, int threads, size_t smem, bool non_portable) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, int, size_t>, bool> known;
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(kernel, cluster, threads, smem);
+  if (auto it = known.find(key); it != known.end()) return it->second;
+  allow_dynamic_smem(kernel, smem);  // smem <= the device's limit: checked by the caller
+  bool ok =
+      !non_portable || cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess;
+  if (ok) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>(cluster));
+    cfg.blockDim = dim3(static_cast<unsigned>(threads));
+    cfg.dynamicSmemBytes = smem;
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = static_cast<unsigned>(cluster), attr.val.clusterDim.y = 1, attr.val.clusterDim.z = 1;
+    cfg.attrs = &attr, cfg.numAttrs = 1;
+    int clusters = 0;
+    ok = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess && clusters >= 1;
+  }
+  cudaGetLastError();
+  known[key] = ok;
+  return ok;
 }
 
 namespace {

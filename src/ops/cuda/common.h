@@ -47,6 +47,10 @@ int max_smem_per_block();
 // 48 KB default; remembered per kernel, so a later call, e.g. while a graph is captured, sets nothing). Throws if
 // the device offers less.
 void allow_dynamic_smem(const void* kernel, size_t smem);
+// Whether `kernel` runs on this device as thread-block clusters of `cluster` CTAs of `threads` threads with `smem`
+// dynamic shared memory bytes each (cached per kernel, cluster size, threads and bytes; it also allows the kernel its
+// shared memory and, when non_portable, cluster sizes above 8). A refused size leaves no CUDA error behind.
+bool cluster_fits(const void* kernel, int cluster, int threads, size_t smem, bool non_portable);
 // Compute capability major of the current device (cached per device; 9 for Hopper: thread-block clusters).
 int device_cc_major();
 // Programmatic dependent launch (sm_90) of the engine's own kernels. Inside a DependentLaunchScope(true) on a

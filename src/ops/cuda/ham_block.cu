@@ -45,9 +45,6 @@
 #include <cooperative_groups.h>
 
 #include <algorithm>
-#include <map>
-#include <mutex>
-#include <tuple>
 
 #include "ops/cuda/frag.cuh"
 #include "ops/cuda/hamming_common.cuh"
@@ -490,34 +487,6 @@ BlkKernel blk_kernel_for(int H) {
   return H == 1 ? ham_block_kernel<1> : H == 2 ? ham_block_kernel<2> : ham_block_kernel<3>;
 }
 
-// Whether a cluster of `tiles` CTAs with `smem` bytes each can run on this device (cached per size; it also allows
-// the kernel its cluster size and shared memory).
-bool blk_cluster_fits(int H, int tiles, size_t smem) {
-  static std::mutex mu;
-  static std::map<std::tuple<int, int, size_t>, bool> known;
-  std::lock_guard<std::mutex> lock(mu);
-  const auto key = std::make_tuple(H, tiles, smem);
-  if (auto it = known.find(key); it != known.end()) return it->second;
-  const BlkKernel k = blk_kernel_for(H);
-  allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);  // smem <= the device's limit: checked by the caller
-  bool ok = cudaFuncSetAttribute(k, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess;
-  if (ok) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(static_cast<unsigned>(tiles));
-    cfg.blockDim = dim3(kThreads);
-    cfg.dynamicSmemBytes = smem;
-    cudaLaunchAttribute attr;
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = static_cast<unsigned>(tiles), attr.val.clusterDim.y = 1, attr.val.clusterDim.z = 1;
-    cfg.attrs = &attr, cfg.numAttrs = 1;
-    int clusters = 0;
-    ok = cudaOccupancyMaxActiveClusters(&clusters, k, &cfg) == cudaSuccess && clusters >= 1;
-  }
-  cudaGetLastError();  // a refused size leaves no error behind
-  known[key] = ok;
-  return ok;
-}
-
 }  // namespace
 
 bool hamming_block_supports(int B, int N, int C, int H, int nbits, int m) {
@@ -527,7 +496,8 @@ bool hamming_block_supports(int B, int N, int C, int H, int nbits, int m) {
   const BlkParams p = blk_dims(N, C, H, nbits, m);
   const size_t smem = blk_smem(p).total;
   if (!device_available()) return smem <= 227 * 1024;
-  return device_cc_major() >= 9 && smem <= size_t(max_smem_per_block()) && blk_cluster_fits(H, p.tiles, smem);
+  return device_cc_major() >= 9 && smem <= size_t(max_smem_per_block()) &&
+         cluster_fits(reinterpret_cast<const void*>(blk_kernel_for(H)), p.tiles, kThreads, smem, true);
 }
 
 void hamming_block_forward(float* x, int ldx, const bf16* xn, int ldxn, const bf16* wqkv, const bf16* bqkv,

@@ -33,9 +33,6 @@
 #include <cooperative_groups.h>
 
 #include <algorithm>
-#include <map>
-#include <mutex>
-#include <tuple>
 
 #include "ops/cuda/frag.cuh"
 #include "ops/cuda/gelu.cuh"
@@ -128,7 +125,7 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
   const int rank = static_cast<int>(cluster.block_rank()), tile = static_cast<int>(blockIdx.x) / cs;
   const int row0 = tile * TM, hc0 = rank * kHC;
 #ifdef SAV_MLP_BLOCK_TRACE
-  long long stamps[10] = {};
+  long long stamps[12] = {};
 #endif
   MLP_STAMP(0);
 
@@ -289,9 +286,11 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
       if (q < cs) s.x += v[q].x, s.y += v[q].y, s.z += v[q].z, s.w += v[q].w;
     *reinterpret_cast<float4*>(red + j * ldp + c) = s;
   }
+  MLP_STAMP(10);
   ptx::cluster_arrive_release();  // this CTA's remote reads are done (waited for before exit)
   ptx::cp_async_wait<0>();        // the residual rows
   __syncthreads();
+  MLP_STAMP(11);
   if (tid < (p.ro + 1) / 2 * 2 * kG) {  // whole warps: the row statistics shuffle over all 32 lanes
     const int j = tid / kG, r = rank + cs * j, n = row0 + r;
     const bool valid = j < p.ro && r < TM && n < p.M;
@@ -307,10 +306,10 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
   if (tid == 0 && (blockIdx.x == 0 || blockIdx.x == gridDim.x - 1)) {
     printf(
         "[mlp_block trace] cta %d cycles: issue %lld pdl-wait %lld xa %lld fc1 %lld ws-wait %lld fc2 %lld cluster-bar "
-        "%lld reduce+epi %lld exit-bar %lld total %lld\n",
+        "%lld reduce+epi %lld (sum %lld sync %lld) exit-bar %lld total %lld\n",
         int(blockIdx.x), stamps[1] - stamps[0], stamps[2] - stamps[1], stamps[3] - stamps[2], stamps[4] - stamps[3],
         stamps[5] - stamps[4], stamps[6] - stamps[5], stamps[7] - stamps[6], stamps[8] - stamps[7],
-        stamps[9] - stamps[8], stamps[9] - stamps[0]);
+        stamps[10] - stamps[7], stamps[11] - stamps[10], stamps[9] - stamps[8], stamps[9] - stamps[0]);
   }
 #endif
 #endif
@@ -327,31 +326,6 @@ MlpParams mlp_dims(int M, int C, int F, int tm) {
 
 using MlpKernel = void (*)(MlpParams);
 MlpKernel mlp_kernel_for(int tm) { return tm == 16 ? mlp_block_kernel<1> : mlp_block_kernel<2>; }
-
-// Whether a cluster of cs CTAs with `smem` bytes each runs on this device (cached; it also allows the kernel its
-// shared memory).
-bool mlp_cluster_fits(int tm, int cs, size_t smem) {
-  static std::mutex mu;
-  static std::map<std::tuple<int, int, size_t>, bool> known;
-  std::lock_guard<std::mutex> lock(mu);
-  const auto key = std::make_tuple(tm, cs, smem);
-  if (auto it = known.find(key); it != known.end()) return it->second;
-  const MlpKernel k = mlp_kernel_for(tm);
-  allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(cs));
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = smem;
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = static_cast<unsigned>(cs), attr.val.clusterDim.y = 1, attr.val.clusterDim.z = 1;
-  cfg.attrs = &attr, cfg.numAttrs = 1;
-  int clusters = 0;
-  const bool ok = cudaOccupancyMaxActiveClusters(&clusters, k, &cfg) == cudaSuccess && clusters >= 1;
-  cudaGetLastError();
-  known[key] = ok;
-  return ok;
-}
 
 bool shape_ok(int M, int C, int F) {
   return M >= 1 && C >= 8 && C <= kMaxC && C % 8 == 0 && F >= kHC && F % kHC == 0 && F / kHC <= kMaxCluster;
@@ -370,7 +344,8 @@ bool mlp_block_supports(int M, int C, int F, int tile_rows) {
   if (tm != 16 && tm != 32) return false;
   const size_t smem = mlp_smem(mlp_dims(M, C, F, tm), tm).total;
   if (!device_available()) return smem <= 227 * 1024;
-  return device_cc_major() >= 9 && smem <= size_t(max_smem_per_block()) && mlp_cluster_fits(tm, F / kHC, smem);
+  return device_cc_major() >= 9 && smem <= size_t(max_smem_per_block()) &&
+         cluster_fits(reinterpret_cast<const void*>(mlp_kernel_for(tm)), F / kHC, kThreads, smem, false);
 }
 
 void mlp_block_forward(float* x, int ldx, int8_t* choice, const bf16* xa, int ldxa, const bf16* wa, const bf16* ws,
