@@ -485,14 +485,12 @@ struct ViTCuda::Impl {
     return fc2_next_ln(l) && rows_fusable(M, blocks[l].fc2.K, cfg.dim, blocks[l].fc2.Fs);
   }
 
-  // Block l's MLP half as one kernel (ops.h mlp_block_forward): a masked MoE fc1 (whose x_aug the attention half's
-  // router + mask writes) and a stacked MoE fc2 with the next block's LayerNorm (fc2_next_ln).
+  // Block l's MLP half as one kernel (ops.h mlp_block_forward): a masked MoE fc1 (W_aug: C in, F out; its x_aug
+  // written by the attention half's router + mask, whichever form runs it) and a stacked MoE fc2 with the next
+  // block's LayerNorm (fc2_next_ln).
   bool mlp_fusable(size_t l, int M) const {
-    const BlockWeights& w = blocks[l];
-    const int C = cfg.dim, F = cfg.mlp_hidden;
-    return row_mode != ViTCudaRowFusion::off && fc2_next_ln(l) && w.fc1.kind == LinearKind::moe && w.fc1.wa &&
-           cuda::moe_ln_route_mask_supports(C) && w.fc1.Ka == cuda::moe_masked_cols(C) && w.fc1.F == F &&
-           w.fc2.K == F && cuda::mlp_block_supports(M, C, F);
+    return row_mode != ViTCudaRowFusion::off && fc2_next_ln(l) && blocks[l].fc1.wa &&
+           cuda::moe_ln_route_mask_supports(cfg.dim) && cuda::mlp_block_supports(M, cfg.dim, cfg.mlp_hidden);
   }
 
   // A Hamming block (the per-head kernel) whose proj (dense, or shift on the automatic path), residual, LN2 and masked
@@ -686,7 +684,8 @@ struct ViTCuda::Impl {
         cuda::layernorm_forward(xn.get(), C, x.get(), C, w.ln2_w, w.ln2_b, M, C, eps, s);
         linear(w.fc1, xn.get(), M, Epi::gelu, hid.get(), F, s);
       }  // else proj, LN2 and the router ran in the attention kernel
-      const bool mlp = masked_fc1 && forms.mlp && mlp_fusable(l, M);
+      // the MLP half as one kernel (mlp_fusable implies masked_fc1), else the masked fc1 product here
+      const bool mlp = forms.mlp && mlp_fusable(l, M);
       if (masked_fc1 && !mlp) masked_product(w.fc1, M, Epi::gelu, hid.get(), F, s);
       // a stacked MoE fc2: its residual epilogue fused with the next block's LayerNorm
       ln1_done = fc2_next_ln(l);

@@ -180,17 +180,12 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   }
   BLK_STAMP(1);
   ptx::pdl_wait();
-  for (int i = tid; i < 16 * (C / 8); i += kThreads) {
-    const int r = i / (C / 8), c = (i - r * (C / 8)) * 8;
-    const bool ok = row0 + r < N;
-    ptx::cp_async16(xs + r * ldxs + c, ok ? p.xn + (grow0 + r) * p.ldxn + c : p.xn, ok);
-  }
+  ptx::cp_async_rows(
+      xs, ldxs, 16, C, p.xn, [&](int r) { return row0 + r < N ? p.xn + (grow0 + r) * p.ldxn : nullptr; }, tid,
+      kThreads);
   ptx::cp_async_commit();
-  for (int i = tid; i < 16 * (C / 4); i += kThreads) {
-    const int r = i / (C / 4), c = (i - r * (C / 4)) * 4;
-    const bool ok = row0 + r < N;
-    ptx::cp_async16(xin + r * C + c, ok ? p.x + (grow0 + r) * p.ldx + c : p.x, ok);
-  }
+  ptx::cp_async_rows(
+      xin, C, 16, C, p.x, [&](int r) { return row0 + r < N ? p.x + (grow0 + r) * p.ldx : nullptr; }, tid, kThreads);
   ptx::cp_async_commit();                                         // the residual rows: needed in phase 7 only
   for (int i = tid; i < kH * 16; i += kThreads) codes[i] = 0ull;  // bytes past the bit tiles stay zero
   ptx::cp_async_wait<1>();
@@ -459,7 +454,6 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
                                                     p.xa + gr * p.ldxa, p.choice ? p.choice + gr : nullptr);
   }
   BLK_STAMP(13);
-  BLK_STAMP(14);
 #ifdef SAV_HAM_BLOCK_TRACE
   if (tid == 0 && b == 0 && (rank == 0 || rank == tiles - 1)) {
     printf(
@@ -468,7 +462,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
         rank, stamps[1] - stamps[0], stamps[2] - stamps[1], stamps[3] - stamps[2], stamps[4] - stamps[3],
         stamps[5] - stamps[4], stamps[6] - stamps[5], stamps[7] - stamps[6], stamps[8] - stamps[7],
         stamps[9] - stamps[8], stamps[16] - stamps[9], stamps[10] - stamps[16], stamps[11] - stamps[10],
-        stamps[12] - stamps[11], stamps[13] - stamps[12], stamps[14] - stamps[0]);
+        stamps[12] - stamps[11], stamps[13] - stamps[12], stamps[13] - stamps[0]);
   }
 #endif
 #endif

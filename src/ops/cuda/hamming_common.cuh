@@ -6,10 +6,9 @@
 // The hash of a tile, one warp (lane = 4 g + q4 holds rows ta = g and tb = g + 8 of the tile, as the mma's
 // accumulator rows):
 //   ksh_distances (ksh_dots, ksh_d, ksh_dsum): the dot products qk.a_j (A = qk rows by ldmatrix, B = anchor parts: 3
-//   mma per 16 dims and 8
-//     anchors) and ||qk||^2 (from the same fragments); q.a = qk.a / max(||qk||, eps), D_nj = max(||q||^2 + ||a_j||^2 -
-//     2 q.a_j, 0) in the accumulators; returns the tile's sum of D over the valid rows and anchors (double, every
-//     lane the same: a butterfly over the warp);
+//     mma per 16 dims and 8 anchors) and ||qk||^2 (from the same fragments); q.a = qk.a / max(||qk||, eps), D_nj =
+//     max(||q||^2 + ||a_j||^2 - 2 q.a_j, 0) in the accumulators; returns the tile's sum of D over the valid rows and
+//     anchors (double, every lane the same: a butterfly over the warp);
 //   ksh_sigma: -1 / (2 sigma), sigma = mean D = the tiles' sums (lane t holds tile t's, t < 32) added by a butterfly;
 //   ksh_codes: k = exp(-D / (2 sigma)) - mu_j, split in three bf16 parts, is directly the A operand of y = k A^T
 //     (A split too: 6 mma per 16 anchors and 8 bits); code bit r = 1[y_r > 0], OR-ed over the 4 lanes of a row.

@@ -165,17 +165,17 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
   MLP_STAMP(1);
   ptx::pdl_wait();
   MLP_STAMP(2);
-  for (int i = tid; i < TM * (Ka / 8); i += kThreads) {
-    const int r = i / (Ka / 8), c = (i - r * (Ka / 8)) * 8;
-    const bool ok = row0 + r < p.M;
-    ptx::cp_async16(xas + r * ldxs + c, ok ? p.xa + int64_t(row0 + r) * p.ldxa + c : p.xa, ok);
-  }
+  ptx::cp_async_rows(
+      xas, ldxs, TM, Ka, p.xa, [&](int r) { return row0 + r < p.M ? p.xa + int64_t(row0 + r) * p.ldxa : nullptr; }, tid,
+      kThreads);
   ptx::cp_async_commit();
-  for (int i = tid; i < p.ro * (C / 4); i += kThreads) {
-    const int j = i / (C / 4), c = (i - j * (C / 4)) * 4, r = row0 + rank + cs * j;
-    const bool ok = rank + cs * j < TM && r < p.M;
-    ptx::cp_async16(xres + j * C + c, ok ? p.x + int64_t(r) * p.ldx + c : p.x, ok);
-  }
+  ptx::cp_async_rows(
+      xres, C, p.ro, C, p.x,
+      [&](int j) {  // epilogue row j: tile row rank + cs j
+        const int r = rank + cs * j;
+        return r < TM && row0 + r < p.M ? p.x + int64_t(row0 + r) * p.ldx : nullptr;
+      },
+      tid, kThreads);
   ptx::cp_async_commit();  // the residual rows: needed in phase 3 only
   ptx::cp_async_wait<1>();
   __syncthreads();

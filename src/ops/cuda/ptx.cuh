@@ -29,6 +29,20 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
 __device__ __forceinline__ void cp_async4(void* dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_u32(dst)), "l"(src) : "memory");
 }
+// Rows r < rows of `cols` elements each (cols * sizeof(T) a multiple of 16) into dst (rows ld apart) by cp_async16,
+// threads tid, tid + nthreads, ... of the block: src_row(r) the row's global address, or nullptr for a row of zeros
+// (nothing read; `any` stands in as the unread source address, a valid global pointer). Not committed.
+template <class T, class SrcRow>
+__device__ __forceinline__ void cp_async_rows(T* dst, int ld, int rows, int cols, const T* any, SrcRow src_row, int tid,
+                                              int nthreads) {
+  constexpr int kPer = 16 / sizeof(T);
+  const int chunks = cols / kPer;
+  for (int i = tid; i < rows * chunks; i += nthreads) {
+    const int r = i / chunks, c = (i - r * chunks) * kPer;
+    const T* s = src_row(r);
+    cp_async16(dst + r * ld + c, s ? s + c : any, s != nullptr);
+  }
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 // Waits until at most kPending of this thread's committed groups are in flight.
 template <int kPending>
