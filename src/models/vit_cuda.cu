@@ -231,8 +231,9 @@ struct ViTCuda::Impl {
   int last_rows = 0;  // rows (B*N) of the last forward, for moe_choices()
   DeviceBuffer<float> x, pe, moe_s;
   DeviceBuffer<bf16> xn, qkv, ao, hid, cols, clsn, moe_xa;  // moe_xa: x_aug of the masked MoE layers
-  DeviceBuffer<int8_t> choices;                             // (MoE layers, capacity*N) expert of each token
-  DeviceBuffer<unsigned char> ham_ws;                       // Hamming kernels' workspace
+  DeviceBuffer<bf16> ham_v;              // the attention block kernel's v rows (hamming_block_scratch_elems)
+  DeviceBuffer<int8_t> choices;          // (MoE layers, capacity*N) expert of each token
+  DeviceBuffer<unsigned char> ham_ws;    // Hamming kernels' workspace
   DeviceBuffer<unsigned char> ham_prep;  // the Hamming blocks' prepared hash weights, one slice per block
   cuda::GraphCache graphs;
 
@@ -307,6 +308,8 @@ struct ViTCuda::Impl {
       ws = std::max(
           ws, cuda::hamming_tiled_workspace_bytes({bb, cfg.tokens(), cfg.dim, cfg.heads, cfg.hash_bits, cfg.anchors}));
     ham_ws.resize(ws);
+    const bool blk = std::any_of(blocks.begin(), blocks.end(), [](const BlockWeights& w) { return w.ham_prep; });
+    ham_v.resize(blk ? cuda::hamming_block_scratch_elems(B, cfg.tokens(), cfg.dim) : 1);
     capacity = B;
     if (fused_model) upload_fused_blocks();
   }
@@ -641,7 +644,7 @@ struct ViTCuda::Impl {
       if (proj == ProjRun::block) {  // to_qk / to_v, the attention, proj, LN2 and fc1's router + mask: one kernel
         cuda::hamming_block_forward(x.get(), C, xn.get(), C, w.qkv.w, w.qkv.b16, w.ham_prep, w.conv, w.proj.w,
                                     w.proj.b32, w.ln2_w, w.ln2_b, eps, w.fc1.wr, w.fc1.br, moe_xa.get(), w.fc1.Ka,
-                                    choice_slot(w.fc1), B, N, C, H, cfg.hash_bits, cfg.anchors, s);
+                                    choice_slot(w.fc1), ham_v.get(), B, N, C, H, cfg.hash_bits, cfg.anchors, s);
       } else if (w.attn == 's') {
         linear(w.qkv, xn.get(), M, Epi::bf16, qkv.get(), 3 * C, s);
         cuda::attention_forward(ao.get(), qkv.get(), B, N, C, H, s);

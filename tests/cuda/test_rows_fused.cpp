@@ -895,10 +895,11 @@ BlockOut run_block(const BlockCase& k, const BlockDev& d, int b0, int nb, cudaSt
   auto dch = poisoned<int8_t>(Mr + kTail);
   auto dqkv = poisoned<bf16>(size_t(Mr + kTail) * 2 * C);
   auto dao = poisoned<bf16>(size_t(Mr + kTail) * C);
+  auto dv = poisoned<bf16>(cuda::hamming_block_scratch_elems(nb, N, C));
   cuda::hamming_block_forward(dx.get(), c.ldx, d.xn.get() + size_t(b0) * N * k.ldxn, k.ldxn, d.w.get(), d.b.get(),
                               d.prep.get(), d.conv.get(), d.lin.w.get(), d.lin.b.get(), d.lin.lw.get(), d.lin.lb.get(),
-                              kEps, d.lin.wr.get(), d.lin.br.get(), dxa.get(), c.ldxa, dch.get(), nb, N, C, k.H,
-                              k.nbits, k.m, s, dqkv.get(), dao.get());
+                              kEps, d.lin.wr.get(), d.lin.br.get(), dxa.get(), c.ldxa, dch.get(), dv.get(), nb, N, C,
+                              k.H, k.nbits, k.m, s, dqkv.get(), dao.get());
   device_sync();
   BlockOut o;
   o.lin = {download_head(dx, x0.size()), download_head(dxa, size_t(Mr) * c.ldxa), download_head(dch, Mr)};
@@ -978,8 +979,8 @@ TEST_F(RowsFused, HammingBlockMatchesDefinition) {
   DeviceBuffer<float> f(64);
   DeviceBuffer<bf16> h(64);
   EXPECT_THROW(cuda::hamming_block_forward(f.get(), 192, h.get(), 192, h.get(), h.get(), f.get(), f.get(), h.get(),
-                                           f.get(), f.get(), f.get(), kEps, f.get(), f.get(), h.get(), 400, nullptr, 1,
-                                           197, 256, 4, 16, 25, nullptr),
+                                           f.get(), f.get(), f.get(), kEps, f.get(), f.get(), h.get(), 400, nullptr,
+                                           h.get(), 1, 197, 256, 4, 16, 25, nullptr),
                Error);
 }
 
@@ -994,7 +995,7 @@ TEST_F(RowsFused, HammingBlockTimingPrinted) {
   auto dx = upload(c.x0);
   auto dxa = poisoned<bf16>(size_t(M) * c.ldxa);
   auto dch = poisoned<int8_t>(M);
-  DeviceBuffer<bf16> qkv(size_t(M) * 2 * C), xn(size_t(M) * C);
+  DeviceBuffer<bf16> qkv(size_t(M) * 2 * C), xn(size_t(M) * C), dv(cuda::hamming_block_scratch_elems(1, M, C));
   SAV_CUDA_CHECK(cudaMemcpy2D(xn.get(), C * sizeof(bf16), d.xn.get(), k.ldxn * sizeof(bf16), C * sizeof(bf16), M,
                               cudaMemcpyDeviceToDevice));
   cuda::Gemm gemm;
@@ -1009,7 +1010,7 @@ TEST_F(RowsFused, HammingBlockTimingPrinted) {
   auto one = [&](cudaStream_t s) {
     cuda::hamming_block_forward(dx.get(), c.ldx, d.xn.get(), k.ldxn, d.w.get(), d.b.get(), d.prep.get(), d.conv.get(),
                                 d.lin.w.get(), d.lin.b.get(), d.lin.lw.get(), d.lin.lb.get(), kEps, d.lin.wr.get(),
-                                d.lin.br.get(), dxa.get(), c.ldxa, dch.get(), 1, M, C, 3, 16, 25, s);
+                                d.lin.br.get(), dxa.get(), c.ldxa, dch.get(), dv.get(), 1, M, C, 3, 16, 25, s);
   };
   two(st.get());
   one(st.get());

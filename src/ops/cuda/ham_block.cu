@@ -87,6 +87,7 @@ struct BlkParams {
   const float *bp, *ln_w, *ln_b, *wr, *br;
   bf16* xa;
   int8_t* choice;
+  bf16* vg;       // the v rows of every image, (B T, C + 8), T = 16 tiles: the other CTAs copy them from here
   bf16* qkv_out;  // optional: the qk | v rows (B N, 2C)
   bf16* ao_out;   // optional: the attention output (B N, C)
   float eps;
@@ -95,25 +96,27 @@ struct BlkParams {
 };
 
 struct BlkSmem {
-  size_t bar, prep, xs, qs, vs, dbuf, codes, sig, kvp, kvt, zsq, inv, ao, xp, xin, ep, total;
+  size_t bar, vbar, prep, xs, qs, vall, dbuf, codes, sig, kvt, zsq, inv, xp, xin, ep, total;
 };
 __host__ __device__ inline BlkSmem blk_smem(const BlkParams& p) {
   BlkSmem s{};
   const size_t C = size_t(p.C), H = size_t(p.H);
   size_t o = 0;
+  const size_t T = 16 * size_t(p.tiles);  // the image's token rows, padded to whole tiles
   s.bar = o, o = align16(o + sizeof(uint64_t));
-  s.prep = o, o = align16(o + H * prep_layout(kD, p.bt).bytes);
-  s.xs = o, o = align16(o + 16 * (C + 32) * sizeof(bf16));
+  s.vbar = o, o = align16(o + sizeof(uint64_t));
+  const size_t hT = H * 16 * p.mb * (T + 8) * sizeof(bf16);  // phase 3's bit rows, over the dead hash weights
+  const size_t prep = H * prep_layout(kD, p.bt).bytes;
+  s.prep = o, o = align16(o + (prep > hT ? prep : hT));
+  s.xs = o, o = align16(o + 16 * (C + 32) * sizeof(bf16));  // phase 1's LayerNorm rows, then the attention output
   s.qs = o, o = align16(o + 16 * (C + 8) * sizeof(bf16));
-  s.vs = o, o = align16(o + (16 + 2 * kPad) * (C + 8) * sizeof(bf16));
+  s.vall = o, o = align16(o + (T + 2 * kPad) * (C + 8) * sizeof(bf16));
   s.dbuf = o, o = align16(o + H * 16 * kLdD * sizeof(float));
-  s.codes = o, o = align16(o + H * 16 * sizeof(unsigned long long));
+  s.codes = o, o = align16(o + H * T * sizeof(unsigned long long));
   s.sig = o, o = align16(o + kMaxTiles * H * sizeof(double));
-  s.kvp = o, o = align16(o + H * 16 * p.mb * kD * sizeof(float));
   s.kvt = o, o = align16(o + H * 3 * kD * p.ldk * sizeof(bf16));
   s.zsq = o, o = align16(o + 16 * H * (kD / 8) * sizeof(double));
   s.inv = o, o = align16(o + 16 * H * sizeof(float));
-  s.ao = o, o = align16(o + 16 * (C + 32) * sizeof(bf16));
   s.xp = o, o = align16(o + 16 * C * sizeof(float));
   s.xin = o, o = align16(o + 16 * C * sizeof(float));
   s.ep = o, o = align16(o + (5 * C + 4 + H * kTaps) * sizeof(float));  // bp, ln_w, ln_b, wr (2C), br (2), pad, conv
@@ -130,21 +133,20 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   const BlkSmem L = blk_smem(p);
   const PrepLayout P = prep_layout(kD, p.bt);
   constexpr int C = kD * kH, KB = C / 32, ldxs = C + 32, ldq = C + 8, NTh = kD / 8;
+  constexpr unsigned kVTileBytes = 16 * ldq * sizeof(bf16);  // a tile's v rows (ldq apart: 16-byte multiple)
   constexpr int kQkvTiles = 2 * C / 8 / kWarps;              // to_qk | to_v column tiles per warp (= kH)
   constexpr int kProjTiles = (C / 8 + kWarps - 1) / kWarps;  // proj column tiles per warp
   bf16* xs = reinterpret_cast<bf16*>(smem + L.xs);
   bf16* qs = reinterpret_cast<bf16*>(smem + L.qs);
-  bf16* vs = reinterpret_cast<bf16*>(smem + L.vs);        // storage row r = token row r - kPad of the tile
+  const int T = 16 * p.tiles;
+  bf16* vall = reinterpret_cast<bf16*>(smem + L.vall);    // storage row r = the image's token row r - kPad
   float* dbuf = reinterpret_cast<float*>(smem + L.dbuf);  // [head][row][anchor]: D
-  unsigned long long* codes = reinterpret_cast<unsigned long long*>(smem + L.codes);  // [head][row]
+  unsigned long long* codes = reinterpret_cast<unsigned long long*>(smem + L.codes);  // [head][image token row]
   double* sig = reinterpret_cast<double*>(smem + L.sig);                              // [tile][head]
-  // KV entries (head, column, bit), bits contiguous (16 mb per column), as the transposed parts (phase 4 writes
-  // 4 bits of each part at once)
-  float* kvp = reinterpret_cast<float*>(smem + L.kvp);    // this tile's partial KV
-  bf16* kvt = reinterpret_cast<bf16*>(smem + L.kvt);      // [head][part][column][bit]
+  bf16* kvt = reinterpret_cast<bf16*>(smem + L.kvt);      // [head][part][column][bit]: KV / pi in three bf16 parts
   double* zsq = reinterpret_cast<double*>(smem + L.zsq);  // [row][head][column tile]
   float* inv = reinterpret_cast<float*>(smem + L.inv);    // [row][head]
-  bf16* aos = reinterpret_cast<bf16*>(smem + L.ao);
+  bf16* aos = xs;                                         // the attention output (xs is dead after phase 1)
   float* xp = reinterpret_cast<float*>(smem + L.xp);
   float* xin = reinterpret_cast<float*>(smem + L.xin);
   float* ep = reinterpret_cast<float*>(smem + L.ep);
@@ -157,7 +159,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   const int64_t grow0 = int64_t(b) * N + row0;  // the tile's first global row
   cg::cluster_group cluster = cg::this_cluster();
 #ifdef SAV_HAM_BLOCK_TRACE
-  long long stamps[17] = {};
+  long long stamps[14] = {};
 #endif
   BLK_STAMP(0);
 
@@ -167,6 +169,16 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   stage_row_epilogue(ep, C, p.bp, p.ln_w, p.ln_b, p.wr, p.br, tid, kThreads);
   if (tid < kH * kTaps) ptx::cp_async4(ep + 5 * C + 4 + tid, p.conv_w + tid);
   ptx::cp_async_commit();
+  uint64_t* vbar = reinterpret_cast<uint64_t*>(smem + L.vbar);  // the other tiles' v rows (bulk copies, phase 2)
+  if (tid == 0) {
+    ptx::mbar_init(vbar, 1);
+    ptx::mbar_arrive_expect_tx(vbar, unsigned(tiles - 1) * kVTileBytes);
+  }
+  for (int i = tid; i < kH * T; i += kThreads) codes[i] = 0ull;  // bytes past the bit tiles stay zero
+  for (int i = tid; i < 2 * kPad * ldq / 8; i += kThreads) {     // the conv's zero rows before and after the image
+    const int r = i / (ldq / 8), c = (i - r * (ldq / 8)) * 8;
+    *reinterpret_cast<uint4*>(vall + (r < kPad ? r : T + r) * ldq + c) = make_uint4(0, 0, 0, 0);
+  }
   ptx::cluster_arrive_relaxed();  // runs: remote stores into this CTA may follow the matching wait
   uint4 wq[kQkvTiles][KB];
 #pragma unroll
@@ -186,13 +198,15 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   ptx::cp_async_commit();
   ptx::cp_async_rows(
       xin, C, 16, C, p.x, [&](int r) { return row0 + r < N ? p.x + (grow0 + r) * p.ldx : nullptr; }, tid, kThreads);
-  ptx::cp_async_commit();                                         // the residual rows: needed in phase 7 only
-  for (int i = tid; i < kH * 16; i += kThreads) codes[i] = 0ull;  // bytes past the bit tiles stay zero
+  ptx::cp_async_commit();  // the residual rows: needed in phase 7 only
   ptx::cp_async_wait<1>();
   __syncthreads();
 
   BLK_STAMP(2);
-  // ---- 1. qk | v = xn W^T + b (bf16), rows past N zero ----
+  // ---- 1. qk | v = xn W^T + b (bf16), rows past N zero; v into the tile's rows of vall, then copied into every
+  // other CTA ----
+  bf16* vt0 = vall + (kPad + row0) * ldq;            // this tile's v rows
+  bf16* vg0 = p.vg + (int64_t(b) * T + row0) * ldq;  // ... in global memory (the image's rows at b T)
   {
     float acc[kQkvTiles][4];
 #pragma unroll
@@ -212,12 +226,14 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
         const __nv_bfloat162 v2 =
             ok ? __floats2bfloat162_rn(__fadd_rn(acc[i][2 * half], bias.x), __fadd_rn(acc[i][2 * half + 1], bias.y))
                : __floats2bfloat162_rn(0.0f, 0.0f);
-        bf16* dst = c < C ? qs + r * ldq + c : vs + (r + kPad) * ldq + c - C;
+        bf16* dst = c < C ? qs + r * ldq + c : vt0 + r * ldq + c - C;
         *reinterpret_cast<__nv_bfloat162*>(dst) = v2;
+        if (c >= C) *reinterpret_cast<__nv_bfloat162*>(vg0 + r * ldq + c - C) = v2;
         if (p.qkv_out && ok) *reinterpret_cast<__nv_bfloat162*>(p.qkv_out + (grow0 + r) * 2 * C + c) = v2;
       }
     }
   }
+  ptx::fence_proxy_async_global();  // the v rows in global memory, for the other CTAs' bulk copies
   __syncthreads();
   // the proj weight fragments (the to_qk / to_v ones are dead): in flight during the hash
   uint4 wpf[kProjTiles][KB];
@@ -269,8 +285,13 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   ptx::cluster_wait_acquire();  // every CTA runs
   if (warp < kH && lane < tiles) *cluster.map_shared_rank(sig + rank * kH + warp, lane) = dsum;
   ptx::cluster_arrive_release();
-  ptx::cluster_wait_acquire();
+  ptx::cluster_wait_acquire();  // every tile's sum of D, and its v rows in global memory
   BLK_STAMP(5);
+  if (warp == kWarps - 1 && lane < tiles - 1) {  // the other tiles' v rows (a warp without a codes task below)
+    const int q = (rank + 1 + lane) % tiles;
+    ptx::fence_proxy_async_global();
+    ptx::bulk_copy_g2s(vall + (kPad + 16 * q) * ldq, p.vg + (int64_t(b) * T + 16 * q) * ldq, kVTileBytes, vbar);
+  }
   for (int task = warp; task < kH * p.bt; task += kWarps) {
     const int h = task / p.bt, bt = task - h * p.bt;
     const unsigned char* ph = prep_of(h);
@@ -280,98 +301,75 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
     unsigned long long ca, cb;
     ksh_codes(true, D, nis, reinterpret_cast<const bf16*>(ph + P.a), reinterpret_cast<const float*>(ph + P.mu), p.m,
               p.mt, p.bt, bt, bt + 1, va, vb, ca, cb);
-    if (q4 < 2)  // byte bt of the row's code word
-      reinterpret_cast<unsigned char*>(codes + h * 16 + g + 8 * q4)[bt] =
-          static_cast<unsigned char>((q4 ? cb : ca) >> (8 * bt));
+    if (q4 < 2) {  // byte bt of the row's code word, into every CTA
+      unsigned char* dst = reinterpret_cast<unsigned char*>(codes + h * T + row0 + g + 8 * q4) + bt;
+      const unsigned char v = static_cast<unsigned char>((q4 ? cb : ca) >> (8 * bt));
+      for (int q = 0; q < tiles; ++q) *cluster.map_shared_rank(dst, q) = v;
+    }
+  }
+  BLK_STAMP(6);
+  ptx::cluster_arrive_release();
+  ptx::cluster_wait_acquire();  // every tile's codes
+
+  BLK_STAMP(7);
+  // ---- 3. KV = h^T v / pi over the image's tokens (every CTA the same sums), in three bf16 parts ----
+  const int kvpart = kD * p.ldk;
+  ptx::mbar_wait_parity(vbar, 0);  // the other tiles' v rows
+  BLK_STAMP(8);
+  // the codes as bf16 0/1 rows hT[head][bit][token] (the hash weights' space is dead): the B operand of KV^T
+  bf16* hT = reinterpret_cast<bf16*>(smem + L.prep);
+  const int nb = 16 * p.mb, ldh = T + 8, Tp = T / 2;  // ldh: 4 (2k + 1) words, ldmatrix rows conflict-free
+  for (int i = tid; i < kH * Tp; i += kThreads) {     // a thread per (head, token pair)
+    const int h = i / Tp, tp = i - h * Tp;
+    const unsigned long long c0 = codes[h * T + 2 * tp], c1 = codes[h * T + 2 * tp + 1];
+    uint32_t* dst = reinterpret_cast<uint32_t*>(hT + h * nb * ldh + 2 * tp);
+#pragma unroll 16
+    for (int bit = 0; bit < nb; ++bit) {
+      const int sh = bit & 32;
+      dst[bit * (ldh / 2)] = bit_pair(uint32_t(c0 >> sh), uint32_t(c1 >> sh), bit & 31);
+    }
   }
   __syncthreads();
-
-  BLK_STAMP(6);
-  // ---- 3. the tile's partial KV (16 tokens: one k-step); cluster barrier ----
-  const int kvn = 16 * p.mb * kD;  // one head's KV entries
-  for (int task = warp; task < kH * p.mb * NTh; task += kWarps) {
-    const int h = task / (p.mb * NTh), rest = task - h * p.mb * NTh, mt2 = rest / NTh, nt = rest - mt2 * NTh;
-    const int r0 = (mt2 & 1) * 16 + g;
-    const uint32_t* cw32 = reinterpret_cast<const uint32_t*>(codes + h * 16) + (mt2 >> 1);
-    const int ka = 2 * q4;
-    const uint32_t c0 = cw32[2 * ka], c1 = cw32[2 * ka + 2], c2 = cw32[2 * ka + 16], c3 = cw32[2 * ka + 18];
-    const uint32_t a[4] = {bit_pair(c0, c1, r0), bit_pair(c0, c1, r0 + 8), bit_pair(c2, c3, r0),
-                           bit_pair(c2, c3, r0 + 8)};
-    uint32_t bv[2];
-    ptx::ldmatrix_x2_trans(bv, vs + (kPad + (lane & 15)) * ldq + h * kD + nt * 8);
-    float kv[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    ptx::mma_bf16(kv, a, bv[0], bv[1]);
-    const int nb = 16 * p.mb;                                            // bits per column
-    float* dst = kvp + h * kvn + (nt * 8 + 2 * q4) * nb + mt2 * 16 + g;  // (bit, column): kv[0]; column + 1: kv[1] ..
-    dst[0] = kv[0], dst[nb] = kv[1], dst[8] = kv[2], dst[nb + 8] = kv[3];
-  }
-  BLK_STAMP(7);
-  ptx::cluster_arrive_release();
-  ptx::cluster_wait_acquire();
-
-  BLK_STAMP(8);
-  // ---- 4. KV: CTA r adds the tiles' partials of its share of the entries (4 bits of a column at a time) in tile
-  // order, scales by 1/pi, splits in three bf16 parts and writes them into every CTA; the conv's neighbour rows;
-  // cluster barrier ----
-  {
-    const int f4 = kH * kvn / 4, f0 = rank * f4 / tiles, f1 = (rank + 1) * f4 / tiles, nb = 16 * p.mb;
-    const int kvpart = kD * p.ldk;
-    for (int f = f0 + tid; f < f1; f += kThreads) {
-      float4 s = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  // KV^T (64 columns x nb bits per head) = v^T h, a warp per (head, 16 columns, 16 bits), 16 tokens per k-step
+  for (int task = warp; task < kH * 4 * p.mb; task += kWarps) {
+    const int h = task / (4 * p.mb), rest = task - h * 4 * p.mb, mt = rest / p.mb, np = rest - mt * p.mb;
+    const int c0 = h * kD + mt * 16, b0 = np * 16;
+    const bf16* va = vall + (kPad + (lane & 7) + ((lane >> 4) << 3)) * ldq + c0 + ((lane >> 3) & 1) * 8;
+    const bf16* hb = hT + (h * nb + b0 + ((lane >> 4) << 3) + (lane & 7)) * ldh + ((lane >> 3) & 1) * 8;
+    float kv[2][4] = {};
+#pragma unroll 4
+    for (int t = 0; t < tiles; ++t) {
+      uint32_t a[4], bb[4];
+      ptx::ldmatrix_x4_trans(a, va + 16 * t * ldq);
+      ptx::ldmatrix_x4(bb, hb + 16 * t);
+      ptx::mma_bf16(kv[0], a, bb[0], bb[1]);
+      ptx::mma_bf16(kv[1], a, bb[2], bb[3]);
+    }
+    // kv[n][i]: column c0 + g + 8 (i >> 1), bit b0 + 8 n + 2 q4 + (i & 1): / pi, three bf16 parts, bit pairs packed
 #pragma unroll
-      for (int t = 0; t < kMaxTiles; ++t)
-        if (t < tiles) {
-          const float4 v = reinterpret_cast<const float4*>(cluster.map_shared_rank(kvp, t))[f];
-          s.x += v.x, s.y += v.y, s.z += v.z, s.w += v.w;
-        }
-      const int e = 4 * f, h = e / kvn, r = e - h * kvn, col = r / nb, bit = r - col * nb;
-      bf16 hi[4], mid[4], lo[4];
-      split3(s.x * kInvPi, hi[0], mid[0], lo[0]);
-      split3(s.y * kInvPi, hi[1], mid[1], lo[1]);
-      split3(s.z * kInvPi, hi[2], mid[2], lo[2]);
-      split3(s.w * kInvPi, hi[3], mid[3], lo[3]);
-      auto pack4 = [](const bf16(&v)[4]) {
-        return make_uint2(uint32_t(__bfloat16_as_ushort(v[0])) | (uint32_t(__bfloat16_as_ushort(v[1])) << 16),
-                          uint32_t(__bfloat16_as_ushort(v[2])) | (uint32_t(__bfloat16_as_ushort(v[3])) << 16));
-      };
-      const uint2 ph = pack4(hi), pm = pack4(mid), pl = pack4(lo);
-      bf16* o = kvt + h * 3 * kvpart + col * p.ldk + bit;  // 8-byte aligned: bit % 4 == 0, ldk % 4 == 0
-      for (int q = 0; q < tiles; ++q) {
-        bf16* oq = cluster.map_shared_rank(o, q);
-        *reinterpret_cast<uint2*>(oq) = ph;
-        *reinterpret_cast<uint2*>(oq + kvpart) = pm;
-        *reinterpret_cast<uint2*>(oq + 2 * kvpart) = pl;
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        uint32_t hi, mid, lo;
+        split3_pair(kv[n][2 * half] * kInvPi, kv[n][2 * half + 1] * kInvPi, hi, mid, lo);
+        bf16* o = kvt + h * 3 * kvpart + (mt * 16 + g + 8 * half) * p.ldk + b0 + 8 * n + 2 * q4;
+        *reinterpret_cast<uint32_t*>(o) = hi;
+        *reinterpret_cast<uint32_t*>(o + kvpart) = mid;
+        *reinterpret_cast<uint32_t*>(o + 2 * kvpart) = lo;
       }
-    }
-    // rows -kPad .. -1 from the previous tile's last rows, 16 .. 16 + kPad - 1 from the next tile's first rows
-    constexpr int kChunks = C / 8;
-    for (int i = tid; i < 2 * kPad * kChunks; i += kThreads) {
-      const int r = i / kChunks, c = (i - r * kChunks) * 8;
-      const bool before = r < kPad;
-      const int src_rank = before ? rank - 1 : rank + 1;
-      const int dst_row = before ? r : 16 + r;  // storage rows 0 .. kPad - 1, 16 + kPad ..
-      const int src_row = before ? 16 + r : r;  // the neighbour's storage rows 16 .., kPad ..
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (src_rank >= 0 && src_rank < tiles)
-        v = *reinterpret_cast<const uint4*>(cluster.map_shared_rank(vs + src_row * ldq + c, src_rank));
-      *reinterpret_cast<uint4*>(vs + dst_row * ldq + c) = v;
-    }
   }
+  __syncthreads();
   BLK_STAMP(9);
-  ptx::cluster_arrive_release();  // the last distributed shared-memory access of the kernel
-  ptx::cluster_wait_acquire();
-  BLK_STAMP(16);
 
   // ---- 5. z = h KV + 0.5 v, norms, conv: a warp per (head, column tile), at most two each ----
   constexpr int kUnits = kH * NTh, kPer = (kUnits + kWarps - 1) / kWarps;
-  const int kvpart = kD * p.ldk;
   float z[kPer][4];
 #pragma unroll
   for (int j = 0; j < kPer; ++j) {
     const int u = warp + kWarps * j;
     if (u >= kUnits) break;
     const int h = u / NTh, nt = u - h * NTh, c = h * kD + nt * 8 + 2 * q4;
-    const unsigned long long ca = codes[h * 16 + g], cb = codes[h * 16 + g + 8];
+    const unsigned long long ca = codes[h * T + row0 + g], cb = codes[h * T + row0 + g + 8];
     const uint32_t a_lo = uint32_t(ca), a_hi = uint32_t(ca >> 32), b_lo = uint32_t(cb), b_hi = uint32_t(cb >> 32);
     float* zz = z[j];
     zz[0] = zz[1] = zz[2] = zz[3] = 0.0f;
@@ -384,7 +382,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
       for (int part = 0; part < 3; ++part)
         ptx::mma_bf16(z[j], a, ld_pair(bp + part * kvpart), ld_pair(bp + part * kvpart + 8));
     }
-    const float2 xa = ld_float2(vs + (g + kPad) * ldq + c), xb = ld_float2(vs + (g + 8 + kPad) * ldq + c);
+    const float2 xa = ld_float2(vt0 + g * ldq + c), xb = ld_float2(vt0 + (g + 8) * ldq + c);
     zz[0] += 0.5f * xa.x, zz[1] += 0.5f * xa.y, zz[2] += 0.5f * xb.x, zz[3] += 0.5f * xb.y;
     double sa = double(zz[0]) * zz[0] + double(zz[1]) * zz[1], sb = double(zz[2]) * zz[2] + double(zz[3]) * zz[3];
     sa += __shfl_xor_sync(0xffffffffu, sa, 1);
@@ -408,7 +406,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
     const int h = u / NTh, nt = u - h * NTh, c = h * kD + nt * 8 + 2 * q4;
     const float ia = inv[g * kH + h], ib = inv[(g + 8) * kH + h];
     float o[4] = {z[j][0] * ia, z[j][1] * ia, z[j][2] * ib, z[j][3] * ib};
-    const bf16* vt = vs + g * ldq + c;  // storage row g = token row g - kPad
+    const bf16* vt = vall + (row0 + g) * ldq + c;  // token row row0 + g - kPad
 #pragma unroll
     for (int t = 0; t < kTaps; ++t) {
       const float w = conv[h * kTaps + t];
@@ -457,12 +455,12 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
 #ifdef SAV_HAM_BLOCK_TRACE
   if (tid == 0 && b == 0 && (rank == 0 || rank == tiles - 1)) {
     printf(
-        "[ham_block trace] rank %d cycles: stage-issue %lld wait+xs %lld qkv %lld dist %lld sigma-bar %lld codes %lld "
-        "kvp %lld wp+bar %lld kvsum %lld kv-bar %lld z %lld norm+emit %lld proj %lld epi %lld total %lld\n",
+        "[ham_block trace] rank %d cycles: stage-issue %lld wait+xs %lld qkv+copies %lld dist %lld sigma-bar %lld "
+        "codes %lld codes-bar %lld v-wait %lld kv %lld z %lld norm+emit %lld proj %lld epi %lld total %lld\n",
         rank, stamps[1] - stamps[0], stamps[2] - stamps[1], stamps[3] - stamps[2], stamps[4] - stamps[3],
         stamps[5] - stamps[4], stamps[6] - stamps[5], stamps[7] - stamps[6], stamps[8] - stamps[7],
-        stamps[9] - stamps[8], stamps[16] - stamps[9], stamps[10] - stamps[16], stamps[11] - stamps[10],
-        stamps[12] - stamps[11], stamps[13] - stamps[12], stamps[13] - stamps[0]);
+        stamps[9] - stamps[8], stamps[10] - stamps[9], stamps[11] - stamps[10], stamps[12] - stamps[11],
+        stamps[13] - stamps[12], stamps[13] - stamps[0]);
   }
 #endif
 #endif
@@ -494,13 +492,17 @@ bool hamming_block_supports(int B, int N, int C, int H, int nbits, int m) {
          cluster_fits(reinterpret_cast<const void*>(blk_kernel_for(H)), p.tiles, kThreads, smem, true);
 }
 
+size_t hamming_block_scratch_elems(int B, int N, int C) {
+  return size_t(std::max(B, 0)) * 16 * ((std::max(N, 0) + 15) / 16) * (size_t(std::max(C, 0)) + 8);
+}
+
 void hamming_block_forward(float* x, int ldx, const bf16* xn, int ldxn, const bf16* wqkv, const bf16* bqkv,
                            const void* prep, const float* conv_w, const bf16* wp, const float* bp, const float* ln_w,
                            const float* ln_b, float eps, const float* wr, const float* br, bf16* xa, int ldxa,
-                           int8_t* choice, int B, int N, int C, int H, int nbits, int m, cudaStream_t stream,
-                           bf16* qkv_out, bf16* ao_out) {
+                           int8_t* choice, bf16* v_scratch, int B, int N, int C, int H, int nbits, int m,
+                           cudaStream_t stream, bf16* qkv_out, bf16* ao_out) {
   const char* what = "hamming attention block";
-  SAV_CHECK(x && xn && wqkv && bqkv && prep && conv_w && wp && bp && ln_w && ln_b && wr && br && xa,
+  SAV_CHECK(x && xn && wqkv && bqkv && prep && conv_w && wp && bp && ln_w && ln_b && wr && br && xa && v_scratch,
             what << ": null pointer");
   SAV_CHECK(hamming_block_supports(B, N, C, H, nbits, m),
             what << ": B=" << B << " N=" << N << " C=" << C << " H=" << H << " nbits=" << nbits << " m=" << m
@@ -510,7 +512,7 @@ void hamming_block_forward(float* x, int ldx, const bf16* xn, int ldxn, const bf
   SAV_CHECK(ldx >= C && ldx % 4 == 0 && ldxn >= C && ldxn % 8 == 0 && ldxa >= Ka && ldxa % 4 == 0,
             what << ": row strides ldx=" << ldx << " ldxn=" << ldxn << " ldxa=" << ldxa);
   SAV_CHECK(aligned16(x) && aligned16(xn) && aligned16(wqkv) && aligned16(bqkv) && aligned16(prep) && aligned16(wp) &&
-                aligned16(bp) && aligned16(ln_w) && aligned16(ln_b) && aligned16(wr) &&
+                aligned16(bp) && aligned16(ln_w) && aligned16(ln_b) && aligned16(wr) && aligned16(v_scratch) &&
                 reinterpret_cast<uintptr_t>(xa) % 8 == 0 && reinterpret_cast<uintptr_t>(qkv_out) % 4 == 0 &&
                 reinterpret_cast<uintptr_t>(ao_out) % 4 == 0,
             what << ": misaligned pointers");
@@ -519,7 +521,7 @@ void hamming_block_forward(float* x, int ldx, const bf16* xn, int ldxn, const bf
   p.x = x, p.ldx = ldx, p.xn = xn, p.ldxn = ldxn, p.wqkv = wqkv, p.bqkv = bqkv;
   p.prep = static_cast<const unsigned char*>(prep), p.conv_w = conv_w;
   p.wp = wp, p.bp = bp, p.ln_w = ln_w, p.ln_b = ln_b, p.wr = wr, p.br = br, p.eps = eps;
-  p.xa = xa, p.ldxa = ldxa, p.Ka = Ka, p.choice = choice, p.qkv_out = qkv_out, p.ao_out = ao_out;
+  p.vg = v_scratch, p.xa = xa, p.ldxa = ldxa, p.Ka = Ka, p.choice = choice, p.qkv_out = qkv_out, p.ao_out = ao_out;
   const size_t smem = blk_smem(p).total;
   const dim3 grid(static_cast<unsigned>(int64_t(B) * p.tiles)), block(kThreads);
   launch_dependent(blk_kernel_for(H), grid, block, smem, p.tiles, stream, p);

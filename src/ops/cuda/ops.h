@@ -108,13 +108,15 @@ void hamming_attention_proj_ln_mask_forward(float* x, int ldx, const bf16* qk, i
 // bf16 is LayerNorm 1 of x. A thread-block cluster per image, one CTA per 16-token tile holding every head of it;
 // sigma and KV meet through distributed shared memory. Where hamming_block_supports: head size 64, H <= 3 (C <= 192,
 // DeiT-Tiny), N <= 256, nbits <= 64, m <= 32, and a cluster of ceil(N / 16) CTAs fits the device. qkv_out (B N, 2C)
-// and ao_out (B N, C), when not null, receive the kernel's qk | v rows and attention output (tests).
+// and ao_out (B N, C), when not null, receive the kernel's qk | v rows and attention output (tests). v_scratch:
+// hamming_block_scratch_elems(B, N, C) bf16 of device memory the kernel passes the v rows through (16-byte aligned).
 bool hamming_block_supports(int B, int N, int C, int H, int nbits, int m);
+size_t hamming_block_scratch_elems(int B, int N, int C);
 void hamming_block_forward(float* x, int ldx, const bf16* xn, int ldxn, const bf16* wqkv, const bf16* bqkv,
                            const void* prep, const float* conv_w, const bf16* wp, const float* bp, const float* ln_w,
                            const float* ln_b, float eps, const float* wr, const float* br, bf16* xa, int ldxa,
-                           int8_t* choice, int B, int N, int C, int H, int nbits, int m, cudaStream_t stream,
-                           bf16* qkv_out = nullptr, bf16* ao_out = nullptr);
+                           int8_t* choice, bf16* v_scratch, int B, int N, int C, int H, int nbits, int m,
+                           cudaStream_t stream, bf16* qkv_out = nullptr, bf16* ao_out = nullptr);
 
 // ---- MoE(mult, shift) linear (METHOD.md section 3), inference, routing on the GPU ----
 // Step 1: ONE Gemm::linear_f32 (no bias, no accumulate) of the rows x (M,K) bf16 with the stacked weight

@@ -111,6 +111,9 @@ __device__ __forceinline__ void bulk_copy_g2s(void* dst, const void* src, unsign
       : "memory");
 }
 
+// This thread's global-memory stores become visible to bulk copies (the async proxy) ordered after them.
+__device__ __forceinline__ void fence_proxy_async_global() { asm volatile("fence.proxy.async.global;\n" ::: "memory"); }
+
 // Programmatic dependent launch (common.h DependentLaunchScope). trigger: this CTA lets the next kernel on the
 // stream start (it takes effect when every CTA has triggered or exited); wait: blocks until the previous kernel
 // has finished and its memory is visible. Both are no-ops for a kernel launched without the attribute.
