@@ -925,7 +925,8 @@ TEST_F(RowsFused, HammingBlockMatchesDefinition) {
     int B, N, C, H, nbits, m;
   };
   for (const Case cs : {Case{1, 197, 192, 3, 16, 25}, Case{2, 197, 192, 3, 16, 25}, Case{1, 50, 128, 2, 16, 25},
-                        Case{2, 37, 64, 1, 8, 9}, Case{1, 64, 192, 3, 24, 25}, Case{1, 17, 128, 2, 16, 32}}) {
+                        Case{2, 37, 64, 1, 8, 9}, Case{1, 64, 192, 3, 24, 25}, Case{1, 17, 128, 2, 16, 32},
+                        Case{2, 11, 64, 1, 40, 12}, Case{1, 208, 192, 3, 16, 25}}) {
     const int B = cs.B, N = cs.N, C = cs.C, H = cs.H, M = B * N;
     SCOPED_TRACE(dims({{"B", B}, {"N", N}, {"C", C}, {"H", H}, {"nbits", cs.nbits}, {"m", cs.m}}));
     ASSERT_TRUE(cuda::hamming_block_supports(B, N, C, H, cs.nbits, cs.m));
@@ -976,6 +977,7 @@ TEST_F(RowsFused, HammingBlockMatchesDefinition) {
   EXPECT_FALSE(cuda::hamming_block_supports(1, 197, 256, 4, 16, 25)) << "4 heads";
   EXPECT_FALSE(cuda::hamming_block_supports(1, 197, 96, 3, 16, 25)) << "head size 32";
   EXPECT_FALSE(cuda::hamming_block_supports(1, 300, 192, 3, 16, 25)) << "N > 256";
+  EXPECT_FALSE(cuda::hamming_block_supports(1, 224, 192, 3, 16, 25)) << "the image's v rows exceed shared memory";
   DeviceBuffer<float> f(64);
   DeviceBuffer<bf16> h(64);
   EXPECT_THROW(cuda::hamming_block_forward(f.get(), 192, h.get(), 192, h.get(), h.get(), f.get(), f.get(), h.get(),

@@ -2,42 +2,45 @@
 // to_v, the Hamming attention (METHOD.md section 1), proj, the residual, LayerNorm 2 and the masked fc1's router and
 // mask. Spec: the composition of gemm (bf16 products), hamming_attention_forward_ld and moe_ln_route_mask_forward.
 //
-// Work split: one thread-block cluster per image, one CTA per 16-token tile (tiles = ceil(N / 16) <= 16 CTAs: a
-// non-portable cluster size above 8), 16 warps; every CTA handles ALL heads of its tile (head size 64, at most 3
-// heads: DeiT-Tiny). So each token is hashed once (the per-head kernel hashes every token in every CTA of a head), and
-// the proj, which needs every head of a row, stays inside the CTA. Only the two per-image reductions cross CTAs,
-// through distributed shared memory:
+// Work split: one thread-block cluster per image, one CTA per 16-token tile (tiles = ceil(N / 16) CTAs: a non-portable
+// cluster size above 8; shared memory holds the whole image's v rows, so N <= 208), 16 warps; every CTA handles ALL
+// heads of its tile (head size 64, at most 3 heads: DeiT-Tiny). So each token is hashed once, and the proj, which needs
+// every head of a row, stays inside the CTA. What crosses CTAs:
 //   sigma: each CTA writes its tile's sum of D per head into every CTA (8 bytes each), then a cluster barrier; every
 //     CTA adds the tiles' sums in tile order, as the per-head kernel (ham::ksh_sigma), so the codes are the same bits;
-//   KV = h^T V: each CTA computes its tile's partial (one mma per head, 16 bits and 8 columns: 16 tokens are one
-//     k-step) into its own shared memory; after a cluster barrier CTA r adds its share (1 / tiles) of the entries
-//     over the tiles in tile order (f32, float4 reads from every CTA), scales them by 1/pi, splits them in three bf16
-//     parts as the per-head kernel and writes the parts into every CTA (a reduce-scatter, then an all-gather: each
-//     CTA reads and writes about 2 KV's worth, instead of reading all the partials); then a second barrier.
-// The 9-tap conv reads 4 rows past each end of the tile: copied from the neighbouring CTAs' v rows between the two
-// barriers (zeros outside the image). After the second barrier no CTA touches another's shared memory.
+//   the v rows: each CTA writes its tile's v rows to global memory (v_scratch, the image's rows padded to whole tiles)
+//     before that barrier; after it, every CTA bulk-copies the other tiles' rows (one copy per tile, an mbarrier)
+//     into its own shared memory, through L2, while it computes its codes. (Pushing them through distributed shared
+//     memory instead moved about 20 bytes per cycle per SM: 4k cycles for the 77 KB each CTA receives.)
+//   the codes: each CTA writes its tile's code bytes into every CTA, then a second cluster barrier.
+// Then every CTA computes the whole KV = h^T V over the image's tokens by itself (the same sums in every CTA: KV^T = v^T
+// h, the codes expanded to bf16 0/1 rows over the dead hash weights, both operands by ldmatrix), scales by 1/pi and
+// splits it in three bf16 parts as the per-head kernel. The 9-tap conv reads its neighbour rows from the same v rows
+// (zero rows before and after the image). After the second barrier no CTA touches another's shared memory.
 //
 // Products: bf16 mma.sync m16n8k16, f32 accumulation. The to_qk / to_v and proj weights are not staged: each lane
 // loads 16 bytes of its weight row per 32-wide k block straight from global memory into registers, the to_qk / to_v
-// ones before the dependent-launch wait (they do not depend on the previous kernel), the proj ones right after phase 1
-// (in flight during the hash); within a k block the k order is permuted (lane q4 holds k 8 q4 .. 8 q4 + 7 of its A rows
-// and weight row: the first mma takes 8 q4 .. 8 q4 + 3, the second 8 q4 + 4 .. 8 q4 + 7), the same for both operands,
-// so both are single 16-byte loads (A rows C + 32 bf16 apart: conflict-free).
+// ones before the dependent-launch wait (they do not depend on the previous kernel), the proj ones after the KV
+// product (in flight during z and the norms; the warps without a KV task issue theirs first); within a k block the k
+// order is permuted (lane q4 holds k 8 q4 .. 8 q4 + 7 of its A rows and weight row: the first mma takes 8 q4 ..
+// 8 q4 + 3, the second 8 q4 + 4 .. 8 q4 + 7), the same for both operands, so both are single 16-byte loads (A rows
+// C + 32 bf16 apart: conflict-free).
 //
 // Phases (a __syncthreads or a cluster barrier between each):
 //  0. the epilogue's vectors by cp.async, the to_qk / to_v weight fragments, then the heads' prepared hash weights by
-//     one bulk copy (waited for in phase 2); after the dependent-launch wait, the tile's LayerNorm-1 rows and its
-//     residual rows (waited for in phase 7);
-//  1. qk | v (16 x 2C) = xn W^T + b, rounded to bf16 (as the cuBLASLt product's bf16 epilogue), rows past N zero;
-//     then the proj weight fragments are issued;
+//     one bulk copy (waited for in phase 2); the v mbarrier, zero codes and the conv's zero rows; after the
+//     dependent-launch wait, the tile's LayerNorm-1 rows and its residual rows (waited for in phase 7);
+//  1. qk | v (16 x 2C) = xn W^T + b, rounded to bf16 (as the cuBLASLt product's bf16 epilogue), rows past N zero; v
+//     into the tile's rows of the image's v rows in shared memory and into v_scratch;
 //  2. the hash of the tile: the distances a warp per (head, anchor tile) (ham::ksh_dots, ksh_d), the sums of D a warp
-//     per head (ksh_dsum), the sigma exchange, the codes a warp per (head, 8 bits) (ksh_codes);
-//  3. the tile's partial KV, a warp per (head, 16 bits, 8 columns); cluster barrier;
-//  4. KV: this CTA's share of the sums / pi, split, into every CTA; the conv's neighbour rows; cluster barrier;
-//  5. z = h KV + 0.5 v, a warp per (head, 8 columns); ||z|| per (row, head): the column tiles' double sums in order;
+//     per head (ksh_dsum), the sigma exchange (cluster barrier), the other tiles' v rows requested, the codes a warp
+//     per (head, 8 bits) (ksh_codes) into every CTA; cluster barrier;
+//  3. KV: the codes as bf16 rows, then KV^T a warp per (head, 16 columns, 16 bits) over all tokens, / pi, split; the
+//     proj weight fragments issued;
+//  4. z = h KV + 0.5 v, a warp per (head, 8 columns); ||z|| per (row, head): the column tiles' double sums in order;
 //     out = z / max(||z||, eps) + the 9 taps of v, bf16 (the attention output);
-//  6. proj (16 x C), a warp per 8 output columns (two for C > 128);
-//  7. x += proj + b, then LayerNorm 2 + router + mask of the tile's rows (moe_rows::linear_residual_ln_route_mask: the
+//  5. proj (16 x C), a warp per 8 output columns (two for C > 128);
+//  6. x += proj + b, then LayerNorm 2 + router + mask of the tile's rows (moe_rows::linear_residual_ln_route_mask: the
 //     row arithmetic of moe_ln_route_mask_forward).
 // Deterministic: every sum has a fixed order and no atomics, so reruns and graph replays give the same bits, and an
 // image of a batch the same bits as alone. Against the per-head kernel on the same qk | v: the same codes; KV summed
@@ -159,7 +162,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   const int64_t grow0 = int64_t(b) * N + row0;  // the tile's first global row
   cg::cluster_group cluster = cg::this_cluster();
 #ifdef SAV_HAM_BLOCK_TRACE
-  long long stamps[14] = {};
+  long long stamps[17] = {};
 #endif
   BLK_STAMP(0);
 
@@ -198,7 +201,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   ptx::cp_async_commit();
   ptx::cp_async_rows(
       xin, C, 16, C, p.x, [&](int r) { return row0 + r < N ? p.x + (grow0 + r) * p.ldx : nullptr; }, tid, kThreads);
-  ptx::cp_async_commit();  // the residual rows: needed in phase 7 only
+  ptx::cp_async_commit();  // the residual rows: needed in phase 6 only
   ptx::cp_async_wait<1>();
   __syncthreads();
 
@@ -233,18 +236,10 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
       }
     }
   }
+  BLK_STAMP(14);
   ptx::fence_proxy_async_global();  // the v rows in global memory, for the other CTAs' bulk copies
   __syncthreads();
-  // the proj weight fragments (the to_qk / to_v ones are dead): in flight during the hash
-  uint4 wpf[kProjTiles][KB];
-#pragma unroll
-  for (int i = 0; i < kProjTiles; ++i) {
-    const int nt = warp + kWarps * i;
-#pragma unroll
-    for (int kb = 0; kb < KB; ++kb)
-      wpf[i][kb] = nt < C / 8 ? w_fragment(p.wp, nt * 8 + g, C, kb) : make_uint4(0, 0, 0, 0);
-  }
-
+  BLK_STAMP(15);
   BLK_STAMP(3);
   ptx::mbar_wait_parity(bar, 0);  // the hash weights
   // ---- 2. the hash, the per-head kernel's arithmetic spread over warps: the distances a warp per (head, anchor
@@ -323,28 +318,37 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
     const int h = i / Tp, tp = i - h * Tp;
     const unsigned long long c0 = codes[h * T + 2 * tp], c1 = codes[h * T + 2 * tp + 1];
     uint32_t* dst = reinterpret_cast<uint32_t*>(hT + h * nb * ldh + 2 * tp);
-#pragma unroll 16
-    for (int bit = 0; bit < nb; ++bit) {
-      const int sh = bit & 32;
-      dst[bit * (ldh / 2)] = bit_pair(uint32_t(c0 >> sh), uint32_t(c1 >> sh), bit & 31);
+    for (int j = 0; j < p.mb; ++j) {  // 16 bits at a time: the two tokens' bits b at bit b and b + 16 of w
+      const uint32_t w = (uint32_t(c0 >> (16 * j)) & 0xFFFFu) | (uint32_t(c1 >> (16 * j)) << 16);
+#pragma unroll
+      for (int bit = 0; bit < 16; ++bit) dst[(16 * j + bit) * (ldh / 2)] = ((w >> bit) & 0x10001u) * 0x3F80u;
     }
   }
   __syncthreads();
+  BLK_STAMP(16);
   // KV^T (64 columns x nb bits per head) = v^T h, a warp per (head, 16 columns, 16 bits), 16 tokens per k-step
   for (int task = warp; task < kH * 4 * p.mb; task += kWarps) {
     const int h = task / (4 * p.mb), rest = task - h * 4 * p.mb, mt = rest / p.mb, np = rest - mt * p.mb;
     const int c0 = h * kD + mt * 16, b0 = np * 16;
     const bf16* va = vall + (kPad + (lane & 7) + ((lane >> 4) << 3)) * ldq + c0 + ((lane >> 3) & 1) * 8;
     const bf16* hb = hT + (h * nb + b0 + ((lane >> 4) << 3) + (lane & 7)) * ldh + ((lane >> 3) & 1) * 8;
-    float kv[2][4] = {};
-#pragma unroll 4
-    for (int t = 0; t < tiles; ++t) {
+    float acc[2][2][4] = {};  // k-steps t = u mod 2 in chain u, then their sum (the loads bound it: ldmatrix)
+    auto step = [&](int t, float(&k)[2][4]) {
       uint32_t a[4], bb[4];
       ptx::ldmatrix_x4_trans(a, va + 16 * t * ldq);
       ptx::ldmatrix_x4(bb, hb + 16 * t);
-      ptx::mma_bf16(kv[0], a, bb[0], bb[1]);
-      ptx::mma_bf16(kv[1], a, bb[2], bb[3]);
-    }
+      ptx::mma_bf16(k[0], a, bb[0], bb[1]);
+      ptx::mma_bf16(k[1], a, bb[2], bb[3]);
+    };
+    int t = 0;
+#pragma unroll 2
+    for (; t + 2 <= tiles; t += 2) step(t, acc[0]), step(t + 1, acc[1]);
+    if (t < tiles) step(t, acc[0]);
+    float kv[2][4];
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) kv[n][i] = acc[0][n][i] + acc[1][n][i];
     // kv[n][i]: column c0 + g + 8 (i >> 1), bit b0 + 8 n + 2 q4 + (i & 1): / pi, three bf16 parts, bit pairs packed
 #pragma unroll
     for (int n = 0; n < 2; ++n)
@@ -358,10 +362,20 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
         *reinterpret_cast<uint32_t*>(o + 2 * kvpart) = lo;
       }
   }
+  // the proj weight fragments: in flight during z and the norms (the warps without a KV task issue them first)
+  uint4 wpf[kProjTiles][KB];
+#pragma unroll
+  for (int i = 0; i < kProjTiles; ++i) {
+    const int nt = warp + kWarps * i;
+#pragma unroll
+    for (int kb = 0; kb < KB; ++kb)
+      wpf[i][kb] = nt < C / 8 ? w_fragment(p.wp, nt * 8 + g, C, kb) : make_uint4(0, 0, 0, 0);
+  }
+
   __syncthreads();
   BLK_STAMP(9);
 
-  // ---- 5. z = h KV + 0.5 v, norms, conv: a warp per (head, column tile), at most two each ----
+  // ---- 4. z = h KV + 0.5 v, norms, conv: a warp per (head, column tile), at most two each ----
   constexpr int kUnits = kH * NTh, kPer = (kUnits + kWarps - 1) / kWarps;
   float z[kPer][4];
 #pragma unroll
@@ -425,7 +439,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   __syncthreads();
 
   BLK_STAMP(11);
-  // ---- 6. proj: a warp per 8 output columns ----
+  // ---- 5. proj: a warp per 8 output columns ----
 #pragma unroll
   for (int i = 0; i < kProjTiles; ++i) {
     const int nt = warp + kWarps * i;
@@ -441,7 +455,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   __syncthreads();
 
   BLK_STAMP(12);
-  // ---- 7. residual + LayerNorm 2 + router + mask: a group of 16 lanes per row ----
+  // ---- 6. residual + LayerNorm 2 + router + mask: a group of 16 lanes per row ----
   constexpr int kG = 16, kS = 4;  // as moe_ln_route_mask_forward's kernel for C <= 256: the same row arithmetic
   if (tid < 16 * kG) {
     const int i = tid / kG, n = row0 + i;
@@ -461,6 +475,9 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
         stamps[5] - stamps[4], stamps[6] - stamps[5], stamps[7] - stamps[6], stamps[8] - stamps[7],
         stamps[9] - stamps[8], stamps[10] - stamps[9], stamps[11] - stamps[10], stamps[12] - stamps[11],
         stamps[13] - stamps[12], stamps[13] - stamps[0]);
+    printf("[ham_block trace] rank %d detail: qkv mma+stores %lld fence+sync %lld wp-issue %lld expand %lld kv-mma %lld\n",
+           rank, stamps[14] - stamps[2], stamps[15] - stamps[14], stamps[3] - stamps[15], stamps[16] - stamps[8],
+           stamps[9] - stamps[16]);
   }
 #endif
 #endif
@@ -506,7 +523,8 @@ void hamming_block_forward(float* x, int ldx, const bf16* xn, int ldxn, const bf
             what << ": null pointer");
   SAV_CHECK(hamming_block_supports(B, N, C, H, nbits, m),
             what << ": B=" << B << " N=" << N << " C=" << C << " H=" << H << " nbits=" << nbits << " m=" << m
-                 << " not supported (head size 64, at most 3 heads, N <= 256, nbits <= 64, anchors <= 32, a cluster "
+                 << " not supported (head size 64, at most 3 heads, nbits <= 64, anchors <= 32, the image's v rows in shared "
+                    "memory (N <= 208 at C = 192), a cluster "
                     "of one CTA per 16-token tile that fits the device)");
   const int Ka = moe_masked_cols(C);
   SAV_CHECK(ldx >= C && ldx % 4 == 0 && ldxn >= C && ldxn % 8 == 0 && ldxa >= Ka && ldxa % 4 == 0,

@@ -106,8 +106,9 @@ void hamming_attention_proj_ln_mask_forward(float* x, int ldx, const bf16* qk, i
 // them (prep, conv_w as there), then x += proj + bp and LayerNorm 2 + router + mask as
 // hamming_attention_proj_ln_mask_forward (wp, bp, ln_w, ln_b, eps, wr, br, xa, ldxa, choice as there). xn (B N, ldxn)
 // bf16 is LayerNorm 1 of x. A thread-block cluster per image, one CTA per 16-token tile holding every head of it;
-// sigma and KV meet through distributed shared memory. Where hamming_block_supports: head size 64, H <= 3 (C <= 192,
-// DeiT-Tiny), N <= 256, nbits <= 64, m <= 32, and a cluster of ceil(N / 16) CTAs fits the device. qkv_out (B N, 2C)
+// sigma and the codes meet through distributed shared memory, the v rows through v_scratch, and every CTA computes
+// the whole KV. Where hamming_block_supports: head size 64, H <= 3 (C <= 192, DeiT-Tiny), nbits <= 64, m <= 32, the
+// image's v rows fit in shared memory (N <= 208 at C = 192) and a cluster of ceil(N / 16) CTAs fits the device. qkv_out (B N, 2C)
 // and ao_out (B N, C), when not null, receive the kernel's qk | v rows and attention output (tests). v_scratch:
 // hamming_block_scratch_elems(B, N, C) bf16 of device memory the kernel passes the v rows through (16-byte aligned).
 bool hamming_block_supports(int B, int N, int C, int H, int nbits, int m);
