@@ -13,8 +13,8 @@
 //     into its own shared memory, through L2, while it computes its codes. (Pushing them through distributed shared
 //     memory instead moved about 20 bytes per cycle per SM: 4k cycles for the 77 KB each CTA receives.)
 //   the codes: each CTA writes its tile's code bytes into every CTA, then a second cluster barrier.
-// Then every CTA computes the whole KV = h^T V over the image's tokens by itself (the same sums in every CTA: KV^T = v^T
-// h, the codes expanded to bf16 0/1 rows over the dead hash weights, both operands by ldmatrix), scales by 1/pi and
+// Then every CTA computes the whole KV = h^T V over the image's tokens by itself (the same sums in every CTA: KV^T =
+// v^T h, the codes expanded to bf16 0/1 rows over the dead hash weights, both operands by ldmatrix), scales by 1/pi and
 // splits it in three bf16 parts as the per-head kernel. The 9-tap conv reads its neighbour rows from the same v rows
 // (zero rows before and after the image). After the second barrier no CTA touches another's shared memory.
 //
@@ -206,8 +206,8 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   __syncthreads();
 
   BLK_STAMP(2);
-  // ---- 1. qk | v = xn W^T + b (bf16), rows past N zero; v into the tile's rows of vall, then copied into every
-  // other CTA ----
+  // ---- 1. qk | v = xn W^T + b (bf16), rows past N zero; v into the tile's rows of vall and into v_scratch (the other
+  // CTAs copy it from there after the sigma barrier) ----
   bf16* vt0 = vall + (kPad + row0) * ldq;            // this tile's v rows
   bf16* vg0 = p.vg + (int64_t(b) * T + row0) * ldq;  // ... in global memory (the image's rows at b T)
   {
@@ -344,12 +344,13 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
 #pragma unroll 2
     for (; t + 2 <= tiles; t += 2) step(t, acc[0]), step(t + 1, acc[1]);
     if (t < tiles) step(t, acc[0]);
+    // kv[n][i]: column c0 + g + 8 (i >> 1), bit b0 + 8 n + 2 q4 + (i & 1): / pi, three bf16 parts, bit pairs packed
     float kv[2][4];
 #pragma unroll
-    for (int n = 0; n < 2; ++n)
+    for (int n = 0; n < 2; ++n) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) kv[n][i] = acc[0][n][i] + acc[1][n][i];
-    // kv[n][i]: column c0 + g + 8 (i >> 1), bit b0 + 8 n + 2 q4 + (i & 1): / pi, three bf16 parts, bit pairs packed
+    }
 #pragma unroll
     for (int n = 0; n < 2; ++n)
 #pragma unroll
@@ -475,9 +476,10 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
         stamps[5] - stamps[4], stamps[6] - stamps[5], stamps[7] - stamps[6], stamps[8] - stamps[7],
         stamps[9] - stamps[8], stamps[10] - stamps[9], stamps[11] - stamps[10], stamps[12] - stamps[11],
         stamps[13] - stamps[12], stamps[13] - stamps[0]);
-    printf("[ham_block trace] rank %d detail: qkv mma+stores %lld fence+sync %lld wp-issue %lld expand %lld kv-mma %lld\n",
-           rank, stamps[14] - stamps[2], stamps[15] - stamps[14], stamps[3] - stamps[15], stamps[16] - stamps[8],
-           stamps[9] - stamps[16]);
+    printf(
+        "[ham_block trace] rank %d detail: qkv mma+stores %lld fence+sync %lld wp-issue %lld expand %lld kv-mma %lld\n",
+        rank, stamps[14] - stamps[2], stamps[15] - stamps[14], stamps[3] - stamps[15], stamps[16] - stamps[8],
+        stamps[9] - stamps[16]);
   }
 #endif
 #endif
@@ -521,11 +523,12 @@ void hamming_block_forward(float* x, int ldx, const bf16* xn, int ldxn, const bf
   const char* what = "hamming attention block";
   SAV_CHECK(x && xn && wqkv && bqkv && prep && conv_w && wp && bp && ln_w && ln_b && wr && br && xa && v_scratch,
             what << ": null pointer");
-  SAV_CHECK(hamming_block_supports(B, N, C, H, nbits, m),
-            what << ": B=" << B << " N=" << N << " C=" << C << " H=" << H << " nbits=" << nbits << " m=" << m
-                 << " not supported (head size 64, at most 3 heads, nbits <= 64, anchors <= 32, the image's v rows in shared "
-                    "memory (N <= 208 at C = 192), a cluster "
-                    "of one CTA per 16-token tile that fits the device)");
+  SAV_CHECK(
+      hamming_block_supports(B, N, C, H, nbits, m),
+      what << ": B=" << B << " N=" << N << " C=" << C << " H=" << H << " nbits=" << nbits << " m=" << m
+           << " not supported (head size 64, at most 3 heads, nbits <= 64, anchors <= 32, the image's v rows in shared "
+              "memory (N <= 208 at C = 192), a cluster "
+              "of one CTA per 16-token tile that fits the device)");
   const int Ka = moe_masked_cols(C);
   SAV_CHECK(ldx >= C && ldx % 4 == 0 && ldxn >= C && ldxn % 8 == 0 && ldxa >= Ka && ldxa % 4 == 0,
             what << ": row strides ldx=" << ldx << " ldxn=" << ldxn << " ldxa=" << ldxa);
