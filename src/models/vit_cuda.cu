@@ -308,7 +308,9 @@ struct ViTCuda::Impl {
       ws = std::max(
           ws, cuda::hamming_tiled_workspace_bytes({bb, cfg.tokens(), cfg.dim, cfg.heads, cfg.hash_bits, cfg.anchors}));
     ham_ws.resize(ws);
-    const bool blk = std::any_of(blocks.begin(), blocks.end(), [](const BlockWeights& w) { return w.ham_prep; });
+    // the attention block kernel's v rows: only where that kernel can run (blk_fusable's shape test)
+    const bool blk = std::any_of(blocks.begin(), blocks.end(), [](const BlockWeights& w) { return w.ham_prep; }) &&
+                     cuda::hamming_block_supports(B, cfg.tokens(), cfg.dim, cfg.heads, cfg.hash_bits, cfg.anchors);
     ham_v.resize(blk ? cuda::hamming_block_scratch_elems(B, cfg.tokens(), cfg.dim) : 1);
     capacity = B;
     if (fused_model) upload_fused_blocks();

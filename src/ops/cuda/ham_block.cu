@@ -324,10 +324,10 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
     const int h = i / Tp, tp = i - h * Tp;
     const unsigned long long c0 = codes[h * T + 2 * tp], c1 = codes[h * T + 2 * tp + 1];
     uint32_t* dst = reinterpret_cast<uint32_t*>(hT + h * nb * ldh + 2 * tp);
-    for (int j = 0; j < p.mb; ++j) {  // 16 bits at a time: the two tokens' bits b at bit b and b + 16 of w
+    for (int j = 0; j < p.mb; ++j) {  // 16 bits at a time: the two tokens' 16-bit code pieces in one word
       const uint32_t w = (uint32_t(c0 >> (16 * j)) & 0xFFFFu) | (uint32_t(c1 >> (16 * j)) << 16);
 #pragma unroll
-      for (int bit = 0; bit < 16; ++bit) dst[(16 * j + bit) * (ldh / 2)] = ((w >> bit) & 0x10001u) * 0x3F80u;
+      for (int bit = 0; bit < 16; ++bit) dst[(16 * j + bit) * (ldh / 2)] = bit_pair16(w, bit);
     }
   }
   __syncthreads();

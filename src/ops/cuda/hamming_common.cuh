@@ -60,6 +60,8 @@ __device__ __forceinline__ uint32_t bit_pair(uint32_t w0, uint32_t w1, int r) {
 __device__ __forceinline__ uint32_t bit_pair2(uint32_t w, int r) {
   return (((w >> r) & 3u) * 0x8001u & 0x10001u) * 0x3F80u;
 }
+// the same for bit r of two 16-bit codes packed in one word (low half: bits 0-15, high half: bits 16-31)
+__device__ __forceinline__ uint32_t bit_pair16(uint32_t w, int r) { return ((w >> r) & 0x10001u) * 0x3F80u; }
 __device__ __forceinline__ uint32_t ld_pair(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
 __device__ __forceinline__ float2 ld_float2(const bf16* p) {
   return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
