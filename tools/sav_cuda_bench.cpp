@@ -4,7 +4,7 @@
 //   sav_cuda_bench [--models deit_tiny_patch16_224,...] [--batches 1,64] [--iters 50] [--json out.jsonl]
 //                  [--variants dense,shiftadd,shift] [--math f32|tf32] [--weights checkpoint.safetensors]
 //                  [--path auto|layered|fused|both] [--row-fusion auto,on,off]
-//                  [--dependent-launch auto,on,small,off] [--trace] [--shift-paths]
+//                  [--dependent-launch auto,on,small,off] [--trace] [--timeline] [--shift-paths]
 //   sav_cuda_bench --profile ...   # one eager forward per (model, variant, batch) between
 //                                  # cudaProfilerStart/Stop, for `ncu --profile-from-start off` (after an
 //                                  # unprofiled warm-up)
@@ -33,6 +33,9 @@
 // --dependent-launch (ViT models, layered path): a comma list of ViTCudaDependentLaunch modes, one row each inside each
 // row-fusion mode: auto (default: timed with the row-fusion sets), on (path suffix "+dep": dependent launch of the
 // engine's kernels), small ("+dep+small": and the engine's small-M products instead of cuBLASLt) and off ("+nodep").
+// --timeline: after each row, the block kernels' timeline of the last forward of a few more replays (common.h
+// timeline_enable): per block, when each attention kernel (ham_block) and MLP kernel (mlp_block) started, was released
+// by its dependent-launch wait and ended, against its predecessor; the recording itself adds a little time.
 // --shift-paths: after each row of a ViT model with shift linears, the product each shift linear ran at that
 // batch (ViTCuda::shift_paths: cublas_decoded or packed_mma) with the two times the automatic choice measured.
 // Prints one line per (model, variant, batch, path): name, variant, batch, the path that ran, median ms,
@@ -279,8 +282,9 @@ void print_row_choices(const sav::ViTCuda& vit, int B) {
   auto on = [](bool v) { return v ? "on" : "off"; };
   for (const sav::ViTCudaRowChoice& c : vit.row_fusion_choices(B))
     std::printf(
-        "  row fusion: blk %-3s ham %-3s proj %-3s fc2 %-3s mlp %-3s dependent %-3s forward %8.2f us in a graph%s\n",
-        on(c.blk), on(c.ham), on(c.proj), on(c.fc2), on(c.mlp), on(c.dependent), c.forward_us,
+        "  row fusion: blk %-3s ham %-3s proj %-3s fc2 %-3s mlp %-3s pmlp %-3s dependent %-3s forward %8.2f us in a "
+        "graph%s\n",
+        on(c.blk), on(c.ham), on(c.proj), on(c.fc2), on(c.mlp), on(c.pmlp), on(c.dependent), c.forward_us,
         c.chosen ? "  <- chosen" : "");
 }
 
@@ -301,13 +305,82 @@ bool parse_modes(const char* flag, const std::string& s, const std::vector<std::
   return true;
 }
 
+// The --timeline report: the records sorted by entry, cut into launches (runs of one kind), the last forward's
+// launches (its 2 depth kernels, attention then MLP per block) one line each, then the mean over its blocks 1 ..
+// depth-1.
+std::string timeline_report(std::vector<sav::cuda::TimelineRec> r, int depth) {
+  using Rec = sav::cuda::TimelineRec;
+  std::sort(r.begin(), r.end(), [](const Rec& a, const Rec& b) { return a.t_entry < b.t_entry; });
+  struct Launch {
+    uint32_t kind = 0;
+    int n = 0;
+    uint64_t e0 = ~0ull, e1 = 0, w0 = ~0ull, w1 = 0, x0 = ~0ull, x1 = 0;
+    std::vector<uint32_t> sms;
+  };
+  std::vector<Launch> ls;
+  for (const Rec& x : r) {
+    if (ls.empty() || ls.back().kind != x.kind) {
+      ls.emplace_back();
+      ls.back().kind = x.kind;
+    }
+    Launch& l = ls.back();
+    ++l.n;
+    l.e0 = std::min(l.e0, x.t_entry), l.e1 = std::max(l.e1, x.t_entry);
+    l.w0 = std::min(l.w0, x.t_waited), l.w1 = std::max(l.w1, x.t_waited);
+    l.x0 = std::min(l.x0, x.t_exit), l.x1 = std::max(l.x1, x.t_exit);
+    l.sms.push_back(x.smid);
+  }
+  std::ostringstream o;
+  const size_t per = size_t(2 * depth);
+  size_t start = ls.size();  // the last full forward: 2 depth launches from an attention launch
+  while (start >= per && !(ls[start - per].kind == sav::cuda::kTimelineHamBlock)) --start;
+  if (ls.size() < per || start < per) {
+    o << "  timeline: " << ls.size() << " block-kernel launches recorded, no whole forward of " << per << "\n";
+    return o.str();
+  }
+  start -= per;
+  auto us = [](uint64_t a, uint64_t b) { return (double(a) - double(b)) * 1e-3; };
+  o << "  timeline (us; entry = first CTA in, after its predecessor's first; resident = predecessor's last exit - "
+       "this\n"
+       "  kernel's last entry; release = first wait return - predecessor's last exit; work = last exit - first wait\n"
+       "  return; shared = this kernel's CTAs on SMs its predecessor used)\n";
+  o << "  block kernel  ctas   entry  resident  release    work  shared\n";
+  double sum[4] = {}, cnt = 0;
+  double sum_m[4] = {};
+  for (size_t i = start + 1; i < start + per; ++i) {
+    const Launch &l = ls[i], &pr = ls[i - 1];
+    int shared = 0;
+    for (uint32_t sm : l.sms) shared += std::count(pr.sms.begin(), pr.sms.end(), sm) > 0;
+    const double v[4] = {us(l.e0, pr.e0), us(pr.x1, l.e1), us(l.w0, pr.x1), us(l.x1, l.w0)};
+    char line[160];
+    std::snprintf(line, sizeof line, "  %5zu %-6s %5d %7.2f %9.2f %8.2f %7.2f %7d\n", (i - start) / 2,
+                  l.kind == sav::cuda::kTimelineHamBlock ? "attn" : "mlp", l.n, v[0], v[1], v[2], v[3], shared);
+    o << line;
+    if ((i - start) / 2 >= 1) {
+      double* acc = l.kind == sav::cuda::kTimelineHamBlock ? sum : sum_m;
+      for (int k = 0; k < 4; ++k) acc[k] += v[k];
+      cnt += l.kind == sav::cuda::kTimelineHamBlock ? 1 : 0;
+    }
+  }
+  if (cnt > 0) {
+    char line[200];
+    std::snprintf(line, sizeof line,
+                  "  mean attn: entry %.2f resident %.2f release %.2f work %.2f | mlp: entry %.2f resident %.2f "
+                  "release %.2f work %.2f | block period %.2f\n",
+                  sum[0] / cnt, sum[1] / cnt, sum[2] / cnt, sum[3] / cnt, sum_m[0] / cnt, sum_m[1] / cnt,
+                  sum_m[2] / cnt, sum_m[3] / cnt, us(ls[start + per - 2].w0, ls[start].w0) / (depth - 1));
+    o << line;
+  }
+  return o.str();
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   std::string models = "deit_tiny_patch16_224,deit_small_patch16_224,deit_base_patch16_224";
   std::string batches = "1,64", json, variants = "dense,shiftadd";
   int iters = 50;
-  bool profile = false, trace = false, shift_paths = false;
+  bool profile = false, trace = false, timeline = false, shift_paths = false;
   std::string math_s = "tf32", weights, path_s = "auto", rows_s = "auto", dep_s = "auto";
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -342,6 +415,8 @@ int main(int argc, char** argv) {
       dep_s = next();
     else if (a == "--trace")
       trace = true;
+    else if (a == "--timeline")
+      timeline = true;
     else if (a == "--shift-paths")
       shift_paths = true;
     else {
@@ -349,7 +424,7 @@ int main(int argc, char** argv) {
                    "usage: sav_cuda_bench [--models a,b] [--batches 1,64] [--iters 50] [--json file] "
                    "[--variants dense,shiftadd,shift] [--math f32|tf32] [--weights ckpt] [--profile] "
                    "[--path auto|layered|fused|both] [--row-fusion auto,on,off] [--dependent-launch auto,on,small,off] "
-                   "[--trace] [--shift-paths]\n");
+                   "[--trace] [--timeline] [--shift-paths]\n");
       return 2;
     }
   }
@@ -388,6 +463,7 @@ int main(int argc, char** argv) {
     cudaDeviceProp prop{};
     SAV_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
     std::printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
+    if (timeline) sav::cuda::timeline_enable();
     std::printf("%-28s %-9s %5s %-8s %10s %12s %9s\n", "model", "variant", "batch", "path", "engine_ms", "images/s",
                 "to_shift");
     std::ofstream js;
@@ -423,6 +499,13 @@ int main(int argc, char** argv) {
                 std::printf("%-28s %-9s %5d %-8s %10.4f %12.1f %9s\n", name.c_str(), vname.c_str(), B,
                             path_name->c_str(), ms, B * 1000.0 / ms, share.c_str());
                 if (trace && *path_name == "fused") std::printf("%s", net.vit->fused_trace(B).c_str());
+                if (timeline && net.vit) {
+                  sav::cuda::timeline_reset();
+                  net.median_ms(B, 3);
+                  std::printf("%s", timeline_report(sav::cuda::timeline_collect(),
+                                                    dynamic_cast<sav::Vit&>(*net.cpu).config().depth)
+                                        .c_str());
+                }
                 if (shift_paths) print_shift_paths(net, B, *path_name);
                 if (net.vit && (rows == RF::automatic || dep == DL::automatic) && path_name->rfind("layered", 0) == 0)
                   print_row_choices(*net.vit, B);

@@ -217,6 +217,7 @@ struct ViTCuda::Impl {
     bool ham = false;        // Hamming attention + proj + LN2 + fc1's router and mask as one kernel (ham_fusable)
     bool blk = false;        // ... with to_qk / to_v too: the attention half of the block as one kernel (blk_fusable)
     bool mlp = false;        // masked fc1 + GELU + stacked fc2 + epilogue + next LN1 as one kernel (mlp_fusable)
+    bool pmlp = false;       // with blk and mlp: proj + residual + LN2 + router in the MLP kernel (pmlp_fusable)
   };
   bool small_products = false;  // the forward being enqueued runs dense products by cuda::small_linear_*
   std::map<int, std::vector<ViTCudaRowChoice>> row_timings;
@@ -498,6 +499,13 @@ struct ViTCuda::Impl {
            cuda::moe_ln_route_mask_supports(cfg.dim) && cuda::mlp_block_supports(M, cfg.dim, cfg.mlp_hidden);
   }
 
+  // ... and with the attention half as one kernel (blk_fusable): the proj, residual, LN2 and router can move from the
+  // attention kernel into the MLP kernel (ops.h hamming_block_attention_forward + mlp_block_proj_forward)
+  bool pmlp_fusable(size_t l, int B) const {
+    const int M = B * cfg.tokens();
+    return blk_fusable(blocks[l], B) && mlp_fusable(l, M) && cuda::mlp_block_proj_supports(M, cfg.dim, cfg.mlp_hidden);
+  }
+
   // A Hamming block (the per-head kernel) whose proj (dense, or shift on the automatic path), residual, LN2 and masked
   // fc1's router + mask can run inside the Hamming kernel (ops.h hamming_attention_proj_ln_mask_forward).
   bool ham_fusable(const BlockWeights& w, int B) const {
@@ -557,7 +565,7 @@ struct ViTCuda::Impl {
       f = it->second;
     }
     if (row_mode != ViTCudaRowFusion::automatic)
-      f.proj = f.fc2 = f.ham = f.blk = f.mlp = row_mode == ViTCudaRowFusion::on;
+      f.proj = f.fc2 = f.ham = f.blk = f.mlp = f.pmlp = row_mode == ViTCudaRowFusion::on;
     if (dep_mode != ViTCudaDependentLaunch::automatic) f.dependent = dep_mode != ViTCudaDependentLaunch::off;
     return f;
   }
@@ -575,7 +583,8 @@ struct ViTCuda::Impl {
     cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
     SAV_CUDA_CHECK(cudaStreamIsCapturing(s, &cap));
     if (cap != cudaStreamCaptureStatusNone) return;  // inside the caller's capture: unfused, no choice recorded
-    bool any_proj = false, any_fc2 = false, any_ham = false, any_blk = false, any_mlp = false, proj_beside_ham = false;
+    bool any_proj = false, any_fc2 = false, any_ham = false, any_blk = false, any_mlp = false, any_pmlp = false;
+    bool proj_beside_ham = false;
     for (size_t l = 0; auto_rows && l < blocks.size(); ++l) {
       const bool pf = proj_fusable(blocks[l], M), hf = ham_fusable(blocks[l], B);
       any_proj = any_proj || pf;
@@ -584,6 +593,7 @@ struct ViTCuda::Impl {
       proj_beside_ham = proj_beside_ham || (pf && !hf);  // a block the Hamming form does not take
       any_fc2 = any_fc2 || fc2_fusable(l, M);
       any_mlp = any_mlp || mlp_fusable(l, M);
+      any_pmlp = any_pmlp || pmlp_fusable(l, B);
     }
     if (!any_proj && !any_fc2 && !any_ham && !any_mlp && !auto_dep) {
       row_chosen[M] = RowForms{};
@@ -598,8 +608,10 @@ struct ViTCuda::Impl {
                {RowForms{false, false}, RowForms{true, false}, RowForms{false, true}, RowForms{true, true}}) {
             const bool ham = att > 0, blk = att == 2;
             if ((!f.proj || (ham ? proj_beside_ham : any_proj)) && (!f.fc2 || (any_fc2 && !mlp)) &&
-                (!dep || auto_dep) && (!ham || any_ham) && (!blk || any_blk) && (!mlp || any_mlp))
+                (!dep || auto_dep) && (!ham || any_ham) && (!blk || any_blk) && (!mlp || any_mlp)) {
               sets.push_back({f.proj, f.fc2, dep, ham, blk, mlp});
+              if (blk && mlp && any_pmlp) sets.push_back({f.proj, f.fc2, dep, ham, blk, mlp, true});
+            }
           }
     for (const RowForms& f : sets) {
       row_trial = &f;
@@ -610,7 +622,8 @@ struct ViTCuda::Impl {
                                                 capture_stream.get(), 1, 15);
         const RowForms ran = forms_for(M);  // the trial as the forced modes leave it
         row_trial = nullptr;
-        timings.push_back({ran.proj, ran.fc2, ran.dependent, ran.ham, ran.blk, ran.mlp, static_cast<float>(us), false});
+        timings.push_back(
+            {ran.proj, ran.fc2, ran.dependent, ran.ham, ran.blk, ran.mlp, ran.pmlp, static_cast<float>(us), false});
       } catch (...) {
         row_trial = nullptr;
         throw;
@@ -642,8 +655,14 @@ struct ViTCuda::Impl {
     for (size_t l = 0; l < blocks.size(); ++l) {
       const BlockWeights& w = blocks[l];
       const ProjRun proj = proj_run(w, B, forms);
+      // the proj form of the MLP kernel: it runs proj + residual + LN2 + router, the attention kernel stops before
+      const bool pmlp = proj == ProjRun::block && forms.mlp && forms.pmlp && pmlp_fusable(l, B);
       if (!ln1_done) cuda::layernorm_forward(xn.get(), C, x.get(), C, w.ln1_w, w.ln1_b, M, C, eps, s);
-      if (proj == ProjRun::block) {  // to_qk / to_v, the attention, proj, LN2 and fc1's router + mask: one kernel
+      if (pmlp) {  // to_qk / to_v and the attention: one kernel
+        cuda::hamming_block_attention_forward(ao.get(), xn.get(), C, w.qkv.w, w.qkv.b16, w.ham_prep, w.conv,
+                                              ham_v.get(), B, N, C, H, cfg.hash_bits, cfg.anchors, s);
+      } else if (proj ==
+                 ProjRun::block) {  // to_qk / to_v, the attention, proj, LN2 and fc1's router + mask: one kernel
         cuda::hamming_block_forward(x.get(), C, xn.get(), C, w.qkv.w, w.qkv.b16, w.ham_prep, w.conv, w.proj.w,
                                     w.proj.b32, w.ln2_w, w.ln2_b, eps, w.fc1.wr, w.fc1.br, moe_xa.get(), w.fc1.Ka,
                                     choice_slot(w.fc1), ham_v.get(), B, N, C, H, cfg.hash_bits, cfg.anchors, s);
@@ -694,7 +713,12 @@ struct ViTCuda::Impl {
       if (masked_fc1 && !mlp) masked_product(w.fc1, M, Epi::gelu, hid.get(), F, s);
       // a stacked MoE fc2: its residual epilogue fused with the next block's LayerNorm
       ln1_done = fc2_next_ln(l);
-      if (mlp) {  // fc1 + GELU + fc2 + routing epilogue + the next LN1: one kernel
+      if (pmlp) {  // proj + residual + LN2 + router + mask, fc1 + GELU + fc2 + routing epilogue + the next LN1
+        const BlockWeights& next = blocks[l + 1];
+        cuda::mlp_block_proj_forward(x.get(), C, ao.get(), C, w.proj.w, w.proj.b32, w.ln2_w, w.ln2_b, w.fc1.wr,
+                                     w.fc1.br, choice_slot(w.fc1), w.fc1.wa, w.fc2.w, w.fc2.b0, w.fc2.b1, w.fc2.br,
+                                     choice_slot(w.fc2), M, C, F, gate, xn.get(), C, next.ln1_w, next.ln1_b, eps, s);
+      } else if (mlp) {  // fc1 + GELU + fc2 + routing epilogue + the next LN1: one kernel
         const BlockWeights& next = blocks[l + 1];
         cuda::mlp_block_forward(x.get(), C, choice_slot(w.fc2), moe_xa.get(), w.fc1.Ka, w.fc1.wa, w.fc2.w, w.fc2.b0,
                                 w.fc2.b1, w.fc2.br, M, C, F, gate, xn.get(), C, next.ln1_w, next.ln1_b, eps, s);

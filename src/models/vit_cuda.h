@@ -105,11 +105,12 @@ constexpr int kVitDependentAutoMaxRows = 1024;
 // One set of forms the automatic choice timed: fused forms (ham: a Hamming block's proj + LN2 + router in its attention
 // kernel; blk: also its to_qk / to_v, the attention half of the block as one kernel, ops/cuda/ops.h
 // hamming_block_forward, where it fits: DeiT-Tiny's width, a cluster per image; proj: the other proj-fusable blocks',
-// or all when ham is off; mlp: the MLP half of the block as one kernel, ops/cuda/ops.h mlp_block_forward), dependent
-// launch, the forward's median microseconds (a graph replay), and whether it was
-// kept.
+// or all when ham is off; mlp: the MLP half of the block as one kernel, ops/cuda/ops.h mlp_block_forward; pmlp: with
+// blk and mlp, the proj, residual, LN2 and router moved from the attention kernel into the MLP kernel,
+// hamming_block_attention_forward + mlp_block_proj_forward), dependent launch, the forward's median microseconds (a
+// graph replay), and whether it was kept.
 struct ViTCudaRowChoice {
-  bool proj = false, fc2 = false, dependent = false, ham = false, blk = false, mlp = false;
+  bool proj = false, fc2 = false, dependent = false, ham = false, blk = false, mlp = false, pmlp = false;
   float forward_us = -1.0f;
   bool chosen = false;
 };

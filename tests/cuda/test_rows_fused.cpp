@@ -1176,6 +1176,85 @@ TEST_F(RowsFused, MlpBlockMatchesDefinition) {
       << "ldxa < Ka";
 }
 
+// The proj form against the composition it replaces: hamming_block_attention_forward + mlp_block_proj_forward give
+// the same bits as hamming_block_forward + mlp_block_forward (x, the next LayerNorm xn, both layers' choices; the
+// attention output equal to the full kernel's ao_out), on odd shapes and both gates; nothing written past the rows.
+TEST_F(RowsFused, BlockProjFormMatchesComposition) {
+  struct Case {
+    int B, N, C, H, F;
+  };
+  for (const Case cs : {Case{1, 197, 192, 3, 768}, Case{2, 37, 64, 1, 256}, Case{1, 50, 128, 2, 512}}) {
+    const int B = cs.B, N = cs.N, C = cs.C, H = cs.H, F = cs.F, M = B * N;
+    ASSERT_TRUE(cuda::hamming_block_supports(B, N, C, H, 16, 25) && cuda::mlp_block_proj_supports(M, C, F));
+    const BlockCase k = block_case(B, N, C, H, 16, 25, 700 + N + C);
+    const BlockDev d(k);
+    const MlpCase mk = mlp_case(M, C, F, 800 + N + C);
+    const MlpDev md(mk);
+    const LinCase& c = k.lin;
+    const int ldxn = C + 8;
+    for (const auto gate : {cuda::moe_gate_straight_through, cuda::moe_gate_prob}) {
+      SCOPED_TRACE(dims({{"B", B}, {"N", N}, {"C", C}, {"F", F}, {"gate", int(gate)}}));
+      struct Out {
+        std::vector<float> x;
+        std::vector<bf16> xn, ao;
+        std::vector<int8_t> ch1, ch2;
+      };
+      auto run = [&](bool proj_form) {
+        auto dx = with_tail(c.x0, size_t(kTail) * c.ldx);
+        auto dxn = poisoned<bf16>(size_t(M + kTail) * ldxn);
+        auto dao = poisoned<bf16>(size_t(M + kTail) * C);
+        auto dxa = poisoned<bf16>(size_t(M + kTail) * c.ldxa);
+        auto dch1 = poisoned<int8_t>(M + kTail), dch2 = poisoned<int8_t>(M + kTail);
+        auto dv = poisoned<bf16>(cuda::hamming_block_scratch_elems(B, N, C));
+        if (proj_form) {
+          cuda::hamming_block_attention_forward(dao.get(), d.xn.get(), k.ldxn, d.w.get(), d.b.get(), d.prep.get(),
+                                                d.conv.get(), dv.get(), B, N, C, H, 16, 25, nullptr);
+          cuda::mlp_block_proj_forward(dx.get(), c.ldx, dao.get(), C, d.lin.w.get(), d.lin.b.get(), d.lin.lw.get(),
+                                       d.lin.lb.get(), d.lin.wr.get(), d.lin.br.get(), dch1.get(), md.wa.get(),
+                                       md.fc2.ws.get(), md.fc2.b0.get(), md.fc2.b1.get(), md.fc2.br.get(), dch2.get(),
+                                       M, C, F, gate, dxn.get(), ldxn, md.fc2.lw.get(), md.fc2.lb.get(), kEps, nullptr);
+        } else {
+          cuda::hamming_block_forward(dx.get(), c.ldx, d.xn.get(), k.ldxn, d.w.get(), d.b.get(), d.prep.get(),
+                                      d.conv.get(), d.lin.w.get(), d.lin.b.get(), d.lin.lw.get(), d.lin.lb.get(), kEps,
+                                      d.lin.wr.get(), d.lin.br.get(), dxa.get(), c.ldxa, dch1.get(), dv.get(), B, N, C,
+                                      H, 16, 25, nullptr, nullptr, dao.get());
+          cuda::mlp_block_forward(dx.get(), c.ldx, dch2.get(), dxa.get(), c.ldxa, md.wa.get(), md.fc2.ws.get(),
+                                  md.fc2.b0.get(), md.fc2.b1.get(), md.fc2.br.get(), M, C, F, gate, dxn.get(), ldxn,
+                                  md.fc2.lw.get(), md.fc2.lb.get(), kEps, nullptr, 16);
+        }
+        device_sync();
+        Out o{dx.download(), dxn.download(), dao.download(), dch1.download(), dch2.download()};
+        return o;
+      };
+      const Out ref = run(false), got = run(true);
+      EXPECT_TRUE(bit_identical(got.ao, ref.ao)) << "attention output differs from the full kernel's";
+      EXPECT_TRUE(bit_identical(got.x, ref.x)) << "x differs (or a row past M changed)";
+      EXPECT_TRUE(bit_identical(got.xn, ref.xn)) << "xn differs (or was written past M)";
+      EXPECT_EQ(got.ch1, ref.ch1) << "fc1 choices differ";
+      EXPECT_EQ(got.ch2, ref.ch2) << "fc2 choices differ";
+      EXPECT_EQ(count_invalid(std::vector<int8_t>(got.ch1.begin(), got.ch1.begin() + M)), 0) << "fc1 choices unwritten";
+      EXPECT_EQ(
+          std::count_if(got.xn.begin() + size_t(M) * ldxn, got.xn.end(), [](bf16 v) { return bits(v) != 0xFFFF; }), 0)
+          << "xn written past the rows";
+      EXPECT_EQ(std::count_if(got.ao.begin() + size_t(M) * C, got.ao.end(), [](bf16 v) { return bits(v) != 0xFFFF; }),
+                0)
+          << "attention output written past the rows";
+      EXPECT_FALSE(bit_identical(got.x, c.x0)) << "x unchanged";
+    }
+  }
+  EXPECT_FALSE(cuda::mlp_block_proj_supports(197, 104, 384)) << "C % 32 != 0";
+  DeviceBuffer<float> f(64);
+  DeviceBuffer<bf16> h(64);
+  EXPECT_THROW(
+      cuda::mlp_block_proj_forward(f.get(), 104, h.get(), 104, h.get(), f.get(), f.get(), f.get(), f.get(), f.get(),
+                                   nullptr, h.get(), h.get(), f.get(), f.get(), f.get(), nullptr, 197, 104, 384,
+                                   cuda::moe_gate_straight_through, h.get(), 104, f.get(), f.get(), kEps, nullptr),
+      Error);
+  EXPECT_THROW(cuda::hamming_block_attention_forward(h.get(), h.get(), 192, h.get(), h.get(), f.get(), f.get(), h.get(),
+                                                     1, 224, 192, 3, 16, 25, nullptr),
+               Error);
+}
+
 // Not an assertion: DeiT-Tiny batch 1 (M = 197), the one-kernel MLP half against the three kernels it replaces
 // (cuBLASLt masked fc1 + GELU, the cuBLASLt stacked fc2, the epilogue + LayerNorm kernel), each sequence 12 times in
 // one graph; us per sequence, both tile sizes, and 16-row tiles with dependent launch (as in a forward).

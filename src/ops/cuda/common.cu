@@ -95,6 +95,43 @@ bool dependent_launch() { return t_dependent_launch; }
 DependentLaunchScope::DependentLaunchScope(bool on) : prev_(t_dependent_launch) { t_dependent_launch = on; }
 DependentLaunchScope::~DependentLaunchScope() { t_dependent_launch = prev_; }
 
+namespace {
+struct TimelineState {
+  DeviceBuffer<unsigned> count;
+  DeviceBuffer<TimelineRec> recs;
+};
+TimelineState& timeline_state() {
+  static TimelineState s;
+  return s;
+}
+}  // namespace
+void timeline_enable() {
+  TimelineState& s = timeline_state();
+  if (s.recs.size()) return;
+  s.recs.resize(size_t(1) << 18);
+  s.count.resize(1);
+  timeline_reset();
+}
+TimelineSink timeline_sink() {
+  TimelineState& s = timeline_state();
+  return {s.count.get(), s.recs.get(), static_cast<unsigned>(s.recs.size())};
+}
+void timeline_reset() {
+  TimelineState& s = timeline_state();
+  SAV_CHECK(s.recs.size(), "timeline_reset: the timeline is not enabled");
+  SAV_CUDA_CHECK(cudaDeviceSynchronize());
+  SAV_CUDA_CHECK(cudaMemset(s.count.get(), 0, sizeof(unsigned)));
+}
+std::vector<TimelineRec> timeline_collect() {
+  TimelineState& s = timeline_state();
+  SAV_CHECK(s.recs.size(), "timeline_collect: the timeline is not enabled");
+  SAV_CUDA_CHECK(cudaDeviceSynchronize());
+  const std::vector<unsigned> n = s.count.download();
+  std::vector<TimelineRec> all = s.recs.download();
+  all.resize(std::min<size_t>(n[0], all.size()));
+  return all;
+}
+
 std::vector<bf16> to_bf16(const float* x, size_t n) {
   std::vector<bf16> y(n);
   for (size_t i = 0; i < n; ++i) {

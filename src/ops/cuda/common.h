@@ -21,13 +21,12 @@
 
 #include "core/error.h"
 
-#define SAV_CUDA_CHECK(expr)                                                                          \
-  do {                                                                                                \
-    const cudaError_t sav_e_ = (expr);                                                                \
-    if (sav_e_ != cudaSuccess)                                                                        \
-      SAV_THROW("CUDA call failed: " #expr " -> " << cudaGetErrorName(sav_e_) << " ("                 \
-                                                  << cudaGetErrorString(sav_e_)                       \
-                                                  << "); check the device, the driver and the sizes"); \
+#define SAV_CUDA_CHECK(expr)                                                                                        \
+  do {                                                                                                              \
+    const cudaError_t sav_e_ = (expr);                                                                              \
+    if (sav_e_ != cudaSuccess)                                                                                      \
+      SAV_THROW("CUDA call failed: " #expr " -> " << cudaGetErrorName(sav_e_) << " (" << cudaGetErrorString(sav_e_) \
+                                                  << "); check the device, the driver and the sizes");              \
   } while (0)
 
 // After a kernel launch: reports launch-configuration errors (grid, block, shared memory) at the launcher.
@@ -70,6 +69,41 @@ class DependentLaunchScope {
  private:
   bool prev_;
 };
+// Kernel timeline (a diagnostic: sav_cuda_bench --timeline). While enabled, the block kernels (ham_block,
+// mlp_block) launched afterwards (graphs captured afterwards included) append one record per CTA: %globaltimer ns at
+// the kernel's entry, after its dependent-launch wait, and at its exit, and the SM it ran on. Records past the
+// buffer's capacity are dropped. timeline_sink() is {nullptr, nullptr, 0} while disabled, which records nothing.
+struct TimelineRec {
+  uint32_t kind, cta, smid, pad;  // kind: kTimelineHamBlock or kTimelineMlpBlock
+  uint64_t t_entry, t_waited, t_exit;
+};
+constexpr uint32_t kTimelineHamBlock = 1, kTimelineMlpBlock = 2;
+struct TimelineSink {
+  unsigned* count;
+  TimelineRec* recs;
+  unsigned cap;
+};
+#ifdef __CUDACC__
+__device__ __forceinline__ uint64_t timeline_now() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+// One CTA's record (call from one thread, at the kernel's exit); nothing when the sink is empty.
+__device__ __forceinline__ void timeline_record(const TimelineSink& s, uint32_t kind, uint64_t t_entry,
+                                                uint64_t t_waited) {
+  if (!s.recs) return;
+  const unsigned i = atomicAdd(s.count, 1u);
+  if (i >= s.cap) return;
+  uint32_t sm;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+  s.recs[i] = TimelineRec{kind, blockIdx.x, sm, 0u, t_entry, t_waited, timeline_now()};
+}
+#endif
+void timeline_enable();  // allocates the buffer on first use
+TimelineSink timeline_sink();
+void timeline_reset();                        // drops the records so far (synchronises the device)
+std::vector<TimelineRec> timeline_collect();  // synchronises the device; the records in the order written
 // Whether a device or host pointer is 16-byte aligned (16-byte vector loads and copies).
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 // Blocks for a grid-stride loop over `work` items with `threads` per block: enough to cover the work, at most

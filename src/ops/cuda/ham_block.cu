@@ -97,6 +97,7 @@ struct BlkParams {
   float eps;
   int ldx, ldxn, ldxa, Ka;
   int N, C, H, nbits, m, tiles, mt, bt, mb, ldk;
+  TimelineSink tl;  // common.h: the kernel timeline (a diagnostic; empty: nothing recorded)
 };
 
 struct BlkSmem {
@@ -128,7 +129,9 @@ __host__ __device__ inline BlkSmem blk_smem(const BlkParams& p) {
   return s;
 }
 
-template <int kH>
+// kFull: the whole attention half; else up to the attention output (p.ao_out), proj and what follows left to
+// mlp_block_proj_forward.
+template <int kH, bool kFull>
 __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_constant__ BlkParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // built for sm_90; the launcher refuses older devices
@@ -166,11 +169,12 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   long long stamps[17] = {};
 #endif
   BLK_STAMP(0);
+  const uint64_t tl_entry = p.tl.recs && tid == 0 ? timeline_now() : 0;
 
   // ---- 0. staging; the to_qk / to_v weight fragments ----
   ptx::pdl_trigger();
   uint64_t* bar = reinterpret_cast<uint64_t*>(smem + L.bar);  // the hash weights' bulk copy
-  stage_row_epilogue(ep, C, p.bp, p.ln_w, p.ln_b, p.wr, p.br, tid, kThreads);
+  if (kFull) stage_row_epilogue(ep, C, p.bp, p.ln_w, p.ln_b, p.wr, p.br, tid, kThreads);
   if (tid < kH * kTaps) ptx::cp_async4(ep + 5 * C + 4 + tid, p.conv_w + tid);
   ptx::cp_async_commit();
   uint64_t* vbar = reinterpret_cast<uint64_t*>(smem + L.vbar);  // the other tiles' v rows (bulk copies, phase 2)
@@ -196,12 +200,14 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   }
   BLK_STAMP(1);
   ptx::pdl_wait();
+  const uint64_t tl_waited = p.tl.recs && tid == 0 ? timeline_now() : 0;
   ptx::cp_async_rows(
       xs, ldxs, 16, C, p.xn, [&](int r) { return row0 + r < N ? p.xn + (grow0 + r) * p.ldxn : nullptr; }, tid,
       kThreads);
   ptx::cp_async_commit();
-  ptx::cp_async_rows(
-      xin, C, 16, C, p.x, [&](int r) { return row0 + r < N ? p.x + (grow0 + r) * p.ldx : nullptr; }, tid, kThreads);
+  if (kFull)
+    ptx::cp_async_rows(
+        xin, C, 16, C, p.x, [&](int r) { return row0 + r < N ? p.x + (grow0 + r) * p.ldx : nullptr; }, tid, kThreads);
   ptx::cp_async_commit();  // the residual rows: needed in phase 6 only
   ptx::cp_async_wait<1>();
   __syncthreads();
@@ -376,7 +382,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
     const int nt = warp + kWarps * i;
 #pragma unroll
     for (int kb = 0; kb < KB; ++kb)
-      wpf[i][kb] = nt < C / 8 ? w_fragment(p.wp, nt * 8 + g, C, kb) : make_uint4(0, 0, 0, 0);
+      wpf[i][kb] = kFull && nt < C / 8 ? w_fragment(p.wp, nt * 8 + g, C, kb) : make_uint4(0, 0, 0, 0);
   }
 
   __syncthreads();
@@ -439,9 +445,13 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
     for (int half = 0; half < 2; ++half) {
       const int r = g + 8 * half;
       const __nv_bfloat162 v2 = __floats2bfloat162_rn(o[2 * half], o[2 * half + 1]);
-      *reinterpret_cast<__nv_bfloat162*>(aos + r * ldxs + c) = v2;
+      if (kFull) *reinterpret_cast<__nv_bfloat162*>(aos + r * ldxs + c) = v2;
       if (p.ao_out && row0 + r < N) *reinterpret_cast<__nv_bfloat162*>(p.ao_out + (grow0 + r) * C + c) = v2;
     }
+  }
+  if constexpr (!kFull) {  // the attention output is out; the MLP kernel takes it from here
+    if (tid == 0) timeline_record(p.tl, kTimelineHamBlock, tl_entry, tl_waited);
+    return;
   }
   __syncthreads();
 
@@ -473,6 +483,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
                                                     p.xa + gr * p.ldxa, p.choice ? p.choice + gr : nullptr);
   }
   BLK_STAMP(13);
+  if (tid == 0) timeline_record(p.tl, kTimelineHamBlock, tl_entry, tl_waited);
 #ifdef SAV_HAM_BLOCK_TRACE
   if (tid == 0 && b == 0 && (rank == 0 || rank == tiles - 1)) {
     printf(
@@ -500,8 +511,10 @@ BlkParams blk_dims(int N, int C, int H, int nbits, int m) {
 }
 
 using BlkKernel = void (*)(BlkParams);
-BlkKernel blk_kernel_for(int H) {
-  return H == 1 ? ham_block_kernel<1> : H == 2 ? ham_block_kernel<2> : ham_block_kernel<3>;
+BlkKernel blk_kernel_for(int H, bool full = true) {
+  if (!full)
+    return H == 1 ? ham_block_kernel<1, false> : H == 2 ? ham_block_kernel<2, false> : ham_block_kernel<3, false>;
+  return H == 1 ? ham_block_kernel<1, true> : H == 2 ? ham_block_kernel<2, true> : ham_block_kernel<3, true>;
 }
 
 }  // namespace
@@ -514,7 +527,8 @@ bool hamming_block_supports(int B, int N, int C, int H, int nbits, int m) {
   const size_t smem = blk_smem(p).total;
   if (!device_available()) return smem <= 227 * 1024;
   return device_cc_major() >= 9 && smem <= size_t(max_smem_per_block()) &&
-         cluster_fits(reinterpret_cast<const void*>(blk_kernel_for(H)), p.tiles, kThreads, smem, true);
+         cluster_fits(reinterpret_cast<const void*>(blk_kernel_for(H)), p.tiles, kThreads, smem, true) &&
+         cluster_fits(reinterpret_cast<const void*>(blk_kernel_for(H, false)), p.tiles, kThreads, smem, true);
 }
 
 size_t hamming_block_scratch_elems(int B, int N, int C) {
@@ -548,10 +562,34 @@ void hamming_block_forward(float* x, int ldx, const bf16* xn, int ldxn, const bf
   p.x = x, p.ldx = ldx, p.xn = xn, p.ldxn = ldxn, p.wqkv = wqkv, p.bqkv = bqkv;
   p.prep = static_cast<const unsigned char*>(prep), p.conv_w = conv_w;
   p.wp = wp, p.bp = bp, p.ln_w = ln_w, p.ln_b = ln_b, p.wr = wr, p.br = br, p.eps = eps;
+  p.tl = timeline_sink();
   p.vg = v_scratch, p.xa = xa, p.ldxa = ldxa, p.Ka = Ka, p.choice = choice, p.qkv_out = qkv_out, p.ao_out = ao_out;
   const size_t smem = blk_smem(p).total;
   const dim3 grid(static_cast<unsigned>(int64_t(B) * p.tiles)), block(kThreads);
   launch_dependent(blk_kernel_for(H), grid, block, smem, p.tiles, stream, p);
+}
+
+void hamming_block_attention_forward(bf16* ao, const bf16* xn, int ldxn, const bf16* wqkv, const bf16* bqkv,
+                                     const void* prep, const float* conv_w, bf16* v_scratch, int B, int N, int C, int H,
+                                     int nbits, int m, cudaStream_t stream) {
+  const char* what = "hamming attention block (attention output)";
+  SAV_CHECK(ao && xn && wqkv && bqkv && prep && conv_w && v_scratch, what << ": null pointer");
+  SAV_CHECK(hamming_block_supports(B, N, C, H, nbits, m), what << ": B=" << B << " N=" << N << " C=" << C << " H=" << H
+                                                               << " nbits=" << nbits << " m=" << m
+                                                               << " not supported (as hamming_block_forward)");
+  SAV_CHECK(ldxn >= C && ldxn % 8 == 0, what << ": row stride ldxn=" << ldxn);
+  SAV_CHECK(aligned16(xn) && aligned16(wqkv) && aligned16(bqkv) && aligned16(prep) && aligned16(v_scratch) &&
+                reinterpret_cast<uintptr_t>(ao) % 4 == 0,
+            what << ": misaligned pointers");
+  SAV_CHECK(int64_t(B) * ((N + 15) / 16) <= (int64_t(1) << 31) - 1, what << ": batch too large");
+  BlkParams p = blk_dims(N, C, H, nbits, m);
+  p.xn = xn, p.ldxn = ldxn, p.wqkv = wqkv, p.bqkv = bqkv;
+  p.prep = static_cast<const unsigned char*>(prep), p.conv_w = conv_w;
+  p.tl = timeline_sink();
+  p.vg = v_scratch, p.ao_out = ao;
+  const size_t smem = blk_smem(p).total;
+  launch_dependent(blk_kernel_for(H, false), dim3(static_cast<unsigned>(int64_t(B) * p.tiles)), dim3(kThreads), smem,
+                   p.tiles, stream, p);
 }
 
 }  // namespace sav::cuda

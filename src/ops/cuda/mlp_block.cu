@@ -36,6 +36,7 @@
 
 #include "ops/cuda/frag.cuh"
 #include "ops/cuda/gelu.cuh"
+#include "ops/cuda/hamming_common.cuh"
 #include "ops/cuda/launch.cuh"
 #include "ops/cuda/moe_rows.cuh"
 #include "ops/cuda/ops.h"
@@ -74,18 +75,25 @@ struct MlpParams {
   int8_t* choice;
   const bf16 *xa, *wa, *ws;
   const float *b0, *b1, *br, *ln_w, *ln_b;
+  // the proj form (kProj): the attention output rows ao (ldxa apart), proj (wp, bp), LayerNorm 2 (ln2_w, ln2_b) and the
+  // masked fc1's router (wr, br1, choices choice1) run first, in every CTA of the tile's cluster, instead of reading xa
+  const bf16 *ao, *wp;
+  const float *bp, *ln2_w, *ln2_b, *wr, *br1;
+  int8_t* choice1;
+  int ldao;
   bf16* xn;
   bf16* hid_out;
   float eps;
   int gate;
   int ldx, ldxa, ldxn;
   int M, C, F, Ka, cs, nt2, ldp, ro;  // ro: epilogue rows per CTA
+  TimelineSink tl;                    // common.h: the kernel timeline (a diagnostic; empty: nothing recorded)
 };
 
 struct MlpSmem {
-  size_t bar, ws, xa, hid, part, red, xres, ep, total;
+  size_t bar, ws, xa, hid, part, red, xres, ep, aos, xin, ep2, total;
 };
-__host__ __device__ inline MlpSmem mlp_smem(const MlpParams& p, int tm) {
+__host__ __device__ inline MlpSmem mlp_smem(const MlpParams& p, int tm, bool proj) {
   MlpSmem s{};
   const size_t C = size_t(p.C), ro2 = size_t(p.ro + 1) / 2 * 2;  // epilogue rows, even: whole warps run it
   size_t o = 0;
@@ -97,18 +105,24 @@ __host__ __device__ inline MlpSmem mlp_smem(const MlpParams& p, int tm) {
   s.red = o, o = align16(o + ro2 * p.ldp * sizeof(float));
   s.xres = o, o = align16(o + ro2 * C * sizeof(float));
   s.ep = o, o = align16(o + (4 * C + 4) * sizeof(float));  // b0, b1, ln_w, ln_b, br (2), pad
+  if (proj) {  // the proj form: the attention output rows, the residual rows, bp, ln2_w, ln2_b, wr (2C), br1 (2)
+    s.aos = o, o = align16(o + size_t(tm) * (C + 32) * sizeof(bf16));
+    s.xin = o, o = align16(o + size_t(tm) * C * sizeof(float));
+    s.ep2 = o, o = align16(o + (5 * C + 4) * sizeof(float));
+  }
   s.total = o;
   return s;
 }
 
-template <int kMB>
+template <int kMB, bool kProj>
 __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_constant__ MlpParams p) {
+  static_assert(!kProj || kMB == 1, "the proj form runs 16-row tiles");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // built for sm_90; the launcher refuses older devices
 #else
   constexpr int TM = 16 * kMB;
   extern __shared__ __align__(16) unsigned char smem[];
-  const MlpSmem L = mlp_smem(p, TM);
+  const MlpSmem L = mlp_smem(p, TM, kProj);
   const int C = p.C, Ka = p.Ka, ldxs = Ka + 8, KB1 = Ka / 32, cs = p.cs, ldp = p.ldp;
   const bool tail = Ka % 32 != 0;
   bf16* wsm = reinterpret_cast<bf16*>(smem + L.ws);  // [stacked row][kLdH]: the slice's 128 columns
@@ -125,9 +139,10 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
   const int rank = static_cast<int>(cluster.block_rank()), tile = static_cast<int>(blockIdx.x) / cs;
   const int row0 = tile * TM, hc0 = rank * kHC;
 #ifdef SAV_MLP_BLOCK_TRACE
-  long long stamps[12] = {};
+  long long stamps[16] = {};
 #endif
   MLP_STAMP(0);
+  const uint64_t tl_entry = p.tl.recs && tid == 0 ? timeline_now() : 0;
 
   // ---- 0. weights before the dependent-launch wait; then the tile's rows ----
   ptx::pdl_trigger();
@@ -137,13 +152,27 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
   const int KBh = (KB1 + 1) / 2, kb0 = kh * KBh, kb1 = kh ? KB1 : KBh;
   uint4 w1[2][kMaxKBh];
   uint2 w1t[2] = {make_uint2(0u, 0u), make_uint2(0u, 0u)};
+  auto load_w1 = [&]() {
 #pragma unroll
-  for (int t = 0; t < 2; ++t) {
-    const int n = hc0 + (2 * pair + t) * 8 + g;
+    for (int t = 0; t < 2; ++t) {
+      const int n = hc0 + (2 * pair + t) * 8 + g;
 #pragma unroll
-    for (int j = 0; j < kMaxKBh; ++j)
-      if (kb0 + j < kb1) w1[t][j] = frag::w_fragment(p.wa, n, Ka, kb0 + j);
-    if (tail && kh) w1t[t] = frag::w_tail_fragment(p.wa, n, Ka, KB1 * 32);
+      for (int j = 0; j < kMaxKBh; ++j)
+        if (kb0 + j < kb1) w1[t][j] = frag::w_fragment(p.wa, n, Ka, kb0 + j);
+      if (tail && kh) w1t[t] = frag::w_tail_fragment(p.wa, n, Ka, KB1 * 32);
+    }
+  };
+  load_w1();
+  // the proj form: proj column tile rank + cs w is warp w's (over all of C's k blocks: the attention kernel's sum
+  // order)
+  constexpr int kPKB = kProj ? kMaxC / 32 : 1;
+  const int KBp = C / 32, pnt = rank + cs * warp;
+  uint4 wpf[kPKB];
+  if constexpr (kProj) {
+    ptx::cluster_arrive_relaxed();  // runs: the proj columns of other CTAs may arrive after the matching wait
+#pragma unroll
+    for (int kb = 0; kb < kPKB; ++kb)
+      wpf[kb] = pnt < C / 8 && kb < KBp ? frag::w_fragment(p.wp, pnt * 8 + g, C, kb) : make_uint4(0, 0, 0, 0);
   }
   const int wrows = p.nt2 * 8;  // stacked rows used: 2C + 4 rounded up to 8 (zero rows past 2C + 4)
   if (tid == 0) {
@@ -157,6 +186,8 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
     ptx::cp_async16(ep + 3 * C + c, p.ln_b + c);
   }
   if (tid < 2) ptx::cp_async4(ep + 4 * C + tid, p.br + tid);
+  float* ep2 = reinterpret_cast<float*>(smem + L.ep2);  // the proj form: bp, ln2_w, ln2_b, wr (2C), br1 (2)
+  if constexpr (kProj) ham::stage_row_epilogue(ep2, C, p.bp, p.ln2_w, p.ln2_b, p.wr, p.br1, tid, kThreads);
   ptx::cp_async_commit();
   __syncthreads();  // the barrier is initialised and armed before any copy signals it
   for (int r = tid; r < wrows; r += kThreads)
@@ -164,21 +195,73 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
 
   MLP_STAMP(1);
   ptx::pdl_wait();
+  const uint64_t tl_waited = p.tl.recs && tid == 0 ? timeline_now() : 0;
   MLP_STAMP(2);
-  ptx::cp_async_rows(
-      xas, ldxs, TM, Ka, p.xa, [&](int r) { return row0 + r < p.M ? p.xa + int64_t(row0 + r) * p.ldxa : nullptr; }, tid,
-      kThreads);
-  ptx::cp_async_commit();
-  ptx::cp_async_rows(
-      xres, C, p.ro, C, p.x,
-      [&](int j) {  // epilogue row j: tile row rank + cs j
-        const int r = rank + cs * j;
-        return r < TM && row0 + r < p.M ? p.x + int64_t(row0 + r) * p.ldx : nullptr;
-      },
-      tid, kThreads);
-  ptx::cp_async_commit();  // the residual rows: needed in phase 3 only
-  ptx::cp_async_wait<1>();
-  __syncthreads();
+  float* xin = reinterpret_cast<float*>(smem + L.xin);  // the proj form: the tile's residual rows, then x + proj
+  if constexpr (kProj) {
+    // ---- 0'. the proj form: x + proj of the attention output, then LayerNorm 2 + router + mask into xas (as the
+    // attention kernel's phases 5 and 6, the same arithmetic and order) ----
+    bf16* aos = reinterpret_cast<bf16*>(smem + L.aos);
+    const int lda = C + 32;  // 16-byte A loads of rows g and g + 1 in distinct banks
+    ptx::cp_async_rows(
+        aos, lda, TM, C, p.ao, [&](int r) { return row0 + r < p.M ? p.ao + int64_t(row0 + r) * p.ldao : nullptr; }, tid,
+        kThreads);
+    ptx::cp_async_rows(
+        xin, C, TM, C, p.x, [&](int r) { return row0 + r < p.M ? p.x + int64_t(row0 + r) * p.ldx : nullptr; }, tid,
+        kThreads);
+    ptx::cp_async_commit();
+    ptx::cp_async_wait<0>();
+    __syncthreads();
+    MLP_STAMP(12);
+    float* xp = part;  // the proj rows (TM x C f32): each CTA's column tiles into every CTA of the cluster
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (pnt < C / 8)
+#pragma unroll
+      for (int kb = 0; kb < kPKB; ++kb)
+        if (kb < KBp) mma_kblock(acc, aos, lda, kb, wpf[kb]);
+    MLP_STAMP(13);
+    ptx::cluster_wait_acquire();  // every CTA runs
+    if (pnt < C / 8) {
+      const int c = pnt * 8 + 2 * q4;
+      for (int q = 0; q < cs; ++q) {
+        float* d = cluster.map_shared_rank(xp, q);
+        *reinterpret_cast<float2*>(d + g * C + c) = make_float2(acc[0], acc[1]);
+        *reinterpret_cast<float2*>(d + (g + 8) * C + c) = make_float2(acc[2], acc[3]);
+      }
+    }
+    MLP_STAMP(14);
+    ptx::cluster_arrive_release();
+    ptx::cluster_wait_acquire();  // every proj column
+    MLP_STAMP(15);
+    constexpr int kG1 = 16, kS1 = 4;  // C <= 256: as the attention kernel's epilogue
+    if (tid < TM * kG1) {
+      const int i = tid / kG1, lane16 = tid % kG1;
+      const bool valid = row0 + i < p.M;
+      int8_t* ch = valid && rank == 0 && p.choice1 ? p.choice1 + row0 + i : nullptr;
+      moe_rows::linear_residual_ln_route_mask<kG1, kS1>(xp + i * C, ep2, xin + i * C, xin + i * C, valid, lane16, C, Ka,
+                                                        p.eps, ep2 + C, ep2 + 2 * C, ep2 + 3 * C, ep2 + 5 * C,
+                                                        xas + i * ldxs, ch);
+      if (!valid)  // zeros past M, as the copy of x_aug rows
+        for (int c = lane16 * 8; c < Ka; c += kG1 * 8)
+          *reinterpret_cast<uint4*>(xas + i * ldxs + c) = make_uint4(0, 0, 0, 0);
+    }
+    __syncthreads();
+  } else {
+    ptx::cp_async_rows(
+        xas, ldxs, TM, Ka, p.xa, [&](int r) { return row0 + r < p.M ? p.xa + int64_t(row0 + r) * p.ldxa : nullptr; },
+        tid, kThreads);
+    ptx::cp_async_commit();
+    ptx::cp_async_rows(
+        xres, C, p.ro, C, p.x,
+        [&](int j) {  // epilogue row j: tile row rank + cs j
+          const int r = rank + cs * j;
+          return r < TM && row0 + r < p.M ? p.x + int64_t(row0 + r) * p.ldx : nullptr;
+        },
+        tid, kThreads);
+    ptx::cp_async_commit();  // the residual rows: needed in phase 3 only
+    ptx::cp_async_wait<1>();
+    __syncthreads();
+  }
   MLP_STAMP(3);
 
   // ---- 1. fc1 + GELU: the two k halves' sums meet in shared memory (the fc2 partial rows, unused yet) ----
@@ -295,13 +378,15 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
     const int j = tid / kG, r = rank + cs * j, n = row0 + r;
     const bool valid = j < p.ro && r < TM && n < p.M;
     const int64_t gr = valid ? n : 0;
-    moe_rows::epilogue_residual_ln<kG, kS>(red + j * ldp, xres + j * C, p.x + gr * p.ldx, p.xn + gr * p.ldxn,
+    const float* x_in = kProj ? xin + (r < TM ? r : 0) * C : xres + j * C;
+    moe_rows::epilogue_residual_ln<kG, kS>(red + j * ldp, x_in, p.x + gr * p.ldx, p.xn + gr * p.ldxn,
                                            p.choice ? p.choice + gr : nullptr, valid, tid % kG, C, p.gate, p.eps, ep,
                                            ep + C, ep + 4 * C, ep + 2 * C, ep + 3 * C);
   }
   MLP_STAMP(8);
   ptx::cluster_wait_acquire();  // no CTA leaves while another reads its partial
   MLP_STAMP(9);
+  if (tid == 0) timeline_record(p.tl, kTimelineMlpBlock, tl_entry, tl_waited);
 #ifdef SAV_MLP_BLOCK_TRACE
   if (tid == 0 && (blockIdx.x == 0 || blockIdx.x == gridDim.x - 1)) {
     printf(
@@ -310,6 +395,10 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
         int(blockIdx.x), stamps[1] - stamps[0], stamps[2] - stamps[1], stamps[3] - stamps[2], stamps[4] - stamps[3],
         stamps[5] - stamps[4], stamps[6] - stamps[5], stamps[7] - stamps[6], stamps[8] - stamps[7],
         stamps[10] - stamps[7], stamps[11] - stamps[10], stamps[9] - stamps[8], stamps[9] - stamps[0]);
+    if (kProj)
+      printf("[mlp_block trace] cta %d proj form: loads %lld proj %lld stores %lld bar %lld ln2 %lld\n",
+             int(blockIdx.x), stamps[12] - stamps[2], stamps[13] - stamps[12], stamps[14] - stamps[13],
+             stamps[15] - stamps[14], stamps[3] - stamps[15]);
   }
 #endif
 #endif
@@ -325,10 +414,28 @@ MlpParams mlp_dims(int M, int C, int F, int tm) {
 }
 
 using MlpKernel = void (*)(MlpParams);
-MlpKernel mlp_kernel_for(int tm) { return tm == 16 ? mlp_block_kernel<1> : mlp_block_kernel<2>; }
+MlpKernel mlp_kernel_for(int tm, bool proj = false) {
+  return proj ? mlp_block_kernel<1, true> : tm == 16 ? mlp_block_kernel<1, false> : mlp_block_kernel<2, false>;
+}
 
 bool shape_ok(int M, int C, int F) {
   return M >= 1 && C >= 8 && C <= kMaxC && C % 8 == 0 && F >= kHC && F % kHC == 0 && F / kHC <= kMaxCluster;
+}
+
+void launch_mlp(MlpParams& p, int tm, bool proj, const char* what, cudaStream_t stream) {
+  p.tl = timeline_sink();
+  const int64_t tiles = (int64_t(p.M) + tm - 1) / tm;
+  SAV_CHECK(tiles * p.cs <= (int64_t(1) << 31) - 1, what << ": M too large");
+  const size_t smem = mlp_smem(p, tm, proj).total;
+  launch_dependent(mlp_kernel_for(tm, proj), dim3(static_cast<unsigned>(tiles * p.cs)), dim3(kThreads), smem, p.cs,
+                   stream, p);
+}
+
+bool smem_and_cluster_fit(int M, int C, int F, int tm, bool proj) {
+  const size_t smem = mlp_smem(mlp_dims(M, C, F, tm), tm, proj).total;
+  if (!device_available()) return smem <= 227 * 1024;
+  return device_cc_major() >= 9 && smem <= size_t(max_smem_per_block()) &&
+         cluster_fits(reinterpret_cast<const void*>(mlp_kernel_for(tm, proj)), F / kHC, kThreads, smem, false);
 }
 
 }  // namespace
@@ -342,10 +449,11 @@ bool mlp_block_supports(int M, int C, int F, int tile_rows) {
   if (!shape_ok(M, C, F)) return false;
   const int tm = tile_rows == 0 ? mlp_block_tile_rows(M) : tile_rows;
   if (tm != 16 && tm != 32) return false;
-  const size_t smem = mlp_smem(mlp_dims(M, C, F, tm), tm).total;
-  if (!device_available()) return smem <= 227 * 1024;
-  return device_cc_major() >= 9 && smem <= size_t(max_smem_per_block()) &&
-         cluster_fits(reinterpret_cast<const void*>(mlp_kernel_for(tm)), F / kHC, kThreads, smem, false);
+  return smem_and_cluster_fit(M, C, F, tm, false);
+}
+
+bool mlp_block_proj_supports(int M, int C, int F) {
+  return shape_ok(M, C, F) && C % 32 == 0 && C / 8 <= kWarps * (F / kHC) && smem_and_cluster_fit(M, C, F, 16, true);
 }
 
 void mlp_block_forward(float* x, int ldx, int8_t* choice, const bf16* xa, int ldxa, const bf16* wa, const bf16* ws,
@@ -370,11 +478,35 @@ void mlp_block_forward(float* x, int ldx, int8_t* choice, const bf16* xa, int ld
   p.x = x, p.ldx = ldx, p.choice = choice, p.xa = xa, p.ldxa = ldxa, p.wa = wa, p.ws = ws;
   p.b0 = b0, p.b1 = b1, p.br = br, p.xn = xn, p.ldxn = ldxn, p.ln_w = ln_w, p.ln_b = ln_b, p.eps = eps;
   p.gate = gate, p.hid_out = hid_out;
-  const int64_t tiles = (int64_t(M) + tm - 1) / tm;
-  SAV_CHECK(tiles * p.cs <= (int64_t(1) << 31) - 1, what << ": M too large");
-  const size_t smem = mlp_smem(p, tm).total;
-  launch_dependent(mlp_kernel_for(tm), dim3(static_cast<unsigned>(tiles * p.cs)), dim3(kThreads), smem, p.cs, stream,
-                   p);
+  launch_mlp(p, tm, false, what, stream);
+}
+
+void mlp_block_proj_forward(float* x, int ldx, const bf16* ao, int ldao, const bf16* wp, const float* bp,
+                            const float* ln2_w, const float* ln2_b, const float* wr, const float* br1, int8_t* choice1,
+                            const bf16* wa, const bf16* ws, const float* b0, const float* b1, const float* br,
+                            int8_t* choice, int M, int C, int F, MoeGate gate, bf16* xn, int ldxn, const float* ln_w,
+                            const float* ln_b, float eps, cudaStream_t stream, bf16* hid_out) {
+  const char* what = "mlp block (proj form)";
+  SAV_CHECK(x && ao && wp && bp && ln2_w && ln2_b && wr && br1 && wa && ws && b0 && b1 && br && xn && ln_w && ln_b,
+            what << ": null pointer");
+  SAV_CHECK(M >= 0 && mlp_block_proj_supports(std::max(M, 1), C, F),
+            what << ": M=" << M << " C=" << C << " F=" << F
+                 << " not supported (C % 32 == 0, C <= 192, F a multiple of 128 up to 1024)");
+  SAV_CHECK(ldx >= C && ldx % 4 == 0 && ldao >= C && ldao % 8 == 0 && ldxn >= C && ldxn % 4 == 0,
+            what << ": row strides ldx=" << ldx << " ldao=" << ldao << " ldxn=" << ldxn);
+  SAV_CHECK(aligned16(x) && aligned16(ao) && aligned16(wp) && aligned16(bp) && aligned16(ln2_w) && aligned16(ln2_b) &&
+                aligned16(wr) && aligned16(wa) && aligned16(ws) && aligned16(b0) && aligned16(b1) && aligned16(ln_w) &&
+                aligned16(ln_b) && reinterpret_cast<uintptr_t>(br) % 4 == 0 &&
+                reinterpret_cast<uintptr_t>(br1) % 4 == 0 && reinterpret_cast<uintptr_t>(xn) % 8 == 0 &&
+                reinterpret_cast<uintptr_t>(hid_out) % 4 == 0,
+            what << ": misaligned pointers");
+  if (M == 0) return;
+  MlpParams p = mlp_dims(M, C, F, 16);
+  p.x = x, p.ldx = ldx, p.choice = choice, p.wa = wa, p.ws = ws;
+  p.b0 = b0, p.b1 = b1, p.br = br, p.xn = xn, p.ldxn = ldxn, p.ln_w = ln_w, p.ln_b = ln_b, p.eps = eps;
+  p.ao = ao, p.ldao = ldao, p.wp = wp, p.bp = bp, p.ln2_w = ln2_w, p.ln2_b = ln2_b, p.wr = wr, p.br1 = br1;
+  p.choice1 = choice1, p.gate = gate, p.hid_out = hid_out;
+  launch_mlp(p, 16, true, what, stream);
 }
 
 }  // namespace sav::cuda

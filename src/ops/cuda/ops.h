@@ -108,9 +108,10 @@ void hamming_attention_proj_ln_mask_forward(float* x, int ldx, const bf16* qk, i
 // bf16 is LayerNorm 1 of x. A thread-block cluster per image, one CTA per 16-token tile holding every head of it;
 // sigma and the codes meet through distributed shared memory, the v rows through v_scratch, and every CTA computes
 // the whole KV. Where hamming_block_supports: head size 64, H <= 3 (C <= 192, DeiT-Tiny), nbits <= 64, m <= 32, the
-// image's v rows fit in shared memory (N <= 208 at C = 192) and a cluster of ceil(N / 16) CTAs fits the device. qkv_out (B N, 2C)
-// and ao_out (B N, C), when not null, receive the kernel's qk | v rows and attention output (tests). v_scratch:
-// hamming_block_scratch_elems(B, N, C) bf16 of device memory the kernel passes the v rows through (16-byte aligned).
+// image's v rows fit in shared memory (N <= 208 at C = 192) and a cluster of ceil(N / 16) CTAs fits the device. qkv_out
+// (B N, 2C) and ao_out (B N, C), when not null, receive the kernel's qk | v rows and attention output (tests).
+// v_scratch: hamming_block_scratch_elems(B, N, C) bf16 of device memory the kernel passes the v rows through (16-byte
+// aligned).
 bool hamming_block_supports(int B, int N, int C, int H, int nbits, int m);
 size_t hamming_block_scratch_elems(int B, int N, int C);
 void hamming_block_forward(float* x, int ldx, const bf16* xn, int ldxn, const bf16* wqkv, const bf16* bqkv,
@@ -118,6 +119,12 @@ void hamming_block_forward(float* x, int ldx, const bf16* xn, int ldxn, const bf
                            const float* ln_b, float eps, const float* wr, const float* br, bf16* xa, int ldxa,
                            int8_t* choice, bf16* v_scratch, int B, int N, int C, int H, int nbits, int m,
                            cudaStream_t stream, bf16* qkv_out = nullptr, bf16* ao_out = nullptr);
+// The same kernel up to the attention output: ao (B N, C) bf16 (rows C apart), what hamming_block_forward writes to
+// ao_out, bit for bit; proj, the residual, LayerNorm 2 and the router are left to mlp_block_proj_forward. Where
+// hamming_block_supports.
+void hamming_block_attention_forward(bf16* ao, const bf16* xn, int ldxn, const bf16* wqkv, const bf16* bqkv,
+                                     const void* prep, const float* conv_w, bf16* v_scratch, int B, int N, int C, int H,
+                                     int nbits, int m, cudaStream_t stream);
 
 // ---- MoE(mult, shift) linear (METHOD.md section 3), inference, routing on the GPU ----
 // Step 1: ONE Gemm::linear_f32 (no bias, no accumulate) of the rows x (M,K) bf16 with the stacked weight
@@ -237,6 +244,18 @@ void mlp_block_forward(float* x, int ldx, int8_t* choice, const bf16* xa, int ld
                        const float* b0, const float* b1, const float* br, int M, int C, int F, MoeGate gate, bf16* xn,
                        int ldxn, const float* ln_w, const float* ln_b, float eps, cudaStream_t stream,
                        int tile_rows = 0, bf16* hid_out = nullptr);
+// mlp_block_proj_forward: the same with the attention half's proj, residual, LayerNorm 2 and the masked fc1's router +
+// mask first (the attention kernel's phases 5 and 6: hamming_block_forward's arithmetic, bit for bit): from the
+// attention output ao (M, C) bf16 rows ldao apart, x (M, C) += ao wp^T + bp, x_aug = the mask of LayerNorm(x; ln2_w,
+// ln2_b, eps) by the router (wr, br1; choices into choice1 when not null), kept on chip, then mlp_block_forward's
+// kernel on it (its choices into choice). Each CTA of a tile's cluster does the proj of the whole tile. Where
+// mlp_block_proj_supports: mlp_block_supports' shapes with 16-row tiles and C % 32 == 0.
+bool mlp_block_proj_supports(int M, int C, int F);
+void mlp_block_proj_forward(float* x, int ldx, const bf16* ao, int ldao, const bf16* wp, const float* bp,
+                            const float* ln2_w, const float* ln2_b, const float* wr, const float* br1, int8_t* choice1,
+                            const bf16* wa, const bf16* ws, const float* b0, const float* b1, const float* br,
+                            int8_t* choice, int M, int C, int F, MoeGate gate, bf16* xn, int ldxn, const float* ln_w,
+                            const float* ln_b, float eps, cudaStream_t stream, bf16* hid_out = nullptr);
 
 // ---- conversions ----
 // y (n) bf16 = x (n) f32, round to nearest even
