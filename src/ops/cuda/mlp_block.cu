@@ -90,8 +90,11 @@ struct MlpParams {
   TimelineSink tl;                    // common.h: the kernel timeline (a diagnostic; empty: nothing recorded)
 };
 
+constexpr int kProjRegTiles = 12;  // the proj form: proj column tiles 0 .. 11 from registers, the others from smem
+__host__ __device__ inline int proj_smem_rows(int C) { return C / 8 > kProjRegTiles ? C - 8 * kProjRegTiles : 0; }
+
 struct MlpSmem {
-  size_t bar, ws, xa, hid, part, red, xres, ep, aos, xin, ep2, total;
+  size_t bar, ws, xa, hid, part, red, xres, ep, aos, xin, ep2, wps, total;
 };
 __host__ __device__ inline MlpSmem mlp_smem(const MlpParams& p, int tm, bool proj) {
   MlpSmem s{};
@@ -103,12 +106,13 @@ __host__ __device__ inline MlpSmem mlp_smem(const MlpParams& p, int tm, bool pro
   s.hid = o, o = align16(o + size_t(tm) * kLdH * sizeof(bf16));
   s.part = o, o = align16(o + size_t(tm) * (p.ldp > 128 ? p.ldp : 128) * sizeof(float));  // also fc1's k-half exchange
   s.red = o, o = align16(o + ro2 * p.ldp * sizeof(float));
-  s.xres = o, o = align16(o + ro2 * C * sizeof(float));
-  s.ep = o, o = align16(o + (4 * C + 4) * sizeof(float));  // b0, b1, ln_w, ln_b, br (2), pad
+  s.xres = o, o = align16(o + (proj ? 0 : ro2 * C) * sizeof(float));  // the proj form keeps every row in xin
+  s.ep = o, o = align16(o + (4 * C + 4) * sizeof(float));             // b0, b1, ln_w, ln_b, br (2), pad
   if (proj) {  // the proj form: the attention output rows, the residual rows, bp, ln2_w, ln2_b, wr (2C), br1 (2)
     s.aos = o, o = align16(o + size_t(tm) * (C + 32) * sizeof(bf16));
     s.xin = o, o = align16(o + size_t(tm) * C * sizeof(float));
     s.ep2 = o, o = align16(o + (5 * C + 4) * sizeof(float));
+    s.wps = o, o = align16(o + size_t(proj_smem_rows(p.C)) * (C + 32) * sizeof(bf16));  // proj rows 96 .. C - 1
   }
   s.total = o;
   return s;
@@ -163,21 +167,22 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
     }
   };
   load_w1();
-  // the proj form: proj column tile rank + cs w is warp w's (over all of C's k blocks: the attention kernel's sum
-  // order)
+  // the proj form: every CTA computes the whole proj of its tile, warp w column tiles w (weights in registers) and
+  // 12 + w (weights in shared memory, bulk-copied below), each over all of C's k blocks (the attention kernel's order)
   constexpr int kPKB = kProj ? kMaxC / 32 : 1;
-  const int KBp = C / 32, pnt = rank + cs * warp;
+  const int KBp = C / 32, srows = kProj ? proj_smem_rows(C) : 0;
+  bf16* wps = reinterpret_cast<bf16*>(smem + L.wps);
   uint4 wpf[kPKB];
-  if constexpr (kProj) {
-    ptx::cluster_arrive_relaxed();  // runs: the proj columns of other CTAs may arrive after the matching wait
+  if constexpr (kProj)
 #pragma unroll
     for (int kb = 0; kb < kPKB; ++kb)
-      wpf[kb] = pnt < C / 8 && kb < KBp ? frag::w_fragment(p.wp, pnt * 8 + g, C, kb) : make_uint4(0, 0, 0, 0);
-  }
+      wpf[kb] = warp < kProjRegTiles && warp < C / 8 && kb < KBp ? frag::w_fragment(p.wp, warp * 8 + g, C, kb)
+                                                                 : make_uint4(0, 0, 0, 0);
   const int wrows = p.nt2 * 8;  // stacked rows used: 2C + 4 rounded up to 8 (zero rows past 2C + 4)
   if (tid == 0) {
     ptx::mbar_init(bar, 1);
-    ptx::mbar_arrive_expect_tx(bar, unsigned(wrows) * unsigned(kHC * sizeof(bf16)));
+    ptx::mbar_arrive_expect_tx(bar,
+                               unsigned(wrows) * unsigned(kHC * sizeof(bf16)) + unsigned(srows * C * sizeof(bf16)));
   }
   for (int c = tid * 4; c < C; c += kThreads * 4) {
     ptx::cp_async16(ep + c, p.b0 + c);
@@ -192,6 +197,8 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
   __syncthreads();  // the barrier is initialised and armed before any copy signals it
   for (int r = tid; r < wrows; r += kThreads)
     ptx::bulk_copy_g2s(wsm + r * kLdH, p.ws + int64_t(r) * p.F + hc0, unsigned(kHC * sizeof(bf16)), bar);
+  for (int r = tid; r < srows; r += kThreads)  // the proj form: proj weight rows 96 + r
+    ptx::bulk_copy_g2s(wps + r * (C + 32), p.wp + int64_t(8 * kProjRegTiles + r) * C, unsigned(C * sizeof(bf16)), bar);
 
   MLP_STAMP(1);
   ptx::pdl_wait();
@@ -206,32 +213,39 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
     ptx::cp_async_rows(
         aos, lda, TM, C, p.ao, [&](int r) { return row0 + r < p.M ? p.ao + int64_t(row0 + r) * p.ldao : nullptr; }, tid,
         kThreads);
+    ptx::cp_async_commit();
     ptx::cp_async_rows(
         xin, C, TM, C, p.x, [&](int r) { return row0 + r < p.M ? p.x + int64_t(row0 + r) * p.ldx : nullptr; }, tid,
         kThreads);
-    ptx::cp_async_commit();
-    ptx::cp_async_wait<0>();
+    ptx::cp_async_commit();  // the residual rows: needed after the proj
+    ptx::cp_async_wait<1>();
     __syncthreads();
     MLP_STAMP(12);
-    float* xp = part;  // the proj rows (TM x C f32): each CTA's column tiles into every CTA of the cluster
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (pnt < C / 8)
+    float* xp = part;  // the proj rows (TM x C f32)
+    auto emit = [&](int nt, const float(&acc)[4]) {
+      const int c = nt * 8 + 2 * q4;
+      *reinterpret_cast<float2*>(xp + g * C + c) = make_float2(acc[0], acc[1]);
+      *reinterpret_cast<float2*>(xp + (g + 8) * C + c) = make_float2(acc[2], acc[3]);
+    };
+    if (warp < kProjRegTiles && warp < C / 8) {
+      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
       for (int kb = 0; kb < kPKB; ++kb)
         if (kb < KBp) mma_kblock(acc, aos, lda, kb, wpf[kb]);
+      emit(warp, acc);
+    }
     MLP_STAMP(13);
-    ptx::cluster_wait_acquire();  // every CTA runs
-    if (pnt < C / 8) {
-      const int c = pnt * 8 + 2 * q4;
-      for (int q = 0; q < cs; ++q) {
-        float* d = cluster.map_shared_rank(xp, q);
-        *reinterpret_cast<float2*>(d + g * C + c) = make_float2(acc[0], acc[1]);
-        *reinterpret_cast<float2*>(d + (g + 8) * C + c) = make_float2(acc[2], acc[3]);
-      }
+    if (8 * warp < srows) {
+      ptx::mbar_wait_parity(bar, 0);  // the proj rows in shared memory (and the fc2 slice)
+      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int kb = 0; kb < kPKB; ++kb)
+        if (kb < KBp) mma_kblock(acc, aos, lda, kb, frag::a_fragment(wps, C + 32, warp * 8 + g, kb));
+      emit(kProjRegTiles + warp, acc);
     }
     MLP_STAMP(14);
-    ptx::cluster_arrive_release();
-    ptx::cluster_wait_acquire();  // every proj column
+    ptx::cp_async_wait<0>();
+    __syncthreads();
     MLP_STAMP(15);
     constexpr int kG1 = 16, kS1 = 4;  // C <= 256: as the attention kernel's epilogue
     if (tid < TM * kG1) {
@@ -396,9 +410,11 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
         stamps[5] - stamps[4], stamps[6] - stamps[5], stamps[7] - stamps[6], stamps[8] - stamps[7],
         stamps[10] - stamps[7], stamps[11] - stamps[10], stamps[9] - stamps[8], stamps[9] - stamps[0]);
     if (kProj)
-      printf("[mlp_block trace] cta %d proj form: loads %lld proj %lld stores %lld bar %lld ln2 %lld\n",
-             int(blockIdx.x), stamps[12] - stamps[2], stamps[13] - stamps[12], stamps[14] - stamps[13],
-             stamps[15] - stamps[14], stamps[3] - stamps[15]);
+      printf(
+          "[mlp_block trace] cta %d proj form: loads %lld proj (register weights) %lld proj (smem weights) %lld sync "
+          "%lld ln2 %lld\n",
+          int(blockIdx.x), stamps[12] - stamps[2], stamps[13] - stamps[12], stamps[14] - stamps[13],
+          stamps[15] - stamps[14], stamps[3] - stamps[15]);
   }
 #endif
 #endif
@@ -453,7 +469,7 @@ bool mlp_block_supports(int M, int C, int F, int tile_rows) {
 }
 
 bool mlp_block_proj_supports(int M, int C, int F) {
-  return shape_ok(M, C, F) && C % 32 == 0 && C / 8 <= kWarps * (F / kHC) && smem_and_cluster_fit(M, C, F, 16, true);
+  return shape_ok(M, C, F) && C % 32 == 0 && smem_and_cluster_fit(M, C, F, 16, true);
 }
 
 void mlp_block_forward(float* x, int ldx, int8_t* choice, const bf16* xa, int ldxa, const bf16* wa, const bf16* ws,
