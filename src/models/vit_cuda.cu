@@ -661,8 +661,7 @@ struct ViTCuda::Impl {
       if (pmlp) {  // to_qk / to_v and the attention: one kernel
         cuda::hamming_block_attention_forward(ao.get(), xn.get(), C, w.qkv.w, w.qkv.b16, w.ham_prep, w.conv,
                                               ham_v.get(), B, N, C, H, cfg.hash_bits, cfg.anchors, s);
-      } else if (proj ==
-                 ProjRun::block) {  // to_qk / to_v, the attention, proj, LN2 and fc1's router + mask: one kernel
+      } else if (proj == ProjRun::block) {  // to_qk / to_v, attention, proj, LN2, fc1's router + mask: one kernel
         cuda::hamming_block_forward(x.get(), C, xn.get(), C, w.qkv.w, w.qkv.b16, w.ham_prep, w.conv, w.proj.w,
                                     w.proj.b32, w.ln2_w, w.ln2_b, eps, w.fc1.wr, w.fc1.br, moe_xa.get(), w.fc1.Ka,
                                     choice_slot(w.fc1), ham_v.get(), B, N, C, H, cfg.hash_bits, cfg.anchors, s);
