@@ -75,7 +75,7 @@ struct MlpParams {
   int8_t* choice;
   const bf16 *xa, *wa, *ws;
   const float *b0, *b1, *br, *ln_w, *ln_b;
-  // the proj form (kProj): the attention output rows ao (ldxa apart), proj (wp, bp), LayerNorm 2 (ln2_w, ln2_b) and the
+  // the proj form (kProj): the attention output rows ao (ldao apart), proj (wp, bp), LayerNorm 2 (ln2_w, ln2_b) and the
   // masked fc1's router (wr, br1, choices choice1) run first, in every CTA of the tile's cluster, instead of reading xa
   const bf16 *ao, *wp;
   const float *bp, *ln2_w, *ln2_b, *wr, *br1;
