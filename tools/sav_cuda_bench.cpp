@@ -305,72 +305,79 @@ bool parse_modes(const char* flag, const std::string& s, const std::vector<std::
   return true;
 }
 
-// The --timeline report: the records sorted by entry, cut into launches (runs of one kind), the last forward's
-// launches (its 2 depth kernels, attention then MLP per block) one line each, then the mean over its blocks 1 ..
-// depth-1.
-std::string timeline_report(std::vector<sav::cuda::TimelineRec> r, int depth) {
+// The --timeline report over the records of `forwards` identical forwards: the records sorted by entry and cut into
+// launches (a new launch where the kernel changes or a CTA index repeats), the last forward's launches one line each
+// (the forwards' launches split evenly), then the means over its blocks after the first.
+std::string timeline_report(std::vector<sav::cuda::TimelineRec> r, int forwards) {
   using Rec = sav::cuda::TimelineRec;
   std::sort(r.begin(), r.end(), [](const Rec& a, const Rec& b) { return a.t_entry < b.t_entry; });
   struct Launch {
     uint32_t kind = 0;
-    int n = 0;
-    uint64_t e0 = ~0ull, e1 = 0, w0 = ~0ull, w1 = 0, x0 = ~0ull, x1 = 0;
-    std::vector<uint32_t> sms;
+    uint64_t e0 = ~0ull, e1 = 0, w0 = ~0ull, x1 = 0;
+    std::vector<uint32_t> ctas, sms;
   };
   std::vector<Launch> ls;
   for (const Rec& x : r) {
-    if (ls.empty() || ls.back().kind != x.kind) {
+    if (ls.empty() || ls.back().kind != x.kind ||
+        std::find(ls.back().ctas.begin(), ls.back().ctas.end(), x.cta) != ls.back().ctas.end()) {
       ls.emplace_back();
       ls.back().kind = x.kind;
     }
     Launch& l = ls.back();
-    ++l.n;
     l.e0 = std::min(l.e0, x.t_entry), l.e1 = std::max(l.e1, x.t_entry);
-    l.w0 = std::min(l.w0, x.t_waited), l.w1 = std::max(l.w1, x.t_waited);
-    l.x0 = std::min(l.x0, x.t_exit), l.x1 = std::max(l.x1, x.t_exit);
-    l.sms.push_back(x.smid);
+    l.w0 = std::min(l.w0, x.t_waited), l.x1 = std::max(l.x1, x.t_exit);
+    l.ctas.push_back(x.cta), l.sms.push_back(x.smid);
   }
   std::ostringstream o;
-  const size_t per = size_t(2 * depth);
-  size_t start = ls.size();  // the last full forward: 2 depth launches from an attention launch
-  while (start >= per && !(ls[start - per].kind == sav::cuda::kTimelineHamBlock)) --start;
-  if (ls.size() < per || start < per) {
-    o << "  timeline: " << ls.size() << " block-kernel launches recorded, no whole forward of " << per << "\n";
+  if (ls.empty() || forwards < 1 || ls.size() % size_t(forwards) != 0) {
+    o << "  timeline: " << ls.size() << " block-kernel launches in " << forwards
+      << " forwards, not a whole number each\n";
     return o.str();
   }
-  start -= per;
+  const size_t per = ls.size() / size_t(forwards), start = ls.size() - per;
   auto us = [](uint64_t a, uint64_t b) { return (double(a) - double(b)) * 1e-3; };
-  o << "  timeline (us; entry = first CTA in, after its predecessor's first; resident = predecessor's last exit - "
-       "this\n"
-       "  kernel's last entry; release = first wait return - predecessor's last exit; work = last exit - first wait\n"
-       "  return; shared = this kernel's CTAs on SMs its predecessor used)\n";
+  o << "  timeline of one forward (us; entry = first CTA in, after the previous block kernel's first; resident = the\n"
+       "  previous kernel's last exit - this kernel's last entry; release = first wait return - the previous kernel's\n"
+       "  last exit; work = last exit - first wait return; shared = this kernel's CTAs on SMs the previous one used)\n";
   o << "  block kernel  ctas   entry  resident  release    work  shared\n";
-  double sum[4] = {}, cnt = 0;
-  double sum_m[4] = {};
-  for (size_t i = start + 1; i < start + per; ++i) {
-    const Launch &l = ls[i], &pr = ls[i - 1];
+  double sum[2][4] = {}, cnt[2] = {};
+  int block = -1, attn = 0;
+  uint64_t first_w = 0, last_w = 0;
+  for (size_t i = start; i < ls.size(); ++i) {
+    const Launch& l = ls[i];
+    const bool is_attn = l.kind == sav::cuda::kTimelineHamBlock;
+    if (is_attn) {
+      ++block, ++attn;
+      (attn == 1 ? first_w : last_w) = l.w0;
+    }
+    char line[160];
+    const char* name = is_attn ? "attn" : "mlp";
+    if (i == start) {  // no block kernel before it in this forward
+      std::snprintf(line, sizeof line, "  %5d %-6s %5zu %7s %9s %8s %7.2f %7s\n", block, name, l.ctas.size(), "-", "-",
+                    "-", us(l.x1, l.w0), "-");
+      o << line;
+      continue;
+    }
+    const Launch& pr = ls[i - 1];
     int shared = 0;
     for (uint32_t sm : l.sms) shared += std::count(pr.sms.begin(), pr.sms.end(), sm) > 0;
     const double v[4] = {us(l.e0, pr.e0), us(pr.x1, l.e1), us(l.w0, pr.x1), us(l.x1, l.w0)};
-    char line[160];
-    std::snprintf(line, sizeof line, "  %5zu %-6s %5d %7.2f %9.2f %8.2f %7.2f %7d\n", (i - start) / 2,
-                  l.kind == sav::cuda::kTimelineHamBlock ? "attn" : "mlp", l.n, v[0], v[1], v[2], v[3], shared);
+    std::snprintf(line, sizeof line, "  %5d %-6s %5zu %7.2f %9.2f %8.2f %7.2f %7d\n", block, name, l.ctas.size(), v[0],
+                  v[1], v[2], v[3], shared);
     o << line;
-    if ((i - start) / 2 >= 1) {
-      double* acc = l.kind == sav::cuda::kTimelineHamBlock ? sum : sum_m;
-      for (int k = 0; k < 4; ++k) acc[k] += v[k];
-      cnt += l.kind == sav::cuda::kTimelineHamBlock ? 1 : 0;
+    if (block >= 1) {
+      for (int k = 0; k < 4; ++k) sum[is_attn ? 0 : 1][k] += v[k];
+      ++cnt[is_attn ? 0 : 1];
     }
   }
-  if (cnt > 0) {
-    char line[200];
-    std::snprintf(line, sizeof line,
-                  "  mean attn: entry %.2f resident %.2f release %.2f work %.2f | mlp: entry %.2f resident %.2f "
-                  "release %.2f work %.2f | block period %.2f\n",
-                  sum[0] / cnt, sum[1] / cnt, sum[2] / cnt, sum[3] / cnt, sum_m[0] / cnt, sum_m[1] / cnt,
-                  sum_m[2] / cnt, sum_m[3] / cnt, us(ls[start + per - 2].w0, ls[start].w0) / (depth - 1));
-    o << line;
-  }
+  auto mean = [&](int t, int k) { return cnt[t] > 0 ? sum[t][k] / cnt[t] : 0.0; };
+  char line[260];
+  std::snprintf(line, sizeof line,
+                "  mean over blocks 1..%d: attn entry %.2f resident %.2f release %.2f work %.2f | mlp entry %.2f "
+                "resident %.2f release %.2f work %.2f | block period %.2f\n",
+                block, mean(0, 0), mean(0, 1), mean(0, 2), mean(0, 3), mean(1, 0), mean(1, 1), mean(1, 2), mean(1, 3),
+                attn > 1 ? us(last_w, first_w) / (attn - 1) : 0.0);
+  o << line;
   return o.str();
 }
 
@@ -501,10 +508,8 @@ int main(int argc, char** argv) {
                 if (trace && *path_name == "fused") std::printf("%s", net.vit->fused_trace(B).c_str());
                 if (timeline && net.vit) {
                   sav::cuda::timeline_reset();
-                  net.median_ms(B, 3);
-                  std::printf("%s", timeline_report(sav::cuda::timeline_collect(),
-                                                    dynamic_cast<sav::Vit&>(*net.cpu).config().depth)
-                                        .c_str());
+                  net.median_ms(B, 3);  // 13 forwards: median_forward_ms's 10 warm-ups, then 3
+                  std::printf("%s", timeline_report(sav::cuda::timeline_collect(), 13).c_str());
                 }
                 if (shift_paths) print_shift_paths(net, B, *path_name);
                 if (net.vit && (rows == RF::automatic || dep == DL::automatic) && path_name->rfind("layered", 0) == 0)
