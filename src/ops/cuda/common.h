@@ -84,6 +84,7 @@ struct TimelineSink {
   unsigned cap;
 };
 #ifdef __CUDACC__
+// %globaltimer in ns (the timeline's stamps; also the fused kernel's trace)
 __device__ __forceinline__ uint64_t timeline_now() {
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));

@@ -535,61 +535,65 @@ size_t hamming_block_scratch_elems(int B, int N, int C) {
   return size_t(std::max(B, 0)) * 16 * ((std::max(N, 0) + 15) / 16) * (size_t(std::max(C, 0)) + 8);
 }
 
+namespace {
+
+// The checks and parameters the two launchers share: the attention's inputs (to_qk / to_v, the hash, the conv, the v
+// rows' scratch) and the shape.
+BlkParams attention_params(const char* what, const bf16* xn, int ldxn, const bf16* wqkv, const bf16* bqkv,
+                           const void* prep, const float* conv_w, bf16* v_scratch, int B, int N, int C, int H,
+                           int nbits, int m) {
+  SAV_CHECK(xn && wqkv && bqkv && prep && conv_w && v_scratch, what << ": null pointer");
+  SAV_CHECK(
+      hamming_block_supports(B, N, C, H, nbits, m),
+      what << ": B=" << B << " N=" << N << " C=" << C << " H=" << H << " nbits=" << nbits << " m=" << m
+           << " not supported (head size 64, at most 3 heads, nbits <= 64, anchors <= 32, the image's v rows in shared "
+              "memory (N <= 208 at C = 192), a cluster of one CTA per 16-token tile that fits the device)");
+  SAV_CHECK(ldxn >= C && ldxn % 8 == 0, what << ": row stride ldxn=" << ldxn);
+  SAV_CHECK(aligned16(xn) && aligned16(wqkv) && aligned16(bqkv) && aligned16(prep) && aligned16(v_scratch),
+            what << ": misaligned pointers");
+  SAV_CHECK(int64_t(B) * ((N + 15) / 16) <= (int64_t(1) << 31) - 1, what << ": batch too large");
+  BlkParams p = blk_dims(N, C, H, nbits, m);
+  p.xn = xn, p.ldxn = ldxn, p.wqkv = wqkv, p.bqkv = bqkv;
+  p.prep = static_cast<const unsigned char*>(prep), p.conv_w = conv_w, p.vg = v_scratch;
+  p.tl = timeline_sink();
+  return p;
+}
+
+void launch_blk(const BlkParams& p, int B, bool full, cudaStream_t stream) {
+  launch_dependent(blk_kernel_for(p.H, full), dim3(static_cast<unsigned>(int64_t(B) * p.tiles)), dim3(kThreads),
+                   blk_smem(p).total, p.tiles, stream, p);
+}
+
+}  // namespace
+
 void hamming_block_forward(float* x, int ldx, const bf16* xn, int ldxn, const bf16* wqkv, const bf16* bqkv,
                            const void* prep, const float* conv_w, const bf16* wp, const float* bp, const float* ln_w,
                            const float* ln_b, float eps, const float* wr, const float* br, bf16* xa, int ldxa,
                            int8_t* choice, bf16* v_scratch, int B, int N, int C, int H, int nbits, int m,
                            cudaStream_t stream, bf16* qkv_out, bf16* ao_out) {
   const char* what = "hamming attention block";
-  SAV_CHECK(x && xn && wqkv && bqkv && prep && conv_w && wp && bp && ln_w && ln_b && wr && br && xa && v_scratch,
-            what << ": null pointer");
-  SAV_CHECK(
-      hamming_block_supports(B, N, C, H, nbits, m),
-      what << ": B=" << B << " N=" << N << " C=" << C << " H=" << H << " nbits=" << nbits << " m=" << m
-           << " not supported (head size 64, at most 3 heads, nbits <= 64, anchors <= 32, the image's v rows in shared "
-              "memory (N <= 208 at C = 192), a cluster "
-              "of one CTA per 16-token tile that fits the device)");
+  BlkParams p = attention_params(what, xn, ldxn, wqkv, bqkv, prep, conv_w, v_scratch, B, N, C, H, nbits, m);
+  SAV_CHECK(x && wp && bp && ln_w && ln_b && wr && br && xa, what << ": null pointer");
   const int Ka = moe_masked_cols(C);
-  SAV_CHECK(ldx >= C && ldx % 4 == 0 && ldxn >= C && ldxn % 8 == 0 && ldxa >= Ka && ldxa % 4 == 0,
-            what << ": row strides ldx=" << ldx << " ldxn=" << ldxn << " ldxa=" << ldxa);
-  SAV_CHECK(aligned16(x) && aligned16(xn) && aligned16(wqkv) && aligned16(bqkv) && aligned16(prep) && aligned16(wp) &&
-                aligned16(bp) && aligned16(ln_w) && aligned16(ln_b) && aligned16(wr) && aligned16(v_scratch) &&
+  SAV_CHECK(ldx >= C && ldx % 4 == 0 && ldxa >= Ka && ldxa % 4 == 0,
+            what << ": row strides ldx=" << ldx << " ldxa=" << ldxa);
+  SAV_CHECK(aligned16(x) && aligned16(wp) && aligned16(bp) && aligned16(ln_w) && aligned16(ln_b) && aligned16(wr) &&
                 reinterpret_cast<uintptr_t>(xa) % 8 == 0 && reinterpret_cast<uintptr_t>(qkv_out) % 4 == 0 &&
                 reinterpret_cast<uintptr_t>(ao_out) % 4 == 0,
             what << ": misaligned pointers");
-  SAV_CHECK(int64_t(B) * ((N + 15) / 16) <= (int64_t(1) << 31) - 1, what << ": batch too large");
-  BlkParams p = blk_dims(N, C, H, nbits, m);
-  p.x = x, p.ldx = ldx, p.xn = xn, p.ldxn = ldxn, p.wqkv = wqkv, p.bqkv = bqkv;
-  p.prep = static_cast<const unsigned char*>(prep), p.conv_w = conv_w;
-  p.wp = wp, p.bp = bp, p.ln_w = ln_w, p.ln_b = ln_b, p.wr = wr, p.br = br, p.eps = eps;
-  p.tl = timeline_sink();
-  p.vg = v_scratch, p.xa = xa, p.ldxa = ldxa, p.Ka = Ka, p.choice = choice, p.qkv_out = qkv_out, p.ao_out = ao_out;
-  const size_t smem = blk_smem(p).total;
-  const dim3 grid(static_cast<unsigned>(int64_t(B) * p.tiles)), block(kThreads);
-  launch_dependent(blk_kernel_for(H), grid, block, smem, p.tiles, stream, p);
+  p.x = x, p.ldx = ldx, p.wp = wp, p.bp = bp, p.ln_w = ln_w, p.ln_b = ln_b, p.wr = wr, p.br = br, p.eps = eps;
+  p.xa = xa, p.ldxa = ldxa, p.Ka = Ka, p.choice = choice, p.qkv_out = qkv_out, p.ao_out = ao_out;
+  launch_blk(p, B, true, stream);
 }
 
 void hamming_block_attention_forward(bf16* ao, const bf16* xn, int ldxn, const bf16* wqkv, const bf16* bqkv,
                                      const void* prep, const float* conv_w, bf16* v_scratch, int B, int N, int C, int H,
                                      int nbits, int m, cudaStream_t stream) {
   const char* what = "hamming attention block (attention output)";
-  SAV_CHECK(ao && xn && wqkv && bqkv && prep && conv_w && v_scratch, what << ": null pointer");
-  SAV_CHECK(hamming_block_supports(B, N, C, H, nbits, m), what << ": B=" << B << " N=" << N << " C=" << C << " H=" << H
-                                                               << " nbits=" << nbits << " m=" << m
-                                                               << " not supported (as hamming_block_forward)");
-  SAV_CHECK(ldxn >= C && ldxn % 8 == 0, what << ": row stride ldxn=" << ldxn);
-  SAV_CHECK(aligned16(xn) && aligned16(wqkv) && aligned16(bqkv) && aligned16(prep) && aligned16(v_scratch) &&
-                reinterpret_cast<uintptr_t>(ao) % 4 == 0,
-            what << ": misaligned pointers");
-  SAV_CHECK(int64_t(B) * ((N + 15) / 16) <= (int64_t(1) << 31) - 1, what << ": batch too large");
-  BlkParams p = blk_dims(N, C, H, nbits, m);
-  p.xn = xn, p.ldxn = ldxn, p.wqkv = wqkv, p.bqkv = bqkv;
-  p.prep = static_cast<const unsigned char*>(prep), p.conv_w = conv_w;
-  p.tl = timeline_sink();
-  p.vg = v_scratch, p.ao_out = ao;
-  const size_t smem = blk_smem(p).total;
-  launch_dependent(blk_kernel_for(H, false), dim3(static_cast<unsigned>(int64_t(B) * p.tiles)), dim3(kThreads), smem,
-                   p.tiles, stream, p);
+  BlkParams p = attention_params(what, xn, ldxn, wqkv, bqkv, prep, conv_w, v_scratch, B, N, C, H, nbits, m);
+  SAV_CHECK(ao && reinterpret_cast<uintptr_t>(ao) % 4 == 0, what << ": null or misaligned attention output");
+  p.ao_out = ao;
+  launch_blk(p, B, false, stream);
 }
 
 }  // namespace sav::cuda

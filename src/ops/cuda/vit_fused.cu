@@ -164,12 +164,6 @@ struct KParams {
 // ---------------------------------------------------------------------------------------------------------
 // small device helpers
 
-__device__ __forceinline__ unsigned long long global_ns() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
 __device__ __forceinline__ void st_tag(unsigned long long* p, float v, unsigned tag) {
   const unsigned long long w = (static_cast<unsigned long long>(tag) << 32) | __float_as_uint(v);
   asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(w) : "memory");
@@ -510,7 +504,7 @@ __global__ void __launch_bounds__(kThreads, 1) vit_fused_kernel(const __grid_con
   const bool stamps = p.trace && blockIdx.x == 0;
   const int nst = 3 + d.depth * kStamps;  // trace: nst %globaltimer stamps, then nst clock64 stamps
   auto stamp = [&](int k) {
-    if (stamps && tid == 0) p.trace[k] = global_ns(), p.trace[nst + k] = clock64();
+    if (stamps && tid == 0) p.trace[k] = timeline_now(), p.trace[nst + k] = clock64();
   };
   stamp(0);
   __shared__ unsigned gen_s;
