@@ -484,8 +484,15 @@ struct ViTCuda::Impl {
   // or with the product as the rows-fused fc2 form where fc2_fusable).
   bool fc2_next_ln(size_t l) const {
     const Lin& f2 = blocks[l].fc2;
-    return l + 1 < blocks.size() && f2.kind == LinearKind::moe && !f2.wa &&
-           cuda::moe_epilogue_residual_ln_supports(cfg.dim);
+    return f2.kind == LinearKind::moe && !f2.wa && cuda::moe_epilogue_residual_ln_supports(cfg.dim);
+  }
+  // The LayerNorm after block l: the next block's LayerNorm 1, or the final norm after the last block (its rows then
+  // feed the head: forward's class rows).
+  struct NextLn {
+    const float *w, *b;
+  };
+  NextLn next_ln(size_t l) const {
+    return l + 1 < blocks.size() ? NextLn{blocks[l + 1].ln1_w, blocks[l + 1].ln1_b} : NextLn{norm_w, norm_b};
   }
   bool fc2_fusable(size_t l, int M) const {
     return fc2_next_ln(l) && rows_fusable(M, blocks[l].fc2.K, cfg.dim, blocks[l].fc2.Fs);
@@ -533,16 +540,16 @@ struct ViTCuda::Impl {
 
   // The fc2 form and its two ways, writing x (the residual stream), the next block's LayerNorm xn and the routing
   // choices (nullptr: not written): x += the stacked MoE fc2 of hid (its routing epilogue), then the next LN1 -> xn.
-  void fc2_rows(const BlockWeights& w, const BlockWeights& next, int M, bool fused, float* xo, bf16* xno, int8_t* ch,
+  void fc2_rows(const BlockWeights& w, NextLn next, int M, bool fused, float* xo, bf16* xno, int8_t* ch,
                 cudaStream_t s) {
     const int C = cfg.dim;
     if (fused) {
       cuda::rows_moe_residual_ln_forward(xo, C, ch, hid.get(), cfg.mlp_hidden, w.fc2.w, w.fc2.b0, w.fc2.b1, w.fc2.br, M,
-                                         w.fc2.K, C, gate, xno, C, next.ln1_w, next.ln1_b, cfg.ln_eps, s);
+                                         w.fc2.K, C, gate, xno, C, next.w, next.b, cfg.ln_eps, s);
     } else {
       stacked_product(w.fc2, hid.get(), M, s);
       cuda::moe_epilogue_residual_ln_forward(xo, C, ch, moe_s.get(), w.fc2.Fs, w.fc2.b0, w.fc2.b1, w.fc2.br, M, C, gate,
-                                             xno, C, next.ln1_w, next.ln1_b, cfg.ln_eps, s);
+                                             xno, C, next.w, next.b, cfg.ln_eps, s);
     }
   }
 
@@ -713,25 +720,31 @@ struct ViTCuda::Impl {
       // a stacked MoE fc2: its residual epilogue fused with the next block's LayerNorm
       ln1_done = fc2_next_ln(l);
       if (pmlp) {  // proj + residual + LN2 + router + mask, fc1 + GELU + fc2 + routing epilogue + the next LN1
-        const BlockWeights& next = blocks[l + 1];
+        const NextLn next = next_ln(l);
         cuda::mlp_block_proj_forward(x.get(), C, ao.get(), C, w.proj.w, w.proj.b32, w.ln2_w, w.ln2_b, w.fc1.wr,
                                      w.fc1.br, choice_slot(w.fc1), w.fc1.wa, w.fc2.w, w.fc2.b0, w.fc2.b1, w.fc2.br,
-                                     choice_slot(w.fc2), M, C, F, gate, xn.get(), C, next.ln1_w, next.ln1_b, eps, s);
+                                     choice_slot(w.fc2), M, C, F, gate, xn.get(), C, next.w, next.b, eps, s);
       } else if (mlp) {  // fc1 + GELU + fc2 + routing epilogue + the next LN1: one kernel
-        const BlockWeights& next = blocks[l + 1];
+        const NextLn next = next_ln(l);
         cuda::mlp_block_forward(x.get(), C, choice_slot(w.fc2), moe_xa.get(), w.fc1.Ka, w.fc1.wa, w.fc2.w, w.fc2.b0,
-                                w.fc2.b1, w.fc2.br, M, C, F, gate, xn.get(), C, next.ln1_w, next.ln1_b, eps, s);
+                                w.fc2.b1, w.fc2.br, M, C, F, gate, xn.get(), C, next.w, next.b, eps, s);
       } else if (ln1_done) {  // product + routing epilogue + the next LN1: one kernel or two
-        const BlockWeights& next = blocks[l + 1];
+        const NextLn next = next_ln(l);
         const bool fused = fc2_fusable(l, M) && forms.fc2;
         fc2_rows(w, next, M, fused, x.get(), xn.get(), choice_slot(w.fc2), s);
       } else {
         linear(w.fc2, hid.get(), M, Epi::residual, x.get(), C, s);
       }
     }
-    // final norm on the class tokens (rows b*N), then the head
-    cuda::layernorm_forward(clsn.get(), C, x.get(), N * C, norm_w, norm_b, B, C, eps, s);
-    gemm.linear_f32(logits, clsn.get(), head_w, head_b, B, C, cfg.num_classes, false, s);
+    // final norm on the class tokens (rows b*N), then the head. When the last block's fc2 epilogue ran the final
+    // norm on every row (ln1_done), one image's class row is xn's first row: the same bits (the epilogue's LayerNorm
+    // is layernorm_kernel's), one kernel less.
+    const bf16* head_in = xn.get();
+    if (!(ln1_done && has_blocks && B == 1)) {
+      cuda::layernorm_forward(clsn.get(), C, x.get(), N * C, norm_w, norm_b, B, C, eps, s);
+      head_in = clsn.get();
+    }
+    gemm.linear_f32(logits, head_in, head_w, head_b, B, C, cfg.num_classes, false, s);
   }
 };
 

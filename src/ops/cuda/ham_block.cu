@@ -451,6 +451,18 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   }
   if constexpr (!kFull) {  // the attention output is out; the MLP kernel takes it from here
     if (tid == 0) timeline_record(p.tl, kTimelineHamBlock, tl_entry, tl_waited);
+#ifdef SAV_HAM_BLOCK_TRACE
+    BLK_STAMP(11);
+    if (tid == 0 && b == 0 && (rank == 0 || rank == tiles - 1))
+      printf(
+          "[ham_block trace] rank %d attention-only cycles: stage-issue %lld wait+xs %lld qkv+copies %lld dist %lld "
+          "sigma-bar %lld codes %lld codes-bar %lld v-wait %lld expand %lld kv-mma %lld z %lld norm+emit %lld "
+          "after-wait %lld\n",
+          rank, stamps[1] - stamps[0], stamps[2] - stamps[1], stamps[3] - stamps[2], stamps[4] - stamps[3],
+          stamps[5] - stamps[4], stamps[6] - stamps[5], stamps[7] - stamps[6], stamps[8] - stamps[7],
+          stamps[16] - stamps[8], stamps[9] - stamps[16], stamps[10] - stamps[9], stamps[11] - stamps[10],
+          stamps[11] - stamps[1]);
+#endif
     return;
   }
   __syncthreads();

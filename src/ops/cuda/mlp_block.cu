@@ -227,27 +227,29 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
       *reinterpret_cast<float2*>(xp + g * C + c) = make_float2(acc[0], acc[1]);
       *reinterpret_cast<float2*>(xp + (g + 8) * C + c) = make_float2(acc[2], acc[3]);
     };
-    if (warp < kProjRegTiles && warp < C / 8) {
-      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-      for (int kb = 0; kb < kPKB; ++kb)
-        if (kb < KBp) mma_kblock(acc, aos, lda, kb, wpf[kb]);
-      emit(warp, acc);
-    }
+    // warp w: column tile w (register weights) and, when there is one, 12 + w (shared memory weights, waited for
+    // first: they came with the fc2 slice while the previous kernel ran); the two chains interleaved, each A fragment
+    // read once for both
+    const bool reg_tile = warp < kProjRegTiles && warp < C / 8, smem_tile = 8 * warp < srows;
     MLP_STAMP(13);
-    if (8 * warp < srows) {
-      ptx::mbar_wait_parity(bar, 0);  // the proj rows in shared memory (and the fc2 slice)
-      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (smem_tile) ptx::mbar_wait_parity(bar, 0);  // the proj rows in shared memory (and the fc2 slice)
+    MLP_STAMP(14);
+    if (reg_tile) {
+      float acc[2][4] = {};
 #pragma unroll
       for (int kb = 0; kb < kPKB; ++kb)
-        if (kb < KBp) mma_kblock(acc, aos, lda, kb, frag::a_fragment(wps, C + 32, warp * 8 + g, kb));
-      emit(kProjRegTiles + warp, acc);
+        if (kb < KBp) {
+          const uint4 ra = frag::a_fragment(aos, lda, g, kb), rb = frag::a_fragment(aos, lda, g + 8, kb);
+          mma_kblock(acc[0], ra, rb, wpf[kb]);
+          if (smem_tile) mma_kblock(acc[1], ra, rb, frag::a_fragment(wps, C + 32, warp * 8 + g, kb));
+        }
+      emit(warp, acc[0]);
+      if (smem_tile) emit(kProjRegTiles + warp, acc[1]);
     }
-    MLP_STAMP(14);
     ptx::cp_async_wait<0>();
     __syncthreads();
     MLP_STAMP(15);
-    constexpr int kG1 = 16, kS1 = 4;  // C <= 256: as the attention kernel's epilogue
+    constexpr int kG1 = 16, kS1 = kMaxC / 64;  // as the attention kernel's epilogue (kS: the same bits)
     if (tid < TM * kG1) {
       const int i = tid / kG1, lane16 = tid % kG1;
       const bool valid = row0 + i < p.M;
@@ -338,18 +340,17 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
       for (int kb = 0; kb < KB2; ++kb)
 #pragma unroll
         for (int half = 0; half < 2; ++half) ha[mb][kb][half] = frag::a_fragment(hs, kLdH, mb * 16 + g + 8 * half, kb);
+    // every tile slot computed (a slot past the last tile repeats it and is not stored), k blocks outermost: the
+    // slots' mma chains are independent, so they overlap instead of running one after another
     float acc[kMaxT2][kMB][4] = {};
 #pragma unroll
-    for (int i = 0; i < kMaxT2; ++i) {
-      const int nt = warp + kWarps * i;
-      if (nt < p.nt2)
+    for (int kb = 0; kb < KB2; ++kb)
 #pragma unroll
-        for (int kb = 0; kb < KB2; ++kb) {
-          const uint4 w = frag::a_fragment(wsm, kLdH, nt * 8 + g, kb);
+      for (int i = 0; i < kMaxT2; ++i) {
+        const uint4 w = frag::a_fragment(wsm, kLdH, min(warp + kWarps * i, p.nt2 - 1) * 8 + g, kb);
 #pragma unroll
-          for (int mb = 0; mb < kMB; ++mb) mma_kblock(acc[i][mb], ha[mb][kb][0], ha[mb][kb][1], w);
-        }
-    }
+        for (int mb = 0; mb < kMB; ++mb) mma_kblock(acc[i][mb], ha[mb][kb][0], ha[mb][kb][1], w);
+      }
 #pragma unroll
     for (int i = 0; i < kMaxT2; ++i) {
       const int nt = warp + kWarps * i;
@@ -410,11 +411,9 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
         stamps[5] - stamps[4], stamps[6] - stamps[5], stamps[7] - stamps[6], stamps[8] - stamps[7],
         stamps[10] - stamps[7], stamps[11] - stamps[10], stamps[9] - stamps[8], stamps[9] - stamps[0]);
     if (kProj)
-      printf(
-          "[mlp_block trace] cta %d proj form: loads %lld proj (register weights) %lld proj (smem weights) %lld sync "
-          "%lld ln2 %lld\n",
-          int(blockIdx.x), stamps[12] - stamps[2], stamps[13] - stamps[12], stamps[14] - stamps[13],
-          stamps[15] - stamps[14], stamps[3] - stamps[15]);
+      printf("[mlp_block trace] cta %d proj form: loads %lld smem weights wait %lld proj + sync %lld ln2 %lld\n",
+             int(blockIdx.x), stamps[12] - stamps[2], stamps[14] - stamps[13], stamps[15] - stamps[14],
+             stamps[3] - stamps[15]);
   }
 #endif
 #endif
