@@ -49,6 +49,7 @@
 #include <cooperative_groups.h>
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "ops/cuda/frag.cuh"
 #include "ops/cuda/hamming_common.cuh"
@@ -75,6 +76,15 @@ constexpr int kLdD = kMaxM + 8;  // floats per row of the distances in shared me
 
 // SAV_HAM_BLOCK_TRACE (a diagnostic build only): thread 0 of the first and the last CTA of image 0 prints the clock64
 // cycles of each phase.
+// SAV_ABLATION (a diagnostic build only): the phases whose bits are set in the environment variable SAV_ABLATE are
+// skipped (1 qkv product, 2 distances, 4 sigma barrier, 8 codes, 16 codes copy + barrier, 32 KV, 64 z, 128 norms +
+// conv + output); the results are wrong, only the timing means something: what each phase adds to a forward.
+#ifdef SAV_ABLATION
+#define BLK_SKIP(bit) ((p.ablate & (bit)) != 0)
+#else
+#define BLK_SKIP(bit) false
+#endif
+
 #ifdef SAV_HAM_BLOCK_TRACE
 #define BLK_STAMP(i) (tid == 0 ? (void)(stamps[i] = clock64()) : (void)0)
 #else
@@ -98,6 +108,9 @@ struct BlkParams {
   int ldx, ldxn, ldxa, Ka;
   int N, C, H, nbits, m, tiles, mt, bt, mb, ldk;
   TimelineSink tl;  // common.h: the kernel timeline (a diagnostic; empty: nothing recorded)
+#ifdef SAV_ABLATION
+  unsigned ablate;
+#endif
 };
 
 struct BlkSmem {
@@ -221,10 +234,11 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
     float acc[kQkvTiles][4];
 #pragma unroll
     for (int i = 0; i < kQkvTiles; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+    if (!BLK_SKIP(1))
 #pragma unroll
-    for (int kb = 0; kb < KB; ++kb)
+      for (int kb = 0; kb < KB; ++kb)
 #pragma unroll
-      for (int i = 0; i < kQkvTiles; ++i) mma_kblock(acc[i], xs, ldxs, kb, wq[i][kb]);
+        for (int i = 0; i < kQkvTiles; ++i) mma_kblock(acc[i], xs, ldxs, kb, wq[i][kb]);
 #pragma unroll
     for (int i = 0; i < kQkvTiles; ++i) {
       const int c = (warp + kWarps * i) * 8 + 2 * q4;
@@ -257,7 +271,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   auto d_at = [&](int h, int nt, int i) -> float& {  // D of (row i < 2 ? g : g + 8, anchor 8 nt + 2 q4 + (i & 1))
     return dbuf[(h * 16 + g + 8 * (i >> 1)) * kLdD + nt * 8 + 2 * q4 + (i & 1)];
   };
-  if (warp < 4 * kH) {
+  if (warp < 4 * kH && !BLK_SKIP(2)) {
     const int h = warp >> 2, ntw = warp & 3;
     const unsigned char* ph = prep_of(h);
     float acc[4][4], ssa, ssb;
@@ -286,15 +300,17 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   BLK_STAMP(4);
   ptx::cluster_wait_acquire();  // every CTA runs
   if (warp < kH && lane < tiles) *cluster.map_shared_rank(sig + rank * kH + warp, lane) = dsum;
-  ptx::cluster_arrive_release();
-  ptx::cluster_wait_acquire();  // every tile's sum of D, and its v rows in global memory
+  if (!BLK_SKIP(4)) {
+    ptx::cluster_arrive_release();
+    ptx::cluster_wait_acquire();  // every tile's sum of D, and its v rows in global memory
+  }
   BLK_STAMP(5);
   if (warp == kWarps - 1 && lane < tiles - 1) {  // the other tiles' v rows (a warp without a codes task below)
     const int q = (rank + 1 + lane) % tiles;
     ptx::fence_proxy_async_global();
     ptx::bulk_copy_g2s(vall + (kPad + 16 * q) * ldq, p.vg + (int64_t(b) * T + 16 * q) * ldq, kVTileBytes, vbar);
   }
-  for (int task = warp; task < kH * p.bt; task += kWarps) {
+  for (int task = warp; task < (BLK_SKIP(8) ? 0 : kH * p.bt); task += kWarps) {
     const int h = task / p.bt, bt = task - h * p.bt;
     const unsigned char* ph = prep_of(h);
     const float nis = ksh_sigma(lane < tiles ? sig[lane * kH + h] : 0.0, N, p.m);
@@ -309,14 +325,16 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   }
   __syncthreads();
   // the tile's code words into every other CTA: 16 bytes (two rows) per store
-  for (int i = tid; i < kH * 8 * (tiles - 1); i += kThreads) {
+  for (int i = tid; i < (BLK_SKIP(16) ? 0 : kH * 8 * (tiles - 1)); i += kThreads) {
     const int q = (rank + 1 + i / (kH * 8)) % tiles, j = i % (kH * 8);
     uint4* src = reinterpret_cast<uint4*>(codes + (j >> 3) * T + row0 + 2 * (j & 7));
     *cluster.map_shared_rank(src, q) = *src;
   }
   BLK_STAMP(6);
-  ptx::cluster_arrive_release();
-  ptx::cluster_wait_acquire();  // every tile's codes
+  if (!BLK_SKIP(16)) {
+    ptx::cluster_arrive_release();
+    ptx::cluster_wait_acquire();  // every tile's codes
+  }
 
   BLK_STAMP(7);
   // ---- 3. KV = h^T v / pi over the image's tokens (every CTA the same sums), in three bf16 parts ----
@@ -326,7 +344,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   // the codes as bf16 0/1 rows hT[head][bit][token] (the hash weights' space is dead): the B operand of KV^T
   bf16* hT = reinterpret_cast<bf16*>(smem + L.prep);
   const int nb = 16 * p.mb, ldh = T + 8, Tp = T / 2;  // ldh: 4 (2k + 1) words, ldmatrix rows conflict-free
-  for (int i = tid; i < kH * Tp; i += kThreads) {     // a thread per (head, token pair)
+  for (int i = tid; i < (BLK_SKIP(32) ? 0 : kH * Tp); i += kThreads) {  // a thread per (head, token pair)
     const int h = i / Tp, tp = i - h * Tp;
     const unsigned long long c0 = codes[h * T + 2 * tp], c1 = codes[h * T + 2 * tp + 1];
     uint32_t* dst = reinterpret_cast<uint32_t*>(hT + h * nb * ldh + 2 * tp);
@@ -339,7 +357,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   __syncthreads();
   BLK_STAMP(16);
   // KV^T (64 columns x nb bits per head) = v^T h, a warp per (head, 16 columns, 16 bits), 16 tokens per k-step
-  for (int task = warp; task < kH * 4 * p.mb; task += kWarps) {
+  for (int task = warp; task < (BLK_SKIP(32) ? 0 : kH * 4 * p.mb); task += kWarps) {
     const int h = task / (4 * p.mb), rest = task - h * 4 * p.mb, mt = rest / p.mb, np = rest - mt * p.mb;
     const int c0 = h * kD + mt * 16, b0 = np * 16;
     const bf16* va = vall + (kPad + (lane & 7) + ((lane >> 4) << 3)) * ldq + c0 + ((lane >> 3) & 1) * 8;
@@ -400,7 +418,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
     const uint32_t a_lo = uint32_t(ca), a_hi = uint32_t(ca >> 32), b_lo = uint32_t(cb), b_hi = uint32_t(cb >> 32);
     float* zz = z[j];
     zz[0] = zz[1] = zz[2] = zz[3] = 0.0f;
-    for (int kk = 0; kk < p.mb; ++kk) {
+    for (int kk = 0; kk < (BLK_SKIP(64) ? 0 : p.mb); ++kk) {
       const int ra = (kk & 1) * 16 + 2 * q4, rb = ra + 8;
       const uint32_t wa = kk & 2 ? a_hi : a_lo, wb = kk & 2 ? b_hi : b_lo;
       const uint32_t a[4] = {bit_pair2(wa, ra), bit_pair2(wb, ra), bit_pair2(wa, rb), bit_pair2(wb, rb)};
@@ -429,7 +447,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
 #pragma unroll
   for (int j = 0; j < kPer; ++j) {
     const int u = warp + kWarps * j;
-    if (u >= kUnits) break;
+    if (u >= kUnits || BLK_SKIP(128)) break;
     const int h = u / NTh, nt = u - h * NTh, c = h * kD + nt * 8 + 2 * q4;
     const float ia = inv[g * kH + h], ib = inv[(g + 8) * kH + h];
     float o[4] = {z[j][0] * ia, z[j][1] * ia, z[j][2] * ib, z[j][3] * ib};
@@ -568,6 +586,10 @@ BlkParams attention_params(const char* what, const bf16* xn, int ldxn, const bf1
   p.xn = xn, p.ldxn = ldxn, p.wqkv = wqkv, p.bqkv = bqkv;
   p.prep = static_cast<const unsigned char*>(prep), p.conv_w = conv_w, p.vg = v_scratch;
   p.tl = timeline_sink();
+#ifdef SAV_ABLATION
+  p.ablate =
+      static_cast<unsigned>(std::strtoul(std::getenv("SAV_ABLATE") ? std::getenv("SAV_ABLATE") : "0", nullptr, 0));
+#endif
   return p;
 }
 

@@ -33,6 +33,7 @@
 #include <cooperative_groups.h>
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "ops/cuda/frag.cuh"
 #include "ops/cuda/gelu.cuh"
@@ -64,6 +65,14 @@ constexpr int kG = 16, kS = 3;  // epilogue: lanes per row (ln::row_group(C) for
 
 // SAV_MLP_BLOCK_TRACE (a diagnostic build only): thread 0 of the first and the last CTA prints the clock64 cycles of
 // each phase.
+// SAV_ABLATION (a diagnostic build only, as ham_block.cu): phases skipped by the bits of SAV_ABLATE: 256 proj, 512
+// LayerNorm 2 + router + mask, 1024 fc1, 2048 fc2, 4096 the cluster barrier and the partials' sum, 8192 the epilogue.
+#ifdef SAV_ABLATION
+#define MLP_SKIP(bit) ((p.ablate & (bit)) != 0)
+#else
+#define MLP_SKIP(bit) false
+#endif
+
 #ifdef SAV_MLP_BLOCK_TRACE
 #define MLP_STAMP(i) (tid == 0 ? (void)(stamps[i] = clock64()) : (void)0)
 #else
@@ -88,6 +97,9 @@ struct MlpParams {
   int ldx, ldxa, ldxn;
   int M, C, F, Ka, cs, nt2, ldp, ro;  // ro: epilogue rows per CTA
   TimelineSink tl;                    // common.h: the kernel timeline (a diagnostic; empty: nothing recorded)
+#ifdef SAV_ABLATION
+  unsigned ablate;
+#endif
 };
 
 constexpr int kProjRegTiles = 12;  // the proj form: proj column tiles 0 .. 11 from registers, the others from smem
@@ -234,7 +246,7 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
     MLP_STAMP(13);
     if (smem_tile) ptx::mbar_wait_parity(bar, 0);  // the proj rows in shared memory (and the fc2 slice)
     MLP_STAMP(14);
-    if (reg_tile) {
+    if (reg_tile && !MLP_SKIP(256)) {
       float acc[2][4] = {};
 #pragma unroll
       for (int kb = 0; kb < kPKB; ++kb)
@@ -250,7 +262,7 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
     __syncthreads();
     MLP_STAMP(15);
     constexpr int kG1 = 16, kS1 = kMaxC / 64;  // as the attention kernel's epilogue (kS: the same bits)
-    if (tid < TM * kG1) {
+    if (tid < TM * kG1 && !MLP_SKIP(512)) {
       const int i = tid / kG1, lane16 = tid % kG1;
       const bool valid = row0 + i < p.M;
       int8_t* ch = valid && rank == 0 && p.choice1 ? p.choice1 + row0 + i : nullptr;
@@ -285,7 +297,7 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
     float acc[2][kMB][4] = {};
 #pragma unroll
     for (int j = 0; j < kMaxKBh; ++j)
-      if (kb0 + j < kb1)
+      if (kb0 + j < kb1 && !MLP_SKIP(1024))
 #pragma unroll
         for (int mb = 0; mb < kMB; ++mb) {
           const uint4 ra = frag::a_fragment(xas, ldxs, mb * 16 + g, kb0 + j);
@@ -344,7 +356,7 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
     // slots' mma chains are independent, so they overlap instead of running one after another
     float acc[kMaxT2][kMB][4] = {};
 #pragma unroll
-    for (int kb = 0; kb < KB2; ++kb)
+    for (int kb = 0; kb < (MLP_SKIP(2048) ? 0 : KB2); ++kb)
 #pragma unroll
       for (int i = 0; i < kMaxT2; ++i) {
         const uint4 w = frag::a_fragment(wsm, kLdH, min(warp + kWarps * i, p.nt2 - 1) * 8 + g, kb);
@@ -365,13 +377,15 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
     }
   }
   MLP_STAMP(6);
-  ptx::cluster_arrive_release();
-  ptx::cluster_wait_acquire();
+  if (!MLP_SKIP(4096)) {
+    ptx::cluster_arrive_release();
+    ptx::cluster_wait_acquire();
+  }
   MLP_STAMP(7);
 
   // ---- 3. the CTA's rows rank, rank + cs, ...: the partials summed in rank order, then the epilogue ----
   const int q4s = p.nt2 * 2;  // float4 per partial row
-  for (int i = tid; i < p.ro * q4s; i += kThreads) {
+  for (int i = tid; i < (MLP_SKIP(4096) ? 0 : p.ro * q4s); i += kThreads) {
     const int j = i / q4s, c = (i - j * q4s) * 4, r = rank + cs * j;
     if (r >= TM) continue;
     float4 v[kMaxCluster];  // every rank's load in flight at once, then the sum in rank order
@@ -389,7 +403,7 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
   ptx::cp_async_wait<0>();        // the residual rows
   __syncthreads();
   MLP_STAMP(11);
-  if (tid < (p.ro + 1) / 2 * 2 * kG) {  // whole warps: the row statistics shuffle over all 32 lanes
+  if (tid < (p.ro + 1) / 2 * 2 * kG && !MLP_SKIP(8192)) {  // whole warps: the row statistics shuffle over all 32 lanes
     const int j = tid / kG, r = rank + cs * j, n = row0 + r;
     const bool valid = j < p.ro && r < TM && n < p.M;
     const int64_t gr = valid ? n : 0;
@@ -439,6 +453,10 @@ bool shape_ok(int M, int C, int F) {
 
 void launch_mlp(MlpParams& p, int tm, bool proj, const char* what, cudaStream_t stream) {
   p.tl = timeline_sink();
+#ifdef SAV_ABLATION
+  p.ablate =
+      static_cast<unsigned>(std::strtoul(std::getenv("SAV_ABLATE") ? std::getenv("SAV_ABLATE") : "0", nullptr, 0));
+#endif
   const int64_t tiles = (int64_t(p.M) + tm - 1) / tm;
   SAV_CHECK(tiles * p.cs <= (int64_t(1) << 31) - 1, what << ": M too large");
   const size_t smem = mlp_smem(p, tm, proj).total;
