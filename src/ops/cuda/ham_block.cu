@@ -74,8 +74,6 @@ constexpr int kMaxH = 3;         // heads (C = 64 H <= 192)
 constexpr int kMaxTiles = 16;    // N <= 256: the largest cluster
 constexpr int kLdD = kMaxM + 8;  // floats per row of the distances in shared memory
 
-// SAV_HAM_BLOCK_TRACE (a diagnostic build only): thread 0 of the first and the last CTA of image 0 prints the clock64
-// cycles of each phase.
 // SAV_ABLATION (a diagnostic build only): the phases whose bits are set in the environment variable SAV_ABLATE are
 // skipped (1 qkv product, 2 distances, 4 sigma barrier, 8 codes, 16 codes copy + barrier, 32 KV, 64 z, 128 norms +
 // conv + output); the results are wrong, only the timing means something: what each phase adds to a forward.
@@ -85,6 +83,8 @@ constexpr int kLdD = kMaxM + 8;  // floats per row of the distances in shared me
 #define BLK_SKIP(bit) false
 #endif
 
+// SAV_HAM_BLOCK_TRACE (a diagnostic build only): thread 0 of the first and the last CTA of image 0 prints the clock64
+// cycles of each phase.
 #ifdef SAV_HAM_BLOCK_TRACE
 #define BLK_STAMP(i) (tid == 0 ? (void)(stamps[i] = clock64()) : (void)0)
 #else

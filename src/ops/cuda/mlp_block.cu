@@ -63,8 +63,6 @@ constexpr int kMaxT2 = 4;       // fc2 column tiles per warp: 2C + 4 <= 8 * 16 *
 constexpr int kMaxCluster = 8;  // F <= 1024 (portable cluster sizes)
 constexpr int kG = 16, kS = 3;  // epilogue: lanes per row (ln::row_group(C) for C <= 192), float4 slots per lane
 
-// SAV_MLP_BLOCK_TRACE (a diagnostic build only): thread 0 of the first and the last CTA prints the clock64 cycles of
-// each phase.
 // SAV_ABLATION (a diagnostic build only, as ham_block.cu): phases skipped by the bits of SAV_ABLATE: 256 proj, 512
 // LayerNorm 2 + router + mask, 1024 fc1, 2048 fc2, 4096 the cluster barrier and the partials' sum, 8192 the epilogue.
 #ifdef SAV_ABLATION
@@ -73,6 +71,8 @@ constexpr int kG = 16, kS = 3;  // epilogue: lanes per row (ln::row_group(C) for
 #define MLP_SKIP(bit) false
 #endif
 
+// SAV_MLP_BLOCK_TRACE (a diagnostic build only): thread 0 of the first and the last CTA prints the clock64 cycles of
+// each phase.
 #ifdef SAV_MLP_BLOCK_TRACE
 #define MLP_STAMP(i) (tid == 0 ? (void)(stamps[i] = clock64()) : (void)0)
 #else
@@ -352,17 +352,18 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
       for (int kb = 0; kb < KB2; ++kb)
 #pragma unroll
         for (int half = 0; half < 2; ++half) ha[mb][kb][half] = frag::a_fragment(hs, kLdH, mb * 16 + g + 8 * half, kb);
-    // every tile slot computed (a slot past the last tile repeats it and is not stored), k blocks outermost: the
-    // slots' mma chains are independent, so they overlap instead of running one after another
     float acc[kMaxT2][kMB][4] = {};
 #pragma unroll
-    for (int kb = 0; kb < (MLP_SKIP(2048) ? 0 : KB2); ++kb)
+    for (int i = 0; i < kMaxT2; ++i) {
+      const int nt = warp + kWarps * i;
+      if (nt < p.nt2 && !MLP_SKIP(2048))
 #pragma unroll
-      for (int i = 0; i < kMaxT2; ++i) {
-        const uint4 w = frag::a_fragment(wsm, kLdH, min(warp + kWarps * i, p.nt2 - 1) * 8 + g, kb);
+        for (int kb = 0; kb < KB2; ++kb) {
+          const uint4 w = frag::a_fragment(wsm, kLdH, nt * 8 + g, kb);
 #pragma unroll
-        for (int mb = 0; mb < kMB; ++mb) mma_kblock(acc[i][mb], ha[mb][kb][0], ha[mb][kb][1], w);
-      }
+          for (int mb = 0; mb < kMB; ++mb) mma_kblock(acc[i][mb], ha[mb][kb][0], ha[mb][kb][1], w);
+        }
+    }
 #pragma unroll
     for (int i = 0; i < kMaxT2; ++i) {
       const int nt = warp + kWarps * i;
