@@ -58,6 +58,7 @@
 
 #include "core/error.h"
 #include "core/rng.h"
+#include "models/cuda_model.h"
 #include "models/pvt.h"
 #include "models/pvt_cuda.h"
 #include "models/registry.h"
@@ -508,8 +509,9 @@ int main(int argc, char** argv) {
                 if (trace && *path_name == "fused") std::printf("%s", net.vit->fused_trace(B).c_str());
                 if (timeline && net.vit) {
                   sav::cuda::timeline_reset();
-                  net.median_ms(B, 3);  // 13 forwards: median_forward_ms's 10 warm-ups, then 3
-                  std::printf("%s", timeline_report(sav::cuda::timeline_collect(), 13).c_str());
+                  net.median_ms(B, 3);  // median_forward_ms's warm-ups, then 3 forwards
+                  std::printf("%s",
+                              timeline_report(sav::cuda::timeline_collect(), sav::cuda::kForwardWarmups + 3).c_str());
                 }
                 if (shift_paths) print_shift_paths(net, B, *path_name);
                 if (net.vit && (rows == RF::automatic || dep == DL::automatic) && path_name->rfind("layered", 0) == 0)

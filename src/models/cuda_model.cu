@@ -1,11 +1,10 @@
 // What the GPU models share: the weight pool, the per-batch-size CUDA graphs, the latency timer. See
 // cuda_model.h.
-#include "models/cuda_model.h"
-
 #include <algorithm>
 #include <random>
 
 #include "core/error.h"
+#include "models/cuda_model.h"
 
 namespace sav::cuda {
 
@@ -97,8 +96,7 @@ double median_forward_ms(int batch, size_t in_elems, int iters,
   DeviceBuffer<float> img(h.size());
   img.upload(h);
   Stream s;
-  // 10 warm-ups: the first captures the graph
-  return median_launch_us([&] { forward(img.get(), s.get()); }, s.get(), 10, iters) / 1000.0;
+  return median_launch_us([&] { forward(img.get(), s.get()); }, s.get(), kForwardWarmups, iters) / 1000.0;
 }
 
 }  // namespace sav::cuda

@@ -66,7 +66,9 @@ class GraphCache {
 };
 
 // Median wall time in ms of forward(x, stream) at `batch` with x (batch * in_elems) random normal floats on
-// the device: 10 warm-up calls, then `iters` timed ones, CUDA events around each.
+// the device: kForwardWarmups warm-up calls (the first captures the graph), then `iters` timed ones, CUDA events
+// around each.
+constexpr int kForwardWarmups = 10;
 double median_forward_ms(int batch, size_t in_elems, int iters,
                          const std::function<void(const float* x, cudaStream_t s)>& forward);
 

@@ -719,17 +719,15 @@ struct ViTCuda::Impl {
       if (masked_fc1 && !mlp) masked_product(w.fc1, M, Epi::gelu, hid.get(), F, s);
       // a stacked MoE fc2: its residual epilogue fused with the next block's LayerNorm
       ln1_done = fc2_next_ln(l);
+      const NextLn next = next_ln(l);
       if (pmlp) {  // proj + residual + LN2 + router + mask, fc1 + GELU + fc2 + routing epilogue + the next LN1
-        const NextLn next = next_ln(l);
         cuda::mlp_block_proj_forward(x.get(), C, ao.get(), C, w.proj.w, w.proj.b32, w.ln2_w, w.ln2_b, w.fc1.wr,
                                      w.fc1.br, choice_slot(w.fc1), w.fc1.wa, w.fc2.w, w.fc2.b0, w.fc2.b1, w.fc2.br,
                                      choice_slot(w.fc2), M, C, F, gate, xn.get(), C, next.w, next.b, eps, s);
       } else if (mlp) {  // fc1 + GELU + fc2 + routing epilogue + the next LN1: one kernel
-        const NextLn next = next_ln(l);
         cuda::mlp_block_forward(x.get(), C, choice_slot(w.fc2), moe_xa.get(), w.fc1.Ka, w.fc1.wa, w.fc2.w, w.fc2.b0,
                                 w.fc2.b1, w.fc2.br, M, C, F, gate, xn.get(), C, next.w, next.b, eps, s);
       } else if (ln1_done) {  // product + routing epilogue + the next LN1: one kernel or two
-        const NextLn next = next_ln(l);
         const bool fused = fc2_fusable(l, M) && forms.fc2;
         fc2_rows(w, next, M, fused, x.get(), xn.get(), choice_slot(w.fc2), s);
       } else {

@@ -1,5 +1,6 @@
 // Device queries, host bf16 conversions and the f32 -> bf16 conversion kernel.
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -130,6 +131,14 @@ std::vector<TimelineRec> timeline_collect() {
   std::vector<TimelineRec> all = s.recs.download();
   all.resize(std::min<size_t>(n[0], all.size()));
   return all;
+}
+
+unsigned ablation_mask() {
+  static const unsigned mask = [] {
+    const char* v = std::getenv("SAV_ABLATE");
+    return v ? static_cast<unsigned>(std::strtoul(v, nullptr, 0)) : 0u;
+  }();
+  return mask;
 }
 
 std::vector<bf16> to_bf16(const float* x, size_t n) {

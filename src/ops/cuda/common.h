@@ -105,6 +105,9 @@ void timeline_enable();  // allocates the buffer on first use
 TimelineSink timeline_sink();
 void timeline_reset();                        // drops the records so far (synchronises the device)
 std::vector<TimelineRec> timeline_collect();  // synchronises the device; the records in the order written
+// The phase mask of a SAV_ABLATION diagnostic build of the block kernels (ham_block.cu, mlp_block.cu): the environment
+// variable SAV_ABLATE (0x.. or decimal), read on first use; 0 when unset.
+unsigned ablation_mask();
 // Whether a device or host pointer is 16-byte aligned (16-byte vector loads and copies).
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 // Blocks for a grid-stride loop over `work` items with `threads` per block: enough to cover the work, at most

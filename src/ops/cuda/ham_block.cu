@@ -49,7 +49,6 @@
 #include <cooperative_groups.h>
 
 #include <algorithm>
-#include <cstdlib>
 
 #include "ops/cuda/frag.cuh"
 #include "ops/cuda/hamming_common.cuh"
@@ -87,6 +86,14 @@ constexpr int kLdD = kMaxM + 8;  // floats per row of the distances in shared me
 // cycles of each phase.
 #ifdef SAV_HAM_BLOCK_TRACE
 #define BLK_STAMP(i) (tid == 0 ? (void)(stamps[i] = clock64()) : (void)0)
+// the phases both forms run (stamps 0 .. 11, 16), one line
+__device__ void blk_trace_attention(const char* form, int rank, const long long* st) {
+  printf(
+      "[ham_block trace] rank %d %s cycles: stage-issue %lld wait+xs %lld qkv+copies %lld dist %lld sigma-bar %lld "
+      "codes %lld codes-bar %lld v-wait %lld expand %lld kv-mma %lld z %lld norm+emit %lld\n",
+      rank, form, st[1] - st[0], st[2] - st[1], st[3] - st[2], st[4] - st[3], st[5] - st[4], st[6] - st[5],
+      st[7] - st[6], st[8] - st[7], st[16] - st[8], st[9] - st[16], st[10] - st[9], st[11] - st[10]);
+}
 #else
 #define BLK_STAMP(i) ((void)0)
 #endif
@@ -471,15 +478,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
     if (tid == 0) timeline_record(p.tl, kTimelineHamBlock, tl_entry, tl_waited);
 #ifdef SAV_HAM_BLOCK_TRACE
     BLK_STAMP(11);
-    if (tid == 0 && b == 0 && (rank == 0 || rank == tiles - 1))
-      printf(
-          "[ham_block trace] rank %d attention-only cycles: stage-issue %lld wait+xs %lld qkv+copies %lld dist %lld "
-          "sigma-bar %lld codes %lld codes-bar %lld v-wait %lld expand %lld kv-mma %lld z %lld norm+emit %lld "
-          "after-wait %lld\n",
-          rank, stamps[1] - stamps[0], stamps[2] - stamps[1], stamps[3] - stamps[2], stamps[4] - stamps[3],
-          stamps[5] - stamps[4], stamps[6] - stamps[5], stamps[7] - stamps[6], stamps[8] - stamps[7],
-          stamps[16] - stamps[8], stamps[9] - stamps[16], stamps[10] - stamps[9], stamps[11] - stamps[10],
-          stamps[11] - stamps[1]);
+    if (tid == 0 && b == 0 && (rank == 0 || rank == tiles - 1)) blk_trace_attention("attention-only", rank, stamps);
 #endif
     return;
   }
@@ -516,17 +515,12 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   if (tid == 0) timeline_record(p.tl, kTimelineHamBlock, tl_entry, tl_waited);
 #ifdef SAV_HAM_BLOCK_TRACE
   if (tid == 0 && b == 0 && (rank == 0 || rank == tiles - 1)) {
+    blk_trace_attention("whole", rank, stamps);
     printf(
-        "[ham_block trace] rank %d cycles: stage-issue %lld wait+xs %lld qkv+copies %lld dist %lld sigma-bar %lld "
-        "codes %lld codes-bar %lld v-wait %lld kv %lld z %lld norm+emit %lld proj %lld epi %lld total %lld\n",
-        rank, stamps[1] - stamps[0], stamps[2] - stamps[1], stamps[3] - stamps[2], stamps[4] - stamps[3],
-        stamps[5] - stamps[4], stamps[6] - stamps[5], stamps[7] - stamps[6], stamps[8] - stamps[7],
-        stamps[9] - stamps[8], stamps[10] - stamps[9], stamps[11] - stamps[10], stamps[12] - stamps[11],
-        stamps[13] - stamps[12], stamps[13] - stamps[0]);
-    printf(
-        "[ham_block trace] rank %d detail: qkv mma+stores %lld fence+sync %lld wp-issue %lld expand %lld kv-mma %lld\n",
-        rank, stamps[14] - stamps[2], stamps[15] - stamps[14], stamps[3] - stamps[15], stamps[16] - stamps[8],
-        stamps[9] - stamps[16]);
+        "[ham_block trace] rank %d whole, after the attention: proj %lld epi %lld total %lld; detail: qkv mma+stores "
+        "%lld fence+sync %lld wp-issue %lld\n",
+        rank, stamps[12] - stamps[11], stamps[13] - stamps[12], stamps[13] - stamps[0], stamps[14] - stamps[2],
+        stamps[15] - stamps[14], stamps[3] - stamps[15]);
   }
 #endif
 #endif
@@ -587,8 +581,7 @@ BlkParams attention_params(const char* what, const bf16* xn, int ldxn, const bf1
   p.prep = static_cast<const unsigned char*>(prep), p.conv_w = conv_w, p.vg = v_scratch;
   p.tl = timeline_sink();
 #ifdef SAV_ABLATION
-  p.ablate =
-      static_cast<unsigned>(std::strtoul(std::getenv("SAV_ABLATE") ? std::getenv("SAV_ABLATE") : "0", nullptr, 0));
+  p.ablate = ablation_mask();
 #endif
   return p;
 }

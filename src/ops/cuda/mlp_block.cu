@@ -33,7 +33,6 @@
 #include <cooperative_groups.h>
 
 #include <algorithm>
-#include <cstdlib>
 
 #include "ops/cuda/frag.cuh"
 #include "ops/cuda/gelu.cuh"
@@ -455,8 +454,7 @@ bool shape_ok(int M, int C, int F) {
 void launch_mlp(MlpParams& p, int tm, bool proj, const char* what, cudaStream_t stream) {
   p.tl = timeline_sink();
 #ifdef SAV_ABLATION
-  p.ablate =
-      static_cast<unsigned>(std::strtoul(std::getenv("SAV_ABLATE") ? std::getenv("SAV_ABLATE") : "0", nullptr, 0));
+  p.ablate = ablation_mask();
 #endif
   const int64_t tiles = (int64_t(p.M) + tm - 1) / tm;
   SAV_CHECK(tiles * p.cs <= (int64_t(1) << 31) - 1, what << ": M too large");
@@ -490,28 +488,44 @@ bool mlp_block_proj_supports(int M, int C, int F) {
   return shape_ok(M, C, F) && C % 32 == 0 && smem_and_cluster_fit(M, C, F, 16, true);
 }
 
+namespace {
+
+// The checks and parameters both launchers share (x, the masked fc1's W_aug, the stacked fc2, its epilogue and the
+// next LayerNorm), after the caller's shape check; M >= 1.
+MlpParams mlp_params(const char* what, float* x, int ldx, int8_t* choice, const bf16* wa, const bf16* ws,
+                     const float* b0, const float* b1, const float* br, int M, int C, int F, MoeGate gate, bf16* xn,
+                     int ldxn, const float* ln_w, const float* ln_b, float eps, bf16* hid_out, int tm) {
+  SAV_CHECK(x && wa && ws && b0 && b1 && br && xn && ln_w && ln_b, what << ": null pointer");
+  SAV_CHECK(ldx >= C && ldx % 4 == 0 && ldxn >= C && ldxn % 4 == 0,
+            what << ": row strides ldx=" << ldx << " ldxn=" << ldxn);
+  SAV_CHECK(aligned16(x) && aligned16(wa) && aligned16(ws) && aligned16(b0) && aligned16(b1) && aligned16(ln_w) &&
+                aligned16(ln_b) && reinterpret_cast<uintptr_t>(br) % 4 == 0 &&
+                reinterpret_cast<uintptr_t>(xn) % 8 == 0 && reinterpret_cast<uintptr_t>(hid_out) % 4 == 0,
+            what << ": misaligned pointers");
+  MlpParams p = mlp_dims(M, C, F, tm);
+  p.x = x, p.ldx = ldx, p.choice = choice, p.wa = wa, p.ws = ws;
+  p.b0 = b0, p.b1 = b1, p.br = br, p.xn = xn, p.ldxn = ldxn, p.ln_w = ln_w, p.ln_b = ln_b, p.eps = eps;
+  p.gate = gate, p.hid_out = hid_out;
+  return p;
+}
+
+}  // namespace
+
 void mlp_block_forward(float* x, int ldx, int8_t* choice, const bf16* xa, int ldxa, const bf16* wa, const bf16* ws,
                        const float* b0, const float* b1, const float* br, int M, int C, int F, MoeGate gate, bf16* xn,
                        int ldxn, const float* ln_w, const float* ln_b, float eps, cudaStream_t stream, int tile_rows,
                        bf16* hid_out) {
   const char* what = "mlp block";
-  SAV_CHECK(x && xa && wa && ws && b0 && b1 && br && xn && ln_w && ln_b, what << ": null pointer");
   const int tm = tile_rows == 0 ? mlp_block_tile_rows(std::max(M, 1)) : tile_rows;
   SAV_CHECK(mlp_block_supports(std::max(M, 1), C, F, tm) && M >= 0,
             what << ": M=" << M << " C=" << C << " F=" << F << " tile rows " << tm
                  << " not supported (C % 8 == 0, C <= 192, F a multiple of 128 up to 1024, tiles of 16 or 32 rows)");
-  const int Ka = moe_masked_cols(C);
-  SAV_CHECK(ldx >= C && ldx % 4 == 0 && ldxa >= Ka && ldxa % 8 == 0 && ldxn >= C && ldxn % 4 == 0,
-            what << ": row strides ldx=" << ldx << " ldxa=" << ldxa << " ldxn=" << ldxn);
-  SAV_CHECK(aligned16(x) && aligned16(xa) && aligned16(wa) && aligned16(ws) && aligned16(b0) && aligned16(b1) &&
-                aligned16(ln_w) && aligned16(ln_b) && reinterpret_cast<uintptr_t>(br) % 4 == 0 &&
-                reinterpret_cast<uintptr_t>(xn) % 8 == 0 && reinterpret_cast<uintptr_t>(hid_out) % 4 == 0,
-            what << ": misaligned pointers");
+  MlpParams p = mlp_params(what, x, ldx, choice, wa, ws, b0, b1, br, std::max(M, 1), C, F, gate, xn, ldxn, ln_w, ln_b,
+                           eps, hid_out, tm);
+  SAV_CHECK(xa && aligned16(xa), what << ": null or misaligned x_aug");
+  SAV_CHECK(ldxa >= p.Ka && ldxa % 8 == 0, what << ": row stride ldxa=" << ldxa);
   if (M == 0) return;
-  MlpParams p = mlp_dims(M, C, F, tm);
-  p.x = x, p.ldx = ldx, p.choice = choice, p.xa = xa, p.ldxa = ldxa, p.wa = wa, p.ws = ws;
-  p.b0 = b0, p.b1 = b1, p.br = br, p.xn = xn, p.ldxn = ldxn, p.ln_w = ln_w, p.ln_b = ln_b, p.eps = eps;
-  p.gate = gate, p.hid_out = hid_out;
+  p.xa = xa, p.ldxa = ldxa;
   launch_mlp(p, tm, false, what, stream);
 }
 
@@ -521,25 +535,19 @@ void mlp_block_proj_forward(float* x, int ldx, const bf16* ao, int ldao, const b
                             int8_t* choice, int M, int C, int F, MoeGate gate, bf16* xn, int ldxn, const float* ln_w,
                             const float* ln_b, float eps, cudaStream_t stream, bf16* hid_out) {
   const char* what = "mlp block (proj form)";
-  SAV_CHECK(x && ao && wp && bp && ln2_w && ln2_b && wr && br1 && wa && ws && b0 && b1 && br && xn && ln_w && ln_b,
-            what << ": null pointer");
   SAV_CHECK(M >= 0 && mlp_block_proj_supports(std::max(M, 1), C, F),
             what << ": M=" << M << " C=" << C << " F=" << F
                  << " not supported (C % 32 == 0, C <= 192, F a multiple of 128 up to 1024)");
-  SAV_CHECK(ldx >= C && ldx % 4 == 0 && ldao >= C && ldao % 8 == 0 && ldxn >= C && ldxn % 4 == 0,
-            what << ": row strides ldx=" << ldx << " ldao=" << ldao << " ldxn=" << ldxn);
-  SAV_CHECK(aligned16(x) && aligned16(ao) && aligned16(wp) && aligned16(bp) && aligned16(ln2_w) && aligned16(ln2_b) &&
-                aligned16(wr) && aligned16(wa) && aligned16(ws) && aligned16(b0) && aligned16(b1) && aligned16(ln_w) &&
-                aligned16(ln_b) && reinterpret_cast<uintptr_t>(br) % 4 == 0 &&
-                reinterpret_cast<uintptr_t>(br1) % 4 == 0 && reinterpret_cast<uintptr_t>(xn) % 8 == 0 &&
-                reinterpret_cast<uintptr_t>(hid_out) % 4 == 0,
+  MlpParams p = mlp_params(what, x, ldx, choice, wa, ws, b0, b1, br, std::max(M, 1), C, F, gate, xn, ldxn, ln_w, ln_b,
+                           eps, hid_out, 16);
+  SAV_CHECK(ao && wp && bp && ln2_w && ln2_b && wr && br1, what << ": null pointer");
+  SAV_CHECK(ldao >= C && ldao % 8 == 0, what << ": row stride ldao=" << ldao);
+  SAV_CHECK(aligned16(ao) && aligned16(wp) && aligned16(bp) && aligned16(ln2_w) && aligned16(ln2_b) && aligned16(wr) &&
+                reinterpret_cast<uintptr_t>(br1) % 4 == 0,
             what << ": misaligned pointers");
   if (M == 0) return;
-  MlpParams p = mlp_dims(M, C, F, 16);
-  p.x = x, p.ldx = ldx, p.choice = choice, p.wa = wa, p.ws = ws;
-  p.b0 = b0, p.b1 = b1, p.br = br, p.xn = xn, p.ldxn = ldxn, p.ln_w = ln_w, p.ln_b = ln_b, p.eps = eps;
   p.ao = ao, p.ldao = ldao, p.wp = wp, p.bp = bp, p.ln2_w = ln2_w, p.ln2_b = ln2_b, p.wr = wr, p.br1 = br1;
-  p.choice1 = choice1, p.gate = gate, p.hid_out = hid_out;
+  p.choice1 = choice1;
   launch_mlp(p, 16, true, what, stream);
 }
 
