@@ -121,7 +121,7 @@ struct BlkParams {
 };
 
 struct BlkSmem {
-  size_t bar, vbar, prep, xs, qs, vall, dbuf, codes, sig, kvt, zsq, inv, xp, xin, ep, total;
+  size_t bar, vbar, cbar, prep, xs, qs, vall, dbuf, codes, sig, kvt, zsq, inv, xp, xin, ep, total;
 };
 __host__ __device__ inline BlkSmem blk_smem(const BlkParams& p) {
   BlkSmem s{};
@@ -130,6 +130,7 @@ __host__ __device__ inline BlkSmem blk_smem(const BlkParams& p) {
   const size_t T = 16 * size_t(p.tiles);  // the image's token rows, padded to whole tiles
   s.bar = o, o = align16(o + sizeof(uint64_t));
   s.vbar = o, o = align16(o + sizeof(uint64_t));
+  s.cbar = o, o = align16(o + sizeof(uint64_t));
   const size_t hT = H * 16 * p.mb * (T + 8) * sizeof(bf16);  // phase 3's bit rows, over the dead hash weights
   const size_t prep = H * prep_layout(kD, p.bt).bytes;
   s.prep = o, o = align16(o + (prep > hT ? prep : hT));
@@ -198,9 +199,12 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   if (tid < kH * kTaps) ptx::cp_async4(ep + 5 * C + 4 + tid, p.conv_w + tid);
   ptx::cp_async_commit();
   uint64_t* vbar = reinterpret_cast<uint64_t*>(smem + L.vbar);  // the other tiles' v rows (bulk copies, phase 2)
+  uint64_t* cbar = reinterpret_cast<uint64_t*>(smem + L.cbar);  // the other tiles' code words (st.async, phase 2)
   if (tid == 0) {
     ptx::mbar_init(vbar, 1);
     ptx::mbar_arrive_expect_tx(vbar, unsigned(tiles - 1) * kVTileBytes);
+    ptx::mbar_init(cbar, 1);
+    ptx::mbar_arrive_expect_tx(cbar, unsigned(tiles - 1) * kH * 8 * 16);
   }
   for (int i = tid; i < kH * T; i += kThreads) codes[i] = 0ull;  // bytes past the bit tiles stay zero
   for (int i = tid; i < 2 * kPad * ldq / 8; i += kThreads) {     // the conv's zero rows before and after the image
@@ -331,17 +335,15 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
           static_cast<unsigned char>((q4 ? cb : ca) >> (8 * bt));
   }
   __syncthreads();
-  // the tile's code words into every other CTA: 16 bytes (two rows) per store
+  // the tile's code words into every other CTA: 16 bytes (two rows) per st.async, counted by the receiver's cbar (no
+  // cluster barrier and no release fence)
   for (int i = tid; i < (BLK_SKIP(16) ? 0 : kH * 8 * (tiles - 1)); i += kThreads) {
     const int q = (rank + 1 + i / (kH * 8)) % tiles, j = i % (kH * 8);
-    uint4* src = reinterpret_cast<uint4*>(codes + (j >> 3) * T + row0 + 2 * (j & 7));
-    *cluster.map_shared_rank(src, q) = *src;
+    const uint4* src = reinterpret_cast<const uint4*>(codes + (j >> 3) * T + row0 + 2 * (j & 7));
+    ptx::st_async16(src, *src, cbar, unsigned(q));
   }
   BLK_STAMP(6);
-  if (!BLK_SKIP(16)) {
-    ptx::cluster_arrive_release();
-    ptx::cluster_wait_acquire();  // every tile's codes
-  }
+  if (!BLK_SKIP(16)) ptx::mbar_wait_parity_cluster(cbar, 0);  // every tile's codes
 
   BLK_STAMP(7);
   // ---- 3. KV = h^T v / pi over the image's tokens (every CTA the same sums), in three bf16 parts ----

@@ -399,8 +399,10 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
     *reinterpret_cast<float4*>(red + j * ldp + c) = s;
   }
   MLP_STAMP(10);
-  ptx::cluster_arrive_release();  // this CTA's remote reads are done (waited for before exit)
-  ptx::cp_async_wait<0>();        // the residual rows
+  // this CTA's remote reads are done (their values are summed and stored above, so they have returned): a relaxed
+  // arrive, no release fence; waited for before exit
+  ptx::cluster_arrive_relaxed();
+  ptx::cp_async_wait<0>();  // the residual rows
   __syncthreads();
   MLP_STAMP(11);
   if (tid < (p.ro + 1) / 2 * 2 * kG && !MLP_SKIP(8192)) {  // whole warps: the row statistics shuffle over all 32 lanes

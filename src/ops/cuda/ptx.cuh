@@ -102,6 +102,28 @@ __device__ __forceinline__ void mbar_wait_parity(uint64_t* bar, unsigned parity)
   while (!mbar_test_parity(bar, parity)) {
   }
 }
+// The same wait with acquire at cluster scope: for data other CTAs of the cluster delivered by st_async16
+__device__ __forceinline__ void mbar_wait_parity_cluster(uint64_t* bar, unsigned parity) {
+  unsigned done = 0;
+  while (!done)
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, "
+        "0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_u32(bar)), "r"(parity)
+        : "memory");
+}
+// 16 bytes into CTA `rank`'s shared memory at `local`'s offset there, counted against that CTA's mbarrier at `bar`'s
+// offset (st.async: no fence and no cluster barrier; the receiver waits with mbar_wait_parity_cluster)
+__device__ __forceinline__ void st_async16(const void* local, uint4 v, uint64_t* bar, unsigned rank) {
+  unsigned ra, rb;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(ra) : "r"(smem_u32(local)), "r"(rank));
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(rb) : "r"(smem_u32(bar)), "r"(rank));
+  asm volatile(
+      "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];\n" ::"r"(ra),
+      "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(rb)
+      : "memory");
+}
 // Bulk (TMA, one-dimensional) copy of `bytes` (a multiple of 16; both addresses 16-byte aligned) from global to this
 // CTA's shared memory; its completion counts against `bar`'s expected bytes.
 __device__ __forceinline__ void bulk_copy_g2s(void* dst, const void* src, unsigned bytes, uint64_t* bar) {
