@@ -12,12 +12,14 @@
 //     before that barrier; after it, every CTA bulk-copies the other tiles' rows (one copy per tile, an mbarrier)
 //     into its own shared memory, through L2, while it computes its codes. (Pushing them through distributed shared
 //     memory instead moved about 20 bytes per cycle per SM: 4k cycles for the 77 KB each CTA receives.)
-//   the codes: each CTA copies its tile's code words into every other CTA (16-byte stores after a __syncthreads, not
-//     a byte store per CTA from each writing lane: 0.3k cycles less), then a second cluster barrier.
+//   the codes: each CTA sends its tile's code words into every other CTA after a __syncthreads, 16 bytes per
+//     st.async, which counts them on the receiver's mbarrier (cbar); the receiver waits for its bytes. (A second
+//     cluster barrier after plain remote stores, as before, took 2.3% longer per forward: bench/RESULTS.md session 17.)
 // Then every CTA computes the whole KV = h^T V over the image's tokens by itself (the same sums in every CTA: KV^T =
 // v^T h, the codes expanded to bf16 0/1 rows over the dead hash weights, both operands by ldmatrix), scales by 1/pi and
 // splits it in three bf16 parts as the per-head kernel. The 9-tap conv reads its neighbour rows from the same v rows
-// (zero rows before and after the image). After the second barrier no CTA touches another's shared memory.
+// (zero rows before and after the image). After the codes no CTA touches another's shared memory (a CTA leaves only
+// after every other tile's codes reached it).
 //
 // Products: bf16 mma.sync m16n8k16, f32 accumulation. The to_qk / to_v and proj weights are not staged: each lane
 // loads 16 bytes of its weight row per 32-wide k block straight from global memory into registers, the to_qk / to_v
@@ -27,15 +29,15 @@
 // 8 q4 + 3, the second 8 q4 + 4 .. 8 q4 + 7), the same for both operands, so both are single 16-byte loads (A rows
 // C + 32 bf16 apart: conflict-free).
 //
-// Phases (a __syncthreads or a cluster barrier between each):
+// Phases (a __syncthreads, a cluster barrier or an mbarrier wait between each):
 //  0. the epilogue's vectors by cp.async, the to_qk / to_v weight fragments, then the heads' prepared hash weights by
-//     one bulk copy (waited for in phase 2); the v mbarrier, zero codes and the conv's zero rows; after the
+//     one bulk copy (waited for in phase 2); the v and codes mbarriers, zero codes and the conv's zero rows; after the
 //     dependent-launch wait, the tile's LayerNorm-1 rows and its residual rows (waited for in phase 7);
 //  1. qk | v (16 x 2C) = xn W^T + b, rounded to bf16 (as the cuBLASLt product's bf16 epilogue), rows past N zero; v
 //     into the tile's rows of the image's v rows in shared memory and into v_scratch;
 //  2. the hash of the tile: the distances a warp per (head, anchor tile) (ham::ksh_dots, ksh_d), the sums of D a warp
 //     per head (ksh_dsum), the sigma exchange (cluster barrier), the other tiles' v rows requested, the codes a warp
-//     per (head, 8 bits) (ksh_codes), copied into every other CTA; cluster barrier;
+//     per (head, 8 bits) (ksh_codes), sent to every other CTA; the wait for the other tiles' codes;
 //  3. KV: the codes as bf16 rows, then KV^T a warp per (head, 16 columns, 16 bits) over all tokens, / pi, split; the
 //     proj weight fragments issued;
 //  4. z = h KV + 0.5 v, a warp per (head, 8 columns); ||z|| per (row, head): the column tiles' double sums in order;
@@ -74,7 +76,7 @@ constexpr int kMaxTiles = 16;    // N <= 256: the largest cluster
 constexpr int kLdD = kMaxM + 8;  // floats per row of the distances in shared memory
 
 // SAV_ABLATION (a diagnostic build only): the phases whose bits are set in the environment variable SAV_ABLATE are
-// skipped (1 qkv product, 2 distances, 4 sigma barrier, 8 codes, 16 codes copy + barrier, 32 KV, 64 z, 128 norms +
+// skipped (1 qkv product, 2 distances, 4 sigma barrier, 8 codes, 16 codes exchange + wait, 32 KV, 64 z, 128 norms +
 // conv + output); the results are wrong, only the timing means something: what each phase adds to a forward.
 #ifdef SAV_ABLATION
 #define BLK_SKIP(bit) ((p.ablate & (bit)) != 0)
