@@ -119,10 +119,9 @@ __device__ __forceinline__ void st_async16(const void* local, uint4 v, uint64_t*
   unsigned ra, rb;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(ra) : "r"(smem_u32(local)), "r"(rank));
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(rb) : "r"(smem_u32(bar)), "r"(rank));
-  asm volatile(
-      "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];\n" ::"r"(ra),
-      "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(rb)
-      : "memory");
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];\n" ::"r"(ra),
+               "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(rb)
+               : "memory");
 }
 // Bulk (TMA, one-dimensional) copy of `bytes` (a multiple of 16; both addresses 16-byte aligned) from global to this
 // CTA's shared memory; its completion counts against `bar`'s expected bytes.
