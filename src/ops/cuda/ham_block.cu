@@ -345,7 +345,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
     ptx::st_async16(src, *src, cbar, unsigned(q));
   }
   BLK_STAMP(6);
-  if (!BLK_SKIP(16)) ptx::mbar_wait_parity_cluster(cbar, 0);  // every tile's codes
+  if (!BLK_SKIP(16)) ptx::mbar_wait_parity<true>(cbar, 0);  // every tile's codes
 
   BLK_STAMP(7);
   // ---- 3. KV = h^T v / pi over the image's tokens (every CTA the same sums), in three bf16 parts ----

@@ -167,6 +167,8 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
   const int KBh = (KB1 + 1) / 2, kb0 = kh * KBh, kb1 = kh ? KB1 : KBh;
   uint4 w1[2][kMaxKBh];
   uint2 w1t[2] = {make_uint2(0u, 0u), make_uint2(0u, 0u)};
+  // a lambda called once: written inline, the same loads compile to other code (the 16-row form: 124 registers, not
+  // 122)
   auto load_w1 = [&]() {
 #pragma unroll
     for (int t = 0; t < 2; ++t) {
@@ -402,7 +404,7 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
   // this CTA's remote reads are done (their values are summed and stored above, so they have returned): a relaxed
   // arrive, no release fence; waited for before exit
   ptx::cluster_arrive_relaxed();
-  ptx::cp_async_wait<0>();  // the residual rows
+  ptx::cp_async_wait<0>();  // the residual rows (the proj form waited for them before LayerNorm 2)
   __syncthreads();
   MLP_STAMP(11);
   if (tid < (p.ro + 1) / 2 * 2 * kG && !MLP_SKIP(8192)) {  // whole warps: the row statistics shuffle over all 32 lanes

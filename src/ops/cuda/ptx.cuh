@@ -90,31 +90,33 @@ __device__ __forceinline__ void mbar_init(uint64_t* bar, unsigned count) {
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, unsigned bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
 }
+// kCluster: acquire at cluster scope (data that other CTAs of the cluster delivered by st_async16), else the default
+// (CTA scope: this CTA's bulk copies)
+template <bool kCluster = false>
 __device__ __forceinline__ bool mbar_test_parity(uint64_t* bar, unsigned parity) {
   unsigned done;
-  asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-               : "=r"(done)
-               : "r"(smem_u32(bar)), "r"(parity)
-               : "memory");
-  return done != 0;
-}
-__device__ __forceinline__ void mbar_wait_parity(uint64_t* bar, unsigned parity) {
-  while (!mbar_test_parity(bar, parity)) {
-  }
-}
-// The same wait with acquire at cluster scope: for data other CTAs of the cluster delivered by st_async16
-__device__ __forceinline__ void mbar_wait_parity_cluster(uint64_t* bar, unsigned parity) {
-  unsigned done = 0;
-  while (!done)
+  if constexpr (kCluster)
     asm volatile(
         "{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, "
         "0, p;\n}\n"
         : "=r"(done)
         : "r"(smem_u32(bar)), "r"(parity)
         : "memory");
+  else
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_u32(bar)), "r"(parity)
+        : "memory");
+  return done != 0;
+}
+template <bool kCluster = false>
+__device__ __forceinline__ void mbar_wait_parity(uint64_t* bar, unsigned parity) {
+  while (!mbar_test_parity<kCluster>(bar, parity)) {
+  }
 }
 // 16 bytes into CTA `rank`'s shared memory at `local`'s offset there, counted against that CTA's mbarrier at `bar`'s
-// offset (st.async: no fence and no cluster barrier; the receiver waits with mbar_wait_parity_cluster)
+// offset (st.async: no fence and no cluster barrier; the receiver waits with mbar_wait_parity<true>)
 __device__ __forceinline__ void st_async16(const void* local, uint4 v, uint64_t* bar, unsigned rank) {
   unsigned ra, rb;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(ra) : "r"(smem_u32(local)), "r"(rank));
