@@ -122,10 +122,24 @@ struct BlkParams {
 #endif
 };
 
+// The sizes that follow from (N, C, H, nbits, m): runtime values in the generic instances, compile-time constants in
+// the instance specialised for DeiT-Tiny's attention (blk_kernel_for), where the index arithmetic, the loop bounds and
+// the shared-memory layout fold into the code.
+struct BlkShape {
+  int N, C, H, nbits, m, tiles, mt, bt, mb, ldk;
+};
+__host__ __device__ constexpr BlkShape blk_shape(int N, int C, int H, int nbits, int m) {
+  return BlkShape{
+      N, C, H, nbits, m, (N + 15) / 16, (m + 7) / 8, (nbits + 7) / 8, (nbits + 15) / 16, 16 * ((nbits + 15) / 16) + 8};
+}
+BlkShape shape_of(const BlkParams& p) {
+  return BlkShape{p.N, p.C, p.H, p.nbits, p.m, p.tiles, p.mt, p.bt, p.mb, p.ldk};
+}
+
 struct BlkSmem {
   size_t bar, vbar, cbar, prep, xs, qs, vall, dbuf, codes, sig, kvt, zsq, inv, xp, xin, ep, total;
 };
-__host__ __device__ inline BlkSmem blk_smem(const BlkParams& p) {
+__host__ __device__ constexpr BlkSmem blk_smem(const BlkShape& p) {
   BlkSmem s{};
   const size_t C = size_t(p.C), H = size_t(p.H);
   size_t o = 0;
@@ -154,21 +168,25 @@ __host__ __device__ inline BlkSmem blk_smem(const BlkParams& p) {
 
 // kFull: the whole attention half; else up to the attention output (p.ao_out), proj and what follows left to
 // mlp_block_proj_forward.
-template <int kH, bool kFull>
+// kN, kM, kBits: the tokens, anchors and hash bits the instance is specialised for (0: read from p).
+template <int kH, bool kFull, int kN = 0, int kM = 0, int kBits = 0>
 __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_constant__ BlkParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // built for sm_90; the launcher refuses older devices
 #else
+  static_assert((kN == 0) == (kM == 0) && (kN == 0) == (kBits == 0), "specialised for all three sizes or none");
   extern __shared__ __align__(16) unsigned char smem[];
-  const BlkSmem L = blk_smem(p);
-  const PrepLayout P = prep_layout(kD, p.bt);
+  constexpr BlkShape kFixed = blk_shape(kN > 0 ? kN : 16, kD * kH, kH, kBits > 0 ? kBits : 1, kM > 0 ? kM : 1);
+  const BlkShape S = kN > 0 ? kFixed : BlkShape{p.N, p.C, p.H, p.nbits, p.m, p.tiles, p.mt, p.bt, p.mb, p.ldk};
+  const BlkSmem L = blk_smem(S);
+  const PrepLayout P = prep_layout(kD, S.bt);
   constexpr int C = kD * kH, KB = C / 32, ldxs = C + 32, ldq = C + 8, NTh = kD / 8;
   constexpr unsigned kVTileBytes = 16 * ldq * sizeof(bf16);  // a tile's v rows (ldq apart: 16-byte multiple)
   constexpr int kQkvTiles = 2 * C / 8 / kWarps;              // to_qk | to_v column tiles per warp (= kH)
   constexpr int kProjTiles = (C / 8 + kWarps - 1) / kWarps;  // proj column tiles per warp
   bf16* xs = reinterpret_cast<bf16*>(smem + L.xs);
   bf16* qs = reinterpret_cast<bf16*>(smem + L.qs);
-  const int T = 16 * p.tiles;
+  const int T = 16 * S.tiles;
   bf16* vall = reinterpret_cast<bf16*>(smem + L.vall);    // storage row r = the image's token row r - kPad
   float* dbuf = reinterpret_cast<float*>(smem + L.dbuf);  // [head][row][anchor]: D
   unsigned long long* codes = reinterpret_cast<unsigned long long*>(smem + L.codes);  // [head][image token row]
@@ -183,7 +201,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   const float* conv = ep + 5 * C + 4;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q4 = lane & 3;
-  const int tiles = p.tiles, N = p.N;
+  const int tiles = S.tiles, N = S.N;
   const int rank = static_cast<int>(blockIdx.x) % tiles, b = static_cast<int>(blockIdx.x) / tiles;
   const int row0 = rank * 16;
   const int64_t grow0 = int64_t(b) * N + row0;  // the tile's first global row
@@ -288,7 +306,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
     const int h = warp >> 2, ntw = warp & 3;
     const unsigned char* ph = prep_of(h);
     float acc[4][4], ssa, ssb;
-    ksh_dots(ntw < p.mt, qs + h * kD, ldq, reinterpret_cast<const bf16*>(ph + P.anc), kD + 8, kD, ntw, ntw + 1, acc,
+    ksh_dots(ntw < S.mt, qs + h * kD, ldq, reinterpret_cast<const bf16*>(ph + P.anc), kD + 8, kD, ntw, ntw + 1, acc,
              ssa, ssb);
     ksh_d(acc, ssa, ssb, reinterpret_cast<const float*>(ph + P.aa));
 #pragma unroll
@@ -308,7 +326,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   if (warp < kH) {
     float D[4][4];
     load_d(warp, D);
-    dsum = ksh_dsum(D, p.mt, p.m, va, vb);
+    dsum = ksh_dsum(D, S.mt, S.m, va, vb);
   }
   BLK_STAMP(4);
   ptx::cluster_wait_acquire();  // every CTA runs
@@ -323,15 +341,15 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
     ptx::fence_proxy_async_global();
     ptx::bulk_copy_g2s(vall + (kPad + 16 * q) * ldq, p.vg + (int64_t(b) * T + 16 * q) * ldq, kVTileBytes, vbar);
   }
-  for (int task = warp; task < (BLK_SKIP(8) ? 0 : kH * p.bt); task += kWarps) {
-    const int h = task / p.bt, bt = task - h * p.bt;
+  for (int task = warp; task < (BLK_SKIP(8) ? 0 : kH * S.bt); task += kWarps) {
+    const int h = task / S.bt, bt = task - h * S.bt;
     const unsigned char* ph = prep_of(h);
-    const float nis = ksh_sigma(lane < tiles ? sig[lane * kH + h] : 0.0, N, p.m);
+    const float nis = ksh_sigma(lane < tiles ? sig[lane * kH + h] : 0.0, N, S.m);
     float D[4][4];
     load_d(h, D);
     unsigned long long ca, cb;
-    ksh_codes(true, D, nis, reinterpret_cast<const bf16*>(ph + P.a), reinterpret_cast<const float*>(ph + P.mu), p.m,
-              p.mt, p.bt, bt, bt + 1, va, vb, ca, cb);
+    ksh_codes(true, D, nis, reinterpret_cast<const bf16*>(ph + P.a), reinterpret_cast<const float*>(ph + P.mu), S.m,
+              S.mt, S.bt, bt, bt + 1, va, vb, ca, cb);
     if (q4 < 2)  // byte bt of the row's code word
       reinterpret_cast<unsigned char*>(codes + h * T + row0 + g + 8 * q4)[bt] =
           static_cast<unsigned char>((q4 ? cb : ca) >> (8 * bt));
@@ -349,17 +367,17 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
 
   BLK_STAMP(7);
   // ---- 3. KV = h^T v / pi over the image's tokens (every CTA the same sums), in three bf16 parts ----
-  const int kvpart = kD * p.ldk;
+  const int kvpart = kD * S.ldk;
   ptx::mbar_wait_parity(vbar, 0);  // the other tiles' v rows
   BLK_STAMP(8);
   // the codes as bf16 0/1 rows hT[head][bit][token] (the hash weights' space is dead): the B operand of KV^T
   bf16* hT = reinterpret_cast<bf16*>(smem + L.prep);
-  const int nb = 16 * p.mb, ldh = T + 8, Tp = T / 2;  // ldh: 4 (2k + 1) words, ldmatrix rows conflict-free
+  const int nb = 16 * S.mb, ldh = T + 8, Tp = T / 2;  // ldh: 4 (2k + 1) words, ldmatrix rows conflict-free
   for (int i = tid; i < (BLK_SKIP(32) ? 0 : kH * Tp); i += kThreads) {  // a thread per (head, token pair)
     const int h = i / Tp, tp = i - h * Tp;
     const unsigned long long c0 = codes[h * T + 2 * tp], c1 = codes[h * T + 2 * tp + 1];
     uint32_t* dst = reinterpret_cast<uint32_t*>(hT + h * nb * ldh + 2 * tp);
-    for (int j = 0; j < p.mb; ++j) {  // 16 bits at a time: the two tokens' 16-bit code pieces in one word
+    for (int j = 0; j < S.mb; ++j) {  // 16 bits at a time: the two tokens' 16-bit code pieces in one word
       const uint32_t w = (uint32_t(c0 >> (16 * j)) & 0xFFFFu) | (uint32_t(c1 >> (16 * j)) << 16);
 #pragma unroll
       for (int bit = 0; bit < 16; ++bit) dst[(16 * j + bit) * (ldh / 2)] = bit_pair16(w, bit);
@@ -368,8 +386,8 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   __syncthreads();
   BLK_STAMP(16);
   // KV^T (64 columns x nb bits per head) = v^T h, a warp per (head, 16 columns, 16 bits), 16 tokens per k-step
-  for (int task = warp; task < (BLK_SKIP(32) ? 0 : kH * 4 * p.mb); task += kWarps) {
-    const int h = task / (4 * p.mb), rest = task - h * 4 * p.mb, mt = rest / p.mb, np = rest - mt * p.mb;
+  for (int task = warp; task < (BLK_SKIP(32) ? 0 : kH * 4 * S.mb); task += kWarps) {
+    const int h = task / (4 * S.mb), rest = task - h * 4 * S.mb, mt = rest / S.mb, np = rest - mt * S.mb;
     const int c0 = h * kD + mt * 16, b0 = np * 16;
     const bf16* va = vall + (kPad + (lane & 7) + ((lane >> 4) << 3)) * ldq + c0 + ((lane >> 3) & 1) * 8;
     const bf16* hb = hT + (h * nb + b0 + ((lane >> 4) << 3) + (lane & 7)) * ldh + ((lane >> 3) & 1) * 8;
@@ -398,7 +416,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
       for (int half = 0; half < 2; ++half) {
         uint32_t hi, mid, lo;
         split3_pair(kv[n][2 * half] * kInvPi, kv[n][2 * half + 1] * kInvPi, hi, mid, lo);
-        bf16* o = kvt + h * 3 * kvpart + (mt * 16 + g + 8 * half) * p.ldk + b0 + 8 * n + 2 * q4;
+        bf16* o = kvt + h * 3 * kvpart + (mt * 16 + g + 8 * half) * S.ldk + b0 + 8 * n + 2 * q4;
         *reinterpret_cast<uint32_t*>(o) = hi;
         *reinterpret_cast<uint32_t*>(o + kvpart) = mid;
         *reinterpret_cast<uint32_t*>(o + 2 * kvpart) = lo;
@@ -429,11 +447,11 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
     const uint32_t a_lo = uint32_t(ca), a_hi = uint32_t(ca >> 32), b_lo = uint32_t(cb), b_hi = uint32_t(cb >> 32);
     float* zz = z[j];
     zz[0] = zz[1] = zz[2] = zz[3] = 0.0f;
-    for (int kk = 0; kk < (BLK_SKIP(64) ? 0 : p.mb); ++kk) {
+    for (int kk = 0; kk < (BLK_SKIP(64) ? 0 : S.mb); ++kk) {
       const int ra = (kk & 1) * 16 + 2 * q4, rb = ra + 8;
       const uint32_t wa = kk & 2 ? a_hi : a_lo, wb = kk & 2 ? b_hi : b_lo;
       const uint32_t a[4] = {bit_pair2(wa, ra), bit_pair2(wb, ra), bit_pair2(wa, rb), bit_pair2(wb, rb)};
-      const bf16* bp = kvt + h * 3 * kvpart + (nt * 8 + g) * p.ldk + kk * 16 + 2 * q4;
+      const bf16* bp = kvt + h * 3 * kvpart + (nt * 8 + g) * S.ldk + kk * 16 + 2 * q4;
 #pragma unroll
       for (int part = 0; part < 3; ++part)
         ptx::mma_bf16(z[j], a, ld_pair(bp + part * kvpart), ld_pair(bp + part * kvpart + 8));
@@ -532,16 +550,20 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
 
 BlkParams blk_dims(int N, int C, int H, int nbits, int m) {
   BlkParams p{};
+  const BlkShape S = blk_shape(N, C, H, nbits, m);
   p.N = N, p.C = C, p.H = H, p.nbits = nbits, p.m = m;
-  p.tiles = (N + 15) / 16, p.mt = (m + 7) / 8, p.bt = (nbits + 7) / 8, p.mb = (nbits + 15) / 16;
-  p.ldk = 16 * p.mb + 8;
+  p.tiles = S.tiles, p.mt = S.mt, p.bt = S.bt, p.mb = S.mb, p.ldk = S.ldk;
   return p;
 }
 
+// The instance for a shape: DeiT-Tiny's attention (197 tokens, 3 heads, 25 anchors, 16 bits) up to the attention
+// output (the batch-1 forward's form) has its own, with the sizes as constants; every other shape the generic one.
 using BlkKernel = void (*)(BlkParams);
-BlkKernel blk_kernel_for(int H, bool full = true) {
-  if (!full)
+BlkKernel blk_kernel_for(int H, bool full = true, int N = 0, int m = 0, int nbits = 0) {
+  if (!full) {
+    if (H == 3 && N == 197 && m == 25 && nbits == 16) return ham_block_kernel<3, false, 197, 25, 16>;
     return H == 1 ? ham_block_kernel<1, false> : H == 2 ? ham_block_kernel<2, false> : ham_block_kernel<3, false>;
+  }
   return H == 1 ? ham_block_kernel<1, true> : H == 2 ? ham_block_kernel<2, true> : ham_block_kernel<3, true>;
 }
 
@@ -551,12 +573,13 @@ bool hamming_block_supports(int B, int N, int C, int H, int nbits, int m) {
   if (!(B >= 1 && N >= 1 && N <= kMaxTiles * 16 && H >= 1 && H <= kMaxH && C == kD * H && nbits >= 1 &&
         nbits <= kMaxBits && m >= 1 && m <= kMaxM))
     return false;
-  const BlkParams p = blk_dims(N, C, H, nbits, m);
-  const size_t smem = blk_smem(p).total;
+  const BlkShape S = blk_shape(N, C, H, nbits, m);
+  const size_t smem = blk_smem(S).total;
   if (!device_available()) return smem <= 227 * 1024;
   return device_cc_major() >= 9 && smem <= size_t(max_smem_per_block()) &&
-         cluster_fits(reinterpret_cast<const void*>(blk_kernel_for(H)), p.tiles, kThreads, smem, true) &&
-         cluster_fits(reinterpret_cast<const void*>(blk_kernel_for(H, false)), p.tiles, kThreads, smem, true);
+         cluster_fits(reinterpret_cast<const void*>(blk_kernel_for(H)), S.tiles, kThreads, smem, true) &&
+         cluster_fits(reinterpret_cast<const void*>(blk_kernel_for(H, false, N, m, nbits)), S.tiles, kThreads, smem,
+                      true);
 }
 
 size_t hamming_block_scratch_elems(int B, int N, int C) {
@@ -591,8 +614,8 @@ BlkParams attention_params(const char* what, const bf16* xn, int ldxn, const bf1
 }
 
 void launch_blk(const BlkParams& p, int B, bool full, cudaStream_t stream) {
-  launch_dependent(blk_kernel_for(p.H, full), dim3(static_cast<unsigned>(int64_t(B) * p.tiles)), dim3(kThreads),
-                   blk_smem(p).total, p.tiles, stream, p);
+  launch_dependent(blk_kernel_for(p.H, full, p.N, p.m, p.nbits), dim3(static_cast<unsigned>(int64_t(B) * p.tiles)),
+                   dim3(kThreads), blk_smem(shape_of(p)).total, p.tiles, stream, p);
 }
 
 }  // namespace

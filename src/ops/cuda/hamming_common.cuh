@@ -41,7 +41,7 @@ constexpr float kInvPi = 0.318309886183790671538f;
 struct PrepLayout {
   size_t anc, a, aa, mu, bytes;
 };
-__host__ __device__ inline PrepLayout prep_layout(int dp, int bt) {
+__host__ __device__ constexpr PrepLayout prep_layout(int dp, int bt) {
   PrepLayout P{};
   size_t o = 0;
   P.anc = o, o = align16(o + size_t(3) * kMaxM * (dp + 8) * sizeof(bf16));

@@ -16,7 +16,7 @@
 namespace sav::cuda {
 
 // a shared-memory layout's next 16-byte boundary (host and device)
-__host__ __device__ inline size_t align16(size_t x) { return (x + 15) / 16 * 16; }
+__host__ __device__ constexpr size_t align16(size_t x) { return (x + 15) / 16 * 16; }
 
 // `kernel` on `grid` x `block` with `smem` dynamic shared memory bytes (allowed first: allow_dynamic_smem), in
 // clusters of `cluster` consecutive CTAs along x (1: no cluster attribute, an ordinary launch), on `stream`, with

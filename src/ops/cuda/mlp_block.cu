@@ -101,13 +101,30 @@ struct MlpParams {
 #endif
 };
 
+// The kernel's sizes that follow from (C, F, tile rows): runtime values in the generic instances, compile-time
+// constants in the instances specialised for one model width (mlp_kernel_for), where the index arithmetic, the loop
+// bounds and the shared-memory layout fold into the code.
+struct MlpShape {
+  int C, F, Ka, cs, nt2, ldp, ro;
+};
+__host__ __device__ constexpr MlpShape mlp_shape(int C, int F, int tm) {
+  const int nt2 = (2 * C + 4 + 7) / 8, cs = F / kHC;
+  return MlpShape{C,
+                  F,
+                  (2 * C + 4 + 15) / 16 * 16,  // moe_masked_cols(C)
+                  cs,
+                  nt2,
+                  nt2 * 8 + ((8 - nt2 * 8) % 32 + 32) % 32,  // = 8 mod 32: a row's float2 stores in two wavefronts
+                  (tm + cs - 1) / cs};
+}
+
 constexpr int kProjRegTiles = 12;  // the proj form: proj column tiles 0 .. 11 from registers, the others from smem
-__host__ __device__ inline int proj_smem_rows(int C) { return C / 8 > kProjRegTiles ? C - 8 * kProjRegTiles : 0; }
+__host__ __device__ constexpr int proj_smem_rows(int C) { return C / 8 > kProjRegTiles ? C - 8 * kProjRegTiles : 0; }
 
 struct MlpSmem {
   size_t bar, ws, xa, hid, part, red, xres, ep, aos, xin, ep2, wps, total;
 };
-__host__ __device__ inline MlpSmem mlp_smem(const MlpParams& p, int tm, bool proj) {
+__host__ __device__ constexpr MlpSmem mlp_smem(const MlpShape& p, int tm, bool proj) {
   MlpSmem s{};
   const size_t C = size_t(p.C), ro2 = size_t(p.ro + 1) / 2 * 2;  // epilogue rows, even: whole warps run it
   size_t o = 0;
@@ -129,16 +146,20 @@ __host__ __device__ inline MlpSmem mlp_smem(const MlpParams& p, int tm, bool pro
   return s;
 }
 
-template <int kMB, bool kProj>
+// kC, kF: the model width and hidden size the instance is specialised for (0: read from p)
+template <int kMB, bool kProj, int kC = 0, int kF = 0>
 __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_constant__ MlpParams p) {
   static_assert(!kProj || kMB == 1, "the proj form runs 16-row tiles");
+  static_assert((kC == 0) == (kF == 0), "specialised for both sizes or neither");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   __trap();  // built for sm_90; the launcher refuses older devices
 #else
   constexpr int TM = 16 * kMB;
   extern __shared__ __align__(16) unsigned char smem[];
-  const MlpSmem L = mlp_smem(p, TM, kProj);
-  const int C = p.C, Ka = p.Ka, ldxs = Ka + 8, KB1 = Ka / 32, cs = p.cs, ldp = p.ldp;
+  constexpr MlpShape kFixed = mlp_shape(kC, kF > 0 ? kF : kHC, TM);
+  const MlpShape S = kC > 0 ? kFixed : MlpShape{p.C, p.F, p.Ka, p.cs, p.nt2, p.ldp, p.ro};
+  const MlpSmem L = mlp_smem(S, TM, kProj);
+  const int C = S.C, Ka = S.Ka, ldxs = Ka + 8, KB1 = Ka / 32, cs = S.cs, ldp = S.ldp, nt2 = S.nt2, ro = S.ro;
   const bool tail = Ka % 32 != 0;
   bf16* wsm = reinterpret_cast<bf16*>(smem + L.ws);  // [stacked row][kLdH]: the slice's 128 columns
   bf16* xas = reinterpret_cast<bf16*>(smem + L.xa);
@@ -191,7 +212,7 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
     for (int kb = 0; kb < kPKB; ++kb)
       wpf[kb] = warp < kProjRegTiles && warp < C / 8 && kb < KBp ? frag::w_fragment(p.wp, warp * 8 + g, C, kb)
                                                                  : make_uint4(0, 0, 0, 0);
-  const int wrows = p.nt2 * 8;  // stacked rows used: 2C + 4 rounded up to 8 (zero rows past 2C + 4)
+  const int wrows = nt2 * 8;  // stacked rows used: 2C + 4 rounded up to 8 (zero rows past 2C + 4)
   if (tid == 0) {
     ptx::mbar_init(bar, 1);
     ptx::mbar_arrive_expect_tx(bar,
@@ -209,7 +230,7 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
   ptx::cp_async_commit();
   __syncthreads();  // the barrier is initialised and armed before any copy signals it
   for (int r = tid; r < wrows; r += kThreads)
-    ptx::bulk_copy_g2s(wsm + r * kLdH, p.ws + int64_t(r) * p.F + hc0, unsigned(kHC * sizeof(bf16)), bar);
+    ptx::bulk_copy_g2s(wsm + r * kLdH, p.ws + int64_t(r) * S.F + hc0, unsigned(kHC * sizeof(bf16)), bar);
   for (int r = tid; r < srows; r += kThreads)  // the proj form: proj weight rows 96 + r
     ptx::bulk_copy_g2s(wps + r * (C + 32), p.wp + int64_t(8 * kProjRegTiles + r) * C, unsigned(C * sizeof(bf16)), bar);
 
@@ -281,7 +302,7 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
         tid, kThreads);
     ptx::cp_async_commit();
     ptx::cp_async_rows(
-        xres, C, p.ro, C, p.x,
+        xres, C, ro, C, p.x,
         [&](int j) {  // epilogue row j: tile row rank + cs j
           const int r = rank + cs * j;
           return r < TM && row0 + r < p.M ? p.x + int64_t(row0 + r) * p.ldx : nullptr;
@@ -334,7 +355,7 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
             const __nv_bfloat162 h2 = __floats2bfloat162_rn(gelu_tanh(v0), gelu_tanh(v1));
             *reinterpret_cast<__nv_bfloat162*>(hs + r * kLdH + c) = h2;
             if (p.hid_out && row0 + r < p.M)
-              *reinterpret_cast<__nv_bfloat162*>(p.hid_out + int64_t(row0 + r) * p.F + hc0 + c) = h2;
+              *reinterpret_cast<__nv_bfloat162*>(p.hid_out + int64_t(row0 + r) * S.F + hc0 + c) = h2;
           }
         }
   }
@@ -357,7 +378,7 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
 #pragma unroll
     for (int i = 0; i < kMaxT2; ++i) {
       const int nt = warp + kWarps * i;
-      if (nt < p.nt2 && !MLP_SKIP(2048))
+      if (nt < nt2 && !MLP_SKIP(2048))
 #pragma unroll
         for (int kb = 0; kb < KB2; ++kb) {
           const uint4 w = frag::a_fragment(wsm, kLdH, nt * 8 + g, kb);
@@ -368,7 +389,7 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
 #pragma unroll
     for (int i = 0; i < kMaxT2; ++i) {
       const int nt = warp + kWarps * i;
-      if (nt >= p.nt2) break;
+      if (nt >= nt2) break;
       const int c = nt * 8 + 2 * q4;
 #pragma unroll
       for (int mb = 0; mb < kMB; ++mb)
@@ -386,8 +407,8 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
   MLP_STAMP(7);
 
   // ---- 3. the CTA's rows rank, rank + cs, ...: the partials summed in rank order, then the epilogue ----
-  const int q4s = p.nt2 * 2;  // float4 per partial row
-  for (int i = tid; i < (MLP_SKIP(4096) ? 0 : p.ro * q4s); i += kThreads) {
+  const int q4s = nt2 * 2;  // float4 per partial row
+  for (int i = tid; i < (MLP_SKIP(4096) ? 0 : ro * q4s); i += kThreads) {
     const int j = i / q4s, c = (i - j * q4s) * 4, r = rank + cs * j;
     if (r >= TM) continue;
     float4 v[kMaxCluster];  // every rank's load in flight at once, then the sum in rank order
@@ -407,9 +428,9 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
   ptx::cp_async_wait<0>();  // the residual rows (the proj form waited for them before LayerNorm 2)
   __syncthreads();
   MLP_STAMP(11);
-  if (tid < (p.ro + 1) / 2 * 2 * kG && !MLP_SKIP(8192)) {  // whole warps: the row statistics shuffle over all 32 lanes
+  if (tid < (ro + 1) / 2 * 2 * kG && !MLP_SKIP(8192)) {  // whole warps: the row statistics shuffle over all 32 lanes
     const int j = tid / kG, r = rank + cs * j, n = row0 + r;
-    const bool valid = j < p.ro && r < TM && n < p.M;
+    const bool valid = j < ro && r < TM && n < p.M;
     const int64_t gr = valid ? n : 0;
     const float* x_in = kProj ? xin + (r < TM ? r : 0) * C : xres + j * C;
     moe_rows::epilogue_residual_ln<kG, kS>(red + j * ldp, x_in, p.x + gr * p.ldx, p.xn + gr * p.ldxn,
@@ -439,16 +460,18 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
 
 MlpParams mlp_dims(int M, int C, int F, int tm) {
   MlpParams p{};
-  p.M = M, p.C = C, p.F = F, p.Ka = moe_masked_cols(C), p.cs = F / kHC;
-  p.nt2 = (2 * C + 4 + 7) / 8;
-  p.ldp = p.nt2 * 8 + ((8 - p.nt2 * 8) % 32 + 32) % 32;  // = 8 mod 32: a row's float2 stores in two wavefronts
-  p.ro = (tm + p.cs - 1) / p.cs;
+  const MlpShape S = mlp_shape(C, F, tm);
+  p.M = M, p.C = C, p.F = F, p.Ka = S.Ka, p.cs = S.cs, p.nt2 = S.nt2, p.ldp = S.ldp, p.ro = S.ro;
   return p;
 }
+MlpShape shape_of(const MlpParams& p) { return MlpShape{p.C, p.F, p.Ka, p.cs, p.nt2, p.ldp, p.ro}; }
 
+// The instance for a tile size, form and model: DeiT-Tiny's sizes (C 192, F 768) in the proj form have their own,
+// with the sizes as constants (the batch-1 forward's MLP half); every other shape the generic one.
 using MlpKernel = void (*)(MlpParams);
-MlpKernel mlp_kernel_for(int tm, bool proj = false) {
-  return proj ? mlp_block_kernel<1, true> : tm == 16 ? mlp_block_kernel<1, false> : mlp_block_kernel<2, false>;
+MlpKernel mlp_kernel_for(int tm, bool proj, int C, int F) {
+  if (proj) return C == 192 && F == 768 ? mlp_block_kernel<1, true, 192, 768> : mlp_block_kernel<1, true>;
+  return tm == 16 ? mlp_block_kernel<1, false> : mlp_block_kernel<2, false>;
 }
 
 bool shape_ok(int M, int C, int F) {
@@ -462,16 +485,16 @@ void launch_mlp(MlpParams& p, int tm, bool proj, const char* what, cudaStream_t 
 #endif
   const int64_t tiles = (int64_t(p.M) + tm - 1) / tm;
   SAV_CHECK(tiles * p.cs <= (int64_t(1) << 31) - 1, what << ": M too large");
-  const size_t smem = mlp_smem(p, tm, proj).total;
-  launch_dependent(mlp_kernel_for(tm, proj), dim3(static_cast<unsigned>(tiles * p.cs)), dim3(kThreads), smem, p.cs,
-                   stream, p);
+  const size_t smem = mlp_smem(shape_of(p), tm, proj).total;
+  launch_dependent(mlp_kernel_for(tm, proj, p.C, p.F), dim3(static_cast<unsigned>(tiles * p.cs)), dim3(kThreads), smem,
+                   p.cs, stream, p);
 }
 
 bool smem_and_cluster_fit(int M, int C, int F, int tm, bool proj) {
-  const size_t smem = mlp_smem(mlp_dims(M, C, F, tm), tm, proj).total;
+  const size_t smem = mlp_smem(mlp_shape(C, F, tm), tm, proj).total;
   if (!device_available()) return smem <= 227 * 1024;
   return device_cc_major() >= 9 && smem <= size_t(max_smem_per_block()) &&
-         cluster_fits(reinterpret_cast<const void*>(mlp_kernel_for(tm, proj)), F / kHC, kThreads, smem, false);
+         cluster_fits(reinterpret_cast<const void*>(mlp_kernel_for(tm, proj, C, F)), F / kHC, kThreads, smem, false);
 }
 
 }  // namespace
