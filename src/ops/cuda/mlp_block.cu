@@ -52,8 +52,13 @@ using frag::mma_ktail;
 
 constexpr int kThreads = 512;  // 16 warps
 constexpr int kWarps = kThreads / 32;
-constexpr int kHC = 8 * kWarps;       // hidden units per CTA: 16 fc1 column tiles (a pair per warp and k half)
-constexpr int kLdH = kHC + 8;         // bf16 row stride of the hidden slice and of the fc2 weight slice
+constexpr int kHC = 8 * kWarps;  // hidden units per CTA: 16 fc1 column tiles (a pair per warp and k half)
+// Shared-memory row strides for the 16-byte fragment loads (frag::a_fragment): lanes 0-7 of a load read rows g and
+// g + 1, 64 bytes each, so a stride of 32 mod 64 bf16 puts the two rows in distinct bank halves (one wavefront per
+// quarter warp, not two).
+constexpr int kLdH = kHC + 32;  // the hidden slice
+constexpr int kLdW = kHC;       // the fc2 weight slice: odd rows swizzled instead (kb ^ 1: fc2_wrow), no padding
+__host__ __device__ constexpr int xa_ld(int Ka) { return Ka + (96 - Ka % 64) % 64; }  // = 32 mod 64, Ka % 16 == 0
 constexpr int kMaxKB1 = 12;           // fc1's 32-wide k blocks: Ka <= 400 (C <= 192)
 constexpr int kMaxKBh = kMaxKB1 / 2;  // ... per k half
 static_assert(kWarps == 16, "fc1: 8 pairs of column tiles x 2 k halves");
@@ -129,8 +134,8 @@ __host__ __device__ constexpr MlpSmem mlp_smem(const MlpShape& p, int tm, bool p
   const size_t C = size_t(p.C), ro2 = size_t(p.ro + 1) / 2 * 2;  // epilogue rows, even: whole warps run it
   size_t o = 0;
   s.bar = o, o = align16(o + sizeof(uint64_t));
-  s.ws = o, o = align16(o + size_t(p.nt2) * 8 * kLdH * sizeof(bf16));
-  s.xa = o, o = align16(o + size_t(tm) * (p.Ka + 8) * sizeof(bf16));
+  s.ws = o, o = align16(o + size_t(p.nt2) * 8 * kLdW * sizeof(bf16));
+  s.xa = o, o = align16(o + size_t(tm) * xa_ld(p.Ka) * sizeof(bf16));
   s.hid = o, o = align16(o + size_t(tm) * kLdH * sizeof(bf16));
   s.part = o, o = align16(o + size_t(tm) * (p.ldp > 128 ? p.ldp : 128) * sizeof(float));  // also fc1's k-half exchange
   s.red = o, o = align16(o + ro2 * p.ldp * sizeof(float));
@@ -159,9 +164,9 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
   constexpr MlpShape kFixed = mlp_shape(kC, kF > 0 ? kF : kHC, TM);
   const MlpShape S = kC > 0 ? kFixed : MlpShape{p.C, p.F, p.Ka, p.cs, p.nt2, p.ldp, p.ro};
   const MlpSmem L = mlp_smem(S, TM, kProj);
-  const int C = S.C, Ka = S.Ka, ldxs = Ka + 8, KB1 = Ka / 32, cs = S.cs, ldp = S.ldp, nt2 = S.nt2, ro = S.ro;
+  const int C = S.C, Ka = S.Ka, ldxs = xa_ld(Ka), KB1 = Ka / 32, cs = S.cs, ldp = S.ldp, nt2 = S.nt2, ro = S.ro;
   const bool tail = Ka % 32 != 0;
-  bf16* wsm = reinterpret_cast<bf16*>(smem + L.ws);  // [stacked row][kLdH]: the slice's 128 columns
+  bf16* wsm = reinterpret_cast<bf16*>(smem + L.ws);  // [stacked row][kLdW]: the slice's 128 columns, swizzled
   bf16* xas = reinterpret_cast<bf16*>(smem + L.xa);
   bf16* hs = reinterpret_cast<bf16*>(smem + L.hid);
   float* part = reinterpret_cast<float*>(smem + L.part);  // [row][ldp]: this CTA's share of s
@@ -230,7 +235,11 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
   ptx::cp_async_commit();
   __syncthreads();  // the barrier is initialised and armed before any copy signals it
   for (int r = tid; r < wrows; r += kThreads)
-    ptx::bulk_copy_g2s(wsm + r * kLdH, p.ws + int64_t(r) * S.F + hc0, unsigned(kHC * sizeof(bf16)), bar);
+    if (r & 1)  // the 64-byte k blocks of odd rows swapped in pairs (block kb at kb ^ 1)
+      for (int kb = 0; kb < kHC / 32; ++kb)
+        ptx::bulk_copy_g2s(wsm + r * kLdW + (kb ^ 1) * 32, p.ws + int64_t(r) * S.F + hc0 + kb * 32, 64u, bar);
+    else
+      ptx::bulk_copy_g2s(wsm + r * kLdW, p.ws + int64_t(r) * S.F + hc0, unsigned(kHC * sizeof(bf16)), bar);
   for (int r = tid; r < srows; r += kThreads)  // the proj form: proj weight rows 96 + r
     ptx::bulk_copy_g2s(wps + r * (C + 32), p.wp + int64_t(8 * kProjRegTiles + r) * C, unsigned(C * sizeof(bf16)), bar);
 
@@ -381,7 +390,7 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
       if (nt < nt2 && !MLP_SKIP(2048))
 #pragma unroll
         for (int kb = 0; kb < KB2; ++kb) {
-          const uint4 w = frag::a_fragment(wsm, kLdH, nt * 8 + g, kb);
+          const uint4 w = frag::a_fragment(wsm, kLdW, nt * 8 + g, kb ^ (g & 1));  // row nt * 8 + g: odd rows swizzled
 #pragma unroll
           for (int mb = 0; mb < kMB; ++mb) mma_kblock(acc[i][mb], ha[mb][kb][0], ha[mb][kb][1], w);
         }
