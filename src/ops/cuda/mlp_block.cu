@@ -18,9 +18,9 @@
 // Phases:
 //  1. fc1: warp w owns column tiles 2 (w % 8) and 2 (w % 8) + 1 of the slice (16 hidden units) over one half of
 //     Ka's 32-wide k blocks (w / 8; the second half also the 16-wide tail block when Ka % 32 = 16), so each A
-//     fragment read from shared memory serves two tiles; the second half's sums go through shared memory to the first,
-//     which adds them (first half + second half), applies GELU (tanh form) and stores bf16 into shared memory (the
-//     optional hid_out copy for tests);
+//     fragment read from shared memory serves two tiles; the two warps of a pair swap one tile's sums through shared
+//     memory, and each adds them for its own tile (first half + second half), applies GELU (tanh form) and stores
+//     bf16 into shared memory (the optional hid_out copy for tests);
 //  2. fc2 partial: warp w owns column tiles w, w + 16, ... of the 2C + 4 stacked columns: the slice's 128 k (4 blocks;
 //     the lane's A fragments read once into registers) into the CTA's partial rows (f32, shared memory); cluster
 //     barrier;
@@ -341,32 +341,35 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
       for (int mb = 0; mb < kMB; ++mb)
 #pragma unroll
         for (int t = 0; t < 2; ++t) mma_ktail(acc[t][mb], xas + mb * 16 * ldxs, ldxs, KB1 * 32, w1t[t]);
+    // warp (kh, pair) finishes tile kh of its pair (first half + second half, GELU, bf16): it hands its sums of the
+    // other tile to the partner warp (1 - kh, pair) and takes the partner's sums of its own, so both k halves share
+    // the epilogue
     auto xch = [&](int mb, int t, int i) -> float& { return part[(((pair * kMB + mb) * 2 + t) * 4 + i) * 32 + lane]; };
-    if (kh)
 #pragma unroll
-      for (int mb = 0; mb < kMB; ++mb)
+    for (int mb = 0; mb < kMB; ++mb)
 #pragma unroll
-        for (int t = 0; t < 2; ++t)
+      for (int t = 0; t < 2; ++t)
+        if (t != kh)
 #pragma unroll
           for (int i = 0; i < 4; ++i) xch(mb, t, i) = acc[t][mb][i];
     __syncthreads();
-    if (!kh)
 #pragma unroll
-      for (int mb = 0; mb < kMB; ++mb)
+    for (int mb = 0; mb < kMB; ++mb)
 #pragma unroll
-        for (int t = 0; t < 2; ++t) {
-          const int c = (2 * pair + t) * 8 + 2 * q4;
+      for (int t = 0; t < 2; ++t) {
+        if (t != kh) continue;
+        const int c = (2 * pair + t) * 8 + 2 * q4;
 #pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const int r = mb * 16 + g + 8 * half;
-            const float v0 = __fadd_rn(acc[t][mb][2 * half], xch(mb, t, 2 * half));
-            const float v1 = __fadd_rn(acc[t][mb][2 * half + 1], xch(mb, t, 2 * half + 1));
-            const __nv_bfloat162 h2 = __floats2bfloat162_rn(gelu_tanh(v0), gelu_tanh(v1));
-            *reinterpret_cast<__nv_bfloat162*>(hs + r * kLdH + c) = h2;
-            if (p.hid_out && row0 + r < p.M)
-              *reinterpret_cast<__nv_bfloat162*>(p.hid_out + int64_t(row0 + r) * S.F + hc0 + c) = h2;
-          }
+        for (int half = 0; half < 2; ++half) {
+          const int r = mb * 16 + g + 8 * half;
+          const float v0 = __fadd_rn(acc[t][mb][2 * half], xch(mb, t, 2 * half));  // the halves' sum: commutative
+          const float v1 = __fadd_rn(acc[t][mb][2 * half + 1], xch(mb, t, 2 * half + 1));
+          const __nv_bfloat162 h2 = __floats2bfloat162_rn(gelu_tanh(v0), gelu_tanh(v1));
+          *reinterpret_cast<__nv_bfloat162*>(hs + r * kLdH + c) = h2;
+          if (p.hid_out && row0 + r < p.M)
+            *reinterpret_cast<__nv_bfloat162*>(p.hid_out + int64_t(row0 + r) * S.F + hc0 + c) = h2;
         }
+      }
   }
   __syncthreads();
 
