@@ -264,11 +264,14 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
     ptx::cp_async_wait<1>();
     __syncthreads();
     MLP_STAMP(12);
-    float* xp = part;  // the proj rows (TM x C f32)
+    // the proj rows (TM x C f32), C + 8 apart (8 mod 32 words): the accumulators' float2 stores of rows g = 0 .. 7 in
+    // distinct banks (C apart, a multiple of 32, they took 8 wavefronts, not 2); part holds TM x ldp >= TM (C + 8)
+    float* xp = part;
+    const int ldxp = C + 8;
     auto emit = [&](int nt, const float(&acc)[4]) {
       const int c = nt * 8 + 2 * q4;
-      *reinterpret_cast<float2*>(xp + g * C + c) = make_float2(acc[0], acc[1]);
-      *reinterpret_cast<float2*>(xp + (g + 8) * C + c) = make_float2(acc[2], acc[3]);
+      *reinterpret_cast<float2*>(xp + g * ldxp + c) = make_float2(acc[0], acc[1]);
+      *reinterpret_cast<float2*>(xp + (g + 8) * ldxp + c) = make_float2(acc[2], acc[3]);
     };
     // warp w: column tile w (register weights) and, when there is one, 12 + w (shared memory weights, waited for
     // first: they came with the fc2 slice while the previous kernel ran); the two chains interleaved, each A fragment
@@ -297,8 +300,8 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
       const int i = tid / kG1, lane16 = tid % kG1;
       const bool valid = row0 + i < p.M;
       int8_t* ch = valid && rank == 0 && p.choice1 ? p.choice1 + row0 + i : nullptr;
-      moe_rows::linear_residual_ln_route_mask<kG1, kS1>(xp + i * C, ep2, xin + i * C, xin + i * C, valid, lane16, C, Ka,
-                                                        p.eps, ep2 + C, ep2 + 2 * C, ep2 + 3 * C, ep2 + 5 * C,
+      moe_rows::linear_residual_ln_route_mask<kG1, kS1>(xp + i * ldxp, ep2, xin + i * C, xin + i * C, valid, lane16, C,
+                                                        Ka, p.eps, ep2 + C, ep2 + 2 * C, ep2 + 3 * C, ep2 + 5 * C,
                                                         xas + i * ldxs, ch);
       if (!valid)  // zeros past M, as the copy of x_aug rows
         for (int c = lane16 * 8; c < Ka; c += kG1 * 8)
