@@ -132,7 +132,7 @@ __host__ __device__ constexpr BlkShape blk_shape(int N, int C, int H, int nbits,
   return BlkShape{
       N, C, H, nbits, m, (N + 15) / 16, (m + 7) / 8, (nbits + 7) / 8, (nbits + 15) / 16, 16 * ((nbits + 15) / 16) + 8};
 }
-BlkShape shape_of(const BlkParams& p) {
+__host__ __device__ inline BlkShape shape_of(const BlkParams& p) {
   return BlkShape{p.N, p.C, p.H, p.nbits, p.m, p.tiles, p.mt, p.bt, p.mb, p.ldk};
 }
 
@@ -177,7 +177,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   static_assert((kN == 0) == (kM == 0) && (kN == 0) == (kBits == 0), "specialised for all three sizes or none");
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr BlkShape kFixed = blk_shape(kN > 0 ? kN : 16, kD * kH, kH, kBits > 0 ? kBits : 1, kM > 0 ? kM : 1);
-  const BlkShape S = kN > 0 ? kFixed : BlkShape{p.N, p.C, p.H, p.nbits, p.m, p.tiles, p.mt, p.bt, p.mb, p.ldk};
+  const BlkShape S = kN > 0 ? kFixed : shape_of(p);
   const BlkSmem L = blk_smem(S);
   const PrepLayout P = prep_layout(kD, S.bt);
   constexpr int C = kD * kH, KB = C / 32, ldxs = C + 32, ldq = C + 8, NTh = kD / 8;

@@ -123,6 +123,10 @@ __host__ __device__ constexpr MlpShape mlp_shape(int C, int F, int tm) {
                   (tm + cs - 1) / cs};
 }
 
+__host__ __device__ inline MlpShape shape_of(const MlpParams& p) {
+  return MlpShape{p.C, p.F, p.Ka, p.cs, p.nt2, p.ldp, p.ro};
+}
+
 constexpr int kProjRegTiles = 12;  // the proj form: proj column tiles 0 .. 11 from registers, the others from smem
 __host__ __device__ constexpr int proj_smem_rows(int C) { return C / 8 > kProjRegTiles ? C - 8 * kProjRegTiles : 0; }
 
@@ -162,7 +166,7 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
   constexpr int TM = 16 * kMB;
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr MlpShape kFixed = mlp_shape(kC, kF > 0 ? kF : kHC, TM);
-  const MlpShape S = kC > 0 ? kFixed : MlpShape{p.C, p.F, p.Ka, p.cs, p.nt2, p.ldp, p.ro};
+  const MlpShape S = kC > 0 ? kFixed : shape_of(p);
   const MlpSmem L = mlp_smem(S, TM, kProj);
   const int C = S.C, Ka = S.Ka, ldxs = xa_ld(Ka), KB1 = Ka / 32, cs = S.cs, ldp = S.ldp, nt2 = S.nt2, ro = S.ro;
   const bool tail = Ka % 32 != 0;
@@ -479,7 +483,6 @@ MlpParams mlp_dims(int M, int C, int F, int tm) {
   p.M = M, p.C = C, p.F = F, p.Ka = S.Ka, p.cs = S.cs, p.nt2 = S.nt2, p.ldp = S.ldp, p.ro = S.ro;
   return p;
 }
-MlpShape shape_of(const MlpParams& p) { return MlpShape{p.C, p.F, p.Ka, p.cs, p.nt2, p.ldp, p.ro}; }
 
 // The instance for a tile size, form and model: DeiT-Tiny's sizes (C 192, F 768) in the proj form have their own,
 // with the sizes as constants (the batch-1 forward's MLP half); every other shape the generic one.
