@@ -100,6 +100,16 @@ __device__ void blk_trace_attention(const char* form, int rank, const long long*
 #define BLK_STAMP(i) ((void)0)
 #endif
 
+// The sizes that follow from (N, C, H, nbits, m): runtime values in the generic instances, compile-time constants in
+// the instance specialised for DeiT-Tiny's attention (blk_kernel_for), where the index arithmetic, the loop bounds and
+// the shared-memory layout fold into the code.
+struct BlkShape {
+  int N, C, H, nbits, m, tiles, mt, bt, mb, ldk;
+};
+__host__ __device__ constexpr BlkShape blk_shape(int N, int C, int H, int nbits, int m) {
+  return BlkShape{
+      N, C, H, nbits, m, (N + 15) / 16, (m + 7) / 8, (nbits + 7) / 8, (nbits + 15) / 16, 16 * ((nbits + 15) / 16) + 8};
+}
 struct BlkParams {
   float* x;  // residual rows (B N, ldx), updated
   const bf16* xn;
@@ -115,26 +125,12 @@ struct BlkParams {
   bf16* ao_out;   // optional: the attention output (B N, C)
   float eps;
   int ldx, ldxn, ldxa, Ka;
-  int N, C, H, nbits, m, tiles, mt, bt, mb, ldk;
+  BlkShape s;       // the sizes
   TimelineSink tl;  // common.h: the kernel timeline (a diagnostic; empty: nothing recorded)
 #ifdef SAV_ABLATION
   unsigned ablate;
 #endif
 };
-
-// The sizes that follow from (N, C, H, nbits, m): runtime values in the generic instances, compile-time constants in
-// the instance specialised for DeiT-Tiny's attention (blk_kernel_for), where the index arithmetic, the loop bounds and
-// the shared-memory layout fold into the code.
-struct BlkShape {
-  int N, C, H, nbits, m, tiles, mt, bt, mb, ldk;
-};
-__host__ __device__ constexpr BlkShape blk_shape(int N, int C, int H, int nbits, int m) {
-  return BlkShape{
-      N, C, H, nbits, m, (N + 15) / 16, (m + 7) / 8, (nbits + 7) / 8, (nbits + 15) / 16, 16 * ((nbits + 15) / 16) + 8};
-}
-__host__ __device__ inline BlkShape shape_of(const BlkParams& p) {
-  return BlkShape{p.N, p.C, p.H, p.nbits, p.m, p.tiles, p.mt, p.bt, p.mb, p.ldk};
-}
 
 struct BlkSmem {
   size_t bar, vbar, cbar, prep, xs, qs, vall, dbuf, codes, sig, kvt, zsq, inv, xp, xin, ep, total;
@@ -177,7 +173,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   static_assert((kN == 0) == (kM == 0) && (kN == 0) == (kBits == 0), "specialised for all three sizes or none");
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr BlkShape kFixed = blk_shape(kN > 0 ? kN : 16, kD * kH, kH, kBits > 0 ? kBits : 1, kM > 0 ? kM : 1);
-  const BlkShape S = kN > 0 ? kFixed : shape_of(p);
+  const BlkShape S = kN > 0 ? kFixed : p.s;
   const BlkSmem L = blk_smem(S);
   const PrepLayout P = prep_layout(kD, S.bt);
   constexpr int C = kD * kH, KB = C / 32, ldxs = C + 32, ldq = C + 8, NTh = kD / 8;
@@ -550,9 +546,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
 
 BlkParams blk_dims(int N, int C, int H, int nbits, int m) {
   BlkParams p{};
-  const BlkShape S = blk_shape(N, C, H, nbits, m);
-  p.N = N, p.C = C, p.H = H, p.nbits = nbits, p.m = m;
-  p.tiles = S.tiles, p.mt = S.mt, p.bt = S.bt, p.mb = S.mb, p.ldk = S.ldk;
+  p.s = blk_shape(N, C, H, nbits, m);
   return p;
 }
 
@@ -561,7 +555,9 @@ BlkParams blk_dims(int N, int C, int H, int nbits, int m) {
 using BlkKernel = void (*)(BlkParams);
 BlkKernel blk_kernel_for(int H, bool full = true, int N = 0, int m = 0, int nbits = 0) {
   if (!full) {
-    if (H == 3 && N == 197 && m == 25 && nbits == 16) return ham_block_kernel<3, false, 197, 25, 16>;
+    constexpr int kTinyN = 197, kTinyM = 25, kTinyBits = 16;  // DeiT-Tiny: 14 x 14 patches + class token
+    if (H == 3 && N == kTinyN && m == kTinyM && nbits == kTinyBits)
+      return ham_block_kernel<3, false, kTinyN, kTinyM, kTinyBits>;
     return H == 1 ? ham_block_kernel<1, false> : H == 2 ? ham_block_kernel<2, false> : ham_block_kernel<3, false>;
   }
   return H == 1 ? ham_block_kernel<1, true> : H == 2 ? ham_block_kernel<2, true> : ham_block_kernel<3, true>;
@@ -614,8 +610,9 @@ BlkParams attention_params(const char* what, const bf16* xn, int ldxn, const bf1
 }
 
 void launch_blk(const BlkParams& p, int B, bool full, cudaStream_t stream) {
-  launch_dependent(blk_kernel_for(p.H, full, p.N, p.m, p.nbits), dim3(static_cast<unsigned>(int64_t(B) * p.tiles)),
-                   dim3(kThreads), blk_smem(shape_of(p)).total, p.tiles, stream, p);
+  launch_dependent(blk_kernel_for(p.s.H, full, p.s.N, p.s.m, p.s.nbits),
+                   dim3(static_cast<unsigned>(int64_t(B) * p.s.tiles)), dim3(kThreads), blk_smem(p.s).total, p.s.tiles,
+                   stream, p);
 }
 
 }  // namespace

@@ -83,29 +83,6 @@ constexpr int kG = 16, kS = 3;  // epilogue: lanes per row (ln::row_group(C) for
 #define MLP_STAMP(i) ((void)0)
 #endif
 
-struct MlpParams {
-  float* x;
-  int8_t* choice;
-  const bf16 *xa, *wa, *ws;
-  const float *b0, *b1, *br, *ln_w, *ln_b;
-  // the proj form (kProj): the attention output rows ao (ldao apart), proj (wp, bp), LayerNorm 2 (ln2_w, ln2_b) and the
-  // masked fc1's router (wr, br1, choices choice1) run first, in every CTA of the tile's cluster, instead of reading xa
-  const bf16 *ao, *wp;
-  const float *bp, *ln2_w, *ln2_b, *wr, *br1;
-  int8_t* choice1;
-  int ldao;
-  bf16* xn;
-  bf16* hid_out;
-  float eps;
-  int gate;
-  int ldx, ldxa, ldxn;
-  int M, C, F, Ka, cs, nt2, ldp, ro;  // ro: epilogue rows per CTA
-  TimelineSink tl;                    // common.h: the kernel timeline (a diagnostic; empty: nothing recorded)
-#ifdef SAV_ABLATION
-  unsigned ablate;
-#endif
-};
-
 // The kernel's sizes that follow from (C, F, tile rows): runtime values in the generic instances, compile-time
 // constants in the instances specialised for one model width (mlp_kernel_for), where the index arithmetic, the loop
 // bounds and the shared-memory layout fold into the code.
@@ -123,9 +100,29 @@ __host__ __device__ constexpr MlpShape mlp_shape(int C, int F, int tm) {
                   (tm + cs - 1) / cs};
 }
 
-__host__ __device__ inline MlpShape shape_of(const MlpParams& p) {
-  return MlpShape{p.C, p.F, p.Ka, p.cs, p.nt2, p.ldp, p.ro};
-}
+struct MlpParams {
+  float* x;
+  int8_t* choice;
+  const bf16 *xa, *wa, *ws;
+  const float *b0, *b1, *br, *ln_w, *ln_b;
+  // the proj form (kProj): the attention output rows ao (ldao apart), proj (wp, bp), LayerNorm 2 (ln2_w, ln2_b) and the
+  // masked fc1's router (wr, br1, choices choice1) run first, in every CTA of the tile's cluster, instead of reading xa
+  const bf16 *ao, *wp;
+  const float *bp, *ln2_w, *ln2_b, *wr, *br1;
+  int8_t* choice1;
+  int ldao;
+  bf16* xn;
+  bf16* hid_out;
+  float eps;
+  int gate;
+  int ldx, ldxa, ldxn;
+  int M;
+  MlpShape s;       // the sizes (s.ro: epilogue rows per CTA)
+  TimelineSink tl;  // common.h: the kernel timeline (a diagnostic; empty: nothing recorded)
+#ifdef SAV_ABLATION
+  unsigned ablate;
+#endif
+};
 
 constexpr int kProjRegTiles = 12;  // the proj form: proj column tiles 0 .. 11 from registers, the others from smem
 __host__ __device__ constexpr int proj_smem_rows(int C) { return C / 8 > kProjRegTiles ? C - 8 * kProjRegTiles : 0; }
@@ -166,7 +163,7 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
   constexpr int TM = 16 * kMB;
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr MlpShape kFixed = mlp_shape(kC, kF > 0 ? kF : kHC, TM);
-  const MlpShape S = kC > 0 ? kFixed : shape_of(p);
+  const MlpShape S = kC > 0 ? kFixed : p.s;
   const MlpSmem L = mlp_smem(S, TM, kProj);
   const int C = S.C, Ka = S.Ka, ldxs = xa_ld(Ka), KB1 = Ka / 32, cs = S.cs, ldp = S.ldp, nt2 = S.nt2, ro = S.ro;
   const bool tail = Ka % 32 != 0;
@@ -480,7 +477,7 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
 MlpParams mlp_dims(int M, int C, int F, int tm) {
   MlpParams p{};
   const MlpShape S = mlp_shape(C, F, tm);
-  p.M = M, p.C = C, p.F = F, p.Ka = S.Ka, p.cs = S.cs, p.nt2 = S.nt2, p.ldp = S.ldp, p.ro = S.ro;
+  p.M = M, p.s = mlp_shape(C, F, tm);
   return p;
 }
 
@@ -488,7 +485,8 @@ MlpParams mlp_dims(int M, int C, int F, int tm) {
 // with the sizes as constants (the batch-1 forward's MLP half); every other shape the generic one.
 using MlpKernel = void (*)(MlpParams);
 MlpKernel mlp_kernel_for(int tm, bool proj, int C, int F) {
-  if (proj) return C == 192 && F == 768 ? mlp_block_kernel<1, true, 192, 768> : mlp_block_kernel<1, true>;
+  constexpr int kTinyC = 192, kTinyF = 768;  // DeiT-Tiny
+  if (proj) return C == kTinyC && F == kTinyF ? mlp_block_kernel<1, true, kTinyC, kTinyF> : mlp_block_kernel<1, true>;
   return tm == 16 ? mlp_block_kernel<1, false> : mlp_block_kernel<2, false>;
 }
 
@@ -502,10 +500,10 @@ void launch_mlp(MlpParams& p, int tm, bool proj, const char* what, cudaStream_t 
   p.ablate = ablation_mask();
 #endif
   const int64_t tiles = (int64_t(p.M) + tm - 1) / tm;
-  SAV_CHECK(tiles * p.cs <= (int64_t(1) << 31) - 1, what << ": M too large");
-  const size_t smem = mlp_smem(shape_of(p), tm, proj).total;
-  launch_dependent(mlp_kernel_for(tm, proj, p.C, p.F), dim3(static_cast<unsigned>(tiles * p.cs)), dim3(kThreads), smem,
-                   p.cs, stream, p);
+  SAV_CHECK(tiles * p.s.cs <= (int64_t(1) << 31) - 1, what << ": M too large");
+  const size_t smem = mlp_smem(p.s, tm, proj).total;
+  launch_dependent(mlp_kernel_for(tm, proj, p.s.C, p.s.F), dim3(static_cast<unsigned>(tiles * p.s.cs)), dim3(kThreads),
+                   smem, p.s.cs, stream, p);
 }
 
 bool smem_and_cluster_fit(int M, int C, int F, int tm, bool proj) {
@@ -568,7 +566,7 @@ void mlp_block_forward(float* x, int ldx, int8_t* choice, const bf16* xa, int ld
   MlpParams p = mlp_params(what, x, ldx, choice, wa, ws, b0, b1, br, std::max(M, 1), C, F, gate, xn, ldxn, ln_w, ln_b,
                            eps, hid_out, tm);
   SAV_CHECK(xa && aligned16(xa), what << ": null or misaligned x_aug");
-  SAV_CHECK(ldxa >= p.Ka && ldxa % 8 == 0, what << ": row stride ldxa=" << ldxa);
+  SAV_CHECK(ldxa >= p.s.Ka && ldxa % 8 == 0, what << ": row stride ldxa=" << ldxa);
   if (M == 0) return;
   p.xa = xa, p.ldxa = ldxa;
   launch_mlp(p, tm, false, what, stream);

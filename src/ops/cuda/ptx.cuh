@@ -95,19 +95,17 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, unsigned by
 template <bool kCluster = false>
 __device__ __forceinline__ bool mbar_test_parity(uint64_t* bar, unsigned parity) {
   unsigned done;
+#define SAV_MBAR_TRY_WAIT(SEM)                                              \
+  asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity" SEM           \
+               ".shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n" \
+               : "=r"(done)                                                 \
+               : "r"(smem_u32(bar)), "r"(parity)                            \
+               : "memory")
   if constexpr (kCluster)
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, "
-        "0, p;\n}\n"
-        : "=r"(done)
-        : "r"(smem_u32(bar)), "r"(parity)
-        : "memory");
+    SAV_MBAR_TRY_WAIT(".acquire.cluster");
   else
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(smem_u32(bar)), "r"(parity)
-        : "memory");
+    SAV_MBAR_TRY_WAIT("");
+#undef SAV_MBAR_TRY_WAIT
   return done != 0;
 }
 template <bool kCluster = false>
