@@ -652,12 +652,20 @@ struct ViTCuda::Impl {
     const RowForms forms = forms_for(M);
     const cuda::DependentLaunchScope dependent(forms.dependent);  // the engine's kernels (launch_dependent)
     small_products = forms.dependent && dep_mode == ViTCudaDependentLaunch::small_products;
-    cuda::im2col_forward(cols.get(), images, B, cfg.in_chans, cfg.img_size, cfg.patch, s);
-    gemm.linear_f32(pe.get(), cols.get(), patch_w, patch_b, B * P, K, C, false, s);
     const bool has_blocks = !blocks.empty();
-    cuda::embed_layernorm_forward(has_blocks ? xn.get() : nullptr, x.get(), pe.get(), cls, pos,
-                                  has_blocks ? blocks[0].ln1_w : nullptr, has_blocks ? blocks[0].ln1_b : nullptr, B, N,
-                                  C, eps, s);
+    // under dependent launch the embedding as one kernel that stages its weights before the wait (cuBLASLt's product
+    // lets no successor start early); else im2col, the product and the token assembly + LN1
+    if (forms.dependent && has_blocks && cuda::aligned16(images) &&
+        cuda::patch_embed_ln_supports(cfg.in_chans, cfg.img_size, cfg.patch, C)) {
+      cuda::patch_embed_ln_forward(xn.get(), x.get(), images, patch_w, patch_b, cls, pos, blocks[0].ln1_w,
+                                   blocks[0].ln1_b, B, cfg.in_chans, cfg.img_size, cfg.patch, C, eps, s);
+    } else {
+      cuda::im2col_forward(cols.get(), images, B, cfg.in_chans, cfg.img_size, cfg.patch, s);
+      gemm.linear_f32(pe.get(), cols.get(), patch_w, patch_b, B * P, K, C, false, s);
+      cuda::embed_layernorm_forward(has_blocks ? xn.get() : nullptr, x.get(), pe.get(), cls, pos,
+                                    has_blocks ? blocks[0].ln1_w : nullptr, has_blocks ? blocks[0].ln1_b : nullptr, B,
+                                    N, C, eps, s);
+    }
     bool ln1_done = true;  // block 0's LayerNorm ran with the embedding
     for (size_t l = 0; l < blocks.size(); ++l) {
       const BlockWeights& w = blocks[l];
@@ -742,7 +750,11 @@ struct ViTCuda::Impl {
       cuda::layernorm_forward(clsn.get(), C, x.get(), N * C, norm_w, norm_b, B, C, eps, s);
       head_in = clsn.get();
     }
-    gemm.linear_f32(logits, head_in, head_w, head_b, B, C, cfg.num_classes, false, s);
+    // under dependent launch the head by the engine's small-M product, which stages its weights before the wait
+    if (forms.dependent && cuda::small_linear_supports(B, C, cfg.num_classes))
+      cuda::small_linear_f32(logits, cfg.num_classes, head_in, head_w, head_b, B, C, cfg.num_classes, false, s);
+    else
+      gemm.linear_f32(logits, head_in, head_w, head_b, B, C, cfg.num_classes, false, s);
   }
 };
 

@@ -94,12 +94,14 @@ enum class ViTCudaRowFusion { automatic, off, on };
 // Dependent launch at small batch: the engine's own kernels (Hamming, the MoE row kernels, LayerNorms, the rows-fused
 // and packed shift kernels) launched with programmatic stream serialization (ops/cuda/common.h
 // DependentLaunchScope), so each may start while its predecessor runs, stage its weights, and wait for the
-// predecessor's output. cuBLASLt's kernels let no successor start early, so `small_products` also runs the layer
-// products that cuBLASLt would run (dense, decoded shift, MoE stacked / masked) by the engine's small-M kernel
-// (ops/cuda/small_gemm.h; another f32 summation order, the last bits differ). `automatic` (default): off and on tried
-// with the row-fusion sets above by timing whole forwards, for M = B*N <= kVitDependentAutoMaxRows; the others force
-// a mode (small_products is never chosen automatically: slower than cuBLASLt at DeiT's sizes on the H200,
-// bench/RESULTS.md).
+// predecessor's output. cuBLASLt's kernels let no successor start early, so the patch embedding then runs as one such
+// kernel (ops.h patch_embed_ln_forward, where the sizes fit) and the head by the engine's small-M product
+// (ops/cuda/small_gemm.h): both sum their products in another f32 order than cuBLASLt, so the last bits differ from
+// a forward without dependent launch. `small_products` also runs the layer products that cuBLASLt would run (dense,
+// decoded shift, MoE stacked / masked) by the engine's small-M kernel (ops/cuda/small_gemm.h; another f32 summation
+// order, the last bits differ). `automatic` (default): off and on tried with the row-fusion sets above by timing whole
+// forwards, for M = B*N <= kVitDependentAutoMaxRows; the others force a mode (small_products is never chosen
+// automatically: slower than cuBLASLt at DeiT's sizes on the H200, bench/RESULTS.md).
 enum class ViTCudaDependentLaunch { automatic, off, on, small_products };
 constexpr int kVitDependentAutoMaxRows = 1024;
 // One set of forms the automatic choice timed: fused forms (ham: a Hamming block's proj + LN2 + router in its attention

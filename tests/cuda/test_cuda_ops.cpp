@@ -200,6 +200,76 @@ TEST_F(CudaOps, PatchEmbedMatchesReference) {
   }
 }
 
+// The fused embedding (im2col + product + bias + class token + position + LN1 as one kernel) against the CPU reference
+// (x: f32 summation order only, 1e-5; y: bf16, 8e-3) and against the composition on the device (the same values up
+// to the product's summation order: x 1e-6, y differing in under 1% of its bf16). The cases cover clusters of 1, 2
+// and 6 CTAs, a partial last tile, C from one column tile to 384, and several images; a row past the outputs stays
+// untouched, and a rerun is bit-identical.
+TEST_F(CudaOps, FusedPatchEmbedLayerNormMatchesReferenceAndComposition) {
+  EXPECT_FALSE(cuda::patch_embed_ln_supports(1, 28, 4, 64));    // K = 16
+  EXPECT_FALSE(cuda::patch_embed_ln_supports(3, 30, 6, 64));    // p % 4
+  EXPECT_FALSE(cuda::patch_embed_ln_supports(3, 224, 16, 392)); // C > 384
+  EXPECT_FALSE(cuda::patch_embed_ln_supports(5, 64, 16, 192));  // K = 1280: a cluster of 10
+  struct Case { int B, Cin, S, p, C; };
+  for (const Case cs : {Case{1, 3, 224, 16, 192}, Case{2, 1, 48, 16, 40}, Case{3, 2, 40, 8, 96},
+                        Case{1, 3, 64, 16, 384}, Case{5, 8, 12, 4, 8}, Case{2, 4, 32, 8, 24}}) {
+    SCOPED_TRACE(dims({{"B", cs.B}, {"Cin", cs.Cin}, {"S", cs.S}, {"p", cs.p}, {"C", cs.C}}));
+    const int B = cs.B, Cin = cs.Cin, S = cs.S, p = cs.p, C = cs.C, G = S / p, P = G * G, N = P + 1, K = Cin * p * p;
+    ASSERT_TRUE(cuda::patch_embed_ln_supports(Cin, S, p, C));
+    const std::vector<float> img = round_bf16(normal(size_t(B) * Cin * S * S, 61));
+    const std::vector<float> w = round_bf16(normal(size_t(C) * K, 62, 0.05f)), b = normal(C, 63, 0.1f);
+    const std::vector<float> cls = normal(C, 64), pos = normal(size_t(N) * C, 65, 0.5f);
+    const std::vector<float> lw = uniform(C, 66, 0.5f, 1.5f), lb = uniform(C, 67, -0.5f, 0.5f);
+    std::vector<float> pe(size_t(B) * P * C), cols(size_t(B) * P * K), xref(size_t(B) * N * C);
+    cpu::patch_embed_forward_ref(pe.data(), cols.data(), img.data(), w.data(), b.data(), B, Cin, S, p, C);
+    for (int bi = 0; bi < B; ++bi)
+      for (int n = 0; n < N; ++n)
+        for (int c = 0; c < C; ++c)
+          xref[(size_t(bi) * N + n) * C + c] =
+              (n == 0 ? cls[c] : pe[(size_t(bi) * P + n - 1) * C + c]) + pos[size_t(n) * C + c];
+    std::vector<float> yref(xref.size()), mean(size_t(B) * N), rstd(size_t(B) * N);
+    cpu::layernorm_forward_ref(yref.data(), mean.data(), rstd.data(), xref.data(), lw.data(), lb.data(), B * N, C,
+                               1e-6f);
+
+    auto dimg = upload(img), db = upload(b), dcls = upload(cls), dpos = upload(pos), dlw = upload(lw), dlb = upload(lb);
+    auto dw = upload_as<bf16>(w);
+    const size_t n_out = xref.size();
+    auto fused = [&](std::vector<float>& x, std::vector<float>& y) {
+      auto dx = poisoned<float>(n_out + C);  // one row more: must stay untouched
+      auto dy = poisoned<bf16>(n_out + C);
+      cuda::patch_embed_ln_forward(dy.get(), dx.get(), dimg.get(), dw.get(), db.get(), dcls.get(), dpos.get(),
+                                   dlw.get(), dlb.get(), B, Cin, S, p, C, 1e-6f, nullptr);
+      device_sync();
+      x = dx.download(), y = download_f32(dy);
+      EXPECT_EQ(count_nonfinite(std::vector<float>(x.end() - C, x.end())), size_t(C)) << "wrote past x";
+      EXPECT_EQ(count_nonfinite(std::vector<float>(y.end() - C, y.end())), size_t(C)) << "wrote past y";
+      x.resize(n_out), y.resize(n_out);
+    };
+    std::vector<float> x, y, x2, y2;
+    fused(x, y);
+    EXPECT_EQ(count_nonfinite(x), 0u) << "x not written everywhere";
+    EXPECT_EQ(count_nonfinite(y), 0u) << "y not written everywhere";
+    EXPECT_LT(norm_err(x, xref), 1e-5);
+    EXPECT_LT(norm_err(y, yref), 8e-3);
+    fused(x2, y2);
+    EXPECT_TRUE(bit_identical(x2, x) && bit_identical(y2, y)) << "rerun differs";
+
+    DeviceBuffer<bf16> dcols(cols.size()), dyc(n_out);
+    DeviceBuffer<float> dpe(pe.size()), dxc(n_out);
+    cuda::Gemm gemm;
+    cuda::im2col_forward(dcols.get(), dimg.get(), B, Cin, S, p, nullptr);
+    gemm.linear_f32(dpe.get(), dcols.get(), dw.get(), db.get(), B * P, K, C, false, nullptr);
+    cuda::embed_layernorm_forward(dyc.get(), dxc.get(), dpe.get(), dcls.get(), dpos.get(), dlw.get(), dlb.get(), B, N,
+                                  C, 1e-6f, nullptr);
+    device_sync();
+    const std::vector<float> xc = dxc.download(), yc = download_f32(dyc);
+    EXPECT_LT(norm_err(x, xc), 1e-6);
+    size_t differ = 0;
+    for (size_t i = 0; i < n_out; ++i) differ += y[i] != yc[i];
+    EXPECT_LT(double(differ), 0.01 * double(n_out)) << differ << " of " << n_out << " bf16 differ from the composition";
+  }
+}
+
 // ---- Hamming attention core ----
 namespace {
 

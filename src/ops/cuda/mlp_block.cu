@@ -476,7 +476,6 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
 
 MlpParams mlp_dims(int M, int C, int F, int tm) {
   MlpParams p{};
-  const MlpShape S = mlp_shape(C, F, tm);
   p.M = M, p.s = mlp_shape(C, F, tm);
   return p;
 }

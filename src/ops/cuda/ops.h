@@ -32,6 +32,16 @@ namespace sav::cuda {
 // img (B,Cin,S,S) f32
 void im2col_forward(bf16* cols, const float* img, int B, int Cin, int S, int p, cudaStream_t stream);
 
+// ---- the whole patch embedding fused with block 0's LayerNorm, for few images (latency; dependent launch) ----
+// x (B,N,C) f32 and y (B,N,C) bf16 as im2col_forward + Gemm::linear_f32 (w (C, K) bf16, K = Cin p^2, bias f32) +
+// embed_layernorm_forward would write them, N = (S/p)^2 + 1; the product sums in another f32 order (the last bits
+// of x, and rarely a bf16 of y, differ). All pointers 16-byte aligned.
+void patch_embed_ln_forward(bf16* y, float* x, const float* img, const bf16* w, const float* bias, const float* cls,
+                            const float* pos, const float* ln_w, const float* ln_b, int B, int Cin, int S, int p, int C,
+                            float eps, cudaStream_t stream);
+bool patch_embed_ln_supports(int Cin, int S, int p, int C);  // p % 4 == 0, Cin p^2 % 128 == 0 and <= 1024,
+                                                             // C % 8 == 0, C <= 384
+
 // ---- token assembly fused with a LayerNorm (the embedding's adds and block 0's norm1) ----
 // x (B,N,C) f32 written: x[b,0,:] = cls + pos[0,:];  x[b,n,:] = pe[b,n-1,:] + pos[n,:] for n >= 1
 // y (B,N,C) bf16 = LayerNorm(x) * w + b, or nullptr to skip the norm
