@@ -653,9 +653,11 @@ struct ViTCuda::Impl {
     const cuda::DependentLaunchScope dependent(forms.dependent);  // the engine's kernels (launch_dependent)
     small_products = forms.dependent && dep_mode == ViTCudaDependentLaunch::small_products;
     const bool has_blocks = !blocks.empty();
-    // under dependent launch the embedding as one kernel that stages its weights before the wait (cuBLASLt's product
-    // lets no successor start early); else im2col, the product and the token assembly + LN1
-    if (forms.dependent && has_blocks && cuda::aligned16(images) &&
+    // the latency forms (the attention block kernel under dependent launch): the embedding as one kernel that stages
+    // its weights before the wait (cuBLASLt's product lets no successor start early); else im2col, the product and the
+    // token assembly + LN1
+    const bool latency_forms = forms.dependent && forms.blk;
+    if (latency_forms && has_blocks && cuda::aligned16(images) &&
         cuda::patch_embed_ln_supports(cfg.in_chans, cfg.img_size, cfg.patch, C)) {
       cuda::patch_embed_ln_forward(xn.get(), x.get(), images, patch_w, patch_b, cls, pos, blocks[0].ln1_w,
                                    blocks[0].ln1_b, B, cfg.in_chans, cfg.img_size, cfg.patch, C, eps, s);
@@ -750,8 +752,8 @@ struct ViTCuda::Impl {
       cuda::layernorm_forward(clsn.get(), C, x.get(), N * C, norm_w, norm_b, B, C, eps, s);
       head_in = clsn.get();
     }
-    // under dependent launch the head by the engine's small-M product, which stages its weights before the wait
-    if (forms.dependent && cuda::small_linear_supports(B, C, cfg.num_classes))
+    // the latency forms: the head by the engine's small-M product, which stages its weights before the wait
+    if (latency_forms && cuda::small_linear_supports(B, C, cfg.num_classes))
       cuda::small_linear_f32(logits, cfg.num_classes, head_in, head_w, head_b, B, C, cfg.num_classes, false, s);
     else
       gemm.linear_f32(logits, head_in, head_w, head_b, B, C, cfg.num_classes, false, s);

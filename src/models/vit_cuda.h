@@ -94,21 +94,21 @@ enum class ViTCudaRowFusion { automatic, off, on };
 // Dependent launch at small batch: the engine's own kernels (Hamming, the MoE row kernels, LayerNorms, the rows-fused
 // and packed shift kernels) launched with programmatic stream serialization (ops/cuda/common.h
 // DependentLaunchScope), so each may start while its predecessor runs, stage its weights, and wait for the
-// predecessor's output. cuBLASLt's kernels let no successor start early, so the patch embedding then runs as one such
-// kernel (ops.h patch_embed_ln_forward, where the sizes fit) and the head by the engine's small-M product
-// (ops/cuda/small_gemm.h): both sum their products in another f32 order than cuBLASLt, so the last bits differ from
-// a forward without dependent launch. `small_products` also runs the layer products that cuBLASLt would run (dense,
-// decoded shift, MoE stacked / masked) by the engine's small-M kernel (ops/cuda/small_gemm.h; another f32 summation
-// order, the last bits differ). `automatic` (default): off and on tried with the row-fusion sets above by timing whole
-// forwards, for M = B*N <= kVitDependentAutoMaxRows; the others force a mode (small_products is never chosen
-// automatically: slower than cuBLASLt at DeiT's sizes on the H200, bench/RESULTS.md).
+// predecessor's output. Dependent launch alone changes no arithmetic. cuBLASLt's kernels let no successor start early,
+// so `small_products` also runs the layer products that cuBLASLt would run (dense, decoded shift, MoE stacked /
+// masked) by the engine's small-M kernel (ops/cuda/small_gemm.h; another f32 summation order, the last bits differ).
+// `automatic` (default): off and on tried with the row-fusion sets above by timing whole forwards, for M = B*N <=
+// kVitDependentAutoMaxRows; the others force a mode (small_products is never chosen automatically: slower than cuBLASLt
+// at DeiT's sizes on the H200, bench/RESULTS.md).
 enum class ViTCudaDependentLaunch { automatic, off, on, small_products };
 constexpr int kVitDependentAutoMaxRows = 1024;
 // One set of forms the automatic choice timed: fused forms (ham: a Hamming block's proj + LN2 + router in its attention
 // kernel; blk: also its to_qk / to_v, the attention half of the block as one kernel, ops/cuda/ops.h
-// hamming_block_forward, where it fits: DeiT-Tiny's width, a cluster per image; proj: the other proj-fusable blocks',
-// or all when ham is off; mlp: the MLP half of the block as one kernel, ops/cuda/ops.h mlp_block_forward; pmlp: with
-// blk and mlp, the proj, residual, LN2 and router moved from the attention kernel into the MLP kernel,
+// hamming_block_forward, where it fits: DeiT-Tiny's width, a cluster per image; with dependent launch it also runs
+// the patch embedding as one kernel, ops/cuda/ops.h patch_embed_ln_forward, and the head by the small-M product, both
+// staging their weights before the wait, both another f32 summation order than cuBLASLt's; proj: the other proj-fusable
+// blocks', or all when ham is off; mlp: the MLP half of the block as one kernel, ops/cuda/ops.h mlp_block_forward;
+// pmlp: with blk and mlp, the proj, residual, LN2 and router moved from the attention kernel into the MLP kernel,
 // hamming_block_attention_forward + mlp_block_proj_forward), dependent launch, the forward's median microseconds (a
 // graph replay), and whether it was kept.
 struct ViTCudaRowChoice {

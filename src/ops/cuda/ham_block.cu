@@ -233,6 +233,10 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   for (int i = 0; i < kQkvTiles; ++i)
 #pragma unroll
     for (int kb = 0; kb < KB; ++kb) wq[i][kb] = w_fragment(p.wqkv, (warp + kWarps * i) * 8 + g, C, kb);
+  __nv_bfloat162 bq[kQkvTiles];  // the lane's to_qk / to_v bias pairs (read after the products, they waited on L2)
+#pragma unroll
+  for (int i = 0; i < kQkvTiles; ++i)
+    bq[i] = *reinterpret_cast<const __nv_bfloat162*>(p.bqkv + (warp + kWarps * i) * 8 + 2 * q4);
   if (tid == 0) {  // the heads' hash weights (needed from phase 2 on): one bulk copy, after the weight loads above
     ptx::mbar_init(bar, 1);
     ptx::mbar_arrive_expect_tx(bar, unsigned(kH * P.bytes));
@@ -269,7 +273,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
 #pragma unroll
     for (int i = 0; i < kQkvTiles; ++i) {
       const int c = (warp + kWarps * i) * 8 + 2 * q4;
-      const float2 bias = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p.bqkv + c));
+      const float2 bias = __bfloat1622float2(bq[i]);
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int r = g + 8 * half;
