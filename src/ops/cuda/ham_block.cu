@@ -289,7 +289,6 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
     }
   }
   BLK_STAMP(14);
-  ptx::fence_proxy_async_global();  // the v rows in global memory, for the other CTAs' bulk copies
   __syncthreads();
   BLK_STAMP(15);
   BLK_STAMP(3);
@@ -331,6 +330,9 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   BLK_STAMP(4);
   ptx::cluster_wait_acquire();  // every CTA runs
   if (warp < kH && lane < tiles) *cluster.map_shared_rank(sig + rank * kH + warp, lane) = dsum;
+  // the v rows in global memory, for the other CTAs' bulk copies after the barrier: fenced here, not right after the
+  // stores, which have long completed by now (a fence there waited for them)
+  ptx::fence_proxy_async_global();
   if (!BLK_SKIP(4)) {
     ptx::cluster_arrive_release();
     ptx::cluster_wait_acquire();  // every tile's sum of D, and its v rows in global memory

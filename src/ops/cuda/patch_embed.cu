@@ -6,7 +6,8 @@
 //
 // Work split: the B*P patch rows in tiles of 16; a thread-block cluster of cs = K / 128 CTAs per tile, CTA r owning
 // k [128 r, 128 r + 128). Before the dependent-launch wait the CTA's 128 columns of every weight row come by bulk
-// copies (one per row, an mbarrier) into shared memory; after it, the tile's 16 x 128 image values, rounded to bf16
+// copies (one per row, an mbarrier) into shared memory, and the epilogue's vectors (bias, LayerNorm weights, class
+// token, the rows' position embeddings) by cp.async; after it, the tile's 16 x 128 image values, rounded to bf16
 // (the im2col values). Warp w computes column tiles w, w + 8, ... of the CTA's partial (16 x C f32, mma.sync over
 // the 128 k), the partials meet through distributed shared memory (CTA r sums rows r, r + cs, ... of the tile in
 // rank order), and each row gets (sum + bias) + pos, is stored to x and normalised (ln::row_stats, the LayerNorm
@@ -92,7 +93,7 @@ struct PeParams {
 };
 
 struct PeSmem {
-  size_t bar, w, a, part, red, total;
+  size_t bar, w, a, part, red, ep, total;
 };
 __host__ __device__ constexpr PeSmem pe_smem(int C, int ldp, int ro) {
   PeSmem s{};
@@ -102,6 +103,7 @@ __host__ __device__ constexpr PeSmem pe_smem(int C, int ldp, int ro) {
   s.a = o, o = align16(o + size_t(kPeTM) * kPeLd * sizeof(bf16));
   s.part = o, o = align16(o + size_t(kPeTM) * ldp * sizeof(float));
   s.red = o, o = align16(o + size_t(ro) * ldp * sizeof(float));
+  s.ep = o, o = align16(o + size_t(5 + ro) * C * sizeof(float));  // bias, ln_w, ln_b, cls, pos[0], the rows' pos
   s.total = o;
   return s;
 }
@@ -117,6 +119,7 @@ __global__ void __launch_bounds__(kPeThreads, 1) patch_embed_ln_kernel(const __g
   bf16* as = reinterpret_cast<bf16*>(smem + L.a);         // [tile row][kPeLd]: the tile's image values, bf16
   float* part = reinterpret_cast<float*>(smem + L.part);  // [tile row][ldp]: this CTA's share of the product
   float* red = reinterpret_cast<float*>(smem + L.red);    // [row j][ldp]: tile row rank + cs j summed over the cluster
+  float* ep = reinterpret_cast<float*>(smem + L.ep);      // the epilogue's vectors (pe_smem)
   const int C = p.C, K = p.K, cs = p.cs, ldp = p.ldp, ro = p.ro, pp = p.p * p.p, rows = p.B * p.P;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q4 = lane & 3;
   cg::cluster_group cluster = cg::this_cluster();
@@ -131,6 +134,20 @@ __global__ void __launch_bounds__(kPeThreads, 1) patch_embed_ln_kernel(const __g
   __syncthreads();  // the barrier is initialised and armed before any copy signals it
   for (int n = tid; n < C; n += kPeThreads)
     ptx::bulk_copy_g2s(ws + n * kPeLd, p.w + int64_t(n) * K + k0, unsigned(kPeKC * sizeof(bf16)), bar);
+  const int q4s = C / 4;
+  for (int c = 4 * tid; c < C; c += 4 * kPeThreads) {
+    ptx::cp_async16(ep + c, p.bias + c);
+    ptx::cp_async16(ep + C + c, p.ln_w + c);
+    ptx::cp_async16(ep + 2 * C + c, p.ln_b + c);
+    ptx::cp_async16(ep + 3 * C + c, p.cls + c);
+    ptx::cp_async16(ep + 4 * C + c, p.pos + c);
+  }
+  for (int i = tid; i < ro * q4s; i += kPeThreads) {  // the position rows of this CTA's tile rows
+    const int j = i / q4s, c = (i - j * q4s) * 4, pr = tile * kPeTM + rank + cs * j;
+    if (rank + cs * j < kPeTM && pr < rows)
+      ptx::cp_async16(ep + (5 + j) * C + c, p.pos + (1 + pr % p.P) * int64_t(C) + c);
+  }
+  ptx::cp_async_commit();
   ptx::pdl_wait();
 
   // the tile's image values (im2col column k = ci p^2 + ky p + kx), bf16; zeros past the last patch
@@ -172,7 +189,6 @@ __global__ void __launch_bounds__(kPeThreads, 1) patch_embed_ln_kernel(const __g
   ptx::cluster_wait_acquire();
 
   // this CTA's tile rows rank + cs j: the cs partials summed in rank order
-  const int q4s = C / 4;
   for (int i = tid; i < ro * q4s; i += kPeThreads) {
     const int j = i / q4s, c = (i - j * q4s) * 4, r = rank + cs * j;
     if (r >= kPeTM) continue;
@@ -187,14 +203,15 @@ __global__ void __launch_bounds__(kPeThreads, 1) patch_embed_ln_kernel(const __g
     *reinterpret_cast<float4*>(red + j * ldp + c) = s;
   }
   ptx::cluster_arrive_relaxed();  // this CTA's remote reads are done; waited for before exit
+  ptx::cp_async_wait<0>();        // the epilogue's vectors
   __syncthreads();
 
   // the rows: this CTA's tile rows, then the class rows of images blockIdx.x, blockIdx.x + gridDim.x, ...; a group
   // of kPeG lanes per row, whole warps in every round (the statistics shuffle over the warp)
   const int N = p.P + 1, nb = static_cast<int>(blockIdx.x), ng = static_cast<int>(gridDim.x);
   const int ncls = nb < p.B ? (p.B - 1 - nb) / ng + 1 : 0;
-  const float4 *bias4 = reinterpret_cast<const float4*>(p.bias), *w4 = reinterpret_cast<const float4*>(p.ln_w),
-               *b4 = reinterpret_cast<const float4*>(p.ln_b);
+  const float4 *bias4 = reinterpret_cast<const float4*>(ep), *w4 = reinterpret_cast<const float4*>(ep + C),
+               *b4 = reinterpret_cast<const float4*>(ep + 2 * C);
   for (int t0 = 0; t0 < ro + ncls; t0 += kPeThreads / kPeG) {
     const int t = t0 + tid / kPeG, l16 = tid % kPeG;
     bool valid = false, patch = false;
@@ -205,12 +222,11 @@ __global__ void __launch_bounds__(kPeThreads, 1) patch_embed_ln_kernel(const __g
       if (r < kPeTM && pr < rows) {
         const int b = pr / p.P, pi = pr - b * p.P;
         valid = patch = true, orow = int64_t(b) * N + 1 + pi;
-        src = reinterpret_cast<const float4*>(red + t * ldp),
-        pos = reinterpret_cast<const float4*>(p.pos + (1 + pi) * int64_t(C));
+        src = reinterpret_cast<const float4*>(red + t * ldp), pos = reinterpret_cast<const float4*>(ep + (5 + t) * C);
       }
     } else if (t < ro + ncls) {
       valid = true, orow = int64_t(nb + (t - ro) * ng) * N;
-      src = reinterpret_cast<const float4*>(p.cls), pos = reinterpret_cast<const float4*>(p.pos);
+      src = reinterpret_cast<const float4*>(ep + 3 * C), pos = reinterpret_cast<const float4*>(ep + 4 * C);
     }
     float4 v[kPeS];
     float4* xo = reinterpret_cast<float4*>(p.x + orow * C);
