@@ -427,15 +427,7 @@ __global__ void __launch_bounds__(kThreads, 1) mlp_block_kernel(const __grid_con
   for (int i = tid; i < (MLP_SKIP(4096) ? 0 : ro * q4s); i += kThreads) {
     const int j = i / q4s, c = (i - j * q4s) * 4, r = rank + cs * j;
     if (r >= TM) continue;
-    float4 v[kMaxCluster];  // every rank's load in flight at once, then the sum in rank order
-#pragma unroll
-    for (int q = 0; q < kMaxCluster; ++q)
-      if (q < cs) v[q] = *reinterpret_cast<const float4*>(cluster.map_shared_rank(part, q) + r * ldp + c);
-    float4 s = v[0];
-#pragma unroll
-    for (int q = 1; q < kMaxCluster; ++q)
-      if (q < cs) s.x += v[q].x, s.y += v[q].y, s.z += v[q].z, s.w += v[q].w;
-    *reinterpret_cast<float4*>(red + j * ldp + c) = s;
+    *reinterpret_cast<float4*>(red + j * ldp + c) = ptx::cluster_sum4<kMaxCluster>(cluster, part, r * ldp + c, cs);
   }
   MLP_STAMP(10);
   // this CTA's remote reads are done (their values are summed and stored above, so they have returned): a relaxed

@@ -192,15 +192,7 @@ __global__ void __launch_bounds__(kPeThreads, 1) patch_embed_ln_kernel(const __g
   for (int i = tid; i < ro * q4s; i += kPeThreads) {
     const int j = i / q4s, c = (i - j * q4s) * 4, r = rank + cs * j;
     if (r >= kPeTM) continue;
-    float4 v[kPeMaxCluster];  // every rank's load in flight at once
-#pragma unroll
-    for (int q = 0; q < kPeMaxCluster; ++q)
-      if (q < cs) v[q] = *reinterpret_cast<const float4*>(cluster.map_shared_rank(part, q) + r * ldp + c);
-    float4 s = v[0];
-#pragma unroll
-    for (int q = 1; q < kPeMaxCluster; ++q)
-      if (q < cs) s.x += v[q].x, s.y += v[q].y, s.z += v[q].z, s.w += v[q].w;
-    *reinterpret_cast<float4*>(red + j * ldp + c) = s;
+    *reinterpret_cast<float4*>(red + j * ldp + c) = ptx::cluster_sum4<kPeMaxCluster>(cluster, part, r * ldp + c, cs);
   }
   ptx::cluster_arrive_relaxed();  // this CTA's remote reads are done; waited for before exit
   ptx::cp_async_wait<0>();        // the epilogue's vectors

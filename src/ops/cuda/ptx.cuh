@@ -9,6 +9,7 @@
 //   mma_bf16(acc, a, b0, b1);                    // acc (16x8 f32) += a (16x16 bf16, row) b (16x8 bf16, col)
 #pragma once
 
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 
 #include <cstdint>
@@ -166,6 +167,22 @@ __device__ __forceinline__ T sum_lanes8(T x) {
   x += __shfl_xor_sync(0xffffffffu, x, 2);
   x += __shfl_xor_sync(0xffffffffu, x, 4);
   return x;
+}
+
+// The float4 at `off` floats into `part` (a shared-memory array at the same offset in every CTA of the cluster) summed
+// over ranks 0 .. cs - 1 (cs <= kMax) in rank order, every rank's load in flight at once (distributed shared memory).
+template <int kMax>
+__device__ __forceinline__ float4 cluster_sum4(const cooperative_groups::cluster_group& cluster, float* part, int off,
+                                               int cs) {
+  float4 v[kMax];
+#pragma unroll
+  for (int q = 0; q < kMax; ++q)
+    if (q < cs) v[q] = *reinterpret_cast<const float4*>(cluster.map_shared_rank(part, q) + off);
+  float4 s = v[0];
+#pragma unroll
+  for (int q = 1; q < kMax; ++q)
+    if (q < cs) s.x += v[q].x, s.y += v[q].y, s.z += v[q].z, s.w += v[q].w;
+  return s;
 }
 
 }  // namespace sav::cuda::ptx
