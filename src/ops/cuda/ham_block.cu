@@ -233,7 +233,7 @@ __global__ void __launch_bounds__(kThreads, 1) ham_block_kernel(const __grid_con
   for (int i = 0; i < kQkvTiles; ++i)
 #pragma unroll
     for (int kb = 0; kb < KB; ++kb) wq[i][kb] = w_fragment(p.wqkv, (warp + kWarps * i) * 8 + g, C, kb);
-  __nv_bfloat162 bq[kQkvTiles];  // the lane's to_qk / to_v bias pairs (read after the products, they waited on L2)
+  __nv_bfloat162 bq[kQkvTiles];  // the lane's to_qk / to_v bias pairs: read after the products, an L2 round trip
 #pragma unroll
   for (int i = 0; i < kQkvTiles; ++i)
     bq[i] = *reinterpret_cast<const __nv_bfloat162*>(p.bqkv + (warp + kWarps * i) * 8 + 2 * q4);

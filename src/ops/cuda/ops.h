@@ -3,6 +3,7 @@
 //   using namespace sav::cuda;
 //   im2col_forward(cols, img, B, Cin, S, p, stream);                       // then Gemm::linear_f32 (gemm.h)
 //   embed_layernorm_forward(y, x, pe, cls, pos, w, b, B, N, C, eps, stream);
+//   patch_embed_ln_forward(y, x, img, w, b, cls, pos, ln_w, ln_b, B, Cin, S, p, C, eps, stream);  // or all three
 //   layernorm_forward(y, C, x, C, w, b, M, C, eps, stream);
 //   attention_forward(out, qkv, B, N, C, H, stream);
 //   hamming_attention_prepare(prep, anchors, mu, A, C, H, nbits, m, stream);  // once per layer's weights
