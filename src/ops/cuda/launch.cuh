@@ -17,6 +17,9 @@ namespace sav::cuda {
 
 // a shared-memory layout's next 16-byte boundary (host and device)
 __host__ __device__ constexpr size_t align16(size_t x) { return (x + 15) / 16 * 16; }
+// the least row stride >= n floats that is 8 mod 32 words: the mma accumulators' float2 stores of rows g = 0 .. 7 (4
+// lanes each) fall in two wavefronts, not eight
+__host__ __device__ constexpr int ld_8mod32(int n) { return n + ((8 - n) % 32 + 32) % 32; }
 
 // `kernel` on `grid` x `block` with `smem` dynamic shared memory bytes (allowed first: allow_dynamic_smem), in
 // clusters of `cluster` consecutive CTAs along x (1: no cluster attribute, an ordinary launch), on `stream`, with

@@ -57,7 +57,7 @@ constexpr int kHC = 8 * kWarps;  // hidden units per CTA: 16 fc1 column tiles (a
 // g + 1, 64 bytes each, so a stride of 32 mod 64 bf16 puts the two rows in distinct bank halves (one wavefront per
 // quarter warp, not two).
 constexpr int kLdH = kHC + 32;  // the hidden slice
-constexpr int kLdW = kHC;       // the fc2 weight slice: odd rows swizzled instead (kb ^ 1: fc2_wrow), no padding
+constexpr int kLdW = kHC;       // the fc2 weight slice: odd rows swizzled instead (k block kb at kb ^ 1), no padding
 __host__ __device__ constexpr int xa_ld(int Ka) { return Ka + (96 - Ka % 64) % 64; }  // = 32 mod 64, Ka % 16 == 0
 constexpr int kMaxKB1 = 12;           // fc1's 32-wide k blocks: Ka <= 400 (C <= 192)
 constexpr int kMaxKBh = kMaxKB1 / 2;  // ... per k half
@@ -91,13 +91,7 @@ struct MlpShape {
 };
 __host__ __device__ constexpr MlpShape mlp_shape(int C, int F, int tm) {
   const int nt2 = (2 * C + 4 + 7) / 8, cs = F / kHC;
-  return MlpShape{C,
-                  F,
-                  (2 * C + 4 + 15) / 16 * 16,  // moe_masked_cols(C)
-                  cs,
-                  nt2,
-                  nt2 * 8 + ((8 - nt2 * 8) % 32 + 32) % 32,  // = 8 mod 32: a row's float2 stores in two wavefronts
-                  (tm + cs - 1) / cs};
+  return MlpShape{C, F, moe_masked_cols(C), cs, nt2, ld_8mod32(nt2 * 8), (tm + cs - 1) / cs};
 }
 
 struct MlpParams {

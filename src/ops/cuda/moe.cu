@@ -319,8 +319,6 @@ void moe_epilogue_forward(void* out, int ldo, int8_t* choice, const float* s, in
   launch_dependent(moe_epilogue_kernel, dim3(static_cast<unsigned>(blocks)), dim3(kMoeEpiThreads), 0, 1, stream, p);
 }
 
-int moe_masked_cols(int K) { return (2 * K + 4 + 15) / 16 * 16; }
-
 std::vector<bf16> moe_masked_weights(const float* w0, const float* w1, const float* b0, const float* b1, int F, int K) {
   SAV_CHECK(w0 && w1 && b0 && b1 && F >= 1 && K >= 1, "moe_masked_weights: bad arguments F=" << F << " K=" << K);
   const int Ka = moe_masked_cols(K);

@@ -188,7 +188,7 @@ std::vector<bf16> moe_stack_weights(const float* w0, const float* w1, const floa
 // form's ~16); e = 1 if l1 > l0, else 0 (ties and NaN -> expert 0, as cpu::moe_router_forward); choice (M) int8
 // receives e (nullptr: not written); xa rows ldxa >= Ka apart (the Gemm needs ldxa == Ka), columns [0, Ka)
 // written, the rest untouched; x (M,K) bf16 rows ldx >= K apart; wr (2,K) f32, br (2) f32. Any K >= 1.
-int moe_masked_cols(int K);  // Ka = roundup(2K + 4, 16)
+__host__ __device__ constexpr int moe_masked_cols(int K) { return (2 * K + 4 + 15) / 16 * 16; }  // roundup(2K + 4, 16)
 void moe_route_mask_forward(bf16* xa, int ldxa, int8_t* choice, const bf16* x, int ldx, const float* wr,
                             const float* br, int M, int K, cudaStream_t stream);
 // The same with the LayerNorm before it fused (one kernel instead of two): x (M,K) f32 rows ldx apart, ln_w, ln_b

@@ -251,7 +251,7 @@ PeParams pe_dims(int B, int Cin, int S, int p, int C) {
   PeParams a{};
   a.B = B, a.Cin = Cin, a.S = S, a.p = p, a.G = S / p, a.P = a.G * a.G, a.C = C, a.K = Cin * p * p;
   a.cs = a.K / kPeKC;
-  a.ldp = C + ((8 - C) % 32 + 32) % 32;  // = 8 mod 32 words: a row's float2 stores in two wavefronts
+  a.ldp = ld_8mod32(C);
   a.ro = (kPeTM + a.cs - 1) / a.cs;
   return a;
 }
